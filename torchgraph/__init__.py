@@ -1,5 +1,30 @@
-"""torchgraph: build PyTorch models symbolically, get plain torch.fx GraphModules back."""
+"""torchgraph: build PyTorch models symbolically, get plain torch.fx GraphModules back.
+
+Example:
+    >>> import torch, torch.nn as nn, torch.nn.functional as F, torchgraph as tg
+    >>> x = tg.Input(shape=(3, 32, 32))
+    >>> h = F.relu(nn.Conv2d(3, 16, 3)(x))
+    >>> y = nn.Linear(16, 10)(h.mean(dim=(2, 3)))
+    >>> model = tg.Model(x, y)
+    >>> model(torch.randn(4, 3, 32, 32)).shape
+    torch.Size([4, 10])
+"""
+
+from .errors import GraphBuildError
+from .model import Model
+from .naming import name
+from .symbolic import Input, SymbolicInt, SymbolicTensor
+from . import applications
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "GraphBuildError",
+    "applications",
+    "Input",
+    "Model",
+    "SymbolicInt",
+    "SymbolicTensor",
+    "name",
+    "__version__",
+]

@@ -1,0 +1,551 @@
+"""Model: the recorded graph between some inputs and outputs, emitted as a ``torch.fx.GraphModule``.
+
+``tg.Model(inputs, outputs)`` walks back from ``outputs`` through the recorded calls to ``inputs``,
+checks the graph (disconnected outputs, unused inputs, duplicate names), names the layers, and emits
+one ``torch.fx.Graph``. The result *is* a GraphModule: a plain ``nn.Module`` with a generated
+``forward`` that calls the layers exactly like handwritten code, and frees every value after its
+last use.
+
+What torchgraph needs beyond the fx graph lives in ``model.meta["torchgraph"]`` and in each node's
+``node.meta["tg_spec"]`` (shapes with dynamic dims, dtypes, probe shapes), so it survives
+``copy.deepcopy``, ``pickle`` and ``torch.save``.
+"""
+
+from __future__ import annotations
+
+import copy
+import keyword
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import GraphBuildError
+from .naming import assign_layer_names
+from .recording import close_finished_scopes, tree_leaves, tree_map
+from .symbolic import (Record, SymbolicInt, SymbolicTensor, Value, dim_for_probes,
+                       format_shape)
+
+__all__ = ["Model", "ValueSpec"]
+
+
+@dataclass(frozen=True)
+class ValueSpec:
+    """What a node outputs: ``shape`` (``None``/names for dynamic dims), ``dtype``, and probe shapes."""
+
+    shape: tuple | None
+    dtype: torch.dtype | None
+    probes: tuple  # (shape at probe 0, shape at probe 1), or two ints for a dynamic size
+
+    @staticmethod
+    def of(value: Value) -> "ValueSpec":
+        p0, p1 = value.probes
+        if isinstance(p0, torch.Tensor):
+            return ValueSpec(value.shape, p0.dtype, (tuple(p0.shape), tuple(p1.shape)))
+        return ValueSpec(None, None, (p0, p1))
+
+    def to_value(self, record: Record, path: tuple) -> Value:
+        if self.dtype is None:
+            return Value(record, path, self.probes)
+        probes = tuple(torch.empty(s, dtype=self.dtype, device="meta") for s in self.probes)
+        return Value(record, path, probes)
+
+    def format(self) -> str:
+        if self.shape is None:
+            return "int"
+        dims = [dim_for_probes(a, b) for a, b in zip(*self.probes)]
+        return format_shape(dims)
+
+
+# model -> {"inputs": [...], "outputs": [...], "nodes": {node name: symbolic object}}
+_SYMBOLIC: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+# GraphModule and nn.Module attributes a layer must not shadow.
+_RESERVED = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("__")) | {"meta", "inputs",
+                                                                                    "outputs", "layers"}
+
+
+def _structure(obj, what: str):
+    """Flatten a tensor, list/tuple or dict of symbolic tensors: ``(kind, keys, tensors)``."""
+    if isinstance(obj, dict):
+        return "dict", list(obj.keys()), list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return type(obj).__name__, None, list(obj)
+    return "single", None, [obj]
+
+
+def _check_symbolic(items: list, what: str) -> list[Value]:
+    values = []
+    for i, t in enumerate(items):
+        if not isinstance(t, SymbolicTensor):
+            raise GraphBuildError(
+                f"tg.Model: all `{what}` must be symbolic tensors (from tg.Input, or layers called on "
+                f"them). Received {what}[{i}] of type {type(t).__name__}"
+                + (f" with shape {tuple(t.shape)}: a real tensor" if isinstance(t, torch.Tensor) else "")
+                + "."
+            )
+        if t._tg_value is None:
+            raise GraphBuildError(f"tg.Model: {what}[{i}] is an internal value of a module's forward.")
+        values.append(t._tg_value)
+    return values
+
+
+def _describe_input(value: Value) -> str:
+    n = value.record.target
+    shape = format_shape(value.dims)
+    return f"Input '{n}' {shape}" if n else f"an unnamed Input of shape {shape}"
+
+
+def _collect_records(output_values: list[Value], input_values: list[Value]) -> tuple[list[Record], set]:
+    inputs = {id(v) for v in input_values}
+    used: set[int] = set()
+    records: dict[int, Record] = {}
+    stack = list(output_values)
+    while stack:
+        v = stack.pop()
+        if id(v) in inputs:
+            used.add(id(v))
+            continue
+        r = v.record
+        if r.op == "placeholder":
+            given = ", ".join(_describe_input(iv) for iv in input_values) or "none"
+            raise GraphBuildError(
+                f"Graph disconnected: the outputs depend on {_describe_input(v)}, which is not among the "
+                f"model's inputs (given: {given}). Add it to `inputs`, or build the outputs from the given "
+                "inputs only."
+            )
+        if id(r) in records:
+            continue
+        records[id(r)] = r
+        for _, leaf in tree_leaves((r.args, r.kwargs)):
+            if isinstance(leaf, Value):
+                stack.append(leaf)
+    return sorted(records.values(), key=lambda r: r.seq), used
+
+
+class _Emitter:
+    """Builds the fx.Graph (and the dict of submodules/constants) from ordered records."""
+
+    def __init__(self):
+        self.graph = fx.Graph()
+        self.root: dict[str, Any] = {}
+        self.env: dict[int, fx.Node] = {}        # id(Value) -> node producing it
+        self.record_nodes: dict[int, fx.Node] = {}
+        self.paths: dict[tuple, fx.Node] = {}
+        self.constants: dict[int, str] = {}
+        self.values: dict[int, Value] = {}
+
+    def node_for(self, v: Value) -> fx.Node:
+        node = self.env.get(id(v))
+        if node is not None:
+            return node
+        node = self.record_nodes[id(v.record)]
+        for i in range(len(v.path)):
+            key = (id(v.record), v.path[: i + 1])
+            nxt = self.paths.get(key)
+            if nxt is None:
+                nxt = self.graph.call_function(__import__("operator").getitem, (node, v.path[i]))
+                self.paths[key] = nxt
+            node = nxt
+        node.meta["tg_spec"] = ValueSpec.of(v)
+        self.env[id(v)] = node
+        self.values[id(v)] = v
+        return node
+
+    def constant(self, t: torch.Tensor) -> fx.Node:
+        name = self.constants.get(id(t))
+        if name is None:
+            base = "param" if isinstance(t, nn.Parameter) else "constant"
+            k = len(self.constants)
+            name = f"{base}_{k}"
+            self.constants[id(t)] = name
+            self.root[name] = t
+        return self.graph.get_attr(name)
+
+    def arg(self, o):
+        if isinstance(o, Value):
+            return self.node_for(o)
+        if isinstance(o, torch.Tensor):
+            return self.constant(o)
+        return o
+
+
+def _record_out_spec(record: Record):
+    out = getattr(record, "out", None)
+    return None if out is None else tree_map(lambda o: ValueSpec.of(o) if isinstance(o, Value) else o, out)
+
+
+class Model(fx.GraphModule):
+    """A model built from symbolic inputs and outputs: a ``torch.fx.GraphModule``.
+
+    Args:
+        inputs: a symbolic tensor, a list/tuple of them, or a dict (then ``forward`` takes keyword
+            arguments named by the keys; positional in insertion order also works).
+        outputs: a symbolic tensor, a list/tuple or a dict of them; ``forward`` returns the same
+            structure.
+        name (str): the model's class name in ``repr`` and ``summary`` (default ``"Model"``).
+
+    Raises:
+        GraphBuildError: outputs not computable from ``inputs`` ("Graph disconnected"), non-symbolic
+            inputs or outputs, duplicate layer names. Unused inputs give a warning.
+
+    Example:
+        >>> import torch, torch.nn as nn, torch.nn.functional as F, torchgraph as tg
+        >>> x = tg.Input(shape=(3, 32, 32))
+        >>> h = F.relu(nn.Conv2d(3, 16, 3)(x))
+        >>> y = nn.Linear(16, 10)(h.mean(dim=(2, 3)))
+        >>> model = tg.Model(x, y)
+        >>> model(torch.randn(5, 3, 32, 32)).shape
+        torch.Size([5, 10])
+        >>> [name for name, _ in model.named_children()]
+        ['conv2d', 'linear']
+    """
+
+    # TorchScript must not try to compile the introspection properties.
+    __jit_unused_properties__ = list(getattr(fx.GraphModule, "__jit_unused_properties__", [])) + [
+        "inputs", "outputs", "input_names", "output_names", "layers"]
+
+    def __init__(self, inputs, outputs=None, name: str | None = None, *, class_name: str | None = None,
+                 **kwargs):
+        if isinstance(outputs, fx.Graph):
+            # Raw GraphModule construction: fx uses it to copy and unpickle us.
+            super().__init__(inputs, outputs, class_name=class_name or name or "Model", **kwargs)
+            return
+        close_finished_scopes()
+        if outputs is None:
+            raise GraphBuildError("tg.Model(inputs, outputs): `outputs` is missing.")
+        in_kind, in_keys, in_items = _structure(inputs, "inputs")
+        out_kind, out_keys, out_items = _structure(outputs, "outputs")
+        if in_kind == "dict":
+            for k in in_keys:
+                if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k):
+                    raise GraphBuildError(
+                        f"tg.Model: dict input keys become forward() argument names and must be Python "
+                        f"identifiers; received {k!r}."
+                    )
+        if out_kind == "dict":
+            for k in out_keys:
+                if not isinstance(k, str):
+                    raise GraphBuildError(f"tg.Model: dict output keys must be strings; received {k!r}.")
+        input_values = _check_symbolic(in_items, "inputs")
+        output_values = _check_symbolic(out_items, "outputs")
+        if len({id(v) for v in input_values}) != len(input_values):
+            raise GraphBuildError("tg.Model: the same tensor appears twice in `inputs`.")
+
+        records, used = _collect_records(output_values, input_values)
+
+        input_names = self._input_names(in_keys, input_values)
+        for v, n in zip(input_values, input_names):
+            if id(v) not in used:
+                warnings.warn(f"tg.Model: input '{n}' is not used by any output; its argument will be "
+                              "ignored.", UserWarning, stacklevel=2)
+
+        modules: list[nn.Module] = []
+        seen: set[int] = set()
+        for r in records:
+            if r.op == "call_module" and id(r.target) not in seen:
+                seen.add(id(r.target))
+                modules.append(r.target)
+        layer_names = assign_layer_names(modules, set(_RESERVED) | set(input_names))
+
+        em = _Emitter()
+        for v, n in zip(input_values, input_names):
+            node = em.graph.placeholder(n)
+            node.meta["tg_spec"] = ValueSpec.of(v)
+            em.env[id(v)] = node
+            em.values[id(v)] = v
+        calls: dict[int, int] = {}
+        for r in records:
+            args = tree_map(em.arg, r.args)
+            kwargs = tree_map(em.arg, r.kwargs)
+            if r.op == "call_module":
+                layer = layer_names[id(r.target)]
+                em.root[layer] = r.target
+                k = calls.get(id(r.target), 0)
+                calls[id(r.target)] = k + 1
+                node = em.graph.create_node("call_module", layer, tuple(args), kwargs,
+                                            name=layer if k == 0 else f"{layer}_call_{k}")
+            else:
+                node = em.graph.create_node(r.op, r.target, tuple(args), kwargs)
+            spec = _record_out_spec(r)
+            if spec is not None:
+                node.meta["tg_spec"] = spec
+            em.record_nodes[id(r)] = node
+        out_nodes = [em.node_for(v) for v in output_values]
+        if out_kind == "dict":
+            result: Any = dict(zip(out_keys, out_nodes))
+        elif out_kind == "single":
+            result = out_nodes[0]
+        else:
+            result = list(out_nodes) if out_kind == "list" else tuple(out_nodes)
+        em.graph.output(result)
+        em.graph.lint()
+
+        super().__init__(em.root, em.graph, class_name=name or "Model")
+        self.meta["torchgraph"] = {
+            "input_names": input_names,
+            "input_kind": in_kind,
+            "output_kind": out_kind,
+            "output_keys": out_keys,
+        }
+        # Symbolic handles stay outside __dict__: pickling and deepcopy never see them.
+        nodes: dict[str, Any] = {}
+        for vid, node in em.env.items():
+            nodes[node.name] = _handle(em.values[vid])
+        for r in records:
+            out = getattr(r, "out", None)
+            if out is not None:
+                nodes[em.record_nodes[id(r)].name] = tree_map(_handle, out)
+        for n, t in zip(input_names, in_items):
+            nodes[n] = t
+        _SYMBOLIC[self] = {"inputs": list(in_items), "outputs": list(out_items), "nodes": nodes}
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _input_names(keys, values: list[Value]) -> list[str]:
+        if keys is not None:
+            return list(keys)
+        names, taken = [], {v.record.target for v in values if v.record.op == "placeholder"}
+        counter = 1
+        for v in values:
+            n = v.record.target if v.record.op == "placeholder" else None
+            if n is None or n in names:
+                while f"input_{counter}" in taken or f"input_{counter}" in names:
+                    counter += 1
+                n = f"input_{counter}"
+                counter += 1
+            names.append(n)
+        return names
+
+    # ------------------------------------------------------------------ calling
+    def __call__(self, *args, **kwargs):
+        # NOTE: [Input checks] They run eagerly only, before the generated forward: traced and compiled
+        # programs (torch.compile, torch.export, ONNX) never see them, and they cost ~1 us a call.
+        if torch.compiler.is_compiling():
+            return super().__call__(*args, **kwargs)
+        checks = self.__dict__.get("_tg_checks")
+        if checks is None:
+            checks = self._tg_checks = _input_checks(self)
+        if checks:
+            _check_call(self, checks, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.__dict__.pop("_tg_checks", None)  # dtypes may have changed (model.double(), .to(...))
+        return out
+
+    # ------------------------------------------------------------------ serialization
+    def __reduce__(self):
+        _, (body, import_block) = super().__reduce__()
+        names = [n.name for n in self.graph.nodes]
+        specs = [n.meta.get("tg_spec") for n in self.graph.nodes]
+        body = dict(body)
+        body.pop("_tg_checks", None)
+        return (_rebuild_model, (body, import_block, names, specs))
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def inputs(self) -> list[SymbolicTensor]:
+        """The symbolic inputs (in ``forward`` argument order)."""
+        return list(_symbolic(self)["inputs"])
+
+    @property
+    def outputs(self) -> list[SymbolicTensor]:
+        """The symbolic outputs (flattened in the output structure's order)."""
+        return list(_symbolic(self)["outputs"])
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs: the ``forward`` argument names (and ONNX input names)."""
+        return list(self.meta["torchgraph"]["input_names"])
+
+    @property
+    def output_names(self) -> list[str]:
+        """Dict keys for dict outputs, else ``output`` / ``output_1`` ... (ONNX output names)."""
+        info = self.meta["torchgraph"]
+        if info["output_kind"] == "dict":
+            return list(info["output_keys"])
+        n = len(self.outputs) if info["output_kind"] != "single" else 1
+        return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The layers, each once (a shared layer is one entry), in the order they are first called."""
+        out, seen = [], set()
+        for node in self.graph.nodes:
+            if node.op == "call_module" and node.target not in seen:
+                seen.add(node.target)
+                out.append(self.get_submodule(node.target))
+        return out
+
+    def get_layer(self, name: str) -> nn.Module:
+        """The layer called ``name`` (a submodule name)."""
+        names = [n.target for n in self.graph.nodes if n.op == "call_module"]
+        if name not in names:
+            raise ValueError(f"No layer named '{name}' in this model. Layers: {sorted(set(names))}.")
+        return self.get_submodule(name)
+
+    def get_output(self, name: str) -> SymbolicTensor:
+        """The symbolic output of the node ``name`` (a layer name, or a node name from ``model.code``).
+
+        Use it to build another model that shares the weights, e.g. a feature extractor:
+        ``tg.Model(model.inputs, model.get_output("conv2d_1"))``. A shared layer's later calls are
+        named ``<layer>_call_1``, ``<layer>_call_2``...
+        """
+        nodes = _symbolic(self)["nodes"]
+        if name not in nodes:
+            valid = [n.name for n in self.graph.nodes if n.op not in ("output",)]
+            raise ValueError(f"No node named '{name}' in this model. Nodes: {valid}.")
+        obj = nodes[name]
+        if isinstance(obj, (list, tuple)):
+            raise ValueError(f"Node '{name}' outputs several tensors; use one of the getitem nodes after it.")
+        return obj
+
+
+def _handle(o):
+    if isinstance(o, Value):
+        return SymbolicTensor(o) if o.dims is not None else SymbolicInt(o)
+    return o
+
+
+def _symbolic(model: Model) -> dict:
+    """The symbolic handles of ``model``, rebuilt from its graph after a copy or a load."""
+    info = _SYMBOLIC.get(model)
+    if info is None:
+        info = _SYMBOLIC[model] = _resymbolize(model)
+    return info
+
+
+def _resymbolize(model: Model) -> dict:
+    """Turn ``model``'s fx graph back into records and symbolic tensors (sharing its layers)."""
+    env: dict[fx.Node, Any] = {}
+    nodes: dict[str, Any] = {}
+    inputs, outputs = [], []
+    for node in model.graph.nodes:
+        spec = node.meta.get("tg_spec")
+        if node.op == "output":
+            outs = node.args[0]
+            outputs = [env[n] for _, n in tree_leaves(outs) if isinstance(n, fx.Node)]
+            break
+        if node.op == "placeholder":
+            record = Record("placeholder", node.name)
+        elif node.op == "get_attr":
+            env[node] = _get_attr(model, node.target)
+            continue
+        else:
+            def resolve(a):
+                if isinstance(a, fx.Node):
+                    obj = env[a]
+                    return obj._tg_value if isinstance(obj, (SymbolicTensor, SymbolicInt)) else obj
+                return a
+            args = tree_map(resolve, node.args)
+            kwargs = tree_map(resolve, dict(node.kwargs))
+            target = model.get_submodule(node.target) if node.op == "call_module" else node.target
+            record = Record(node.op, target, tuple(args), kwargs)
+        if spec is None:
+            raise GraphBuildError(f"node '{node.name}' has no torchgraph shape information (was the graph "
+                                  "edited by hand? run tg.Model on the edited model's inputs/outputs).")
+
+        def make(path, s):
+            if isinstance(s, ValueSpec):
+                v = s.to_value(record, path)
+                return SymbolicTensor(v) if s.dtype is not None else SymbolicInt(v)
+            return s
+        obj = _map_spec(make, spec)
+        record.out = tree_map(lambda o: o._tg_value if isinstance(o, (SymbolicTensor, SymbolicInt)) else o, obj)
+        env[node] = obj
+        nodes[node.name] = obj
+        if node.op == "placeholder":
+            inputs.append(obj)
+    return {"inputs": inputs, "outputs": outputs, "nodes": nodes}
+
+
+def _map_spec(fn, spec, path=()):
+    if isinstance(spec, ValueSpec):
+        return fn(path, spec)
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_map_spec(fn, s, path + (i,)) for i, s in enumerate(spec))
+    if isinstance(spec, dict):
+        return {k: _map_spec(fn, s, path + (k,)) for k, s in spec.items()}
+    return spec
+
+
+def _get_attr(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rebuild_model(body: dict, import_block: str, names: list, specs: list) -> Model:
+    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+
+    fn_src = body.get("_code") or body["code"]
+    forward = _forward_from_src(import_block + fn_src, {})
+    meta = body.get("meta", {})
+    model = _deserialize_graph_module(forward, body, graph_module_cls=Model)
+    model.meta = meta
+    nodes = list(model.graph.nodes)
+    if len(nodes) == len(names):
+        for node, name, spec in zip(nodes, names, specs):
+            if node.name != name:
+                node._rename(name)
+            if spec is not None:
+                node.meta["tg_spec"] = spec
+        model.recompile()
+    return model
+
+
+# ---------------------------------------------------------------------- input checks at call time
+
+def _input_checks(model: Model) -> tuple:
+    """Per input: ``(name, ndim, ((dim, size), ...), dtype)`` from the placeholders' specs."""
+    checks = []
+    float_dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
+    for node in model.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        spec = node.meta.get("tg_spec")
+        if not isinstance(spec, ValueSpec) or spec.shape is None:
+            continue
+        static = tuple((i, d) for i, d in enumerate(spec.shape) if isinstance(d, int) and i > 0)
+        allowed = {spec.dtype}
+        if spec.dtype.is_floating_point and float_dtype is not None:
+            allowed.add(float_dtype)
+        checks.append((node.name, len(spec.shape), static, frozenset(allowed), spec))
+    return tuple(checks)
+
+
+def _check_call(model: Model, checks: tuple, args: tuple, kwargs: dict) -> None:
+    n = len(checks)
+    if len(args) + len(kwargs) != n:
+        names = [c[0] for c in checks]
+        raise TypeError(f"{model._get_name()} takes {n} input(s) {names}; received {len(args)} positional "
+                        f"and {len(kwargs)} keyword argument(s).")
+    for i, (name, ndim, static, allowed, spec) in enumerate(checks):
+        x = args[i] if i < len(args) else kwargs.get(name)
+        if not isinstance(x, torch.Tensor):
+            if x is None and name not in kwargs and i >= len(args):
+                raise TypeError(f"{model._get_name()}: missing input '{name}'.")
+            if isinstance(x, fx.Proxy):  # being traced by torch.fx: nothing to check
+                return
+            raise TypeError(f"{model._get_name()}: input '{name}' must be a tensor; received "
+                            f"{type(x).__name__}.")
+        shape = x.shape
+        if len(shape) != ndim or any(shape[d] != size for d, size in static):
+            raise ValueError(
+                f"{model._get_name()}: input '{name}' expects shape {spec.format()}; received "
+                f"{tuple(shape)}. (The first dim is the batch; dims shown as None may take any size.)"
+            )
+        if x.dtype not in allowed:
+            want = " or ".join(sorted(str(d).replace("torch.", "") for d in allowed))
+            raise ValueError(
+                f"{model._get_name()}: input '{name}' expects dtype {want}; received "
+                f"{str(x.dtype).replace('torch.', '')}. Cast the input (x.to({sorted(allowed, key=str)[0]})) or "
+                "the model (model.to(dtype))."
+            )

@@ -1,0 +1,105 @@
+"""Layer names: readable, stable across rebuilds, and settable by the user.
+
+NOTE: [Layer names]
+Names are given when a model is built (not when a layer is created, as Keras does with global
+counters), from the order in which layers are first called: the same code always gives the same
+names (``linear``, ``linear_1``, ``conv2d``...). They are the GraphModule's submodule names, so they
+are also the ``state_dict`` prefixes. :func:`name` sets a layer's name explicitly.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+import weakref
+
+import torch.nn as nn
+
+from .errors import GraphBuildError
+
+__all__ = ["name", "user_name", "snake_case"]
+
+_USER_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def name(module: nn.Module, layer_name: str) -> nn.Module:
+    """Give ``module`` an explicit layer name and return it (so it can be called inline).
+
+    The name becomes the submodule name in every model the layer is part of, hence its
+    ``state_dict`` prefix and its row in ``summary()``.
+
+    Args:
+        module (nn.Module): the layer.
+        layer_name (str): a Python identifier, unique within the model.
+
+    Returns:
+        nn.Module: ``module`` itself.
+
+    Example:
+        >>> import torch.nn as nn, torchgraph as tg
+        >>> x = tg.Input(shape=(4,))
+        >>> y = tg.name(nn.Linear(4, 2), "classifier")(x)
+        >>> tg.Model(x, y).get_layer("classifier")
+        Linear(in_features=4, out_features=2, bias=True)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"tg.name: expected an nn.Module; received {type(module).__name__}.")
+    if not isinstance(layer_name, str) or not layer_name.isidentifier() or keyword.iskeyword(layer_name):
+        raise GraphBuildError(
+            f"tg.name: a layer name must be a Python identifier (it becomes an attribute and a "
+            f"state_dict prefix); received {layer_name!r}."
+        )
+    _USER_NAMES[module] = layer_name
+    return module
+
+
+def user_name(module: nn.Module) -> str | None:
+    return _USER_NAMES.get(module)
+
+
+def snake_case(class_name: str) -> str:
+    """``Conv2d`` -> ``conv2d``, ``BatchNorm2d`` -> ``batch_norm2d``, ``GELU`` -> ``gelu``."""
+    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", class_name).lower()
+    s = re.sub(r"[^0-9a-z_]", "_", s).strip("_") or "layer"
+    return s if not s[0].isdigit() else f"layer_{s}"
+
+
+def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int, str]:
+    """Names for ``modules`` (in first-call order): user names first, then ``snake_case`` + counter."""
+    names: dict[int, str] = {}
+    taken = set(reserved)
+    owners: dict[str, nn.Module] = {}
+    for m in modules:
+        n = user_name(m)
+        if n is None:
+            continue
+        if n in owners and owners[n] is not m:
+            count = sum(1 for mm in modules if user_name(mm) == n)
+            raise GraphBuildError(
+                f"The layer name '{n}' is used {count} times in this model (by "
+                f"{type(owners[n]).__name__} and {type(m).__name__}). Layer names must be unique: "
+                "rename one with tg.name(layer, 'other_name')."
+            )
+        if n in reserved:
+            raise GraphBuildError(
+                f"The layer name '{n}' is reserved (an nn.Module/GraphModule attribute or an input "
+                "name). Choose another name with tg.name(layer, ...)."
+            )
+        owners[n] = m
+        names[id(m)] = n
+        taken.add(n)
+    counters: dict[str, int] = {}
+    for m in modules:
+        if id(m) in names:
+            continue
+        base = snake_case(type(m).__name__)
+        k = counters.get(base, 0)
+        while True:
+            candidate = base if k == 0 else f"{base}_{k}"
+            k += 1
+            if candidate not in taken and not keyword.iskeyword(candidate):
+                break
+        counters[base] = k
+        names[id(m)] = candidate
+        taken.add(candidate)
+    return names
