@@ -14,13 +14,14 @@ from .errors import GraphBuildError
 from .model import Model
 from .naming import name
 from .symbolic import Input, SymbolicInt, SymbolicTensor
-from . import applications
+from . import applications, callbacks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GraphBuildError",
     "applications",
+    "callbacks",
     "Input",
     "Model",
     "SymbolicInt",

@@ -29,6 +29,7 @@ from .naming import assign_layer_names
 from .recording import close_finished_scopes, tree_leaves, tree_map
 from .symbolic import (Record, SymbolicInt, SymbolicTensor, Value, dim_for_probes,
                        format_shape)
+from .training import TrainingMixin
 
 __all__ = ["Model", "ValueSpec"]
 
@@ -66,7 +67,8 @@ _SYMBOLIC: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDiction
 
 # GraphModule and nn.Module attributes a layer must not shadow.
 _RESERVED = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("__")) | {"meta", "inputs",
-                                                                                    "outputs", "layers"}
+                                                                                    "outputs", "layers"} \
+    | frozenset(n for n in dir(TrainingMixin) if not n.startswith("__"))
 
 
 def _structure(obj, what: str):
@@ -179,7 +181,7 @@ def _record_out_spec(record: Record):
     return None if out is None else tree_map(lambda o: ValueSpec.of(o) if isinstance(o, Value) else o, out)
 
 
-class Model(fx.GraphModule):
+class Model(TrainingMixin, fx.GraphModule):
     """A model built from symbolic inputs and outputs: a ``torch.fx.GraphModule``.
 
     Args:
