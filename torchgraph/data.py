@@ -77,10 +77,11 @@ def flatten_inputs(info: IOInfo, x: Any, where: str) -> tuple:
             raise ValueError(f"{where}: the keys of x do not match the model's inputs. Expected keys "
                              f"{list(names)}; received {list(x)}.")
         items = [x[n] for n in names]
-    elif isinstance(x, (list, tuple)) and k > 1:
+    elif isinstance(x, (list, tuple)):
         if len(x) != k:
-            raise ValueError(f"{where}: the model takes {k} inputs {list(names)}; x holds {len(x)} "
-                             "arrays. Pass one array per input (or a dict keyed by input name).")
+            raise ValueError(f"{where}: x does not match the model's inputs. Expected {k} array(s) for "
+                             f"{list(names)}; received {len(x)} arrays. Pass one array per input (or a "
+                             "dict keyed by input name).")
         items = list(x)
     else:
         if k != 1:
