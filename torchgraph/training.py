@@ -419,9 +419,9 @@ def _describe(t) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
 
 
-def _accumulate(running: _Running, cfg: _Config, out, ys, loss, parts, n: int) -> None:
+def _accumulate_parts(running: _Running, cfg: _Config, out, ys, parts, n: int) -> None:
+    """Adds per-output losses and metrics (times the batch size) to the epoch sums, on the device."""
     sums = running.sums
-    sums[0].add_(loss.detach(), alpha=n)
     k = 1
     if parts is not None:
         for p in parts:
@@ -429,12 +429,15 @@ def _accumulate(running: _Running, cfg: _Config, out, ys, loss, parts, n: int) -
             k += 1
     if cfg.metrics:
         with torch.no_grad():
+            if cfg.info.output_kind == "single":
+                for m in cfg.metrics:
+                    sums[k].add_(m.fn(out, ys), alpha=n)
+                    k += 1
+                return
             flat = flatten_outputs(cfg.info, out)
-            ys_flat = (ys,) if cfg.info.output_kind == "single" else ys
             for m in cfg.metrics:
-                sums[k].add_(m.fn(flat[m.output_index], ys_flat[m.output_index]), alpha=n)
+                sums[k].add_(m.fn(flat[m.output_index], ys[m.output_index]), alpha=n)
                 k += 1
-    running.count += n
 
 
 def _train_epoch(net, cfg: _Config, batches, epoch: int, running: _Running, cbs: CallbackList,
@@ -444,16 +447,26 @@ def _train_epoch(net, cfg: _Config, batches, epoch: int, running: _Running, cbs:
     ``sync_stop``: under DDP with user batch hooks, the ranks agree on stopping after every batch
     (one tiny all-reduce), since a rank that stops alone would hang the others' next step.
     """
-    opt, scaler, amp = cfg.optimizer, cfg.scaler, _autocast(cfg)
+    opt, scaler = cfg.optimizer, cfg.scaler
+    amp = _autocast(cfg) if cfg.amp_dtype is not None else None
     begin, end = cbs.has("on_train_batch_begin"), cbs.has("on_train_batch_end")
+    # NOTE: [Fast path] One output, one unweighted loss, no autocast: the step is the handwritten
+    # one, inlined (each avoided Python call is ~0.1-0.5 us per step on small models).
+    single = (cfg.info.output_kind == "single" and cfg.losses[0].weight == 1.0 and amp is None)
+    loss_fn = cfg.losses[0].fn
+    loss_sum = running.sums[0]
     for step, (xs, ys, n) in enumerate(batches.epoch(epoch)):
         if begin:
             cbs.call("on_train_batch_begin", step, running)
-        with amp:
-            if check:
+        if check:
+            with amp or contextlib.nullcontext():
                 out, loss, parts = _checked_compute(net, cfg, xs, ys, "fit")
-                check = False
-            else:
+            check = False
+        elif single:
+            out = net(*xs)
+            loss, parts = loss_fn(out, ys), None
+        else:
+            with amp or contextlib.nullcontext():
                 out, loss, parts = _compute(net, cfg, xs, ys)
         opt.zero_grad(set_to_none=True)
         if scaler is None:
@@ -463,10 +476,13 @@ def _train_epoch(net, cfg: _Config, batches, epoch: int, running: _Running, cbs:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-        _accumulate(running, cfg, out, ys, loss, parts, n)
+        loss_sum.add_(loss.detach(), alpha=n)
+        if parts is not None or cfg.metrics:
+            _accumulate_parts(running, cfg, out, ys, parts, n)
+        running.count += n
         if end:
             cbs.call("on_train_batch_end", step, running)
-            stop = tgdist.any_rank(state.stop_training, running.sums[0].device) if sync_stop \
+            stop = tgdist.any_rank(state.stop_training, loss_sum.device) if sync_stop \
                 else state.stop_training
             if stop:
                 state.stop_training = True
@@ -490,7 +506,10 @@ def _evaluate(model: nn.Module, cfg: _Config, batches, where: str, check: bool) 
                         check = False
                     else:
                         out, loss, parts = _compute(model, cfg, xs, ys)
-                _accumulate(running, cfg, out, ys, loss, parts, n)
+                running.sums[0].add_(loss.detach(), alpha=n)
+                if parts is not None or cfg.metrics:
+                    _accumulate_parts(running, cfg, out, ys, parts, n)
+                running.count += n
     finally:
         _restore_modes(modes)
     return running.result()
