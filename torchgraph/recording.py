@@ -94,6 +94,15 @@ def _is_tensor_method(func, name: str) -> bool:
     return getattr(torch.Tensor, name, None) is func
 
 
+def _resolvable(func) -> bool:
+    """Whether ``func`` can be named in generated code by its module and qualified name."""
+    module = sys.modules.get(getattr(func, "__module__", None) or "")
+    obj = module
+    for part in (getattr(func, "__qualname__", None) or "").split("."):
+        obj = getattr(obj, part, None)
+    return obj is func
+
+
 def _is_inplace(name: str, kwargs: dict) -> bool:
     if name in _INPLACE_DUNDERS:
         return True
@@ -709,7 +718,9 @@ def _record_top_level(func, name: str, args, kwargs):
         record = Record("call_function", target, _link_args(rec_args), _link_args(kwargs))
     elif _is_property(func):
         record = Record("call_function", getattr, (_link_args(args[0]), name))
-    elif _is_tensor_method(func, name):
+    elif _is_tensor_method(func, name) or (getattr(func, "__module__", None) == "torch._tensor"
+                                           and not _resolvable(func) and hasattr(torch.Tensor, name)):
+        # Tensor methods (and torch/_tensor.py's Python wrappers of them) are emitted as methods.
         record = Record("call_method", name, _link_args(tuple(args)), _link_args(kwargs))
     else:
         record = Record("call_function", func, _link_args(tuple(args)), _link_args(kwargs))
