@@ -133,7 +133,7 @@ class SymbolicTensor(torch.Tensor):
         (None, 3, 32, 32)
         >>> y = torch.nn.Conv2d(3, 8, 3)(x).flatten(1)
         >>> y.shape, y.dtype
-        ((None, 6272), torch.float32)
+        ((None, 7200), torch.float32)
     """
 
     # Populated by recording.py (kept there to keep this module free of dispatch logic).
