@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import operator
 import sys
+import threading
 from typing import Any, Callable
 
 import torch
@@ -366,7 +367,9 @@ class _Scope:
         self.restore = restore
 
 
-class _State:
+class _State(threading.local):
+    """Per thread: models can be built in several threads at once."""
+
     def __init__(self):
         self.run: ShadowRun | None = None
         self.scopes: list[_Scope] = []
