@@ -3,7 +3,9 @@
 import copy
 import doctest
 import io
+import pathlib
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -285,7 +287,7 @@ def test_regression_target_shape_mismatch_is_caught():
     x = tg.Input(shape=(4,))
     model = tg.Model(x, nn.Linear(4, 1)(x))
     model.compile(loss="mse")
-    with pytest.raises(ValueError, match=r"Expected shape \(None, 1\).*received shape \(None\).*unsqueeze"):
+    with pytest.raises(ValueError, match=r"Expected shape \(None, 1\).*received shape \(None,\).*unsqueeze"):
         model.fit(torch.randn(16, 4), torch.randn(16), verbose=0)
     with pytest.raises(ValueError, match="expected float targets; received int64"):
         model.fit(torch.randn(16, 4), torch.ones(16, 1, dtype=torch.long), verbose=0)
@@ -344,6 +346,7 @@ def test_verbose_modes(capsys):
 
 # ---------------------------------------------------------------------- serialization & tracing
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_compiled_model_pickles_copies_and_scripts():
     """After compile()+fit, torch.save/pickle/deepcopy/jit.script work; copies are not compiled."""
     model = _mlp()
@@ -387,3 +390,12 @@ def test_docstring_examples_run():
     for mod in (torchgraph.training, torchgraph.callbacks, torchgraph.metrics, torchgraph.distributed):
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, mod.__name__
+
+
+def test_docs_training_page_runs(capsys):
+    """The ```python blocks of docs/training.md run top to bottom."""
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "training.md"
+    code = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
+    torch.manual_seed(0)
+    exec(compile(code, str(page), "exec"), {})
+    assert "Reshape the targets with y.unsqueeze(-1)" in capsys.readouterr().out

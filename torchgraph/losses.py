@@ -107,7 +107,8 @@ def _weights(loss_weights, output_names: list[str]) -> dict[str, float]:
 
 
 def _fmt(t: torch.Tensor) -> str:
-    shape = "(None" + "".join(f", {d}" for d in t.shape[1:]) + ")" if t.dim() else "()"
+    dims = ["None"] + [str(d) for d in t.shape[1:]] if t.dim() else []
+    shape = f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
     return f"shape {shape} {str(t.dtype).replace('torch.', '')}"
 
 
