@@ -348,7 +348,8 @@ def test_verbose_modes(capsys):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_compiled_model_pickles_copies_and_scripts():
-    """After compile()+fit, torch.save/pickle/deepcopy/jit.script work; copies are not compiled."""
+    """After compile()+fit, torch.save/pickle/deepcopy/jit.script/torch.compile work; copies are not
+    compiled for training."""
     model = _mlp()
     model.compile(optimizer="adam", loss="cross_entropy", metrics=["accuracy"])
     x, y = _blobs(32)
@@ -361,8 +362,9 @@ def test_compiled_model_pickles_copies_and_scripts():
     clone = copy.deepcopy(model)
     unpickled = pickle.loads(pickle.dumps(model))
     scripted = torch.jit.script(model)
+    compiled = torch.compile(model, backend="eager")
     model.eval()
-    for other in (loaded, clone, unpickled, scripted):
+    for other in (loaded, clone, unpickled, scripted, compiled):
         other.eval()
         torch.testing.assert_close(other(x), model(x))
     for other in (loaded, clone, unpickled):
@@ -399,3 +401,23 @@ def test_docs_training_page_runs(capsys):
     torch.manual_seed(0)
     exec(compile(code, str(page), "exec"), {})
     assert "Reshape the targets with y.unsqueeze(-1)" in capsys.readouterr().out
+
+
+def test_nested_outputs_train_and_predict_in_their_structure():
+    """Nested outputs: targets and losses by flattened output name; predict rebuilds the nesting."""
+    torch.manual_seed(0)
+    x = tg.Input(shape=(4,))
+    h = F.relu(nn.Linear(4, 8)(x))
+    model = tg.Model(x, {"main": nn.Linear(8, 3)(h), "aux": [nn.Linear(8, 1)(h), nn.Linear(8, 2)(h)]})
+    assert model.output_names == ["main", "aux_0", "aux_1"]
+    model.compile(loss={"main": "cross_entropy", "aux_0": "mse"}, metrics={"main": "accuracy"})
+    xs, ys = _blobs(48)
+    by_name = {"main": ys, "aux_0": xs[:, :1]}
+    nested = {"main": ys, "aux": [xs[:, :1], None]}
+    for y in (by_name, nested):
+        h = model.fit(xs, y, epochs=1, verbose=0)
+        assert sorted(h.history) == ["aux_0_loss", "loss", "main_accuracy", "main_loss"]
+    out = model.predict(xs, batch_size=20)
+    assert isinstance(out["aux"], list) and [t.shape for t in out["aux"]] == [(48, 1), (48, 2)]
+    with pytest.raises(ValueError, match=r"y does not match the model's 3 outputs .* received 2"):
+        model.fit(xs, [ys, ys], verbose=0)

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
 from . import distributed as tgdist
+from .recording import tree_leaves, tree_map
 
 __all__ = ["IOInfo", "io_info", "flatten_inputs", "flatten_targets", "flatten_outputs", "pack_outputs",
            "TensorBatches", "LoaderBatches", "make_batches", "split_validation"]
@@ -39,8 +40,9 @@ class IOInfo:
     input_names: tuple
     input_kind: str     # "single" | "list" | "tuple" | "dict"
     input_dtypes: tuple  # the dtype each input expects (None when unknown)
-    output_names: tuple
+    output_names: tuple  # one per output tensor, flattened (nested outputs: "aux_0", ...)
     output_kind: str
+    output_template: Any = None  # the output structure (fx nodes as leaves), to rebuild it
 
 
 def io_info(model: torch.nn.Module) -> IOInfo:
@@ -50,8 +52,20 @@ def io_info(model: torch.nn.Module) -> IOInfo:
         return IOInfo(("input",), "single", (None,), ("output",), "single")
     specs = {n.name: n.meta.get("tg_spec") for n in model.graph.nodes if n.op == "placeholder"}
     dtypes = tuple(getattr(specs.get(name), "dtype", None) for name in meta["input_names"])
+    template = _plain(next(n for n in reversed(model.graph.nodes) if n.op == "output").args[0])
     return IOInfo(tuple(meta["input_names"]), meta["input_kind"], dtypes, tuple(model.output_names),
-                  meta["output_kind"])
+                  meta["output_kind"], template)
+
+
+def _plain(obj):
+    """fx's immutable_list/immutable_dict as plain list/dict (so rebuilt outputs have the user's types)."""
+    if isinstance(obj, list):
+        return [_plain(o) for o in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_plain(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
 
 
 def _to_tensor(a: Any, what: str, want_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -93,7 +107,11 @@ def flatten_inputs(info: IOInfo, x: Any, where: str) -> tuple:
 
 
 def flatten_targets(info: IOInfo, y: Any, where: str):
-    """``y`` as one tensor (single output) or a tuple in ``info.output_names`` order; None stays None."""
+    """``y`` as one tensor (single output) or a tuple in ``info.output_names`` order; None stays None.
+
+    For several outputs ``y`` is a dict by output name (outputs left out get no target), or any
+    structure with one tensor per output in order (a list, or the outputs' own nesting).
+    """
     if y is None:
         return None
     names = info.output_names
@@ -104,35 +122,30 @@ def flatten_targets(info: IOInfo, y: Any, where: str):
                                  f"{list(names)}; received {list(y)}.")
             y = y[names[0]]
         return _to_tensor(y, f"{where}: y")
-    if isinstance(y, dict):
-        unknown = [key for key in y if key not in names]
-        if unknown:
-            raise ValueError(f"{where}: y has keys {unknown} that are not model outputs. Expected keys "
-                             f"among {list(names)}.")
+    if isinstance(y, dict) and all(k in names for k in y):
         return tuple(None if y.get(n) is None else _to_tensor(y[n], f"{where}: y['{n}']") for n in names)
-    if not isinstance(y, (list, tuple)) or len(y) != len(names):
-        got = f"{len(y)} arrays" if isinstance(y, (list, tuple)) else f"one {type(y).__name__}"
-        raise ValueError(f"{where}: the model has {len(names)} outputs {list(names)}; y holds {got}. "
-                         "Pass one target per output, as a list or a dict keyed by output name.")
-    return tuple(None if a is None else _to_tensor(a, f"{where}: y[{i}]") for i, a in enumerate(y))
+    leaves = [leaf for _, leaf in tree_leaves(y)] if isinstance(y, (dict, list, tuple)) else [y]
+    if len(leaves) != len(names):
+        keys = f" with keys {list(y)}" if isinstance(y, dict) else ""
+        raise ValueError(f"{where}: y does not match the model's {len(names)} outputs {list(names)}. "
+                         f"Expected one target per output; received {len(leaves)}{keys}. Pass a dict "
+                         "keyed by output name, or a list in output order.")
+    return tuple(None if a is None else _to_tensor(a, f"{where}: y['{n}']") for a, n in zip(leaves, names))
 
 
 def flatten_outputs(info: IOInfo, out: Any) -> tuple:
     """The model's output structure as a tuple in ``info.output_names`` order."""
     if info.output_kind == "single":
         return (out,)
-    if info.output_kind == "dict":
-        return tuple(out[n] for n in info.output_names)
-    return tuple(out)
+    return tuple(leaf for _, leaf in tree_leaves(out))
 
 
 def pack_outputs(info: IOInfo, flat: list) -> Any:
     """The inverse of ``flatten_outputs``."""
     if info.output_kind == "single":
         return flat[0]
-    if info.output_kind == "dict":
-        return dict(zip(info.output_names, flat))
-    return list(flat) if info.output_kind == "list" else tuple(flat)
+    items = iter(flat)
+    return tree_map(lambda _: next(items), info.output_template)
 
 
 def _num_samples(xs: tuple, ys, where: str) -> int:
@@ -185,7 +198,9 @@ class TensorBatches:
         self.batch_size, self.shuffle, self.device, self.seed = batch_size, shuffle, device, seed
         self.rank, self.world = (tgdist.rank(), tgdist.world_size()) if shard else (0, 1)
         self.pad = pad
-        self.move = any(t.device != device for t in xs)
+        home = xs[0].device  # index tensors live here: keep every array with the first input
+        self.xs, self.ys = tuple(t.to(home) for t in xs), _move(ys, home, non_blocking=False)
+        self.move = home != device
 
     def _indices(self, epoch: int) -> torch.Tensor | None:
         n = self.num_samples
