@@ -7,7 +7,7 @@ Names and semantics follow Keras (``tg.callbacks.EarlyStopping(monitor="val_loss
     under torch.distributed, so every rank takes the same decisions (stop, lower the LR).
   - ``logs`` in batch hooks hold running means of the epoch so far as 0-dim *tensors*: reading one
     (``float(logs["loss"])``) waits for the device, so the loop never does unless a hook asks.
-  - Only rank 0 prints, writes logs and checkpoints (``tg.distributed.is_chief()``).
+  - Only rank 0 prints, writes logs and checkpoints (``torchgraph.distributed.is_chief()``).
   - ``self.model`` is the user's model (never the DDP wrapper); setting ``self.model.stop_training
     = True`` ends training after the current batch or epoch. An epoch cut short from a batch hook is
     not recorded and its ``on_epoch_end`` is not called, so a checkpoint of it is never written.

@@ -24,7 +24,7 @@ import os
 import sys
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,7 +71,6 @@ class _Config:
 class _State:
     config: _Config | None = None
     stop_training: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 # model -> _State. Weak keys: the state dies with the model and never travels with it.
