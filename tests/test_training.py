@@ -17,6 +17,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import torchgraph as tg
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models train faster on one thread, and far faster when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 def _mlp(in_features=4, classes=3, dropout=0.0):
     x = tg.Input(shape=(in_features,))
     h = nn.Dropout(dropout)(F.relu(nn.Linear(in_features, 32)(x)))
