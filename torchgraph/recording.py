@@ -460,6 +460,9 @@ def _open_scope(frame, func, args, kwargs):
     call_args = frame.f_locals.get("args", ())
     call_kwargs = frame.f_locals.get("kwargs", {})
     forward_call = frame.f_locals["forward_call"]
+    problem = messages.precheck(module, call_args)
+    if problem:
+        raise GraphBuildError(problem)
     bufs, saved = _buffer_snapshot(module)
 
     def shadow_run(k: int, real: bool, log):
