@@ -346,7 +346,29 @@ class Model(fx.GraphModule):
         specs = [n.meta.get("tg_spec") for n in self.graph.nodes]
         body = dict(body)
         body.pop("_tg_checks", None)
-        return (_rebuild_model, (body, import_block, names, specs))
+        # fx gives each instance its own GraphModuleImpl subclass; rebuild the user-facing class
+        # (Model, or a subclass such as tg.Sequential).
+        cls = next(t for t in type(self).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+        return (_rebuild_model, (body, import_block, names, specs, cls))
+
+    # ------------------------------------------------------------------ looking at it
+    def summary(self, print_fn=None, expand_nested: bool = False, line_length: int | None = None) -> None:
+        """Print a table of the layers: name (type), output shape, parameter count, connections.
+
+        See :func:`torchgraph.summary.print_summary` (``print_fn`` receives the whole text).
+        """
+        from .summary import print_summary
+
+        print_summary(self, print_fn=print_fn, expand_nested=expand_nested, line_length=line_length)
+
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
+        """Jupyter shows the model as its picture (``tg.plot_model``), or as text without Graphviz."""
+        from .plot import repr_mimebundle
+
+        return repr_mimebundle(self, include, exclude)
+
+    def _repr_svg_(self) -> str | None:
+        return self._repr_mimebundle_().get("image/svg+xml")
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -482,13 +504,13 @@ def _get_attr(model: nn.Module, target: str):
     return obj
 
 
-def _rebuild_model(body: dict, import_block: str, names: list, specs: list) -> Model:
+def _rebuild_model(body: dict, import_block: str, names: list, specs: list, cls: type | None = None) -> Model:
     from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
     fn_src = body.get("_code") or body["code"]
     forward = _forward_from_src(import_block + fn_src, {})
     meta = body.get("meta", {})
-    model = _deserialize_graph_module(forward, body, graph_module_cls=Model)
+    model = _deserialize_graph_module(forward, body, graph_module_cls=cls or Model)
     model.meta = meta
     nodes = list(model.graph.nodes)
     if len(nodes) == len(names):
