@@ -346,10 +346,16 @@ class Model(fx.GraphModule):
         specs = [n.meta.get("tg_spec") for n in self.graph.nodes]
         body = dict(body)
         body.pop("_tg_checks", None)
+        body["_graphmodule_cls_name"] = self._get_name()  # else the copy is called "GraphModule"
         # fx gives each instance its own GraphModuleImpl subclass; rebuild the user-facing class
         # (Model, or a subclass such as tg.Sequential).
         cls = next(t for t in type(self).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
         return (_rebuild_model, (body, import_block, names, specs, cls))
+
+    def _deepcopy_init(self):
+        # fx's deepcopy re-runs GraphModule.__init__ with the default class name "GraphModule".
+        name = self._get_name()
+        return lambda res, root, graph: fx.GraphModule.__init__(res, root, graph, class_name=name)
 
     # ------------------------------------------------------------------ looking at it
     def summary(self, print_fn=None, expand_nested: bool = False, line_length: int | None = None) -> None:
