@@ -520,12 +520,17 @@ def _rebuild_model(body: dict, import_block: str, names: list, specs: list, cls:
     model.meta = meta
     nodes = list(model.graph.nodes)
     if len(nodes) == len(names):
+        # Copy into a fresh graph under the original names: renaming in place cannot reuse a name
+        # that the retrace gave to another node (linear_1 would become linear_3).
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
         for node, name, spec in zip(nodes, names, specs):
-            if node.name != name:
-                node._rename(name)
+            new = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
+                                    fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
             if spec is not None:
-                node.meta["tg_spec"] = spec
-        model.recompile()
+                new.meta["tg_spec"] = spec
+            env[node] = new
+        model.graph = graph
     return model
 
 
