@@ -254,8 +254,9 @@ def model_to_dot(model, show_shapes: bool = True, show_dtype: bool = False, show
     builder = _DotBuilder(dot, show_shapes, show_dtype, show_layer_names, expand_nested)
     outputs = builder.add_model(dot, model, "", {})
     infos = {i.name: i for i in describe_nodes(model)}
-    for (key, node), ids in zip(output_entries(model), outputs.values()):
-        out_id = f"__output__/{key}"
+    for position, ((key, node), ids) in enumerate(zip(output_entries(model), outputs.values())):
+        # Output keys are arbitrary strings (':' would read as a port): odd ones are ids by position.
+        out_id = f"__output__/{key}" if str(key).isidentifier() else f"__output__/{position}"
         info = infos.get(node.name) if isinstance(node, fx.Node) else None
         dot.node(out_id, builder.output_label(key, info))
         for src in ids:

@@ -123,8 +123,11 @@ class Sequential(Model):
         >>> model(torch.randn(2, 784)).shape
         torch.Size([2, 10])
         >>> isinstance(model, tg.Model), [name for name, _ in model.named_children()]
-        (True, ['linear', 'relu', 'linear_1'])
+        (True, ['linear', 're_lu', 'linear_1'])
     """
+
+    # TorchScript must not try to compile the introspection properties.
+    __jit_unused_properties__ = Model.__jit_unused_properties__ + ["built"]
 
     def __init__(self, layers=None, input_shape=None, name: str | None = None, *,
                  class_name: str | None = None, **kwargs):
@@ -143,15 +146,15 @@ class Sequential(Model):
             raise GraphBuildError(f"{who}: `layers` must be a list of layers; received "
                                   f"{type(layers).__name__}. Wrap it: tg.Sequential([layer]).")
         layers = list(layers)
-        inp = None
+        inp, offset = None, 0
         if layers and isinstance(layers[0], SymbolicTensor):
-            inp = layers.pop(0)
+            inp, offset = layers.pop(0), 1
             if input_shape is not None:
                 raise GraphBuildError(f"{who}: received both a tg.Input and input_shape={input_shape!r}. "
                                       "Give one of them.")
         elif input_shape is not None:
             inp = Input(shape=input_shape)
-        steps = [_check_step(s, i + (inp is not None), who) for i, s in enumerate(layers)]
+        steps = [_check_step(s, i + offset, who) for i, s in enumerate(layers)]
         super().__init__({}, _empty_graph(), class_name=name or "Sequential")
         self._set_unbuilt([])
         if inp is not None:
