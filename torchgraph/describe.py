@@ -222,15 +222,15 @@ def describe_nodes(model: fx.GraphModule) -> list[NodeInfo]:
 
 
 def output_entries(model: fx.GraphModule) -> list[tuple[str, Any]]:
-    """``(output name, producing fx node)`` per model output, in output order."""
+    """``(output name, producing fx node)`` per model output tensor, flattened in output order."""
+    from .recording import tree_leaves
+
     out_node = next(n for n in reversed(model.graph.nodes) if n.op == "output")
-    structure = out_node.args[0]
-    if isinstance(structure, dict):
-        return list(structure.items())
-    if isinstance(structure, (list, tuple)):
-        names = getattr(model, "output_names", None)
-        flat = list(structure)
-        if not names or len(names) != len(flat):
-            names = [f"output_{i}" for i in range(len(flat))]
-        return list(zip(names, flat))
-    return [("output", structure)]
+    paths, leaves = [], []
+    for path, leaf in tree_leaves(out_node.args[0]):
+        paths.append(path)
+        leaves.append(leaf)
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != len(leaves):  # a plain GraphModule: name the outputs by their paths
+        names = ["output"] if paths == [()] else ["output_" + "_".join(str(p) for p in path) for path in paths]
+    return list(zip(names, leaves))

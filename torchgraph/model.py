@@ -351,7 +351,6 @@ class Model(fx.GraphModule):
         specs = [n.meta.get("tg_spec") for n in self.graph.nodes]
         body = dict(body)
         body.pop("_tg_checks", None)
-        body["_graphmodule_cls_name"] = self._get_name()  # else the copy is called "GraphModule"
         # fx gives each instance its own GraphModuleImpl subclass; rebuild the user-facing class
         # (Model, or a subclass such as tg.Sequential).
         cls = next(t for t in type(self).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")

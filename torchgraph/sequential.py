@@ -164,8 +164,8 @@ class Sequential(Model):
 
     # ------------------------------------------------------------------ state
     def _set_unbuilt(self, steps: list) -> None:
-        self.meta["torchgraph"] = {"input_names": [], "input_kind": "list", "output_kind": "list",
-                                   "output_keys": None}
+        self.meta["torchgraph"] = {"name": self._get_name(), "input_names": [], "input_kind": "list",
+                                   "output_kind": "list", "output_keys": None, "output_names": []}
         self.meta[_KEY] = {"steps": None}
         modules = [s for s in steps if isinstance(s, nn.Module)]
         for key in list(self._modules):
