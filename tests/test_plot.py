@@ -248,3 +248,21 @@ def test_docstring_examples(tmp_path, monkeypatch):
     """The Example sections of plot.py run."""
     monkeypatch.chdir(tmp_path)
     assert doctest.testmod(torchgraph.plot).failed == 0
+
+
+def test_visualization_doc_blocks_run(tmp_path, monkeypatch, capsys):
+    """docs/visualization.md: its python blocks run, and its summary text is the real output."""
+    page = os.path.join(os.path.dirname(__file__), "..", "docs", "visualization.md")
+    text = open(page).read()
+    monkeypatch.chdir(tmp_path)
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+    exec(compile(code, "visualization.md", "exec"), {})
+    printed = capsys.readouterr().out
+    shown = re.search(r"```text\n(.*?)```", text, flags=re.S).group(1)
+    assert shown in printed
+    assert "digraph Multi" in printed
+    images = os.path.join(os.path.dirname(page), "images")
+    for name in ("digitnet.png", "siamese.png"):  # the committed pictures the page shows
+        with open(os.path.join(images, name), "rb") as f:
+            data = f.read()
+        assert png_size(data)[0] > 500 and len(data) > 50_000

@@ -195,9 +195,11 @@ class _DotBuilder:
         total = param_stats(model.parameters())[0]
         _, body, border = _COLORS["model"]
         with graph.subgraph(name=f"cluster_{inner_prefix}") as cluster:
+            note = f", shared: call {info.call_index} of {info.num_calls}" if info.num_calls > 1 else ""
             label = (f"<<B>{_e(info.name)}</B> : {_e(info.type_label)} "
-                     f"({_e(format_count(total))} params)>")
-            cluster.attr(label=label, style="filled,rounded", fillcolor=_CLUSTER_FILL, color=border,
+                     f"({_e(format_count(total))} params{_e(note)})>")
+            style = "filled,rounded" + (",dashed" if info.call_index > 1 else "")
+            cluster.attr(label=label, style=style, fillcolor=_CLUSTER_FILL, color=border,
                          fontname=_FONT, fontsize="12", labeljust="l")
             outs = self.add_model(cluster, model, inner_prefix, sources)
         # Outer getitem nodes on this call pick one inner output: index by position or key.
