@@ -201,3 +201,15 @@ def test_named_dynamic_dims_are_shown_by_name():
     text = summary_text(tg.Model(x, nn.Linear(4, 2)(x)))
     assert "frames (Input)   (None, seq, 4)" in text
     assert "linear (Linear)  (None, seq, 2)" in text
+
+
+def test_plain_fx_graph_module_uses_fx_shapes():
+    """Any GraphModule works: shapes from fx's ShapeProp metadata, '?' when there are none."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
+    assert "_0 (Linear)      ?                   9  Y" in format_summary(gm)
+    ShapeProp(gm).propagate(torch.randn(5, 2))
+    text = format_summary(gm)
+    assert "_0 (Linear)      (5, 3)              9  Y" in text
+    assert "Inputs:  input_1 (5, 2) float32" in text

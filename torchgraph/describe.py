@@ -173,6 +173,16 @@ def _get_attr(model: nn.Module, target: str):
     return obj
 
 
+def _fx_shape(node: fx.Node) -> tuple[str, str]:
+    """Shape and dtype from fx's own metadata (``ShapeProp``'s ``tensor_meta``, export's ``val``)."""
+    meta = node.meta.get("tensor_meta", node.meta.get("val"))
+    shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+    if shape is None or dtype is None:
+        return "?", "?"
+    dims = ", ".join(str(d) for d in shape)
+    return (f"({dims},)" if len(shape) == 1 else f"({dims})"), str(dtype).replace("torch.", "")
+
+
 def describe_nodes(model: fx.GraphModule) -> list[NodeInfo]:
     """A :class:`NodeInfo` for every node of ``model.graph`` but the output, in graph order."""
     from .model import Model
@@ -197,7 +207,8 @@ def describe_nodes(model: fx.GraphModule) -> list[NodeInfo]:
             kind = "constant"
             if isinstance(value, torch.Tensor):
                 label = "Parameter" if isinstance(value, nn.Parameter) else "Constant"
-                spec_shape = "(" + ", ".join(str(d) for d in value.shape) + (",)" if value.dim() == 1 else ")")
+                dims = ", ".join(str(d) for d in value.shape)
+                spec_shape = f"({dims},)" if value.dim() == 1 else f"({dims})"
                 if isinstance(value, nn.Parameter):
                     num_params = value.numel()
                     num_trainable = num_params if value.requires_grad else 0
@@ -210,8 +221,11 @@ def describe_nodes(model: fx.GraphModule) -> list[NodeInfo]:
             kind, label = "function", f"Tensor.{node.target}"
         else:
             kind, label = "function", _function_label(node.target)
-        info = NodeInfo(node, kind, label, module, format_spec(spec), format_dtype(spec),
-                        _node_inputs(node), num_params, num_trainable)
+        output, dtype = format_spec(spec), format_dtype(spec)
+        if spec is None:
+            output, dtype = _fx_shape(node)
+        info = NodeInfo(node, kind, label, module, output, dtype, _node_inputs(node), num_params,
+                        num_trainable)
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(info)
         infos.append(info)
@@ -232,5 +246,6 @@ def output_entries(model: fx.GraphModule) -> list[tuple[str, Any]]:
         leaves.append(leaf)
     names = list(getattr(model, "output_names", None) or [])
     if len(names) != len(leaves):  # a plain GraphModule: name the outputs by their paths
-        names = ["output"] if paths == [()] else ["output_" + "_".join(str(p) for p in path) for path in paths]
+        names = (["output"] if paths == [()] else
+                 ["output_" + "_".join(str(p) for p in path) for path in paths])
     return list(zip(names, leaves))

@@ -24,7 +24,7 @@ import uuid
 
 import torch.fx as fx
 
-from .describe import (NodeInfo, describe_nodes, format_count, format_spec, output_entries,
+from .describe import (NodeInfo, describe_nodes, format_count, output_entries,
                        param_stats)
 
 __all__ = ["model_to_dot", "plot_model"]

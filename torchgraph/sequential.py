@@ -184,7 +184,8 @@ class Sequential(Model):
     def layers(self) -> list[nn.Module]:
         """The layers, each once, in order (also before the model is built)."""
         if not self.built:
-            return list(dict.fromkeys(s for s in self.__dict__.get("_tg_pending", []) if isinstance(s, nn.Module)))
+            pending = self.__dict__.get("_tg_pending", [])
+            return list(dict.fromkeys(s for s in pending if isinstance(s, nn.Module)))
         return super().layers
 
     def _who(self) -> str:
