@@ -253,7 +253,8 @@ def test_docstring_examples(tmp_path, monkeypatch):
 def test_visualization_doc_blocks_run(tmp_path, monkeypatch, capsys):
     """docs/visualization.md: its python blocks run, and its summary text is the real output."""
     page = os.path.join(os.path.dirname(__file__), "..", "docs", "visualization.md")
-    text = open(page).read()
+    with open(page) as f:
+        text = f.read()
     monkeypatch.chdir(tmp_path)
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
     exec(compile(code, "visualization.md", "exec"), {})

@@ -297,11 +297,11 @@ def plot_model(model, to_file: str = "model.png", show_shapes: bool = True, show
         ValueError: an unsupported extension or option.
 
     Example:
-        >>> import os, tempfile, torch.nn as nn, torchgraph as tg
+        >>> import pathlib, tempfile, torch.nn as nn, torchgraph as tg
         >>> x = tg.Input(shape=(8,))
-        >>> path = os.path.join(tempfile.mkdtemp(), "tiny.svg")
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "tiny.svg"
         >>> _ = tg.plot_model(tg.Model(x, nn.Linear(8, 2)(x)), to_file=path)
-        >>> "(None, 2)" in open(path).read()
+        >>> "(None, 2)" in path.read_text()
         True
     """
     path = os.fspath(to_file)
