@@ -13,6 +13,8 @@ Example:
 from .errors import GraphBuildError
 from .model import Model
 from .naming import name
+from .plot import model_to_dot, plot_model
+from .sequential import Sequential
 from .symbolic import Input, SymbolicInt, SymbolicTensor
 from . import applications
 
@@ -25,6 +27,9 @@ __all__ = [
     "Model",
     "SymbolicInt",
     "SymbolicTensor",
+    "model_to_dot",
     "name",
+    "plot_model",
+    "Sequential",
     "__version__",
 ]
