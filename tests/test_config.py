@@ -466,3 +466,18 @@ def test_function_allowlist_round_trips_names():
         assert config_values.resolve_function(name, "t") is fn
     with pytest.raises(ValueError, match="cannot be stored"):
         config_values.function_name(print, "t")
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    """The Python blocks of docs/config_and_saving.md run, in order, in one namespace."""
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).parent.parent / "docs" / "config_and_saving.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)
+    assert (tmp_path / "net.safetensors").exists()
