@@ -10,19 +10,29 @@ Example:
     torch.Size([4, 10])
 """
 
+from .clone import clone_model
+from .config import model_from_json
 from .errors import GraphBuildError
+from .layer_config import register_layer
 from .model import Model
 from .naming import name
 from .plot import model_to_dot, plot_model
 from .sequential import Sequential
 from .symbolic import Input, SymbolicInt, SymbolicTensor
-from . import applications
+from .saving import load, save
+from . import applications, saving
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GraphBuildError",
     "applications",
+    "clone_model",
+    "load",
+    "model_from_json",
+    "register_layer",
+    "save",
+    "saving",
     "Input",
     "Model",
     "SymbolicInt",

@@ -380,6 +380,27 @@ class Model(fx.GraphModule):
     def _repr_svg_(self) -> str | None:
         return self._repr_mimebundle_().get("image/svg+xml")
 
+    # ------------------------------------------------------------------ architecture as data
+    def get_config(self) -> dict:
+        """A JSON-serialisable description of the architecture (see :func:`torchgraph.config.get_config`)."""
+        from .config import get_config
+
+        return get_config(self)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Model":
+        """Rebuild a model from :meth:`get_config` output, with fresh weights (see
+        :func:`torchgraph.config.from_config`)."""
+        from .config import from_config
+
+        return from_config(config)
+
+    def to_json(self, **kwargs) -> str:
+        """:meth:`get_config` as JSON text; ``kwargs`` go to ``json.dumps`` (e.g. ``indent=2``)."""
+        import json
+
+        return json.dumps(self.get_config(), allow_nan=False, **kwargs)
+
     # ------------------------------------------------------------------ introspection
     @property
     def inputs(self) -> list[SymbolicTensor]:
