@@ -14,7 +14,6 @@ What torchgraph needs beyond the fx graph lives in ``model.meta["torchgraph"]`` 
 from __future__ import annotations
 
 import copy
-import keyword
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import GraphBuildError
-from .naming import assign_layer_names, remember_name
+from .naming import assign_layer_names, check_identifier, remember_name
 from .recording import close_finished_scopes, tree_leaves, tree_map
 from .symbolic import (Record, SymbolicInt, SymbolicTensor, Value, dim_for_probes,
                        format_shape)
@@ -231,11 +230,7 @@ class Model(fx.GraphModule):
         out_items = [leaf for _, leaf in tree_leaves(outputs)]
         if in_kind == "dict":
             for k in in_keys:
-                if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k):
-                    raise GraphBuildError(
-                        f"tg.Model: dict input keys become forward() argument names and must be Python "
-                        f"identifiers; received {k!r}."
-                    )
+                check_identifier(k, "tg.Model: a dict input key (a forward() argument name)")
         if out_kind == "dict":
             for k in out_keys:
                 if not isinstance(k, str):
