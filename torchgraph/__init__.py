@@ -11,6 +11,7 @@ Example:
 """
 
 from .errors import GraphBuildError
+from .export import export_onnx
 from .model import Model
 from .naming import name
 from .symbolic import Input, SymbolicInt, SymbolicTensor
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GraphBuildError",
     "applications",
+    "export_onnx",
     "Input",
     "Model",
     "SymbolicInt",
