@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -240,22 +241,6 @@ def reference_model(model: fx.GraphModule, references: dict | None = None) -> fx
     return copied
 
 
-def _decomposition_table(references: dict) -> dict:
-    """Fused op overloads -> references, for ops called inside layers (not visible as graph nodes)."""
-    table = {}
-    for key, ref in references.items():
-        op = key
-        if isinstance(key, str):
-            ns, _, name = key.partition("::")
-            op = getattr(getattr(torch.ops, ns, None), name.split(".")[0], None)
-        if isinstance(op, torch._ops.OpOverloadPacket):
-            for overload in op.overloads():
-                table[getattr(op, overload)] = ref
-        elif isinstance(op, torch._ops.OpOverload):
-            table[op] = ref
-    return table
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs: names, dynamic dims, example and random values
 # ---------------------------------------------------------------------------------------------
@@ -366,68 +351,48 @@ def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opse
     args = tuple(random_inputs(specs, 0, device=device))
     input_names = [s.name for s in specs]
     output_names = model.output_names
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _ReferenceMode(fused_op_references()):
         # The legacy exporter's DeprecationWarning and the tracer's warnings are not the user's concern:
         # what matters is checked by verify_onnx.
         warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            program = _torch_export(model, args, specs)
-            try:
-                onnx_program = torch.onnx.export(program, (), None, input_names=input_names,
-                                                 output_names=output_names, opset_version=opset,
-                                                 dynamo=True, verbose=False)
-            except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one clear error
-                raise OnnxExportError(_failure_message(model, exc, "ONNX translation")) from None
-            _name_dynamic_dims(onnx_program, specs)
-            onnx_program.save(path, external_data=external)
-        else:
-            axes = {s.name: dict(s.dim_names) for s in specs if s.dim_names}
-            try:
+        try:
+            if exporter == "dynamo":
+                # NOTE: [Dynamic dims as names] torch.onnx turns each name into Dim.DYNAMIC (torch.export
+                # may refine its range, e.g. H >= 3 for a 3x3 conv, but raises if the model forces it
+                # to a constant), patches the RNN decompositions so that LSTM/GRU keep a dynamic
+                # sequence length, and names the file's dims after ours.
+                dynamic_shapes = tuple(dict(s.dim_names) or None for s in specs)
+                program = torch.onnx.export(model, args, None, input_names=input_names,
+                                            output_names=output_names, opset_version=opset, dynamo=True,
+                                            dynamic_shapes=dynamic_shapes, verbose=False)
+                program.save(path, external_data=external)
+            else:
+                axes = {s.name: dict(s.dim_names) for s in specs if s.dim_names}
                 torch.onnx.export(model, args, path, input_names=input_names, output_names=output_names,
                                   opset_version=opset, dynamo=False, dynamic_axes=axes)
-            except Exception as exc:  # noqa: BLE001
-                raise OnnxExportError(_failure_message(model, exc, "TorchScript tracing")) from None
+        except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one clear error
+            where = _culprit(model, exc) or _culprit_in_program(model, args, specs, exc)
+            raise OnnxExportError(_failure_message(where, exc)) from None
 
 
-def _torch_export(model: fx.GraphModule, args: tuple, specs: list[InputSpec]):
-    from torch.export import Dim
+class _ReferenceMode(torch.overrides.TorchFunctionMode):
+    """Calls each fused op's reference instead of the op: for fused ops called inside layers."""
 
-    # NOTE: [Dim.DYNAMIC] Not named Dims: those need exact value ranges up front (a 3x3 conv
-    # requires H >= 3) and fail otherwise. Dim.DYNAMIC lets torch.export refine the range, and still
-    # raises if the model forces the dim to a constant. The ONNX dims are named afterwards.
-    dynamic_shapes = tuple({i: Dim.DYNAMIC for i in s.dim_names} or None for s in specs)
-    try:
-        program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:  # noqa: BLE001
-        raise OnnxExportError(_failure_message(model, exc, "torch.export")) from None
-    table = _decomposition_table(fused_op_references())
-    if table and any(n.op == "call_function" and n.target in table for n in program.graph.nodes):
-        program = program.run_decompositions(table)
-    return program
+    def __init__(self, references: dict):
+        super().__init__()
+        self.references = references
 
-
-def _name_dynamic_dims(onnx_program, specs: list[InputSpec]) -> None:
-    """Rename torch.export's symbols (``s0``...) to ``batch``, dim names, ``<input>_dim<i>``."""
-    inputs = {v.name: v for v in onnx_program.model.graph.inputs}
-    mapping: dict[str, str] = {}
-    for s in specs:
-        value = inputs.get(s.name)
-        if value is None or value.shape is None:
-            continue
-        for i, name in s.dim_names.items():
-            symbol = getattr(value.shape[i], "value", None)
-            if isinstance(symbol, str) and symbol not in mapping:
-                mapping[symbol] = name
-    if mapping:
-        onnx_program.rename_axes(mapping)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        ref = _reference_for(func, self.references) if self.references else None
+        return (ref or func)(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------------------------------------
 # Failure messages that name the layer
 # ---------------------------------------------------------------------------------------------
 
-_FX_FRAME = re.compile(r'File "(<eval_with_key>[^"]*)", line (\d+)')
 _ASSIGNED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=")
+_TRANSLATING = re.compile(r"Error when translating node %([A-Za-z0-9_]+)")
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
@@ -439,65 +404,89 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _fx_lines(exc: BaseException) -> list[str]:
-    """Source lines of generated GraphModule forwards, outermost first, from tracebacks or stack traces."""
-    lines: list[str] = []
+def _nodes_on_stack(exc: BaseException) -> list[tuple[nn.Module, fx.Node]]:
+    """The graph nodes being run when ``exc`` was raised, outermost first.
+
+    torch.export runs a GraphModule through ``fx.Interpreter.run_node`` (the node is a local there);
+    tracing runs its generated ``forward`` (a file named ``<eval_with_key>``; the line names the node).
+    """
     for e in reversed(_exception_chain(exc)):  # the root cause first
-        tb = e.__traceback__
-        while tb is not None:
-            filename = tb.tb_frame.f_code.co_filename
-            if filename.startswith("<eval_with_key>"):
-                lines.append(linecache.getline(filename, tb.tb_lineno))
-            tb = tb.tb_next
-        if lines:
-            return lines
-    for e in _exception_chain(exc):  # ONNX translation errors quote the node's stack trace
-        for filename, lineno in _FX_FRAME.findall(str(e)):
-            lines.append(linecache.getline(filename, int(lineno)))
-        if lines:
-            return lines
-    return lines
+        found = []
+        for frame, lineno in traceback.walk_tb(e.__traceback__):
+            owner = frame.f_locals.get("self")
+            if frame.f_code.co_name == "run_node" and isinstance(owner, fx.Interpreter):
+                node = frame.f_locals.get("n")
+                if isinstance(node, fx.Node):
+                    found.append((owner.module, node))
+            elif frame.f_code.co_filename.startswith("<eval_with_key>") and isinstance(owner, fx.GraphModule):
+                match = _ASSIGNED.match(linecache.getline(frame.f_code.co_filename, lineno))
+                node = next((n for n in owner.graph.nodes if match and n.name == match.group(1)), None)
+                if node is not None:
+                    found.append((owner, node))
+        if found:
+            return found
+    return []
 
 
-def _culprit(model: fx.GraphModule, exc: BaseException) -> str | None:
-    """``layer 'gate' (Gate)`` or ``node 'histc' (torch.histc)``: where the exporter failed."""
-    gm, path, found = model, [], None
-    for line in _fx_lines(exc):
-        match = _ASSIGNED.match(line)
-        node = next((n for n in gm.graph.nodes if match and n.name == match.group(1)), None)
-        if node is None:
-            continue
-        found = node
-        path.append(node.target if node.op == "call_module" else node.name)
-        if node.op == "call_module":
-            sub = gm.get_submodule(node.target)
-            if isinstance(sub, fx.GraphModule):
-                gm = sub
-                continue
-        break
-    if found is None:
-        return None
-    where = ".".join(str(p) for p in path)
-    if found.op == "call_module":
-        return f"layer '{where}' ({type(_get_attr(gm, found.target)).__name__})"
-    target = found.target if found.op == "call_method" else getattr(found.target, "__name__", found.target)
+def _describe(owner: nn.Module, node: fx.Node, path: list[str]) -> str:
+    where = ".".join(path + [str(node.target) if node.op == "call_module" else node.name])
+    if node.op == "call_module":
+        return f"layer '{where}' ({type(owner.get_submodule(node.target)).__name__})"
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
     return f"node '{where}' ({target})"
 
 
+def _culprit(model: fx.GraphModule, exc: BaseException) -> str | None:
+    """``layer 'block.gate' (Gate)`` or ``node 'histc' (histc)``: where the exporter failed."""
+    stack = [(owner, node) for owner, node in _nodes_on_stack(exc) if node.op != "placeholder"]
+    if not stack:
+        return None
+    path = [str(node.target) for _, node in stack[:-1] if node.op == "call_module"]
+    return _describe(*stack[-1], path)
+
+
+def _culprit_in_program(model: fx.GraphModule, args: tuple, specs: list[InputSpec],
+                        exc: BaseException) -> str | None:
+    """For ONNX translation errors: find the failing node of the exported program, then its layer."""
+    names = [m.group(1) for e in _exception_chain(exc) for m in [_TRANSLATING.search(str(e))] if m]
+    if not names:
+        return None
+    try:
+        dynamic_shapes = tuple({i: torch.export.Dim.DYNAMIC for i in s.dim_names} or None for s in specs)
+        program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception:  # noqa: BLE001 - only used to improve the message
+        return None
+    node = next((n for n in program.graph.nodes if n.name == names[0]), None)
+    if node is None:
+        return None
+    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
+    if stack:
+        layer = stack[-1]
+        try:
+            return f"layer '{layer}' ({type(model.get_submodule(layer)).__name__})"
+        except AttributeError:
+            return f"layer '{layer}'"
+    origin = [n.name for n in node.meta.get("from_node") or [] if hasattr(n, "name")]
+    graph_node = next((n for n in model.graph.nodes if origin and n.name == origin[0]), None)
+    return _describe(model, graph_node, []) if graph_node is not None else None
+
+
 def _reason(exc: BaseException) -> str:
-    root = _exception_chain(exc)[-1]
+    chain = _exception_chain(exc)
+    # torch.onnx wraps the real cause in a long "next steps" text: report the innermost exception.
+    root = chain[-1]
     text = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), type(root).__name__)
     if len(text) > 400:
         text = text[:397] + "..."
     return f"{type(root).__name__}: {text}"
 
 
-def _failure_message(model: fx.GraphModule, exc: BaseException, stage: str) -> str:
-    where = _culprit(model, exc) or "the model"
-    return (f"tg.export_onnx: {where} cannot be expressed in ONNX (failed during {stage}). "
-            f"The exporter reported: {_reason(exc)}. Expected standard torch operations with static "
-            "control flow; replace that part with exportable ops (torch.where instead of Python `if` "
-            "on tensor values, no custom ops without an ONNX translation), or try exporter='legacy'.")
+def _failure_message(where: str | None, exc: BaseException) -> str:
+    return (f"tg.export_onnx: {where or 'the model'} cannot be expressed in ONNX. The exporter reported: "
+            f"{_reason(exc)}. Expected standard torch operations with static control flow; replace "
+            "that part with exportable ops (torch.where instead of Python `if` on tensor values; a "
+            "custom op needs an ONNX translation or a pure-torch reference in "
+            "torchgraph.ops.REFERENCES), or try exporter='legacy'.")
 
 
 # ---------------------------------------------------------------------------------------------
