@@ -325,12 +325,17 @@ def _get_attr(gm: nn.Module, target: str):
 
 
 def random_inputs(specs: list[InputSpec], which: int, batch: int | None = None,
-                  device: torch.device | str = "cpu", seed: int = 0) -> list[torch.Tensor]:
-    """Random inputs at size ``which`` (0 or 1) of every dynamic dim; ``batch`` overrides the batch."""
+                  device: torch.device | str = "cpu", seed: int = 0,
+                  sizes: dict[str, int] | None = None) -> list[torch.Tensor]:
+    """Random inputs at size ``which`` (0 or 1) of every dynamic dim; ``batch`` overrides the batch,
+    ``sizes`` (dim name -> size) any dynamic dim."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for s in specs:
-        shape = s.shape(which, batch)
+        shape = list(s.shape(which, batch))
+        for i, name in s.dim_names.items():
+            if sizes and name in sizes:
+                shape[i] = sizes[name]
         if s.dtype == torch.bool:
             t = torch.randint(0, 2, shape, generator=g).bool()
         elif s.high is not None:
@@ -341,6 +346,33 @@ def random_inputs(specs: list[InputSpec], which: int, batch: int | None = None,
     return out
 
 
+def example_inputs(model: nn.Module, specs: list[InputSpec], device) -> tuple:
+    """The inputs to export with: small sizes for dynamic dims when the model runs at them.
+
+    NOTE: [Export example size] Exporting an LSTM/GRU unrolls it over the example's sequence length
+    while tracing (the file still gets one ONNX LSTM/GRU op): 48 steps cost ~20 s, 8 steps ~3 s. So
+    the non-batch dynamic dims get distinct sizes 8, 9, ... if one eager forward succeeds at them
+    (a strided CNN may need larger), else the sizes the model was built with. The batch stays 2: an
+    example batch of 1 would be specialised by torch.export.
+    """
+    small: dict[str, int] = {}
+    for s in specs:
+        for i, name in s.dim_names.items():
+            if i > 0 and min(s.sizes[i]) > 8 + len(small):
+                small.setdefault(name, 8 + len(small))
+    fallback = tuple(random_inputs(specs, 0, device=device))
+    if not small:
+        return fallback
+    trial = tuple(random_inputs(specs, 0, device=device, sizes=small))
+    try:
+        with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(*trial)
+    except Exception:  # noqa: BLE001 - the model needs larger sizes: use the build sizes
+        return fallback
+    return trial
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the exporter
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +380,7 @@ def random_inputs(specs: list[InputSpec], which: int, batch: int | None = None,
 def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opset: int | None,
                   exporter: str, external: bool) -> None:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    args = tuple(random_inputs(specs, 0, device=device))
+    args = example_inputs(model, specs, device)
     input_names = [s.name for s in specs]
     output_names = model.output_names
     with warnings.catch_warnings(), _ReferenceMode(fused_op_references()):
@@ -362,9 +394,13 @@ def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opse
                 # to a constant), patches the RNN decompositions so that LSTM/GRU keep a dynamic
                 # sequence length, and names the file's dims after ours.
                 dynamic_shapes = tuple(dict(s.dim_names) or None for s in specs)
-                program = torch.onnx.export(model, args, None, input_names=input_names,
-                                            output_names=output_names, opset_version=opset, dynamo=True,
-                                            dynamic_shapes=dynamic_shapes, verbose=False)
+                _clear_rnn_dispatch_caches()
+                try:
+                    program = torch.onnx.export(model, args, None, input_names=input_names,
+                                                output_names=output_names, opset_version=opset,
+                                                dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
+                finally:
+                    _clear_rnn_dispatch_caches()
                 program.save(path, external_data=external)
             else:
                 axes = {s.name: dict(s.dim_names) for s in specs if s.dim_names}
@@ -373,6 +409,19 @@ def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opse
         except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one clear error
             where = _culprit(model, exc) or _culprit_in_program(model, args, specs, exc)
             raise OnnxExportError(_failure_message(where, exc)) from None
+
+
+def _clear_rnn_dispatch_caches() -> None:
+    # NOTE: [RNN dispatch cache] torch.onnx swaps in while-loop LSTM/GRU decompositions (for a dynamic
+    # sequence length) by editing the ops' py_kernels, but the ops' dispatch caches keep the kernel
+    # seen first: the second RNN export in a process then unrolls the loop and fails ("inferred a
+    # static shape"). Measured with torch 2.13; clearing the caches around the export avoids it.
+    for name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+        packet = getattr(torch.ops.aten, name, None)
+        for overload in (packet.overloads() if packet is not None else ()):
+            cache = getattr(getattr(packet, overload), "_dispatch_cache", None)
+            if isinstance(cache, dict):
+                cache.clear()
 
 
 class _ReferenceMode(torch.overrides.TorchFunctionMode):
