@@ -14,6 +14,8 @@ from .errors import GraphBuildError
 from .export import export_onnx
 from .model import Model
 from .naming import name
+from .plot import model_to_dot, plot_model
+from .sequential import Sequential
 from .symbolic import Input, SymbolicInt, SymbolicTensor
 from . import applications
 
@@ -27,6 +29,9 @@ __all__ = [
     "Model",
     "SymbolicInt",
     "SymbolicTensor",
+    "model_to_dot",
     "name",
+    "plot_model",
+    "Sequential",
     "__version__",
 ]

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import GraphBuildError
-from .naming import assign_layer_names
+from .naming import assign_layer_names, remember_name
 from .recording import close_finished_scopes, tree_leaves, tree_map
 from .symbolic import (Record, SymbolicInt, SymbolicTensor, Value, dim_for_probes,
                        format_shape)
@@ -76,6 +76,13 @@ def _structure(obj, what: str):
     if isinstance(obj, (list, tuple)):
         return type(obj).__name__, None, list(obj)
     return "single", None, [obj]
+
+
+def _output_names(kind: str, paths: list[tuple]) -> list[str]:
+    if kind == "single":
+        return ["output"]
+    names = ["_".join(str(p) for p in path) for path in paths]
+    return names if kind == "dict" else [f"output_{n}" for n in names]
 
 
 def _check_symbolic(items: list, what: str) -> list[Value]:
@@ -219,7 +226,9 @@ class Model(fx.GraphModule):
         if outputs is None:
             raise GraphBuildError("tg.Model(inputs, outputs): `outputs` is missing.")
         in_kind, in_keys, in_items = _structure(inputs, "inputs")
-        out_kind, out_keys, out_items = _structure(outputs, "outputs")
+        out_kind, out_keys, _ = _structure(outputs, "outputs")
+        out_paths = [p for p, _ in tree_leaves(outputs)]
+        out_items = [leaf for _, leaf in tree_leaves(outputs)]
         if in_kind == "dict":
             for k in in_keys:
                 if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k):
@@ -275,22 +284,18 @@ class Model(fx.GraphModule):
             if spec is not None:
                 node.meta["tg_spec"] = spec
             em.record_nodes[id(r)] = node
-        out_nodes = [em.node_for(v) for v in output_values]
-        if out_kind == "dict":
-            result: Any = dict(zip(out_keys, out_nodes))
-        elif out_kind == "single":
-            result = out_nodes[0]
-        else:
-            result = list(out_nodes) if out_kind == "list" else tuple(out_nodes)
-        em.graph.output(result)
+        out_nodes = iter([em.node_for(v) for v in output_values])
+        em.graph.output(tree_map(lambda _: next(out_nodes), outputs))
         em.graph.lint()
 
         super().__init__(em.root, em.graph, class_name=name or "Model")
         self.meta["torchgraph"] = {
+            "name": name or "Model",
             "input_names": input_names,
             "input_kind": in_kind,
             "output_kind": out_kind,
             "output_keys": out_keys,
+            "output_names": _output_names(out_kind, out_paths),
         }
         # Symbolic handles stay outside __dict__: pickling and deepcopy never see them.
         nodes: dict[str, Any] = {}
@@ -346,7 +351,34 @@ class Model(fx.GraphModule):
         specs = [n.meta.get("tg_spec") for n in self.graph.nodes]
         body = dict(body)
         body.pop("_tg_checks", None)
-        return (_rebuild_model, (body, import_block, names, specs))
+        # fx gives each instance its own GraphModuleImpl subclass; rebuild the user-facing class
+        # (Model, or a subclass such as tg.Sequential).
+        cls = next(t for t in type(self).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+        return (_rebuild_model, (body, import_block, names, specs, cls))
+
+    def _deepcopy_init(self):
+        # fx's deepcopy re-runs GraphModule.__init__ with the default class name "GraphModule".
+        name = self._get_name()
+        return lambda res, root, graph: fx.GraphModule.__init__(res, root, graph, class_name=name)
+
+    # ------------------------------------------------------------------ looking at it
+    def summary(self, print_fn=None, expand_nested: bool = False, line_length: int | None = None) -> None:
+        """Print a table of the layers: name (type), output shape, parameter count, connections.
+
+        See :func:`torchgraph.summary.print_summary` (``print_fn`` receives the whole text).
+        """
+        from .summary import print_summary
+
+        print_summary(self, print_fn=print_fn, expand_nested=expand_nested, line_length=line_length)
+
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
+        """Jupyter shows the model as its picture (``tg.plot_model``), or as text without Graphviz."""
+        from .plot import repr_mimebundle
+
+        return repr_mimebundle(self, include, exclude)
+
+    def _repr_svg_(self) -> str | None:
+        return self._repr_mimebundle_().get("image/svg+xml")
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -366,12 +398,9 @@ class Model(fx.GraphModule):
 
     @property
     def output_names(self) -> list[str]:
-        """Dict keys for dict outputs, else ``output`` / ``output_1`` ... (ONNX output names)."""
-        info = self.meta["torchgraph"]
-        if info["output_kind"] == "dict":
-            return list(info["output_keys"])
-        n = len(self.outputs) if info["output_kind"] != "single" else 1
-        return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+        """One name per output tensor, flattened (ONNX output names): dict keys for dict outputs
+        (``aux_0`` for nested ones), ``output_0``, ``output_1``... for lists, ``output`` for one tensor."""
+        return list(self.meta["torchgraph"]["output_names"])
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -445,7 +474,10 @@ def _resymbolize(model: Model) -> dict:
                 return a
             args = tree_map(resolve, node.args)
             kwargs = tree_map(resolve, dict(node.kwargs))
-            target = model.get_submodule(node.target) if node.op == "call_module" else node.target
+            target = node.target
+            if node.op == "call_module":
+                target = model.get_submodule(node.target)
+                remember_name(target, node.target)
             record = Record(node.op, target, tuple(args), kwargs)
         if spec is None:
             raise GraphBuildError(f"node '{node.name}' has no torchgraph shape information (was the graph "
@@ -482,22 +514,28 @@ def _get_attr(model: nn.Module, target: str):
     return obj
 
 
-def _rebuild_model(body: dict, import_block: str, names: list, specs: list) -> Model:
+def _rebuild_model(body: dict, import_block: str, names: list, specs: list, cls: type | None = None) -> Model:
     from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
     fn_src = body.get("_code") or body["code"]
     forward = _forward_from_src(import_block + fn_src, {})
     meta = body.get("meta", {})
-    model = _deserialize_graph_module(forward, body, graph_module_cls=Model)
+    model = _deserialize_graph_module(forward, body, graph_module_cls=cls or Model)
     model.meta = meta
+    type(model).__name__ = meta.get("torchgraph", {}).get("name", "Model")
     nodes = list(model.graph.nodes)
     if len(nodes) == len(names):
+        # Copy into a fresh graph under the original names: renaming in place cannot reuse a name
+        # that the retrace gave to another node (linear_1 would become linear_3).
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
         for node, name, spec in zip(nodes, names, specs):
-            if node.name != name:
-                node._rename(name)
+            new = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
+                                    fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
             if spec is not None:
-                node.meta["tg_spec"] = spec
-        model.recompile()
+                new.meta["tg_spec"] = spec
+            env[node] = new
+        model.graph = graph
     return model
 
 

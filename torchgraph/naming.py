@@ -20,6 +20,9 @@ from .errors import GraphBuildError
 __all__ = ["name", "user_name", "snake_case"]
 
 _USER_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+# Names given automatically by the first model a layer joined: a layer keeps its name in later
+# models (a feature extractor or a head has the same layer names and state_dict keys).
+_GIVEN_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def name(module: nn.Module, layer_name: str) -> nn.Module:
@@ -53,6 +56,12 @@ def name(module: nn.Module, layer_name: str) -> nn.Module:
     return module
 
 
+def remember_name(module: nn.Module, layer_name: str) -> None:
+    """Record ``layer_name`` as the name ``module`` has in a model (e.g. after a copy or a load)."""
+    if module not in _USER_NAMES and module not in _GIVEN_NAMES:
+        _GIVEN_NAMES[module] = layer_name
+
+
 def user_name(module: nn.Module) -> str | None:
     return _USER_NAMES.get(module)
 
@@ -65,7 +74,8 @@ def snake_case(class_name: str) -> str:
 
 
 def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int, str]:
-    """Names for ``modules`` (in first-call order): user names first, then ``snake_case`` + counter."""
+    """Names for ``modules`` (in first-call order): user names, then names given by an earlier
+    model, then ``snake_case(class name)`` with a counter."""
     names: dict[int, str] = {}
     taken = set(reserved)
     owners: dict[str, nn.Module] = {}
@@ -88,6 +98,11 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int
         owners[n] = m
         names[id(m)] = n
         taken.add(n)
+    for m in modules:
+        n = _GIVEN_NAMES.get(m)
+        if id(m) not in names and n is not None and n not in taken:
+            names[id(m)] = n
+            taken.add(n)
     counters: dict[str, int] = {}
     for m in modules:
         if id(m) in names:
@@ -102,4 +117,5 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int
         counters[base] = k
         names[id(m)] = candidate
         taken.add(candidate)
+        _GIVEN_NAMES[m] = candidate
     return names

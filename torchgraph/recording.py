@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import operator
 import sys
+import threading
 from typing import Any, Callable
 
 import torch
@@ -92,6 +93,15 @@ def _is_property(func) -> bool:
 
 def _is_tensor_method(func, name: str) -> bool:
     return getattr(torch.Tensor, name, None) is func
+
+
+def _resolvable(func) -> bool:
+    """Whether ``func`` can be named in generated code by its module and qualified name."""
+    module = sys.modules.get(getattr(func, "__module__", None) or "")
+    obj = module
+    for part in (getattr(func, "__qualname__", None) or "").split("."):
+        obj = getattr(obj, part, None)
+    return obj is func
 
 
 def _is_inplace(name: str, kwargs: dict) -> bool:
@@ -357,7 +367,9 @@ class _Scope:
         self.restore = restore
 
 
-class _State:
+class _State(threading.local):
+    """Per thread: models can be built in several threads at once."""
+
     def __init__(self):
         self.run: ShadowRun | None = None
         self.scopes: list[_Scope] = []
@@ -448,6 +460,9 @@ def _open_scope(frame, func, args, kwargs):
     call_args = frame.f_locals.get("args", ())
     call_kwargs = frame.f_locals.get("kwargs", {})
     forward_call = frame.f_locals["forward_call"]
+    problem = messages.precheck(module, call_args)
+    if problem:
+        raise GraphBuildError(problem)
     bufs, saved = _buffer_snapshot(module)
 
     def shadow_run(k: int, real: bool, log):
@@ -709,7 +724,9 @@ def _record_top_level(func, name: str, args, kwargs):
         record = Record("call_function", target, _link_args(rec_args), _link_args(kwargs))
     elif _is_property(func):
         record = Record("call_function", getattr, (_link_args(args[0]), name))
-    elif _is_tensor_method(func, name):
+    elif _is_tensor_method(func, name) or (getattr(func, "__module__", None) == "torch._tensor"
+                                           and not _resolvable(func) and hasattr(torch.Tensor, name)):
+        # Tensor methods (and torch/_tensor.py's Python wrappers of them) are emitted as methods.
         record = Record("call_method", name, _link_args(tuple(args)), _link_args(kwargs))
     else:
         record = Record("call_function", func, _link_args(tuple(args)), _link_args(kwargs))

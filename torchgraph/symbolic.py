@@ -133,7 +133,7 @@ class SymbolicTensor(torch.Tensor):
         (None, 3, 32, 32)
         >>> y = torch.nn.Conv2d(3, 8, 3)(x).flatten(1)
         >>> y.shape, y.dtype
-        ((None, 6272), torch.float32)
+        ((None, 7200), torch.float32)
     """
 
     # Populated by recording.py (kept there to keep this module free of dispatch logic).
@@ -168,6 +168,17 @@ class SymbolicTensor(torch.Tensor):
         from .recording import dispatch
 
         return dispatch(torch.Tensor.__iter__, (self,), {})
+
+    @property
+    def static_shape(self) -> tuple:
+        """The shape as plain data: ints for static dims, ``None`` (or the dim's name) for dynamic ones.
+
+        Unlike ``x.shape``, whose dynamic entries are recorded when used in shape arithmetic, this
+        is for inspection (tests, printing, deciding layer sizes).
+        """
+        if self._tg_value is None:
+            return tuple(self._tg_shadow.shape)
+        return self._tg_value.shape
 
     def __reduce_ex__(self, protocol):
         raise TypeError("a SymbolicTensor cannot be pickled: it only exists while building a model")
