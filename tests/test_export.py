@@ -366,3 +366,17 @@ def test_docstring_examples():
     """The examples in torchgraph.export's docstrings run."""
     result = doctest.testmod(tg_export, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("page", ["docs/export.md", "docs/README_export_section.md"])
+def test_docs_python_blocks_run(page, tmp_path, monkeypatch, capsys):
+    """The ```python blocks of the export docs run top to bottom (in a scratch directory)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / page).read_text()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, page, "exec"), {})
+    if page == "docs/export.md":
+        assert "layer 'gate' (Gate) cannot be expressed in ONNX" in capsys.readouterr().out
