@@ -33,13 +33,14 @@ import tempfile
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["export_onnx", "OnnxExportError", "reference_model"]
+__all__ = ["export_onnx", "OnnxExportError", "reference_model", "fused_op_references", "input_specs",
+           "example_inputs", "random_inputs", "verify_onnx", "InputSpec"]
 
 _PIP_HINT = "pip install torchgraph[onnx]"
 # Weights above this size go to an external ``<file>.data`` file (protobuf's limit is 2 GiB).
