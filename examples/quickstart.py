@@ -47,6 +47,21 @@ def show_picture(model: tg.Model) -> None:
         print(f"  no picture: {e}")
 
 
+def show_onnx_export(model) -> None:
+    os.makedirs("out", exist_ok=True)
+    try:
+        path = tg.export_onnx(model, os.path.join("out", f"{type(model).__name__}.onnx"))
+    except ImportError as e:  # onnx/onnxruntime missing: the demo goes on without the file
+        print(f"  no ONNX file: {e}")
+        return
+    import onnx
+
+    graph = onnx.load(path).graph
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    print(f"  wrote {path}: inputs {[(i.name, dims(i)) for i in graph.input]}, "
+          f"outputs {[(o.name, dims(o)) for o in graph.output]}")
+
+
 def main() -> None:
     torch.manual_seed(0)
     print("1. Build (shapes are checked at every call, no compute):")
@@ -64,6 +79,8 @@ def main() -> None:
     print("\n5. Look at it: the summary table and a picture (Graphviz):")
     model.summary()
     show_picture(model)
+    print("\n6. Export to ONNX, verified in onnxruntime at two batch sizes:")
+    show_onnx_export(model)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Example:
 from .clone import clone_model
 from .config import model_from_json
 from .errors import GraphBuildError
+from .export import export_onnx
 from .layer_config import register_layer
 from .model import Model
 from .naming import name
@@ -28,6 +29,7 @@ __all__ = [
     "GraphBuildError",
     "applications",
     "clone_model",
+    "export_onnx",
     "load",
     "model_from_json",
     "register_layer",
