@@ -31,6 +31,8 @@ import re
 import shutil
 import tempfile
 import traceback
+import contextlib
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -384,7 +386,7 @@ def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opse
     args = example_inputs(model, specs, device)
     input_names = [s.name for s in specs]
     output_names = model.output_names
-    with warnings.catch_warnings(), _ReferenceMode(fused_op_references()):
+    with warnings.catch_warnings(), _quiet_exporter_logs(), _ReferenceMode(fused_op_references()):
         # The legacy exporter's DeprecationWarning and the tracer's warnings are not the user's concern:
         # what matters is checked by verify_onnx.
         warnings.simplefilter("ignore")
@@ -410,6 +412,18 @@ def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opse
         except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one clear error
             where = _culprit(model, exc) or _culprit_in_program(model, args, specs, exc)
             raise OnnxExportError(_failure_message(where, exc)) from None
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """torch.onnx logs notes that are not the user's concern (e.g. "torchvision is not installed")."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _clear_rnn_dispatch_caches() -> None:
