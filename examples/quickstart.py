@@ -3,6 +3,8 @@
 Run: python examples/quickstart.py
 """
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +36,32 @@ def show_build_time_error() -> None:
         print(f"  GraphBuildError: {e}")
 
 
+def show_picture(model: tg.Model) -> None:
+    """Write out/<name>.png with tg.plot_model (needs the Graphviz `dot` program)."""
+    os.makedirs("out", exist_ok=True)
+    path = os.path.join("out", f"{type(model).__name__}.png")
+    try:
+        tg.plot_model(model, to_file=path, show_dtype=True)
+        print(f"  wrote {path}")
+    except (ImportError, RuntimeError) as e:  # no graphviz: the demo goes on without the picture
+        print(f"  no picture: {e}")
+
+
+def show_onnx_export(model) -> None:
+    os.makedirs("out", exist_ok=True)
+    try:
+        path = tg.export_onnx(model, os.path.join("out", f"{type(model).__name__}.onnx"))
+    except ImportError as e:  # onnx/onnxruntime missing: the demo goes on without the file
+        print(f"  no ONNX file: {e}")
+        return
+    import onnx
+
+    graph = onnx.load(path).graph
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    print(f"  wrote {path}: inputs {[(i.name, dims(i)) for i in graph.input]}, "
+          f"outputs {[(o.name, dims(o)) for o in graph.output]}")
+
+
 def main() -> None:
     torch.manual_seed(0)
     print("1. Build (shapes are checked at every call, no compute):")
@@ -48,6 +76,11 @@ def main() -> None:
           f"{[name for name, _ in model.named_children()]}")
     print("\n4. Mistakes are caught while building:")
     show_build_time_error()
+    print("\n5. Look at it: the summary table and a picture (Graphviz):")
+    model.summary()
+    show_picture(model)
+    print("\n6. Export to ONNX, verified in onnxruntime at two batch sizes:")
+    show_onnx_export(model)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,18 @@ Example:
     torch.Size([4, 10])
 """
 
+from .clone import clone_model
+from .config import model_from_json
 from .errors import GraphBuildError
+from .export import export_onnx
+from .layer_config import register_layer
 from .model import Model
 from .naming import name
+from .plot import model_to_dot, plot_model
+from .sequential import Sequential
 from .symbolic import Input, SymbolicInt, SymbolicTensor
-from . import applications, callbacks
+from .saving import load, save
+from . import applications, callbacks, saving
 
 __version__ = "0.1.0"
 
@@ -22,10 +29,20 @@ __all__ = [
     "GraphBuildError",
     "applications",
     "callbacks",
+    "clone_model",
+    "export_onnx",
+    "load",
+    "model_from_json",
+    "register_layer",
+    "save",
+    "saving",
     "Input",
     "Model",
     "SymbolicInt",
     "SymbolicTensor",
+    "model_to_dot",
     "name",
+    "plot_model",
+    "Sequential",
     "__version__",
 ]

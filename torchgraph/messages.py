@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn as nn
 
-__all__ = ["describe_module", "module_failure", "function_failure", "user_location"]
+__all__ = ["describe_module", "module_failure", "function_failure", "precheck", "user_location"]
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -120,6 +120,17 @@ def _layer_hint(module: nn.Module, args) -> str | None:
     if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)) and isinstance(last, int) and last != module.input_size:
         return (f"Expected the last dim to be input_size={module.input_size}; received {last}. "
                 f"Fix: nn.{type(module).__name__}({last}, {module.hidden_size}).")
+    return None
+
+
+def precheck(module: nn.Module, args) -> str | None:
+    """Checks that meta kernels do not make on every torch version (e.g. Embedding's index dtype)."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        v = _first_symbolic(args)
+        if v is not None and v.dtype is not None and (v.dtype.is_floating_point or v.dtype == torch.bool):
+            shape = _input_shapes(args, {})
+            return (f"{describe_module(module)} cannot be called on input of shape {', '.join(shape)}. "
+                    f"{_layer_hint(module, args)} (at {user_location()})")
     return None
 
 

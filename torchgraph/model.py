@@ -14,7 +14,6 @@ What torchgraph needs beyond the fx graph lives in ``model.meta["torchgraph"]`` 
 from __future__ import annotations
 
 import copy
-import keyword
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import GraphBuildError
-from .naming import assign_layer_names, remember_name
+from .naming import assign_layer_names, check_identifier, remember_name
 from .recording import close_finished_scopes, tree_leaves, tree_map
 from .symbolic import (Record, SymbolicInt, SymbolicTensor, Value, dim_for_probes,
                        format_shape)
@@ -233,11 +232,7 @@ class Model(TrainingMixin, fx.GraphModule):
         out_items = [leaf for _, leaf in tree_leaves(outputs)]
         if in_kind == "dict":
             for k in in_keys:
-                if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k):
-                    raise GraphBuildError(
-                        f"tg.Model: dict input keys become forward() argument names and must be Python "
-                        f"identifiers; received {k!r}."
-                    )
+                check_identifier(k, "tg.Model: a dict input key (a forward() argument name)")
         if out_kind == "dict":
             for k in out_keys:
                 if not isinstance(k, str):
@@ -353,7 +348,55 @@ class Model(TrainingMixin, fx.GraphModule):
         specs = [n.meta.get("tg_spec") for n in self.graph.nodes]
         body = dict(body)
         body.pop("_tg_checks", None)
-        return (_rebuild_model, (body, import_block, names, specs))
+        # fx gives each instance its own GraphModuleImpl subclass; rebuild the user-facing class
+        # (Model, or a subclass such as tg.Sequential).
+        cls = next(t for t in type(self).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+        return (_rebuild_model, (body, import_block, names, specs, cls))
+
+    def _deepcopy_init(self):
+        # fx's deepcopy re-runs GraphModule.__init__ with the default class name "GraphModule".
+        name = self._get_name()
+        return lambda res, root, graph: fx.GraphModule.__init__(res, root, graph, class_name=name)
+
+    # ------------------------------------------------------------------ looking at it
+    def summary(self, print_fn=None, expand_nested: bool = False, line_length: int | None = None) -> None:
+        """Print a table of the layers: name (type), output shape, parameter count, connections.
+
+        See :func:`torchgraph.summary.print_summary` (``print_fn`` receives the whole text).
+        """
+        from .summary import print_summary
+
+        print_summary(self, print_fn=print_fn, expand_nested=expand_nested, line_length=line_length)
+
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
+        """Jupyter shows the model as its picture (``tg.plot_model``), or as text without Graphviz."""
+        from .plot import repr_mimebundle
+
+        return repr_mimebundle(self, include, exclude)
+
+    def _repr_svg_(self) -> str | None:
+        return self._repr_mimebundle_().get("image/svg+xml")
+
+    # ------------------------------------------------------------------ architecture as data
+    def get_config(self) -> dict:
+        """A JSON-serialisable description of the architecture (see :func:`torchgraph.config.get_config`)."""
+        from .config import get_config
+
+        return get_config(self)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Model":
+        """Rebuild a model from :meth:`get_config` output, with fresh weights (see
+        :func:`torchgraph.config.from_config`)."""
+        from .config import from_config
+
+        return from_config(config)
+
+    def to_json(self, **kwargs) -> str:
+        """:meth:`get_config` as JSON text; ``kwargs`` go to ``json.dumps`` (e.g. ``indent=2``)."""
+        import json
+
+        return json.dumps(self.get_config(), allow_nan=False, **kwargs)
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -489,23 +532,28 @@ def _get_attr(model: nn.Module, target: str):
     return obj
 
 
-def _rebuild_model(body: dict, import_block: str, names: list, specs: list) -> Model:
+def _rebuild_model(body: dict, import_block: str, names: list, specs: list, cls: type | None = None) -> Model:
     from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
     fn_src = body.get("_code") or body["code"]
     forward = _forward_from_src(import_block + fn_src, {})
     meta = body.get("meta", {})
-    model = _deserialize_graph_module(forward, body, graph_module_cls=Model)
+    model = _deserialize_graph_module(forward, body, graph_module_cls=cls or Model)
     model.meta = meta
     type(model).__name__ = meta.get("torchgraph", {}).get("name", "Model")
     nodes = list(model.graph.nodes)
     if len(nodes) == len(names):
+        # Copy into a fresh graph under the original names: renaming in place cannot reuse a name
+        # that the retrace gave to another node (linear_1 would become linear_3).
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
         for node, name, spec in zip(nodes, names, specs):
-            if node.name != name:
-                node._rename(name)
+            new = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
+                                    fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
             if spec is not None:
-                node.meta["tg_spec"] = spec
-        model.recompile()
+                new.meta["tg_spec"] = spec
+            env[node] = new
+        model.graph = graph
     return model
 
 

@@ -25,6 +25,30 @@ _USER_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictio
 _GIVEN_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
+def _illegal_identifiers() -> frozenset:
+    # Names torch.fx refuses for variables (keywords, builtins, its own globals): it would rename them.
+    import builtins
+
+    import torch.fx.graph as fx_graph
+
+    extra = set(getattr(fx_graph, "_illegal_names", {}))
+    return frozenset(set(keyword.kwlist) | set(dir(builtins)) | extra | {"self"})
+
+
+ILLEGAL_NAMES = _illegal_identifiers()
+
+
+def check_identifier(value, what: str) -> None:
+    """Raise a GraphBuildError unless ``value`` can be a name in generated Python code."""
+    if not isinstance(value, str) or not value.isidentifier() or keyword.iskeyword(value):
+        raise GraphBuildError(f"{what} must be a Python identifier; received {value!r}.")
+    if value in ILLEGAL_NAMES:
+        raise GraphBuildError(
+            f"{what} {value!r} is a Python builtin or keyword, which generated code cannot use as a "
+            f"variable; choose another name, e.g. {value + '_'!r} or 'x_{value}'."
+        )
+
+
 def name(module: nn.Module, layer_name: str) -> nn.Module:
     """Give ``module`` an explicit layer name and return it (so it can be called inline).
 
@@ -47,11 +71,7 @@ def name(module: nn.Module, layer_name: str) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"tg.name: expected an nn.Module; received {type(module).__name__}.")
-    if not isinstance(layer_name, str) or not layer_name.isidentifier() or keyword.iskeyword(layer_name):
-        raise GraphBuildError(
-            f"tg.name: a layer name must be a Python identifier (it becomes an attribute and a "
-            f"state_dict prefix); received {layer_name!r}."
-        )
+    check_identifier(layer_name, "tg.name: a layer name (an attribute and a state_dict prefix)")
     _USER_NAMES[module] = layer_name
     return module
 
@@ -112,7 +132,7 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int
         while True:
             candidate = base if k == 0 else f"{base}_{k}"
             k += 1
-            if candidate not in taken and not keyword.iskeyword(candidate):
+            if candidate not in taken and candidate not in ILLEGAL_NAMES:
                 break
         counters[base] = k
         names[id(m)] = candidate

@@ -235,10 +235,35 @@ def _tree_map_skeleton(fn, s):
     return s
 
 
+def _rnn_on_meta(name: str, u_args: tuple):
+    """Output shapes of ``_VF.lstm/gru/rnn_*`` (padded form) without running the recurrence.
+
+    NOTE: the meta kernels of these ops unroll the sequence in Python: ~1 s per probe for a few
+    hundred steps. The shapes follow from the inputs alone: output (..., num_directions * H_out),
+    h_n/c_n shaped like h_0/c_0.
+    """
+    x, hx = u_args[0], u_args[1]
+    if not isinstance(hx, (list, tuple, torch.Tensor)) or isinstance(u_args[2], torch.Tensor):
+        return None  # the packed-sequence overload: run it for real
+    h0 = hx[0] if isinstance(hx, (list, tuple)) else hx
+    bidirectional = bool(u_args[7])
+    out = torch.empty(*x.shape[:-1], h0.shape[-1] * (2 if bidirectional else 1), dtype=x.dtype, device="meta")
+    states = [torch.empty(h.shape, dtype=h.dtype, device="meta") for h in (hx if isinstance(hx, (list, tuple)) else [hx])]
+    return (out, *states)
+
+
+_RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+
+
 def run_on_probes(func, args, kwargs, unwrap, cacheable: bool):
     """``func`` on unwrapped (meta or real) arguments, memoised for meta when safe."""
     u_args = tree_map(unwrap, args)
     u_kwargs = tree_map(unwrap, kwargs)
+    if cacheable and func_name(func) in _RNN_OPS and len(u_args) >= 9 and isinstance(u_args[0], torch.Tensor) \
+            and u_args[0].device.type == "meta":
+        out = _rnn_on_meta(func_name(func), tuple(u_args))
+        if out is not None:
+            return out, u_args, u_kwargs
     if not cacheable:
         return func(*u_args, **u_kwargs), u_args, u_kwargs
     try:
@@ -460,6 +485,9 @@ def _open_scope(frame, func, args, kwargs):
     call_args = frame.f_locals.get("args", ())
     call_kwargs = frame.f_locals.get("kwargs", {})
     forward_call = frame.f_locals["forward_call"]
+    problem = messages.precheck(module, call_args)
+    if problem:
+        raise GraphBuildError(problem)
     bufs, saved = _buffer_snapshot(module)
 
     def shadow_run(k: int, real: bool, log):

@@ -59,9 +59,16 @@ def _new_dynamic_dim(name: str | None) -> DynamicDim:
     # every other dim's so that mixing up two dynamic dims (H and W, say) fails at build time.
     if name is not None and name in _NAMED_DIMS:
         return _NAMED_DIMS[name]
-    k = next(_DIM_COUNTER)
-    dim = DynamicDim(name, (48 + 16 * k, 112 + 32 * k))
-    _DIMS_BY_PROBES[dim.probes] = dim
+    # Anonymous dims: sixteen pairs, reused in turn, so probe sizes stay small (real-data probes stay
+    # cheap) however many models a process builds; only dims created 16 apart share a pair. Named
+    # dims: a range of their own.
+    if name is None:
+        k = next(_DIM_COUNTER) % 16
+        dim = DynamicDim(None, (48 + 16 * k, 112 + 32 * k))
+    else:
+        j = len(_NAMED_DIMS)
+        dim = DynamicDim(name, (320 + 16 * j, 752 + 32 * j))
+    _DIMS_BY_PROBES.setdefault(dim.probes, dim)
     if name is not None:
         _NAMED_DIMS[name] = dim
     return dim
@@ -304,11 +311,10 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
         )
     if not isinstance(dtype, torch.dtype):
         raise GraphBuildError(f"tg.Input: dtype must be a torch.dtype; received dtype={dtype!r}.")
-    if name is not None and (not isinstance(name, str) or not name.isidentifier()):
-        raise GraphBuildError(
-            f"tg.Input: name must be a Python identifier (it becomes a forward() argument); "
-            f"received name={name!r}."
-        )
+    if name is not None:
+        from .naming import check_identifier
+
+        check_identifier(name, "tg.Input: name (a forward() argument)")
     dims: list = [BATCH]
     for d in shape:
         if d is None or isinstance(d, str):

@@ -1,0 +1,475 @@
+"""tg.save / tg.load: round trips, interoperability, crafted files, fuzzing, atomicity."""
+
+import copy
+import json
+import os
+import pickle
+import stat
+import struct
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torchgraph as tg
+from torchgraph import layer_config, saving
+
+
+@tg.register_layer
+class Tied(nn.Module):
+    """Two linears sharing one weight (a state_dict alias)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.a = nn.Linear(dim, dim, bias=False)
+        self.b = nn.Linear(dim, dim, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@tg.register_layer
+class MetaBuffer(nn.Module):
+    """A layer whose buffer has no data: its weights cannot be written."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(4, device="meta"))
+
+    def forward(self, x):
+        return x * 1.0
+
+
+def small_model():
+    x = tg.Input(shape=(3, 8, 8), name="image")
+    h = F.relu(nn.BatchNorm2d(4)(nn.Conv2d(3, 4, 3)(x)))
+    y = nn.Linear(4, 2)(h.mean(dim=(2, 3))) + torch.tensor([0.5, -0.5])
+    return tg.Model(x, {"logits": y, "features": h}, name="Small")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = small_model().eval()
+    path = tmp_path / "small.safetensors"
+    tg.save(model, path)
+    return model, str(path)
+
+
+def write_raw(path, header: dict, data: bytes = b"", pad: bool = True):
+    blob = json.dumps(header).encode()
+    if pad:
+        blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def read_raw(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def with_config(path, out, mutate):
+    """Copy a saved file, editing its config."""
+    header, data = read_raw(path)
+    cfg = json.loads(header["__metadata__"]["config"])
+    mutate(cfg)
+    header["__metadata__"]["config"] = json.dumps(cfg)
+    write_raw(out, header, data)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips
+# ---------------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(saved):
+    """Same code, name, state_dict order and values, mode; identical outputs."""
+    model, path = saved
+    loaded = tg.load(path)
+    assert type(loaded).__name__ == "Small" and loaded.code == model.code
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert not loaded.training
+    x = torch.randn(2, 3, 8, 8)
+    assert all(torch.equal(a, b) for a, b in zip(loaded(x).values(), model(x).values()))
+    assert all(p.device.type == "cpu" and p.requires_grad for p in loaded.parameters())
+
+
+def test_resnet_round_trip_identical_outputs(tmp_path):
+    """A ResNet-18 (random BatchNorm statistics) reloads bit for bit."""
+    model = tg.applications.resnet18(num_classes=10, input_shape=(3, 32, 32))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    tg.save(model, tmp_path / "r18.safetensors")
+    loaded = tg.load(tmp_path / "r18.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_registered_layers_tied_weights_and_dtypes(tmp_path):
+    """Registered layers load; tied weights are stored once and stay tied; fp64 and int inputs work."""
+    ids = tg.Input(shape=(5,), dtype=torch.long, name="ids")
+    h = nn.Embedding(20, 6).double()(ids)
+    y = Tied(6).double()(h)
+    model = tg.Model(ids, y)
+    path = tmp_path / "tied.safetensors"
+    tg.save(model, path)
+    header, _ = read_raw(path)
+    assert json.loads(header["__metadata__"]["aliases"]) == {"tied.b.weight": "tied.a.weight"}
+    loaded = tg.load(path)
+    assert loaded.tied.a.weight is loaded.tied.b.weight
+    x = torch.randint(0, 20, (2, 5))
+    assert torch.equal(loaded(x), model(x)) and loaded(x).dtype == torch.float64
+
+
+def test_safetensors_package_reads_our_files_and_we_read_its_files(saved, tmp_path):
+    """The file is a plain safetensors file, both ways."""
+    st_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
+    model, path = saved
+    tensors = st_torch.load_file(path)
+    assert tensors.keys() == model.state_dict().keys()
+    assert all(torch.equal(tensors[k], v) for k, v in model.state_dict().items())
+    header, _ = read_raw(path)
+    other = tmp_path / "from_safetensors.safetensors"
+    st_torch.save_file(dict(model.state_dict()), str(other), metadata=header["__metadata__"])
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(tg.load(other)(x)["logits"], model(x)["logits"])
+
+
+def test_read_file_info_reads_only_the_header(saved):
+    """read_file_info gives the config and tensor shapes without loading weights."""
+    model, path = saved
+    info = saving.read_file_info(path)
+    assert info.config == model.get_config()
+    assert info.tensors["linear.weight"] == (torch.float32, (2, 4))
+    assert info.metadata["format"] == "torchgraph"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that must be refused
+# ---------------------------------------------------------------------------------------------
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_pickle_payload_is_refused_and_never_run(tmp_path, monkeypatch):
+    """A pickle (even one named .safetensors) is refused without unpickling it."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(_Payload(), protocol=4))
+    with pytest.raises(ValueError, match="pickle"):
+        tg.load(path)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_torch_save_file_is_refused(tmp_path):
+    """A torch.save file (zip of pickles) gets an explanation."""
+    path = tmp_path / "model.pt"
+    torch.save(small_model().state_dict(), path)
+    with pytest.raises(ValueError, match="torch.save"):
+        tg.load(path)
+
+
+@pytest.mark.parametrize("where", ["layer", "function", "method", "nested"])
+def test_import_path_payloads_are_refused(saved, tmp_path, where):
+    """Class or function names from the file are never imported."""
+    _, path = saved
+
+    def mutate(cfg):
+        if where == "layer":
+            cfg["layers"][0]["class"] = "os.system"
+        elif where == "function":
+            node = next(n for n in cfg["nodes"] if n["op"] == "call_function")
+            node["target"] = "os.system"
+        elif where == "method":
+            node = next(n for n in cfg["nodes"] if n["op"] == "call_method")
+            node["target"] = "__reduce__"
+        else:
+            cfg["layers"][0]["kwargs"]["kernel_size"] = {"layer": {"class": "subprocess.Popen",
+                                                                    "args": [["touch", "x"]]}}
+
+    bad = with_config(path, tmp_path / "bad.safetensors", mutate)
+    with pytest.raises(ValueError, match="unknown layer class|disallowed function|not an allowed"):
+        tg.load(bad)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 20, "half_header", "header", "half_data", "all_but_one"])
+def test_truncated_files(saved, tmp_path, keep):
+    """A file cut anywhere is refused with a clear message."""
+    _, path = saved
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    cut = {"half_header": 8 + n // 2, "header": 8 + n, "half_data": 8 + n + (len(raw) - 8 - n) // 2,
+           "all_but_one": len(raw) - 1}.get(keep, keep)
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(raw[:cut])
+    with pytest.raises(ValueError, match="truncated|shorter|not a valid torchgraph file"):
+        tg.load(bad)
+
+
+def test_corrupt_headers(saved, tmp_path):
+    """Garbage, bad JSON, bad offsets, bad dtypes, missing metadata, trailing bytes are refused."""
+    _, path = saved
+    header, data = read_raw(path)
+    bad = tmp_path / "bad.safetensors"
+
+    def expect(message, h=None, d=data, raw=None):
+        if raw is not None:
+            bad.write_bytes(raw)
+        else:
+            write_raw(bad, h, d)
+        with pytest.raises(ValueError, match=message):
+            tg.load(bad)
+
+    expect("not valid JSON", raw=struct.pack("<Q", 8) + b"\xff\xfe{{{{{{" + data)
+    expect("not valid JSON", raw=struct.pack("<Q", 8) + b"{\"a\":NaN")
+    expect("not a JSON object", raw=struct.pack("<Q", 8) + b"[1,2,3] ")
+    h = copy.deepcopy(header)
+    h["linear.weight"]["data_offsets"][1] += 4
+    expect("data_offsets span", h)
+    h = copy.deepcopy(header)
+    h["linear.weight"]["dtype"] = "F128"
+    expect("unknown dtype", h)
+    h = copy.deepcopy(header)
+    first = min(h[k]["data_offsets"][0] for k in h if k != "__metadata__")
+    key = next(k for k in h if k != "__metadata__" and h[k]["data_offsets"][0] == first)
+    h[key]["data_offsets"] = [x + 4 for x in h[key]["data_offsets"]]
+    expect("starts at byte|need", h)
+    h = copy.deepcopy(header)
+    del h["__metadata__"]
+    expect("no string-valued __metadata__", h)
+    h = copy.deepcopy(header)
+    h["__metadata__"]["format"] = "other"
+    expect("format=torchgraph", h)
+    h = copy.deepcopy(header)
+    h["__metadata__"]["format_version"] = "2"
+    expect("upgrade torchgraph", h)
+    h = copy.deepcopy(header)
+    h["__metadata__"]["config"] = "{oops"
+    expect("config is not valid JSON", h)
+    expect("unexpected bytes", header, data + b"\0" * 8)
+    expect("duplicate key", raw=struct.pack("<Q", 16) + b'{"a":1, "a":2}  ')
+
+
+def test_weights_that_do_not_match_the_config(saved, tmp_path):
+    """A config that disagrees with the tensors (shape, missing key) is refused."""
+    _, path = saved
+    bad = with_config(path, tmp_path / "a.safetensors",
+                      lambda c: c["layers"][0]["kwargs"].update(kernel_size={"tuple": [2, 2]}))
+    with pytest.raises(ValueError, match="conv2d.weight.*in the file"):
+        tg.load(bad)
+    bad = with_config(path, tmp_path / "b.safetensors",
+                      lambda c: c["layers"][0]["kwargs"].update(bias=False))
+    with pytest.raises(ValueError, match="do not match its config"):
+        tg.load(bad)
+
+
+def test_config_asking_for_huge_layers_is_refused_before_allocating(saved, tmp_path):
+    """Linear(10**6, 10**6) (4 TB) in a tiny file is refused on the meta device, instantly."""
+    _, path = saved
+    bad = with_config(path, tmp_path / "huge.safetensors",
+                      lambda c: c["layers"][2]["kwargs"].update(in_features=10**6, out_features=10**6))
+    with pytest.raises(ValueError):
+        tg.load(bad)
+
+
+def test_oversized_files(saved, tmp_path):
+    """max_bytes caps the file size; a huge header length field is refused without reading."""
+    _, path = saved
+    size = os.path.getsize(path)
+    with pytest.raises(ValueError, match="max_bytes"):
+        tg.load(path, max_bytes=size - 1)
+    assert tg.load(path, max_bytes=None) is not None
+    bad = tmp_path / "big_header.safetensors"
+    bad.write_bytes(struct.pack("<Q", 2**60) + b"{}")
+    with pytest.raises(ValueError, match="limit"):
+        tg.load(bad)
+    big_shape = tmp_path / "big_shape.safetensors"
+    header, data = read_raw(path)
+    header["linear.weight"]["shape"] = [2**40, 2**40]
+    write_raw(big_shape, header, data)
+    with pytest.raises(ValueError, match="invalid shape|span"):
+        tg.load(big_shape)
+
+
+def test_missing_paths(tmp_path):
+    """Missing files and directories give clear errors."""
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        tg.load(tmp_path / "nope.safetensors")
+    with pytest.raises(IsADirectoryError):
+        tg.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tg.save(small_model(), tmp_path / "missing_dir" / "m.safetensors")
+    with pytest.raises(IsADirectoryError):
+        tg.save(small_model(), tmp_path)
+
+
+def test_unregistered_class_at_load_time(tmp_path):
+    """A file with a custom layer whose class is not registered says to register it."""
+    x = tg.Input(shape=(4,))
+    model = tg.Model(x, Tied(4)(x))
+    path = tmp_path / "t.safetensors"
+    tg.save(model, path)
+    name = f"{__name__}.Tied"
+    cls = layer_config._REGISTRY.pop(name)
+    try:
+        with pytest.raises(ValueError, match="unknown layer class.*register_layer"):
+            tg.load(path)
+    finally:
+        layer_config._REGISTRY[name] = cls
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing
+# ---------------------------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12) | st.sampled_from(["node", "tuple", "torch.cat", "os.system", "relu", "conv2d"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["node", "tuple", "dict", "slice", "dtype", "function", "layer", "class", "args",
+                         "kwargs", "name", "op", "target", "x"]), inner, max_size=3),
+    max_leaves=12)
+
+_BASE = None
+
+
+def _base_config():
+    global _BASE
+    if _BASE is None:
+        # Static shapes: each new dynamic dim gets larger probe sizes (a core detail), which would make
+        # hundreds of rebuilds of a GRU slower and slower.
+        x = tg.Input(shape=(5, 6), name="seq")
+        out, _ = nn.GRU(6, 4, batch_first=True)(x)
+        y = nn.Linear(4, 2)(F.gelu(out)[:, -1]) * torch.tensor([1.0, 2.0])
+        _BASE = tg.Model(x, [y, out.transpose(1, 2)]).get_config()
+    return copy.deepcopy(_BASE)
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_configs_fail_only_with_clear_errors(data):
+    """Random edits of a valid config either rebuild or raise ValueError -- nothing else."""
+    cfg = _base_config()
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = [p for p in _paths(cfg) if p]
+        path = data.draw(st.sampled_from(paths))
+        parent = cfg
+        for key in path[:-1]:
+            parent = parent[key]
+        action = data.draw(st.sampled_from(["replace", "delete", "swap"]))
+        if action == "delete":
+            parent.pop(path[-1])
+        elif action == "swap" and isinstance(parent, list) and len(parent) > 1:
+            parent.reverse()
+        else:
+            parent[path[-1]] = data.draw(_json)
+    try:
+        model = tg.Model.from_config(cfg)
+    except ValueError as exc:
+        assert str(exc)
+    else:
+        assert isinstance(model, tg.Model)
+
+
+@settings(max_examples=60, deadline=None)
+@given(blob=st.binary(max_size=300), cut=st.integers(0, 400))
+def test_fuzzed_bytes_fail_only_with_clear_errors(tmp_path_factory, blob, cut):
+    """Random bytes, or a valid file with random bytes spliced in, only raise ValueError."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    base = folder / "base.safetensors"
+    if not base.exists():
+        tg.save(tg.Model(x := tg.Input(shape=(2,)), nn.Linear(2, 2)(x)), base)
+    raw = base.read_bytes()
+    for candidate in (blob, raw[:cut] + blob + raw[cut + len(blob):]):
+        path = folder / "f.safetensors"
+        path.write_bytes(candidate)
+        try:
+            tg.load(path)
+        except ValueError as exc:
+            assert str(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+def _no_temp_files(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failure_mid_save_leaves_the_old_file_intact(saved, tmp_path, monkeypatch, failure):
+    """A write that fails (or is interrupted) after some tensors keeps the previous file as it was."""
+    _, path = saved
+    before = open(path, "rb").read()
+    calls = []
+    real_write = saving._write_tensor
+
+    def failing_write(f, key, t):
+        calls.append(key)
+        if len(calls) == 3:
+            raise failure
+        real_write(f, key, t)
+
+    monkeypatch.setattr(saving, "_write_tensor", failing_write)
+    other = tg.applications.mlp(depth=2, width=8, num_classes=3)
+    with pytest.raises(type(failure)):
+        tg.save(other, path)
+    assert len(calls) == 3
+    assert open(path, "rb").read() == before
+    assert _no_temp_files(tmp_path)
+    assert tg.load(path).code == saved[0].code
+
+
+def test_unwritable_weights_leave_the_old_file_intact(saved, tmp_path):
+    """Weights that cannot be serialised (a meta buffer) fail the save; the old file survives."""
+    _, path = saved
+    before = open(path, "rb").read()
+    x = tg.Input(shape=(4,))
+    model = tg.Model(x, MetaBuffer()(nn.Linear(4, 4)(x)))
+    with pytest.raises(ValueError, match="meta device"):
+        tg.save(model, path)
+    assert open(path, "rb").read() == before and _no_temp_files(tmp_path)
+
+
+def test_save_replaces_and_keeps_normal_permissions(saved, tmp_path):
+    """A second save replaces the file; new files get the usual mode (umask applied)."""
+    _, path = saved
+    other = tg.applications.mlp(depth=1, width=4)
+    tg.save(other, path)
+    assert type(tg.load(path)).__name__ == "MLP"
+    umask = os.umask(0)
+    os.umask(umask)
+    new = tmp_path / "fresh.safetensors"
+    tg.save(other, new)
+    assert stat.S_IMODE(os.stat(new).st_mode) == 0o666 & ~umask
+
+
+def test_save_refuses_non_models():
+    """Only tg.Model instances can be saved."""
+    with pytest.raises(TypeError, match="tg.Model"):
+        tg.save(nn.Linear(2, 2), "x.safetensors")

@@ -1,0 +1,251 @@
+"""What a model's nodes are, in words people read: the shared vocabulary of ``summary`` and ``plot``.
+
+Both views show the same facts about each fx node -- its kind, a type label (``Conv2d``,
+``torch.cat``, ``x + y``), its shapes with dynamic dims as ``None`` (or their name), its parameter
+count -- so they are computed once, here.
+
+Design constraints:
+
+- Only the fx graph and ``node.meta["tg_spec"]`` are read, never the recording machinery: a model
+  that was copied, pickled or loaded describes itself exactly like the freshly built one.
+- Nothing here depends on the terminal, the locale or an optional package.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "NodeInfo",
+    "describe_nodes",
+    "format_spec",
+    "format_dtype",
+    "format_count",
+    "format_bytes",
+    "output_entries",
+    "param_stats",
+]
+
+_OPERATOR_LABELS = {
+    operator.add: "x + y", operator.sub: "x - y", operator.mul: "x * y", operator.truediv: "x / y",
+    operator.floordiv: "x // y", operator.mod: "x % y", operator.pow: "x ** y", operator.matmul: "x @ y",
+    operator.and_: "x & y", operator.or_: "x | y", operator.xor: "x ^ y", operator.lshift: "x << y",
+    operator.rshift: "x >> y", operator.eq: "x == y", operator.ne: "x != y", operator.lt: "x < y",
+    operator.le: "x <= y", operator.gt: "x > y", operator.ge: "x >= y", operator.neg: "-x",
+    operator.pos: "+x", operator.abs: "abs(x)", operator.invert: "~x", operator.getitem: "x[...]",
+    operator.iadd: "x += y", operator.isub: "x -= y", operator.imul: "x *= y",
+    operator.itruediv: "x /= y", getattr: "getattr",
+}
+
+
+@dataclass
+class NodeInfo:
+    """One fx node, described.
+
+    ``kind`` is one of ``"input"``, ``"layer"``, ``"model"`` (a nested tg.Model), ``"function"``,
+    ``"constant"``. ``call_index``/``num_calls`` count the calls of a shared layer (1-based).
+    """
+
+    node: fx.Node
+    kind: str
+    type_label: str
+    module: nn.Module | None
+    output: str
+    dtype: str
+    inputs: list            # fx.Nodes this node reads, in argument order, each once
+    num_params: int
+    num_trainable: int
+    call_index: int = 1
+    num_calls: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def trainable(self) -> str:
+        """``Y`` (all parameters train), ``N`` (none), ``partial``, or ``-`` (no parameters)."""
+        if self.num_params == 0:
+            return "-"
+        if self.num_trainable == self.num_params:
+            return "Y"
+        return "N" if self.num_trainable == 0 else "partial"
+
+
+def format_spec(spec) -> str:
+    """``(None, 16)``; several outputs as ``[(None, 8, 16), [(1, None, 16), ...]]``; ``?`` if unknown."""
+    from .model import ValueSpec
+
+    if isinstance(spec, ValueSpec):
+        return spec.format()
+    if isinstance(spec, dict):
+        return "{" + ", ".join(f"{k}: {format_spec(v)}" for k, v in spec.items()) + "}"
+    if isinstance(spec, (list, tuple)):
+        return "[" + ", ".join(format_spec(s) for s in spec) + "]"
+    if spec is None:
+        return "?"
+    return repr(spec)
+
+
+def format_dtype(spec) -> str:
+    """``float32``; distinct dtypes of several outputs joined by ``/``; ``int`` for a dynamic size."""
+    from .model import ValueSpec
+
+    found: list[str] = []
+
+    def visit(s):
+        if isinstance(s, ValueSpec):
+            d = "int" if s.dtype is None else str(s.dtype).replace("torch.", "")
+            if d not in found:
+                found.append(d)
+        elif isinstance(s, dict):
+            for v in s.values():
+                visit(v)
+        elif isinstance(s, (list, tuple)):
+            for v in s:
+                visit(v)
+
+    visit(spec)
+    return "/".join(found) if found else "?"
+
+
+def format_count(n: int) -> str:
+    """``25,557,032``."""
+    return f"{n:,}"
+
+
+def format_bytes(n: int) -> str:
+    """``97.49 MiB`` (binary units; exact below 1 KiB)."""
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def param_stats(params) -> tuple[int, int, int]:
+    """``(count, trainable count, bytes)`` of distinct tensors in ``params``."""
+    seen: set[int] = set()
+    total = trainable = size = 0
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        size += p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable += p.numel()
+    return total, trainable, size
+
+
+def _function_label(target) -> str:
+    if target in _OPERATOR_LABELS:
+        return _OPERATOR_LABELS[target]
+    name = getattr(target, "__name__", None) or repr(target)
+    if getattr(F, name, None) is target:
+        return f"F.{name}"
+    if getattr(torch, name, None) is target:
+        return f"torch.{name}"
+    module = getattr(target, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+def _node_inputs(node: fx.Node) -> list[fx.Node]:
+    seen: dict[fx.Node, None] = {}
+    for n in node.all_input_nodes:
+        seen.setdefault(n, None)
+    return list(seen)
+
+
+def _get_attr(model: nn.Module, target: str):
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fx_shape(node: fx.Node) -> tuple[str, str]:
+    """Shape and dtype from fx's own metadata (``ShapeProp``'s ``tensor_meta``, export's ``val``)."""
+    meta = node.meta.get("tensor_meta", node.meta.get("val"))
+    shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+    if shape is None or dtype is None:
+        return "?", "?"
+    dims = ", ".join(str(d) for d in shape)
+    return (f"({dims},)" if len(shape) == 1 else f"({dims})"), str(dtype).replace("torch.", "")
+
+
+def describe_nodes(model: fx.GraphModule) -> list[NodeInfo]:
+    """A :class:`NodeInfo` for every node of ``model.graph`` but the output, in graph order."""
+    from .model import Model
+
+    calls: dict[str, list[NodeInfo]] = {}
+    infos: list[NodeInfo] = []
+    for node in model.graph.nodes:
+        if node.op == "output":
+            continue
+        spec = node.meta.get("tg_spec")
+        module = None
+        num_params = num_trainable = 0
+        if node.op == "placeholder":
+            kind, label = "input", "Input"
+        elif node.op == "call_module":
+            module = model.get_submodule(node.target)
+            kind = "model" if isinstance(module, Model) else "layer"
+            label = type(module).__name__
+            num_params, num_trainable, _ = param_stats(module.parameters())
+        elif node.op == "get_attr":
+            value = _get_attr(model, node.target)
+            kind = "constant"
+            if isinstance(value, torch.Tensor):
+                label = "Parameter" if isinstance(value, nn.Parameter) else "Constant"
+                dims = ", ".join(str(d) for d in value.shape)
+                spec_shape = f"({dims},)" if value.dim() == 1 else f"({dims})"
+                if isinstance(value, nn.Parameter):
+                    num_params = value.numel()
+                    num_trainable = num_params if value.requires_grad else 0
+                info = NodeInfo(node, kind, label, None, spec_shape,
+                                str(value.dtype).replace("torch.", ""), [], num_params, num_trainable)
+                infos.append(info)
+                continue
+            label = type(value).__name__
+        elif node.op == "call_method":
+            kind, label = "function", f"Tensor.{node.target}"
+        else:
+            kind, label = "function", _function_label(node.target)
+        output, dtype = format_spec(spec), format_dtype(spec)
+        if spec is None:
+            output, dtype = _fx_shape(node)
+        info = NodeInfo(node, kind, label, module, output, dtype, _node_inputs(node), num_params,
+                        num_trainable)
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(info)
+        infos.append(info)
+    for same in calls.values():
+        for i, info in enumerate(same, start=1):
+            info.call_index, info.num_calls = i, len(same)
+    return infos
+
+
+def output_entries(model: fx.GraphModule) -> list[tuple[str, Any]]:
+    """``(output name, producing fx node)`` per model output tensor, flattened in output order."""
+    from .recording import tree_leaves
+
+    out_node = next(n for n in reversed(model.graph.nodes) if n.op == "output")
+    paths, leaves = [], []
+    for path, leaf in tree_leaves(out_node.args[0]):
+        paths.append(path)
+        leaves.append(leaf)
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != len(leaves):  # a plain GraphModule: name the outputs by their paths
+        names = (["output"] if paths == [()] else
+                 ["output_" + "_".join(str(p) for p in path) for path in paths])
+    return list(zip(names, leaves))
