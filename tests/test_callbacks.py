@@ -91,9 +91,7 @@ def test_early_stopping_missing_monitor_warns_and_continues():
 
 
 def _load_checkpoint(model, path):
-    """Loads what ModelCheckpoint wrote: tg.load when the library has it, else safetensors weights."""
-    if getattr(tg, "load", None) is not None and not path.endswith(".safetensors"):
-        return tg.load(path)
+    """Loads weights that ModelCheckpoint(save_weights_only=True) wrote into ``model``."""
     from safetensors.torch import load_model
     load_model(model, path)
     return model
@@ -137,13 +135,28 @@ def test_model_checkpoint_formats_epoch_and_logs(tmp_path):
 
 
 def test_model_checkpoint_full_model(tmp_path):
-    """save_weights_only=False uses tg.save when present (else safetensors weights); it loads back."""
+    """save_weights_only=False saves the whole model with tg.save; tg.load brings it back."""
     model = _frozen(_model())
     x, y = _data(32)
-    path = str(tmp_path / "model.tg")
+    path = str(tmp_path / "model.safetensors")
     model.fit(x, y, callbacks=[ModelCheckpoint(path, monitor="loss")], verbose=0)
-    loaded = _load_checkpoint(_model(), path)
+    loaded = tg.load(path)
+    model.eval()
+    loaded.eval()
     torch.testing.assert_close(loaded(x), model(x))
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_model_checkpoint_unsavable_model_suggests_weights_only(tmp_path):
+    """A layer tg.save cannot describe gives a clear error that points at save_weights_only."""
+    class Scale(nn.Module):
+        def forward(self, t):
+            return t * 2
+
+    x = tg.Input(shape=(4,))
+    model = _frozen(tg.Model(x, nn.Linear(4, 3)(Scale()(x))))
+    with pytest.raises(ValueError, match="cannot save the whole model.*save_weights_only=True"):
+        model.fit(*_data(16), callbacks=[ModelCheckpoint(str(tmp_path / "m.safetensors"))], verbose=0)
 
 
 def test_terminate_on_nan_keeps_last_good_checkpoint(tmp_path):

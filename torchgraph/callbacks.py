@@ -269,10 +269,10 @@ class ModelCheckpoint(Callback):
     """Save the model at the end of epochs (on rank 0 only), atomically.
 
     ``filepath`` may hold format fields from the epoch (counted from 1) and the logs:
-    ``"ckpt/{epoch:02d}-{val_loss:.3f}.safetensors"``. The model is saved with ``tg.save`` when the
-    library has it; with ``save_weights_only=True`` (or without ``tg.save``) the weights go to a
-    safetensors file, loaded back with ``safetensors.torch.load_model(model, path)``. A file is
-    written to a temporary name and renamed, so a crash never leaves half a checkpoint. Epochs whose
+    ``"ckpt/{epoch:02d}-{val_loss:.3f}.safetensors"``. The whole model is saved with ``tg.save``
+    (load it with ``tg.load(path)``); with ``save_weights_only=True`` only the weights go to a
+    safetensors file, loaded back with ``safetensors.torch.load_model(model, path)``. Either way the
+    file is written to a temporary name and renamed, so a crash never leaves half a checkpoint. Epochs whose
     loss (or monitored value) is NaN or infinite are never saved: the last good checkpoint stays.
 
     Args:
@@ -320,14 +320,17 @@ class ModelCheckpoint(Callback):
             print(f"Epoch {epoch + 1}: saved the model to {path}", flush=True)
 
     def save(self, path: str) -> None:
-        """Write one checkpoint to ``path``."""
-        import torchgraph
-
-        tg_save = getattr(torchgraph, "save", None)
-        if tg_save is not None and not self.save_weights_only:
-            tg_save(self.model, path)
-        else:
+        """Write one checkpoint to ``path``: ``tg.save`` (whole model) or safetensors weights."""
+        if self.save_weights_only:
             _save_weights_atomic(self.model, path)
+            return
+        from .saving import save
+
+        try:
+            save(self.model, path)
+        except ValueError as e:
+            raise ValueError(f"ModelCheckpoint: cannot save the whole model: {e} Pass "
+                             "save_weights_only=True to save only the weights.") from None
 
 
 def _learning_rates(optimizer) -> list[float]:
