@@ -1,9 +1,12 @@
-"""torchgraph quick start: build a multi-input model symbolically, check it, run it.
+"""torchgraph quick start: build a multi-input model symbolically, check it, look at it, train it on
+scikit-learn's bundled digits, save and reload it, and export it to ONNX.
 
-Run: python examples/quickstart.py
+Run: python examples/quickstart.py   (or `bash scripts/demo.sh`, which sets everything up first)
 """
 
 import os
+import tempfile
+import time
 
 import torch
 import torch.nn as nn
@@ -24,6 +27,44 @@ def build_model() -> tg.Model:
     print(f"  image features {h.static_shape}, meta features {m.static_shape}, joint {joint.static_shape}")
     logits = tg.name(nn.Linear(joint.shape[1], 10), "classifier")(nn.Dropout(0.2)(joint))
     return tg.Model({"image": image, "meta": meta}, logits, name="DigitNet")
+
+
+def load_digits_data():
+    """Digits (8x8 images, bundled with scikit-learn: no download) plus 4 quadrant means as metadata."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0   # (1797, 1, 8, 8)
+    quadrants = images.unfold(2, 4, 4).unfold(3, 4, 4).mean(dim=(-1, -2)).flatten(1)  # (1797, 4)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    split = train_test_split(images, quadrants, labels, test_size=0.2, random_state=0, stratify=labels)
+    x_img, t_img, x_meta, t_meta, y, t_y = split
+    return {"image": x_img, "meta": x_meta}, y, {"image": t_img, "meta": t_meta}, t_y
+
+
+def train(model: tg.Model):
+    """model.compile / fit / evaluate, Keras style, on the digits."""
+    x, y, x_test, y_test = load_digits_data()
+    model.compile(optimizer=torch.optim.Adam(model.parameters(), lr=3e-3), loss="cross_entropy",
+                  metrics=["accuracy"])
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=32, epochs=12, validation_split=0.1,
+              callbacks=[tg.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True)])
+    result = model.evaluate(x_test, y_test, verbose=0)
+    print(f"  test accuracy {result['accuracy']:.3f} (loss {result['loss']:.3f}), trained in "
+          f"{time.perf_counter() - start:.1f} s")
+    return x_test
+
+
+def save_and_reload(model: tg.Model, x_test) -> None:
+    """tg.save writes config + weights to one safetensors file (no pickle); tg.load rebuilds it."""
+    path = os.path.join(tempfile.mkdtemp(), "digitnet.safetensors")
+    tg.save(model, path)
+    again = tg.load(path)
+    model.eval()
+    same = torch.equal(again.eval()(**x_test), model(**x_test))
+    print(f"  saved {os.path.getsize(path):,} bytes to {path}; reloaded model gives identical outputs: {same}")
 
 
 def show_build_time_error() -> None:
@@ -79,7 +120,11 @@ def main() -> None:
     print("\n5. Look at it: the summary table and a picture (Graphviz):")
     model.summary()
     show_picture(model)
-    print("\n6. Export to ONNX, verified in onnxruntime at two batch sizes:")
+    print("\n6. Train it on scikit-learn's digits (model.compile / fit / evaluate):")
+    x_test = train(model)
+    print("\n7. Save and reload (architecture + weights, no code needed):")
+    save_and_reload(model, x_test)
+    print("\n8. Export to ONNX, verified in onnxruntime at two batch sizes:")
     show_onnx_export(model)
 
 
