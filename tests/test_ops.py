@@ -104,6 +104,23 @@ def test_bias_act_matches_reference(device, dtype, act, shape, dim):
 
 @needs_c_ops
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_bias_act_float32_accuracy_over_range(device, act):
+    """float32 values and gradients stay within a few ulps of float64 over [-10, 10]."""
+    z = torch.linspace(-10, 10, 20011, device=device).reshape(1, -1)
+    zero = torch.zeros(z.shape[-1], device=device)
+    z64 = z.double().requires_grad_()
+    exact = ops.reference_bias_act(z64, zero.double(), act)
+    (exact_grad,) = torch.autograd.grad(exact.sum(), z64)
+    z32 = z.clone().requires_grad_()
+    out = ops.bias_act(z32, zero, act)
+    (grad,) = torch.autograd.grad(out.sum(), z32)
+    torch.testing.assert_close(out.double(), exact.detach(), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(grad.double(), exact_grad, atol=2e-6, rtol=1e-6)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
 def test_bias_act_non_contiguous_inputs(device):
     """Transposed x and a strided bias give the reference's values."""
     x = randn(13, 7, device=device).t()

