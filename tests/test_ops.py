@@ -379,6 +379,7 @@ POOL_CASES = [  # (input shape, kwargs)
     ((3, 7, 13), {"kernel_size": 3, "stride": 1, "padding": 1}),  # 3-D input
     ((2, 2, 9, 10), {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 0), "dilation": (2, 1), "ceil_mode": True}),
     ((1, 1, 1, 1), {"kernel_size": 1}),
+    ((1, 40, 57, 75), {"kernel_size": 3, "stride": 2, "padding": 1}),  # whole vector steps + tails
 ]
 
 
