@@ -25,8 +25,8 @@ def _cpu_capability_flags(torch):
     # NOTE: without CPU_CAPABILITY_* defines, Vectorized<float> falls back to its
     # scalar implementation (~10x slower). The -m flags make the whole .so require
     # that ISA, so a binary built here only runs on machines with the same level.
-    capability = os.environ.get("TORCHGRAPH_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-    capability = capability.upper()
+    capability = os.environ.get("TORCHGRAPH_CPU_CAPABILITY")
+    capability = (capability or torch.backends.cpu.get_cpu_capability()).upper()
     if capability.startswith("AVX512"):
         return [
             "-DCPU_CAPABILITY=AVX512",

@@ -145,7 +145,11 @@ def test_bias_act_channels_last_keeps_layout(device):
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize(
     "shape, dim, act, channels_last",
-    [((7, 13), -1, "gelu", False), ((2, 5, 3, 4), 1, "relu", False), ((2, 5, 3, 4), 1, "silu", True)],
+    [
+        ((7, 13), -1, "gelu", False),
+        ((2, 5, 3, 4), 1, "relu", False),
+        ((2, 5, 3, 4), 1, "silu", True),
+    ],
 )
 def test_bias_act_opcheck(device, shape, dim, act, channels_last):
     """torch.library.opcheck passes (schema, fake kernel, autograd registration, AOT)."""
@@ -153,7 +157,8 @@ def test_bias_act_opcheck(device, shape, dim, act, channels_last):
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     bias = randn(shape[dim], device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.torchgraph.bias_act.default, (x.requires_grad_(), bias, act, dim))
+    args = (x.requires_grad_(), bias, act, dim)
+    torch.library.opcheck(torch.ops.torchgraph.bias_act.default, args)
 
 
 @needs_c_ops
@@ -171,8 +176,18 @@ def test_bias_act_gradcheck(device, act, shape, dim):
     "x_shape, bias_shape, kwargs, match",
     [
         ((4, 8), (8,), {"act": "tanh"}, r"bias_act: act must be one of .*got 'tanh'"),
-        ((4, 8), (4,), {"act": "relu"}, r"bias_act: bias must have shape \[8\] \(x.size\(-1\)\), got \[4\]"),
-        ((4, 8), (8,), {"act": "relu", "dim": 2}, r"bias_act: dim must be in \[-2, 1\] for x of shape \[4, 8\], got 2"),
+        (
+            (4, 8),
+            (4,),
+            {"act": "relu"},
+            r"bias_act: bias must have shape \[8\] \(x.size\(-1\)\), got \[4\]",
+        ),
+        (
+            (4, 8),
+            (8,),
+            {"act": "relu", "dim": 2},
+            r"bias_act: dim must be in \[-2, 1\] for x of shape \[4, 8\], got 2",
+        ),
         ((4, 8), (1, 8), {"act": "relu"}, r"bias_act: bias must have shape \[8\]"),
     ],
 )
@@ -255,7 +270,11 @@ def test_add_relu_gradcheck(device):
 @pytest.mark.parametrize(
     "b, match",
     [
-        (torch.randn(1, 8), r"add_relu: b must have a's shape \[4, 8\], got \[1, 8\] \(add_relu does not broadcast\)"),
+        (
+            torch.randn(1, 8),
+            r"add_relu: b must have a's shape \[4, 8\], got \[1, 8\] "
+            r"\(add_relu does not broadcast\)",
+        ),
         (torch.randn(4, 8, dtype=torch.float64), r"add_relu: b dtype must equal a dtype"),
     ],
 )
@@ -298,7 +317,9 @@ def test_add_layer_norm_matches_reference(device, dtype, shape, affine):
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_add_layer_norm_bfloat16_gradients_near_float(device):
     """bfloat16 gradients stay close to the float32 gradients of the same inputs."""
-    x, residual, weight = (randn(*s, device=device, requires_grad=True) for s in [(8, 64), (8, 64), (64,)])
+    x, residual, weight = (
+        randn(*shape, device=device, requires_grad=True) for shape in [(8, 64), (8, 64), (64,)]
+    )
     ref_grads = grads(ops.add_layer_norm(x, residual, weight), (x, weight))
     low = [t.detach().bfloat16().requires_grad_() for t in (x, residual, weight)]
     got = grads(ops.add_layer_norm(*low), (low[0], low[2]))
@@ -323,7 +344,10 @@ def test_add_layer_norm_non_contiguous_inputs(device):
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_add_layer_norm_grad_through_one_output(device):
     """Using only one of the two outputs still gives the right gradients."""
-    x, residual, weight, bias = (randn(*s, device=device, requires_grad=True) for s in [(4, 16), (4, 16), (16,), (16,)])
+    x, residual, weight, bias = (
+        randn(*shape, device=device, requires_grad=True)
+        for shape in [(4, 16), (4, 16), (16,), (16,)]
+    )
     for pick in (0, 1):
         out = ops.add_layer_norm(x, residual, weight, bias)[pick]
         expected = ops.reference_add_layer_norm(x, residual, weight, bias)[pick]
@@ -339,7 +363,9 @@ def test_add_layer_norm_grad_through_one_output(device):
 def test_add_layer_norm_opcheck(device, affine):
     """torch.library.opcheck passes for add_layer_norm."""
     x, residual = randn(3, 2, 10, device=device), randn(3, 2, 10, device=device)
-    params = [randn(10, device=device, requires_grad=True) for _ in range(2)] if affine else [None, None]
+    params = [None, None]
+    if affine:
+        params = [randn(10, device=device, requires_grad=True) for _ in range(2)]
     torch.library.opcheck(
         torch.ops.torchgraph.add_layer_norm.default,
         (x.requires_grad_(), residual.requires_grad_(), *params, 1e-5),
@@ -360,15 +386,16 @@ def test_add_layer_norm_gradcheck(device):
 @pytest.mark.parametrize(
     "residual_shape, weight_shape, eps, match",
     [
-        ((4, 9), (8,), 1e-5, r"add_layer_norm: residual must have x's shape \[4, 8\], got \[4, 9\]"),
-        ((4, 8), (4,), 1e-5, r"add_layer_norm: weight must have shape \[8\] \(x.size\(-1\)\), got \[4\]"),
-        ((4, 8), (8,), -1.0, r"add_layer_norm: eps must be non-negative, got -1"),
+        ((4, 9), (8,), 1e-5, r"residual must have x's shape \[4, 8\], got \[4, 9\]"),
+        ((4, 8), (4,), 1e-5, r"weight must have shape \[8\] \(x.size\(-1\)\), got \[4\]"),
+        ((4, 8), (8,), -1.0, r"eps must be non-negative, got -1"),
     ],
 )
 def test_add_layer_norm_bad_inputs_raise(path, residual_shape, weight_shape, eps, match):
     """Mismatched shapes or a negative eps raise the same message on both paths."""
-    with pytest.raises(RuntimeError, match=match):
-        ops.add_layer_norm(torch.randn(4, 8), torch.randn(residual_shape), torch.randn(weight_shape), None, eps)
+    x, residual, weight = torch.randn(4, 8), torch.randn(residual_shape), torch.randn(weight_shape)
+    with pytest.raises(RuntimeError, match="add_layer_norm: " + match):
+        ops.add_layer_norm(x, residual, weight, None, eps)
 
 
 # ---------------------------------------------------------------------------- max_pool2d_inference
@@ -377,7 +404,16 @@ POOL_CASES = [  # (input shape, kwargs)
     ((2, 3, 32, 32), {"kernel_size": 3, "stride": 2, "padding": 1}),  # ResNet stem
     ((1, 2, 7, 13), {"kernel_size": 2}),
     ((3, 7, 13), {"kernel_size": 3, "stride": 1, "padding": 1}),  # 3-D input
-    ((2, 2, 9, 10), {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 0), "dilation": (2, 1), "ceil_mode": True}),
+    (
+        (2, 2, 9, 10),
+        {
+            "kernel_size": (3, 2),
+            "stride": (2, 1),
+            "padding": (1, 0),
+            "dilation": (2, 1),
+            "ceil_mode": True,
+        },
+    ),
     ((1, 1, 1, 1), {"kernel_size": 1}),
     ((1, 40, 57, 75), {"kernel_size": 3, "stride": 2, "padding": 1}),  # whole vector steps + tails
 ]
@@ -438,9 +474,11 @@ def test_max_pool2d_inference_backward_raises():
 @pytest.mark.parametrize(
     "shape, args, match",
     [
-        ((2, 8, 8), (3, 1, 2), r"padding must be non-negative and at most half of kernel_size, got padding=\[2, 2\]"),
-        ((8, 8), (2,), r"x must be 3-D \(C, H, W\) or 4-D \(N, C, H, W\) with non-zero C, H, W, got shape \[8, 8\]"),
-        ((1, 1, 2, 2), (3, 1, 0), r"output size 0x0 is too small for input of shape \[1, 1, 2, 2\]"),
+        ((2, 8, 8), (3, 1, 2), r"padding must be non-negative and at most half of kernel_size, "
+         r"got padding=\[2, 2\]"),
+        ((8, 8), (2,), r"x must be 3-D \(C, H, W\) or 4-D \(N, C, H, W\) with non-zero C, H, W, "
+         r"got shape \[8, 8\]"),
+        ((1, 1, 2, 2), (3, 1, 0), r"output size 0x0 is too small for input of shape \[1, 1, 2, "),
         ((1, 1, 4, 4), (0,), r"kernel_size, stride and dilation must be positive"),
     ],
 )
@@ -605,7 +643,8 @@ def test_float16_goes_to_reference():
     """Dtypes without a kernel (float16) use the reference; the raw op rejects them."""
     x, bias = torch.randn(4, 8, dtype=torch.float16), torch.randn(8, dtype=torch.float16)
     torch.testing.assert_close(ops.bias_act(x, bias, "relu"), torch.relu(x + bias))
-    with pytest.raises(RuntimeError, match="bias_act: x must be float32, float64 or bfloat16, got Half"):
+    message = "bias_act: x must be float32, float64 or bfloat16, got Half"
+    with pytest.raises(RuntimeError, match=message):
         torch.ops.torchgraph.bias_act(x, bias, "relu")
 
 

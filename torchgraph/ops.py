@@ -189,8 +189,8 @@ def _pair(value: int | Sequence[int]) -> list[int]:
 
 def _pool_output_size(size, kernel, stride, pad, dilation, ceil_mode: bool):
     # Same formula as ATen's pooling_output_shape (and csrc/common.h).
-    out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride
-    out = out + 1
+    span = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = span // stride + 1
     if ceil_mode and (out - 1) * stride >= size + pad:
         out = out - 1
     return out
@@ -246,8 +246,9 @@ def _check_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode: bool
 def _dense_format(x: torch.Tensor) -> torch.memory_format:
     # NOTE: [Memory format rule] in csrc/common.h; the fake kernels must give
     # outputs the exact strides the C++ kernels produce.
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
+    if x.dim() == 4 and not x.is_contiguous():
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
     return torch.contiguous_format
 
 
@@ -593,8 +594,12 @@ if _extension.HAS_C_OPS:
     )
 
     @torch.library.register_fake("torchgraph::max_pool2d_inference")
-    def _max_pool2d_inference_fake(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-        out_h, out_w = _check_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, kernel=True)
+    def _max_pool2d_inference_fake(
+        x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False
+    ):
+        out_h, out_w = _check_max_pool2d(
+            x, kernel_size, stride, padding, dilation, ceil_mode, kernel=True
+        )
         if x.dim() == 3:
             return x.new_empty((x.shape[0], out_h, out_w))
         return torch.empty(

@@ -1,6 +1,6 @@
 // Small SIMD building blocks for the CPU kernels.
 //
-// Kernels compute in acc_t<T> (float for float/bfloat16/float16, double for
+// Kernels compute in acc_t<T> (float for float and bfloat16, double for
 // double) and move data in steps of kStep<T> elements = two accumulator
 // vectors, so one loop body serves every dtype: a bfloat16 step is one
 // Vectorized<BFloat16> load widened to two Vectorized<float>.
