@@ -38,6 +38,12 @@ def kernel_devices():
     return ("cpu", pytest.param("cuda", marks=needs_cuda_kernels))
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Same random inputs on every run, so tolerance checks cannot flake."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=["kernel", "reference"])
 def path(request, monkeypatch):
     """Runs a test through the compiled kernels and again through the reference fallback."""
@@ -515,17 +521,18 @@ def test_parallel_column_sums_match_reference_and_repeat(op, shapes, extra):
 
 @needs_c_ops
 @pytest.mark.parametrize(
-    "op, args",
+    "name, args",
     [
-        (torch.ops.torchgraph.bias_act.default, ((2, 5, 4, 4), (5,), "gelu", 1)),
-        (torch.ops.torchgraph.bias_act.default, ((4, 8), (8,), "silu")),
-        (torch.ops.torchgraph.add_relu.default, ((4, 8), (4, 8))),
-        (torch.ops.torchgraph.add_layer_norm.default, ((4, 8), (4, 8), (8,), (8,), 1e-5)),
-        (torch.ops.torchgraph.max_pool2d_inference.default, ((1, 2, 8, 8), [3, 3], [2, 2], [1, 1])),
+        ("bias_act", ((2, 5, 4, 4), (5,), "gelu", 1)),
+        ("bias_act", ((4, 8), (8,), "silu")),
+        ("add_relu", ((4, 8), (4, 8))),
+        ("add_layer_norm", ((4, 8), (4, 8), (8,), (8,), 1e-5)),
+        ("max_pool2d_inference", ((1, 2, 8, 8), [3, 3], [2, 2], [1, 1])),
     ],
 )
-def test_reference_for_swaps_op_for_same_result(op, args):
+def test_reference_for_swaps_op_for_same_result(name, args):
     """reference_for(op) takes the op's exact arguments and returns the same values."""
+    op = getattr(torch.ops.torchgraph, name).default
     args = [torch.randn(a) if isinstance(a, tuple) else a for a in args]
     reference = ops.reference_for(op)
     assert reference is ops.reference_for(op.name()) is ops.REFERENCES[op.name()]
