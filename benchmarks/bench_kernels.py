@@ -1,0 +1,285 @@
+"""Benchmark of the fused kernels in torchgraph.ops against eager PyTorch and torch.compile.
+
+For each fused op at a realistic size this prints the median time of:
+
+* eager:    the same computation in plain PyTorch (what the op replaces);
+* fused:    torchgraph.ops.<op> (the compiled C++/CUDA kernel);
+* compiled: torch.compile of the eager function (steady state; the first call,
+            which includes compilation, is reported separately);
+* copy:     Tensor.copy_ moving as many bytes as the op reads plus writes: the
+            memory-bandwidth ceiling for an elementwise kernel.
+
+Variants run interleaved (one call of each per round) so that machine noise hits
+them alike. "GB/s" counts the bytes the op must read and write once; "% copy" is
+that bandwidth relative to the copy's. Run from the repository root:
+
+    python benchmarks/bench_kernels.py [--quick] [--no-compile] [--threads N] [--device cuda]
+
+NOTE: every call allocates its outputs. With glibc's default, adaptive malloc
+thresholds, multi-MB outputs are sometimes returned to the OS and page-faulted
+back in on the next call, which swamps a ~0.5 ms kernel with noise unrelated to
+it. The script therefore raises glibc's mmap and trim thresholds for itself
+(all variants alike); --default-malloc keeps glibc's defaults.
+
+NOTE: on a machine shared with other busy processes, a 2-thread parallel
+region waits for a descheduled thread and every variant reads as one scheduler
+time slice (~8 ms here). --threads 1 is the robust setting there.
+
+This is a script that prints, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch._inductor.config
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torchgraph._extension as extension  # noqa: E402
+import torchgraph.ops as ops  # noqa: E402
+
+
+@dataclass
+class Case:
+    name: str
+    shape: str
+    eager: Callable[[], torch.Tensor]
+    fused: Callable[[], torch.Tensor]
+    eager_fn: Callable  # the function torch.compile gets
+    args: tuple
+    bytes_moved: int  # bytes read + bytes written by one call
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_cases(device: str) -> list[Case]:
+    cases = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32, channels_last=False):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        return t.to(memory_format=torch.channels_last) if channels_last else t
+
+    # GPT MLP: bias + GELU after the first linear, tokens = batch 8 x 128.
+    for dtype in (torch.float32, torch.bfloat16):
+        x, b = randn(8 * 128, 1024, dtype=dtype), randn(1024, dtype=dtype)
+
+        def gelu_eager(x, b):
+            return F.gelu(x + b)
+
+        cases.append(
+            Case(
+                f"bias_act gelu {str(dtype)[6:]}",
+                "(1024, 1024)",
+                lambda x=x, b=b: gelu_eager(x, b),
+                lambda x=x, b=b: ops.bias_act(x, b, "gelu"),
+                gelu_eager,
+                (x, b),
+                2 * _nbytes(x),
+            )
+        )
+
+    # Pre-LN GPT block: residual add + LayerNorm (d=1024).
+    x, r, w, b = randn(8 * 128, 1024), randn(8 * 128, 1024), randn(1024), randn(1024)
+
+    def add_ln_eager(x, r, w, b):
+        s = x + r
+        return F.layer_norm(s, (s.shape[-1],), w, b), s
+
+    cases.append(
+        Case(
+            "add_layer_norm float32",
+            "(1024, 1024)",
+            lambda: add_ln_eager(x, r, w, b),
+            lambda: ops.add_layer_norm(x, r, w, b),
+            add_ln_eager,
+            (x, r, w, b),
+            4 * _nbytes(x),
+        )
+    )
+
+    # ResNet basic block tail: residual add + ReLU, and the conv epilogue bias + ReLU.
+    for channels_last in (False, True):
+        layout = "channels_last" if channels_last else "NCHW"
+        a = randn(8, 64, 32, 32, channels_last=channels_last)
+        c = randn(8, 64, 32, 32, channels_last=channels_last)
+
+        def add_relu_eager(a, c):
+            return torch.relu(a + c)
+
+        cases.append(
+            Case(
+                f"add_relu {layout}",
+                "(8, 64, 32, 32)",
+                lambda a=a, c=c: add_relu_eager(a, c),
+                lambda a=a, c=c: ops.add_relu(a, c),
+                add_relu_eager,
+                (a, c),
+                3 * _nbytes(a),
+            )
+        )
+    a, bias = randn(8, 64, 32, 32), randn(64)
+
+    def conv_bias_relu_eager(a, bias):
+        return torch.relu(a + bias[:, None, None])
+
+    cases.append(
+        Case(
+            "bias_act relu dim=1 NCHW",
+            "(8, 64, 32, 32)",
+            lambda: conv_bias_relu_eager(a, bias),
+            lambda: ops.bias_act(a, bias, "relu", dim=1),
+            conv_bias_relu_eager,
+            (a, bias),
+            2 * _nbytes(a),
+        )
+    )
+
+    # ResNet stem max-pool, k=3 s=2 p=1 (eager computes argmax indices too).
+    for channels_last in (False, True):
+        layout = "channels_last" if channels_last else "NCHW"
+        p = randn(8, 64, 32, 32, channels_last=channels_last)
+
+        def pool_eager(p):
+            return F.max_pool2d(p, 3, 2, 1)
+
+        cases.append(
+            Case(
+                f"max_pool2d_inference {layout}",
+                "(8, 64, 32, 32)",
+                lambda p=p: pool_eager(p),
+                lambda p=p: ops.max_pool2d_inference(p, 3, 2, 1),
+                pool_eager,
+                (p,),
+                _nbytes(p) * 5 // 4,  # read the input, write a quarter of it
+            )
+        )
+    return cases
+
+
+def _keep_freed_memory() -> bool:
+    """Make glibc serve allocations below 32 MB from a heap it never trims."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    ok_mmap = libc.mallopt(m_mmap_threshold, 32 << 20)
+    ok_trim = libc.mallopt(m_trim_threshold, 1 << 30)
+    return bool(ok_mmap and ok_trim)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable, device: str, inner: int) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / inner
+
+
+def _inner_calls(fn: Callable, device: str) -> int:
+    """Calls per timing sample so that one sample lasts about 2 ms."""
+    once = _time_once(fn, device, 1)
+    return max(1, min(200, int(2e-3 / max(once, 1e-7))))
+
+
+def bench_case(case: Case, device: str, rounds: int, use_compile: bool) -> dict[str, float]:
+    numel = case.bytes_moved // 8  # float32 source and destination: 4 + 4 bytes per element
+    copy_src = torch.empty(numel, device=device)
+    copy_dst = torch.empty(numel, device=device)
+    variants = {"eager": case.eager, "fused": case.fused, "copy": lambda: copy_dst.copy_(copy_src)}
+    results: dict[str, float] = {}
+    if use_compile:
+        torch._dynamo.reset()
+        compiled = torch.compile(case.eager_fn)
+        start = time.perf_counter()
+        compiled(*case.args)
+        _sync(device)
+        results["compile_first_call_s"] = time.perf_counter() - start
+        variants["compiled"] = lambda: compiled(*case.args)
+
+    for fn in variants.values():  # warm-up: caches, thread pool, allocator
+        for _ in range(3):
+            fn()
+    inner = {name: _inner_calls(fn, device) for name, fn in variants.items()}
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            samples[name].append(_time_once(fn, device, inner[name]))
+    results.update({name: statistics.median(values) for name, values in samples.items()})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (about 4x faster)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    malloc_note = "glibc defaults"
+    if not args.default_malloc and _keep_freed_memory():
+        malloc_note = "malloc: no trimming below 32 MB"
+    # The first-call column should show a cold compile, not an on-disk cache hit.
+    torch._inductor.config.force_disable_caches = True
+    warnings.filterwarnings("ignore", message=".*force disabled by torch.compiler.config")
+    if not extension.HAS_C_OPS:
+        sys.exit(f"torchgraph._C is not available ({extension.LOAD_ERROR}); build it first.")
+    if args.device == "cuda" and "cuda" not in ops._KERNEL_DEVICES:
+        sys.exit("CUDA kernels are not built (or no GPU): nothing to compare on cuda.")
+
+    rounds = 15 if args.quick else 60
+    use_compile = not args.no_compile
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, rounds {rounds} (median), "
+        f"{malloc_note}"
+    )
+    header = (
+        f"{'op':<30} {'shape':<16} {'eager us':>9} {'fused us':>9} {'compiled':>9} {'copy us':>8}"
+        f" {'vs eager':>8} {'vs comp.':>8} {'GB/s':>6} {'% copy':>6} {'1st compile s':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    with torch.inference_mode():
+        for case in make_cases(args.device):
+            r = bench_case(case, args.device, rounds, use_compile)
+            us = {k: v * 1e6 for k, v in r.items() if not k.endswith("_s")}
+            compiled = f"{us['compiled']:9.1f}" if use_compile else f"{'-':>9}"
+            vs_compiled = f"{r['compiled'] / r['fused']:7.2f}x" if use_compile else f"{'-':>8}"
+            first = f"{r['compile_first_call_s']:13.1f}" if use_compile else f"{'-':>13}"
+            print(
+                f"{case.name:<30} {case.shape:<16} {us['eager']:9.1f} {us['fused']:9.1f} {compiled}"
+                f" {us['copy']:8.1f} {r['eager'] / r['fused']:7.2f}x {vs_compiled}"
+                f" {case.bytes_moved / r['fused'] / 1e9:6.1f} {100 * r['copy'] / r['fused']:5.0f}%"
+                f" {first}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

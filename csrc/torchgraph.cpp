@@ -1,0 +1,55 @@
+// The torchgraph operator library: every schema lives here, in the one
+// TORCH_LIBRARY block the namespace may have. Kernels register themselves per
+// device in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) kernels and
+// autograd formulas are registered from Python in torchgraph/ops.py.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// NOTE: [Empty _C module]
+// torchgraph._C exposes no Python functions. Importing it only loads this
+// shared library so that the static initialisers below (TORCH_LIBRARY and the
+// TORCH_LIBRARY_IMPL blocks) register the ops with the dispatcher. No pybind11
+// is involved, which keeps the module abi3 (Py_LIMITED_API) compatible.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",    // m_name
+      nullptr, // m_doc
+      -1,      // m_size
+      nullptr, // m_methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(torchgraph, m) {
+  // y = act(x + bias), bias broadcast along `dim` (-1: linear epilogue,
+  // 1: NCHW conv epilogue). act: "none", "relu", "gelu", "gelu_tanh", "silu".
+  m.def("bias_act(Tensor x, Tensor bias, str act, int dim=-1) -> Tensor");
+  // -> (grad_x, grad_bias)
+  m.def(
+      "bias_act_backward(Tensor grad, Tensor x, Tensor bias, str act, int dim) "
+      "-> (Tensor, Tensor)");
+
+  // relu(a + b) for same-shape a and b (residual add of a ResNet block).
+  m.def("add_relu(Tensor a, Tensor b) -> Tensor");
+  // -> grad for both a and b, given the forward output `out`.
+  m.def("add_relu_backward(Tensor grad, Tensor out) -> Tensor");
+
+  // residual_out = x + residual; out = layer_norm(residual_out) over the last dim.
+  // -> (out, residual_out)
+  m.def(
+      "add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, "
+      "float eps=1e-05) -> (Tensor, Tensor)");
+  // -> (grad of x (== grad of residual), grad_weight, grad_bias)
+  m.def(
+      "add_layer_norm_backward(Tensor grad_out, Tensor? grad_residual_out, "
+      "Tensor residual_out, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
+
+  // max_pool2d without the indices output (inference only, no backward).
+  m.def(
+      "max_pool2d_inference(Tensor x, int[2] kernel_size, int[2] stride=[], "
+      "int[2] padding=0, int[2] dilation=1, bool ceil_mode=False) -> Tensor");
+}

@@ -1,0 +1,693 @@
+"""Tests for torchgraph.ops: fused kernels vs their pure-PyTorch references."""
+
+import doctest
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchgraph._extension as extension
+import torchgraph.ops as ops
+
+needs_c_ops = pytest.mark.skipif(not extension.HAS_C_OPS, reason="torchgraph._C is not built")
+
+# bfloat16 kernels compute in float and round once; the references round each
+# intermediate (e.g. x + bias) to bfloat16, hence a couple of bf16 ulps.
+TOLERANCES = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2},
+}
+SHAPES = [(7, 13), (1, 1), (3, 1027)]
+
+
+def cpu_and_cuda():
+    """Device parameters: cpu always, cuda only where a GPU is visible."""
+    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="requires CUDA")
+    return ("cpu", pytest.param("cuda", marks=needs_cuda))
+
+
+def kernel_devices():
+    """Devices with compiled kernels (for the tests that call torch.ops directly)."""
+    needs_cuda_kernels = pytest.mark.skipif(
+        "cuda" not in ops._KERNEL_DEVICES, reason="requires CUDA and CUDA kernels"
+    )
+    return ("cpu", pytest.param("cuda", marks=needs_cuda_kernels))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Same random inputs on every run, so tolerance checks cannot flake."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def path(request, monkeypatch):
+    """Runs a test through the compiled kernels and again through the reference fallback."""
+    if request.param == "kernel":
+        if not extension.HAS_C_OPS:
+            pytest.skip("torchgraph._C is not built")
+    else:
+        monkeypatch.setattr(extension, "HAS_C_OPS", False)
+    return request.param
+
+
+def randn(*shape, device="cpu", dtype=torch.float32, requires_grad=False):
+    return torch.randn(*shape, device=device, dtype=dtype, requires_grad=requires_grad)
+
+
+def grads(outputs, inputs):
+    """Gradients of sum(output * fixed random weights) w.r.t. inputs."""
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    gen = torch.Generator().manual_seed(0)
+    loss = sum(
+        (o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outputs
+    )
+    return torch.autograd.grad(loss, inputs)
+
+
+def assert_close(actual, expected, dtype):
+    torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
+
+
+def leaf_copies(*tensors):
+    """Fresh leaf copies of tensors, so op and reference get independent graphs."""
+    return [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+
+
+# ---------------------------------------------------------------------------- bias_act
+
+BIAS_ACT_CASES = [  # (x shape, dim)
+    *[(shape, -1) for shape in SHAPES],
+    ((2, 5, 9, 11), 1),  # NCHW conv epilogue
+    ((2, 3, 1, 1), 1),
+    ((4, 3, 5), 0),
+]
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ops.ACTIVATIONS)
+@pytest.mark.parametrize("shape, dim", BIAS_ACT_CASES)
+def test_bias_act_matches_reference(device, dtype, act, shape, dim):
+    """bias_act and its gradients match reference_bias_act."""
+    x = randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    bias = randn(shape[dim], device=device, dtype=dtype, requires_grad=True)
+    out = ops.bias_act(x, bias, act, dim)
+    x_ref, bias_ref = leaf_copies(x, bias)
+    expected = ops.reference_bias_act(x_ref, bias_ref, act, dim)
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert_close(out, expected, dtype)
+    # bf16: grad_bias sums hundreds of terms that the reference rounds one by one
+    grad_tol = TOLERANCES[dtype] if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
+    for got, want in zip(grads(out, (x, bias)), grads(expected, (x_ref, bias_ref))):
+        torch.testing.assert_close(got, want, **grad_tol)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_bias_act_float32_accuracy_over_range(device, act):
+    """float32 values and gradients stay within a few ulps of float64 over [-10, 10]."""
+    z = torch.linspace(-10, 10, 20011, device=device).reshape(1, -1)
+    zero = torch.zeros(z.shape[-1], device=device)
+    z64 = z.double().requires_grad_()
+    exact = ops.reference_bias_act(z64, zero.double(), act)
+    (exact_grad,) = torch.autograd.grad(exact.sum(), z64)
+    z32 = z.clone().requires_grad_()
+    out = ops.bias_act(z32, zero, act)
+    (grad,) = torch.autograd.grad(out.sum(), z32)
+    torch.testing.assert_close(out.double(), exact.detach(), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(grad.double(), exact_grad, atol=2e-6, rtol=1e-6)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_bias_act_non_contiguous_inputs(device):
+    """Transposed x and a strided bias give the reference's values."""
+    x = randn(13, 7, device=device).t()
+    bias = randn(26, device=device)[::2]
+    out = ops.bias_act(x, bias, "gelu")
+    assert_close(out, ops.reference_bias_act(x, bias, "gelu"), torch.float32)
+    assert out.is_contiguous()
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_bias_act_channels_last_keeps_layout(device):
+    """A channels_last conv output keeps its layout and gets the per-channel bias."""
+    x = randn(2, 6, 5, 7, device=device).to(memory_format=torch.channels_last)
+    bias = randn(6, device=device)
+    out = ops.bias_act(x, bias, "silu", dim=1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, F.silu(x + bias[:, None, None]), torch.float32)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize(
+    "shape, dim, act, channels_last",
+    [
+        ((7, 13), -1, "gelu", False),
+        ((2, 5, 3, 4), 1, "relu", False),
+        ((2, 5, 3, 4), 1, "silu", True),
+    ],
+)
+def test_bias_act_opcheck(device, shape, dim, act, channels_last):
+    """torch.library.opcheck passes (schema, fake kernel, autograd registration, AOT)."""
+    x = randn(*shape, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    bias = randn(shape[dim], device=device, requires_grad=True)
+    args = (x.requires_grad_(), bias, act, dim)
+    torch.library.opcheck(torch.ops.torchgraph.bias_act.default, args)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("act", ops.ACTIVATIONS)
+@pytest.mark.parametrize("shape, dim", [((3, 5), -1), ((2, 3, 2, 3), 1)])
+def test_bias_act_gradcheck(device, act, shape, dim):
+    """Gradients of bias_act pass gradcheck in double precision."""
+    x = randn(*shape, device=device, dtype=torch.float64, requires_grad=True)
+    bias = randn(shape[dim], device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: ops.bias_act(x, b, act, dim), (x, bias))
+
+
+@pytest.mark.parametrize(
+    "x_shape, bias_shape, kwargs, match",
+    [
+        ((4, 8), (8,), {"act": "tanh"}, r"bias_act: act must be one of .*got 'tanh'"),
+        (
+            (4, 8),
+            (4,),
+            {"act": "relu"},
+            r"bias_act: bias must have shape \[8\] \(x.size\(-1\)\), got \[4\]",
+        ),
+        (
+            (4, 8),
+            (8,),
+            {"act": "relu", "dim": 2},
+            r"bias_act: dim must be in \[-2, 1\] for x of shape \[4, 8\], got 2",
+        ),
+        ((4, 8), (1, 8), {"act": "relu"}, r"bias_act: bias must have shape \[8\]"),
+    ],
+)
+def test_bias_act_bad_inputs_raise(path, x_shape, bias_shape, kwargs, match):
+    """Bad arguments raise the same message through the kernel and the reference."""
+    with pytest.raises(RuntimeError, match=match):
+        ops.bias_act(torch.randn(x_shape), torch.randn(bias_shape), **kwargs)
+
+
+def test_bias_act_bias_dtype_mismatch_raises(path):
+    """A bias with another dtype than x is rejected (no silent promotion)."""
+    with pytest.raises(RuntimeError, match=r"bias_act: bias dtype must equal x dtype"):
+        ops.bias_act(torch.randn(4, 8), torch.randn(8, dtype=torch.float64), "relu")
+
+
+# ---------------------------------------------------------------------------- add_relu
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 5, 9, 11)])
+def test_add_relu_matches_reference(device, dtype, shape):
+    """add_relu and its gradients match reference_add_relu."""
+    a = randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    b = randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    out = ops.add_relu(a, b)
+    a_ref, b_ref = leaf_copies(a, b)
+    expected = ops.reference_add_relu(a_ref, b_ref)
+    assert_close(out, expected, dtype)
+    for got, want in zip(grads(out, (a, b)), grads(expected, (a_ref, b_ref))):
+        assert_close(got, want, dtype)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_add_relu_non_contiguous_and_channels_last(device):
+    """Sliced inputs are handled; a channels_last input keeps its layout."""
+    a = randn(8, 26, device=device)[:, ::2]
+    b = randn(13, 8, device=device).t()
+    assert_close(ops.add_relu(a, b), torch.relu(a + b), torch.float32)
+    a4 = randn(2, 4, 3, 5, device=device).to(memory_format=torch.channels_last)
+    b4 = randn(2, 4, 3, 5, device=device)  # other layout: copied to a's
+    out = ops.add_relu(a4, b4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, torch.relu(a4 + b4), torch.float32)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_add_relu_propagates_nan(device):
+    """NaN in the sum stays NaN, as with torch.relu."""
+    a = torch.tensor([float("nan"), -1.0, 2.0], device=device)
+    out = ops.add_relu(a, torch.zeros(3, device=device))
+    assert torch.isnan(out[0]) and out[1:].tolist() == [0.0, 2.0]
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_add_relu_opcheck(device, channels_last):
+    """torch.library.opcheck passes for add_relu."""
+    a, b = randn(2, 3, 4, 5, device=device), randn(2, 3, 4, 5, device=device)
+    if channels_last:
+        a = a.to(memory_format=torch.channels_last)
+    torch.library.opcheck(
+        torch.ops.torchgraph.add_relu.default, (a.requires_grad_(), b.requires_grad_())
+    )
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_add_relu_gradcheck(device):
+    """Gradients of add_relu pass gradcheck in double precision."""
+    a = randn(4, 7, device=device, dtype=torch.float64, requires_grad=True)
+    b = randn(4, 7, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.add_relu, (a, b))
+
+
+@pytest.mark.parametrize(
+    "b, match",
+    [
+        (
+            torch.randn(1, 8),
+            r"add_relu: b must have a's shape \[4, 8\], got \[1, 8\] "
+            r"\(add_relu does not broadcast\)",
+        ),
+        (torch.randn(4, 8, dtype=torch.float64), r"add_relu: b dtype must equal a dtype"),
+    ],
+)
+def test_add_relu_bad_inputs_raise(path, b, match):
+    """Mismatched shapes or dtypes raise the same message on both paths."""
+    with pytest.raises(RuntimeError, match=match):
+        ops.add_relu(torch.randn(4, 8), b)
+
+
+# ---------------------------------------------------------------------------- add_layer_norm
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 3, 64)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_add_layer_norm_matches_reference(device, dtype, shape, affine):
+    """add_layer_norm's two outputs and all gradients match the reference."""
+    x = randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    residual = randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    params = []
+    if affine:
+        params = [
+            randn(shape[-1], device=device, dtype=dtype, requires_grad=True) for _ in range(2)
+        ]
+    out = ops.add_layer_norm(x, residual, *params, eps=1e-5)
+    inputs_ref = leaf_copies(x, residual, *params)
+    expected = ops.reference_add_layer_norm(*inputs_ref, eps=1e-5)
+    for got, want in zip(out, expected):
+        assert_close(got, want, dtype)
+    if dtype == torch.bfloat16:
+        return  # see test_add_layer_norm_bfloat16_gradients_near_float
+    # gradients scale with rstd (316 for a constant row), so rounding noise grows too
+    for got, want in zip(grads(out, (x, residual, *params)), grads(expected, inputs_ref)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_add_layer_norm_bfloat16_gradients_near_float(device):
+    """bfloat16 gradients stay close to the float32 gradients of the same inputs."""
+    x, residual, weight = (
+        randn(*shape, device=device, requires_grad=True) for shape in [(8, 64), (8, 64), (64,)]
+    )
+    ref_grads = grads(ops.add_layer_norm(x, residual, weight), (x, weight))
+    low = [t.detach().bfloat16().requires_grad_() for t in (x, residual, weight)]
+    got = grads(ops.add_layer_norm(*low), (low[0], low[2]))
+    for g, r in zip(got, ref_grads):
+        torch.testing.assert_close(g.float(), r, atol=5e-2, rtol=5e-2)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_add_layer_norm_non_contiguous_inputs(device):
+    """Transposed and sliced inputs give the reference's values."""
+    x = randn(33, 5, device=device).t()
+    residual = randn(5, 66, device=device)[:, ::2]
+    weight = randn(66, device=device)[::2]
+    out, residual_out = ops.add_layer_norm(x, residual, weight, None)
+    expected_out, expected_residual = ops.reference_add_layer_norm(x, residual, weight, None)
+    assert_close(out, expected_out, torch.float32)
+    assert_close(residual_out, expected_residual, torch.float32)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_add_layer_norm_grad_through_one_output(device):
+    """Using only one of the two outputs still gives the right gradients."""
+    x, residual, weight, bias = (
+        randn(*shape, device=device, requires_grad=True)
+        for shape in [(4, 16), (4, 16), (16,), (16,)]
+    )
+    for pick in (0, 1):
+        out = ops.add_layer_norm(x, residual, weight, bias)[pick]
+        expected = ops.reference_add_layer_norm(x, residual, weight, bias)[pick]
+        got = grads(out, (x, residual))
+        want = grads(expected, (x, residual))
+        for g, w in zip(got, want):
+            assert_close(g, w, torch.float32)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("affine", [True, False])
+def test_add_layer_norm_opcheck(device, affine):
+    """torch.library.opcheck passes for add_layer_norm."""
+    x, residual = randn(3, 2, 10, device=device), randn(3, 2, 10, device=device)
+    params = [None, None]
+    if affine:
+        params = [randn(10, device=device, requires_grad=True) for _ in range(2)]
+    torch.library.opcheck(
+        torch.ops.torchgraph.add_layer_norm.default,
+        (x.requires_grad_(), residual.requires_grad_(), *params, 1e-5),
+    )
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_add_layer_norm_gradcheck(device):
+    """Gradients of add_layer_norm (both outputs) pass gradcheck in double precision."""
+    inputs = [
+        randn(*shape, device=device, dtype=torch.float64, requires_grad=True)
+        for shape in [(3, 7), (3, 7), (7,), (7,)]
+    ]
+    assert torch.autograd.gradcheck(lambda *t: ops.add_layer_norm(*t, eps=1e-5), inputs)
+
+
+@pytest.mark.parametrize(
+    "residual_shape, weight_shape, eps, match",
+    [
+        ((4, 9), (8,), 1e-5, r"residual must have x's shape \[4, 8\], got \[4, 9\]"),
+        ((4, 8), (4,), 1e-5, r"weight must have shape \[8\] \(x.size\(-1\)\), got \[4\]"),
+        ((4, 8), (8,), -1.0, r"eps must be non-negative, got -1"),
+    ],
+)
+def test_add_layer_norm_bad_inputs_raise(path, residual_shape, weight_shape, eps, match):
+    """Mismatched shapes or a negative eps raise the same message on both paths."""
+    x, residual, weight = torch.randn(4, 8), torch.randn(residual_shape), torch.randn(weight_shape)
+    with pytest.raises(RuntimeError, match="add_layer_norm: " + match):
+        ops.add_layer_norm(x, residual, weight, None, eps)
+
+
+# ---------------------------------------------------------------------------- max_pool2d_inference
+
+POOL_CASES = [  # (input shape, kwargs)
+    ((2, 3, 32, 32), {"kernel_size": 3, "stride": 2, "padding": 1}),  # ResNet stem
+    ((1, 2, 7, 13), {"kernel_size": 2}),
+    ((3, 7, 13), {"kernel_size": 3, "stride": 1, "padding": 1}),  # 3-D input
+    (
+        (2, 2, 9, 10),
+        {
+            "kernel_size": (3, 2),
+            "stride": (2, 1),
+            "padding": (1, 0),
+            "dilation": (2, 1),
+            "ceil_mode": True,
+        },
+    ),
+    ((1, 1, 1, 1), {"kernel_size": 1}),
+    ((1, 40, 57, 75), {"kernel_size": 3, "stride": 2, "padding": 1}),  # whole vector steps + tails
+]
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape, kwargs", POOL_CASES)
+def test_max_pool2d_inference_matches_reference(device, dtype, channels_last, shape, kwargs):
+    """Values (exact) and output layout match F.max_pool2d."""
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last needs a 4-D input")
+    x = randn(*shape, device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = ops.max_pool2d_inference(x, **kwargs)
+    expected = ops.reference_max_pool2d_inference(x, **kwargs)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    if channels_last and x.shape[1] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_max_pool2d_inference_non_contiguous_and_nan(device):
+    """A sliced input is handled and NaN propagates like F.max_pool2d."""
+    x = randn(2, 3, 12, 20, device=device)[:, :, :, ::2]
+    x[0, 0, 0, 0] = float("nan")
+    out = ops.max_pool2d_inference(x, 3, 2, 1)
+    torch.testing.assert_close(out, F.max_pool2d(x, 3, 2, 1), equal_nan=True)
+    assert torch.isnan(out[0, 0, 0, 0])
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool2d_inference_opcheck(device, channels_last):
+    """torch.library.opcheck passes for max_pool2d_inference (no-grad inputs)."""
+    x = randn(2, 3, 9, 8, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    torch.library.opcheck(
+        torch.ops.torchgraph.max_pool2d_inference.default, (x, [3, 3], [2, 2], [1, 1], [1, 1], True)
+    )
+
+
+@needs_c_ops
+def test_max_pool2d_inference_backward_raises():
+    """The forward works on inputs that require grad; asking for a gradient raises."""
+    x = randn(1, 2, 6, 6, requires_grad=True)
+    out = ops.max_pool2d_inference(x, 2)
+    with pytest.raises(RuntimeError, match="max_pool2d_inference has no backward"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "shape, args, match",
+    [
+        ((2, 8, 8), (3, 1, 2), r"padding must be non-negative and at most half of kernel_size, "
+         r"got padding=\[2, 2\]"),
+        ((8, 8), (2,), r"x must be 3-D \(C, H, W\) or 4-D \(N, C, H, W\) with non-zero C, H, W, "
+         r"got shape \[8, 8\]"),
+        ((1, 1, 2, 2), (3, 1, 0), r"output size 0x0 is too small for input of shape \[1, 1, 2, "),
+        ((1, 1, 4, 4), (0,), r"kernel_size, stride and dilation must be positive"),
+    ],
+)
+def test_max_pool2d_inference_bad_inputs_raise(path, shape, args, match):
+    """Invalid pooling arguments raise the same message on both paths."""
+    with pytest.raises(RuntimeError, match=match):
+        ops.max_pool2d_inference(torch.randn(shape), *args)
+
+
+# ---------------------------------------------------------------------------- all ops
+
+
+@needs_c_ops
+@pytest.mark.parametrize(
+    "op, shapes, extra",
+    [
+        (ops.bias_act, [(300, 1024), (1024,)], ("gelu", -1)),
+        (ops.bias_act, [(8, 64, 32, 32), (64,)], ("silu", 1)),
+        (ops.add_layer_norm, [(300, 512), (300, 512), (512,), (512,)], ()),
+    ],
+)
+def test_parallel_column_sums_match_reference_and_repeat(op, shapes, extra):
+    """Sizes large enough to split bias/weight gradients over threads: right and reproducible."""
+    inputs = [randn(*s, requires_grad=True) for s in shapes]
+    reference = ops.reference_for(op)
+    got = grads(op(*inputs, *extra), inputs)
+    again = grads(op(*inputs, *extra), inputs)
+    ref_inputs = leaf_copies(*inputs)
+    want = grads(reference(*ref_inputs, *extra), ref_inputs)
+    for g, a, w in zip(got, again, want):
+        assert torch.equal(g, a)
+        torch.testing.assert_close(g, w, atol=1e-3, rtol=1e-4)
+
+
+@needs_c_ops
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("bias_act", ((2, 5, 4, 4), (5,), "gelu", 1)),
+        ("bias_act", ((4, 8), (8,), "silu")),
+        ("add_relu", ((4, 8), (4, 8))),
+        ("add_layer_norm", ((4, 8), (4, 8), (8,), (8,), 1e-5)),
+        ("max_pool2d_inference", ((1, 2, 8, 8), [3, 3], [2, 2], [1, 1])),
+    ],
+)
+def test_reference_for_swaps_op_for_same_result(name, args):
+    """reference_for(op) takes the op's exact arguments and returns the same values."""
+    op = getattr(torch.ops.torchgraph, name).default
+    args = [torch.randn(a) if isinstance(a, tuple) else a for a in args]
+    reference = ops.reference_for(op)
+    assert reference is ops.reference_for(op.name()) is ops.REFERENCES[op.name()]
+    torch.testing.assert_close(op(*args), reference(*args))
+
+
+def test_reference_for_accepts_packets_wrappers_and_names():
+    """reference_for maps every spelling of an op to its reference, and others to None."""
+    assert ops.reference_for("add_relu") is ops.reference_add_relu
+    assert ops.reference_for(ops.max_pool2d_inference) is ops.reference_max_pool2d_inference
+    if extension.HAS_C_OPS:
+        assert ops.reference_for(torch.ops.torchgraph.bias_act) is ops.reference_bias_act
+    assert ops.reference_for(torch.ops.aten.relu.default) is None
+    assert ops.reference_for(len) is None
+
+
+class _Block(torch.nn.Module):
+    """Uses every op: conv-style epilogue, residual add, pooling, pre-LN add."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(4))
+        self.ln_weight = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x, skip):
+        y = ops.bias_act(x, self.bias, "relu", dim=1)
+        y = ops.add_relu(y, skip)
+        y = ops.max_pool2d_inference(y, 3, 2, 1)
+        tokens = y.flatten(2).transpose(1, 2)  # (N, HW, C)
+        out, stream = ops.add_layer_norm(tokens, tokens, self.ln_weight, None)
+        return ops.bias_act(out, self.bias, "gelu") + stream
+
+
+def _block_inputs():
+    return torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+
+
+@needs_c_ops
+def test_compile_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True) traces the wrappers without graph breaks."""
+    torch._dynamo.reset()
+    block = _Block().eval()
+    inputs = _block_inputs()
+    with torch.no_grad():
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(*inputs), block(*inputs))
+
+
+@needs_c_ops
+def test_export_keeps_fused_ops():
+    """torch.export records each fused op as one node and the program runs."""
+    block = _Block().eval()
+    inputs = _block_inputs()
+    with torch.no_grad():
+        program = torch.export.export(block, inputs)
+        targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+        assert {
+            torch.ops.torchgraph.bias_act.default,
+            torch.ops.torchgraph.add_relu.default,
+            torch.ops.torchgraph.max_pool2d_inference.default,
+            torch.ops.torchgraph.add_layer_norm.default,
+        } <= targets
+        torch.testing.assert_close(program.module()(*inputs), block(*inputs))
+
+
+@needs_c_ops
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: torch.ops.torchgraph.bias_act(x, x[0], "gelu"),
+        lambda x: torch.ops.torchgraph.add_relu(x, x),
+        lambda x: torch.ops.torchgraph.add_layer_norm(x, x, None, None),
+        lambda x: torch.ops.torchgraph.max_pool2d_inference(x, [2, 2]),
+    ],
+)
+def test_symbolic_trace_records_one_node(call):
+    """torch.fx.symbolic_trace records a torchgraph op as a single call_function node."""
+
+    class Module(torch.nn.Module):
+        def forward(self, x):
+            return call(x)
+
+    graph = torch.fx.symbolic_trace(Module()).graph
+    fused = [n for n in graph.nodes if n.op == "call_function" and "torchgraph" in str(n.target)]
+    assert len(fused) == 1
+
+
+def test_reference_fallback_when_c_ops_disabled(monkeypatch):
+    """With HAS_C_OPS off the wrappers run the references (standard autograd nodes)."""
+    monkeypatch.setattr(extension, "HAS_C_OPS", False)
+    torch._dynamo.reset()  # compiled frames guard on the flag; start clean
+    x = randn(3, 8, requires_grad=True)
+    bias = randn(8, requires_grad=True)
+    out = ops.bias_act(x, bias, "gelu")
+    assert "Gelu" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, F.gelu(x + bias))
+    out, residual_out = ops.add_layer_norm(x, x, bias, bias)
+    assert "LayerNorm" in type(out.grad_fn).__name__
+    assert "Relu" in type(ops.add_relu(x, x).grad_fn).__name__
+    pooled = ops.max_pool2d_inference(x[None, None], 2)
+    pooled.sum().backward()  # the reference is differentiable
+    assert x.grad is not None
+
+
+@needs_c_ops
+def test_kernel_path_is_used_when_available():
+    """With HAS_C_OPS on, the wrappers dispatch to the compiled ops."""
+    x = randn(3, 8, requires_grad=True)
+    out = ops.bias_act(x, randn(8), "gelu")
+    assert "torchgraph_bias_act" in type(out.grad_fn).__name__
+
+
+@needs_c_ops
+def test_float16_goes_to_reference():
+    """Dtypes without a kernel (float16) use the reference; the raw op rejects them."""
+    x, bias = torch.randn(4, 8, dtype=torch.float16), torch.randn(8, dtype=torch.float16)
+    torch.testing.assert_close(ops.bias_act(x, bias, "relu"), torch.relu(x + bias))
+    message = "bias_act: x must be float32, float64 or bfloat16, got Half"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.torchgraph.bias_act(x, bias, "relu")
+
+
+def test_load_failure_warns_with_build_hint(monkeypatch):
+    """A failed import of _C is reported once, with the reason and the build command."""
+
+    def fail(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(extension.importlib, "import_module", fail)
+    monkeypatch.delenv(extension.DISABLE_ENV_VAR, raising=False)
+    with pytest.warns(RuntimeWarning, match=r"torchgraph\._C.*python setup.py build_ext --inplace"):
+        loaded, reason = extension._load_c_ops()
+    assert not loaded and "No module named" in reason
+
+
+def test_env_var_disables_c_ops_silently():
+    """TORCHGRAPH_DISABLE_C_OPS=1 forces the references and warns nothing."""
+    code = (
+        "import warnings; warnings.simplefilter('error'); "
+        "import torchgraph.ops as ops, torchgraph._extension as e; "
+        "import torch; x = torch.randn(2, 3); "
+        "assert not e.HAS_C_OPS and ops.add_relu(x, x).equal(torch.relu(x + x)); print('ok')"
+    )
+    env = {**os.environ, extension.DISABLE_ENV_VAR: "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_docstring_examples_run():
+    """The Example sections of torchgraph.ops run as doctests."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = doctest.testmod(ops, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
