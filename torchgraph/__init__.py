@@ -42,6 +42,7 @@ __all__ = [
     "SymbolicTensor",
     "model_to_dot",
     "name",
+    "ops",
     "plot_model",
     "Sequential",
     "__version__",
