@@ -14,13 +14,7 @@ from torchgraph.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models train faster on one thread, and far faster when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _model():
     x = tg.Input(shape=(4,))

@@ -2,7 +2,6 @@
 
 import copy
 import doctest
-import functools
 import pickle
 
 import pytest
@@ -11,23 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchgraph as tg
+from shared_models import multi_io_model
 import torchgraph.describe
 import torchgraph.summary
 from torchgraph.summary import format_summary
-
-
-@functools.lru_cache(maxsize=None)  # built once (never mutated by the tests)
-def multi_io_model():
-    """Two named inputs, dict outputs, a shared Linear, an LSTM (tuple output), torch functions."""
-    img = tg.Input(shape=(3, 32, 32), name="img")
-    tokens = tg.Input(shape=(8,), dtype=torch.long, name="tokens")  # static: LSTM on meta is slow
-    shared = nn.Linear(16, 16)
-    h = F.relu(nn.Conv2d(3, 16, 3)(img)).mean(dim=(2, 3))
-    seq, _ = nn.LSTM(16, 16, batch_first=True)(nn.Embedding(100, 16)(tokens))
-    a = shared(h)
-    b = shared(seq[:, -1])
-    logits = nn.Linear(32, 10)(torch.cat([a, b], dim=1))
-    return tg.Model({"img": img, "tokens": tokens}, {"logits": logits, "feat": a}, name="Multi")
 
 
 MULTI_IO_SUMMARY = """\

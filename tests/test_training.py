@@ -18,13 +18,7 @@ import torchgraph as tg
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models train faster on one thread, and far faster when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _mlp(in_features=4, classes=3, dropout=0.0):
     x = tg.Input(shape=(in_features,))

@@ -60,14 +60,14 @@ def clone_model(model, clone_function: Callable[[nn.Module], nn.Module] | None =
             return Ref(a.target if a.op == "placeholder" else a.name)
         return a
 
-    from .recording import tree_map
+    from .recording import plain_containers, tree_map
 
     for node in model.graph.nodes:
         if node.op == "placeholder":
             spec = node.meta["tg_spec"]
             inputs.append((node.target, tuple(spec.shape[1:]), spec.dtype))
         elif node.op == "output":
-            outputs = tree_map(ref, _plain(node.args[0]))
+            outputs = tree_map(ref, plain_containers(node.args[0]))
         elif node.op == "get_attr":
             if node.target not in copied:
                 copied[node.target] = _copy_tensor(_get_attr(model, node.target))
@@ -79,8 +79,8 @@ def clone_model(model, clone_function: Callable[[nn.Module], nn.Module] | None =
                     layers[target] = _replacement(model.get_submodule(target), clone_function,
                                                   f"tg.clone_model: layer '{target}'")
                 target = layers[target]
-            args = tree_map(ref, _plain(tuple(node.args)))
-            kwargs = tree_map(ref, _plain(dict(node.kwargs)))
+            args = tree_map(ref, plain_containers(tuple(node.args)))
+            kwargs = tree_map(ref, plain_containers(dict(node.kwargs)))
             nodes.append((node.op, node.name, target, args, kwargs))
     # New layers get the original names; a layer returned as-is keeps whatever name it has.
     fresh = {n: m for n, m in layers.items() if m is not model.get_submodule(n)}
@@ -89,15 +89,6 @@ def clone_model(model, clone_function: Callable[[nn.Module], nn.Module] | None =
     return clone
 
 
-def _plain(obj):
-    """fx's immutable containers as plain lists/dicts (the replayed calls get ordinary arguments)."""
-    if isinstance(obj, list):
-        return [_plain(o) for o in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_plain(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
 
 
 def _copy_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
 from . import distributed as tgdist
-from .recording import tree_leaves, tree_map
+from .recording import plain_containers, tree_leaves, tree_map
 
 __all__ = ["IOInfo", "io_info", "flatten_inputs", "flatten_targets", "flatten_outputs", "pack_outputs",
            "TensorBatches", "LoaderBatches", "make_batches", "split_validation"]
@@ -52,20 +52,11 @@ def io_info(model: torch.nn.Module) -> IOInfo:
         return IOInfo(("input",), "single", (None,), ("output",), "single")
     specs = {n.name: n.meta.get("tg_spec") for n in model.graph.nodes if n.op == "placeholder"}
     dtypes = tuple(getattr(specs.get(name), "dtype", None) for name in meta["input_names"])
-    template = _plain(next(n for n in reversed(model.graph.nodes) if n.op == "output").args[0])
+    template = plain_containers(next(n for n in reversed(model.graph.nodes) if n.op == "output").args[0])
     return IOInfo(tuple(meta["input_names"]), meta["input_kind"], dtypes, tuple(model.output_names),
                   meta["output_kind"], template)
 
 
-def _plain(obj):
-    """fx's immutable_list/immutable_dict as plain list/dict (so rebuilt outputs have the user's types)."""
-    if isinstance(obj, list):
-        return [_plain(o) for o in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_plain(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
 
 
 def _to_tensor(a: Any, what: str, want_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from . import messages
 from .errors import GraphBuildError
 from .symbolic import Record, SymbolicInt, SymbolicShape, SymbolicTensor, Value
 
-__all__ = ["dispatch", "record_int_op", "setitem"]
+__all__ = ["dispatch", "plain_containers", "record_int_op", "setitem", "tree_leaves", "tree_map"]
 
 # --------------------------------------------------------------------------------------------
 # Names and classification of torch functions
@@ -136,6 +136,17 @@ def tree_map(fn, obj):
     if t is slice:
         return slice(tree_map(fn, obj.start), tree_map(fn, obj.stop), tree_map(fn, obj.step))
     return fn(obj)
+
+
+def plain_containers(obj):
+    """fx's immutable_list/immutable_dict (and other list/dict subclasses) as plain lists/dicts."""
+    if isinstance(obj, list):
+        return [plain_containers(o) for o in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(plain_containers(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: plain_containers(v) for k, v in obj.items()}
+    return obj
 
 
 def tree_leaves(obj, path=()):
