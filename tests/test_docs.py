@@ -3,12 +3,14 @@
 import doctest
 import importlib
 import pathlib
+import pkgutil
 import re
 
 import pytest
 
-MODULES = ["torchgraph", "torchgraph.errors", "torchgraph.symbolic", "torchgraph.naming", "torchgraph.model",
-           "torchgraph.applications"]
+MODULES = ["torchgraph"] + sorted(
+    f"torchgraph.{m.name}" for m in pkgutil.iter_modules(importlib.import_module("torchgraph").__path__)
+    if not m.name.startswith("_"))
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -20,7 +22,7 @@ def test_docstring_examples(name):
     assert result.failed == 0, f"{result.failed} doctest failures in {name}"
 
 
-@pytest.mark.parametrize("page", ["docs/core.md"])
+@pytest.mark.parametrize("page", ["docs/core.md", "docs/kernels.md"])
 def test_python_blocks_in_docs_run(page):
     """The ```python blocks of the core docs page run top to bottom."""
     text = (ROOT / page).read_text()
