@@ -22,7 +22,7 @@ def test_docstring_examples(name):
     assert result.failed == 0, f"{result.failed} doctest failures in {name}"
 
 
-@pytest.mark.parametrize("page", ["docs/core.md", "docs/kernels.md"])
+@pytest.mark.parametrize("page", ["docs/core.md"])
 def test_python_blocks_in_docs_run(page):
     """The ```python blocks of the core docs page run top to bottom."""
     text = (ROOT / page).read_text()

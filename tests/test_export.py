@@ -368,7 +368,7 @@ def test_docstring_examples():
     assert result.attempted > 0 and result.failed == 0
 
 
-@pytest.mark.parametrize("page", ["docs/export.md", "docs/README_export_section.md"])
+@pytest.mark.parametrize("page", ["docs/export.md"])
 def test_docs_python_blocks_run(page, tmp_path, monkeypatch, capsys):
     """The ```python blocks of the export docs run top to bottom (in a scratch directory)."""
     import pathlib
