@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from . import ops
@@ -88,6 +89,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     Returns:
         A tensor of shape ``(..., out_features)``.
     """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
+        return x.tracer.create_proxy("call_function", linear_act, (x, weight, bias, act), {})
     if x.dim() >= 2 and use_onednn(x, weight, bias):
         attr, algorithm = ONEDNN_ACTIVATIONS[act]
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
@@ -112,6 +115,9 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     Returns:
         The activated convolution output.
     """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
+        args = (x, weight, bias, stride, padding, dilation, groups, act)
+        return x.tracer.create_proxy("call_function", conv2d_act, args, {})
     if x.dim() == 4 and use_onednn(x, weight, bias):
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
