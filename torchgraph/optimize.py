@@ -73,19 +73,31 @@ def optimize(model: Model, inference: bool = True) -> Model:
         raise TypeError(f"tg.optimize: expected a tg.Model; received {type(model).__name__}. Build the "
                         "model with tg.Model(inputs, outputs) (or wrap it: x = tg.Input(...); "
                         "tg.Model(x, module(x))).")
-    root = copy.deepcopy(model)
+    # NOTE: [Copy once] With inference=True, the passes replace every Conv2d weight by a new tensor
+    # (folded, or channels_last), so copying it first would copy ~90% of a ResNet's bytes twice:
+    # deepcopy shares those weights, and _unshare copies whatever a pass did not replace.
+    shared = {id(m.weight): m.weight for m in model.modules() if type(m) is nn.Conv2d} if inference else {}
+    root = copy.deepcopy(model, dict(shared))
     graph = root.graph
     if inference:
         root.eval()
         passes.fold_batchnorm(root, graph)
     passes.fuse_linear_act(root, graph)
-    passes.fuse_conv_act(root, graph, channels_last=inference)
+    passes.fuse_conv_act(root, graph, channels_last=inference, shared=set(shared))
+    _unshare(root, set(shared))
     passes.fuse_add_layer_norm(root, graph)
     passes.fuse_add_relu(root, graph)
     if inference:
         passes.use_inference_max_pool(root, graph)
         passes.keep_layout_local(root, graph)
     return _rebuild(root, graph)
+
+
+def _unshare(root: nn.Module, shared: set) -> None:
+    for module in root.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in shared:
+                setattr(module, name, nn.Parameter(param.detach().clone(), param.requires_grad))
 
 
 def _rebuild(root: Model, graph: fx.Graph) -> Model:

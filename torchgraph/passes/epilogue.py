@@ -47,10 +47,11 @@ def fuse_linear_act(root: nn.Module, graph: fx.Graph) -> int:
     return count
 
 
-def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool) -> int:
+def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool, shared: set = frozenset()) -> int:
     """``act(conv2d(x))`` (and a bare ``conv2d(x)``) -> ``fused.conv2d_act(x, w, b, ..., act)``.
 
-    With ``channels_last`` the weights are stored channels_last (inference: oneDNN's fast layout).
+    With ``channels_last`` the weights are stored channels_last (inference: oneDNN's fast layout),
+    in new tensors when their ``id`` is in ``shared`` (weights still shared with the original model).
     Convolutions with string padding or a non-zero padding mode stay as they are.
     """
     count = 0
@@ -59,9 +60,13 @@ def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool) -> int:
         if (type(conv) is not nn.Conv2d or len(node.args) != 1 or node.kwargs
                 or isinstance(conv.padding, str) or conv.padding_mode != "zeros"):
             continue
-        if channels_last:
+        weight = conv.weight
+        if channels_last and (id(weight) in shared
+                              or not weight.is_contiguous(memory_format=torch.channels_last)):
+            dense = torch.empty_like(weight, memory_format=torch.channels_last)
             with torch.no_grad():
-                conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+                dense.copy_(weight)
+            conv.weight = nn.Parameter(dense, requires_grad=weight.requires_grad)
         act, last = _absorb_activation(root, node)
         with graph.inserting_before(node):
             w = attr_node(graph, node.target, "weight", conv.weight)
