@@ -262,3 +262,22 @@ def test_works_without_the_extension():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("name", ["torchgraph.optimize", "torchgraph.fused"])
+def test_docstring_examples(name):
+    """The docstring examples of the optimize modules run."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_docs_page_runs():
+    """The python blocks of docs/optimize.md run."""
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "optimize.md")).read()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+    exec(compile(code, "docs/optimize.md", "exec"), {})
