@@ -17,6 +17,7 @@ from .export import export_onnx
 from .layer_config import register_layer
 from .model import Model
 from .naming import name
+from .optimize import optimize
 from .plot import model_to_dot, plot_model
 from .sequential import Sequential
 from .symbolic import Input, SymbolicInt, SymbolicTensor
@@ -43,6 +44,7 @@ __all__ = [
     "model_to_dot",
     "name",
     "ops",
+    "optimize",
     "plot_model",
     "Sequential",
     "__version__",

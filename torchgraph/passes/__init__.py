@@ -1,0 +1,14 @@
+"""Graph rewrites used by :func:`torchgraph.optimize`, one pass per module.
+
+Each pass takes ``(root, graph)``: ``root`` is the (already copied) model owning the submodules named
+by ``call_module``/``get_attr`` targets, ``graph`` its ``torch.fx.Graph``. A pass edits both in place
+and returns how many patterns it rewrote. Every node a pass creates carries a ``tg_spec``.
+"""
+
+from .batchnorm import fold_batchnorm
+from .epilogue import fuse_conv_act, fuse_linear_act
+from .layout import keep_layout_local, use_inference_max_pool
+from .residual import fuse_add_layer_norm, fuse_add_relu
+
+__all__ = ["fold_batchnorm", "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_linear_act",
+           "keep_layout_local", "use_inference_max_pool"]
