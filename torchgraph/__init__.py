@@ -22,7 +22,7 @@ from .plot import model_to_dot, plot_model
 from .sequential import Sequential
 from .symbolic import Input, SymbolicInt, SymbolicTensor
 from .saving import load, save
-from . import applications, callbacks, saving
+from . import applications, callbacks, ops, saving
 
 __version__ = "0.1.0"
 
