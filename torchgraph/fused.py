@@ -7,8 +7,7 @@ autograd, ``torch.compile`` or an exporter:
 
 * oneDNN's fused ops (``torch.ops.mkldnn._linear_pointwise`` / ``_convolution_pointwise``): float32
   CPU tensors, no gradient needed, eager mode. Measured here (2 threads) they run a 1024x256x1024
-  GEMM in ~8 ms against ~17 ms for ``F.linear`` (MKL), and a channels_last 3x3 conv in about half
-  the time of the contiguous one.
+  GEMM in ~8 ms against ~17 ms for ``F.linear`` (MKL); convolutions keep their layout.
 * otherwise standard ops: ``F.linear``/``F.conv2d`` without bias, then
   :func:`torchgraph.ops.bias_act` (one pass, with a backward), which itself falls back to plain
   PyTorch where no kernel exists. Traced programs (``torch.compile``, ``torch.export``, ONNX) only
@@ -23,6 +22,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.fx
@@ -70,6 +71,35 @@ def _activation(y: torch.Tensor, act: str) -> torch.Tensor:
     return F.silu(y)
 
 
+# NOTE: [Packed conv weights] oneDNN runs a convolution faster from weights already in its blocked
+# layout: measured here (2 threads, batch 8), 3x3 convs with 256-512 channels on 4x4/2x2 maps took
+# 13-25% less time; 1x1 convs and the 3-channel stem were slower, so they keep F.conv2d. The packed
+# copy is a cache beside the parameter (state_dict, pickling and .to() see the plain weight), keyed
+# by the parameter and refreshed when it changes (load_state_dict bumps its version).
+# (Tensors cannot be WeakKeyDictionary keys -- their == is elementwise -- hence id + weakref.)
+_PACKED: dict[int, tuple] = {}
+
+
+def _packed_weight(weight: torch.Tensor, padding, stride, dilation, input_size) -> torch.Tensor:
+    key = id(weight)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    with torch.no_grad():
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), 1, list(input_size))
+    ref = weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None))
+    _PACKED[key] = (ref, weight._version, packed)
+    return packed
+
+
+def _activation_(y: torch.Tensor, act: str) -> torch.Tensor:
+    """In place, for outputs nobody else holds (inference path only)."""
+    if act == "relu":
+        return torch.relu_(y)
+    return _activation(y, act)
+
+
 def _epilogue(y: torch.Tensor, bias: torch.Tensor | None, act: str, dim: int) -> torch.Tensor:
     if bias is None:
         return _activation(y, act)
@@ -103,8 +133,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                padding: list, dilation: list, groups: int, act: str = "none") -> torch.Tensor:
     """``act(F.conv2d(x, weight, bias, ...))`` in one fused call where possible.
 
-    On the oneDNN path a contiguous input is converted to channels_last first (the layout oneDNN is
-    fastest with here), and the output is channels_last.
+    On the oneDNN path, a channels_last weight (``tg.optimize(..., channels_last=True)``) makes the
+    input channels_last too, and the output is channels_last.
 
     Args:
         x: input ``(N, C, H, W)``.
@@ -118,12 +148,24 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         args = (x, weight, bias, stride, padding, dilation, groups, act)
         return x.tracer.create_proxy("call_function", conv2d_act, args, {})
-    if x.dim() == 4 and use_onednn(x, weight, bias):
+    if x.dim() == 4 and use_onednn(x, weight, bias) and not weight.is_contiguous():
+        # channels_last weights (optimize(channels_last=True)): oneDNN's fused op in that layout.
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         attr, algorithm = ONEDNN_ACTIVATIONS[act]
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation,
                                                        groups, attr, [], algorithm)
-    if bias is None or act == "none":
-        return _activation(F.conv2d(x, weight, bias, stride, padding, dilation, groups), act)
+    if x.dim() == 4 and groups == 1 and weight.shape[1] >= 16 and weight.shape[-1] > 1 \
+            and use_onednn(x, weight, bias):
+        packed = _packed_weight(weight, padding, stride, dilation, x.shape)
+        attr, algorithm = ONEDNN_ACTIVATIONS[act]
+        y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
+                                                    attr, [], algorithm)
+        # It answers in channels_last; the next F.conv2d (contiguous weights) is slow on that layout.
+        return y.contiguous()
+    if bias is None or act == "none" or use_onednn(x, weight, bias):
+        # NOTE: measured here, F.conv2d with its bias then an in-place activation beats both oneDNN's
+        # fused op and conv + bias_act for contiguous tensors (the bias add is free inside oneDNN).
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _activation_(y, act) if use_onednn(x, weight, bias) else _activation(y, act)
     return _epilogue(F.conv2d(x, weight, None, stride, padding, dilation, groups), bias, act, 1)

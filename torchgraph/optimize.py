@@ -30,7 +30,7 @@ from .model import Model
 __all__ = ["optimize"]
 
 
-def optimize(model: Model, inference: bool = True) -> Model:
+def optimize(model: Model, inference: bool = True, *, channels_last: bool = False) -> Model:
     """A copy of ``model`` with its graph rewritten into fused ops.
 
     With ``inference=True`` (the default):
@@ -38,7 +38,7 @@ def optimize(model: Model, inference: bool = True) -> Model:
     - BatchNorm after a Conv/Linear is folded into its weights (using the running statistics);
     - ``Linear`` and ``Conv2d`` (+ a following ReLU/GELU/SiLU) become one fused call
       (:func:`torchgraph.fused.linear_act`, :func:`torchgraph.fused.conv2d_act`): oneDNN's fused
-      ops on float32 CPU tensors (convolutions in channels_last), standard ops elsewhere;
+      ops on float32 CPU tensors, standard ops elsewhere;
     - ``relu(a + b)`` becomes :func:`torchgraph.ops.add_relu`, ``layer_norm(a + b)``
       :func:`torchgraph.ops.add_layer_norm`, and ``nn.MaxPool2d``
       :func:`torchgraph.ops.max_pool2d_inference` (no indices, so no backward).
@@ -50,6 +50,11 @@ def optimize(model: Model, inference: bool = True) -> Model:
     Args:
         model (tg.Model): the model to optimize (not modified).
         inference (bool): rewrite for inference (``True``) or keep the model trainable (``False``).
+        channels_last (bool): with ``inference``, store convolution weights channels_last and run
+            the conv stack in that layout. Off by default: on this project's 2-core AVX-512 CPU,
+            ResNet-18 at 64x64 ran its convolutions 25% slower that way (layers with 2x2 or 4x4
+            maps and 256-512 channels were 1.3-2x slower; 3x3 convs on 16x16 maps 5-15% faster).
+            Measure it for large images.
 
     Returns:
         tg.Model: a new model with the same inputs, outputs, names and ``state_dict`` keys (minus
@@ -83,13 +88,14 @@ def optimize(model: Model, inference: bool = True) -> Model:
         root.eval()
         passes.fold_batchnorm(root, graph)
     passes.fuse_linear_act(root, graph)
-    passes.fuse_conv_act(root, graph, channels_last=inference, shared=set(shared))
+    passes.fuse_conv_act(root, graph, channels_last=inference and channels_last, shared=set(shared))
     _unshare(root, set(shared))
     passes.fuse_add_layer_norm(root, graph)
     passes.fuse_add_relu(root, graph)
     if inference:
         passes.use_inference_max_pool(root, graph)
-        passes.keep_layout_local(root, graph)
+        if channels_last:
+            passes.keep_layout_local(root, graph)
     return _rebuild(root, graph)
 
 

@@ -45,9 +45,7 @@ def _fold(layer: nn.Module, bn: nn.Module) -> None:
     if bn.bias is not None:
         shift = shift + bn.bias
     bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    # Conv2d weights are written channels_last at once (the layout fuse_conv_act wants for inference).
-    layout = torch.channels_last if layer.weight.dim() == 4 else torch.contiguous_format
-    weight = torch.empty_like(layer.weight, memory_format=layout)
+    weight = torch.empty_like(layer.weight, memory_format=torch.contiguous_format)
     torch.mul(layer.weight, scale.reshape([-1] + [1] * (layer.weight.dim() - 1)), out=weight)
     layer.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
     layer.bias = nn.Parameter((bias * scale + shift).to(layer.weight.dtype),
