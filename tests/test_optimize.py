@@ -55,9 +55,9 @@ def _fused_targets(model) -> set:
     return {n.target for n in model.graph.nodes if n.op == "call_function"}
 
 
-def _check_outputs(model, x, atol=1e-5):
+def _check_outputs(model, x, atol=1e-5, **options):
     model.eval()
-    fast = tg.optimize(model)
+    fast = tg.optimize(model, **options)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=atol, rtol=1e-4)
     return fast
@@ -174,12 +174,12 @@ def test_shared_layer_is_not_folded():
 
 
 def test_channels_last_does_not_leak_to_views():
-    """A view after a conv still works: the channels_last tensor is made contiguous first."""
+    """With channels_last=True, a view after a conv still works: the tensor is made contiguous first."""
     x = tg.Input(shape=(3, 8, 8))
     h = F.relu(nn.Conv2d(3, 4, 3, padding=1)(x))
     y = nn.Linear(4 * 8 * 8, 2)(h.view(h.size(0), -1))
     model = tg.Model(x, [y, h])
-    fast = _check_outputs(model, torch.randn(2, 3, 8, 8))
+    fast = _check_outputs(model, torch.randn(2, 3, 8, 8), channels_last=True)
     with torch.no_grad():
         assert fast(torch.randn(2, 3, 8, 8))[1].is_contiguous()
 
@@ -281,3 +281,18 @@ def test_docs_page_runs():
     text = open(os.path.join(ROOT, "docs", "optimize.md")).read()
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
     exec(compile(code, "docs/optimize.md", "exec"), {})
+
+
+def test_packed_conv_weights_follow_load_state_dict():
+    """The prepacked oneDNN weights (3x3 convs, >= 16 channels) are refreshed when weights change."""
+    x = tg.Input(shape=(16, 8, 8))
+    model = tg.Model(x, F.relu(nn.Conv2d(16, 32, 3, padding=1)(x))).eval()
+    fast = tg.optimize(model)
+    data = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(data), model(data), atol=1e-5, rtol=1e-4)
+        for p in model.parameters():
+            p.mul_(-2.0)
+        fast.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fast(data), model(data), atol=1e-5, rtol=1e-4)
+        assert fast(data).is_contiguous()
