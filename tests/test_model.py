@@ -146,3 +146,32 @@ def test_model_from_intermediate_inputs():
     head = tg.Model(h, y)
     assert [n.op for n in head.graph.nodes].count("call_module") == 1
     assert head(torch.randn(3, 6)).shape == (3, 2)
+
+
+def test_layer_attributes_follow_every_submodule_change():
+    """Layers are plain attributes (fast lookup in forward) that follow setattr/add_module/delattr."""
+    import copy
+    import pickle
+
+    model = _two_layer()
+    assert model.__dict__["linear"] is model._modules["linear"]
+    replacement = nn.Linear(8, 2)
+    model.linear_1 = replacement
+    assert model.linear_1 is replacement and model._modules["linear_1"] is replacement
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), replacement(F.relu(model.linear(x))))
+    other = nn.Linear(8, 2)
+    model.register_module("linear_1", other)
+    assert model.linear_1 is other
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.linear is clone._modules["linear"] and clone.linear is not model.linear
+    del model.linear_1
+    assert not hasattr(model, "linear_1")
+
+
+def test_sequential_pop_leaves_no_stale_layer_attribute():
+    """After Sequential.pop() the removed layer is no longer an attribute."""
+    seq = tg.Sequential([tg.Input(shape=(4,)), nn.Linear(4, 4), nn.Linear(4, 2)])
+    names = [n for n, _ in seq.named_children()]
+    seq.pop()
+    assert not hasattr(seq, names[-1]) and seq(torch.randn(2, 4)).shape == (2, 4)

@@ -219,6 +219,7 @@ class Model(TrainingMixin, fx.GraphModule):
 
     def __init__(self, inputs, outputs=None, name: str | None = None, *, class_name: str | None = None,
                  **kwargs):
+        self._drop_layer_mirrors()  # __init__ may run again on the same object (tg.Sequential.add)
         if isinstance(outputs, fx.Graph):
             # Raw GraphModule construction: fx uses it to copy and unpickle us.
             super().__init__(inputs, outputs, class_name=class_name or name or "Model", **kwargs)
@@ -340,6 +341,39 @@ class Model(TrainingMixin, fx.GraphModule):
         out = super()._apply(fn, *args, **kwargs)
         self.__dict__.pop("_tg_checks", None)  # dtypes may have changed (model.double(), .to(...))
         return out
+
+    # NOTE: [Fast layer lookup] The generated forward reads each layer as `self.<name>`. For a
+    # submodule that lookup misses the instance dict and goes through nn.Module.__getattr__; measured
+    # on a 200-layer MLP of width 8 at batch 1 that made forward 15% slower than a handwritten loop
+    # over a ModuleList (~1 us a layer), 2-3% at width 256. So every direct submodule is mirrored
+    # into the instance __dict__ (a plain attribute hit: 2% at width 8). Every way nn.Module changes
+    # `_modules` (setattr, delattr, add_module/register_module, re-running __init__) keeps the
+    # mirror in step; `_modules` stays the source of truth (state_dict, children, pickling). Code
+    # that edits `model._modules` directly must call `model.add_module`/`delattr` instead.
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:
+            if modules[name] is None:
+                self.__dict__.pop(name, None)
+            else:
+                self.__dict__[name] = modules[name]
+
+    def __delattr__(self, name):
+        if name in self.__dict__.get("_modules", {}):
+            self.__dict__.pop(name, None)
+        super().__delattr__(name)
+
+    def add_module(self, name, module):  # register_module() calls add_module()
+        if isinstance(self.__dict__.get(name), nn.Module):
+            del self.__dict__[name]  # the mirror of a layer that was removed without delattr
+        super().add_module(name, module)
+        if module is not None:
+            self.__dict__[name] = module
+
+    def _drop_layer_mirrors(self) -> None:
+        for key in [k for k, v in self.__dict__.items() if isinstance(v, nn.Module)]:
+            del self.__dict__[key]
 
     # ------------------------------------------------------------------ serialization
     def __reduce__(self):

@@ -765,6 +765,8 @@ def _record_top_level(func, name: str, args, kwargs):
         # Tensor methods (and torch/_tensor.py's Python wrappers of them) are emitted as methods.
         record = Record("call_method", name, _link_args(tuple(args)), _link_args(kwargs))
     else:
+        if kwargs.get("inplace") is False:  # F.relu & co. pass their default along: keep the code lean
+            kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
         record = Record("call_function", func, _link_args(tuple(args)), _link_args(kwargs))
 
     leaves1 = dict(tree_leaves(out1))

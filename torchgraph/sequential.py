@@ -169,7 +169,7 @@ class Sequential(Model):
         self.meta[_KEY] = {"steps": None}
         modules = [s for s in steps if isinstance(s, nn.Module)]
         for key in list(self._modules):
-            del self._modules[key]
+            delattr(self, key)
         names = assign_layer_names(list(dict.fromkeys(modules)), set(_RESERVED))
         for m in dict.fromkeys(modules):
             self.add_module(names[id(m)], m)
