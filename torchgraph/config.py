@@ -32,7 +32,7 @@ import torch.nn as nn
 from .config_values import (check_attribute_name, check_method_name, decode_value, dtype_name,
                             encode_value, function_name, resolve_dtype, resolve_function)
 from .errors import GraphBuildError
-from .layer_config import MODEL_CLASS, layer_from_config, layer_to_config
+from .layer_config import layer_from_config, layer_to_config
 
 __all__ = ["get_config", "from_config", "model_from_json", "FORMAT", "FORMAT_VERSION",
            "INLINE_CONSTANT_LIMIT", "MAX_NODES"]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "NodeInfo",
+    "check_built_model",
     "describe_nodes",
     "format_spec",
     "format_dtype",
@@ -249,3 +250,14 @@ def output_entries(model: fx.GraphModule) -> list[tuple[str, Any]]:
         names = (["output"] if paths == [()] else
                  ["output_" + "_".join(str(p) for p in path) for path in paths])
     return list(zip(names, leaves))
+
+
+def check_built_model(model, who: str) -> None:
+    """A clear error unless ``model`` is a GraphModule with inputs (summary and plot need both)."""
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(f"{who}: expected a tg.Model (a torch.fx.GraphModule); received "
+                        f"{type(model).__name__}.")
+    if not any(n.op == "placeholder" for n in model.graph.nodes):
+        raise ValueError(f"{who}: the model '{type(model).__name__}' has no inputs yet (an unbuilt "
+                         "tg.Sequential?). Build it first: give input_shape=..., add a tg.Input, or call "
+                         "it once on a tensor.")

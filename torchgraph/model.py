@@ -13,7 +13,6 @@ What torchgraph needs beyond the fx graph lives in ``model.meta["torchgraph"]`` 
 
 from __future__ import annotations
 
-import copy
 import warnings
 import weakref
 from dataclasses import dataclass

@@ -24,7 +24,7 @@ import uuid
 
 import torch.fx as fx
 
-from .describe import (NodeInfo, describe_nodes, format_count, output_entries,
+from .describe import (NodeInfo, check_built_model, describe_nodes, format_count, output_entries,
                        param_stats)
 
 __all__ = ["model_to_dot", "plot_model"]
@@ -211,13 +211,7 @@ class _DotBuilder:
 
 
 def _check_options(model, rankdir, dpi) -> None:
-    if not isinstance(model, fx.GraphModule):
-        raise TypeError(f"tg.plot_model: expected a tg.Model (a torch.fx.GraphModule); received "
-                        f"{type(model).__name__}.")
-    if not any(n.op == "placeholder" for n in model.graph.nodes):
-        raise ValueError(f"tg.plot_model: the model '{type(model).__name__}' has no inputs yet (an unbuilt "
-                         "tg.Sequential?). Build it first: give input_shape=..., add a tg.Input, or call it "
-                         "once on a tensor.")
+    check_built_model(model, "tg.plot_model")
     if rankdir not in ("TB", "LR", "BT", "RL"):
         raise ValueError(f"tg.plot_model: rankdir must be 'TB', 'LR', 'BT' or 'RL'; received {rankdir!r}.")
     if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or dpi <= 0:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .describe import (NodeInfo, describe_nodes, format_bytes, format_count, output_entries,
+from .describe import (NodeInfo, check_built_model, describe_nodes, format_bytes, format_count, output_entries,
                        param_stats)
 
 __all__ = ["format_summary", "print_summary"]
@@ -40,16 +40,6 @@ class _Row:
     trainable: str
     depth: int = 0
     extra: list = field(default_factory=list)  # (name, shape, connected) of a shared layer's later calls
-
-
-def _check_model(model, who: str) -> None:
-    if not isinstance(model, fx.GraphModule):
-        raise TypeError(f"{who}: expected a tg.Model (a torch.fx.GraphModule); received "
-                        f"{type(model).__name__}.")
-    if not any(n.op == "placeholder" for n in model.graph.nodes):
-        raise ValueError(f"{who}: the model '{type(model).__name__}' has no inputs yet (an unbuilt "
-                         "tg.Sequential?). Build it first: give input_shape=..., add a tg.Input, or call "
-                         "it once on a tensor.")
 
 
 def _is_chain(infos: list[NodeInfo]) -> bool:
@@ -194,7 +184,7 @@ def format_summary(model, expand_nested: bool = False, line_length: int | None =
         >>> print(text.splitlines()[-3])
         Total params: 18 (72 B)
     """
-    _check_model(model, "model.summary")
+    check_built_model(model, "model.summary")
     if line_length is not None and (not isinstance(line_length, int) or isinstance(line_length, bool)):
         raise TypeError(f"model.summary: line_length must be an int or None; received {line_length!r}.")
     chains: list[bool] = []

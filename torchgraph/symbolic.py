@@ -223,15 +223,9 @@ class SymbolicInt(torch.Tensor):
         self._tg_shadow = None
         return self
 
-    def __init__(self, *args, **kwargs):
-        pass
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        from .recording import dispatch
-
-        return dispatch(func, args, kwargs or {})
-
+    # Same dispatch as SymbolicTensor's (recording.py tells the two apart).
+    __init__ = SymbolicTensor.__init__
+    __torch_function__ = SymbolicTensor.__dict__["__torch_function__"]
     __torch_dispatch__ = SymbolicTensor.__torch_dispatch__
 
     def __repr__(self) -> str:
