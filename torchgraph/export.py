@@ -123,13 +123,29 @@ def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = Non
     try:
         tmp_path = os.path.join(tmpdir, os.path.basename(path))
         external = _weight_bytes(prepared) > _EXTERNAL_DATA_BYTES
-        _run_exporter(prepared, specs, tmp_path, opset, exporter, external)
+        try:
+            _run_exporter(prepared, specs, tmp_path, opset, exporter, external)
+        except OnnxExportError as error:
+            if not (exporter == "dynamo" and _rnn_range_conflict(prepared, error)):
+                raise
+            # NOTE: [RNNs on older torch] torch 2.11's dynamo exporter cannot keep an LSTM/GRU's sequence
+            # length dynamic ("conflicts between user-specified ranges"); 2.13's can. The legacy exporter
+            # keeps it dynamic on both, and verification below runs the file at two sizes of every
+            # dynamic dim, so this fallback never fixes a size silently.
+            warnings.warn(f"tg.export_onnx: torch {torch.__version__}'s dynamo exporter cannot keep an RNN's "
+                          "dynamic dims; exporting with exporter='legacy' instead.", UserWarning, stacklevel=2)
+            _run_exporter(prepared, specs, tmp_path, opset, "legacy", external)
         if verify:
             verify_onnx(model, tmp_path, specs)
         _move_into_place(tmpdir, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def _rnn_range_conflict(model: nn.Module, error: Exception) -> bool:
+    has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    return has_rnn and "conflicts between user-specified ranges" in str(error)
 
 
 def _check_arguments(model, path, dynamic_batch, opset, verify, exporter) -> None:
