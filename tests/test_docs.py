@@ -28,3 +28,10 @@ def test_python_blocks_in_docs_run(page):
     text = (ROOT / page).read_text()
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
     exec(compile(code, page, "exec"), {})
+
+
+def test_readme_quick_start_runs():
+    """The README's first ```python block (the quick start) runs."""
+    text = (ROOT / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    exec(compile(code, "README.md", "exec"), {})
