@@ -150,7 +150,7 @@ def _info(path: str, max_bytes: int | None) -> None:
             lines.append(f"  {node.target:<16} {spec.format():<24} {str(spec.dtype).replace('torch.', '')}")
     lines.append("Outputs:")
     out_node = next(n for n in model.graph.nodes if n.op == "output")
-    from .recording import tree_leaves
+    from .trees import tree_leaves
 
     leaves = [leaf for _, leaf in tree_leaves(out_node.args[0])]
     for name, node in zip(model.output_names, leaves):

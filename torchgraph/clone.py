@@ -60,7 +60,7 @@ def clone_model(model, clone_function: Callable[[nn.Module], nn.Module] | None =
             return Ref(a.target if a.op == "placeholder" else a.name)
         return a
 
-    from .recording import plain_containers, tree_map
+    from .trees import plain_containers, tree_map
 
     for node in model.graph.nodes:
         if node.op == "placeholder":

@@ -387,7 +387,7 @@ def replay(inputs: list[tuple[str, tuple, torch.dtype]], input_kind: str, nodes:
     """
     from .model import Model
     from .naming import name as set_name, user_name
-    from .recording import tree_map
+    from .trees import tree_map
     from .symbolic import Input, SymbolicInt, SymbolicTensor
 
     for layer_name, layer in layers.items():
@@ -460,6 +460,6 @@ def _as_value_error(exc: Exception, where: str) -> ValueError:
 
 
 def _any_leaf(pred: Callable[[Any], bool], obj) -> bool:
-    from .recording import tree_leaves
+    from .trees import tree_leaves
 
     return any(pred(leaf) for _, leaf in tree_leaves(obj))

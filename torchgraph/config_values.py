@@ -98,7 +98,7 @@ def _build_table() -> None:
     allowed.update(id(getattr(torch, n)) for n in _FACTORIES if hasattr(torch, n))
     table: dict[str, Callable] = {f"operator.{n}": getattr(operator, n) for n in _OPERATORS}
     table["builtins.getattr"] = builtins.getattr
-    from .recording import setitem
+    from .targets import setitem
     table["torchgraph.setitem"] = setitem
     for ns_name, ns in _NAMESPACES:
         for attr in dir(ns):

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
 from . import distributed as tgdist
-from .recording import plain_containers, tree_leaves, tree_map
+from .trees import plain_containers, tree_leaves, tree_map
 
 __all__ = ["IOInfo", "io_info", "flatten_inputs", "flatten_targets", "flatten_outputs", "pack_outputs",
            "TensorBatches", "LoaderBatches", "make_batches", "split_validation"]

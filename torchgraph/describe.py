@@ -238,7 +238,7 @@ def describe_nodes(model: fx.GraphModule) -> list[NodeInfo]:
 
 def output_entries(model: fx.GraphModule) -> list[tuple[str, Any]]:
     """``(output name, producing fx node)`` per model output tensor, flattened in output order."""
-    from .recording import tree_leaves
+    from .trees import tree_leaves
 
     out_node = next(n for n in reversed(model.graph.nodes) if n.op == "output")
     paths, leaves = [], []

@@ -56,7 +56,7 @@ def _shape_of(o) -> str | None:
 
 
 def _input_shapes(args, kwargs) -> list[str]:
-    from .recording import tree_leaves
+    from .trees import tree_leaves
 
     out = []
     for _, leaf in tree_leaves((args, kwargs)):
@@ -67,7 +67,7 @@ def _input_shapes(args, kwargs) -> list[str]:
 
 
 def _first_symbolic(args):
-    from .recording import tree_leaves
+    from .trees import tree_leaves
     from .symbolic import SymbolicTensor
 
     for _, leaf in tree_leaves(args):
@@ -156,7 +156,7 @@ def module_failure(module: nn.Module, args, kwargs, exc: BaseException) -> str:
 
 
 def _function_hint(name: str, args) -> str | None:
-    from .recording import tree_leaves
+    from .trees import tree_leaves
     from .symbolic import SymbolicTensor
 
     tensors = [leaf._tg_value for _, leaf in tree_leaves(args)

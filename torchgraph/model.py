@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from .errors import GraphBuildError
 from .naming import assign_layer_names, check_identifier, remember_name
-from .recording import close_finished_scopes, tree_leaves, tree_map
+from .recording import close_finished_scopes
+from .trees import tree_leaves, tree_map
 from .symbolic import (Record, SymbolicInt, SymbolicTensor, Value, dim_for_probes,
                        format_shape)
 from .training import TrainingMixin

@@ -19,310 +19,28 @@ Design constraints:
 
 from __future__ import annotations
 
-import operator
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from . import messages
 from .errors import GraphBuildError
+from .targets import (_DUNDER_OPS, _METADATA, _NEEDS_DATA, _is_property, _is_tensor_method, _resolvable,
+                    func_name, is_inplace, setitem)
+from .probing import ProbeContext, is_meta_limitation, to_meta
 from .symbolic import Record, SymbolicInt, SymbolicShape, SymbolicTensor, Value
+from .trees import map_with_paths, tree_leaves, tree_map
 
-__all__ = ["dispatch", "plain_containers", "record_int_op", "setitem", "tree_leaves", "tree_map"]
-
-# --------------------------------------------------------------------------------------------
-# Names and classification of torch functions
-# --------------------------------------------------------------------------------------------
-
-# Answered from the probes, never recorded.
-_METADATA = frozenset({
-    "dim", "ndimension", "ndim", "dtype", "device", "shape", "size", "is_floating_point",
-    "is_complex", "is_signed", "layout", "requires_grad", "is_nested", "is_sparse", "is_quantized",
-    "is_meta", "is_cuda", "is_cpu", "is_mps", "is_xpu", "element_size", "is_contiguous", "stride",
-    "storage_offset", "is_leaf", "grad_fn", "grad", "names", "get_device", "itemsize", "nbytes",
-    "numel", "nelement", "is_inference", "__len__", "__repr__", "__str__", "__format__", "__hash__",
-    "has_names", "retains_grad", "is_sparse_csr", "is_mkldnn", "output_nr", "_version", "_base",
-    "_is_view", "dim_order", "__dlpack_device__", "is_xla", "is_lazy",
-})
-
-# Reading data at build time: impossible at the top level (there is no data yet).
-_NEEDS_DATA = frozenset({
-    "__bool__", "item", "tolist", "numpy", "__int__", "__float__", "__index__", "__complex__",
-    "data_ptr", "backward", "__array__", "untyped_storage",
-})
-
-_DUNDER_OPS: dict[str, tuple[Callable, bool]] = {
-    "__add__": (operator.add, False), "__radd__": (operator.add, True),
-    "__sub__": (operator.sub, False), "__rsub__": (operator.sub, True),
-    "__mul__": (operator.mul, False), "__rmul__": (operator.mul, True),
-    "__truediv__": (operator.truediv, False), "__rtruediv__": (operator.truediv, True),
-    "__floordiv__": (operator.floordiv, False), "__rfloordiv__": (operator.floordiv, True),
-    "__mod__": (operator.mod, False), "__rmod__": (operator.mod, True),
-    "__pow__": (operator.pow, False), "__rpow__": (operator.pow, True),
-    "__matmul__": (operator.matmul, False), "__rmatmul__": (operator.matmul, True),
-    "__and__": (operator.and_, False), "__rand__": (operator.and_, True),
-    "__or__": (operator.or_, False), "__ror__": (operator.or_, True),
-    "__xor__": (operator.xor, False), "__rxor__": (operator.xor, True),
-    "__lshift__": (operator.lshift, False), "__rshift__": (operator.rshift, False),
-    "__eq__": (operator.eq, False), "__ne__": (operator.ne, False),
-    "__lt__": (operator.lt, False), "__le__": (operator.le, False),
-    "__gt__": (operator.gt, False), "__ge__": (operator.ge, False),
-    "__neg__": (operator.neg, False), "__pos__": (operator.pos, False),
-    "__abs__": (operator.abs, False), "__invert__": (operator.invert, False),
-    "__getitem__": (operator.getitem, False),
-    "__iadd__": (operator.iadd, False), "__isub__": (operator.isub, False),
-    "__imul__": (operator.imul, False), "__itruediv__": (operator.itruediv, False),
-}
-_INPLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__"})
-
-
-def func_name(func) -> str:
-    name = getattr(func, "__name__", None) or repr(func)
-    if name == "__get__":  # a property getter: Tensor.shape.__get__
-        owner = getattr(func, "__self__", None)
-        name = getattr(owner, "__name__", name)
-    return name
-
-
-def _is_property(func) -> bool:
-    return getattr(func, "__name__", None) == "__get__"
-
-
-def _is_tensor_method(func, name: str) -> bool:
-    return getattr(torch.Tensor, name, None) is func
-
-
-def _resolvable(func) -> bool:
-    """Whether ``func`` can be named in generated code by its module and qualified name."""
-    module = sys.modules.get(getattr(func, "__module__", None) or "")
-    obj = module
-    for part in (getattr(func, "__qualname__", None) or "").split("."):
-        obj = getattr(obj, part, None)
-    return obj is func
-
-
-def _is_inplace(name: str, kwargs: dict) -> bool:
-    if name in _INPLACE_DUNDERS:
-        return True
-    if name.endswith("_") and not name.startswith("_"):
-        return True
-    return bool(kwargs.get("inplace")) or "out" in kwargs
-
-
-def setitem(tensor: torch.Tensor, index, value) -> torch.Tensor:
-    """``tensor[index] = value``, returning ``tensor`` (the recorded form of item assignment)."""
-    tensor[index] = value
-    return tensor
-
-
-# --------------------------------------------------------------------------------------------
-# Trees of arguments and outputs
-# --------------------------------------------------------------------------------------------
-
-def tree_map(fn, obj):
-    t = type(obj)
-    if t is tuple or t is list:
-        return t(tree_map(fn, o) for o in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return t(*(tree_map(fn, o) for o in obj))
-    if isinstance(obj, (tuple, list)) and not isinstance(obj, torch.Size):
-        return tuple(tree_map(fn, o) for o in obj)
-    if isinstance(obj, dict):
-        return t((k, tree_map(fn, v)) for k, v in obj.items()) if t is not dict else {
-            k: tree_map(fn, v) for k, v in obj.items()}
-    if t is slice:
-        return slice(tree_map(fn, obj.start), tree_map(fn, obj.stop), tree_map(fn, obj.step))
-    return fn(obj)
-
-
-def plain_containers(obj):
-    """fx's immutable_list/immutable_dict (and other list/dict subclasses) as plain lists/dicts."""
-    if isinstance(obj, list):
-        return [plain_containers(o) for o in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(plain_containers(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: plain_containers(v) for k, v in obj.items()}
-    return obj
-
-
-def tree_leaves(obj, path=()):
-    """Yield ``(path, leaf)``; paths index tuples/lists by position and dicts by key."""
-    if isinstance(obj, (tuple, list)) and not isinstance(obj, torch.Size):
-        for i, o in enumerate(obj):
-            yield from tree_leaves(o, path + (i,))
-    elif isinstance(obj, dict):
-        for k, o in obj.items():
-            yield from tree_leaves(o, path + (k,))
-    elif type(obj) is slice:
-        for o in (obj.start, obj.stop, obj.step):
-            yield from tree_leaves(o, path)
-    else:
-        yield path, obj
-
+__all__ = ["close_finished_scopes", "dispatch", "record_int_op"]
 
 def _any_symbolic(obj, linked_only: bool) -> bool:
     for _, leaf in tree_leaves(obj):
         if isinstance(leaf, SymbolicTensor) and (leaf._tg_value is not None or not linked_only):
             return True
     return False
-
-
-# --------------------------------------------------------------------------------------------
-# Probe computation
-# --------------------------------------------------------------------------------------------
-
-class MetaLimitation(Exception):
-    """The meta device could not run an op (no meta kernel, data-dependent): probe with real data."""
-
-
-def _is_meta_limitation(exc: BaseException) -> bool:
-    if isinstance(exc, (GraphBuildError, MetaLimitation)):
-        return isinstance(exc, MetaLimitation)
-    if isinstance(exc, NotImplementedError):
-        return True
-    text = str(exc).lower()
-    return any(s in text for s in ("meta", "data-dependent", "data dependent", "numpy", "dynamic_output_shape"))
-
-
-def _to_meta(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "meta":
-        return t
-    if isinstance(t, nn.parameter.UninitializedTensorMixin):
-        raise GraphBuildError("an uninitialized (lazy) parameter was used before its module materialized it")
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-
-
-def real_probe(value: Value, k: int) -> torch.Tensor:
-    """Random real data with the shape of probe ``k`` (valid indices for integer inputs)."""
-    p = value.probes[k]
-    if p.dtype.is_floating_point or p.dtype.is_complex:
-        return torch.randn(p.shape, dtype=p.dtype)
-    return torch.zeros(p.shape, dtype=p.dtype)
-
-
-_CACHE: dict = {}
-_CACHE_LIMIT = 50_000
-
-
-def _key(o):
-    if isinstance(o, torch.Tensor):
-        return (o.shape, o.stride(), o.dtype, o.device.type, o.requires_grad)
-    t = type(o)
-    if t is tuple or t is list:
-        return (t, tuple(_key(x) for x in o))
-    if isinstance(o, dict):
-        return (dict, tuple((k, _key(v)) for k, v in o.items()))
-    if t is slice:
-        return (slice, _key(o.start), _key(o.stop), _key(o.step))
-    hash(o)
-    return (t, o)
-
-
-def _skeleton(out):
-    return tree_map(lambda t: ("T", t.shape, t.stride(), t.dtype) if isinstance(t, torch.Tensor)
-                    else ("V", t), out)
-
-
-def _rebuild(skel):
-    def leaf(s):
-        if s[0] == "T":
-            return torch.empty_strided(s[1], s[2], dtype=s[3], device="meta")
-        return s[1]
-    return _tree_map_skeleton(leaf, skel)
-
-
-def _tree_map_skeleton(fn, s):
-    if isinstance(s, tuple) and len(s) in (2, 4) and s and s[0] in ("T", "V") and not isinstance(s[0], tuple):
-        return fn(s)
-    if isinstance(s, (tuple, list)):
-        return type(s)(_tree_map_skeleton(fn, x) for x in s) if not hasattr(s, "_fields") else type(s)(
-            *(_tree_map_skeleton(fn, x) for x in s))
-    if isinstance(s, dict):
-        return {k: _tree_map_skeleton(fn, v) for k, v in s.items()}
-    return s
-
-
-def _rnn_on_meta(name: str, u_args: tuple):
-    """Output shapes of ``_VF.lstm/gru/rnn_*`` (padded form) without running the recurrence.
-
-    NOTE: the meta kernels of these ops unroll the sequence in Python: ~1 s per probe for a few
-    hundred steps. The shapes follow from the inputs alone: output (..., num_directions * H_out),
-    h_n/c_n shaped like h_0/c_0.
-    """
-    x, hx = u_args[0], u_args[1]
-    if not isinstance(hx, (list, tuple, torch.Tensor)) or isinstance(u_args[2], torch.Tensor):
-        return None  # the packed-sequence overload: run it for real
-    h0 = hx[0] if isinstance(hx, (list, tuple)) else hx
-    bidirectional = bool(u_args[7])
-    out = torch.empty(*x.shape[:-1], h0.shape[-1] * (2 if bidirectional else 1), dtype=x.dtype, device="meta")
-    states = [torch.empty(h.shape, dtype=h.dtype, device="meta") for h in (hx if isinstance(hx, (list, tuple)) else [hx])]
-    return (out, *states)
-
-
-_RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
-
-
-def run_on_probes(func, args, kwargs, unwrap, cacheable: bool):
-    """``func`` on unwrapped (meta or real) arguments, memoised for meta when safe."""
-    u_args = tree_map(unwrap, args)
-    u_kwargs = tree_map(unwrap, kwargs)
-    if cacheable and func_name(func) in _RNN_OPS and len(u_args) >= 9 and isinstance(u_args[0], torch.Tensor) \
-            and u_args[0].device.type == "meta":
-        out = _rnn_on_meta(func_name(func), tuple(u_args))
-        if out is not None:
-            return out, u_args, u_kwargs
-    if not cacheable:
-        return func(*u_args, **u_kwargs), u_args, u_kwargs
-    try:
-        key = (func, _key(u_args), _key(u_kwargs))
-    except TypeError:  # an unhashable argument: no memo
-        return func(*u_args, **u_kwargs), u_args, u_kwargs
-    hit = _CACHE.get(key)
-    if hit is not None:
-        return _rebuild(hit), u_args, u_kwargs
-    out = func(*u_args, **u_kwargs)
-    if len(_CACHE) > _CACHE_LIMIT:
-        _CACHE.clear()
-    try:
-        _CACHE[key] = _skeleton(out)
-    except Exception:  # an output we cannot describe: just don't memoise
-        pass
-    return out, u_args, u_kwargs
-
-
-class ProbeContext:
-    """How symbolic leaves turn into probe data: probe ``k``, on meta or on real random data."""
-
-    def __init__(self, k: int, real: bool):
-        self.k = k
-        self.real = real
-        self._real_values: dict[int, torch.Tensor] = {}
-
-    def unwrap(self, o):
-        if isinstance(o, SymbolicTensor):
-            if o._tg_shadow is not None:
-                return o._tg_shadow
-            if self.real:
-                v = o._tg_value
-                t = self._real_values.get(id(v))
-                if t is None:
-                    t = self._real_values[id(v)] = real_probe(v, self.k)
-                return t
-            return o._tg_value.probes[self.k]
-        if isinstance(o, SymbolicInt):
-            return o._tg_value.probes[self.k]
-        if isinstance(o, torch.Tensor) and not self.real:
-            return _to_meta(o)
-        return o
-
-    def run(self, func, args, kwargs):
-        name = func_name(func)
-        cacheable = not self.real and not _is_inplace(name, kwargs)
-        return run_on_probes(func, args, kwargs, self.unwrap, cacheable)
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +245,7 @@ def _open_scope(frame, func, args, kwargs):
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the layer's context below
             _undo(bufs, saved)
-            if not real and _is_meta_limitation(exc):
+            if not real and is_meta_limitation(exc):
                 real = True  # NOTE: documented fallback: probe this module with small real tensors
                 continue
             raise GraphBuildError(messages.module_failure(module, call_args, call_kwargs, exc)) from None
@@ -576,7 +294,7 @@ def _value_or_plain(o):
 def _as_meta(t):
     if t is None:
         raise GraphBuildError("a module returned outputs of a different structure on its two probe runs")
-    return t if t.device.type == "meta" else _to_meta(t)
+    return t if t.device.type == "meta" else to_meta(t)
 
 
 def _shadow_of(o, ctx: ProbeContext, memo: dict):
@@ -732,7 +450,7 @@ def _probe_outputs(func, args, kwargs):
         except GraphBuildError:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with context
-            if not real and _is_meta_limitation(exc):
+            if not real and is_meta_limitation(exc):
                 continue
             raise GraphBuildError(messages.function_failure(name, func, args, kwargs, exc)) from None
     raise AssertionError("unreachable")
@@ -778,24 +496,15 @@ def _record_top_level(func, name: str, args, kwargs):
             return SymbolicInt(Value(record, path, (o, leaves1.get(path))))
         return o
 
-    result = _map_with_paths(link_output, out0)
+    result = map_with_paths(link_output, out0)
     record.out = tree_map(_value_or_plain, result)
-    if _is_inplace(name, kwargs):
+    if is_inplace(name, kwargs):
         # Later uses of the mutated tensor must see the mutation: rebind it to the new value.
         target_obj = args[0] if args else None
         if isinstance(target_obj, SymbolicTensor) and isinstance(result, SymbolicTensor):
             target_obj._tg_value = result._tg_value
             return target_obj
     return result
-
-
-def _map_with_paths(fn, obj, path=()):
-    if isinstance(obj, (tuple, list)) and not isinstance(obj, torch.Size):
-        items = [_map_with_paths(fn, o, path + (i,)) for i, o in enumerate(obj)]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    if isinstance(obj, dict):
-        return {k: _map_with_paths(fn, o, path + (k,)) for k, o in obj.items()}
-    return fn(path, obj)
 
 
 def record_int_op(op, args):

@@ -1,0 +1,169 @@
+"""Probes: running an operation on the meta (or small real) tensors that stand for symbolic values.
+
+Each symbolic value has two probes (see ``symbolic.py``); a :class:`ProbeContext` turns the symbolic
+leaves of an argument tree into probe ``k`` and runs the operation. Meta results are memoised by
+(function, argument metadata): a ResNet repeats a few dozen distinct (op, shape) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .errors import GraphBuildError
+from .targets import func_name, is_inplace
+from .symbolic import SymbolicInt, SymbolicTensor, Value
+from .trees import tree_map
+
+__all__ = ["MetaLimitation", "ProbeContext", "is_meta_limitation", "real_probe", "run_on_probes", "to_meta"]
+
+
+
+class MetaLimitation(Exception):
+    """The meta device could not run an op (no meta kernel, data-dependent): probe with real data."""
+
+
+def is_meta_limitation(exc: BaseException) -> bool:
+    if isinstance(exc, (GraphBuildError, MetaLimitation)):
+        return isinstance(exc, MetaLimitation)
+    if isinstance(exc, NotImplementedError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("meta", "data-dependent", "data dependent", "numpy", "dynamic_output_shape"))
+
+
+def to_meta(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "meta":
+        return t
+    if isinstance(t, nn.parameter.UninitializedTensorMixin):
+        raise GraphBuildError("an uninitialized (lazy) parameter was used before its module materialized it")
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def real_probe(value: Value, k: int) -> torch.Tensor:
+    """Random real data with the shape of probe ``k`` (valid indices for integer inputs)."""
+    p = value.probes[k]
+    if p.dtype.is_floating_point or p.dtype.is_complex:
+        return torch.randn(p.shape, dtype=p.dtype)
+    return torch.zeros(p.shape, dtype=p.dtype)
+
+
+_CACHE: dict = {}
+_CACHE_LIMIT = 50_000
+
+
+def _key(o):
+    if isinstance(o, torch.Tensor):
+        return (o.shape, o.stride(), o.dtype, o.device.type, o.requires_grad)
+    t = type(o)
+    if t is tuple or t is list:
+        return (t, tuple(_key(x) for x in o))
+    if isinstance(o, dict):
+        return (dict, tuple((k, _key(v)) for k, v in o.items()))
+    if t is slice:
+        return (slice, _key(o.start), _key(o.stop), _key(o.step))
+    hash(o)
+    return (t, o)
+
+
+def _skeleton(out):
+    return tree_map(lambda t: ("T", t.shape, t.stride(), t.dtype) if isinstance(t, torch.Tensor)
+                    else ("V", t), out)
+
+
+def _rebuild(skel):
+    def leaf(s):
+        if s[0] == "T":
+            return torch.empty_strided(s[1], s[2], dtype=s[3], device="meta")
+        return s[1]
+    return _tree_map_skeleton(leaf, skel)
+
+
+def _tree_map_skeleton(fn, s):
+    if isinstance(s, tuple) and len(s) in (2, 4) and s and s[0] in ("T", "V") and not isinstance(s[0], tuple):
+        return fn(s)
+    if isinstance(s, (tuple, list)):
+        return type(s)(_tree_map_skeleton(fn, x) for x in s) if not hasattr(s, "_fields") else type(s)(
+            *(_tree_map_skeleton(fn, x) for x in s))
+    if isinstance(s, dict):
+        return {k: _tree_map_skeleton(fn, v) for k, v in s.items()}
+    return s
+
+
+def _rnn_on_meta(name: str, u_args: tuple):
+    """Output shapes of ``_VF.lstm/gru/rnn_*`` (padded form) without running the recurrence.
+
+    NOTE: the meta kernels of these ops unroll the sequence in Python: ~1 s per probe for a few
+    hundred steps. The shapes follow from the inputs alone: output (..., num_directions * H_out),
+    h_n/c_n shaped like h_0/c_0.
+    """
+    x, hx = u_args[0], u_args[1]
+    if not isinstance(hx, (list, tuple, torch.Tensor)) or isinstance(u_args[2], torch.Tensor):
+        return None  # the packed-sequence overload: run it for real
+    h0 = hx[0] if isinstance(hx, (list, tuple)) else hx
+    bidirectional = bool(u_args[7])
+    out = torch.empty(*x.shape[:-1], h0.shape[-1] * (2 if bidirectional else 1), dtype=x.dtype, device="meta")
+    states = [torch.empty(h.shape, dtype=h.dtype, device="meta") for h in (hx if isinstance(hx, (list, tuple)) else [hx])]
+    return (out, *states)
+
+
+_RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+
+
+def run_on_probes(func, args, kwargs, unwrap, cacheable: bool):
+    """``func`` on unwrapped (meta or real) arguments, memoised for meta when safe."""
+    u_args = tree_map(unwrap, args)
+    u_kwargs = tree_map(unwrap, kwargs)
+    if cacheable and func_name(func) in _RNN_OPS and len(u_args) >= 9 and isinstance(u_args[0], torch.Tensor) \
+            and u_args[0].device.type == "meta":
+        out = _rnn_on_meta(func_name(func), tuple(u_args))
+        if out is not None:
+            return out, u_args, u_kwargs
+    if not cacheable:
+        return func(*u_args, **u_kwargs), u_args, u_kwargs
+    try:
+        key = (func, _key(u_args), _key(u_kwargs))
+    except TypeError:  # an unhashable argument: no memo
+        return func(*u_args, **u_kwargs), u_args, u_kwargs
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return _rebuild(hit), u_args, u_kwargs
+    out = func(*u_args, **u_kwargs)
+    if len(_CACHE) > _CACHE_LIMIT:
+        _CACHE.clear()
+    try:
+        _CACHE[key] = _skeleton(out)
+    except Exception:  # an output we cannot describe: just don't memoise
+        pass
+    return out, u_args, u_kwargs
+
+
+class ProbeContext:
+    """How symbolic leaves turn into probe data: probe ``k``, on meta or on real random data."""
+
+    def __init__(self, k: int, real: bool):
+        self.k = k
+        self.real = real
+        self._real_values: dict[int, torch.Tensor] = {}
+
+    def unwrap(self, o):
+        if isinstance(o, SymbolicTensor):
+            if o._tg_shadow is not None:
+                return o._tg_shadow
+            if self.real:
+                v = o._tg_value
+                t = self._real_values.get(id(v))
+                if t is None:
+                    t = self._real_values[id(v)] = real_probe(v, self.k)
+                return t
+            return o._tg_value.probes[self.k]
+        if isinstance(o, SymbolicInt):
+            return o._tg_value.probes[self.k]
+        if isinstance(o, torch.Tensor) and not self.real:
+            return to_meta(o)
+        return o
+
+    def run(self, func, args, kwargs):
+        name = func_name(func)
+        cacheable = not self.real and not is_inplace(name, kwargs)
+        return run_on_probes(func, args, kwargs, self.unwrap, cacheable)
