@@ -159,6 +159,55 @@ struct Pool2dParams {
   int64_t out_size[2];  // output (height, width)
 };
 
+// Argument checks of the backward ops (shared by the CPU and CUDA kernels, like the forward ones).
+inline void check_bias_act_backward(const at::Tensor& grad, const at::Tensor& x) {
+  check_like("bias_act_backward", "grad", grad, x);
+  TORCH_CHECK(
+      grad.sizes() == x.sizes(), "bias_act_backward: grad must have x's shape ", x.sizes(),
+      ", got ", grad.sizes());
+}
+
+inline void check_add_relu_backward(const at::Tensor& grad, const at::Tensor& out) {
+  check_float_dtype("add_relu_backward", "out", out);
+  TORCH_CHECK(
+      grad.scalar_type() == out.scalar_type() && grad.device() == out.device(),
+      "add_relu_backward: grad must have out's dtype and device (", out.scalar_type(), ", ",
+      out.device(), "), got ", grad.scalar_type(), ", ", grad.device());
+  TORCH_CHECK(
+      grad.sizes() == out.sizes(), "add_relu_backward: grad must have out's shape ", out.sizes(),
+      ", got ", grad.sizes());
+}
+
+// Returns C, the normalized (last) dim.
+inline int64_t check_add_layer_norm_backward(
+    const at::Tensor& grad_out,
+    const std::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& residual_out,
+    const std::optional<at::Tensor>& weight) {
+  constexpr const char* op = "add_layer_norm_backward";
+  check_float_dtype(op, "residual_out", residual_out);
+  check_like(op, "grad_out", grad_out, residual_out);
+  TORCH_CHECK(
+      residual_out.dim() >= 1 && grad_out.sizes() == residual_out.sizes(), op,
+      ": grad_out must have residual_out's shape ", residual_out.sizes(), ", got ",
+      grad_out.sizes());
+  if (grad_residual_out.has_value()) {
+    check_like(op, "grad_residual_out", *grad_residual_out, residual_out);
+    TORCH_CHECK(
+        grad_residual_out->sizes() == residual_out.sizes(), op,
+        ": grad_residual_out must have residual_out's shape ", residual_out.sizes(), ", got ",
+        grad_residual_out->sizes());
+  }
+  const int64_t C = residual_out.size(-1);
+  if (weight.has_value()) {
+    check_like(op, "weight", *weight, residual_out);
+    TORCH_CHECK(
+        weight->dim() == 1 && weight->size(0) == C, op, ": weight must have shape [", C,
+        "], got ", weight->sizes());
+  }
+  return C;
+}
+
 // Same formula as ATen's pooling_output_shape.
 inline int64_t pool_output_size(
     int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation, bool ceil_mode) {

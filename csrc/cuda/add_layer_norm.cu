@@ -157,27 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cuda(
     const at::Tensor& residual_out,
     const std::optional<at::Tensor>& weight,
     double eps) {
-  constexpr const char* op = "add_layer_norm_backward";
-  check_float_dtype(op, "residual_out", residual_out);
-  check_like(op, "grad_out", grad_out, residual_out);
-  TORCH_CHECK(
-      residual_out.dim() >= 1 && grad_out.sizes() == residual_out.sizes(), op,
-      ": grad_out must have residual_out's shape ", residual_out.sizes(), ", got ",
-      grad_out.sizes());
-  if (grad_residual_out.has_value()) {
-    check_like(op, "grad_residual_out", *grad_residual_out, residual_out);
-    TORCH_CHECK(
-        grad_residual_out->sizes() == residual_out.sizes(), op,
-        ": grad_residual_out must have residual_out's shape ", residual_out.sizes(), ", got ",
-        grad_residual_out->sizes());
-  }
-  const int64_t C = residual_out.size(-1);
-  if (weight.has_value()) {
-    check_like(op, "weight", *weight, residual_out);
-    TORCH_CHECK(
-        weight->dim() == 1 && weight->size(0) == C, op, ": weight must have shape [", C,
-        "], got ", weight->sizes());
-  }
+  const int64_t C =
+      check_add_layer_norm_backward(grad_out, grad_residual_out, residual_out, weight);
   TORCH_INTERNAL_ASSERT(
       residual_out.device().is_cuda(), "add_layer_norm_backward_cuda: tensors must be on CUDA");
   const c10::cuda::CUDAGuard device_guard(residual_out.device());

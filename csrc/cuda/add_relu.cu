@@ -54,14 +54,7 @@ at::Tensor add_relu_cuda(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor add_relu_backward_cuda(const at::Tensor& grad, const at::Tensor& out) {
-  check_float_dtype("add_relu_backward", "out", out);
-  TORCH_CHECK(
-      grad.scalar_type() == out.scalar_type() && grad.device() == out.device(),
-      "add_relu_backward: grad must have out's dtype and device (", out.scalar_type(), ", ",
-      out.device(), "), got ", grad.scalar_type(), ", ", grad.device());
-  TORCH_CHECK(
-      grad.sizes() == out.sizes(), "add_relu_backward: grad must have out's shape ", out.sizes(),
-      ", got ", grad.sizes());
+  check_add_relu_backward(grad, out);
   TORCH_INTERNAL_ASSERT(
       out.device().is_cuda(), "add_relu_backward_cuda: out must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(out.device());

@@ -133,10 +133,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_backward_cuda(
     int64_t dim) {
   const Activation activation = parse_activation(act);
   const int64_t wrapped_dim = check_bias_act(x, bias, dim);
-  check_like("bias_act_backward", "grad", grad, x);
-  TORCH_CHECK(
-      grad.sizes() == x.sizes(), "bias_act_backward: grad must have x's shape ", x.sizes(),
-      ", got ", grad.sizes());
+  check_bias_act_backward(grad, x);
   TORCH_INTERNAL_ASSERT(x.device().is_cuda(), "bias_act_backward_cuda: x must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(x.device());
 
