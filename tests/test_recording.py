@@ -220,3 +220,14 @@ def test_internal_value_escaping_a_module_is_reported():
     layer(x)
     with pytest.raises(tg.GraphBuildError, match="inside a module"):
         tg.Model(x, layer.saved + 1)
+
+
+def test_named_tuple_returns_keep_their_fields_on_repeated_calls():
+    """x.max(dim).values works every time (memoised probes keep torch's return types)."""
+    x = tg.Input(shape=(4, 5))
+    first, second = x.max(dim=1).values, x.max(dim=1).values
+    indices = x.max(dim=1).indices
+    model = tg.Model(x, [first, second, indices])
+    inp = torch.randn(3, 4, 5)
+    for out, ref in zip(model(inp), [inp.max(dim=1).values, inp.max(dim=1).values, inp.max(dim=1).indices]):
+        torch.testing.assert_close(out, ref)

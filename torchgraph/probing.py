@@ -66,28 +66,24 @@ def _key(o):
     return (t, o)
 
 
+class _TensorMeta:
+    """A memoised output tensor: what it takes to make a fresh meta tensor like it."""
+
+    __slots__ = ("shape", "stride", "dtype")
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.stride, self.dtype = t.shape, t.stride(), t.dtype
+
+    def make(self) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
+
+
 def _skeleton(out):
-    return tree_map(lambda t: ("T", t.shape, t.stride(), t.dtype) if isinstance(t, torch.Tensor)
-                    else ("V", t), out)
+    return tree_map(lambda o: _TensorMeta(o) if isinstance(o, torch.Tensor) else o, out)
 
 
 def _rebuild(skel):
-    def leaf(s):
-        if s[0] == "T":
-            return torch.empty_strided(s[1], s[2], dtype=s[3], device="meta")
-        return s[1]
-    return _tree_map_skeleton(leaf, skel)
-
-
-def _tree_map_skeleton(fn, s):
-    if isinstance(s, tuple) and len(s) in (2, 4) and s and s[0] in ("T", "V") and not isinstance(s[0], tuple):
-        return fn(s)
-    if isinstance(s, (tuple, list)):
-        return type(s)(_tree_map_skeleton(fn, x) for x in s) if not hasattr(s, "_fields") else type(s)(
-            *(_tree_map_skeleton(fn, x) for x in s))
-    if isinstance(s, dict):
-        return {k: _tree_map_skeleton(fn, v) for k, v in s.items()}
-    return s
+    return tree_map(lambda o: o.make() if isinstance(o, _TensorMeta) else o, skel)
 
 
 def _rnn_on_meta(name: str, u_args: tuple):

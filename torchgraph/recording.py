@@ -163,10 +163,11 @@ def _find_module_call(start_depth: int = 2):
 def _close_finished_scopes(live_frames) -> None:
     if not STATE.scopes:
         return
+    # A scope holds its frame, so the frame's id cannot be reused while the scope lives.
     live = {id(f) for f in live_frames}
     keep = []
     for scope in STATE.scopes:
-        if id(scope.frame) in live and scope.frame in live_frames:
+        if id(scope.frame) in live:
             keep.append(scope)
         else:
             scope.restore()
@@ -209,7 +210,7 @@ def _undo(bufs, saved):
     return changed
 
 
-def _open_scope(frame, func, args, kwargs):
+def _open_scope(frame):
     module = frame.f_locals["self"]
     call_args = frame.f_locals.get("args", ())
     call_kwargs = frame.f_locals.get("kwargs", {})
@@ -352,7 +353,7 @@ def dispatch(func, args: tuple, kwargs: dict):
             return ShadowRun(ProbeContext(0, False), None).execute(func, args, kwargs)
         scope = next((s for s in STATE.scopes if s.frame is frame), None)
         if scope is None:
-            scope = _open_scope(frame, func, args, kwargs)
+            scope = _open_scope(frame)
         return _replay(scope, func, name)
     return _record_top_level(func, name, args, kwargs)
 

@@ -18,6 +18,8 @@ def tree_map(fn, obj):
         return t(tree_map(fn, o) for o in obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return t(*(tree_map(fn, o) for o in obj))
+    if isinstance(obj, tuple) and t.__module__ == "torch.return_types":  # x.max(dim) -> .values/.indices
+        return t([tree_map(fn, o) for o in obj])
     if isinstance(obj, (tuple, list)) and not isinstance(obj, torch.Size):
         return tuple(tree_map(fn, o) for o in obj)
     if isinstance(obj, dict):
