@@ -13,6 +13,7 @@ What torchgraph needs beyond the fx graph lives in ``model.meta["torchgraph"]`` 
 
 from __future__ import annotations
 
+import operator
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ _RESERVED = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("__")) 
     | frozenset(n for n in dir(TrainingMixin) if not n.startswith("__"))
 
 
-def _structure(obj, what: str):
+def _structure(obj):
     """Flatten a tensor, list/tuple or dict of symbolic tensors: ``(kind, keys, tensors)``."""
     if isinstance(obj, dict):
         return "dict", list(obj.keys()), list(obj.values())
@@ -156,7 +157,7 @@ class _Emitter:
             key = (id(v.record), v.path[: i + 1])
             nxt = self.paths.get(key)
             if nxt is None:
-                nxt = self.graph.call_function(__import__("operator").getitem, (node, v.path[i]))
+                nxt = self.graph.call_function(operator.getitem, (node, v.path[i]))
                 self.paths[key] = nxt
             node = nxt
         node.meta["tg_spec"] = ValueSpec.of(v)
@@ -227,8 +228,8 @@ class Model(TrainingMixin, fx.GraphModule):
         close_finished_scopes()
         if outputs is None:
             raise GraphBuildError("tg.Model(inputs, outputs): `outputs` is missing.")
-        in_kind, in_keys, in_items = _structure(inputs, "inputs")
-        out_kind, out_keys, _ = _structure(outputs, "outputs")
+        in_kind, in_keys, in_items = _structure(inputs)
+        out_kind, out_keys, _ = _structure(outputs)
         out_paths = [p for p, _ in tree_leaves(outputs)]
         out_items = [leaf for _, leaf in tree_leaves(outputs)]
         if in_kind == "dict":
