@@ -159,6 +159,24 @@ struct Pool2dParams {
   int64_t out_size[2];  // output (height, width)
 };
 
+// ---------------------------------------------------------------- qkv_attention
+
+// Validates qkv_attention's arguments; returns D, the size of one head.
+inline int64_t check_qkv_attention(const at::Tensor& qkv, int64_t heads) {
+  constexpr const char* op = "qkv_attention";
+  check_float_dtype(op, "qkv", qkv);
+  TORCH_CHECK(
+      qkv.dim() == 3, op, ": qkv must be 3-D (batch, seq, 3 * embed), got shape ", qkv.sizes());
+  TORCH_CHECK(heads > 0, op, ": heads must be positive, got ", heads);
+  TORCH_CHECK(
+      qkv.size(2) % (3 * heads) == 0, op, ": qkv.size(2) must be 3 * heads * head_dim, got ",
+      qkv.size(2), " for heads=", heads);
+  TORCH_CHECK(
+      qkv.size(1) <= 32768 && qkv.size(2) <= (int64_t{1} << 30), op,
+      ": qkv is too large for this kernel (seq <= 32768), got shape ", qkv.sizes());
+  return qkv.size(2) / (3 * heads);
+}
+
 // Argument checks of the backward ops (shared by the CPU and CUDA kernels, like the forward ones).
 inline void check_bias_act_backward(const at::Tensor& grad, const at::Tensor& x) {
   check_like("bias_act_backward", "grad", grad, x);
@@ -206,6 +224,25 @@ inline int64_t check_add_layer_norm_backward(
         "], got ", weight->sizes());
   }
   return C;
+}
+
+inline void check_qkv_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+    const at::Tensor& probs, int64_t heads) {
+  constexpr const char* op = "qkv_attention_backward";
+  check_qkv_attention(qkv, heads);
+  const std::vector<int64_t> out_shape{qkv.size(0), qkv.size(1), qkv.size(2) / 3};
+  for (const auto& [name, t] : {std::pair{"grad_out", &grad_out}, std::pair{"out", &out}}) {
+    check_like(op, name, *t, qkv);
+    TORCH_CHECK(
+        t->sizes() == at::IntArrayRef(out_shape), op, ": ", name, " must have shape ",
+        at::IntArrayRef(out_shape), ", got ", t->sizes());
+  }
+  const std::vector<int64_t> probs_shape{qkv.size(0), heads, qkv.size(1), qkv.size(1)};
+  TORCH_CHECK(
+      probs.sizes() == at::IntArrayRef(probs_shape) && probs.device() == qkv.device(), op,
+      ": probs must have shape ", at::IntArrayRef(probs_shape), " on ", qkv.device(), ", got ",
+      probs.sizes(), " on ", probs.device());
 }
 
 // Same formula as ATen's pooling_output_shape.

@@ -48,6 +48,18 @@ TORCH_LIBRARY(torchgraph, m) {
       "add_layer_norm_backward(Tensor grad_out, Tensor? grad_residual_out, "
       "Tensor residual_out, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
 
+  // Multi-head attention straight from a packed projection: qkv is
+  // [B, T, 3 * E] (q | k | v, heads side by side in each), out is [B, T, E]
+  // (heads side by side), probs the softmax [B, heads, T, T] kept for the
+  // backward. scale defaults to 1 / sqrt(E / heads). -> (out, probs)
+  m.def(
+      "qkv_attention(Tensor qkv, int heads, bool causal, float? scale=None) "
+      "-> (Tensor, Tensor)");
+  // -> grad of qkv
+  m.def(
+      "qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor probs, int heads, "
+      "bool causal, float? scale) -> Tensor");
+
   // max_pool2d without the indices output (inference only, no backward).
   m.def(
       "max_pool2d_inference(Tensor x, int[2] kernel_size, int[2] stride=[], "

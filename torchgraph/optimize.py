@@ -41,10 +41,14 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = Fals
       ops on float32 CPU tensors, standard ops elsewhere;
     - ``relu(a + b)`` becomes :func:`torchgraph.ops.add_relu`, ``layer_norm(a + b)``
       :func:`torchgraph.ops.add_layer_norm`, and ``nn.MaxPool2d``
-      :func:`torchgraph.ops.max_pool2d_inference` (no indices, so no backward).
+      :func:`torchgraph.ops.max_pool2d_inference` (no indices, so no backward);
+    - self-attention written as ``qkv.chunk(3, -1)``, head split, ``F.scaled_dot_product_attention``
+      and head merge becomes :func:`torchgraph.fused.qkv_attention` (one kernel that reads the
+      heads in place, for short sequences on the CPU; SDPA elsewhere).
 
     With ``inference=False`` the model stays trainable: no folding, no inference-only max-pool, the
-    same layouts; only fusions with a backward (bias + activation, add + ReLU, add + LayerNorm).
+    same layouts; only fusions with a backward (bias + activation, add + ReLU, add + LayerNorm,
+    attention).
     Gradients match the original's.
 
     Args:
@@ -90,6 +94,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = Fals
     passes.fuse_linear_act(root, graph)
     passes.fuse_conv_act(root, graph, channels_last=inference and channels_last, shared=set(shared))
     _unshare(root, set(shared))
+    passes.fuse_qkv_attention(root, graph)
     passes.fuse_add_layer_norm(root, graph)
     passes.fuse_add_relu(root, graph)
     if inference:

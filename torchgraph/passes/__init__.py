@@ -5,10 +5,11 @@ by ``call_module``/``get_attr`` targets, ``graph`` its ``torch.fx.Graph``. A pas
 and returns how many patterns it rewrote. Every node a pass creates carries a ``tg_spec``.
 """
 
+from .attention import fuse_qkv_attention
 from .batchnorm import fold_batchnorm
 from .epilogue import fuse_conv_act, fuse_linear_act
 from .layout import keep_layout_local, use_inference_max_pool
 from .residual import fuse_add_layer_norm, fuse_add_relu
 
 __all__ = ["fold_batchnorm", "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_linear_act",
-           "keep_layout_local", "use_inference_max_pool"]
+           "fuse_qkv_attention", "keep_layout_local", "use_inference_max_pool"]
