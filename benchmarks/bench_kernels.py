@@ -148,6 +148,26 @@ def make_cases(device: str) -> list[Case]:
         )
     )
 
+    # GPT attention (d=256, 4 heads, t=128, causal) from the packed qkv projection: eager splits the
+    # heads, runs SDPA (flash) and merges them back. Forward only (the bench runs in inference mode).
+    qkv = randn(8, 128, 3 * 256)
+
+    def attention_eager(qkv):
+        q, k, v = (z.view(8, 128, 4, 64).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(8, 128, 256)
+
+    cases.append(
+        Case(
+            "qkv_attention causal",
+            "(8, 128, 768)",
+            lambda: attention_eager(qkv),
+            lambda: ops.qkv_attention(qkv, 4, True),
+            attention_eager,
+            (qkv,),
+            _nbytes(qkv) * 4 // 3 + 8 * 4 * 128 * 128 * 4,  # qkv in, out and probs written
+        )
+    )
+
     # ResNet stem max-pool, k=3 s=2 p=1 (eager computes argmax indices too).
     for channels_last in (False, True):
         layout = "channels_last" if channels_last else "NCHW"

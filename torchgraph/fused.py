@@ -1,17 +1,21 @@
-"""Run-time call targets of optimized graphs: a linear or convolution with its bias and activation.
+"""Run-time call targets of optimized graphs: linear/convolution + bias + activation, and attention.
 
 ``tg.optimize`` replaces ``nn.Linear``/``nn.Conv2d`` calls (and the activation after them) by calls
-to :func:`linear_act` and :func:`conv2d_act`. Each picks its implementation when it runs, from the
-tensors it receives, so an optimized model keeps working after ``.to(device)``, ``.double()``, under
-autograd, ``torch.compile`` or an exporter:
+to :func:`linear_act` and :func:`conv2d_act`, and self-attention on a packed projection by
+:func:`qkv_attention`. Each picks its implementation when it runs, from the tensors it receives, so
+an optimized model keeps working after ``.to(device)``, ``.double()``, under autograd,
+``torch.compile`` or an exporter:
 
 * oneDNN's fused ops (``torch.ops.mkldnn._linear_pointwise`` / ``_convolution_pointwise``): float32
-  CPU tensors, no gradient needed, eager mode. Measured here (2 threads) they run a 1024x256x1024
-  GEMM in ~8 ms against ~17 ms for ``F.linear`` (MKL); convolutions keep their layout.
+  CPU tensors, eager mode. Without gradients they run the whole layer (GEMM + bias + activation;
+  their GEMMs measured ~8% faster than MKL's here); with gradients, linear layers run through
+  ``_TrainableLinearAct`` (NOTE: [oneDNN GEMMs in training]). Convolutions keep their layout.
 * otherwise standard ops: ``F.linear``/``F.conv2d`` without bias, then
   :func:`torchgraph.ops.bias_act` (one pass, with a backward), which itself falls back to plain
   PyTorch where no kernel exists. Traced programs (``torch.compile``, ``torch.export``, ONNX) only
   ever see this path, so exporters get standard ops (``bias_act`` is swapped for its reference).
+* :func:`qkv_attention`: the ``ops.qkv_attention`` kernel for short sequences on eager CPU tensors,
+  else the head split + ``F.scaled_dot_product_attention`` + merge it replaced.
 
 Example:
     >>> import torch
@@ -32,7 +36,8 @@ import torch.nn.functional as F
 from . import _extension, ops
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ONEDNN_ACTIVATIONS", "QKV_ATTENTION_MAX_SEQ", "conv2d_act", "linear_act", "qkv_attention", "use_onednn"]
+__all__ = ["ONEDNN_ACTIVATIONS", "QKV_ATTENTION_MAX_SEQ", "conv2d_act", "linear_act", "qkv_attention",
+           "use_onednn", "uses_packed_weights"]
 
 #: Our activation names -> oneDNN's (attr, algorithm).
 ONEDNN_ACTIVATIONS = {
@@ -88,14 +93,21 @@ def _activation(y: torch.Tensor, act: str) -> torch.Tensor:
 _PACKED: dict[int, tuple] = {}
 
 
+def _pack_conv_weight(weight: torch.Tensor, padding, stride, dilation, input_size) -> torch.Tensor:
+    with torch.no_grad():
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), 1, list(input_size))
+
+
 def _packed_weight(weight: torch.Tensor, padding, stride, dilation, input_size) -> torch.Tensor:
+    if weight.is_inference():
+        # made under torch.inference_mode: no version counter tells when it changes, so no cache
+        return _pack_conv_weight(weight, padding, stride, dilation, input_size)
     key = id(weight)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
         return hit[2]
-    with torch.no_grad():
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), 1, list(input_size))
+    packed = _pack_conv_weight(weight, padding, stride, dilation, input_size)
     ref = weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None))
     _PACKED[key] = (ref, weight._version, packed)
     return packed
@@ -179,12 +191,22 @@ class _TrainableLinearAct(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias if ctx.needs_input_grad[2] else None, None
 
 
+def uses_packed_weights(weight: torch.Tensor, groups: int) -> bool:
+    """Whether :func:`conv2d_act` runs this convolution from prepacked oneDNN weights (when the
+    oneDNN path applies): 3x3 and larger, >= 16 input channels, not grouped."""
+    return groups == 1 and weight.dim() == 4 and weight.shape[1] >= 16 and weight.shape[-1] > 1
+
+
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list,
-               padding: list, dilation: list, groups: int, act: str = "none") -> torch.Tensor:
+               padding: list, dilation: list, groups: int, act: str = "none",
+               keep_channels_last: bool = False) -> torch.Tensor:
     """``act(F.conv2d(x, weight, bias, ...))`` in one fused call where possible.
 
     On the oneDNN path, a channels_last weight (``tg.optimize(..., channels_last=True)``) makes the
-    input channels_last too, and the output is channels_last.
+    input channels_last too, and the output is channels_last. Prepacked convolutions answer in
+    channels_last and copy back to contiguous unless ``keep_channels_last`` (set by
+    ``tg.optimize`` when every user is another prepacked convolution, which reads that layout
+    without a reorder).
 
     Args:
         x: input ``(N, C, H, W)``.
@@ -197,7 +219,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """
     if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         args = (x, weight, bias, stride, padding, dilation, groups, act)
-        return x.tracer.create_proxy("call_function", conv2d_act, args, {})
+        kwargs = {"keep_channels_last": True} if keep_channels_last else {}
+        return x.tracer.create_proxy("call_function", conv2d_act, args, kwargs)
     if x.dim() == 4 and use_onednn(x, weight, bias) and not weight.is_contiguous():
         # channels_last weights (optimize(channels_last=True)): oneDNN's fused op in that layout.
         if not x.is_contiguous(memory_format=torch.channels_last):
@@ -205,14 +228,14 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         attr, algorithm = ONEDNN_ACTIVATIONS[act]
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation,
                                                        groups, attr, [], algorithm)
-    if x.dim() == 4 and groups == 1 and weight.shape[1] >= 16 and weight.shape[-1] > 1 \
-            and use_onednn(x, weight, bias):
+    if x.dim() == 4 and uses_packed_weights(weight, groups) and use_onednn(x, weight, bias):
         packed = _packed_weight(weight, padding, stride, dilation, x.shape)
         attr, algorithm = ONEDNN_ACTIVATIONS[act]
         y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
                                                     attr, [], algorithm)
-        # It answers in channels_last; the next F.conv2d (contiguous weights) is slow on that layout.
-        return y.contiguous()
+        # It answers in channels_last; F.conv2d (contiguous weights, e.g. the 1x1 convs) is slow on
+        # that layout, another packed conv is faster (measured on ResNet-18: NOTE [Packed chains]).
+        return y if keep_channels_last else y.contiguous()
     if bias is None or act == "none" or use_onednn(x, weight, bias):
         # NOTE: measured here, F.conv2d with its bias then an in-place activation beats both oneDNN's
         # fused op and conv + bias_act for contiguous tensors (the bias add is free inside oneDNN).
