@@ -169,8 +169,9 @@ inline int64_t check_qkv_attention(const at::Tensor& qkv, int64_t heads) {
       qkv.dim() == 3, op, ": qkv must be 3-D (batch, seq, 3 * embed), got shape ", qkv.sizes());
   TORCH_CHECK(heads > 0, op, ": heads must be positive, got ", heads);
   TORCH_CHECK(
-      qkv.size(2) % (3 * heads) == 0, op, ": qkv.size(2) must be 3 * heads * head_dim, got ",
-      qkv.size(2), " for heads=", heads);
+      qkv.size(2) % (3 * heads) == 0 && qkv.size(2) > 0, op,
+      ": qkv.size(2) must be 3 * heads * head_dim with head_dim >= 1, got ", qkv.size(2),
+      " for heads=", heads);
   TORCH_CHECK(
       qkv.size(1) <= 32768 && qkv.size(2) <= (int64_t{1} << 30), op,
       ": qkv is too large for this kernel (seq <= 32768), got shape ", qkv.sizes());

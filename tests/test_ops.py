@@ -691,3 +691,247 @@ def test_docstring_examples_run():
         warnings.simplefilter("ignore")
         result = doctest.testmod(ops, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------- qkv_attention
+
+QKV_CASES = [  # (B, T, heads, D)
+    (1, 1, 1, 4),  # one token: softmax over a single key
+    (2, 7, 3, 5),  # odd sizes everywhere
+    (2, 65, 2, 8),  # one full 64-row causal block plus a one-row block
+    (1, 130, 2, 4),  # two full blocks and a ragged 2-row end
+]
+
+
+def qkv_input(b, t, heads, d, dtype=torch.float32, requires_grad=False):
+    return randn(b, t, 3 * heads * d, dtype=dtype, requires_grad=requires_grad)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("b, t, heads, d", QKV_CASES)
+def test_qkv_attention_matches_reference(dtype, causal, scale, b, t, heads, d):
+    """The kernel's out, probs and grad of qkv match reference_qkv_attention."""
+    qkv = qkv_input(b, t, heads, d, dtype, requires_grad=True)
+    out, probs = torch.ops.torchgraph.qkv_attention.default(qkv, heads, causal, scale)
+    (qkv_ref,) = leaf_copies(qkv)
+    expected, expected_probs = ops.reference_qkv_attention(qkv_ref, heads, causal, scale)
+    assert out.shape == (b, t, heads * d) and out.dtype == dtype
+    assert probs.shape == (b, heads, t, t) and probs.dtype == expected_probs.dtype
+    assert_close(out, expected, dtype)
+    # probs are float32 for bfloat16 input and computed in float32 on both sides
+    assert_close(probs, expected_probs, torch.float32)
+    if causal:
+        assert not probs.triu(1).any()  # masked keys get exactly zero weight
+    # Both sides compute the bfloat16 gradient in float32 and round it to bfloat16 once, so they
+    # differ by at most one bf16 ulp (measured: 0.0156 on entries of magnitude ~2.3, i.e. 2^-6):
+    # TOLERANCES[bfloat16] (atol 1e-2 + rtol 1.6e-2) covers that without loosening.
+    got = grads(ops.qkv_attention(qkv, heads, causal, scale), (qkv,))
+    want = grads(expected, (qkv_ref,))
+    assert_close(got[0], want[0], dtype)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("causal", [False, True])
+def test_qkv_attention_default_scale_is_inverse_sqrt_head_dim(causal):
+    """scale=None means 1 / sqrt(D) (SDPA's default), the same as passing it explicitly."""
+    qkv = qkv_input(2, 9, 2, 16)
+    default = torch.ops.torchgraph.qkv_attention.default(qkv, 2, causal, None)
+    explicit = torch.ops.torchgraph.qkv_attention.default(qkv, 2, causal, 0.25)
+    for got, want in zip(default, explicit):
+        assert_close(got, want, torch.float32)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded_grad"])
+def test_qkv_attention_non_contiguous_inputs(causal, layout):
+    """Transposed and sliced qkv, and a stride-0 grad_out (from .sum()), give the reference's
+    values and gradients."""
+    b, t, heads, d = 2, 67, 3, 4
+    width = 3 * heads * d
+    if layout == "transposed":
+        qkv = randn(t, b, width).transpose(0, 1)
+    elif layout == "sliced":
+        qkv = randn(b, t, width + 10)[:, :, 3 : 3 + width]
+    else:
+        qkv = randn(b, t, width)
+    if layout != "expanded_grad":
+        assert not qkv.is_contiguous()
+    qkv.requires_grad_()
+    out = ops.qkv_attention(qkv, heads, causal)
+    (qkv_ref,) = leaf_copies(qkv)
+    expected, _ = ops.reference_qkv_attention(qkv_ref, heads, causal)
+    assert "torchgraph_qkv_attention" in type(out.grad_fn).__name__
+    assert_close(out, expected, torch.float32)
+    if layout == "expanded_grad":
+        (got,) = torch.autograd.grad(out.sum(), qkv)
+        (want,) = torch.autograd.grad(expected.sum(), qkv_ref)
+    else:
+        (got,), (want,) = grads(out, (qkv,)), grads(expected, (qkv_ref,))
+    assert_close(got, want, torch.float32)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_qkv_attention_opcheck(dtype, causal):
+    """torch.library.opcheck passes for qkv_attention (schema, fake kernel, autograd, AOT)."""
+    op = torch.ops.torchgraph.qkv_attention.default
+    qkv = qkv_input(2, 5, 3, 2, dtype, requires_grad=True)
+    torch.library.opcheck(op, (qkv, 3, causal, None))
+    torch.library.opcheck(op, (qkv, 3, causal, 0.5))
+
+
+@needs_c_ops
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b, t, heads, d, scale", [(2, 5, 3, 2, None), (1, 67, 2, 1, 0.7)])
+def test_qkv_attention_gradcheck(causal, b, t, heads, d, scale):
+    """Gradients of ops.qkv_attention pass gradcheck in float64 (T=67: two causal blocks)."""
+    qkv = qkv_input(b, t, heads, d, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ops.qkv_attention(x, heads, causal, scale), (qkv,))
+
+
+@pytest.mark.parametrize(
+    "shape, heads, match",
+    [
+        (
+            (4, 24),
+            2,
+            r"qkv_attention: qkv must be 3-D \(batch, seq, 3 \* embed\), got shape \[4, 24\]",
+        ),
+        ((2, 3, 20), 2, r"qkv_attention: qkv.size\(2\) must be 3 \* heads \* head_dim with "
+         r"head_dim >= 1, got 20 for heads=2"),
+        ((2, 3, 0), 2, r"qkv_attention: qkv.size\(2\) must be 3 \* heads \* head_dim with "
+         r"head_dim >= 1, got 0 for heads=2"),
+        ((2, 3, 24), 0, r"qkv_attention: heads must be positive, got 0"),
+        ((2, 3, 24), -3, r"qkv_attention: heads must be positive, got -3"),
+    ],
+)
+def test_qkv_attention_bad_inputs_raise(path, shape, heads, match):
+    """Bad arguments raise the same message through the kernel and the reference."""
+    with pytest.raises(RuntimeError, match=match):
+        ops.qkv_attention(torch.randn(shape), heads)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_qkv_attention_int_dtype_raises(device):
+    """The raw op (C++ kernel, and the fake kernel on meta) rejects integer qkv."""
+    qkv = torch.zeros(2, 3, 12, dtype=torch.int64, device=device)
+    match = r"qkv_attention: qkv must be float32, float64 or bfloat16, got (Long|torch.int64)"
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.torchgraph.qkv_attention(qkv, 2, False)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_qkv_attention_backward_bad_grad_out_raises(device):
+    """The backward op (and its fake kernel) rejects a grad_out whose shape is not out's."""
+    qkv = qkv_input(2, 5, 2, 4).to(device)
+    out, probs = torch.ops.torchgraph.qkv_attention(qkv, 2, True)
+    bad = torch.randn(2, 5, 7, device=device)
+    with pytest.raises(
+        RuntimeError,
+        match=r"qkv_attention_backward: grad_out must have shape \[2, 5, 8\], got \[2, 5, 7\]",
+    ):
+        torch.ops.torchgraph.qkv_attention_backward(bad, qkv, out, probs, 2, True, None)
+
+
+def test_qkv_attention_reference_for():
+    """reference_for maps every spelling of qkv_attention to reference_qkv_attention."""
+    assert ops.reference_for("qkv_attention") is ops.reference_qkv_attention
+    assert ops.REFERENCES["torchgraph::qkv_attention"] is ops.reference_qkv_attention
+    if extension.HAS_C_OPS:
+        op = torch.ops.torchgraph.qkv_attention
+        assert ops.reference_for(op) is ops.reference_for(op.default) is ops.reference_qkv_attention
+
+
+def test_qkv_attention_no_grad_and_grad_fn(path):
+    """Under no_grad a qkv that requires grad gives the reference's values and no graph;
+    with grad enabled the output has a grad_fn."""
+    qkv = qkv_input(2, 6, 2, 3, requires_grad=True)
+    expected, _ = ops.reference_qkv_attention(qkv.detach(), 2, True)
+    with torch.no_grad():
+        out = ops.qkv_attention(qkv, 2, causal=True)
+    assert out.grad_fn is None and not out.requires_grad
+    assert_close(out, expected, torch.float32)
+    out = ops.qkv_attention(qkv, 2, causal=True)
+    assert out.grad_fn is not None
+    assert_close(out, expected, torch.float32)
+    if path == "kernel":
+        assert "torchgraph_qkv_attention" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("b, t", [(0, 4), (2, 0)])
+def test_qkv_attention_empty_batch_or_sequence(path, b, t):
+    """An empty batch or sequence gives an empty (B, T, E) output on both paths (as SDPA does)."""
+    qkv = randn(b, t, 3 * 2 * 4, requires_grad=True)
+    out = ops.qkv_attention(qkv, 2, causal=True)
+    assert out.shape == (b, t, 8)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+def _sdpa_attention(qkv, heads, causal, scale=None):
+    """The formulation fused.qkv_attention replaces: split heads, SDPA, merge heads."""
+    b, t, width = qkv.shape
+    q, k, v = (z.view(b, t, heads, -1).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return out.transpose(1, 2).reshape(b, t, width // 3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t", [9, 512, 600])
+def test_fused_qkv_attention_matches_sdpa(causal, t):
+    """fused.qkv_attention equals split + SDPA + merge, through the kernel (T <= 512) and through
+    the SDPA fallback (T > QKV_ATTENTION_MAX_SEQ), for values and gradients."""
+    from torchgraph import fused
+
+    heads, d = 2, 4
+    qkv = qkv_input(1, t, heads, d, requires_grad=True)
+    out = fused.qkv_attention(qkv, heads, causal, scale=0.4)
+    (qkv_ref,) = leaf_copies(qkv)
+    expected = _sdpa_attention(qkv_ref, heads, causal, scale=0.4)
+    uses_kernel = extension.HAS_C_OPS and t <= fused.QKV_ATTENTION_MAX_SEQ
+    assert ("torchgraph_qkv_attention" in type(out.grad_fn).__name__) == uses_kernel
+    assert_close(out, expected, torch.float32)
+    (got,), (want,) = grads(out, (qkv,)), grads(expected, (qkv_ref,))
+    assert_close(got, want, torch.float32)
+
+
+def test_qkv_attention_float16_goes_to_reference(path):
+    """float16 (no kernel) runs the reference in ops and SDPA in fused; both match float32 SDPA."""
+    from torchgraph import fused
+
+    qkv = qkv_input(2, 7, 2, 4, torch.float16)
+    expected = _sdpa_attention(qkv.float(), 2, True)
+    tol = {"atol": 2e-3, "rtol": 2e-3}  # float16 rounding of the inputs to the two GEMMs
+    for out in (ops.qkv_attention(qkv, 2, causal=True), fused.qkv_attention(qkv, 2, causal=True)):
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.float(), expected, **tol)
+    if extension.HAS_C_OPS:
+        with pytest.raises(RuntimeError, match="qkv_attention: qkv must be float32, float64 or "
+                           "bfloat16, got Half"):
+            torch.ops.torchgraph.qkv_attention(qkv, 2, True)
+
+
+@needs_c_ops
+def test_qkv_attention_compile_and_export():
+    """torch.compile(fullgraph) and torch.export keep ops.qkv_attention as one op; same values."""
+
+    class Attention(torch.nn.Module):
+        def forward(self, qkv):
+            return ops.qkv_attention(qkv, 2, causal=True)
+
+    qkv = qkv_input(2, 6, 2, 4)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(Attention(), fullgraph=True, backend="aot_eager")
+        assert_close(compiled(qkv), ops.qkv_attention(qkv, 2, causal=True), torch.float32)
+        program = torch.export.export(Attention(), (qkv,))
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert torch.ops.torchgraph.qkv_attention.default in targets
+    assert_close(program.module()(qkv), ops.qkv_attention(qkv, 2, causal=True), torch.float32)

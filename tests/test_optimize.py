@@ -296,3 +296,278 @@ def test_packed_conv_weights_follow_load_state_dict():
         fast.load_state_dict(model.state_dict())
         torch.testing.assert_close(fast(data), model(data), atol=1e-5, rtol=1e-4)
         assert fast(data).is_contiguous()
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def _attention_model(seq_len=6, dim=12, heads=3, *, causal=False, scale=None, merge="flatten",
+                     reuse=None, chunks=3, chunk_dim=-1, **sdpa_kwargs) -> tg.Model:
+    """Hand-written self-attention on a packed projection: Linear -> chunk -> head split -> SDPA ->
+    head merge -> Linear. ``reuse`` names an intermediate value that is also returned."""
+    x = tg.Input(shape=(seq_len, dim), name="tokens")
+    b, t, e = x.shape
+    if chunk_dim == -1:
+        qkv = nn.Linear(dim, chunks * dim)(x)
+        parts = qkv.chunk(chunks, dim=-1)
+    else:  # q | k | v stacked along the sequence instead
+        qkv = torch.cat([nn.Linear(dim, dim)(x) for _ in range(3)], dim=1)
+        parts = qkv.chunk(3, dim=chunk_dim)
+    q, k, v = parts[:3]
+    q_split = q.view(b, t, heads, e // heads)
+    q_heads = q_split.transpose(1, 2)
+    k_heads = k.view(b, t, heads, e // heads).transpose(1, 2)
+    v_heads = v.view(b, t, heads, e // heads).transpose(1, 2)
+    a = F.scaled_dot_product_attention(q_heads, k_heads, v_heads, is_causal=causal, scale=scale,
+                                       **sdpa_kwargs)
+    back = a.transpose(1, 2)
+    y = back.flatten(2) if merge == "flatten" else back.reshape(b, t, e)
+    if chunks == 4:
+        y = y * torch.sigmoid(parts[3])  # the fourth chunk gates the output
+    y = nn.Linear(dim, dim)(y)
+    extra = {"q": q, "split": q_split, "heads": q_heads, "sdpa": a, "back": back}.get(reuse)
+    return tg.Model(x, y if extra is None else [y, extra], name="Attention")
+
+
+def _attention_nodes(model) -> list:
+    return [n for n in model.graph.nodes
+            if n.op == "call_function" and n.target is fused.qkv_attention]
+
+
+def _assert_fully_fused(model, count):
+    nodes = _attention_nodes(model)
+    assert len(nodes) == count
+    assert all(n.name.startswith("attention") for n in nodes)
+    assert not any(n.op == "call_method" and n.target == "chunk" for n in model.graph.nodes)
+    assert not {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention} & \
+        _fused_targets(model)
+
+
+def test_gpt_attention_fuses_to_one_call_per_block():
+    """Each GPT block's chunk/split/SDPA/merge becomes one fused.qkv_attention (causal), and the
+    optimized model matches the original in eval."""
+    model = _gpt()
+    fast = _check_outputs(model, torch.randn(3, 16, 32))
+    _assert_fully_fused(fast, count=2)
+    assert all(n.args[1:] == (4, True) and not n.kwargs for n in _attention_nodes(fast))
+    assert "qkv_attention" in fast.code
+
+
+@pytest.mark.parametrize("merge", ["flatten", "reshape"])
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_hand_written_attention_fuses(merge, scale):
+    """Non-causal attention written by hand (any merge spelling, explicit scale) is fused with its
+    arguments and matches."""
+    model = _attention_model(causal=False, scale=scale, merge=merge)
+    fast = _check_outputs(model, torch.randn(2, 6, 12))
+    _assert_fully_fused(fast, count=1)
+    (node,) = _attention_nodes(fast)
+    assert node.args[1:] == (3, False)
+    assert node.kwargs == ({} if scale is None else {"scale": scale})
+
+
+def test_attention_fused_for_training_with_same_gradients():
+    """inference=False keeps the fused attention, and the parameter and input gradients equal the
+    original model's (relative error ~3e-7 measured)."""
+    model = _gpt()
+    fast = tg.optimize(model, inference=False)
+    assert fast.training
+    _assert_fully_fused(fast, count=2)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    x_fast = x.detach().clone().requires_grad_()
+    weights = torch.randn(2, 16, 32)
+    (model(x) * weights).sum().backward()
+    (fast(x_fast) * weights).sum().backward()
+
+    def close(got, want):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+    close(x_fast.grad, x.grad)
+    grads = dict(model.named_parameters())
+    for name, p in fast.named_parameters():
+        close(p.grad, grads[name].grad)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"attn_mask": torch.ones(6, 6, dtype=torch.bool).tril()},
+        {"enable_gqa": True},
+        {"chunks": 4},
+        {"chunk_dim": 1},
+    ],
+    ids=["attn_mask", "enable_gqa", "chunk4", "chunk_dim1"],
+)
+def test_attention_variants_not_fused(kwargs):
+    """Masks, grouped-query attention and other chunkings are left alone (and still match)."""
+    model = _attention_model(**kwargs)
+    fast = _check_outputs(model, torch.randn(2, 6, 12))
+    assert not _attention_nodes(fast)
+    assert torch._C._nn.scaled_dot_product_attention in _fused_targets(fast)
+
+
+@pytest.mark.parametrize("reuse", ["q", "split", "heads", "sdpa", "back"])
+def test_attention_with_shared_intermediate_not_fused(reuse):
+    """When a value inside the pattern is also returned, the pattern is kept (outputs match)."""
+    model = _attention_model(reuse=reuse, causal=True)
+    fast = _check_outputs(model, torch.randn(2, 6, 12))
+    assert not _attention_nodes(fast)
+
+
+def test_attention_with_dropout_not_fused():
+    """dropout_p > 0 is left alone: with the same seed the optimized model draws the same mask."""
+    model = _attention_model(dropout_p=0.5).eval()
+    fast = tg.optimize(model)
+    assert not _attention_nodes(fast)
+    x = torch.randn(2, 6, 12)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_dynamic_sequence_length_attention(monkeypatch):
+    """With a dynamic T the attention is fused; T=20 runs the kernel, T=600 (more than
+    QKV_ATTENTION_MAX_SEQ) the SDPA fallback, and both match the original."""
+    model = applications.gpt_stack(num_blocks=1, dim=16, heads=2, seq_len=None).eval()
+    fast = tg.optimize(model)
+    _assert_fully_fused(fast, count=1)
+    calls = []
+    kernel = ops.qkv_attention
+
+    def counting_kernel(qkv, *args, **kwargs):
+        calls.append(qkv.shape[1])
+        return kernel(qkv, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "qkv_attention", counting_kernel)
+    assert fused.QKV_ATTENTION_MAX_SEQ < 600
+    for t in (20, 600):
+        x = torch.randn(2, t, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
+    assert calls == ([20] if ops._use_kernel(torch.ones(1)) else [])
+
+
+# ---------------------------------------------------------------------------- linear_act training
+
+
+@pytest.mark.skipif(not fused._HAS_ONEDNN, reason="oneDNN's _linear_pointwise is not available")
+@pytest.mark.parametrize("act", ops.ACTIVATIONS)
+@pytest.mark.parametrize("x_shape", [(5, 8), (2, 3, 8)])
+@pytest.mark.parametrize("needs_grad", ["all", "weight"])
+@pytest.mark.parametrize("loss", ["weighted", "sum"])
+def test_linear_act_training_path_matches(act, x_shape, needs_grad, loss):
+    """With gradients needed, float32 CPU linear_act runs _TrainableLinearAct; values and the
+    gradients of x, weight and bias equal act(F.linear(x, w, b)). (``loss="sum"`` hands the
+    backward a stride-0 gradient.)"""
+    if act != "none" and not ops._use_kernel(torch.ones(1)):
+        pytest.skip("the trainable path needs the bias_act kernels for an activation")
+    tensors = [torch.randn(x_shape), torch.randn(6, 8), torch.randn(6)]
+    flags = [needs_grad == "all", True, needs_grad == "all"]
+    inputs = [t.clone().requires_grad_(f) for t, f in zip(tensors, flags)]
+    ref_inputs = [t.clone().requires_grad_(f) for t, f in zip(tensors, flags)]
+    y = fused.linear_act(*inputs, act)
+    expected = ops._ACTIVATION_FNS[act](F.linear(*ref_inputs))
+    assert "_TrainableLinearAct" in type(y.grad_fn).__name__
+    assert y.shape == (*x_shape[:-1], 6)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(y.shape)
+
+    def total(out):
+        return (out * weights).sum() if loss == "weighted" else out.sum()
+
+    got = torch.autograd.grad(total(y), [t for t in inputs if t.requires_grad])
+    want = torch.autograd.grad(total(expected), [t for t in ref_inputs if t.requires_grad])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- GPT under compile
+
+
+def test_optimized_gpt_survives_torch_compile():
+    """torch.compile of the optimized GPT (fused attention inside) gives the original's outputs."""
+    model = _gpt().eval()
+    fast = tg.optimize(model)
+    assert _attention_nodes(fast)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def _channels_last_convs(model) -> list:
+    return [n for n in model.graph.nodes
+            if n.target is fused.conv2d_act and n.kwargs.get("channels_last", False)]
+
+
+class _ConvOutputs(torch.fx.Interpreter):
+    """Runs a model node by node, keeping what each fused.conv2d_act call returned."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.outputs = []
+
+    def call_function(self, target, args, kwargs):
+        result = super().call_function(target, args, kwargs)
+        if target is fused.conv2d_act:
+            self.outputs.append(result)
+        return result
+
+
+def test_inference_runs_conv_stacks_channels_last():
+    """By default the ungrouped convs answer in channels_last; what leaves the stack is contiguous,
+    the weights (state_dict) keep their layout, and channels_last=False keeps every tensor contiguous."""
+    model = _randomize(applications.resnet18(num_classes=10, input_shape=(3, 32, 32)))
+    fast = _check_outputs(model, torch.randn(2, 3, 32, 32), atol=1e-4)
+    convs = [n for n in fast.graph.nodes if n.target is fused.conv2d_act]
+    assert convs and _channels_last_convs(fast) == convs
+    assert all(t.is_contiguous() for t in fast.state_dict().values())
+    with torch.no_grad():
+        recorder = _ConvOutputs(fast)
+        out = recorder.run(torch.randn(2, 3, 32, 32))
+    assert out.is_contiguous() and len(recorder.outputs) == len(convs)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in recorder.outputs)
+    plain = _check_outputs(model, torch.randn(2, 3, 32, 32), atol=1e-4, channels_last=False)
+    assert not _channels_last_convs(plain)
+
+
+def test_grouped_conv_and_views_get_contiguous_inputs():
+    """A depthwise conv (no channels_last path) and a view after the stack read contiguous tensors."""
+    x = tg.Input(shape=(8, 6, 6))
+    h = nn.Conv2d(8, 16, 3, padding=1)(x)
+    h = F.relu(nn.Conv2d(16, 16, 3, padding=1, groups=16)(h))
+    h = nn.Conv2d(16, 4, 1)(h)
+    y = nn.Linear(4 * 6 * 6, 3)(h.view(h.size(0), -1))
+    fast = _check_outputs(tg.Model(x, [y, h]), torch.randn(2, 8, 6, 6))
+    grouped = [n for n in fast.graph.nodes if n.target is fused.conv2d_act and n.args[6] == 16]
+    assert len(grouped) == 1 and "channels_last" not in grouped[0].kwargs
+    assert grouped[0].args[0].target == "contiguous"
+    with torch.no_grad():
+        assert all(t.is_contiguous() for t in fast(torch.randn(2, 8, 6, 6)))
+
+
+def test_inference_optimized_model_still_differentiates():
+    """Called with an input that requires grad, the inference-optimized conv stack takes the
+    standard path (no oneDNN, no channels_last) and its input gradient is the original's."""
+    x = tg.Input(shape=(3, 8, 8))
+    h = F.relu(nn.BatchNorm2d(16)(nn.Conv2d(3, 16, 3, padding=1)(x)))
+    h = F.relu(nn.Conv2d(16, 16, 3, padding=1)(h) + h)
+    model = _randomize(tg.Model(x, nn.Linear(16, 2)(torch.flatten(nn.AdaptiveAvgPool2d(1)(h), 1))))
+    fast = tg.optimize(model.eval())
+    x1 = torch.randn(2, 3, 8, 8, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    fast(x1).sum().backward()
+    model(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_weights_made_under_inference_mode():
+    """Weights created inside torch.inference_mode have no version counter: packed per call, not cached."""
+    with torch.inference_mode():
+        x, w, b = torch.randn(2, 16, 5, 5), torch.randn(8, 16, 3, 3), torch.randn(8)
+        for channels_last in (False, True):
+            y = fused.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", channels_last=channels_last)
+            torch.testing.assert_close(y, F.relu(F.conv2d(x, w, b, padding=1)), atol=1e-4, rtol=1e-4)

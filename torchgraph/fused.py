@@ -37,7 +37,7 @@ from . import _extension, ops
 from torch.autograd.function import once_differentiable
 
 __all__ = ["ONEDNN_ACTIVATIONS", "QKV_ATTENTION_MAX_SEQ", "conv2d_act", "linear_act", "qkv_attention",
-           "use_onednn", "uses_packed_weights"]
+           "use_onednn"]
 
 #: Our activation names -> oneDNN's (attr, algorithm).
 ONEDNN_ACTIVATIONS = {
@@ -85,11 +85,19 @@ def _activation(y: torch.Tensor, act: str) -> torch.Tensor:
 
 
 # NOTE: [Packed conv weights] oneDNN runs a convolution faster from weights already in its blocked
-# layout: measured here (2 threads, batch 8), 3x3 convs with 256-512 channels on 4x4/2x2 maps took
-# 13-25% less time; 1x1 convs and the 3-channel stem were slower, so they keep F.conv2d. The packed
-# copy is a cache beside the parameter (state_dict, pickling and .to() see the plain weight), keyed
-# by the parameter and refreshed when it changes (load_state_dict bumps its version).
-# (Tensors cannot be WeakKeyDictionary keys -- their == is elementwise -- hence id + weakref.)
+# layout. The packed copy is a cache beside the parameter (state_dict, pickling and .to() see the
+# plain weight), keyed by the parameter and refreshed when it changes (load_state_dict bumps its
+# version). (Tensors cannot be WeakKeyDictionary keys -- their == is elementwise -- hence id + weakref.)
+#
+# NOTE: [Packed channels_last convs] Measured here for every convolution of ResNet-18 and ResNet-50
+# at batch 8, 64x64 (2 threads, medians): packed weights on a channels_last input (answering in
+# channels_last, nothing copied) beat F.conv2d on a contiguous input for every layer, by 15-30% for
+# most (0.92 -> 0.75 ms for 64-channel 3x3 on 16x16; 1.64 -> 0.80 ms for 512-channel 3x3 on 2x2;
+# 1x1 convs 0.14 -> 0.09 ms; the 7x7 stem a tie). F.conv2d on channels_last input was the worst
+# (1.5-9x slower on 2x2-4x4 maps with 512+ channels), and packed weights on a contiguous input paid
+# a reorder per call (slower than F.conv2d for 1x1 convs and the stem). Hence: for inference,
+# tg.optimize keeps whole conv stacks channels_last with packed weights
+# (passes.keep_layout_local makes the tensors contiguous where they leave the stack).
 _PACKED: dict[int, tuple] = {}
 
 
@@ -191,51 +199,42 @@ class _TrainableLinearAct(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias if ctx.needs_input_grad[2] else None, None
 
 
-def uses_packed_weights(weight: torch.Tensor, groups: int) -> bool:
-    """Whether :func:`conv2d_act` runs this convolution from prepacked oneDNN weights (when the
-    oneDNN path applies): 3x3 and larger, >= 16 input channels, not grouped."""
-    return groups == 1 and weight.dim() == 4 and weight.shape[1] >= 16 and weight.shape[-1] > 1
-
-
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list,
                padding: list, dilation: list, groups: int, act: str = "none",
-               keep_channels_last: bool = False) -> torch.Tensor:
+               channels_last: bool = False) -> torch.Tensor:
     """``act(F.conv2d(x, weight, bias, ...))`` in one fused call where possible.
 
-    On the oneDNN path, a channels_last weight (``tg.optimize(..., channels_last=True)``) makes the
-    input channels_last too, and the output is channels_last. Prepacked convolutions answer in
-    channels_last and copy back to contiguous unless ``keep_channels_last`` (set by
-    ``tg.optimize`` when every user is another prepacked convolution, which reads that layout
-    without a reorder).
+    On the oneDNN path (float32 CPU tensors, no gradient, eager), ``channels_last=True`` (what
+    ``tg.optimize`` sets for inference) runs oneDNN's fused op on a channels_last input with
+    prepacked weights and returns a channels_last tensor (NOTE: [Packed channels_last convs]).
+    Without it, 3x3-and-larger convolutions with >= 16 input channels still use prepacked weights
+    and return a contiguous tensor; others run ``F.conv2d``.
 
     Args:
         x: input ``(N, C, H, W)``.
         weight, bias: the convolution's parameters (bias may be None).
         stride, padding, dilation: pairs of ints; groups: an int.
         act: one of ``torchgraph.ops.ACTIVATIONS``.
+        channels_last: answer in channels_last on the oneDNN path (ungrouped convolutions).
 
     Returns:
         The activated convolution output.
     """
     if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         args = (x, weight, bias, stride, padding, dilation, groups, act)
-        kwargs = {"keep_channels_last": True} if keep_channels_last else {}
+        kwargs = {"channels_last": True} if channels_last else {}
         return x.tracer.create_proxy("call_function", conv2d_act, args, kwargs)
-    if x.dim() == 4 and use_onednn(x, weight, bias) and not weight.is_contiguous():
-        # channels_last weights (optimize(channels_last=True)): oneDNN's fused op in that layout.
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)
-        attr, algorithm = ONEDNN_ACTIVATIONS[act]
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation,
-                                                       groups, attr, [], algorithm)
-    if x.dim() == 4 and uses_packed_weights(weight, groups) and use_onednn(x, weight, bias):
+    packable = x.dim() == 4 and groups == 1 and use_onednn(x, weight, bias)
+    if packable and (channels_last or (weight.shape[1] >= 16 and weight.shape[-1] > 1)):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # a no-op inside a conv stack
         packed = _packed_weight(weight, padding, stride, dilation, x.shape)
         attr, algorithm = ONEDNN_ACTIVATIONS[act]
         y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
                                                     attr, [], algorithm)
-        # It answers in channels_last; F.conv2d (contiguous weights, e.g. the 1x1 convs) is slow on
-        # that layout, another packed conv is faster (measured on ResNet-18: NOTE [Packed chains]).
-        return y if keep_channels_last else y.contiguous()
+        # It answers in channels_last; F.conv2d (the next layer, outside a channels_last stack) is
+        # slow on that layout.
+        return y if channels_last else y.contiguous()
     if bias is None or act == "none" or use_onednn(x, weight, bias):
         # NOTE: measured here, F.conv2d with its bias then an in-place activation beats both oneDNN's
         # fused op and conv + bias_act for contiguous tensors (the bias add is free inside oneDNN).

@@ -200,9 +200,26 @@ def _check_qkv_attention(qkv, heads: int, *, kernel: bool) -> None:
     )
     torch._check(heads > 0, lambda: f"qkv_attention: heads must be positive, got {heads}")
     torch._check(
-        qkv.shape[2] % (3 * heads) == 0,
-        lambda: f"qkv_attention: qkv.size(2) must be 3 * heads * head_dim, got {qkv.shape[2]} "
-        f"for heads={heads}",
+        qkv.shape[2] % (3 * heads) == 0 and qkv.shape[2] > 0,
+        lambda: f"qkv_attention: qkv.size(2) must be 3 * heads * head_dim with head_dim >= 1, "
+        f"got {qkv.shape[2]} for heads={heads}",
+    )
+
+
+def _check_qkv_attention_backward(grad_out, qkv, out, probs, heads: int) -> None:
+    _check_qkv_attention(qkv, heads, kernel=True)
+    b, t, width = qkv.shape
+    for name, tensor in (("grad_out", grad_out), ("out", out)):
+        _check_like("qkv_attention_backward", name, tensor, qkv)
+        torch._check(
+            list(tensor.shape) == [b, t, width // 3],
+            lambda: f"qkv_attention_backward: {name} must have shape {[b, t, width // 3]}, "
+            f"got {list(tensor.shape)}",
+        )
+    torch._check(
+        list(probs.shape) == [b, heads, t, t] and probs.device == qkv.device,
+        lambda: f"qkv_attention_backward: probs must have shape {[b, heads, t, t]} on {qkv.device}, "
+        f"got {list(probs.shape)} on {probs.device}",
     )
 
 
@@ -359,7 +376,7 @@ def reference_qkv_attention(
         mask = torch.ones(t, t, dtype=torch.bool, device=qkv.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(b, t, -1).to(qkv.dtype)
+    out = (probs @ v).transpose(1, 2).reshape(b, t, qkv.shape[-1] // 3).to(qkv.dtype)
     return out, probs
 
 
@@ -727,7 +744,7 @@ if _extension.HAS_C_OPS:
 
     @torch.library.register_fake("torchgraph::qkv_attention_backward")
     def _qkv_attention_backward_fake(grad_out, qkv, out, probs, heads, causal, scale):
-        _check_qkv_attention(qkv, heads, kernel=True)
+        _check_qkv_attention_backward(grad_out, qkv, out, probs, heads)
         return qkv.new_empty(qkv.shape)
 
     def _qkv_attention_setup_context(ctx, inputs, output):

@@ -30,7 +30,7 @@ from .model import Model
 __all__ = ["optimize"]
 
 
-def optimize(model: Model, inference: bool = True, *, channels_last: bool = False) -> Model:
+def optimize(model: Model, inference: bool = True, *, channels_last: bool = True) -> Model:
     """A copy of ``model`` with its graph rewritten into fused ops.
 
     With ``inference=True`` (the default):
@@ -54,11 +54,13 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = Fals
     Args:
         model (tg.Model): the model to optimize (not modified).
         inference (bool): rewrite for inference (``True``) or keep the model trainable (``False``).
-        channels_last (bool): with ``inference``, store convolution weights channels_last and run
-            the conv stack in that layout. Off by default: on this project's 2-core AVX-512 CPU,
-            ResNet-18 at 64x64 ran its convolutions 25% slower that way (layers with 2x2 or 4x4
-            maps and 256-512 channels were 1.3-2x slower; 3x3 convs on 16x16 maps 5-15% faster).
-            Measure it for large images.
+        channels_last (bool): with ``inference``, run convolution stacks in channels_last with
+            weights prepacked for oneDNN (float32 CPU tensors), making tensors contiguous again
+            where they leave the stack (views, reshapes, grouped convolutions, the outputs). On by
+            default: measured here, every convolution of ResNet-18 and ResNet-50 ran 0-30% faster
+            that way than ``F.conv2d`` on contiguous tensors (NOTE: [Packed channels_last convs]
+            in ``fused.py``). ``False`` keeps contiguous activations (prepacked weights only for
+            3x3-and-larger convolutions with >= 16 input channels).
 
     Returns:
         tg.Model: a new model with the same inputs, outputs, names and ``state_dict`` keys (minus
@@ -82,9 +84,9 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = Fals
         raise TypeError(f"tg.optimize: expected a tg.Model; received {type(model).__name__}. Build the "
                         "model with tg.Model(inputs, outputs) (or wrap it: x = tg.Input(...); "
                         "tg.Model(x, module(x))).")
-    # NOTE: [Copy once] With inference=True, the passes replace every Conv2d weight by a new tensor
-    # (folded, or channels_last), so copying it first would copy ~90% of a ResNet's bytes twice:
-    # deepcopy shares those weights, and _unshare copies whatever a pass did not replace.
+    # NOTE: [Copy once] With inference=True, folding replaces the weight of every Conv2d followed by
+    # a BatchNorm, so copying it first would copy ~90% of a ResNet's bytes twice: deepcopy shares
+    # the Conv2d weights, and _unshare copies whatever a pass did not replace.
     shared = {id(m.weight): m.weight for m in model.modules() if type(m) is nn.Conv2d} if inference else {}
     root = copy.deepcopy(model, dict(shared))
     graph = root.graph
@@ -92,7 +94,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = Fals
         root.eval()
         passes.fold_batchnorm(root, graph)
     passes.fuse_linear_act(root, graph)
-    passes.fuse_conv_act(root, graph, channels_last=inference and channels_last, shared=set(shared))
+    passes.fuse_conv_act(root, graph, channels_last=inference and channels_last)
     _unshare(root, set(shared))
     passes.fuse_qkv_attention(root, graph)
     passes.fuse_add_layer_norm(root, graph)

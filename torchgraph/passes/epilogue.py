@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -47,11 +46,11 @@ def fuse_linear_act(root: nn.Module, graph: fx.Graph) -> int:
     return count
 
 
-def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool, shared: set = frozenset()) -> int:
+def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool) -> int:
     """``act(conv2d(x))`` (and a bare ``conv2d(x)``) -> ``fused.conv2d_act(x, w, b, ..., act)``.
 
-    With ``channels_last`` the weights are stored channels_last (inference: oneDNN's fast layout),
-    in new tensors when their ``id`` is in ``shared`` (weights still shared with the original model).
+    With ``channels_last`` (inference) ungrouped convolutions answer in channels_last on the oneDNN
+    path (``conv2d_act(..., channels_last=True)``); :func:`keep_layout_local` must then run.
     Convolutions with string padding or a non-zero padding mode stay as they are.
     """
     count = 0
@@ -60,45 +59,14 @@ def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool, shared:
         if (type(conv) is not nn.Conv2d or len(node.args) != 1 or node.kwargs
                 or isinstance(conv.padding, str) or conv.padding_mode != "zeros"):
             continue
-        weight = conv.weight
-        if channels_last and (id(weight) in shared
-                              or not weight.is_contiguous(memory_format=torch.channels_last)):
-            dense = torch.empty_like(weight, memory_format=torch.channels_last)
-            with torch.no_grad():
-                dense.copy_(weight)
-            conv.weight = nn.Parameter(dense, requires_grad=weight.requires_grad)
         act, last = _absorb_activation(root, node)
         with graph.inserting_before(node):
             w = attr_node(graph, node.target, "weight", conv.weight)
             b = attr_node(graph, node.target, "bias", conv.bias)
         args = (node.args[0], w, b, list(conv.stride), list(conv.padding), list(conv.dilation),
                 conv.groups, act)
-        _replace(graph, node, last, fused.conv2d_act, args, act)
+        new = _replace(graph, node, last, fused.conv2d_act, args, act)
+        if channels_last and conv.groups == 1:
+            new.kwargs = {"channels_last": True}
         count += 1
-    if not channels_last:
-        _chain_packed_convs(root, graph)
     return count
-
-
-def _is_packed_conv(root: nn.Module, node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target is not fused.conv2d_act:
-        return False
-    weight = node.args[1]
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
-        return False
-    try:
-        tensor = root.get_parameter(weight.target)
-    except AttributeError:  # a buffer or plain attribute: leave the layout alone
-        return False
-    return fused.uses_packed_weights(tensor, node.args[6])
-
-
-# NOTE: [Packed chains] A prepacked oneDNN convolution answers in channels_last. Copying that back
-# to contiguous costs ~7% of ResNet-18's inference time, and the next prepacked convolution reads
-# channels_last directly; F.conv2d (1x1 convs) is slower on it, so only conv -> conv edges where
-# every user is a prepacked convolution keep the layout (ResNet-18: conv1 -> conv2 of each block).
-def _chain_packed_convs(root: nn.Module, graph: fx.Graph) -> None:
-    for node in graph.nodes:
-        if _is_packed_conv(root, node) and node.users and all(
-                _is_packed_conv(root, user) and user.args[0] is node for user in node.users):
-            node.kwargs = {**node.kwargs, "keep_channels_last": True}

@@ -34,19 +34,26 @@ def use_inference_max_pool(root: nn.Module, graph: fx.Graph) -> int:
     return count
 
 
-# NOTE: [Channels-last islands] conv2d_act's oneDNN path returns channels_last tensors. Elementwise
-# ops, pooling and the next conv keep or accept that layout; anything else (a view, a reshape, the
-# model's output) gets `.contiguous()` first, so code written for contiguous tensors still works and
-# the model returns the layout the original returned. `.contiguous()` is free on a contiguous tensor.
-_PRESERVING_FUNCTIONS = {fused.conv2d_act, ops.add_relu, ops.max_pool2d_inference, operator.add,
-                         torch.add, torch.relu, F.relu, ops.bias_act}
+# NOTE: [Channels-last islands] With tg.optimize(channels_last=True) (the inference default),
+# conv2d_act answers in channels_last on its oneDNN path (NOTE: [Packed channels_last convs] in
+# fused.py). Elementwise ops, pooling and the next such conv keep or accept that layout; anything
+# else (a view, a reshape, a grouped conv, the model's output) gets `.contiguous()` first, so code
+# written for contiguous tensors still works and the model returns the layout the original
+# returned. `.contiguous()` is free on a contiguous tensor (e.g. on the non-oneDNN paths).
+_PRESERVING_FUNCTIONS = {ops.add_relu, ops.max_pool2d_inference, operator.add, torch.add, torch.relu,
+                         F.relu, ops.bias_act}
 _PRESERVING_METHODS = {"add", "relu", "contiguous"}
 _PRESERVING_MODULES = (nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.SiLU, nn.GELU, nn.Identity)
 
 
+def _channels_last_conv(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is fused.conv2d_act and \
+        node.kwargs.get("channels_last", False)
+
+
 def _preserves_layout(root: nn.Module, node: fx.Node) -> bool:
     if node.op == "call_function":
-        return node.target in _PRESERVING_FUNCTIONS
+        return node.target in _PRESERVING_FUNCTIONS or _channels_last_conv(node)
     if node.op == "call_module":
         return isinstance(module_of(root, node), _PRESERVING_MODULES)
     return node.op == "call_method" and node.target in _PRESERVING_METHODS
@@ -63,7 +70,7 @@ def keep_layout_local(root: nn.Module, graph: fx.Graph) -> int:
     default layout. Returns how many were inserted."""
     channels_last: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is fused.conv2d_act:
+        if _channels_last_conv(node):
             channels_last.add(node)
         elif _preserves_layout(root, node) and any(a in channels_last for a in node.all_input_nodes):
             channels_last.add(node)
