@@ -9,6 +9,10 @@ For each fused op at a realistic size this prints the median time of:
 * copy:     Tensor.copy_ moving as many bytes as the op reads plus writes: the
             memory-bandwidth ceiling for an elementwise kernel.
 
+The ops with a backward are also timed as one training step ("fwd+bwd" rows):
+forward, then torch.autograd.grad of every input (eager autograd vs the op's
+registered backward; the compiled variant differentiates the compiled forward).
+
 Variants run interleaved (one call of each per round) so that machine noise hits
 them alike. "GB/s" counts the bytes the op must read and write once; "% copy" is
 that bandwidth relative to the copy's. Run from the repository root:
@@ -59,6 +63,7 @@ class Case:
     eager_fn: Callable  # the function torch.compile gets
     args: tuple
     bytes_moved: int  # bytes read + bytes written by one call
+    grad: torch.Tensor | None = None  # training cases: the compiled variant is differentiated too
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -190,6 +195,78 @@ def make_cases(device: str) -> list[Case]:
     return cases
 
 
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _forward_backward(fn: Callable, args: tuple, grad: torch.Tensor) -> Callable[[], tuple]:
+    """One training step of fn: forward, then the gradients of every input that requires grad."""
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    return lambda: torch.autograd.grad(_first(fn(*args)), inputs, grad)
+
+
+def make_training_cases(device: str) -> list[Case]:
+    """Forward + backward of the ops with a backward, against eager autograd (float32)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        t = torch.randn(*shape, generator=gen).to(device)
+        return t.requires_grad_()
+
+    cases = []
+    x, b = randn(8 * 128, 1024), randn(1024)
+    grad = torch.randn(8 * 128, 1024, generator=gen).to(device)
+
+    def gelu_eager(x, b):
+        return F.gelu(x + b)
+
+    def gelu_fused(x, b):
+        return ops.bias_act(x, b, "gelu")
+
+    cases.append(Case("bias_act gelu fwd+bwd", "(1024, 1024)", _forward_backward(gelu_eager, (x, b), grad),
+                      _forward_backward(gelu_fused, (x, b), grad), gelu_eager, (x, b),
+                      5 * _nbytes(x), grad))
+
+    x, r, w, lb = randn(8 * 128, 1024), randn(8 * 128, 1024), randn(1024), randn(1024)
+
+    def add_ln_eager(x, r, w, lb):
+        return F.layer_norm(x + r, (x.shape[-1],), w, lb)
+
+    def add_ln_fused(x, r, w, lb):
+        return ops.add_layer_norm(x, r, w, lb)[0]
+
+    args = (x, r, w, lb)
+    cases.append(Case("add_layer_norm fwd+bwd", "(1024, 1024)", _forward_backward(add_ln_eager, args, grad),
+                      _forward_backward(add_ln_fused, args, grad), add_ln_eager, args,
+                      7 * _nbytes(x), grad))
+
+    a, c = randn(8, 64, 32, 32), randn(8, 64, 32, 32)
+    grad4 = torch.randn(8, 64, 32, 32, generator=gen).to(device)
+
+    def add_relu_eager(a, c):
+        return torch.relu(a + c)
+
+    cases.append(Case("add_relu fwd+bwd", "(8, 64, 32, 32)", _forward_backward(add_relu_eager, (a, c), grad4),
+                      _forward_backward(ops.add_relu, (a, c), grad4), add_relu_eager, (a, c),
+                      5 * _nbytes(a), grad4))
+
+    qkv = randn(8, 128, 3 * 256)
+    grad_out = torch.randn(8, 128, 256, generator=gen).to(device)
+
+    def attention_eager(qkv):
+        q, k, v = (z.view(8, 128, 4, 64).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(8, 128, 256)
+
+    def attention_fused(qkv):
+        return ops.qkv_attention(qkv, 4, True)
+
+    cases.append(Case("qkv_attention causal fwd+bwd", "(8, 128, 768)",
+                      _forward_backward(attention_eager, (qkv,), grad_out),
+                      _forward_backward(attention_fused, (qkv,), grad_out), attention_eager, (qkv,),
+                      2 * _nbytes(qkv) + 3 * _nbytes(grad_out), grad_out))
+    return cases
+
+
 def _keep_freed_memory() -> bool:
     """Make glibc serve allocations below 32 MB from a heap it never trims."""
     try:
@@ -231,11 +308,13 @@ def bench_case(case: Case, device: str, rounds: int, use_compile: bool) -> dict[
     if use_compile:
         torch._dynamo.reset()
         compiled = torch.compile(case.eager_fn)
+        call = (lambda: compiled(*case.args)) if case.grad is None else \
+            _forward_backward(compiled, case.args, case.grad)
         start = time.perf_counter()
-        compiled(*case.args)
+        call()
         _sync(device)
         results["compile_first_call_s"] = time.perf_counter() - start
-        variants["compiled"] = lambda: compiled(*case.args)
+        variants["compiled"] = call
 
     for fn in variants.values():  # warm-up: caches, thread pool, allocator
         for _ in range(3):
@@ -285,8 +364,10 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    with torch.inference_mode():
-        for case in make_cases(args.device):
+    cases = [(case, torch.inference_mode) for case in make_cases(args.device)]
+    cases += [(case, torch.enable_grad) for case in make_training_cases(args.device)]
+    for case, mode in cases:
+        with mode():
             r = bench_case(case, args.device, rounds, use_compile)
             us = {k: v * 1e6 for k, v in r.items() if not k.endswith("_s")}
             compiled = f"{us['compiled']:9.1f}" if use_compile else f"{'-':>9}"

@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cuda(
     return {grad_s, at::zeros({C}, residual_out.options()), at::zeros({C}, residual_out.options())};
   }
   TORCH_CHECK(
-      rows <= INT32_MAX, op, ": at most ", INT32_MAX, " rows on CUDA, got ", rows);
+      rows <= INT32_MAX, "add_layer_norm_backward: at most ", INT32_MAX, " rows on CUDA, got ", rows);
 
   const at::ScalarType dtype = residual_out.scalar_type();
   const auto acc_options = residual_out.options().dtype(at::toOpMathType(dtype));
