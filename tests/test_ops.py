@@ -936,3 +936,22 @@ def test_qkv_attention_compile_and_export():
     targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
     assert torch.ops.torchgraph.qkv_attention.default in targets
     assert_close(program.module()(qkv), ops.qkv_attention(qkv, 2, causal=True), torch.float32)
+
+
+@needs_c_ops
+@pytest.mark.parametrize(
+    "name, call, shapes",
+    [
+        ("bias_act", lambda x, b: ops.bias_act(x, b, "gelu"), [(3, 4), (4,)]),
+        ("add_relu", ops.add_relu, [(3, 4), (3, 4)]),
+        ("add_layer_norm", lambda x, r: ops.add_layer_norm(x, r)[0], [(3, 4), (3, 4)]),
+        ("qkv_attention", lambda qkv: ops.qkv_attention(qkv, 2, True), [(2, 5, 24)]),
+    ],
+)
+def test_double_backward_raises(name, call, shapes):
+    """A second-order gradient through a fused op fails loudly instead of coming out as None."""
+    inputs = [randn(*s, requires_grad=True) for s in shapes]
+    out = call(*inputs)
+    (first,) = torch.autograd.grad((out * out).sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match=f"torchgraph::{name} is not twice differentiable"):
+        torch.autograd.grad(first.sum(), inputs[0])

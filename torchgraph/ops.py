@@ -766,3 +766,24 @@ if _extension.HAS_C_OPS:
     torch.library.register_autograd(
         "torchgraph::qkv_attention", _qkv_attention_backward, setup_context=_qkv_attention_setup_context
     )
+
+    # NOTE: [No double backward] The *_backward ops have no autograd formula of their own, so a
+    # second-order gradient through a fused op (torch.autograd.grad(..., create_graph=True), then
+    # backward again) would silently come out as None or zeros. Registering a formula that raises
+    # turns that into an error saying what to do; first-order training never reaches it.
+    def _no_double_backward(op: str):
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"torchgraph::{op} is not twice differentiable: second-order gradients (e.g. a "
+                "gradient penalty) through torchgraph's fused ops are not implemented. Where "
+                "they are needed, use the original model rather than the tg.optimize(...) result."
+            )
+
+        return backward
+
+    for _op in ("bias_act", "add_relu", "add_layer_norm", "qkv_attention"):
+        torch.library.register_autograd(
+            f"torchgraph::{_op}_backward",
+            _no_double_backward(_op),
+            setup_context=lambda ctx, inputs, output: None,
+        )
