@@ -571,3 +571,11 @@ def test_conv_weights_made_under_inference_mode():
         for channels_last in (False, True):
             y = fused.conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", channels_last=channels_last)
             torch.testing.assert_close(y, F.relu(F.conv2d(x, w, b, padding=1)), atol=1e-4, rtol=1e-4)
+
+
+def test_saving_an_optimized_model_as_config_says_what_to_do(tmp_path):
+    """tg.save (a config + weights) refuses an optimized graph with the fix, and writes nothing."""
+    path = tmp_path / "fast.safetensors"
+    with pytest.raises(ValueError, match="comes from tg.optimize.*call tg.optimize after tg.load"):
+        tg.save(tg.optimize(_gpt()), path)
+    assert list(tmp_path.iterdir()) == []

@@ -132,6 +132,12 @@ def function_name(fn: Callable, where: str) -> str:
             return f"torch.ops.{ns}.{op}" + (f".{overload}" if overload else "")
     label = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
     module = getattr(fn, "__module__", None)
+    if module in ("torchgraph.fused", "torchgraph.ops"):
+        raise ValueError(
+            f"{where}: {module}.{label} comes from tg.optimize, whose graphs cannot be stored in a config "
+            "(they read layer weights directly). Save the original model and call tg.optimize after "
+            "tg.load (it takes ~0.1 s for ResNet-50); torch.save/pickle of the optimized model works too."
+        )
     raise ValueError(
         f"{where}: the function {module + '.' if module else ''}{label} cannot be stored in a config. "
         "Expected a torch function (torch.*, torch.nn.functional.*, torch.linalg.*, torch.fft.*, "
