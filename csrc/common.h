@@ -6,6 +6,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
@@ -147,6 +149,13 @@ inline void check_add_layer_norm(
   check_param("weight", weight);
   check_param("bias", bias);
   TORCH_CHECK(eps >= 0, "add_layer_norm: eps must be non-negative, got ", eps);
+}
+
+// A missing LayerNorm weight/bias as a C-sized ones/zeros tensor (C = x.size(-1)), so the
+// kernels have a single code path; C elements are noise next to rows * C.
+inline at::Tensor param_or(const std::optional<at::Tensor>& param, const at::Tensor& x, double fill) {
+  if (param.has_value()) return param->contiguous();
+  return fill == 0 ? at::zeros({x.size(-1)}, x.options()) : at::ones({x.size(-1)}, x.options());
 }
 
 // ---------------------------------------------------------------- max_pool2d_inference

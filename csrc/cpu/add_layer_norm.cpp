@@ -15,7 +15,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -150,13 +149,6 @@ void backward_kernel(
       }
     }
   });
-}
-
-// NOTE: a missing weight/bias becomes a C-sized ones/zeros tensor, so the
-// kernels have a single code path; C elements are noise next to rows * C.
-at::Tensor param_or(const std::optional<at::Tensor>& param, const at::Tensor& x, double fill) {
-  if (param.has_value()) return param->contiguous();
-  return fill == 0 ? at::zeros({x.size(-1)}, x.options()) : at::ones({x.size(-1)}, x.options());
 }
 
 }  // namespace

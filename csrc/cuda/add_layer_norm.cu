@@ -10,7 +10,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -108,11 +107,6 @@ __global__ void add_layer_norm_backward_columns_kernel(
     grad_weight[c] = static_cast<T>(dw);
     grad_bias[c] = static_cast<T>(db);
   }
-}
-
-at::Tensor param_or(const std::optional<at::Tensor>& param, const at::Tensor& x, double fill) {
-  if (param.has_value()) return param->contiguous();
-  return fill == 0 ? at::zeros({x.size(-1)}, x.options()) : at::ones({x.size(-1)}, x.options());
 }
 
 }  // namespace
