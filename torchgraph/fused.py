@@ -149,12 +149,12 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """
     if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         return x.tracer.create_proxy("call_function", linear_act, (x, weight, bias, act), {})
-    if x.dim() >= 2 and use_onednn(x, weight, bias):
-        attr, algorithm = ONEDNN_ACTIVATIONS[act]
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
-    if x.dim() >= 2 and bias is not None and (act == "none" or _extension.HAS_C_OPS) \
-            and _needs_grad(x, weight, bias) and use_onednn(x, weight, bias, training=True):
-        return _TrainableLinearAct.apply(x, weight, bias, act)
+    if x.dim() >= 2 and use_onednn(x, weight, bias, training=True):
+        if not _needs_grad(x, weight, bias):
+            attr, algorithm = ONEDNN_ACTIVATIONS[act]
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+        if bias is not None and (act == "none" or _extension.HAS_C_OPS):
+            return _TrainableLinearAct.apply(x, weight, bias, act)
     if bias is None or act == "none":
         return _activation(F.linear(x, weight, bias), act)
     return _epilogue(F.linear(x, weight), bias, act, -1)
@@ -224,8 +224,9 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         args = (x, weight, bias, stride, padding, dilation, groups, act)
         kwargs = {"channels_last": True} if channels_last else {}
         return x.tracer.create_proxy("call_function", conv2d_act, args, kwargs)
-    packable = x.dim() == 4 and groups == 1 and use_onednn(x, weight, bias)
-    if packable and (channels_last or (weight.shape[1] >= 16 and weight.shape[-1] > 1)):
+    onednn = use_onednn(x, weight, bias)
+    if onednn and x.dim() == 4 and groups == 1 and (
+            channels_last or (weight.shape[1] >= 16 and weight.shape[-1] > 1)):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # a no-op inside a conv stack
         packed = _packed_weight(weight, padding, stride, dilation, x.shape)
@@ -235,11 +236,11 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         # It answers in channels_last; F.conv2d (the next layer, outside a channels_last stack) is
         # slow on that layout.
         return y if channels_last else y.contiguous()
-    if bias is None or act == "none" or use_onednn(x, weight, bias):
+    if bias is None or act == "none" or onednn:
         # NOTE: measured here, F.conv2d with its bias then an in-place activation beats both oneDNN's
         # fused op and conv + bias_act for contiguous tensors (the bias add is free inside oneDNN).
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        return _activation_(y, act) if use_onednn(x, weight, bias) else _activation(y, act)
+        return _activation_(y, act) if onednn else _activation(y, act)
     return _epilogue(F.conv2d(x, weight, None, stride, padding, dilation, groups), bias, act, 1)
 
 
