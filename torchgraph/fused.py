@@ -8,7 +8,7 @@ an optimized model keeps working after ``.to(device)``, ``.double()``, under aut
 
 * oneDNN's fused ops (``torch.ops.mkldnn._linear_pointwise`` / ``_convolution_pointwise``): float32
   CPU tensors, eager mode. Without gradients they run the whole layer (GEMM + bias + activation;
-  their GEMMs measured ~8% faster than MKL's here); with gradients, linear layers run through
+  their GEMMs measured 12-19% faster than MKL's here); with gradients, linear layers run through
   ``_TrainableLinearAct`` (NOTE: [oneDNN GEMMs in training]). Convolutions keep their layout.
 * otherwise standard ops: ``F.linear``/``F.conv2d`` without bias, then
   :func:`torchgraph.ops.bias_act` (one pass, with a backward), which itself falls back to plain
@@ -160,11 +160,12 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return _epilogue(F.linear(x, weight), bias, act, -1)
 
 
-# NOTE: [oneDNN GEMMs in training] Measured here (2 threads, 1024 rows, the GPT block's four
-# shapes, interleaved medians), oneDNN's matmul ran the forward product x @ W^T and the input
-# gradient g @ W 8% faster than MKL's (addmm/mm), and the weight gradient g^T @ x 25% slower. So
-# the trainable path runs the first two on oneDNN, the third on MKL, and the bias + activation
-# (forward and backward) with the fused bias_act kernels.
+# NOTE: [oneDNN GEMMs in training] Measured by benchmarks/bench_gemm.py (2 threads, 1024 rows, the
+# GPT block's four shapes, interleaved medians, two runs): oneDNN's matmul ran the forward product
+# x @ W^T 12-19% and the input gradient g @ W 14-25% faster than MKL's addmm/mm, and the weight
+# gradient g^T @ x slower (MKL/oneDNN 0.78-0.84x). So the trainable path runs the first two on
+# oneDNN, the third on MKL, and the bias + activation (forward and backward) with the fused
+# bias_act kernels.
 class _TrainableLinearAct(torch.autograd.Function):
     """``act(x @ weight.T + bias)`` with a float32 CPU input, for training (bias required)."""
 

@@ -1,0 +1,71 @@
+"""The GEMMs of a trainable linear layer on MKL (addmm/mm) vs oneDNN, on the GPT block's shapes.
+
+For the four linear layers of the benchmark GPT block (d=256, 1024 token rows: qkv 256->768, proj
+256->256, fc1 256->1024, fc2 1024->256) it times, in one run with interleaved repetitions (medians,
+no autograd), the three products of a training step:
+
+* forward      y = x @ W^T + b      MKL ``torch.addmm``  vs oneDNN ``mkldnn._linear_pointwise``
+* input grad   g @ W                MKL ``torch.mm``     vs oneDNN (``W.t()`` as the weight)
+* weight grad  g^T @ x              MKL ``torch.mm``     vs oneDNN (``x.t()`` as the weight)
+
+and prints MKL time / oneDNN time (> 1: oneDNN faster). This is the measurement behind
+``NOTE: [oneDNN GEMMs in training]`` in ``torchgraph/fused.py``.
+
+Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+SHAPES = {"qkv": (256, 768), "proj": (256, 256), "fc1": (256, 1024), "fc2": (1024, 256)}
+ROWS = 8 * 128
+
+
+def products(n_in: int, n_out: int) -> dict:
+    x, w, b, g = torch.randn(ROWS, n_in), torch.randn(n_out, n_in), torch.randn(n_out), torch.randn(ROWS, n_out)
+    onednn = torch.ops.mkldnn._linear_pointwise
+    return {
+        "forward": (lambda: torch.addmm(b, x, w.t()), lambda: onednn(x, w, b, "none", [], "")),
+        "input grad": (lambda: torch.mm(g, w), lambda: onednn(g, w.t(), None, "none", [], "")),
+        "weight grad": (lambda: torch.mm(g.t(), x), lambda: onednn(g.t(), x.t(), None, "none", [], "")),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROWS} rows; ms")
+    cases = {(layer, kind): pair for layer, shape in SHAPES.items() for kind, pair in products(*shape).items()}
+    times = {key: ([], []) for key in cases}
+    with torch.no_grad():
+        for mkl, dnn in cases.values():
+            mkl(), dnn()
+        for _ in range(args.reps):  # interleaved
+            for key, fns in cases.items():
+                for fn, samples in zip(fns, times[key]):
+                    start = time.perf_counter()
+                    for _ in range(5):
+                        fn()
+                    samples.append((time.perf_counter() - start) / 5 * 1e3)
+    totals: dict = {}
+    print(f"{'layer':<6} {'product':<12} {'MKL':>8} {'oneDNN':>8} {'MKL/oneDNN':>11}")
+    for (layer, kind), (mkl, dnn) in times.items():
+        a, b = statistics.median(mkl), statistics.median(dnn)
+        total = totals.setdefault(kind, [0.0, 0.0])
+        total[0], total[1] = total[0] + a, total[1] + b
+        print(f"{layer:<6} {kind:<12} {a:8.3f} {b:8.3f} {a / b:10.2f}x")
+    for kind, (a, b) in totals.items():
+        print(f"{'all':<6} {kind:<12} {a:8.3f} {b:8.3f} {a / b:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
