@@ -262,10 +262,11 @@ def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,
     """Multi-head attention from a packed ``q | k | v`` projection ``(B, T, 3E)`` -> ``(B, T, E)``.
 
     :func:`torchgraph.ops.qkv_attention` (heads read in place, no split/merge copies) for eager
-    CPU tensors with ``T <= QKV_ATTENTION_MAX_SEQ``; measured here (2 threads, E=256, 4 heads) its
-    forward + backward took 0.75x the time of the split + ``F.scaled_dot_product_attention`` +
-    merge it replaces for causal attention at T=128-1024. Everywhere else (CUDA, long sequences,
-    traced programs, missing kernels) it runs exactly that split + SDPA + merge.
+    CPU tensors with ``T <= QKV_ATTENTION_MAX_SEQ``; measured by ``benchmarks/bench_kernels.py``
+    (2 threads, B=8, T=128, E=256, 4 heads, causal) it was 1.25-1.75x faster forward and
+    1.40-1.43x faster forward + backward than the split + ``F.scaled_dot_product_attention`` +
+    merge it replaces. Everywhere else (CUDA, long sequences, traced programs, missing kernels) it
+    runs exactly that split + SDPA + merge.
 
     Example:
         >>> import torch
