@@ -14,6 +14,7 @@ from .errors import GraphBuildError
 from .targets import func_name, is_inplace
 from .symbolic import SymbolicInt, SymbolicTensor, Value
 from .trees import tree_map
+from .untrusted import real_probes_allowed
 
 __all__ = ["MetaLimitation", "ProbeContext", "is_meta_limitation", "real_probe", "run_on_probes", "to_meta"]
 
@@ -138,6 +139,12 @@ class ProbeContext:
     """How symbolic leaves turn into probe data: probe ``k``, on meta or on real random data."""
 
     def __init__(self, k: int, real: bool):
+        if real and not real_probes_allowed():
+            raise GraphBuildError(
+                "an operation could not run on the meta device, and the real-data fallback is off while "
+                "an untrusted config or file is built (it would compute on tensors as large as the "
+                "config says). Models whose layers need real data to build cannot be loaded from a "
+                "config; rebuild them from code.")
         self.k = k
         self.real = real
         self._real_values: dict[int, torch.Tensor] = {}
