@@ -12,6 +12,7 @@ Example:
 
 from .clone import clone_model
 from .config import model_from_json
+from .config_values import register_value_type
 from .errors import GraphBuildError
 from .export import export_onnx
 from .layer_config import register_layer
@@ -35,6 +36,7 @@ __all__ = [
     "load",
     "model_from_json",
     "register_layer",
+    "register_value_type",
     "save",
     "saving",
     "Input",

@@ -8,8 +8,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .config import Ref, _get_attr, replay
+from .replay import Ref, get_attr as _get_attr, replay
 from .layer_config import layer_from_config, layer_to_config
+from .naming import name as set_name
 
 __all__ = ["clone_model"]
 
@@ -70,7 +71,7 @@ def clone_model(model, clone_function: Callable[[nn.Module], nn.Module] | None =
             outputs = tree_map(ref, plain_containers(node.args[0]))
         elif node.op == "get_attr":
             if node.target not in copied:
-                copied[node.target] = _copy_tensor(_get_attr(model, node.target))
+                copied[node.target] = set_name(_copy_tensor(_get_attr(model, node.target)), node.target)
             nodes.append(("get_attr", node.name, copied[node.target], (), {}))
         else:
             target = node.target

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -26,11 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config_values import decode_value, dtype_name, encode_value, resolve_dtype
+from .untrusted import BuildLimitError
 
 __all__ = ["register_layer", "registered_layers", "layer_to_config", "layer_from_config",
-           "supported_builtin_layers"]
+           "supported_builtin_layers", "model_class_key", "registered_model_class", "MAX_NESTING"]
 
 MODEL_CLASS = "torchgraph.Model"
+SEQUENTIAL_CLASS = "torchgraph.Sequential"
+# Layers inside layers (a layer argument, a nested model) in a config: at most this deep.
+MAX_NESTING = 16
 
 # --------------------------------------------------------------------------------------------
 # The registry of user classes
@@ -38,26 +43,38 @@ MODEL_CLASS = "torchgraph.Model"
 
 _REGISTRY: dict[str, type] = {}
 _KEYS: dict[type, str] = {}
+_HOOKS: dict[type, tuple[Callable, Callable | None]] = {}  # class -> (get_config, from_config)
 
 
-def register_layer(cls: type | None = None, *, name: str | None = None):
-    """Make a custom ``nn.Module`` class storable in configs and files (a class decorator).
+def register_layer(cls: type | None = None, *, name: str | None = None,
+                   get_config: Callable[[nn.Module], dict] | None = None,
+                   from_config: Callable[[dict], nn.Module] | None = None):
+    """Make an ``nn.Module`` class storable in configs and files (a class decorator, or a call).
 
     Each instance created after registration remembers the arguments it was created with; its layer
     config is ``{"class": <name>, "args": [...], "kwargs": {...}}``, and loading calls the class with
-    them. Arguments may be JSON values, tuples, dtypes, torch functions, or other storable modules.
-    A class that defines ``get_config()`` (returning the keyword arguments) and optionally a
-    ``from_config(config)`` classmethod is described by those instead.
+    them. Arguments may be JSON values, tuples, dtypes, torch functions, other storable modules, or
+    objects of types registered with :func:`tg.register_value_type <torchgraph.register_value_type>`
+    (a Hugging Face ``BertConfig``, say). A class that defines ``get_config()`` (returning the keyword
+    arguments) and optionally a ``from_config(config)`` classmethod is described by those instead;
+    for a class you cannot edit (a third-party module), pass them as ``get_config=`` and
+    ``from_config=``, which also covers instances created before registration.
+
+    A ``tg.Model`` subclass registered here comes back from configs and files as itself: the
+    entries its ``get_config`` adds to the model config are passed to its ``__init__``.
 
     Loading a file finds the class by its registered name only, so register the class (import the
     module that defines it) before calling :func:`torchgraph.load`.
 
     Args:
-        cls: the class (when used as ``@tg.register_layer``).
+        cls: the class (when used as ``@tg.register_layer``, or ``tg.register_layer(SomeClass)``).
         name (str): the name stored in configs; defaults to ``"<module>.<qualname>"``.
+        get_config: ``layer -> dict`` of keyword arguments (instead of recording them).
+        from_config: ``dict -> layer`` (default: ``cls(**kwargs)``).
 
     Returns:
-        The class itself (with a wrapped ``__init__``), or a decorator when called with ``name=``.
+        The class itself (with a wrapped ``__init__`` when arguments are recorded), or a decorator
+        when called without a class.
 
     Example:
         >>> import torch, torch.nn as nn, torchgraph as tg
@@ -72,27 +89,45 @@ def register_layer(cls: type | None = None, *, name: str | None = None):
         >>> model = tg.Model(x, Scale(3.0)(x))
         >>> model.get_config()["layers"][0]["kwargs"]
         {'factor': 3.0}
+        >>> class Shift(nn.Module):          # a class you cannot edit, instances made before
+        ...     def __init__(self, amount):
+        ...         super().__init__()
+        ...         self.amount = amount
+        ...     def forward(self, x):
+        ...         return x + self.amount
+        >>> shift = Shift(1.5)
+        >>> _ = tg.register_layer(Shift, get_config=lambda m: {"amount": m.amount})
+        >>> tg.Model.from_config(tg.Model(x, shift(x)).get_config()).shift.amount
+        1.5
     """
     def wrap(c):
+        from .model import Model
+
         if not (isinstance(c, type) and issubclass(c, nn.Module)):
             raise TypeError(f"tg.register_layer: expected an nn.Module subclass; received {c!r}.")
         key = name if name is not None else f"{c.__module__}.{c.__qualname__}"
-        if not isinstance(key, str) or not key or any(ch.isspace() for ch in key) or key == MODEL_CLASS \
-                or key.startswith("torch.nn."):
+        if not isinstance(key, str) or not key or any(ch.isspace() for ch in key) or key in (
+                MODEL_CLASS, SEQUENTIAL_CLASS) or key.startswith("torch.nn."):
             raise ValueError(f"tg.register_layer: invalid name {key!r} for {c.__qualname__}. Expected a "
                              "non-empty string without spaces, not 'torch.nn.*' or 'torchgraph.Model'.")
+        for what, hook in (("get_config", get_config), ("from_config", from_config)):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"tg.register_layer: {what} must be callable; received {hook!r:.60}.")
+        if from_config is not None and get_config is None:
+            raise TypeError("tg.register_layer: from_config= needs get_config= (how to describe a layer).")
         old = _REGISTRY.get(key)
         if old is not None and old is not c:
             _KEYS.pop(old, None)  # a redefinition (a re-run cell or module): the newest class wins
         _REGISTRY[key] = c
         _KEYS[c] = key
-        if not _has_own_get_config(c) and not getattr(c.__init__, "__tg_records__", None) is c:
+        if get_config is not None:
+            _HOOKS[c] = (get_config, from_config)
+        elif not issubclass(c, Model) and not _has_own_get_config(c) and \
+                not getattr(c.__init__, "__tg_records__", None) is c:
             _wrap_init(c)
         return c
 
     return wrap(cls) if cls is not None else wrap
-
-
 def registered_layers() -> dict[str, type]:
     """The registered classes by name (a copy)."""
     return dict(_REGISTRY)
@@ -100,6 +135,35 @@ def registered_layers() -> dict[str, type]:
 
 def _has_own_get_config(c: type) -> bool:
     return callable(getattr(c, "get_config", None))
+
+
+def model_class_key(model) -> str | None:
+    """The ``"class"`` of a model's config: None for tg.Model (and unregistered subclasses)."""
+    from .model import Model
+    from .sequential import Sequential
+
+    cls = next(t for t in type(model).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+    if cls is Model:
+        return None
+    key = _KEYS.get(cls)
+    if key is not None:
+        return key
+    return SEQUENTIAL_CLASS if cls is Sequential else None
+
+
+def registered_model_class(key: Any, where: str) -> type:
+    """The tg.Model subclass a config's ``"class"`` names (tg.Sequential or a registered one)."""
+    from .model import Model
+    from .sequential import Sequential
+
+    if key == SEQUENTIAL_CLASS:
+        return Sequential
+    c = _REGISTRY.get(key) if isinstance(key, str) else None
+    if c is None or not issubclass(c, Model):
+        raise ValueError(f"{where}: unknown model class {key!r:.80}. Classes are never imported from names "
+                         "in a config: register the tg.Model subclass with @tg.register_layer (import the "
+                         "module that defines it) before loading.")
+    return c
 
 
 def _wrap_init(c: type) -> None:
@@ -334,12 +398,21 @@ def layer_to_config(module: nn.Module, where: str) -> dict:
     from .model import Model
 
     if isinstance(module, Model):
-        from .config import get_config
-        return {"class": MODEL_CLASS, "config": get_config(module)}
+        return {"class": MODEL_CLASS, "config": module.get_config()}
     c = type(module)
     key = _KEYS.get(c)
     if key is not None:
-        if _has_own_get_config(c):
+        if c in _HOOKS:
+            try:
+                config = _HOOKS[c][0](module)
+            except Exception as exc:  # noqa: BLE001 - the user's hook failing: say which layer
+                raise ValueError(f"{where}: the get_config given to tg.register_layer for {c.__qualname__} "
+                                 f"failed: {type(exc).__name__}: {exc}") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{where}: the get_config given to tg.register_layer for {c.__qualname__} "
+                                 f"must return a dict of keyword arguments; received {type(config).__name__}.")
+            args, kwargs = [], config
+        elif _has_own_get_config(c):
             config = module.get_config()
             if not isinstance(config, dict):
                 raise ValueError(f"{where}: {c.__qualname__}.get_config() must return a dict of keyword "
@@ -350,7 +423,8 @@ def layer_to_config(module: nn.Module, where: str) -> dict:
             if recorded is None:
                 raise ValueError(f"{where}: this {c.__qualname__} has no recorded constructor arguments "
                                  "(was it created before @tg.register_layer ran?). Create the layer after "
-                                 "registering its class.")
+                                 "registering its class, or register it with get_config= (a function that "
+                                 "reads its arguments back from the layer).")
             args, kwargs = recorded
     elif c in _BUILTIN:
         key = f"torch.nn.{c.__name__}"
@@ -382,18 +456,37 @@ def layer_to_config(module: nn.Module, where: str) -> dict:
     return out
 
 
+class _Nesting(threading.local):
+    def __init__(self):
+        self.depth = 0
+
+
+_NESTING = _Nesting()
+
+
 def layer_from_config(entry: Any, where: str) -> nn.Module:
     """The layer an entry of ``config["layers"]`` describes (fresh weights).
 
     Raises:
-        ValueError: unknown class (never imported by name), bad arguments, or a constructor that fails.
+        ValueError: unknown class (never imported by name), bad arguments, a constructor that fails,
+            or layers nested more than :data:`MAX_NESTING` deep.
     """
+    if _NESTING.depth >= MAX_NESTING:
+        raise ValueError(f"{where}: layers and models are nested more than {MAX_NESTING} deep in this config.")
+    _NESTING.depth += 1
+    try:
+        return _layer_from_config(entry, where)
+    finally:
+        _NESTING.depth -= 1
+
+
+def _layer_from_config(entry: Any, where: str) -> nn.Module:
     if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
         raise ValueError(f"{where}: a layer must be an object with a string 'class'; received "
                          f"{type(entry).__name__}.")
     extra = set(entry) - {"class", "args", "kwargs", "dtype", "config", "name"}
     if extra:
-        raise ValueError(f"{where}: unexpected keys {sorted(extra)} in a layer entry.")
+        raise ValueError(f"{where}: unexpected keys {sorted(map(str, extra))[:8]} in a layer entry.")
     key = entry["class"]
     if key == MODEL_CLASS:
         from .config import from_config
@@ -401,9 +494,9 @@ def layer_from_config(entry: Any, where: str) -> nn.Module:
     c = _BY_NAME.get(key) if key.startswith("torch.nn.") else _REGISTRY.get(key)
     if c is None:
         if key.startswith("torch.nn."):
-            raise ValueError(f"{where}: '{key}' is not a supported torch.nn layer.")
+            raise ValueError(f"{where}: '{key:.80}' is not a supported torch.nn layer.")
         raise ValueError(
-            f"{where}: unknown layer class '{key}'. Classes are never imported from names in a config: "
+            f"{where}: unknown layer class '{key:.80}'. Classes are never imported from names in a config: "
             "import the module that defines it (so that @tg.register_layer runs) before loading."
         )
     args = entry.get("args", [])
@@ -411,11 +504,11 @@ def layer_from_config(entry: Any, where: str) -> nn.Module:
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise ValueError(f"{where}: 'args' must be a list and 'kwargs' an object.")
     for k in kwargs:
-        if not k.isidentifier():
-            raise ValueError(f"{where}: argument name {k!r} is not an identifier.")
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ValueError(f"{where}: argument name {k!r:.40} is not an identifier.")
 
     def decode_layer(body, w):
-        return layer_from_config(body, f"{w} -> {body.get('class', '?')}")
+        return layer_from_config(body, f"{w} -> {body.get('class', '?')!s:.80}")
 
     args = [decode_value(a, where, decode_layer=decode_layer) for a in args]
     kwargs = {k: decode_value(v, f"{where}, argument '{k}'", decode_layer=decode_layer)
@@ -425,7 +518,10 @@ def layer_from_config(entry: Any, where: str) -> nn.Module:
         args = [OrderedDict(args[0])]
 
     def build() -> nn.Module:
-        if _has_own_get_config(c) and callable(getattr(c, "from_config", None)):
+        hooks = _HOOKS.get(c)
+        if hooks is not None:
+            m = hooks[1](kwargs) if hooks[1] is not None else c(**kwargs)
+        elif _has_own_get_config(c) and callable(getattr(c, "from_config", None)):
             m = c.from_config(kwargs)
         else:
             m = c(*args, **kwargs)
@@ -435,10 +531,15 @@ def layer_from_config(entry: Any, where: str) -> nn.Module:
 
     try:
         module = build()
+    except BuildLimitError:
+        raise
     except ValueError as exc:
         if str(exc).startswith(where):
             raise
         raise ValueError(f"{where}: {key} could not be built from its config: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: {key} could not be built from its config: its arguments are nested "
+                         "too deeply.") from None
     except Exception as exc:  # noqa: BLE001 - any constructor failure is a bad config
         raise ValueError(f"{where}: {key} could not be built from its config: {type(exc).__name__}: "
                          f"{exc}") from None

@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import GraphBuildError
-from .naming import assign_layer_names, check_identifier, remember_name
+from .naming import ILLEGAL_NAMES, assign_layer_names, check_identifier, remember_name, tensor_name
 from .recording import close_finished_scopes
 from .trees import tree_leaves, tree_map
 from .symbolic import (Record, SymbolicInt, SymbolicTensor, Value, dim_for_probes,
@@ -139,7 +139,8 @@ def _collect_records(output_values: list[Value], input_values: list[Value]) -> t
 class _Emitter:
     """Builds the fx.Graph (and the dict of submodules/constants) from ordered records."""
 
-    def __init__(self):
+    def __init__(self, taken: set[str] | None = None):
+        self.taken = set(taken or ())             # attribute names in use (layers, inputs, reserved)
         self.graph = fx.Graph()
         self.root: dict[str, Any] = {}
         self.env: dict[int, fx.Node] = {}        # id(Value) -> node producing it
@@ -168,12 +169,29 @@ class _Emitter:
     def constant(self, t: torch.Tensor) -> fx.Node:
         name = self.constants.get(id(t))
         if name is None:
-            base = "param" if isinstance(t, nn.Parameter) else "constant"
-            k = len(self.constants)
-            name = f"{base}_{k}"
+            name = self._constant_name(t)
+            self.taken.add(name)
             self.constants[id(t)] = name
             self.root[name] = t
         return self.graph.get_attr(name)
+
+    def _constant_name(self, t: torch.Tensor) -> str:
+        """tg.name's name, else the variable's name (NOTE: [Tensor names]), else a counter."""
+        given, explicit = tensor_name(t)
+        if explicit:
+            if given in self.taken or given in _RESERVED:
+                raise GraphBuildError(
+                    f"The name '{given}' given with tg.name to a tensor of shape {tuple(t.shape)} is already "
+                    "used in this model (by a layer, an input or another tensor) or reserved. Choose "
+                    "another name with tg.name(tensor, ...).")
+            return given
+        base = given or ("parameter" if isinstance(t, nn.Parameter) else "constant")
+        k = 0
+        while True:
+            candidate = base if k == 0 else f"{base}_{k}"
+            if candidate not in self.taken and candidate not in _RESERVED and candidate not in ILLEGAL_NAMES:
+                return candidate
+            k += 1
 
     def arg(self, o):
         if isinstance(o, Value):
@@ -260,7 +278,7 @@ class Model(TrainingMixin, fx.GraphModule):
                 modules.append(r.target)
         layer_names = assign_layer_names(modules, set(_RESERVED) | set(input_names))
 
-        em = _Emitter()
+        em = _Emitter(set(layer_names.values()) | set(input_names))
         for v, n in zip(input_values, input_names):
             node = em.graph.placeholder(n)
             node.meta["tg_spec"] = ValueSpec.of(v)
@@ -420,12 +438,14 @@ class Model(TrainingMixin, fx.GraphModule):
         return get_config(self)
 
     @classmethod
-    def from_config(cls, config: dict) -> "Model":
+    def from_config(cls, config: dict, **kwargs) -> "Model":
         """Rebuild a model from :meth:`get_config` output, with fresh weights (see
-        :func:`torchgraph.config.from_config`)."""
-        from .config import from_config
+        :func:`torchgraph.config.from_config`). ``tg.Model.from_config`` revives the class the config
+        names (``tg.Sequential``, a registered subclass); a subclass's ``from_config`` builds that
+        subclass, passing the entries it added to its config to its ``__init__``."""
+        from .config import model_from_config
 
-        return from_config(config)
+        return model_from_config(cls, config, **kwargs)
 
     def to_json(self, **kwargs) -> str:
         """:meth:`get_config` as JSON text; ``kwargs`` go to ``json.dumps`` (e.g. ``indent=2``)."""

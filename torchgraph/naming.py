@@ -11,18 +11,26 @@ from __future__ import annotations
 
 import keyword
 import re
+import sys
 import weakref
 
+import torch
 import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import GraphBuildError
 
-__all__ = ["name", "user_name", "snake_case"]
+__all__ = ["name", "user_name", "snake_case", "tensor_name", "remember_variable_names"]
 
 _USER_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 # Names given automatically by the first model a layer joined: a layer keeps its name in later
 # models (a feature extractor or a head has the same layer names and state_dict keys).
 _GIVEN_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+# Tensors (parameters, constants) used directly in a graph: names given with tg.name, and the names of
+# the variables that held them where they were used (see NOTE: [Tensor names]). Keyed by identity:
+# a WeakKeyDictionary would compare tensors with ==.
+_TENSOR_NAMES = WeakIdKeyDictionary()
+_VARIABLE_NAMES = WeakIdKeyDictionary()
 
 
 def _illegal_identifiers() -> frozenset:
@@ -49,31 +57,81 @@ def check_identifier(value, what: str) -> None:
         )
 
 
-def name(module: nn.Module, layer_name: str) -> nn.Module:
-    """Give ``module`` an explicit layer name and return it (so it can be called inline).
+def name(module, layer_name: str):
+    """Give a layer (or a tensor used directly in the graph) an explicit name; return it.
 
     The name becomes the submodule name in every model the layer is part of, hence its
-    ``state_dict`` prefix and its row in ``summary()``.
+    ``state_dict`` prefix and its row in ``summary()``. For an ``nn.Parameter`` or a constant tensor
+    that the graph uses directly (``cls_token.expand(B, -1, -1)``, ``x + pos_embed``) it is the
+    attribute and ``state_dict`` key, so pretrained weights load without a key map.
 
     Args:
-        module (nn.Module): the layer.
+        module (nn.Module | torch.Tensor): the layer, or the parameter/tensor.
         layer_name (str): a Python identifier, unique within the model.
 
     Returns:
-        nn.Module: ``module`` itself.
+        ``module`` itself (so it can be called or used inline).
 
     Example:
-        >>> import torch.nn as nn, torchgraph as tg
+        >>> import torch, torch.nn as nn, torchgraph as tg
         >>> x = tg.Input(shape=(4,))
         >>> y = tg.name(nn.Linear(4, 2), "classifier")(x)
         >>> tg.Model(x, y).get_layer("classifier")
         Linear(in_features=4, out_features=2, bias=True)
+        >>> bias = tg.name(nn.Parameter(torch.zeros(4)), "shift")
+        >>> list(tg.Model(x, x + bias).state_dict())
+        ['shift']
     """
+    if isinstance(module, torch.Tensor) and not isinstance(module, nn.Module):
+        if getattr(module, "_tg_value", None) is not None or getattr(module, "_tg_shadow", None) is not None:
+            raise TypeError("tg.name: expected a layer or a parameter/constant tensor; received a symbolic "
+                            "tensor (a value the model computes). Name the layer that computes it.")
+        check_identifier(layer_name, "tg.name: a tensor name (an attribute and a state_dict key)")
+        _TENSOR_NAMES[module] = layer_name
+        return module
     if not isinstance(module, nn.Module):
-        raise TypeError(f"tg.name: expected an nn.Module; received {type(module).__name__}.")
+        raise TypeError(f"tg.name: expected an nn.Module or a tensor; received {type(module).__name__}.")
     check_identifier(layer_name, "tg.name: a layer name (an attribute and a state_dict prefix)")
     _USER_NAMES[module] = layer_name
     return module
+
+
+def tensor_name(t: torch.Tensor) -> tuple[str | None, bool]:
+    """``(name, explicit)``: the tg.name of a tensor used in a graph, else its variable's name."""
+    explicit = _TENSOR_NAMES.get(t)
+    if explicit is not None:
+        return explicit, True
+    return _VARIABLE_NAMES.get(t), False
+
+
+# NOTE: [Tensor names] A parameter or constant used directly in the graph (`x + pos_embed`) has no
+# module to be named after. Its default name is the name of the variable that held it where it was
+# used: the first frame outside torch and torchgraph, locals then globals, looked up only when a
+# real tensor is an argument of a recorded call (rare, and cheap then). A tensor no variable holds
+# (`x + torch.tensor(1.0)`) is named `constant`/`parameter` with a counter.
+_SKIP_MODULES = ("torch.", "torchgraph.")
+
+
+def remember_variable_names(tensors: list) -> None:
+    """Remember, for tensors that have no name yet, the caller's variable that holds each one."""
+    todo = [t for t in tensors if t not in _TENSOR_NAMES and t not in _VARIABLE_NAMES]
+    if not todo:
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module not in ("torch", "torchgraph") and not module.startswith(_SKIP_MODULES):
+            break
+        frame = frame.f_back
+    if frame is None:
+        return
+    for scope in (frame.f_locals, frame.f_globals):
+        for var, value in list(scope.items()):
+            if isinstance(value, torch.Tensor) and not var.startswith("_") and var.isidentifier() and \
+                    var not in ILLEGAL_NAMES:
+                for t in todo:
+                    if value is t and t not in _VARIABLE_NAMES:
+                        _VARIABLE_NAMES[t] = var
 
 
 def remember_name(module: nn.Module, layer_name: str) -> None:

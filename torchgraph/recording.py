@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from . import messages
 from .errors import GraphBuildError
+from .naming import remember_variable_names
 from .targets import (_DUNDER_OPS, _METADATA, _NEEDS_DATA, _is_property, _is_tensor_method, _resolvable,
                     func_name, is_inplace, setitem)
 from .probing import ProbeContext, is_meta_limitation, to_meta
@@ -471,6 +472,10 @@ def _record_top_level(func, name: str, args, kwargs):
         func, name = setitem, "setitem"
 
     out0, out1 = _probe_outputs(func, args, kwargs)
+    constants = [leaf for _, leaf in tree_leaves((args, kwargs))
+                 if isinstance(leaf, torch.Tensor) and not isinstance(leaf, (SymbolicTensor, SymbolicInt))]
+    if constants:
+        remember_variable_names(constants)  # NOTE: [Tensor names] in naming.py
 
     # What to emit: operators as functions (readable code), tensor methods as methods.
     if name in _DUNDER_OPS:

@@ -44,15 +44,14 @@ import torch
 import torch.nn as nn
 
 from .atomic_files import atomic_write
-from .config import from_config, get_config
-from .untrusted import BASE_OPS, OPS_PER_ITEM, BuildLimitError, build_guard
+from .config import from_config
+from .untrusted import BASE_OPS, DEFAULT_MAX_BYTES, OPS_PER_ITEM, BuildLimitError, build_guard
 
 __all__ = ["save", "load", "read_file_info", "FileInfo", "FORMAT_NAME", "FORMAT_VERSION",
            "DEFAULT_MAX_BYTES", "MAX_HEADER_BYTES"]
 
 FORMAT_NAME = "torchgraph"
 FORMAT_VERSION = 1
-DEFAULT_MAX_BYTES = 16 * 2**30
 MAX_HEADER_BYTES = 100_000_000  # the safetensors package's own limit
 # Real memory a meta build may use besides the weights (small tensors made by layer constructors).
 _BUILD_SLACK_BYTES = 64 * 2**20
@@ -141,7 +140,7 @@ def save(model, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"tg.save: the directory '{directory}' does not exist. Create it first.")
     st = _safetensors("tg.save")
 
-    config_text = json.dumps(get_config(model), allow_nan=False, separators=(",", ":"))
+    config_text = json.dumps(model.get_config(), allow_nan=False, separators=(",", ":"))
     tensors, aliases = _plan(model.state_dict())
     from . import __version__
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "config": config_text,

@@ -37,8 +37,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["BuildLimitError", "build_guard", "real_probes_allowed", "OPS_PER_ITEM", "BASE_OPS",
-           "SMALL_BYTES"]
+__all__ = ["BuildLimitError", "build_guard", "guarded", "real_probes_allowed", "OPS_PER_ITEM", "BASE_OPS",
+           "SMALL_BYTES", "DEFAULT_MAX_BYTES"]
+
+# The default memory budget of from_config (the weights it creates) and the default file size limit
+# of tg.load.
+DEFAULT_MAX_BYTES = 16 * 2**30
 
 # NOTE: [Operation budget] Measured with this module's counter (torch 2.13): from_config of a
 # ResNet-50 (284 layers and nodes) takes ~2,800 aten operations for real and ~1,300 on the meta
@@ -62,6 +66,11 @@ class _Local(threading.local):
 
 
 _LOCAL = _Local()
+
+
+def guarded() -> bool:
+    """Whether an untrusted build is in progress in this thread."""
+    return bool(_LOCAL.guards)
 
 
 def real_probes_allowed() -> bool:

@@ -1,0 +1,163 @@
+"""Replay: rebuild a model by calling its layers and functions again on fresh ``tg.Input`` tensors.
+
+The common core of ``from_config`` (nodes read from a config) and ``clone_model`` (nodes read from a
+model's graph). Replaying through the symbolic API checks every shape again and gives an ordinary
+``tg.Model`` with the same ``model.code`` and ``state_dict`` keys.
+
+Example:
+    >>> import torch, torch.nn as nn, torchgraph as tg
+    >>> from torchgraph.replay import Ref, replay
+    >>> layer = nn.Linear(4, 2)
+    >>> model = replay([("x", (4,), torch.float32)], "single",
+    ...                [("call_module", "linear", layer, (Ref("x"),), {})], Ref("linear"), "Tiny",
+    ...                {"linear": layer})
+    >>> model(torch.randn(3, 4)).shape
+    torch.Size([3, 2])
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import GraphBuildError
+from .untrusted import BuildLimitError
+
+__all__ = ["Ref", "replay", "get_attr"]
+
+
+class Ref:
+    """A reference to an earlier node's value inside replayed arguments."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def get_attr(model: nn.Module, target: str):
+    """``model.a.b`` for ``target="a.b"``."""
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: Any, name: str,
+           layers: dict[str, nn.Module], untrusted: bool = False, input_tensors: Any = None,
+           call_function: Callable | None = None, construct: Callable | None = None):
+    """Rebuild a model by calling layers and functions on fresh ``tg.Input`` tensors.
+
+    Args:
+        inputs: ``(name, shape without batch, dtype)`` per input, in ``forward`` order; a shape dim
+            may be an int, ``None``, a name or a ``tg.Dim``.
+        input_kind: ``"single"``, ``"list"``, ``"tuple"`` or ``"dict"``.
+        nodes: ``(op, name, target, args, kwargs)`` in program order; ``target`` is resolved (a module,
+            a function, a method name, or the constant tensor of a ``get_attr``); arguments hold
+            :class:`Ref` for earlier nodes.
+        outputs: the output structure, with :class:`Ref` leaves.
+        name: the model's name.
+        layers: layer name -> module; each gets that name in the rebuilt model unless it was given
+            another with ``tg.name``.
+        untrusted: require every function call to consume a symbolic value (a config cannot make
+            torchgraph compute on plain numbers) and turn every failure into a ``ValueError``.
+        input_tensors: symbolic tensors to build on instead of fresh inputs (one per input, in
+            order), as ``tg.clone_model(..., input_tensors=...)``.
+        call_function: ``call_function(layer, *args, **kwargs)`` instead of ``layer(*args, **kwargs)``.
+        construct: ``construct(inputs, outputs, name)`` makes the model (default ``tg.Model``).
+    """
+    from .model import Model
+    from .naming import name as set_name, user_name
+    from .trees import tree_map
+    from .symbolic import Input, SymbolicInt, SymbolicTensor
+
+    for layer_name, layer in layers.items():
+        if user_name(layer) is None:
+            set_name(layer, layer_name)
+
+    env: dict[str, Any] = {}
+    if input_tensors is None:
+        for input_name, shape, dtype in inputs:
+            env[input_name] = Input(shape=shape, dtype=dtype, name=input_name)
+    else:
+        for (input_name, _, _), tensor in zip(inputs, input_tensors):
+            env[input_name] = tensor
+
+    def lookup(o):
+        if isinstance(o, Ref):
+            if o.name not in env:
+                raise ValueError(f"{where}: uses node '{o.name:.80}', which is not defined before it.")
+            return env[o.name]
+        return o
+
+    symbolic = (SymbolicTensor, SymbolicInt)
+    where = f"{name}"
+    for op, node_name, target, args, kwargs in nodes:
+        where = f"{name}: node '{node_name}'"
+        if node_name in env:
+            raise ValueError(f"{where}: the name is used twice.")
+        if op == "get_attr":
+            env[node_name] = target
+            continue
+        args = tree_map(lookup, args)
+        kwargs = tree_map(lookup, kwargs)
+        if untrusted and not _any_leaf(lambda o: isinstance(o, symbolic), (args, kwargs)):
+            raise ValueError(f"{where}: a {op} node must take at least one value computed by the model.")
+        try:
+            if op == "call_module":
+                out = call_function(target, *args, **kwargs) if call_function else target(*args, **kwargs)
+            elif op == "call_function":
+                out = target(*args, **kwargs)
+            else:
+                out = _call_method(target, args, kwargs, where)
+        except (ValueError, TypeError) as exc:  # GraphBuildError is a ValueError
+            if untrusted or isinstance(exc, GraphBuildError):
+                raise _as_value_error(exc, where) from None
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything a crafted config triggers is a bad config
+            if not untrusted:
+                raise
+            raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from None
+        env[node_name] = out
+
+    outputs = tree_map(lookup, outputs)
+    input_values = [env[n] for n, _, _ in inputs]
+    if input_kind == "single":
+        model_inputs: Any = input_values[0]
+    elif input_kind == "dict":
+        model_inputs = {n: env[n] for n, _, _ in inputs}
+    else:
+        model_inputs = input_values if input_kind == "list" else tuple(input_values)
+    construct = construct or (lambda i, o, n: Model(i, o, name=n))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="tg.Model: input .* is not used")
+        try:
+            return construct(model_inputs, outputs, name)
+        except (ValueError, TypeError) as exc:
+            raise _as_value_error(exc, f"{name}: rebuilding the model") from None
+
+
+def _call_method(method: str, args: tuple, kwargs: dict, where: str):
+    """``args[0].method(*args[1:], **kwargs)``; ``args[0]`` may be a constant (``cls_token.expand(B, ...)``)."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise ValueError(f"{where}: method '{method}' must be called on a tensor; received "
+                         f"{type(args[0]).__name__ if args else 'no arguments'}.")
+    return getattr(torch.Tensor, method)(*args, **kwargs)
+
+
+def _as_value_error(exc: Exception, where: str) -> ValueError:
+    text = str(exc)
+    if text.startswith(where):  # raised by replay itself: already says where
+        return exc if isinstance(exc, ValueError) else ValueError(text)
+    if isinstance(exc, (GraphBuildError, BuildLimitError)):
+        return type(exc)(f"{where}: {text}")
+    return ValueError(f"{where}: {type(exc).__name__}: {text}")
+
+
+def _any_leaf(pred: Callable[[Any], bool], obj) -> bool:
+    from .trees import tree_leaves
+
+    return any(pred(leaf) for _, leaf in tree_leaves(obj))
