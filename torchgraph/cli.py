@@ -19,6 +19,7 @@ import argparse
 import collections
 import importlib
 import os
+import stat
 import sys
 from typing import Sequence
 
@@ -94,6 +95,12 @@ def _run(args: argparse.Namespace) -> None:
             raise CommandError(f"--register {module}: cannot import it ({exc}).") from None
     if not os.path.exists(args.file):
         raise CommandError(f"no such file: '{args.file}'.")
+    # NOTE: opening a FIFO (or a device) waits for a writer or reader forever: check what paths are
+    # before anything opens them.
+    for path, what in ((args.file, "the model file"), (output, "the output")):
+        if path is not None and os.path.exists(path) and not os.path.isdir(path) and \
+                not stat.S_ISREG(os.stat(path).st_mode):
+            raise CommandError(f"{what} '{path}' is not a regular file (a FIFO, socket or device).")
     if args.command == "info":
         _info(args.file, args.max_bytes)
         return

@@ -37,7 +37,7 @@ from .config_functions import (check_attribute_name, check_method_name, check_op
 from .config_values import decode_value, dtype_name, encode_value, resolve_dtype
 from .layer_config import MODEL_CLASS, layer_from_config, layer_to_config, registered_model_class, \
     model_class_key
-from .replay import Ref, get_attr, replay
+from .replay import Ref, get_attr, input_shape, replay
 from .untrusted import BASE_OPS, DEFAULT_MAX_BYTES, OPS_PER_ITEM, build_guard, guarded
 
 __all__ = ["get_config", "from_config", "model_from_config", "model_from_json", "FORMAT",
@@ -155,17 +155,9 @@ def get_config(model) -> dict:
 
 def _input_entry(node: fx.Node, where: str) -> dict:
     """``{"name", "shape", "dtype"}``; a bounded dynamic dim is ``{"dim": name, "min": .., "max": ..}``."""
-    from .symbolic import dim_for_probes
-
     spec = node.meta.get("tg_spec")
-    shape: list = []
-    for i, d in enumerate(spec.shape[1:], start=1):
-        dim = dim_for_probes(spec.probes[0][i], spec.probes[1][i]) if not isinstance(d, int) else None
-        low, high = getattr(dim, "min", 0) or 0, getattr(dim, "max", None)
-        if dim is not None and (low or high is not None):
-            shape.append({"dim": d, "min": low, "max": high})
-        else:
-            shape.append(d)
+    shape = [{"dim": d.name, "min": d.min, "max": d.max} if not isinstance(d, (int, str, type(None))) else d
+             for d in input_shape(spec)]
     return {"name": node.target, "shape": shape, "dtype": dtype_name(spec.dtype, where)}
 
 
@@ -221,11 +213,15 @@ def model_from_config(cls: type, config: Any, *, max_bytes: int | None = DEFAULT
     """``cls.from_config(config)``: ``tg.Model`` revives the class the config names; a subclass itself."""
     from .model import Model
 
+    from .sequential import Sequential, sequential_from_config
+
     with _untrusted_build(config, max_bytes, "from_config"):
         if cls is Model:
             named = _config_class(config)
             if named is not Model:
                 return named.from_config(config)
+        if issubclass(cls, Sequential):
+            return sequential_from_config(cls, config)
         return build_model(cls, config)
 
 
@@ -312,7 +308,7 @@ def parse_header(config: Any, extra_keys: frozenset = frozenset()) -> dict:
             if k not in MODEL_KEYS and k not in extra_keys}
 
 
-def build_model(cls: type, config: Any, construct=None):
+def build_model(cls: type, config: Any, construct=None, extra_keys: frozenset = frozenset()):
     """The model of class ``cls`` that ``config`` describes (the core of ``cls.from_config``).
 
     Entries a subclass added to its config (keys beyond :data:`MODEL_KEYS`) are passed to
@@ -320,7 +316,7 @@ def build_model(cls: type, config: Any, construct=None):
     """
     from .model import Model
 
-    extras = parse_header(config)
+    extras = parse_header(config, extra_keys)
     if extras and (cls is Model or not issubclass(cls, Model)):
         raise ValueError(f"from_config: unexpected keys {sorted(extras)[:8]}. A tg.Model subclass that adds "
                          "entries to its config must be registered with @tg.register_layer (its class is "

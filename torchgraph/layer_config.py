@@ -30,7 +30,7 @@ from .config_values import decode_value, dtype_name, encode_value, resolve_dtype
 from .untrusted import BuildLimitError
 
 __all__ = ["register_layer", "registered_layers", "layer_to_config", "layer_from_config",
-           "supported_builtin_layers", "model_class_key", "registered_model_class", "MAX_NESTING"]
+           "supported_builtin_layers", "model_class", "model_class_key", "registered_model_class", "MAX_NESTING"]
 
 MODEL_CLASS = "torchgraph.Model"
 SEQUENTIAL_CLASS = "torchgraph.Sequential"
@@ -137,12 +137,17 @@ def _has_own_get_config(c: type) -> bool:
     return callable(getattr(c, "get_config", None))
 
 
+def model_class(model) -> type:
+    """The class of a tg.Model as users know it (fx gives every instance its own GraphModuleImpl)."""
+    return next(t for t in type(model).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+
+
 def model_class_key(model) -> str | None:
     """The ``"class"`` of a model's config: None for tg.Model (and unregistered subclasses)."""
     from .model import Model
     from .sequential import Sequential
 
-    cls = next(t for t in type(model).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+    cls = model_class(model)
     if cls is Model:
         return None
     key = _KEYS.get(cls)

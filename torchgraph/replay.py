@@ -26,7 +26,7 @@ import torch.nn as nn
 from .errors import GraphBuildError
 from .untrusted import BuildLimitError
 
-__all__ = ["Ref", "replay", "get_attr"]
+__all__ = ["Ref", "replay", "get_attr", "input_shape"]
 
 
 class Ref:
@@ -46,9 +46,30 @@ def get_attr(model: nn.Module, target: str):
     return obj
 
 
+def input_shape(spec) -> tuple:
+    """The ``tg.Input`` shape (no batch dim) of a placeholder's spec: ints, ``None``, names, and
+    ``tg.Dim`` for dims with bounds (when this torchgraph has ``tg.Dim``)."""
+    from . import symbolic
+
+    dim_class = getattr(symbolic, "Dim", None)
+    shape = []
+    for i, d in enumerate(spec.shape[1:], start=1):
+        if isinstance(d, int):
+            shape.append(d)
+            continue
+        dim = symbolic.dim_for_probes(spec.probes[0][i], spec.probes[1][i])
+        low, high = getattr(dim, "min", 0) or 0, getattr(dim, "max", None)
+        if dim_class is not None and (low or high is not None):
+            shape.append(dim_class(d, min=low, max=high))
+        else:
+            shape.append(d)
+    return tuple(shape)
+
+
 def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: Any, name: str,
            layers: dict[str, nn.Module], untrusted: bool = False, input_tensors: Any = None,
-           call_function: Callable | None = None, construct: Callable | None = None):
+           call_function: Callable | None = None, construct: Callable | None = None,
+           env: dict | None = None):
     """Rebuild a model by calling layers and functions on fresh ``tg.Input`` tensors.
 
     Args:
@@ -68,6 +89,7 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
             order), as ``tg.clone_model(..., input_tensors=...)``.
         call_function: ``call_function(layer, *args, **kwargs)`` instead of ``layer(*args, **kwargs)``.
         construct: ``construct(inputs, outputs, name)`` makes the model (default ``tg.Model``).
+        env: a dict that receives node name -> the symbolic value replaying the node gave.
     """
     from .model import Model
     from .naming import name as set_name, user_name
@@ -78,7 +100,7 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
         if user_name(layer) is None:
             set_name(layer, layer_name)
 
-    env: dict[str, Any] = {}
+    env = {} if env is None else env
     if input_tensors is None:
         for input_name, shape, dtype in inputs:
             env[input_name] = Input(shape=shape, dtype=dtype, name=input_name)

@@ -71,6 +71,7 @@ class _Config:
 class _State:
     config: _Config | None = None
     stop_training: bool = False
+    compile_arguments: dict | None = None  # as given to compile(): tg.clone_model configures its clone alike
 
 
 # model -> _State. Weak keys: the state dies with the model and never travels with it.
@@ -188,6 +189,8 @@ class TrainingMixin:
             if isinstance(e.fn, nn.Module):
                 e.fn.to(dev)
         _state(self).config = _Config(opt, losses, metric_entries, dev, amp_dtype, scaler, info)
+        _state(self).compile_arguments = dict(optimizer=optimizer, loss=loss, metrics=metrics,
+                                              loss_weights=loss_weights, device=device, amp=amp)
 
     # ------------------------------------------------------------------ fit
     def fit(self, x=None, y=None, batch_size: int = 32, epochs: int = 1, validation_split: float = 0.0,
