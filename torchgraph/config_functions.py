@@ -49,7 +49,7 @@ _OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
 _FACTORIES = ("arange", "zeros", "ones", "empty", "full", "eye", "linspace", "logspace", "rand",
               "randn", "randint", "randperm", "tensor", "scalar_tensor", "as_tensor", "zeros_like",
               "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
-              "tril_indices", "triu_indices")
+              "tril_indices", "triu_indices", "empty_strided", "empty_permuted")
 
 # NOTE: [Recorded functions] torch.overrides.get_overridable_functions() misses functions that do
 # dispatch to __torch_function__ (torch lists F.hardswish among its "ignored" functions, yet it
@@ -221,7 +221,7 @@ def untrusted_method(name: str, where: str) -> str:
     if name in _UNINITIALISED_METHODS:
         replacement = _UNINITIALISED_METHODS[name]
         if replacement is None:
-            raise ValueError(f"{where}: the tensor method '{name}' leaves memory uninitialised, which a "
+            raise ValueError(f"{where}: the tensor method '{name}' returns uninitialised memory, which a "
                              "model built from a config or file must not. Use a zero-filled tensor "
                              "(new_zeros, torch.zeros...) instead.")
         return replacement

@@ -71,6 +71,10 @@ _RESERVED = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("__")) 
     | frozenset(n for n in dir(TrainingMixin) if not n.startswith("__"))
 
 
+# Attributes every GraphModule instance has (`training`, `meta`...): a constant must not take them.
+_INSTANCE_ATTRIBUTES = frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph())))
+
+
 def _structure(obj):
     """Flatten a tensor, list/tuple or dict of symbolic tensors: ``(kind, keys, tensors)``."""
     if isinstance(obj, dict):
@@ -179,7 +183,7 @@ class _Emitter:
         """tg.name's name, else the variable's name (NOTE: [Tensor names]), else a counter."""
         given, explicit = tensor_name(t)
         if explicit:
-            if given in self.taken or given in _RESERVED:
+            if given in self.taken or given in _RESERVED or given in _INSTANCE_ATTRIBUTES:
                 raise GraphBuildError(
                     f"The name '{given}' given with tg.name to a tensor of shape {tuple(t.shape)} is already "
                     "used in this model (by a layer, an input or another tensor) or reserved. Choose "
@@ -189,7 +193,8 @@ class _Emitter:
         k = 0
         while True:
             candidate = base if k == 0 else f"{base}_{k}"
-            if candidate not in self.taken and candidate not in _RESERVED and candidate not in ILLEGAL_NAMES:
+            if candidate not in self.taken and candidate not in _RESERVED and candidate not in ILLEGAL_NAMES \
+                    and candidate not in _INSTANCE_ATTRIBUTES:
                 return candidate
             k += 1
 
