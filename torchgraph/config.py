@@ -47,7 +47,7 @@ __all__ = ["get_config", "from_config", "model_from_config", "model_from_json", 
 FORMAT = "torchgraph.Model"
 FORMAT_VERSION = 1
 INLINE_CONSTANT_LIMIT = 1024
-MAX_NODES = 100_000
+MAX_NODES = 20_000
 MAX_INPUTS = 1_000
 MAX_INPUT_DIMS = 16
 MAX_DIM = 2**31 - 1
@@ -236,7 +236,7 @@ def _untrusted_build(config: Any, max_bytes: int | None, who: str):
             items = sum(len(config[k]) for k in ("layers", "nodes", "constants")
                         if isinstance(config, dict) and isinstance(config.get(k), list))
             with build_guard(max_bytes if max_bytes is not None else 2**62,
-                             BASE_OPS + OPS_PER_ITEM * items, who):
+                             BASE_OPS + OPS_PER_ITEM * items):
                 yield
     except ValueError:
         raise

@@ -36,9 +36,18 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["function_name", "resolve_function", "check_method_name", "check_attribute_name",
-           "untrusted_method", "check_operands", "MAX_OPERANDS", "METHOD_DENYLIST"]
+           "untrusted_method", "check_operands", "check_repeats", "MAX_OPERANDS", "MAX_REPEATS",
+           "METHOD_DENYLIST"]
 
 MAX_OPERANDS = 64
+# Count and iteration arguments (num_layers of an LSTM, niter of torch.svd_lowrank) in a config.
+MAX_REPEATS = 1_000
+# Python-level loops over these arguments run before any shape is checked (nn.LSTM's constructor
+# is even quadratic in num_layers): they are bounded up front. (argument name, positional index)
+_REPEAT_ARGUMENTS: dict[str, tuple[tuple[str, int | None], ...]] = {
+    "torch.svd_lowrank": (("niter", 2),), "torch.pca_lowrank": (("niter", 3),),
+    "torch.lobpcg": (("niter", 6),),
+}
 
 _OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and_", "or_",
               "xor", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge", "neg", "pos", "abs",
@@ -187,7 +196,9 @@ def resolve_function(name: Any, where: str, untrusted: bool = False) -> Callable
 
 
 def check_operands(name: str, args: tuple, kwargs: dict, where: str) -> None:
-    """Refuse more than MAX_OPERANDS operands for functions that are superlinear in their number."""
+    """Refuse more than MAX_OPERANDS operands for functions that are superlinear in their number, and
+    iteration arguments above MAX_REPEATS."""
+    check_function_repeats(name, args, kwargs, where)
     if name not in _OPERAND_BOUNDED:
         return
     count = len(args) + len(kwargs)
@@ -197,6 +208,21 @@ def check_operands(name: str, args: tuple, kwargs: dict, where: str) -> None:
     if count > MAX_OPERANDS:
         raise ValueError(f"{where}: {name} is called with {count} operands; a config may give it at most "
                          f"{MAX_OPERANDS} (its cost grows faster than the number of operands).")
+
+
+def check_repeats(values: dict[str, Any], where: str) -> None:
+    """Refuse count/iteration arguments (by name -> value) above MAX_REPEATS."""
+    for name, value in values.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_REPEATS:
+            raise ValueError(f"{where}: {name}={value} is more than a config may ask for ({MAX_REPEATS}); "
+                             "it would make loading loop that many times.")
+
+
+def check_function_repeats(name: str, args: tuple, kwargs: dict, where: str) -> None:
+    """check_repeats for the iteration arguments of a function node (by keyword or position)."""
+    for arg, index in _REPEAT_ARGUMENTS.get(name, ()):
+        value = kwargs.get(arg, args[index] if index is not None and index < len(args) else None)
+        check_repeats({arg: value}, where)
 
 
 # Tensor methods a config may not name: they need data, hand out memory, or register Python code.

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config_functions import check_repeats
 from .config_values import decode_value, dtype_name, encode_value, resolve_dtype
 from .untrusted import BuildLimitError
 
@@ -461,6 +462,20 @@ def layer_to_config(module: nn.Module, where: str) -> dict:
     return out
 
 
+# Count arguments of built-in layers whose constructors loop over them (checked before they run).
+_REPEATS: dict[type, tuple[str, ...]] = {
+    nn.RNN: ("num_layers",), nn.LSTM: ("num_layers",), nn.GRU: ("num_layers",),
+    nn.TransformerEncoder: ("num_layers",), nn.TransformerDecoder: ("num_layers",),
+    nn.Transformer: ("num_encoder_layers", "num_decoder_layers"),
+}
+
+
+def _check_builtin_repeats(c: type, args: list, kwargs: dict, where: str) -> None:
+    named = dict(zip(_BUILTIN[c][0], args))  # constructor argument names, in order (nn.LSTM takes *args)
+    named.update(kwargs)
+    check_repeats({n: named.get(n) for n in _REPEATS[c]}, where)
+
+
 class _Nesting(threading.local):
     def __init__(self):
         self.depth = 0
@@ -519,6 +534,8 @@ def _layer_from_config(entry: Any, where: str) -> nn.Module:
     kwargs = {k: decode_value(v, f"{where}, argument '{k}'", decode_layer=decode_layer)
               for k, v in kwargs.items()}
     dtype = resolve_dtype(entry["dtype"], where) if "dtype" in entry else None
+    if c in _REPEATS:
+        _check_builtin_repeats(c, args, kwargs, where)
     if c is nn.Sequential and len(args) == 1 and isinstance(args[0], dict):
         args = [OrderedDict(args[0])]
 

@@ -458,7 +458,7 @@ def _build_checked(config: dict, header: _Header, path: str, who: str) -> tuple[
     expected = dict(header.entries)
     for alias, key in aliases.items():
         expected[alias] = expected[key]
-    what = f"{who}: '{path}'"
+    what = "building the config of this file"
     max_ops = BASE_OPS + OPS_PER_ITEM * (_num_items(config) + len(expected))
     with build_guard(_BUILD_SLACK_BYTES, max_ops, what), torch.device("meta"):
         meta = from_config(config)

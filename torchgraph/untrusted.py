@@ -21,7 +21,7 @@ Example:
     >>> import torch, torchgraph as tg
     >>> from torchgraph.untrusted import BuildLimitError, build_guard
     >>> try:
-    ...     with build_guard(max_bytes=2**20, max_ops=1000, what="a test"):
+    ...     with build_guard(max_bytes=2**20, max_ops=1000):
     ...         torch.zeros(2**30, device="cpu")
     ... except BuildLimitError as err:
     ...     print("refused")
@@ -35,6 +35,8 @@ import threading
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import GraphBuildError
 from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["BuildLimitError", "build_guard", "guarded", "real_probes_allowed", "OPS_PER_ITEM", "BASE_OPS",
@@ -47,17 +49,22 @@ DEFAULT_MAX_BYTES = 16 * 2**30
 # NOTE: [Operation budget] Measured with this module's counter (torch 2.13): from_config of a
 # ResNet-50 (284 layers and nodes) takes ~2,800 aten operations for real and ~1,300 on the meta
 # device (~10 per layer and node); a GPT stack of 4 blocks ~400; a 2-layer HF BERT ~420. The budget
-# is BASE_OPS plus OPS_PER_ITEM for every layer, node, constant and stored tensor: 20x what real
-# models need, while a crafted loop (one meta operation takes ~5-20 us) stops within about a second.
-BASE_OPS = 50_000
-OPS_PER_ITEM = 200
+# is BASE_OPS plus OPS_PER_ITEM for every layer, node, constant and stored tensor, about 10x what real
+# models use. A meta operation costs ~20-50 us on an idle 2-core machine (up to ~1 ms when it is
+# heavily loaded), so a crafted loop stops after about a second. Known count and iteration arguments
+# (num_layers, niter) are bounded before anything runs (MAX_REPEATS in config_functions.py).
+BASE_OPS = 20_000
+OPS_PER_ITEM = 100
 # An operation whose output size cannot be worked out on the meta device may still run for real
 # when its inputs are this small (e.g. ``.tolist()`` of a small tensor in a layer's constructor).
 SMALL_BYTES = 2**20
 
 
-class BuildLimitError(ValueError):
-    """Building an untrusted config would take more operations or memory than its budget."""
+class BuildLimitError(GraphBuildError):
+    """Building an untrusted config would take more operations or memory than its budget.
+
+    A ``GraphBuildError`` (hence a ``ValueError``): recording lets it through unchanged.
+    """
 
 
 class _Local(threading.local):
@@ -92,9 +99,30 @@ def _to_meta(obj):
     return obj
 
 
+_CREATES: dict = {}
+
+
 def _creates_tensors(func) -> bool:
     """Whether ``func`` returns new tensors (views and in-place results create none)."""
-    return not func.is_view and not any(r.alias_info is not None for r in func._schema.returns)
+    creates = _CREATES.get(func)
+    if creates is None:
+        creates = _CREATES[func] = not func.is_view and not any(
+            r.alias_info is not None for r in func._schema.returns)
+    return creates
+
+
+def _any_real(args, kwargs) -> bool:
+    """Whether a tensor argument lives outside the meta device (aten arguments nest one list deep)."""
+    for group in (args, kwargs.values()):
+        for a in group:
+            if isinstance(a, torch.Tensor):
+                if a.device.type != "meta":
+                    return True
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    if isinstance(b, torch.Tensor) and b.device.type != "meta":
+                        return True
+    return False
 
 
 def _nbytes(outputs) -> int:
@@ -116,22 +144,22 @@ class _Guard(TorchDispatchMode):
         self.ops += 1
         if self.ops > self.max_ops:
             raise BuildLimitError(
-                f"{self.what}: building it takes more than {self.max_ops} tensor operations (its "
+                f"{self.what} takes more than {self.max_ops} tensor operations (its "
                 "budget, which grows with the number of layers, nodes and tensors); a size, count or "
                 "iteration argument is far too large.")
         if not _creates_tensors(func):
             return func(*args, **kwargs)  # a view or an in-place update: no new memory
-        flat, _ = tree_flatten((args, kwargs))
         device = kwargs.get("device")
-        if not any(_is_real(a) for a in flat) and (device is None or torch.device(device).type == "meta"):
+        if (device is None or torch.device(device).type == "meta") and not _any_real(args, kwargs):
             return func(*args, **kwargs)  # everything on the meta device: costs no memory
+        flat, _ = tree_flatten((args, kwargs))
         try:
             predicted = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
         except Exception:  # noqa: BLE001 - no meta kernel, or data-dependent: judge by the inputs
             size = sum(a.numel() * a.element_size() for a in flat if _is_real(a))
             if size > SMALL_BYTES:
                 raise BuildLimitError(
-                    f"{self.what}: building it runs '{func}' on {size} bytes of real data, more than "
+                    f"{self.what} runs '{func}' on {size} bytes of real data, more than "
                     f"the {SMALL_BYTES} bytes allowed for work that cannot be sized in advance."
                 ) from None
             out = func(*args, **kwargs)
@@ -144,19 +172,19 @@ class _Guard(TorchDispatchMode):
         self.allocated += nbytes
         if self.allocated > self.max_bytes:
             raise BuildLimitError(
-                f"{self.what}: building it would allocate more than {self.max_bytes} bytes ('{func}' "
+                f"{self.what} would allocate more than {self.max_bytes} bytes ('{func}' "
                 f"asks for {nbytes}); a layer or constant is far larger than the data it came with.")
 
 
 @contextlib.contextmanager
-def build_guard(max_bytes: int, max_ops: int, what: str):
+def build_guard(max_bytes: int, max_ops: int, what: str = "building this config"):
     """Bound the tensor operations and the memory of the code run inside (this thread only).
 
     Args:
         max_bytes: memory that tensors created outside the meta device may take in total (freed
             tensors are not given back: the count is conservative).
         max_ops: aten operations allowed in total.
-        what: how error messages name the thing being built (``"tg.load: 'model.safetensors'"``).
+        what: the subject of error messages (``"building this config"``).
 
     Raises:
         BuildLimitError: inside the block, when an operation would exceed either bound.
