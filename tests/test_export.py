@@ -362,9 +362,12 @@ def test_bad_arguments():
         tg.export_onnx(model, 3)
 
 
-def test_docstring_examples():
-    """The examples in torchgraph.export's docstrings run."""
-    result = doctest.testmod(tg_export, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", ["onnx_export", "inputs", "references", "verify", "failures"])
+def test_docstring_examples(module):
+    """The examples in the docstrings of the torchgraph.export modules run."""
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"torchgraph.export.{module}"), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -441,8 +441,8 @@ def layer_to_config(module: nn.Module, where: str) -> dict:
             hint = (f"torch.nn.{c.__name__} is not in torchgraph's table of built-in layers; wrap it in a "
                     "small nn.Module subclass decorated with @tg.register_layer.")
         else:
-            hint = (f"Decorate the class with @tg.register_layer (it records each instance's constructor "
-                    f"arguments), or give it get_config() and register it.")
+            hint = ("Decorate the class with @tg.register_layer (it records each instance's constructor "
+                    "arguments), or give it get_config() and register it.")
         raise ValueError(f"{where}: get_config cannot describe a {qual}: its constructor arguments are "
                          f"unknown. {hint}")
 

@@ -1,0 +1,173 @@
+"""The exported model's inputs: names, dynamic dims, and example and verification values.
+
+Example:
+    >>> import torch, torch.nn as nn, torchgraph as tg
+    >>> from torchgraph.export import input_specs
+    >>> x = tg.Input(shape=(None, 4), name="seq")
+    >>> [(s.name, s.dim_names) for s in input_specs(tg.Model(x, nn.Linear(4, 2)(x)))]
+    [('seq', {0: 'batch', 1: 'seq_dim1'})]
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .failures import OnnxExportError
+
+__all__ = ["InputSpec", "input_specs", "random_inputs", "example_inputs", "eval_mode"]
+
+# Integer inputs that feed no embedding get ids in [0, _SMALL_INT_RANGE): safe for masks and type ids.
+_SMALL_INT_RANGE = 2
+# Ops through which an integer input keeps its values (so an embedding after them bounds the ids).
+_ID_PRESERVING = frozenset({
+    "getitem", "long", "int", "to", "view", "reshape", "flatten", "contiguous", "transpose", "permute",
+    "unsqueeze", "squeeze", "narrow", "clone", "expand", "repeat", "t",
+})
+
+
+@dataclass
+class InputSpec:
+    """One model input: name, dtype, static sizes, dynamic dims and two valid sizes for each."""
+
+    name: str
+    dtype: torch.dtype
+    sizes: tuple          # per dim: an int (static) or a pair of valid sizes (dynamic)
+    dim_names: dict       # dim index -> ONNX dim name, for the dynamic dims
+    high: int | None      # integer inputs: ids are drawn from [0, high)
+
+    def shape(self, which: int, batch: int | None = None) -> tuple:
+        dims = [s if isinstance(s, int) else s[which] for s in self.sizes]
+        if batch is not None and 0 in self.dim_names:
+            dims[0] = batch
+        return tuple(dims)
+
+
+def input_specs(model: fx.GraphModule, dynamic_batch: bool = True) -> list[InputSpec]:
+    """What each placeholder of ``model`` takes, from its ``tg_spec`` (shapes with dynamic dims)."""
+    from ..model import ValueSpec
+
+    specs, dim_names = [], {}
+    for node in model.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        spec = node.meta.get("tg_spec")
+        if not isinstance(spec, ValueSpec) or spec.shape is None:
+            raise OnnxExportError(f"tg.export_onnx: input '{node.name}' has no torchgraph shape; only "
+                                  "tensor inputs built with tg.Input can be exported.")
+        sizes, names = [], {}
+        for i, (p0, p1) in enumerate(zip(*spec.probes)):
+            if i == 0 and not dynamic_batch:
+                sizes.append(1)
+            elif p0 == p1:
+                sizes.append(p0)
+            else:
+                # NOTE: [Dim names] A dynamic dim is identified by its probe pair (see symbolic.py):
+                # the batch and named dims are shared across inputs, an anonymous None is its own.
+                label = spec.shape[i]
+                default = "batch" if i == 0 else (label if isinstance(label, str) else f"{node.name}_dim{i}")
+                names[i] = dim_names.setdefault((p0, p1), default)
+                sizes.append((p0, p1))
+        high = None
+        if not spec.dtype.is_floating_point and not spec.dtype.is_complex and spec.dtype != torch.bool:
+            high = _id_bound(model, node)
+        specs.append(InputSpec(node.name, spec.dtype, tuple(sizes), names, high))
+    return specs
+
+
+def _id_bound(gm: fx.GraphModule, node: fx.Node) -> int:
+    """The smallest ``num_embeddings`` among the embeddings ``node`` feeds (through id-preserving ops)."""
+    bounds = []
+    for user in node.users:
+        if user.op == "call_module":
+            layer = gm.get_submodule(user.target)
+            if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
+                bounds.append(layer.num_embeddings)
+            elif isinstance(layer, fx.GraphModule) and user.args and user.args[0] is node:
+                inner = next((n for n in layer.graph.nodes if n.op == "placeholder"), None)
+                if inner is not None:
+                    bounds.append(_id_bound(layer, inner))
+        elif user.op == "call_function" and getattr(user.target, "__name__", "") == "embedding":
+            weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                bounds.append(int(_get_attr(gm, weight.target).shape[0]))
+        elif user.op in ("call_function", "call_method"):
+            name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+            if name in _ID_PRESERVING and user.args and user.args[0] is node:
+                bounds.append(_id_bound(gm, user))
+    return min(bounds) if bounds else _SMALL_INT_RANGE
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def random_inputs(specs: list[InputSpec], which: int, batch: int | None = None,
+                  device: torch.device | str = "cpu", seed: int = 0,
+                  sizes: dict[str, int] | None = None) -> list[torch.Tensor]:
+    """Random inputs at size ``which`` (0 or 1) of every dynamic dim; ``batch`` overrides the batch,
+    ``sizes`` (dim name -> size) any dynamic dim."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in specs:
+        shape = list(s.shape(which, batch))
+        for i, name in s.dim_names.items():
+            if sizes and name in sizes:
+                shape[i] = sizes[name]
+        if s.dtype == torch.bool:
+            t = torch.randint(0, 2, shape, generator=g).bool()
+        elif s.high is not None:
+            t = torch.randint(0, s.high, shape, generator=g).to(s.dtype)
+        else:
+            t = torch.randn(shape, generator=g).to(s.dtype)
+        out.append(t.to(device))
+    return out
+
+
+def example_inputs(model: nn.Module, specs: list[InputSpec], device) -> tuple:
+    """The inputs to export with: small sizes for dynamic dims when the model runs at them.
+
+    NOTE: [Export example size] Exporting an LSTM/GRU unrolls it over the example's sequence length
+    while tracing (the file still gets one ONNX LSTM/GRU op): 48 steps cost ~20 s, 8 steps ~3 s. So
+    the non-batch dynamic dims get distinct sizes 8, 9, ... if one eager forward succeeds at them
+    (a strided CNN may need larger), else the sizes the model was built with. The batch stays 2: an
+    example batch of 1 would be specialised by torch.export.
+    """
+    small: dict[str, int] = {}
+    for s in specs:
+        for i, name in s.dim_names.items():
+            if i > 0 and min(s.sizes[i]) > 8 + len(small):
+                small.setdefault(name, 8 + len(small))
+    fallback = tuple(random_inputs(specs, 0, device=device))
+    if not small:
+        return fallback
+    trial = tuple(random_inputs(specs, 0, device=device, sizes=small))
+    try:
+        with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(*trial)
+    except Exception:  # noqa: BLE001 - the model needs larger sizes: use the build sizes
+        return fallback
+    return trial
+
+
+class eval_mode:
+    """Puts a module in eval mode and restores each submodule's training flag afterwards."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag

@@ -1,0 +1,119 @@
+"""Verification: onnxruntime runs the exported file and must agree with the model in torch.
+
+Example:
+    >>> from torchgraph.export.verify import tolerance
+    >>> tolerance(__import__("torch").float32)
+    (0.0001, 0.001)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .failures import OnnxExportError, reason
+from .inputs import InputSpec, eval_mode, random_inputs
+
+__all__ = ["verify_onnx", "tolerance"]
+
+_TOLERANCE = {  # dtype -> (atol, rtol) for comparing onnxruntime with torch
+    torch.float64: (1e-6, 1e-5),
+    torch.float32: (1e-4, 1e-3),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """``(atol, rtol)`` for outputs of ``dtype``."""
+    return _TOLERANCE.get(dtype, (1e-4, 1e-3))
+
+
+def verify_onnx(model: fx.GraphModule, path: str, specs: list[InputSpec]) -> float:
+    """Run ``path`` in onnxruntime at two sizes of every dynamic dim; compare with ``model`` (eval).
+
+    Returns the largest absolute difference seen. Raises :class:`OnnxExportError` on a mismatch.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    _check_symbolic_dims(session, specs)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    feeds = {i.name for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    # Two runs: every dynamic dim at its second valid size, then at its first; the batch at 3 and 5,
+    # both different from the export example's 2, so a batch baked into the file cannot pass.
+    has_batch = any(0 in s.dim_names for s in specs)
+    worst = 0.0
+    with eval_mode(model), torch.no_grad():
+        for run, (which, batch) in enumerate(((1, 3), (0, 5))):
+            inputs = random_inputs(specs, which, batch if has_batch else None, device, seed=run)
+            expected = _flat_outputs(model, model(*inputs))
+            try:
+                got = session.run(names, {s.name: t.cpu().numpy() for s, t in zip(specs, inputs)
+                                          if s.name in feeds})
+            except Exception as exc:  # noqa: BLE001
+                shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(specs, inputs))
+                raise OnnxExportError(f"tg.export_onnx: onnxruntime failed to run the exported file on "
+                                      f"inputs {shapes}: {reason(exc)}.") from None
+            worst = max(worst, _compare(names, got, expected, inputs, specs))
+    return worst
+
+
+def _check_symbolic_dims(session, specs: list[InputSpec]) -> None:
+    for i in session.get_inputs():
+        spec = next((s for s in specs if s.name == i.name), None)
+        if spec is None:
+            continue
+        fixed = [d for d in spec.dim_names if d < len(i.shape) and isinstance(i.shape[d], int)]
+        if fixed:
+            raise OnnxExportError(
+                f"tg.export_onnx: input '{i.name}' has a fixed size in dim(s) {fixed} of the ONNX file "
+                f"(shape {i.shape}). Expected them dynamic ({[spec.dim_names[d] for d in fixed]}); the "
+                "exporter specialised them to the example size.")
+
+
+def _flat_outputs(model: fx.GraphModule, out) -> list:
+    info = model.meta["torchgraph"]
+    if info["output_kind"] == "dict":
+        return list(out.values())
+    if info["output_kind"] == "single":
+        return [out]
+    return list(out)
+
+
+def _compare(names, got, expected, inputs, specs) -> float:
+    import numpy as np
+
+    worst = 0.0
+    for name, a, e in zip(names, got, expected):
+        e = e.detach().cpu() if isinstance(e, torch.Tensor) else torch.as_tensor(e)
+        a = torch.from_numpy(np.asarray(a))
+        shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(specs, inputs))
+        if tuple(a.shape) != tuple(e.shape):
+            raise OnnxExportError(
+                f"tg.export_onnx: output '{name}' has shape {tuple(a.shape)} in onnxruntime but "
+                f"{tuple(e.shape)} in torch (inputs {shapes}). Expected equal shapes; a dynamic dim was "
+                "probably fixed to the example size during export.")
+        if not e.dtype.is_floating_point:
+            diff = (a.to(torch.float64) - e.to(torch.float64)).abs()
+            bad = bool((diff > 0).any())
+            atol, rtol = 0.0, 0.0
+        else:
+            atol, rtol = tolerance(e.dtype)
+            a64, e64 = a.to(torch.float64), e.to(torch.float64)
+            diff = (a64 - e64).abs().nan_to_num(nan=float("inf"))
+            both_nan = a64.isnan() & e64.isnan()
+            diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+            bad = bool((diff > atol + rtol * e64.abs().nan_to_num()).any())
+        max_diff = float(diff.max()) if diff.numel() else 0.0
+        if bad:
+            raise OnnxExportError(
+                f"tg.export_onnx: output '{name}' differs between onnxruntime and torch: max abs "
+                f"difference {max_diff:.3g} (allowed {atol:g} + {rtol:g} * |torch value|), inputs "
+                f"{shapes}. Expected the exported file to compute the model; rerun with verify=False to "
+                "write the file anyway and inspect it.")
+        worst = max(worst, max_diff)
+    return worst
