@@ -482,3 +482,15 @@ def test_docs_examples_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(doc), "exec"), namespace)
     assert (tmp_path / "net.safetensors").exists()
+
+
+def test_bounded_dims_round_trip():
+    """tg.Dim bounds are stored in the input spec and restored by from_config, tg.load and clones."""
+    if not hasattr(tg, "Dim"):
+        pytest.skip("tg.Dim (bounded dynamic dims) comes with the core's dims module")
+    x = tg.Input(shape=(tg.Dim("seq", min=2, max=128), 8), name="x")
+    model = tg.Model(x, nn.Linear(8, 2)(x))
+    config = model.get_config()
+    assert config["inputs"][0]["shape"] == [{"dim": "seq", "min": 2, "max": 128}, 8]
+    for other in (tg.Model.from_config(config), tg.clone_model(model)):
+        assert other.get_config()["inputs"] == config["inputs"]

@@ -383,3 +383,81 @@ def test_docs_python_blocks_run(page, tmp_path, monkeypatch, capsys):
     exec(compile(code, page, "exec"), {})
     if page == "docs/export.md":
         assert "layer 'gate' (Gate) cannot be expressed in ONNX" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names, verification sizes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_dict_output_named_like_a_layer(tmp_path, exporter):
+    """An output key equal to a node's name ("linear" for relu(linear(x))) used to give a file with two
+    definitions of the name; the intermediate value is renamed, the output keeps its key."""
+    x = tg.Input(shape=(4,), name="x")
+    h = torch.relu(nn.Linear(4, 4)(x))
+    model = tg.Model(x, {"linear": h, "relu": nn.Linear(4, 2)(h)})
+    path = tg.export_onnx(model, tmp_path / "m.onnx", exporter=exporter)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path))
+    assert [o.name for o in session.get_outputs()] == ["linear", "relu"]
+    x0 = torch.randn(3, 4)
+    got = session.run(None, {"x": x0.numpy()})
+    expected = model(x0)
+    assert all(torch.allclose(torch.from_numpy(g), expected[k], atol=1e-5) for g, k in zip(got, ["linear", "relu"]))
+
+
+def test_output_named_like_an_input_is_a_clear_error(tmp_path):
+    """ONNX cannot name an output like an input: refused up front, nothing written."""
+    x = tg.Input(shape=(4,), name="x")
+    model = tg.Model(x, {"x": nn.Linear(4, 4)(x)})
+    with pytest.raises(OnnxExportError, match=r"output\(s\) \['x'\] have the name of an input"):
+        tg.export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _positions_model():
+    """Learned positions (an nn.Embedding of 128) indexed by 0..T-1 of a named dynamic dim."""
+    tokens = tg.Input(shape=("seq",), dtype=torch.long, name="tokens")
+    positions = tokens.new_ones(tokens.shape).cumsum(1) - 1
+    h = nn.Embedding(100, 8)(tokens) + tg.name(nn.Embedding(128, 8), "positions")(positions)
+    return tg.Model(tokens, nn.Linear(8, 2)(h))
+
+
+def test_verification_failing_in_torch_names_the_layer_and_the_fix(tmp_path):
+    """A size the model rejects in torch (positions past the 128 of the table) is an export error that
+    names the layer and says how to choose sizes (it used to be a raw IndexError)."""
+    with pytest.raises(OnnxExportError, match=r"layer 'positions' \(Embedding\) fails in torch .*"
+                                              r"IndexError.*verify_sizes=.*tg.Dim"):
+        tg.export_onnx(_positions_model(), tmp_path / "m.onnx", verify_sizes={"seq": (20, 200)})
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_verify_sizes_are_user_given_and_checked(tmp_path):
+    """verify_sizes picks the sizes of each run by dim name; unknown names and bad sizes are refused."""
+    path = tg.export_onnx(_positions_model(), tmp_path / "m.onnx", verify_sizes={"seq": (20, 40), "batch": 4})
+    assert os.path.exists(path)
+    from torchgraph.export.inputs import verification_sizes
+
+    specs = input_specs(_positions_model())
+    assert verification_sizes(specs, {"seq": (20, 40)}) == [{"batch": 3, "seq": 20}, {"batch": 5, "seq": 40}]
+    for bad, error in (({"nope": 3}, ValueError), ({"seq": (0, 3)}, ValueError), ({"seq": "x"}, ValueError),
+                       ([("seq", 3)], TypeError)):
+        with pytest.raises(error, match="verify_sizes"):
+            tg.export_onnx(_positions_model(), tmp_path / "bad.onnx", verify_sizes=bad)
+
+
+def test_bounded_dims_bound_export_and_verification(tmp_path):
+    """Dims declared with tg.Dim(name, min=, max=) stay inside their bounds when verified, and the
+    dynamo exporter is given the same range."""
+    if not hasattr(tg, "Dim"):
+        pytest.skip("tg.Dim (bounded dynamic dims) comes with the core's dims module")
+    tokens = tg.Input(shape=(tg.Dim("seq", min=4, max=64),), dtype=torch.long, name="tokens")
+    positions = tokens.new_ones(tokens.shape).cumsum(1) - 1
+    model = tg.Model(tokens, nn.Embedding(100, 8)(tokens) + nn.Embedding(64, 8)(positions))
+    from torchgraph.export.inputs import verification_sizes
+
+    specs = input_specs(model)
+    for run in verification_sizes(specs):
+        assert 4 <= run["seq"] <= 64
+    assert os.path.exists(tg.export_onnx(model, tmp_path / "m.onnx"))

@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .failures import OnnxExportError
 
-__all__ = ["InputSpec", "input_specs", "random_inputs", "example_inputs", "eval_mode"]
+__all__ = ["InputSpec", "input_specs", "random_inputs", "example_inputs", "eval_mode", "verification_sizes"]
 
 # Integer inputs that feed no embedding get ids in [0, _SMALL_INT_RANGE): safe for masks and type ids.
 _SMALL_INT_RANGE = 2
@@ -39,6 +39,7 @@ class InputSpec:
     sizes: tuple          # per dim: an int (static) or a pair of valid sizes (dynamic)
     dim_names: dict       # dim index -> ONNX dim name, for the dynamic dims
     high: int | None      # integer inputs: ids are drawn from [0, high)
+    bounds: dict = field(default_factory=dict)  # dim index -> (min, max or None), for bounded dims
 
     def shape(self, which: int, batch: int | None = None) -> tuple:
         dims = [s if isinstance(s, int) else s[which] for s in self.sizes]
@@ -50,6 +51,7 @@ class InputSpec:
 def input_specs(model: fx.GraphModule, dynamic_batch: bool = True) -> list[InputSpec]:
     """What each placeholder of ``model`` takes, from its ``tg_spec`` (shapes with dynamic dims)."""
     from ..model import ValueSpec
+    from ..symbolic import dim_for_probes
 
     specs, dim_names = [], {}
     for node in model.graph.nodes:
@@ -59,7 +61,7 @@ def input_specs(model: fx.GraphModule, dynamic_batch: bool = True) -> list[Input
         if not isinstance(spec, ValueSpec) or spec.shape is None:
             raise OnnxExportError(f"tg.export_onnx: input '{node.name}' has no torchgraph shape; only "
                                   "tensor inputs built with tg.Input can be exported.")
-        sizes, names = [], {}
+        sizes, names, bounds = [], {}, {}
         for i, (p0, p1) in enumerate(zip(*spec.probes)):
             if i == 0 and not dynamic_batch:
                 sizes.append(1)
@@ -72,11 +74,54 @@ def input_specs(model: fx.GraphModule, dynamic_batch: bool = True) -> list[Input
                 default = "batch" if i == 0 else (label if isinstance(label, str) else f"{node.name}_dim{i}")
                 names[i] = dim_names.setdefault((p0, p1), default)
                 sizes.append((p0, p1))
+                dim = dim_for_probes(p0, p1)  # tg.Dim bounds, when this torchgraph has them
+                low, high = getattr(dim, "min", 0) or 0, getattr(dim, "max", None)
+                if low or high is not None:
+                    bounds[i] = (low, high)
         high = None
         if not spec.dtype.is_floating_point and not spec.dtype.is_complex and spec.dtype != torch.bool:
             high = _id_bound(model, node)
-        specs.append(InputSpec(node.name, spec.dtype, tuple(sizes), names, high))
+        specs.append(InputSpec(node.name, spec.dtype, tuple(sizes), names, high, bounds))
     return specs
+
+
+def _clamp(size: int, bounds: tuple | None) -> int:
+    if bounds is None:
+        return size
+    low, high = bounds
+    return max(low, size) if high is None else min(max(low, size), high)
+
+
+def verification_sizes(specs: list[InputSpec], verify_sizes: dict | None = None) -> list[dict[str, int]]:
+    """The sizes of every dynamic dim (by ONNX dim name) in each of the two verification runs.
+
+    By default the batch is 3 then 5 (both unlike the export example's 2) and every other dynamic dim
+    takes the two sizes the model was built with, kept inside its ``tg.Dim`` bounds. ``verify_sizes``
+    maps a dim name to a size or to a pair of sizes (one per run).
+    """
+    dims: dict[str, tuple] = {}
+    for s in specs:
+        for i, name in s.dim_names.items():
+            bounds = s.bounds.get(i)
+            pair = (3, 5) if i == 0 else (s.sizes[i][1], s.sizes[i][0])
+            dims.setdefault(name, (tuple(_clamp(p, bounds) for p in pair), bounds))
+    plan = {name: pair for name, (pair, _) in dims.items()}
+    if verify_sizes is not None and not isinstance(verify_sizes, dict):
+        raise TypeError(f"tg.export_onnx: verify_sizes must be a dict of dim name -> size or (size, size); "
+                        f"received {type(verify_sizes).__name__}.")
+    for name, value in (verify_sizes or {}).items():
+        if name not in dims:
+            raise ValueError(f"tg.export_onnx: verify_sizes names {name!r}, which is not a dynamic dim of the "
+                             f"model. Expected some of {sorted(dims)}.")
+        pair = (value, value) if isinstance(value, int) else value
+        low, high = dims[name][1] or (0, None)
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and max(low, 1) <= v and (high is None or v <= high)
+                for v in pair)):
+            raise ValueError(f"tg.export_onnx: verify_sizes[{name!r}] must be a size or a pair of sizes in "
+                             f"[{max(low, 1)}, {'inf' if high is None else high}]; received {value!r}.")
+        plan[name] = tuple(pair)
+    return [{n: p[run] for n, p in plan.items()} for run in (0, 1)]
 
 
 def _id_bound(gm: fx.GraphModule, node: fx.Node) -> int:
@@ -143,8 +188,8 @@ def example_inputs(model: nn.Module, specs: list[InputSpec], device) -> tuple:
     small: dict[str, int] = {}
     for s in specs:
         for i, name in s.dim_names.items():
-            if i > 0 and min(s.sizes[i]) > 8 + len(small):
-                small.setdefault(name, 8 + len(small))
+            if i > 0 and min(s.sizes[i]) > 8 + len(small) and name not in small:
+                small[name] = _clamp(8 + len(small), s.bounds.get(i))
     fallback = tuple(random_inputs(specs, 0, device=device))
     if not small:
         return fallback

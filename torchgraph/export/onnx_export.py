@@ -23,7 +23,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .failures import OnnxExportError, culprit, culprit_in_program, failure_message
-from .inputs import InputSpec, example_inputs, input_specs
+from .inputs import InputSpec, example_inputs, input_specs, verification_sizes
+from .names import check_names, name_outputs, placeholder_names
 from .references import ReferenceMode, fused_op_references, reference_model
 from .verify import verify_onnx
 
@@ -35,7 +36,7 @@ _EXTERNAL_DATA_BYTES = 1536 * 2**20
 
 
 def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = None, verify: bool = True,
-                *, exporter: str = "dynamo") -> str:
+                *, exporter: str = "dynamo", verify_sizes: dict | None = None) -> str:
     """Export ``model`` to an ONNX file at ``path``, and check the file in onnxruntime.
 
     The ONNX inputs are named like the model's inputs (``model.input_names``) and the outputs like its
@@ -55,14 +56,19 @@ def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = Non
             Integer inputs get valid ids (below the ``num_embeddings`` of the embedding they feed).
         exporter (str): ``"dynamo"`` (default: ``torch.export`` based, checks dynamic dims) or
             ``"legacy"`` (TorchScript based, deprecated in torch, faster).
+        verify_sizes (dict): the sizes verification runs dynamic dims at, by ONNX dim name
+            (``"batch"``, a ``tg.Input`` dim name, ``"<input>_dim<i>"``): a size, or a pair of sizes
+            (one per run). Default: the batch at 3 then 5, every other dim at the two sizes the model
+            was built with, inside its ``tg.Dim`` bounds.
 
     Returns:
         str: ``path``.
 
     Raises:
         OnnxExportError: the model contains something ONNX cannot express (the message names the
-            layer), or onnxruntime's results differ from torch's (the message gives the largest
-            difference). Nothing is written at ``path`` then.
+            layer); an output is named like an input; onnxruntime's results differ from torch's (the
+            message gives the largest difference); the model fails in torch at the verification sizes
+            (the message names the layer). Nothing is written at ``path`` then.
         ImportError: onnx, onnxscript or onnxruntime is missing (``pip install torchgraph[onnx]``).
 
     Example:
@@ -80,8 +86,10 @@ def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = Non
     _check_arguments(model, path, dynamic_batch, opset, verify, exporter)
     _require("onnx", "onnxscript", *(["onnxruntime"] if verify else []))
     path = os.fspath(path)
+    check_names(model.input_names, model.output_names)
     prepared = reference_model(model).eval()
     specs = input_specs(prepared, dynamic_batch)
+    sizes = verification_sizes(specs, verify_sizes) if verify else None
     directory = os.path.dirname(os.path.abspath(path))
     tmpdir = tempfile.mkdtemp(prefix=".tg_onnx_", dir=directory)
     try:
@@ -100,7 +108,7 @@ def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = Non
                           "dynamic dims; exporting with exporter='legacy' instead.", UserWarning, stacklevel=2)
             _run_exporter(prepared, specs, tmp_path, opset, "legacy", external)
         if verify:
-            verify_onnx(model, tmp_path, specs)
+            verify_onnx(model, tmp_path, specs, sizes)
         _move_into_place(tmpdir, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -162,7 +170,7 @@ def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opse
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     args = example_inputs(model, specs, device)
     input_names = [s.name for s in specs]
-    output_names = model.output_names
+    output_names = placeholder_names(model.output_names)  # see names.py
     with warnings.catch_warnings(), _quiet_exporter_logs(), ReferenceMode(fused_op_references()):
         # The legacy exporter's DeprecationWarning and the tracer's warnings are not the user's concern:
         # what matters is checked by verify_onnx.
@@ -173,7 +181,7 @@ def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opse
                 # may refine its range, e.g. H >= 3 for a 3x3 conv, but raises if the model forces it
                 # to a constant), patches the RNN decompositions so that LSTM/GRU keep a dynamic
                 # sequence length, and names the file's dims after ours.
-                dynamic_shapes = tuple(dict(s.dim_names) or None for s in specs)
+                dynamic_shapes = _dynamic_shapes(specs)
                 _clear_rnn_dispatch_caches()
                 try:
                     program = torch.onnx.export(model, args, None, input_names=input_names,
@@ -189,6 +197,20 @@ def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opse
         except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one clear error
             where = culprit(model, exc) or culprit_in_program(model, args, specs, exc)
             raise OnnxExportError(failure_message(where, exc)) from None
+    name_outputs(path, output_names, model.output_names)
+
+
+def _dynamic_shapes(specs: list[InputSpec]) -> tuple:
+    """Per input, dim index -> its name (torch.onnx makes it Dim.DYNAMIC), or a ``torch.export.Dim``
+    with the ``tg.Dim`` bounds when the dim has some (one object per name, shared across inputs)."""
+    bounded: dict[str, torch.export.Dim] = {}
+    for s in specs:
+        for i, (low, high) in s.bounds.items():
+            name = s.dim_names[i]
+            if name not in bounded:
+                # torch.export specialises sizes 0 and 1, so its ranges start at 2.
+                bounded[name] = torch.export.Dim(name, min=max(low, 2), max=high)
+    return tuple({i: bounded.get(n, n) for i, n in s.dim_names.items()} or None for s in specs)
 
 
 @contextlib.contextmanager

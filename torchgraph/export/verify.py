@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .failures import OnnxExportError, reason
-from .inputs import InputSpec, eval_mode, random_inputs
+from .failures import OnnxExportError, culprit, reason
+from .inputs import InputSpec, eval_mode, random_inputs, verification_sizes
 
 __all__ = ["verify_onnx", "tolerance"]
 
@@ -29,33 +29,47 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return _TOLERANCE.get(dtype, (1e-4, 1e-3))
 
 
-def verify_onnx(model: fx.GraphModule, path: str, specs: list[InputSpec]) -> float:
+def verify_onnx(model: fx.GraphModule, path: str, specs: list[InputSpec],
+                sizes: list[dict[str, int]] | None = None) -> float:
     """Run ``path`` in onnxruntime at two sizes of every dynamic dim; compare with ``model`` (eval).
 
-    Returns the largest absolute difference seen. Raises :class:`OnnxExportError` on a mismatch.
+    ``sizes`` gives each run's dynamic dim sizes by ONNX dim name (default:
+    :func:`~torchgraph.export.inputs.verification_sizes`). Returns the largest absolute difference
+    seen. Raises :class:`OnnxExportError` on a mismatch, and when torch or onnxruntime fails on the
+    verification inputs (naming the layer where torch failed).
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - an invalid file is an export failure, not a raw ORT error
+        raise OnnxExportError(f"tg.export_onnx: onnxruntime cannot load the exported file: {reason(exc)}. "
+                              "Expected a valid ONNX model; try exporter='legacy', or report the model "
+                              "to torchgraph.") from None
     _check_symbolic_dims(session, specs)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     feeds = {i.name for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
-    # Two runs: every dynamic dim at its second valid size, then at its first; the batch at 3 and 5,
-    # both different from the export example's 2, so a batch baked into the file cannot pass.
-    has_batch = any(0 in s.dim_names for s in specs)
     worst = 0.0
     with eval_mode(model), torch.no_grad():
-        for run, (which, batch) in enumerate(((1, 3), (0, 5))):
-            inputs = random_inputs(specs, which, batch if has_batch else None, device, seed=run)
-            expected = _flat_outputs(model, model(*inputs))
+        for run, run_sizes in enumerate(sizes or verification_sizes(specs)):
+            inputs = random_inputs(specs, 0, None, device, seed=run, sizes=run_sizes)
+            shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(specs, inputs))
+            try:
+                expected = _flat_outputs(model, model(*inputs))
+            except Exception as exc:  # noqa: BLE001 - the model in torch rejects these sizes: say where
+                where = culprit(model, exc) or "the model"
+                raise OnnxExportError(
+                    f"tg.export_onnx: {where} fails in torch on the verification inputs {shapes}: "
+                    f"{reason(exc)}. Expected sizes the model accepts: pass verify_sizes={{dim name: "
+                    f"(size, size)}} for the dims {sorted(run_sizes)}, or declare their range with "
+                    "tg.Dim(name, min=..., max=...).") from None
             try:
                 got = session.run(names, {s.name: t.cpu().numpy() for s, t in zip(specs, inputs)
                                           if s.name in feeds})
             except Exception as exc:  # noqa: BLE001
-                shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(specs, inputs))
                 raise OnnxExportError(f"tg.export_onnx: onnxruntime failed to run the exported file on "
                                       f"inputs {shapes}: {reason(exc)}.") from None
             worst = max(worst, _compare(names, got, expected, inputs, specs))
