@@ -378,11 +378,13 @@ def test_docs_python_blocks_run(page, tmp_path, monkeypatch, capsys):
     import re
 
     text = (pathlib.Path(__file__).resolve().parent.parent / page).read_text()
-    code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, page, "exec"), {})
+    for code in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        exec(compile(code, page, "exec"), {})  # each block on its own, as pasted into a fresh interpreter
     if page == "docs/export.md":
-        assert "layer 'gate' (Gate) cannot be expressed in ONNX" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "layer 'gate' (Gate) cannot be expressed in ONNX" in out
+        assert "layer 'positions' (Embedding) fails in torch" in out
 
 
 # ---------------------------------------------------------------------------------------------
