@@ -146,7 +146,7 @@ def _info(path: str, max_bytes: int | None) -> None:
 
     info = read_file_info(path, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     with torch.device("meta"):  # the architecture only: no memory for weights, no initialisation
-        model = from_config(info.config)
+        model = from_config(info.config, max_bytes=64 * 2**20)  # as tg.load's meta build
     meta = info.metadata
     lines = [f"File:        {path} ({_format_bytes(info.num_bytes)}, torchgraph format "
              f"{meta.get('format_version')}, written by torchgraph {meta.get('torchgraph_version', '?')})",

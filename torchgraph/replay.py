@@ -26,7 +26,7 @@ import torch.nn as nn
 from .errors import GraphBuildError
 from .untrusted import BuildLimitError
 
-__all__ = ["Ref", "replay", "get_attr", "input_shape"]
+__all__ = ["Ref", "replay", "get_attr", "input_shape", "spec_dim"]
 
 
 class Ref:
@@ -46,6 +46,18 @@ def get_attr(model: nn.Module, target: str):
     return obj
 
 
+def spec_dim(spec, i: int):
+    """Dim ``i`` of a value's spec: its size, or its dynamic dim (with ``name``, and ``min``/``max`` when
+    this torchgraph has bounded dims): from the spec's own ``dims`` when it keeps them, else found
+    again by the dim's probe sizes."""
+    from . import symbolic
+
+    dims = getattr(spec, "dims", None)
+    if dims is not None and i < len(dims):
+        return dims[i]
+    return symbolic.dim_for_probes(spec.probes[0][i], spec.probes[1][i])
+
+
 def input_shape(spec) -> tuple:
     """The ``tg.Input`` shape (no batch dim) of a placeholder's spec: ints, ``None``, names, and
     ``tg.Dim`` for dims with bounds (when this torchgraph has ``tg.Dim``)."""
@@ -57,7 +69,7 @@ def input_shape(spec) -> tuple:
         if isinstance(d, int):
             shape.append(d)
             continue
-        dim = symbolic.dim_for_probes(spec.probes[0][i], spec.probes[1][i])
+        dim = spec_dim(spec, i)
         low, high = getattr(dim, "min", 0) or 0, getattr(dim, "max", None)
         if dim_class is not None and (low or high is not None):
             shape.append(dim_class(d, min=low, max=high))

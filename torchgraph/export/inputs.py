@@ -51,7 +51,7 @@ class InputSpec:
 def input_specs(model: fx.GraphModule, dynamic_batch: bool = True) -> list[InputSpec]:
     """What each placeholder of ``model`` takes, from its ``tg_spec`` (shapes with dynamic dims)."""
     from ..model import ValueSpec
-    from ..symbolic import dim_for_probes
+    from ..replay import spec_dim
 
     specs, dim_names = [], {}
     for node in model.graph.nodes:
@@ -74,7 +74,7 @@ def input_specs(model: fx.GraphModule, dynamic_batch: bool = True) -> list[Input
                 default = "batch" if i == 0 else (label if isinstance(label, str) else f"{node.name}_dim{i}")
                 names[i] = dim_names.setdefault((p0, p1), default)
                 sizes.append((p0, p1))
-                dim = dim_for_probes(p0, p1)  # tg.Dim bounds, when this torchgraph has them
+                dim = spec_dim(spec, i)  # tg.Dim bounds, when this torchgraph has them
                 low, high = getattr(dim, "min", 0) or 0, getattr(dim, "max", None)
                 if low or high is not None:
                     bounds[i] = (low, high)
