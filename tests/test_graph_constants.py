@@ -68,3 +68,15 @@ def test_unnamed_constants_get_counted_names_that_avoid_layers_and_reserved_word
                                     "linear.bias"])
     rebuilt = tg.Model.from_config(model.get_config())
     assert sorted(rebuilt.state_dict()) == sorted(model.state_dict())
+
+
+def test_replay_errors_name_the_node_once():
+    """A node that fails to replay is named once in the message (the prefix used to be printed twice)."""
+    x = tg.Input(shape=(4,), name="x")
+    cls_token = nn.Parameter(torch.zeros(1, 4))
+    config = tg.Model(x, cls_token.expand(x.shape[0], -1) + x).get_config()
+    node = next(n for n in config["nodes"] if n["target"] == "expand")
+    node["args"] = [node["args"][0], 3, 5]  # no model value left: refused
+    with pytest.raises(ValueError) as info:
+        tg.Model.from_config(config)
+    assert str(info.value).count("node 'expand'") == 1, str(info.value)
