@@ -82,7 +82,7 @@ _byte_edit = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(which=st.integers(0, 1), edits=st.lists(_byte_edit, min_size=1, max_size=3))
 def test_byte_mutations_raise_only_documented_errors(files, which, edits):
@@ -175,7 +175,7 @@ def mutate(data, config):
             parent[path[-1]] = data.draw(_json)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(which=st.integers(0, 1), data=st.data(), edit_header=st.integers(0, 4).map(lambda k: k == 0))
 def test_structure_mutations_raise_only_documented_errors(files, which, data, edit_header):

@@ -145,7 +145,7 @@ def test_registered_class_configs_build_on_meta_too(craft):
     ("unhashable memory_format", "memory_format"),
     ("storage size overflow", r"more than 2\*\*48 elements"),
     ("constant overflow", "larger than this version builds"),
-    ("too many nodes", "more than 20000 nodes"),
+    ("too many nodes", "more than 10000 nodes"),
 ])
 def test_raw_exceptions_become_the_documented_error(craft, case, match):
     """RecursionError, TypeError (unhashable), storage-size RuntimeErrors used to escape raw."""
@@ -170,7 +170,7 @@ def test_raw_exceptions_become_the_documented_error(craft, case, match):
             c["constants"].append({"name": "k", "shape": [2**31 - 1] * 3, "dtype": "float32"})
         else:
             c["nodes"] = [{"op": "call_method", "name": f"n{i}", "target": "relu",
-                           "args": [{"node": "x" if i == 0 else f"n{i - 1}"}], "kwargs": {}} for i in range(20_001)]
+                           "args": [{"node": "x" if i == 0 else f"n{i - 1}"}], "kwargs": {}} for i in range(10_001)]
 
     import sys
     limit = sys.getrecursionlimit()
