@@ -92,6 +92,9 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     graph = root.graph
     if inference:
         root.eval()
+    passes.inline_modules(root, graph)
+    passes.canonicalize(root, graph, inference)
+    if inference:
         passes.fold_batchnorm(root, graph)
     passes.fuse_linear_act(root, graph)
     passes.fuse_conv_act(root, graph, channels_last=inference and channels_last)

@@ -7,9 +7,11 @@ and returns how many patterns it rewrote. Every node a pass creates carries a ``
 
 from .attention import fuse_qkv_attention
 from .batchnorm import fold_batchnorm
+from .canonical import canonicalize
 from .epilogue import fuse_conv_act, fuse_linear_act
+from .inline import inline_modules
 from .layout import keep_layout_local, use_inference_max_pool
 from .residual import fuse_add_layer_norm, fuse_add_relu
 
-__all__ = ["fold_batchnorm", "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_linear_act",
-           "fuse_qkv_attention", "keep_layout_local", "use_inference_max_pool"]
+__all__ = ["canonicalize", "fold_batchnorm", "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_linear_act",
+           "fuse_qkv_attention", "inline_modules", "keep_layout_local", "use_inference_max_pool"]
