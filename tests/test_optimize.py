@@ -230,12 +230,13 @@ def test_pickle_and_deepcopy_roundtrip():
         torch.testing.assert_close(copy.deepcopy(fast)(x), fast(x))
 
 
-def test_resnet50_optimizes_quickly():
-    """Optimizing ResNet-50 takes well under a second (measured: ~0.25 s here)."""
+def test_resnet50_conv_weights_are_written_once():
+    """Optimizing ResNet-50 copies no conv weight twice: each folded conv gets one new weight and the
+    unfolded ones are copied once (its time is a benchmark figure, benchmarks/bench_peers.py, not a test)."""
     model = applications.resnet50(num_classes=1000, input_shape=(3, 64, 64))
-    start = time.perf_counter()
-    tg.optimize(model)
-    assert time.perf_counter() - start < 1.0
+    fast = tg.optimize(model)
+    originals = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in originals for p in fast.parameters())
 
 
 def test_rejects_non_models():
@@ -534,8 +535,9 @@ def test_inference_runs_conv_stacks_channels_last():
     assert not _channels_last_convs(plain)
 
 
-def test_grouped_conv_and_views_get_contiguous_inputs():
-    """A depthwise conv (no channels_last path) and a view after the stack read contiguous tensors."""
+def test_grouped_conv_stays_in_the_stack_and_views_get_contiguous_inputs():
+    """A depthwise conv runs channels_last inside the stack (1.7-3x faster than NCHW here); a view
+    after the stack reads a contiguous tensor."""
     x = tg.Input(shape=(8, 6, 6))
     h = nn.Conv2d(8, 16, 3, padding=1)(x)
     h = F.relu(nn.Conv2d(16, 16, 3, padding=1, groups=16)(h))
@@ -543,8 +545,10 @@ def test_grouped_conv_and_views_get_contiguous_inputs():
     y = nn.Linear(4 * 6 * 6, 3)(h.view(h.size(0), -1))
     fast = _check_outputs(tg.Model(x, [y, h]), torch.randn(2, 8, 6, 6))
     grouped = [n for n in fast.graph.nodes if n.target is fused.conv2d_act and n.args[6] == 16]
-    assert len(grouped) == 1 and "channels_last" not in grouped[0].kwargs
-    assert grouped[0].args[0].target == "contiguous"
+    assert len(grouped) == 1 and grouped[0].kwargs == {"channels_last": True}
+    assert grouped[0].args[0].target is fused.conv2d_act
+    view = next(n for n in fast.graph.nodes if n.target == "view")
+    assert view.args[0].target == "contiguous"
     with torch.no_grad():
         assert all(t.is_contiguous() for t in fast(torch.randn(2, 8, 6, 6)))
 

@@ -39,16 +39,40 @@ from torch.autograd.function import once_differentiable
 __all__ = ["ONEDNN_ACTIVATIONS", "QKV_ATTENTION_MAX_SEQ", "conv2d_act", "linear_act", "qkv_attention",
            "use_onednn"]
 
-#: Our activation names -> oneDNN's (attr, algorithm).
+#: Our activation names -> oneDNN's (attr, scalars, algorithm). The first five are also
+#: ``torchgraph.ops.ACTIVATIONS`` (the ``bias_act`` kernel's); the others (MobileNets') fuse on the
+#: oneDNN path only and run as plain PyTorch functions elsewhere.
 ONEDNN_ACTIVATIONS = {
-    "none": ("none", ""),
-    "relu": ("relu", ""),
-    "gelu": ("gelu", "none"),
-    "gelu_tanh": ("gelu", "tanh"),
-    "silu": ("swish", ""),
+    "none": ("none", [], ""),
+    "relu": ("relu", [], ""),
+    "gelu": ("gelu", [], "none"),
+    "gelu_tanh": ("gelu", [], "tanh"),
+    "silu": ("swish", [], ""),
+    "relu6": ("hardtanh", [0.0, 6.0], ""),
+    "hardswish": ("hardswish", [], ""),
+    "hardsigmoid": ("hardsigmoid", [], ""),
+    "sigmoid": ("sigmoid", [], ""),
+    "tanh": ("tanh", [], ""),
+}
+
+_ACTIVATION_FNS = {
+    "none": lambda y: y,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+    "relu6": F.relu6,
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
 }
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# bfloat16 runs on oneDNN only where the CPU has bf16 instructions (AVX512-BF16 / AMX); elsewhere
+# oneDNN emulates it slowly (tg.optimize(dtype=torch.bfloat16) then falls back to float32).
+_ONEDNN_DTYPES = frozenset({torch.float32} | ({torch.bfloat16} if _HAS_ONEDNN and
+                                                 torch.ops.mkldnn._is_mkldnn_bf16_supported() else set()))
 
 
 def use_onednn(x, *params, training: bool = False) -> bool:
@@ -59,13 +83,13 @@ def use_onednn(x, *params, training: bool = False) -> bool:
     """
     if not _HAS_ONEDNN or type(x) is not torch.Tensor:  # noqa: E721 - fakes, proxies, subclasses
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype not in _ONEDNN_DTYPES:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
     if not training and _needs_grad(x, *params):
         return False
-    return all(p is None or (p.device.type == "cpu" and p.dtype == torch.float32) for p in params)
+    return all(p is None or (p.device.type == "cpu" and p.dtype == x.dtype) for p in params)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -73,15 +97,7 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _activation(y: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "none":
-        return y
-    if act == "relu":
-        return torch.relu(y)
-    if act == "gelu":
-        return F.gelu(y)
-    if act == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    return F.silu(y)
+    return _ACTIVATION_FNS[act](y)
 
 
 # NOTE: [Packed conv weights] oneDNN runs a convolution faster from weights already in its blocked
@@ -101,21 +117,21 @@ def _activation(y: torch.Tensor, act: str) -> torch.Tensor:
 _PACKED: dict[int, tuple] = {}
 
 
-def _pack_conv_weight(weight: torch.Tensor, padding, stride, dilation, input_size) -> torch.Tensor:
+def _pack_conv_weight(weight: torch.Tensor, padding, stride, dilation, groups, input_size) -> torch.Tensor:
     with torch.no_grad():
         return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), 1, list(input_size))
+            weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(input_size))
 
 
-def _packed_weight(weight: torch.Tensor, padding, stride, dilation, input_size) -> torch.Tensor:
+def _packed_weight(weight: torch.Tensor, padding, stride, dilation, groups, input_size) -> torch.Tensor:
     if weight.is_inference():
         # made under torch.inference_mode: no version counter tells when it changes, so no cache
-        return _pack_conv_weight(weight, padding, stride, dilation, input_size)
+        return _pack_conv_weight(weight, padding, stride, dilation, groups, input_size)
     key = id(weight)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
         return hit[2]
-    packed = _pack_conv_weight(weight, padding, stride, dilation, input_size)
+    packed = _pack_conv_weight(weight, padding, stride, dilation, groups, input_size)
     ref = weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None))
     _PACKED[key] = (ref, weight._version, packed)
     return packed
@@ -142,7 +158,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x: input of shape ``(..., in_features)``.
         weight: ``(out_features, in_features)``.
         bias: ``(out_features,)`` or None.
-        act: one of ``torchgraph.ops.ACTIVATIONS``.
+        act: a key of ``ONEDNN_ACTIVATIONS``.
 
     Returns:
         A tensor of shape ``(..., out_features)``.
@@ -151,11 +167,12 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return x.tracer.create_proxy("call_function", linear_act, (x, weight, bias, act), {})
     if x.dim() >= 2 and use_onednn(x, weight, bias, training=True):
         if not _needs_grad(x, weight, bias):
-            attr, algorithm = ONEDNN_ACTIVATIONS[act]
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
-        if bias is not None and (act == "none" or _extension.HAS_C_OPS):
+            attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
+        if bias is not None and x.dtype == torch.float32 and (
+                act == "none" or (_extension.HAS_C_OPS and act in ops.ACTIVATIONS)):
             return _TrainableLinearAct.apply(x, weight, bias, act)
-    if bias is None or act == "none":
+    if bias is None or act == "none" or act not in ops.ACTIVATIONS:
         return _activation(F.linear(x, weight, bias), act)
     return _epilogue(F.linear(x, weight), bias, act, -1)
 
@@ -215,7 +232,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x: input ``(N, C, H, W)``.
         weight, bias: the convolution's parameters (bias may be None).
         stride, padding, dilation: pairs of ints; groups: an int.
-        act: one of ``torchgraph.ops.ACTIVATIONS``.
+        act: a key of ``ONEDNN_ACTIVATIONS``.
         channels_last: answer in channels_last on the oneDNN path (ungrouped convolutions).
 
     Returns:
@@ -226,18 +243,18 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         kwargs = {"channels_last": True} if channels_last else {}
         return x.tracer.create_proxy("call_function", conv2d_act, args, kwargs)
     onednn = use_onednn(x, weight, bias)
-    if onednn and x.dim() == 4 and groups == 1 and (
-            channels_last or (weight.shape[1] >= 16 and weight.shape[-1] > 1)):
+    if onednn and x.dim() == 4 and (
+            channels_last or (groups == 1 and weight.shape[1] >= 16 and weight.shape[-1] > 1)):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # a no-op inside a conv stack
-        packed = _packed_weight(weight, padding, stride, dilation, x.shape)
-        attr, algorithm = ONEDNN_ACTIVATIONS[act]
+        packed = _packed_weight(weight, padding, stride, dilation, groups, x.shape)
+        attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
         y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
-                                                    attr, [], algorithm)
+                                                    attr, scalars, algorithm)
         # It answers in channels_last; F.conv2d (the next layer, outside a channels_last stack) is
         # slow on that layout.
         return y if channels_last else y.contiguous()
-    if bias is None or act == "none" or onednn:
+    if bias is None or act not in ops.ACTIVATIONS or act == "none" or onednn:
         # NOTE: measured here, F.conv2d with its bias then an in-place activation beats both oneDNN's
         # fused op and conv + bias_act for contiguous tensors (the bias add is free inside oneDNN).
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
