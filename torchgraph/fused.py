@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from . import _extension, ops
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ONEDNN_ACTIVATIONS", "QKV_ATTENTION_MAX_SEQ", "conv2d_act", "linear_act", "qkv_attention",
-           "use_onednn"]
+__all__ = ["ONEDNN_ACTIVATIONS", "ONEDNN_LINEAR_MIN_MACS", "QKV_ATTENTION_MAX_SEQ", "conv2d_act", "linear_act",
+           "qkv_attention", "use_onednn"]
 
 #: Our activation names -> oneDNN's (attr, scalars, algorithm). The first five are also
 #: ``torchgraph.ops.ACTIVATIONS`` (the ``bias_act`` kernel's); the others (MobileNets') fuse on the
@@ -150,6 +150,16 @@ def _epilogue(y: torch.Tensor, bias: torch.Tensor | None, act: str, dim: int) ->
     return ops.bias_act(y, bias, act, dim)
 
 
+# NOTE: [Small linears] oneDNN's fused linear pays a fixed ~30-40 us a call here (1 thread,
+# benchmarks/bench_gemm.py --small): 0.2-0.4x of F.linear + ReLU for (8..64 rows) x (16..256)
+# features, a tie around 4M multiply-adds, 1.1-1.6x from ~8M (1024 features) up, and 12-19% faster
+# on the GPT block's GEMMs (200M). Below ONEDNN_LINEAR_MIN_MACS multiply-adds per call (rows x in x
+# out), inference runs F.linear and an in-place activation instead: the decision is made per call
+# from the shapes, so it follows the batch the model runs at, and tests can move the threshold.
+#: Smallest linear (rows x in_features x out_features) that runs on oneDNN in inference.
+ONEDNN_LINEAR_MIN_MACS = 1 << 23
+
+
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                act: str = "none") -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` in one fused call where possible.
@@ -167,6 +177,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return x.tracer.create_proxy("call_function", linear_act, (x, weight, bias, act), {})
     if x.dim() >= 2 and use_onednn(x, weight, bias, training=True):
         if not _needs_grad(x, weight, bias):
+            if x.numel() * weight.shape[0] < ONEDNN_LINEAR_MIN_MACS:  # NOTE: [Small linears]
+                return _activation_(F.linear(x, weight, bias), act)
             attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
         if bias is not None and x.dtype == torch.float32 and (

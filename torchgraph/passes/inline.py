@@ -108,7 +108,32 @@ class ProbeInterpreter(fx.Interpreter):
             state = dict(module.named_parameters(remove_duplicate=False))
             state.update(module.named_buffers(remove_duplicate=False))
             metas = self._metas[id(module)] = {k: to_meta(v) for k, v in state.items() if v is not None}
-        return functional_call(module, metas, tuple(args), dict(kwargs))
+        try:
+            return functional_call(module, metas, tuple(args), dict(kwargs))
+        except Exception:  # noqa: BLE001
+            if is_torch_layer(module):
+                raise
+            return _run_on_real_data(module, args, kwargs)
+
+
+def _real(t):
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.dtype.is_floating_point:
+        return torch.randn(t.shape, dtype=t.dtype)
+    return torch.zeros(t.shape, dtype=t.dtype)
+
+
+def _run_on_real_data(module: nn.Module, args, kwargs):
+    """An opaque module whose forward cannot run on meta tensors (data-dependent control flow):
+    run it on random data of the probe shapes, leaving its state as it was."""
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    try:
+        with torch.no_grad():
+            out = module(*fx.node.map_aggregate(args, _real), **fx.node.map_aggregate(kwargs, _real))
+    finally:
+        module.load_state_dict(state)
+    return fx.node.map_aggregate(out, lambda t: to_meta(t) if isinstance(t, torch.Tensor) else t)
 
 
 def _meta_of(spec, k: int):
