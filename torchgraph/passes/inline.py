@@ -19,6 +19,10 @@ the dotted path, so ``state_dict`` keys do not change.
 
 from __future__ import annotations
 
+import bisect
+import dis
+import inspect
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -51,6 +55,20 @@ class _InliningTracer(fx.Tracer):
         super().__init__()
         self.opaque: set[int] = set()
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """``assert cond`` on a traced value becomes a ``torch._assert`` node, checked at run time,
+        instead of a trace failure (nanoGPT's ``GPT.forward`` asserts the sequence length). fx's own
+        ``trace_asserts`` does this for Python <= 3.10 bytecode only."""
+        frame = inspect.currentframe().f_back.f_back  # the code whose condition this is
+        instructions = list(dis.get_instructions(frame.f_code))
+        at = bisect.bisect_left(instructions, frame.f_lasti, key=lambda i: i.offset)
+        if at + 1 < len(instructions) and "IF_TRUE" in instructions[at].opname and \
+                instructions[at + 1].opname == "LOAD_ASSERTION_ERROR":
+            self.create_proxy("call_function", torch._assert,
+                              (obj, f"assertion in {frame.f_code.co_name}() failed"), {})
+            return True
+        return super().to_bool(obj)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return is_torch_layer(m) or id(m) in self.opaque
 
@@ -67,12 +85,21 @@ class _InliningTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
 
 
-def _trace(module: nn.Module) -> fx.GraphModule | None:
+def _trace(module: nn.Module, args: tuple = ()) -> fx.GraphModule | None:
+    """``module``'s forward as a graph, for a call with positional ``args``: arguments that are not
+    graph values (constants, and the defaults of parameters the call leaves out) are baked in, so
+    ``if targets is not None`` takes the branch the call takes."""
     if isinstance(module, fx.GraphModule):
         return module
+    try:
+        bound = inspect.signature(module.forward).bind(*args)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}
     tracer = _InliningTracer()
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception:  # noqa: BLE001 - the module's own forward is not traceable: leave it opaque
         return None
     return fx.GraphModule(tracer.root, graph)
@@ -228,7 +255,9 @@ def inline_modules(root: nn.Module, graph: fx.Graph) -> int:
         module = root.get_submodule(node.target)
         if is_torch_layer(module):
             continue
-        sub = _trace(module)
+        if node.kwargs:
+            continue
+        sub = _trace(module, node.args)
         if sub is None:
             continue
         args = _arguments(node, sub)
