@@ -281,3 +281,116 @@ def test_bfloat16_export_warning_free_structure():
         warnings.simplefilter("ignore")
         fast = tg.optimize(tg.Model(x, nn.Linear(8, 3)(x)))
     assert fast.meta[OPTIMIZE_META] == {"dtype": "float32"}
+
+
+# ---------------------------------------------------------------------------- attention spellings
+
+
+class _NanoGPTAttention(nn.Module):
+    """Self-attention as nanoGPT's CausalSelfAttention writes it (flash path)."""
+
+    def __init__(self, n_embd=32, n_head=4):
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.resid_dropout = nn.Dropout(0.1)
+        self.n_head, self.n_embd, self.dropout = n_head, n_embd, 0.1
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None,
+                                           dropout_p=self.dropout if self.training else 0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class _TimmAttention(nn.Module):
+    """Self-attention as timm's vision_transformer.Attention writes it (fused_attn path)."""
+
+    def __init__(self, dim=32, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+# pytest rewrites `assert` statements in test modules; this class must keep plain Python bytecode.
+_ASSERTING_SOURCE = """
+class WithAssertAndDefault(nn.Module):
+    \"\"\"nanoGPT's GPT.forward habits: an assert on a traced size and an optional argument.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.attn = attention()
+
+    def forward(self, x, targets=None):
+        b, t, c = x.size()
+        assert t <= 16, f"sequence of length {t} is too long"
+        y = self.attn(x)
+        if targets is not None:
+            return F.mse_loss(y, targets)
+        return y
+"""
+
+
+def _with_assert_and_default() -> nn.Module:
+    namespace = {"nn": nn, "F": F, "attention": _NanoGPTAttention}
+    exec(compile(_ASSERTING_SOURCE, "<asserting block>", "exec"), namespace)
+    return namespace["WithAssertAndDefault"]()
+
+
+@pytest.mark.parametrize("block,causal", [(_NanoGPTAttention, True), (_TimmAttention, False)])
+@pytest.mark.parametrize("inference", [True, False])
+def test_community_attention_spellings_fuse(block, causal, inference):
+    """nanoGPT's split/view/transpose/contiguous and timm's reshape/permute/unbind attention become
+    one fused.qkv_attention; outputs (and in training mode, without dropout, gradients) match."""
+    net = block()
+    if hasattr(net, "dropout"):  # nanoGPT with dropout=0.0 (with dropout, training keeps SDPA)
+        net.dropout, net.resid_dropout = 0.0, nn.Dropout(0.0)
+    net.train(not inference)
+    fast = tg.optimize(_wrap(net, (10, 32)), inference=inference)
+    (node,) = [n for n in fast.graph.nodes if n.target is fused.qkv_attention]
+    assert node.args[1:] == (4, causal)
+    x = torch.randn(3, 10, 32)
+    if inference:
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-4)
+        return
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    fast(xs[0]).square().sum().backward()
+    net(xs[1]).square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-5, rtol=1e-4)
+    grads = dict(net.named_parameters())
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name.split(".", 1)[1]].grad, atol=1e-4, rtol=1e-4)
+
+
+def test_dropout_in_training_keeps_sdpa():
+    """nanoGPT attention with dropout, optimized for training, is not fused (dropout must run)."""
+    net = _NanoGPTAttention().train()
+    fast = tg.optimize(_wrap(net, (10, 32)), inference=False)
+    assert fused.qkv_attention not in _targets(fast)
+
+
+def test_assert_and_optional_argument_inline():
+    """An `assert` on a traced size stays as a run-time check (torch._assert) and `targets=None`
+    takes the inference branch, so the block is inlined and its attention fused."""
+    net = _with_assert_and_default().eval()
+    fast = _parity(_wrap(net, (12, 32)), net, torch.randn(2, 12, 32), atol=1e-5)
+    assert fused.qkv_attention in _targets(fast) and torch._assert in _targets(fast)
+    assert not any(t is F.mse_loss for t in _targets(fast))
