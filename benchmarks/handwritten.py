@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["EncoderClassifier", "HandGPT", "HandMLP", "HandResNet", "TorchvisionMobileNetV2", "TorchvisionResNet",
-           "randomize_batchnorm"]
+__all__ = ["EncoderClassifier", "HandGPT", "HandMLP", "HandResNet", "TimmViT", "TorchvisionMobileNetV2",
+           "TorchvisionResNet", "randomize_batchnorm"]
 
 
 class HandMLP(nn.Module):
@@ -207,6 +207,67 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, x):
         return self.encoder(x)
+
+
+class _TimmMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.drop1, self.norm, self.drop2 = nn.Dropout(0.0), nn.Identity(), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class _TimmAttention(nn.Module):
+    """timm's vision_transformer.Attention (fused_attn path)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.attn_drop, self.proj, self.proj_drop = nn.Dropout(0.0), nn.Linear(dim, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class _TimmBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), _TimmAttention(dim, num_heads), nn.Identity()
+        self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim, eps=1e-6), _TimmMlp(dim, int(dim * mlp_ratio)), nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class TimmViT(nn.Module):
+    """A ViT-S/16-like model as timm writes it (patch embed conv, class token, pre-LN blocks)."""
+
+    def __init__(self, img_size=224, patch=16, dim=384, depth=12, heads=6, num_classes=1000):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch) ** 2 + 1, dim) * 0.02)
+        self.pos_drop = nn.Dropout(0.0)
+        self.blocks = nn.Sequential(*[_TimmBlock(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.blocks(self.pos_drop(x + self.pos_embed))
+        return self.head(self.norm(x)[:, 0])
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:

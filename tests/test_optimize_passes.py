@@ -261,11 +261,27 @@ def test_small_linear_decision_is_shape_based_and_forcible(monkeypatch, threshol
     calls = []
     real_linear = F.linear
     monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(1) or real_linear(*a, **k))
-    x, w, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    x, w, b = torch.randn(80, 8), torch.randn(6, 8), torch.randn(6)  # rows >= MKL_PACKED_MAX_ROWS
     with torch.no_grad():
         y = fused.linear_act(x, w, b, "relu")
     torch.testing.assert_close(y, torch.relu(real_linear(x, w, b)))
     assert bool(calls) is not expect_onednn
+
+
+@pytest.mark.skipif(not fused._HAS_MKL_PACKED, reason="needs MKL's packed GEMM")
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "hardswish"])
+def test_few_rows_use_mkl_packed_weights(monkeypatch, act):
+    """Fewer rows than MKL_PACKED_MAX_ROWS (a classifier head at a small batch) run MKL's prepacked
+    GEMM, cached per (weight, rows) and refreshed when the weight changes; values match F.linear."""
+    monkeypatch.setattr(fused, "_MKL_PACKED", {})
+    x, w, b = torch.randn(2, 3, 16), torch.randn(10, 16), torch.randn(10)
+    with torch.no_grad():
+        y = fused.linear_act(x, w, b, act)
+        torch.testing.assert_close(y, fused._activation(F.linear(x, w, b), act), atol=1e-5, rtol=1e-5)
+        assert list(fused._MKL_PACKED) == [(id(w), 6)]
+        w.mul_(2)  # bumps the version: the packed copy is rebuilt
+        torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._activation(F.linear(x, w, b), act),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_default_threshold_keeps_gpt_sized_linears_on_onednn():
