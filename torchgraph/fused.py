@@ -320,7 +320,7 @@ def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,
     """Multi-head attention from a packed ``q | k | v`` projection ``(B, T, 3E)`` -> ``(B, T, E)``.
 
     :func:`torchgraph.ops.qkv_attention` (heads read in place, no split/merge copies) for eager
-    CPU tensors with ``T <= QKV_ATTENTION_MAX_SEQ``; measured by ``benchmarks/bench_kernels.py``
+    float32/float64 CPU tensors with ``T <= QKV_ATTENTION_MAX_SEQ``; measured by ``benchmarks/bench_kernels.py``
     (2 threads, B=8, T=128, E=256, 4 heads, causal) it was 1.25-1.75x faster forward and
     1.40-1.43x faster forward + backward than the split + ``F.scaled_dot_product_attention`` +
     merge it replaces. Everywhere else (CUDA, long sequences, traced programs, missing kernels) it
@@ -334,8 +334,11 @@ def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,
     """
     if isinstance(qkv, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         return qkv.tracer.create_proxy("call_function", qkv_attention, (qkv, heads, causal, scale), {})
+    # NOTE: [bfloat16 attention] The kernel computes bfloat16 attention in float32 through sgemm
+    # (converting its inputs); SDPA's flash kernel runs bf16 natively and took 1.8-4.9 ms per GPT
+    # block call against 10-15 ms for the kernel (1 thread, loaded VM), so bf16 goes to SDPA.
     if (type(qkv) is torch.Tensor and qkv.device.type == "cpu" and qkv.dim() == 3  # noqa: E721
             and qkv.shape[1] <= QKV_ATTENTION_MAX_SEQ and not torch.compiler.is_compiling()
-            and ops._use_kernel(qkv)):
+            and qkv.dtype != torch.bfloat16 and ops._use_kernel(qkv)):
         return ops.qkv_attention(qkv, heads, causal, scale)
     return _sdpa_qkv_attention(qkv, heads, causal, scale)
