@@ -410,3 +410,15 @@ def test_assert_and_optional_argument_inline():
     fast = _parity(_wrap(net, (12, 32)), net, torch.randn(2, 12, 32), atol=1e-5)
     assert fused.qkv_attention in _targets(fast) and torch._assert in _targets(fast)
     assert not any(t is F.mse_loss for t in _targets(fast))
+
+
+@pytest.mark.parametrize("page", ["docs/optimize.md", "docs/kernels.md"])
+def test_docs_python_blocks_run_standalone(page):
+    """Every ```python block of the optimize and kernels pages runs on its own in a fresh namespace."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```python\n(.*?)```", (root / page).read_text(), flags=re.S)
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"{page}[{i}]", "exec"), {})
