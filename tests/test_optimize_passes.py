@@ -422,3 +422,20 @@ def test_docs_python_blocks_run_standalone(page):
     blocks = re.findall(r"```python\n(.*?)```", (root / page).read_text(), flags=re.S)
     for i, code in enumerate(blocks):
         exec(compile(code, f"{page}[{i}]", "exec"), {})
+
+
+def test_inlined_models_export_to_onnx(tmp_path):
+    """An optimized torchvision-style block stack and an optimized encoder (inlined, expanded,
+    fused) export to standard ONNX ops and match in onnxruntime (tg.export_onnx verifies)."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    cnn = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=True),
+                                            InvertedResidual(16, 16, 1, 2)))
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1,
+                                    enable_nested_tensor=False)
+    for net, shape in ((cnn, (3, 8, 8)), (encoder, (6, 16))):
+        fast = tg.optimize(_wrap(net, shape).eval())
+        path = tg.export_onnx(fast, tmp_path / "m.onnx")
+        domains = {n.domain for n in onnx.load(path).graph.node}
+        assert domains <= {"", "ai.onnx"}, domains

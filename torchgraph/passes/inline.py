@@ -7,9 +7,11 @@ each call of a container or custom module by the graph of its ``forward``, down 
 (``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.ReLU``, ...):
 
 * a ``tg.Model`` (or any ``fx.GraphModule``) brings its graph;
-* anything else is traced with ``torch.fx`` (``_InliningTracer``). A submodule whose forward cannot
-  be traced (data-dependent control flow, an ``assert`` on a shape, ...) stays one opaque
-  ``call_module``, exactly as before, and so does the whole module when its own forward cannot be.
+* anything else is traced with ``torch.fx`` (``_InliningTracer``), with the arguments the call does
+  not pass as graph values baked in (``targets=None``) and ``assert`` s kept as ``torch._assert``.
+  A submodule whose forward cannot be traced (data-dependent control flow, ``math.sqrt`` of a
+  traced size, ...) stays one opaque ``call_module``, exactly as before, and so does the whole
+  module when its own forward cannot be.
 
 Every inlined node gets a ``tg_spec`` by running the inlined graph on the two meta probes of the
 call's inputs (:class:`ProbeInterpreter`); the result must have the probe shapes the call had, or the
