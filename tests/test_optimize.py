@@ -458,10 +458,11 @@ def test_dynamic_sequence_length_attention(monkeypatch):
 @pytest.mark.parametrize("x_shape", [(5, 8), (2, 3, 8)])
 @pytest.mark.parametrize("needs_grad", ["all", "weight"])
 @pytest.mark.parametrize("loss", ["weighted", "sum"])
-def test_linear_act_training_path_matches(act, x_shape, needs_grad, loss):
-    """With gradients needed, float32 CPU linear_act runs _TrainableLinearAct; values and the
-    gradients of x, weight and bias equal act(F.linear(x, w, b)). (``loss="sum"`` hands the
-    backward a stride-0 gradient.)"""
+def test_linear_act_training_path_matches(act, x_shape, needs_grad, loss, monkeypatch):
+    """With gradients needed, float32 CPU linear_act runs _TrainableLinearAct (above the small-linear
+    threshold, lowered here); values and the gradients of x, weight and bias equal
+    act(F.linear(x, w, b)). (``loss="sum"`` hands the backward a stride-0 gradient.)"""
+    monkeypatch.setattr(fused, "ONEDNN_LINEAR_MIN_MACS", 0)
     if act != "none" and not ops._use_kernel(torch.ones(1)):
         pytest.skip("the trainable path needs the bias_act kernels for an activation")
     tensors = [torch.randn(x_shape), torch.randn(6, 8), torch.randn(6)]

@@ -439,3 +439,17 @@ def test_inlined_models_export_to_onnx(tmp_path):
         path = tg.export_onnx(fast, tmp_path / "m.onnx")
         domains = {n.domain for n in onnx.load(path).graph.node}
         assert domains <= {"", "ai.onnx"}, domains
+
+
+def test_small_linear_in_training_uses_eager_autograd():
+    """Below the threshold, a trainable linear runs F.linear + the activation with eager autograd
+    (no autograd.Function overhead); gradients equal the plain computation's."""
+    x = torch.randn(4, 8, requires_grad=True)
+    w, b = torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True)
+    y = fused.linear_act(x, w, b, "gelu")
+    assert "_TrainableLinearAct" not in type(y.grad_fn).__name__
+    y.square().sum().backward()
+    x2, w2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    F.gelu(F.linear(x2, w2, b2)).square().sum().backward()
+    for got, want in ((x, x2), (w, w2), (b, b2)):
+        torch.testing.assert_close(got.grad, want.grad)

@@ -154,8 +154,9 @@ def _epilogue(y: torch.Tensor, bias: torch.Tensor | None, act: str, dim: int) ->
 # benchmarks/bench_gemm.py --small): 0.2-0.4x of F.linear + ReLU for (8..64 rows) x (16..256)
 # features, a tie around 4M multiply-adds, 1.1-1.6x from ~8M (1024 features) up, and 12-19% faster
 # on the GPT block's GEMMs (200M). Below ONEDNN_LINEAR_MIN_MACS multiply-adds per call (rows x in x
-# out), inference runs F.linear and an in-place activation instead: the decision is made per call
-# from the shapes, so it follows the batch the model runs at, and tests can move the threshold.
+# out), inference runs F.linear and an in-place activation instead, and training F.linear and the
+# activation with eager autograd (no custom-op or autograd.Function overhead): the decision is made
+# per call from the shapes, so it follows the batch the model runs at, and tests can move it.
 #: Smallest linear (rows x in_features x out_features) that runs on oneDNN in inference.
 ONEDNN_LINEAR_MIN_MACS = 1 << 23
 
@@ -198,7 +199,9 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """
     if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         return x.tracer.create_proxy("call_function", linear_act, (x, weight, bias, act), {})
+    small = False
     if x.dim() >= 2 and use_onednn(x, weight, bias, training=True):
+        small = x.numel() * weight.shape[0] < ONEDNN_LINEAR_MIN_MACS  # NOTE: [Small linears]
         if not _needs_grad(x, weight, bias):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             if x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS and _HAS_MKL_PACKED:
@@ -206,14 +209,15 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 packed = _mkl_packed_weight(weight, rows)
                 y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed, weight, bias, rows)
                 return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
-            if x.numel() * weight.shape[0] < ONEDNN_LINEAR_MIN_MACS:  # NOTE: [Small linears]
+            if small:
                 return _activation_(F.linear(x, weight, bias), act)
             attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
-        if bias is not None and x.dtype == torch.float32 and (
+        if not small and bias is not None and x.dtype == torch.float32 and (
                 act == "none" or (_extension.HAS_C_OPS and act in ops.ACTIVATIONS)):
             return _TrainableLinearAct.apply(x, weight, bias, act)
-    if bias is None or act == "none" or act not in ops.ACTIVATIONS:
+    if small or bias is None or act == "none" or act not in ops.ACTIVATIONS:
+        # small layers in training: eager autograd's own formulas beat a custom op's Python overhead
         return _activation(F.linear(x, weight, bias), act)
     return _epilogue(F.linear(x, weight), bias, act, -1)
 
