@@ -77,12 +77,19 @@ class _InliningTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         if self.is_leaf_module(m, ""):
             return super().call_module(m, forward, args, kwargs)
-        last = self.graph._root.prev  # roll back to here if m's forward cannot be traced
+        # roll back to here if m's forward cannot be traced: the graph, and fx's module stack and
+        # call counts (Tracer.call_module does not pop its entry when the forward raises)
+        last = self.graph._root.prev
+        stack, calls = self.module_stack.copy(), dict(self.num_calls)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:  # noqa: BLE001 - any failure inside the forward: keep the call opaque
             while self.graph._root.prev is not last:
                 self.graph.erase_node(self.graph._root.prev)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls.clear()
+            self.num_calls.update(calls)
             self.opaque.add(id(m))
             return super().call_module(m, forward, args, kwargs)
 
@@ -132,6 +139,9 @@ class ProbeInterpreter(fx.Interpreter):
         module = self.fetch_attr(target)
         if isinstance(module, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs:
             return torch.empty_like(args[0])  # BatchNorm's meta kernel alone costs ~8 ms
+        if isinstance(module, nn.RNNBase) and not kwargs and isinstance(args[0], torch.Tensor) \
+                and args[0].device.type == "meta":
+            return _rnn_shapes(module, *args)  # the meta kernels unroll the sequence in Python
         metas = self._metas.get(id(module))
         if metas is None:
             state = dict(module.named_parameters(remove_duplicate=False))
@@ -139,10 +149,22 @@ class ProbeInterpreter(fx.Interpreter):
             metas = self._metas[id(module)] = {k: to_meta(v) for k, v in state.items() if v is not None}
         try:
             return functional_call(module, metas, tuple(args), dict(kwargs))
-        except Exception:  # noqa: BLE001
-            if is_torch_layer(module):
-                raise
+        except Exception:  # noqa: BLE001 - e.g. nn.TransformerEncoder's nested-tensor path
             return _run_on_real_data(module, args, kwargs)
+
+
+def _rnn_shapes(rnn: nn.RNNBase, x: torch.Tensor, hx=None):
+    """Meta outputs of an ``nn.RNN``/``GRU``/``LSTM`` call, from the shapes alone."""
+    directions = 2 if rnn.bidirectional else 1
+    batched = x.dim() == 3
+    batch = (x.shape[0] if rnn.batch_first else x.shape[1]) if batched else None
+    out_size = directions * (rnn.proj_size or rnn.hidden_size)
+    out = x.new_empty(*x.shape[:-1], out_size)
+    lead = (rnn.num_layers * directions,) + ((batch,) if batched else ())
+    h = x.new_empty(*lead, rnn.proj_size or rnn.hidden_size)
+    if isinstance(rnn, nn.LSTM):
+        return out, (h, x.new_empty(*lead, rnn.hidden_size))
+    return out, h
 
 
 def _real(t):
@@ -154,8 +176,8 @@ def _real(t):
 
 
 def _run_on_real_data(module: nn.Module, args, kwargs):
-    """An opaque module whose forward cannot run on meta tensors (data-dependent control flow):
-    run it on random data of the probe shapes, leaving its state as it was."""
+    """A module whose forward cannot run on meta tensors (data-dependent control flow, nested
+    tensors): run it on random data of the probe shapes, leaving its state as it was."""
     state = {k: v.clone() for k, v in module.state_dict().items()}
     try:
         with torch.no_grad():
