@@ -90,7 +90,7 @@ def test_optimized_matches_eager(name):
     assert FUSED.get(name, set()) <= targets
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "vit", "nanogpt"])
+@pytest.mark.parametrize("name", ["resnet18", "vit", "nanogpt"])
 def test_training_mode_gradients_match(name):
     """inference=False on community models: every parameter's gradient equals eager's."""
     arch = ARCHITECTURES[name]
@@ -111,7 +111,7 @@ def test_training_mode_gradients_match(name):
 
 
 @pytest.mark.skipif(not bfloat16_supported()[0], reason="this CPU has no native bfloat16")
-@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "vit", "nanogpt"])
+@pytest.mark.parametrize("name", ["resnet50", "vit", "nanogpt"])
 def test_bfloat16_accuracy(name):
     """dtype=torch.bfloat16 on community models: float32 out, within bf16 rounding of float32 eager
     (max error <= 5% of the largest output; the benchmark prints the exact figures)."""
