@@ -21,6 +21,7 @@ variant time (> 1 is faster).
 Usage::
 
     python benchmarks/bench_peers.py                      # every model, 2 threads
+    python benchmarks/bench_peers.py --community all      # the community models: eager vs tg.optimize
     python benchmarks/bench_peers.py --only resnet50_b8 --only gpt --reps 15
     python benchmarks/bench_peers.py --no-compile --no-openvino --markdown
 
@@ -173,6 +174,58 @@ def bench(name: str, args) -> list[tuple]:
     return rows
 
 
+def _leaves(out) -> list:
+    if isinstance(out, torch.Tensor) or type(out).__name__ == "SymbolicTensor":
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [leaf for item in out for leaf in _leaves(item)]
+    return []
+
+
+def bench_community(name: str, args) -> list[tuple]:
+    """One community architecture (tests/community_models, benchmark size): eager, tg.Model and
+    tg.optimize (float32 and bf16) only, for the "never slower" rows."""
+    from community_models import BENCHMARK_ARCHITECTURES
+
+    arch = BENCHMARK_ARCHITECTURES[name]
+    eager = arch.make_model().eval()
+    inputs = [tg.Input(shape=tuple(arch.seq_len if d is None else d for d in spec.shape), dtype=spec.dtype,
+                       name=spec.name) for spec in arch.inputs]
+    outs = _leaves(eager(*inputs))
+    model = tg.Model(inputs if len(inputs) > 1 else inputs[0], outs if len(outs) > 1 else outs[0]).eval()
+    first = {}
+    start = time.perf_counter()
+    fast = tg.optimize(model)
+    first["tg.optimize"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fast_bf16 = tg.optimize(model, dtype=torch.bfloat16)
+    first["tg.optimize bf16"] = time.perf_counter() - start
+    data = arch.make_inputs()
+    fns = {"eager": lambda: _leaves(eager(*data))[0], "tg.Model": lambda: _first(model(*data)),
+           "tg.optimize": lambda: _first(fast(*data)), "tg.optimize bf16": lambda: _first(fast_bf16(*data))}
+    with torch.inference_mode():
+        ref = fns["eager"]()
+        outputs = {k: fn() for k, fn in fns.items()}
+        times = {k: [] for k in fns}
+        for _ in range(args.reps):
+            for k, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(args.iters):
+                    fn()
+                times[k].append((time.perf_counter() - start) / args.iters)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["eager"]
+    classifier = ref.dim() == 2
+    return [(name, k, med[k] * 1e3, base / med[k], (base / max(times[k]), base / min(times[k])), first.get(k),
+             _accuracy(outputs[k], ref, classifier)) for k in fns]
+
+
+def _first(out):
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
 class _Frozen:
     """Calls a compiled function under the inductor config it was compiled with."""
 
@@ -210,6 +263,9 @@ def main() -> None:
     parser.add_argument("--no-onnx", dest="onnx", action="store_false")
     parser.add_argument("--no-openvino", dest="openvino", action="store_false")
     parser.add_argument("--markdown", action="store_true", help="print one markdown table")
+    parser.add_argument("--community", action="append", default=None, metavar="NAME",
+                        help="a tests/community_models benchmark architecture (eager vs tg.optimize only; "
+                             "'all' for every one); repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
@@ -217,8 +273,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, bf16: {why}, load average at start "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} ({os.cpu_count()} CPUs)")
     rows = []
-    for name in args.only or list(_models()):
-        result = bench(name, args)
+    runs = [(name, bench) for name in (args.only or ([] if args.community else list(_models())))]
+    if args.community:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        from community_models import BENCHMARK_ARCHITECTURES
+
+        names = list(BENCHMARK_ARCHITECTURES) if "all" in args.community else args.community
+        runs += [(name, bench_community) for name in names]
+    for name, run in runs:
+        result = run(name, args)
         if not args.markdown:
             print(f"\n{name}   (variant, median ms, speed-up over eager (range over reps), first call s, "
                   "max abs err, max rel err, top-1 agreement)")
