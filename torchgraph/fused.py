@@ -278,7 +278,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         weight, bias: the convolution's parameters (bias may be None).
         stride, padding, dilation: pairs of ints; groups: an int.
         act: a key of ``ONEDNN_ACTIVATIONS``.
-        channels_last: answer in channels_last on the oneDNN path (ungrouped convolutions).
+        channels_last: answer in channels_last on the oneDNN path (grouped and depthwise too).
 
     Returns:
         The activated convolution output.

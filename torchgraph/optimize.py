@@ -36,8 +36,14 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
              dtype: torch.dtype | None = None) -> Model:
     """A copy of ``model`` with its graph rewritten into fused ops.
 
-    With ``inference=True`` (the default):
+    First, in both modes, nested modules (``nn.Sequential``, ``tg.Model``, custom blocks such as
+    torchvision's ``Bottleneck``) are inlined down to ``torch.nn`` layers (a block that cannot be
+    traced stays one call) and activation modules become their functions, so code written with
+    ``nn.ReLU(inplace=True)`` modules fuses like code written with ``F.relu``. Then, with
+    ``inference=True`` (the default):
 
+    - ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` / self-attention
+      ``nn.MultiheadAttention`` without masks become their primitive ops (fused below);
     - BatchNorm after a Conv/Linear is folded into its weights (using the running statistics);
     - ``Linear`` and ``Conv2d`` (+ a following ReLU/GELU/SiLU) become one fused call
       (:func:`torchgraph.fused.linear_act`, :func:`torchgraph.fused.conv2d_act`): oneDNN's fused
@@ -45,8 +51,9 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     - ``relu(a + b)`` becomes :func:`torchgraph.ops.add_relu`, ``layer_norm(a + b)``
       :func:`torchgraph.ops.add_layer_norm`, and ``nn.MaxPool2d``
       :func:`torchgraph.ops.max_pool2d_inference` (no indices, so no backward);
-    - self-attention written as ``qkv.chunk(3, -1)``, head split, ``F.scaled_dot_product_attention``
-      and head merge becomes :func:`torchgraph.fused.qkv_attention` (one kernel that reads the
+    - self-attention written as ``qkv.chunk(3, -1)`` or ``qkv.split(E, 2)`` (nanoGPT) or
+      ``reshape/permute/unbind`` (timm), head split, ``F.scaled_dot_product_attention`` and head
+      merge becomes :func:`torchgraph.fused.qkv_attention` (one kernel that reads the
       heads in place, for short sequences on the CPU; SDPA elsewhere).
 
     With ``inference=False`` the model stays trainable: no folding, no inference-only max-pool, the
@@ -59,7 +66,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
         inference (bool): rewrite for inference (``True``) or keep the model trainable (``False``).
         channels_last (bool): with ``inference``, run convolution stacks in channels_last with
             weights prepacked for oneDNN (float32 CPU tensors), making tensors contiguous again
-            where they leave the stack (views, reshapes, grouped convolutions, the outputs). On by
+            where they leave the stack (views, reshapes, the outputs). On by
             default: measured here, every convolution of ResNet-18 and ResNet-50 ran 0-30% faster
             that way than ``F.conv2d`` on contiguous tensors (NOTE: [Packed channels_last convs]
             in ``fused.py``). ``False`` keeps contiguous activations (prepacked weights only for

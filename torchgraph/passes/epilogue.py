@@ -52,7 +52,7 @@ def fuse_linear_act(root: nn.Module, graph: fx.Graph) -> int:
 def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool) -> int:
     """``act(conv2d(x))`` (and a bare ``conv2d(x)``) -> ``fused.conv2d_act(x, w, b, ..., act)``.
 
-    With ``channels_last`` (inference) ungrouped convolutions answer in channels_last on the oneDNN
+    With ``channels_last`` (inference) convolutions (grouped and depthwise too) answer in channels_last on the oneDNN
     path (``conv2d_act(..., channels_last=True)``); :func:`keep_layout_local` must then run.
     Convolutions with string padding or a non-zero padding mode stay as they are.
     """
