@@ -43,7 +43,6 @@ import time
 import warnings
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

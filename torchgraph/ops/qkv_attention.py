@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _extension
 from ._common import check_float_dtype, check_like, is_tensor, no_double_backward, use_kernel

@@ -195,7 +195,7 @@ def _meta_of(spec, k: int):
     return None
 
 
-def spec_of(p0, p1) -> ValueSpec | None:
+def _spec_of(p0, p1) -> ValueSpec | None:
     """The ``tg_spec`` of a value seen as ``p0`` and ``p1`` at the two probes."""
     if isinstance(p0, torch.Tensor) and isinstance(p1, torch.Tensor):
         shape = tuple(dim_for_probes(a, b) for a, b in zip(p0.shape, p1.shape))
@@ -217,7 +217,7 @@ def _probe_specs(sub: fx.GraphModule, inputs: list) -> dict[fx.Node, ValueSpec |
         except Exception:  # noqa: BLE001 - the graph cannot run on meta: keep the module opaque
             return None
         runs.append(interpreter.values)
-    return {n: spec_of(runs[0][n], runs[1][n]) for n in sub.graph.nodes}
+    return {n: _spec_of(runs[0][n], runs[1][n]) for n in sub.graph.nodes}
 
 
 def _arguments(node: fx.Node, sub: fx.GraphModule) -> list | None:

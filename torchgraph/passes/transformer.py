@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
