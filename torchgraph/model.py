@@ -614,7 +614,7 @@ def _input_checks(model: Model) -> tuple:
 
 def _check_call(model: Model, checks: tuple, args: tuple, kwargs: dict) -> None:
     n = len(checks)
-    if len(args) + len(kwargs) != n or (kwargs and not kwargs.keys() <= {c[0] for c in checks}):
+    if len(args) + len(kwargs) != n or (kwargs and not kwargs.keys() <= {c[0] for c in checks[len(args):]}):
         names = [c[0] for c in checks]
         unexpected = [k for k in kwargs if k not in names]
         twice = [k for k in kwargs if k in names[:len(args)]]

@@ -23,7 +23,8 @@ class Running(Mapping):
 
     def __init__(self, cfg: TrainingConfig, device: torch.device):
         names = ["loss"]
-        if len(cfg.info.output_names) > 1:
+        self.per_output = len(cfg.info.output_names) > 1  # one loss per output besides the total
+        if self.per_output:
             names += [f"{e.output}_loss" for e in cfg.losses]
         self.summed = len(names) + sum(m.fn is not None for m in cfg.metrics)
         names += [m.name for m in cfg.metrics if m.fn is not None]
@@ -52,7 +53,7 @@ class Running(Mapping):
         """Adds per-output losses and metrics (times the batch size ``n``) to the sums."""
         sums = self.sums
         k = 1
-        if parts is not None:
+        if parts is not None and self.per_output:
             for p in parts:
                 sums[k].add_(p.detach(), alpha=n)
                 k += 1

@@ -20,7 +20,7 @@ from ..data import IOInfo
 from ..losses import LossEntry
 from ..metrics import MetricEntry
 
-__all__ = ["TrainingConfig", "TrainingState", "state_of", "config_of"]
+__all__ = ["TrainingConfig", "TrainingState", "state_of", "config_of", "optimizer_state_size"]
 
 
 @dataclass
@@ -79,3 +79,18 @@ def config_of(model: nn.Module, where: str) -> TrainingConfig:
                            "model.compile(optimizer='adam', loss='cross_entropy', metrics=['accuracy']) "
                            f"first (a copied or loaded model needs compile() again).")
     return cfg
+
+
+def optimizer_state_size(model: nn.Module) -> tuple[int, int] | None:
+    """``(numbers, bytes)`` held in the state of ``model``'s optimizer (Keras' "Optimizer params");
+    None when the model is not compiled. The state appears at the first step (0 before)."""
+    cfg = _STATES.get(model)
+    if cfg is None or cfg.config is None:
+        return None
+    count = size = 0
+    for per_param in cfg.config.optimizer.state.values():
+        for value in per_param.values():
+            if isinstance(value, torch.Tensor):
+                count += value.numel()
+                size += value.numel() * value.element_size()
+    return count, size
