@@ -53,9 +53,9 @@ def _one_step(model, cfg, x, y, sample_weight, class_weight, where: str, train: 
         sw = w if cfg.info.single else (w,)
     kept = state_of(model).batch
     key = "train" if train else "test"
-    if reset_metrics or key not in kept:
+    if key not in kept:
         kept[key] = Running(cfg, cfg.device)
-    running = kept[key]
+    running = kept.pop(key) if reset_metrics else kept[key]  # Keras 2: a reset after this batch
     check = "checked" not in kept
     saved = modes(model)
     try:
