@@ -385,25 +385,33 @@ def test_training_method_names_are_reserved_layer_names():
             tg.Model(x, tg.name(nn.Linear(4, 2), name)(x))
 
 
-def test_docstring_examples_run():
-    """The Example: sections of the training modules run as doctests."""
-    import torchgraph.callbacks
-    import torchgraph.distributed
-    import torchgraph.metrics
-    import torchgraph.training
+@pytest.mark.parametrize("package", ["training", "callbacks", "data", "metrics"])
+def test_docstring_examples_run(package):
+    """The Example: sections of every module of the training packages run as doctests."""
+    import importlib
+    import pkgutil
 
-    for mod in (torchgraph.training, torchgraph.callbacks, torchgraph.metrics, torchgraph.distributed):
-        result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-        assert result.failed == 0, mod.__name__
+    root = importlib.import_module(f"torchgraph.{package}")
+    names = [root.__name__] + [f"{root.__name__}.{m.name}" for m in pkgutil.iter_modules(root.__path__)]
+    for name in names + ["torchgraph.distributed", "torchgraph.losses"]:
+        result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, name
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_docs_training_page_runs(capsys):
-    """The ```python blocks of docs/training.md run top to bottom."""
+    """Each ```python block of docs/training.md runs on its own, in a fresh namespace."""
     page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "training.md"
-    code = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
-    torch.manual_seed(0)
-    exec(compile(code, str(page), "exec"), {})
-    assert "Reshape the targets with y.unsqueeze(-1)" in capsys.readouterr().out
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 15
+    outputs = []
+    for i, code in enumerate(blocks):
+        torch.manual_seed(0)
+        exec(compile(code, f"{page}:block{i}", "exec"), {"__name__": "__main__"})
+        outputs.append(capsys.readouterr().out)
+    text = "".join(outputs)
+    assert "Reshape the targets with y.unsqueeze(-1)" in text
+    assert "[3, 4, 5]" in text and "['latest.safetensors']" in text and "4 2" in text
 
 
 def test_nested_outputs_train_and_predict_in_their_structure():
@@ -518,3 +526,31 @@ def test_summary_shows_optimizer_params_after_fit():
     n = model.count_params()
     row = [line for line in lines[0].splitlines() if line.startswith("Optimizer params")]
     assert row and row[0].startswith(f"Optimizer params: {2 * n + 4:,} (")  # exp_avg, exp_avg_sq, step
+
+
+def test_training_needs_no_optional_package():
+    """import torchgraph and a fit with built-in metrics work without tqdm, torchmetrics, tensorboard and
+    safetensors; a torchmetrics metric name then says what to install."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+for name in ("tqdm", "torchmetrics", "tensorboard", "safetensors"):
+    sys.modules[name] = None
+import torch, torch.nn as nn, torchgraph as tg
+x = tg.Input(shape=(4,))
+model = tg.Model(x, nn.Linear(4, 3)(x))
+model.compile(loss="cross_entropy", metrics=["accuracy"])
+print(sorted(model.fit(torch.randn(16, 4), torch.randint(0, 3, (16,)), verbose="auto").history))
+try:
+    model.compile(loss="cross_entropy", metrics=["f1_score"])
+except ImportError as e:
+    print(e)
+"""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("Epoch 1/1 - ") and lines[1] == "['accuracy', 'loss']"
+    assert "pip install torchgraph[train]" in lines[2]
