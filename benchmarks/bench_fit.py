@@ -198,7 +198,8 @@ def main(argv=None):
           f"{'us/step more':>20}")
     for key in runs[0]:
         rows = [r[key] for r in runs]
-        print(f"{key:<22} {_fmt([r['hand_ms'] for r in rows], '.3f'):>14} {_fmt([r['fit_ms'] for r in rows], '.3f'):>14} "
+        hand, fit = _fmt([r["hand_ms"] for r in rows], ".3f"), _fmt([r["fit_ms"] for r in rows], ".3f")
+        print(f"{key:<22} {hand:>14} {fit:>14} "
               f"{_fmt([r['fit/hand'] for r in rows], '.3f'):>20} {_fmt([r['cost'] for r in rows], '.3f'):>20} "
               f"{_fmt([r['us_more'] for r in rows], '+.1f'):>20}")
     worst = max(statistics.median(r[k]["fit/hand"] for r in runs) for k in runs[0] if k.endswith(" off")

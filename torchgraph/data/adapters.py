@@ -28,9 +28,13 @@ def is_batch_iterable(x) -> bool:
     return isinstance(x, Iterable)
 
 
-def check_batch_size(batch_size, where: str) -> None:
+def check_batch_size(batch_size, where: str) -> int:
+    """``batch_size`` checked; None means 32, as in Keras."""
+    if batch_size is None:
+        return 32
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"{where}: batch_size must be a positive int; received {batch_size!r}.")
+        raise ValueError(f"{where}: batch_size must be a positive int or None (32); received {batch_size!r}.")
+    return batch_size
 
 
 def _shard_loader(loader: DataLoader, shuffle: bool, seed: int, where: str) -> DataLoader:
@@ -58,7 +62,7 @@ def make_batches(model, x, y, *, batch_size: int, shuffle: bool, device: torch.d
     ``(x, y, sample_weight)``.
     """
     info = io_info(model)
-    check_batch_size(batch_size, where)
+    batch_size = check_batch_size(batch_size, where)
     if is_batch_iterable(x):
         for name, given in (("y", y), ("sample_weight", sample_weight)):
             if given is not None:

@@ -203,6 +203,7 @@ class LimitedBatches:
         self.batches, self.steps, self.persistent = batches, steps, persistent
         self._iterator = None
         self.ran_out = False
+        self.taken = 0  # batches the last epoch took
 
     def __len__(self) -> int:
         return self.steps
@@ -210,13 +211,14 @@ class LimitedBatches:
     def epoch(self, epoch: int = 0) -> Iterator[tuple]:
         if self._iterator is None or not self.persistent:
             self._iterator = iter(self.batches.epoch(epoch))
-        self.ran_out = False
+        self.ran_out, self.taken = False, 0
         for _ in range(self.steps):
             try:
                 item = next(self._iterator)
             except StopIteration:
                 self._iterator, self.ran_out = None, True
                 return
+            self.taken += 1
             yield item
 
 

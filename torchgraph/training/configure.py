@@ -1,12 +1,8 @@
-"""``compile``'s training arguments resolved: optimizer, device, mixed precision, gradient handling.
-
-# NOTE: [compile dispatch] nn.Module.compile(**kw) is torch.compile in place. tg.Model.compile
-configures training (Keras style) when it gets a positional argument or any of ``TRAINING_KWARGS``;
-otherwise every argument goes to nn.Module.compile (torch.compile's fullgraph/dynamic/backend/...).
-"""
+"""``compile``'s training arguments resolved: optimizer, device, mixed precision, gradient handling."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -20,6 +16,9 @@ from .state import TrainingConfig
 
 __all__ = ["OPTIMIZERS", "TRAINING_KWARGS", "configure", "resolve_device", "autocast"]
 
+# NOTE: [compile dispatch] nn.Module.compile(**kw) is torch.compile in place. tg.Model.compile
+# configures training (Keras style) when it gets a positional argument or any of these keywords;
+# otherwise every argument goes to nn.Module.compile (torch.compile's fullgraph/dynamic/backend/...).
 TRAINING_KWARGS = frozenset({"optimizer", "loss", "metrics", "loss_weights", "device", "amp", "clipnorm",
                              "clipvalue", "global_clipnorm", "gradient_accumulation_steps"})
 
@@ -111,8 +110,6 @@ def _resolve_amp(amp, device: torch.device) -> torch.dtype | None:
 
 def autocast(cfg: TrainingConfig | None):
     """``torch.autocast`` for the configured precision, or a context that does nothing."""
-    import contextlib
-
     if cfg is None or cfg.amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(cfg.device.type, dtype=cfg.amp_dtype)

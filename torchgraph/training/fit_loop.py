@@ -47,6 +47,7 @@ class FitLoop:
         self.initial_epoch, self.epochs, self.validation_freq = initial_epoch, epochs, validation_freq
         self.class_weight = class_weight
         self.epoch = initial_epoch - 1  # the last completed epoch
+        self.val_checked = False  # the first validation batch is checked like the first training batch
 
     def set_seed(self, seed: int) -> None:
         """Use ``seed`` for shuffling from now on (a resumed run continues the interrupted one's)."""
@@ -86,12 +87,14 @@ class FitLoop:
                               UserWarning, stacklevel=3)
                 break
             if isinstance(self.train, LimitedBatches) and self.train.ran_out:
-                warnings.warn(f"fit: the training data ran out during epoch {epoch + 1} ({running.count} "
-                              f"samples instead of {self.train.steps} steps); the epoch ends early. Make sure "
+                warnings.warn(f"fit: the training data ran out during epoch {epoch + 1} ({self.train.taken} "
+                              f"of {self.train.steps} steps); the epoch ends early. Make sure "
                               "the data can give steps_per_epoch * epochs batches.", UserWarning, stacklevel=3)
             logs = running.result()
             if self.validates(epoch):
-                vlogs = evaluate_batches(self.model, self.cfg, self.val, "fit (validation data)", check=first)
+                vlogs = evaluate_batches(self.model, self.cfg, self.val, "fit (validation data)",
+                                         check=not self.val_checked)
+                self.val_checked = True
                 logs.update({f"val_{k}": v for k, v in vlogs.items()})
             self.epoch = epoch
             cbs.call("on_epoch_end", epoch, logs)
@@ -170,7 +173,7 @@ def _fit_data(model, x, y, sample_weight, batch_size, shuffle, validation_split,
         raise ValueError("fit: got both validation_split and validation_data. Expected one of them.")
     if validation_split:
         (xs, ys, sw), (vxs, vys, vsw) = split_validation(model, x, y, validation_split, sample_weight)
-        check_batch_size(batch_size, "fit")
+        batch_size = check_batch_size(batch_size, "fit")
         train = TensorBatches(xs, ys, sw, batch_size, shuffle, device, seed=seed, shard=ddp, where="fit")
         val = TensorBatches(vxs, vys, vsw, batch_size, False, device, shard=ddp, pad=False,
                             where="fit (validation_split)")

@@ -245,5 +245,4 @@ class TrainingMixin:
         Buffers such as BatchNorm's running statistics are not parameters in PyTorch and are not
         counted (``summary()`` lists them apart).
         """
-        seen = {id(p): p.numel() for p in self.parameters()}
-        return sum(seen.values())
+        return sum(p.numel() for p in self.parameters())  # parameters() lists a shared one once
