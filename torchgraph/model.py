@@ -614,7 +614,8 @@ def _input_checks(model: Model) -> tuple:
 
 def _check_call(model: Model, checks: tuple, args: tuple, kwargs: dict) -> None:
     n = len(checks)
-    if len(args) + len(kwargs) != n or (kwargs and not kwargs.keys() <= {c[0] for c in checks[len(args):]}):
+    by_keyword = {c[0] for c in checks[len(args):]} if kwargs else None  # inputs not given by position
+    if len(args) + len(kwargs) != n or (kwargs and not kwargs.keys() <= by_keyword):
         names = [c[0] for c in checks]
         unexpected = [k for k in kwargs if k not in names]
         twice = [k for k in kwargs if k in names[:len(args)]]

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .training.state import optimizer_state_size
 from .describe import (NodeInfo, check_built_model, describe_nodes, format_bytes, format_count, output_entries,
                        param_stats)
+from .training.state import optimizer_state_size
 
 __all__ = ["format_summary", "print_summary"]
 
