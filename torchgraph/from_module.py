@@ -21,24 +21,20 @@ Design constraints:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import inspect
-import os
-import sys
 import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
 from .errors import GraphBuildError
+from .fidelity import changed_state, differing_scopes, records_in_order, signature, snapshot_state
+from .hierarchy import mirror_hierarchy
 from .naming import ILLEGAL_NAMES, fixed_paths
 from .scopes import _CALL_IMPL_CODE, looking_through
-from .symbolic import Input, SymbolicInt, SymbolicTensor, Value
-from .targets import _METADATA, func_name, is_inplace
-from .trees import tree_leaves
+from .symbolic import Input, SymbolicTensor
+from .tracing import RecordingMode, tracing_flags
 
 __all__ = ["from_module", "record_module", "is_leaf_module"]
 
@@ -184,91 +180,9 @@ def _tensor_keys(module: nn.Module) -> dict[int, str]:
     return keys
 
 
-@contextlib.contextmanager
-def _tracing_flags():
-    # NOTE: [Tracing flags] Recording runs the module's Python forward on stand-in tensors, as
-    # torch.export's non-strict mode does; library code written to be exported (HuggingFace, timm)
-    # asks torch.compiler.is_compiling() / is_exporting() to skip data-dependent shortcuts (such as
-    # dropping an attention mask that is all ones). So these flags are set while recording, exactly
-    # as torch.export sets them (torch._export.utils._compiling_state_context).
-    compiler = torch.compiler
-    saved = {f: getattr(compiler, f) for f in ("_is_compiling_flag", "_is_exporting_flag") if hasattr(compiler, f)}
-    try:
-        for f in saved:
-            setattr(compiler, f, True)
-        yield
-    finally:
-        for f, v in saved.items():
-            setattr(compiler, f, v)
-
-
-class _RecordStateOps(TorchFunctionMode):
-    """While a module is recorded, routes to the recording what ``__torch_function__`` cannot see.
-
-    NOTE: [State ops] Two kinds of calls never reach a SymbolicTensor's ``__torch_function__``:
-    - Operations on the module's own parameters and buffers alone (``self.pos_ids[:, :n]``,
-      ``self.scale.exp()``, a leaf called on a constant such as ``self.wpe(torch.arange(16))``).
-      Run eagerly, their results would be baked into the graph as constants: stale after
-      ``load_state_dict`` or a training step, and without gradients. Recorded, they read the
-      parameter at run time (a ``get_attr`` node named by its state_dict key).
-    - A dynamic size passed as a Scalar (``torch.arange(x.size(1))``): torch's argument parser turns
-      a tensor in a Scalar position into a number without asking ``__torch_function__``.
-    A TorchFunctionMode sees every call; it is active only while ``tg.from_module`` records.
-    Metadata (``.shape``, ``.dtype``...) and everything else runs as usual.
-    """
-
-    def __init__(self, state_ids: set[int]):
-        super().__init__()
-        self.state_ids = state_ids
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _called_from_torchgraph():  # probes, snapshots of buffers...: never recorded
-            return func(*args, **kwargs)
-        symbolic = state = False
-        for _, leaf in tree_leaves((args, kwargs)):
-            if isinstance(leaf, (SymbolicTensor, SymbolicInt)):
-                symbolic = True
-            elif isinstance(leaf, torch.Tensor) and (id(leaf) in self.state_ids or (
-                    leaf._base is not None and id(leaf._base) in self.state_ids)):
-                state = True
-        name = func_name(func)
-        if is_inplace(name, kwargs) or name == "__setitem__":
-            target = args[0] if args else None
-            if symbolic and isinstance(target, torch.Tensor) and not isinstance(target, SymbolicTensor):
-                # NOTE: the graph would hold this update only if its result were used later.
-                raise GraphBuildError(
-                    f"'{name}' writes a symbolic value into a real tensor of shape {tuple(target.shape)} "
-                    "(a buffer or a constant) in place; a graph cannot reproduce that update.")
-            state = False  # eager: a changed buffer is caught afterwards (the module stays one layer)
-        if symbolic or (state and name not in _UNROUTED):
-            from .recording import dispatch
-
-            # torch pops a mode while its handler runs: push it again, so that the operations of a
-            # leaf's forward re-run on probes (its shadow run) are routed exactly like the original's.
-            with self:
-                return dispatch(func, args, kwargs)
-        return func(*args, **kwargs)
-
-
-def _called_from_torchgraph() -> bool:
-    """Whether torchgraph itself makes this call (computing on probes, copying buffers...)."""
-    f = sys._getframe(2)
-    while f is not None and f.f_code.co_filename in _TORCH_WRAPPERS:
-        f = f.f_back
-    return f is not None and f.f_code.co_filename.startswith(_PACKAGE_DIR)
-
-
-_TORCH_WRAPPERS = {torch.overrides.__file__, torch.nn.functional.__file__, torch.functional.__file__,
-                   torch._tensor.__file__}
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_UNROUTED = _METADATA | {"__iter__", "data_ptr", "untyped_storage", "numpy", "__array__", "backward",
-                         "__reduce_ex__", "__deepcopy__", "__getstate__", "__setstate__", "__get__"}
-
-
 def _call(module: nn.Module, args: tuple, kwargs: dict, plan: "_Plan"):
     leaves = [plan.modules[i] for i in plan.leaves]
-    with looking_through(plan.transparent(), leaves), _tracing_flags(), _RecordStateOps(plan.state_ids):
+    with looking_through(plan.transparent(), leaves), tracing_flags(), RecordingMode(plan.state_ids):
         return module(*args, **kwargs)
 
 
@@ -291,95 +205,6 @@ def _first_sentence(exc: BaseException) -> str:
     if not isinstance(exc, GraphBuildError):
         text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _snapshot(plan: _Plan):
-    """Own parameters/buffers of the looked-through modules: ``(owner, name, tensor, version, copy)``."""
-    out = []
-    for module, _ in plan.transparent().items():
-        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None:
-                out.append((module, name, t, t._version, t.detach().clone() if name in module._buffers else None))
-    return out
-
-
-def _changed_state(snapshot) -> list[tuple[nn.Module, str]]:
-    """Restore what a recording changed eagerly (outside recorded operations); return its owners."""
-    changed = []
-    with torch.no_grad():
-        for module, name, t, version, saved in snapshot:
-            if t._version == version:
-                continue
-            if saved is not None and not torch.equal(t, saved):
-                t.copy_(saved)
-            elif saved is not None:
-                continue
-            changed.append((module, name))
-    return changed
-
-
-# --------------------------------------------------------------------------------------------
-# Train/eval comparison
-# --------------------------------------------------------------------------------------------
-
-def _records_in_order(outputs) -> list:
-    """The records the outputs depend on, in recording order."""
-    stack = [leaf._tg_value for _, leaf in tree_leaves(outputs)
-             if isinstance(leaf, (SymbolicTensor, SymbolicInt)) and leaf._tg_value is not None]
-    records: dict[int, Any] = {}
-    while stack:
-        r = stack.pop().record
-        if id(r) in records:
-            continue
-        records[id(r)] = r
-        stack.extend(leaf for _, leaf in tree_leaves((r.args, r.kwargs)) if isinstance(leaf, Value))
-    return sorted(records.values(), key=lambda r: r.seq)
-
-
-def _signature(records: list, paths: dict[int, str], tensor_keys: dict[int, str]) -> dict[str, list]:
-    """Per scope, what each record does, in a form comparable between two recordings."""
-    where: dict[int, tuple[str, int]] = {}
-    per_scope: dict[str, list] = {}
-
-    def key(o):
-        if isinstance(o, Value):
-            r = o.record
-            return ("value", where.get(id(r), ("input", r.target)), o.path)
-        if isinstance(o, torch.Tensor):
-            known = tensor_keys.get(id(o))
-            if known is not None:
-                return ("tensor", known)
-            data = o.detach()
-            digest = (hashlib.sha1(data.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-                      if data.device.type == "cpu" and data.numel() <= 1 << 20 and not data.is_complex()
-                      and data.dtype != torch.bfloat16 else None)
-            return ("constant", tuple(data.shape), data.dtype, digest)
-        if isinstance(o, (list, tuple)):
-            return (type(o).__name__, tuple(key(x) for x in o))
-        if isinstance(o, dict):
-            return ("dict", tuple((k, key(v)) for k, v in o.items()))
-        if isinstance(o, slice):
-            return ("slice", key(o.start), key(o.stop), key(o.step))
-        if isinstance(o, (int, float, bool, str, type(None), torch.dtype, torch.device)):
-            return o
-        return (type(o).__name__, repr(o)[:200])
-
-    for r in records:
-        if r.op == "placeholder":
-            continue
-        target = paths.get(id(r.target), id(r.target)) if r.op == "call_module" else (
-            r.target if isinstance(r.target, str) else id(r.target))
-        entries = per_scope.setdefault(r.scope, [])
-        entries.append((r.op, target, key(r.args), key(r.kwargs)))
-        where[id(r)] = (r.scope, len(entries) - 1)
-    return per_scope
-
-
-def _mode_dependent_scopes(first: dict, second: dict) -> list[str]:
-    differing = [s for s in set(first) | set(second) if first.get(s) != second.get(s)]
-    # Innermost first: a parent often differs only because a child's operations did.
-    return [s for s in differing if not any(o != s and o.startswith(s + ".") for o in differing)
-            or s == ""]
 
 
 def _set_modes(module: nn.Module, modes: dict[nn.Module, bool]) -> None:
@@ -438,9 +263,9 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
         _set_modes(module, modes)
         if other is None:
             continue
-        first = _signature(_records_in_order(outputs), plan.paths, tensor_keys)
-        second = _signature(_records_in_order(other), plan.paths, tensor_keys)
-        scopes = _mode_dependent_scopes(first, second)
+        first = signature(records_in_order(outputs), plan.paths, tensor_keys)
+        second = signature(records_in_order(other), plan.paths, tensor_keys)
+        scopes = differing_scopes(first, second)
         if not scopes:
             return outputs
         by_path = {p: plan.modules[i] for i, p in plan.paths.items()}
@@ -458,12 +283,12 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
 
 def _record_once(module, args, kwargs, plan: _Plan):
     """One recording; ``None`` when a submodule had to fall back to one layer (then record again)."""
-    snapshot = _snapshot(plan)
+    snapshot = snapshot_state(plan.transparent())
     transparent = plan.transparent()
     try:
         outputs = _call(module, args, kwargs, plan)
     except Exception as exc:  # noqa: BLE001 - classified below, re-raised unless a fallback helps
-        changed = _changed_state(snapshot)
+        changed = changed_state(snapshot)
         stack = _culprits(exc, plan)
         failed_again = [m for m in stack if id(m) in plan.errors]
         if failed_again:
@@ -480,7 +305,7 @@ def _record_once(module, args, kwargs, plan: _Plan):
         plan.fall_back(culprit, f"recording its forward failed ({_first_sentence(exc)})", exc)
         del changed
         return None
-    changed = _changed_state(snapshot)
+    changed = changed_state(snapshot)
     if changed:
         for owner, name in changed:
             if owner is module:
@@ -492,63 +317,6 @@ def _record_once(module, args, kwargs, plan: _Plan):
                            "operation on the inputs")
         return None
     return outputs
-
-
-# --------------------------------------------------------------------------------------------
-# The model's module hierarchy: exactly the original's
-# --------------------------------------------------------------------------------------------
-
-def _mirror_hierarchy(model: nn.Module, module: nn.Module, plan: _Plan) -> dict[str, str]:
-    """Give ``model`` the original's module tree: leaves at their paths, looked-through modules as
-    plain containers with their own parameters and buffers, everything in the original order.
-
-    Returns ``{module path: class name}`` of the containers (for summary and plot groups).
-    """
-    types: dict[str, str] = {}
-    leaf_paths: list[str] = []
-    known_keys = set()
-    for path, orig in module.named_modules(remove_duplicate=False):
-        if any(path.startswith(p + ".") for p in leaf_paths):
-            continue
-        if path == "":
-            target = model
-        else:
-            parent_path, _, attr = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            current = parent._modules.get(attr)
-            if id(orig) in plan.leaves:
-                leaf_paths.append(path)
-                if current is not orig:
-                    parent.add_module(attr, orig)
-                continue
-            if current is None or type(current) is not nn.Module:
-                current = nn.Module()
-                parent.add_module(attr, current)
-            target = current
-            types[path] = type(orig).__name__
-            target.training = orig.training
-        for name, p in orig._parameters.items():
-            if target._parameters.get(name, False) is not p:
-                target.register_parameter(name, p)
-            known_keys.add((path, name))
-        for name, b in orig._buffers.items():
-            if target._buffers.get(name, False) is not b:
-                target.register_buffer(name, b)
-            known_keys.add((path, name))
-        target._non_persistent_buffers_set = {n for n in orig._non_persistent_buffers_set
-                                              if n in target._buffers}
-        for attr in ("_parameters", "_buffers", "_modules"):
-            mine, theirs = getattr(target, attr), getattr(orig, attr)
-            ordered = {k: mine[k] for k in theirs if k in mine}
-            ordered.update((k, v) for k, v in mine.items() if k not in ordered)
-            mine.clear()
-            mine.update(ordered)
-    # Tensors the forward created (constants) are not state of the original: keep them out of the
-    # state_dict, like the original did.
-    for name in model._buffers:
-        if ("", name) not in known_keys:
-            model._non_persistent_buffers_set.add(name)
-    return types
 
 
 def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None = None):
@@ -631,7 +399,7 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
                 f"tg.from_module: {type(module).__name__}.forward: {exc} A model's outputs must be tensors "
                 "(in a tuple, list or dict); pass settings that drop the others, e.g. "
                 "{'use_cache': False} in the inputs dict of a HuggingFace model.") from None
-    types = _mirror_hierarchy(model, module, plan)
+    types = mirror_hierarchy(model, module, plan.leaves)
     model.meta["torchgraph"]["scope_types"] = types
     model.training = module.training
     return model

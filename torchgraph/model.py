@@ -292,6 +292,8 @@ class Model(TrainingMixin, fx.GraphModule):
                 calls[id(r.target)] = k + 1
                 node = em.graph.create_node("call_module", layer, tuple(args), kwargs,
                                             name=layer if k == 0 else f"{layer}_call_{k}")
+            elif r.op == "get_attr":  # see constant_value
+                node = em.constant(r.target)
             else:
                 node = em.graph.create_node(r.op, r.target, tuple(args), kwargs)
             spec = _record_out_spec(r)
@@ -509,6 +511,22 @@ class Model(TrainingMixin, fx.GraphModule):
         if isinstance(obj, (list, tuple)):
             raise ValueError(f"Node '{name}' outputs several tensors; use one of the getitem nodes after it.")
         return obj
+
+
+def constant_value(t: torch.Tensor) -> SymbolicTensor:
+    """A symbolic handle of a model's constant or parameter: operations on it are recorded.
+
+    Rebuilding a model from a config (``replay``) uses it for ``get_attr`` nodes, so that the
+    operations a ``tg.from_module`` graph performs on its parameters (``self.pos_ids[:, :n]``, a
+    layer called on a buffer) are recorded again rather than computed once.
+    """
+    from .probing import to_meta
+
+    record = Record("get_attr", t)
+    meta = to_meta(t)
+    value = Value(record, (), (meta, meta))
+    record.out = value
+    return SymbolicTensor(value)
 
 
 def _handle(o):
