@@ -3,6 +3,7 @@
 import copy
 import doctest
 import pickle
+import sys
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ def test_bad_arguments():
 
 def test_docstring_examples():
     """The Example sections of summary.py and describe.py run."""
-    for module in (torchgraph.summary, torchgraph.describe):
+    for module in (sys.modules["torchgraph.summary"], torchgraph.describe):  # tg.summary is the function
         assert doctest.testmod(module).failed == 0
 
 

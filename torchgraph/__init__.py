@@ -24,6 +24,7 @@ from .sequential import Sequential
 from .symbolic import Input, SymbolicInt, SymbolicTensor
 from .saving import load, save
 from .scopes import scope
+from .summary import summary
 from . import applications, callbacks, ops, saving
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "register_layer",
     "save",
     "scope",
+    "summary",
     "saving",
     "Input",
     "Model",

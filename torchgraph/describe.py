@@ -14,7 +14,7 @@ Design constraints:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "Group",
     "NodeInfo",
+    "build_tree",
+    "check_depth",
+    "node_path",
+    "tree_depth",
     "check_built_model",
     "describe_nodes",
     "format_spec",
@@ -261,3 +266,126 @@ def check_built_model(model, who: str) -> None:
         raise ValueError(f"{who}: the model '{type(model).__name__}' has no inputs yet (an unbuilt "
                          "tg.Sequential?). Build it first: give input_shape=..., add a tg.Input, or call "
                          "it once on a tensor.")
+
+
+# --------------------------------------------------------------------------------------------
+# Hierarchy: module paths and tg.scope, collapsed below a depth
+# --------------------------------------------------------------------------------------------
+
+# NOTE: [Depth] Every node has a path: a layer its module path (``layer1.0.conv1``), a get_attr its
+# tensor's (``blocks.0.gamma``), any other node its scope (``node.meta["tg_scope"]``, from tg.scope
+# or tg.from_module) plus its own name. ``depth=N`` shows every node whose path has at most N parts
+# and one group per path prefix of N parts for the deeper ones; groups above N are expanded (a
+# header row / a cluster). Nested tg.Models count as levels too (expanded while above N).
+
+
+def node_path(node: fx.Node) -> tuple[str, ...]:
+    """The hierarchical path of ``node`` (see NOTE: [Depth])."""
+    if node.op == "call_module":
+        return tuple(node.target.split("."))
+    if node.op == "get_attr" and "." in node.target:
+        return tuple(node.target.split("."))
+    scope = node.meta.get("tg_scope")
+    if scope is None and node.op == "get_attr":  # a constant: where it is first used
+        scope = next((u.meta.get("tg_scope") for u in node.users if u.meta.get("tg_scope")), None)
+    return (*scope.split("."), node.name) if scope else (node.name,)
+
+
+@dataclass
+class Group:
+    """The nodes under one module path or scope (``layer1.0``), shown as one row / box when collapsed."""
+
+    path: str
+    type_label: str
+    level: int
+    expanded: bool
+    children: list = field(default_factory=list)   # NodeInfo | Group, in first-use order
+    members: list = field(default_factory=list)    # every NodeInfo inside, at any depth
+    inputs: list = field(default_factory=list)     # fx.Nodes outside that feed it, each once
+    outputs: list = field(default_factory=list)    # member fx.Nodes read outside (or model outputs)
+    output: str = ""
+    dtype: str = ""
+    num_params: int = 0
+    num_trainable: int = 0
+
+    kind = "group"
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    @property
+    def trainable(self) -> str:
+        if self.num_params == 0:
+            return "-"
+        if self.num_trainable == self.num_params:
+            return "Y"
+        return "N" if self.num_trainable == 0 else "partial"
+
+
+def tree_depth(model: fx.GraphModule) -> int:
+    """The number of levels of ``model``'s hierarchy (1 for a model without scopes)."""
+    return max((len(node_path(n)) for n in model.graph.nodes if n.op != "output"), default=1)
+
+
+def build_tree(model: fx.GraphModule, infos: list[NodeInfo], depth: int | None) -> tuple[list, dict]:
+    """The top-level items (NodeInfo or Group) of ``model`` shown at ``depth`` (None: all levels).
+
+    Returns ``(items, owner)`` where ``owner`` maps each fx node absorbed into a collapsed group to it.
+    """
+    types = (getattr(model, "meta", {}).get("torchgraph") or {}).get("scope_types") or {}
+    top: list = []
+    groups: dict[str, Group] = {}
+    owner: dict[fx.Node, Group] = {}
+    for info in infos:
+        path = node_path(info.node)
+        container = top
+        absorbed = False
+        for level in range(1, len(path)):
+            gpath = ".".join(path[:level])
+            group = groups.get(gpath)
+            if group is None:
+                label = types.get(gpath, "scope")
+                group = groups[gpath] = Group(gpath, label, level, depth is None or level < depth)
+                container.append(group)
+            group.members.append(info)
+            if not group.expanded:
+                owner[info.node] = group
+                absorbed = True
+                break
+            container = group.children
+        if not absorbed:
+            container.append(info)
+    for group in groups.values():
+        _summarise(model, group)
+    return top, owner
+
+
+def _summarise(model: fx.GraphModule, group: Group) -> None:
+    inside = {i.node for i in group.members}
+    inputs: dict[fx.Node, None] = {}
+    for info in group.members:
+        for n in info.inputs:
+            if n not in inside:
+                inputs.setdefault(n, None)
+    group.inputs = list(inputs)
+    group.outputs = [i.node for i in group.members if any(u not in inside for u in i.node.users)]
+    tensors = []
+    for info in group.members:
+        if info.module is not None:
+            tensors.extend(info.module.parameters())
+        elif info.node.op == "get_attr" and info.num_params:
+            tensors.append(_get_attr(model, info.node.target))
+    group.num_params, group.num_trainable, _ = param_stats(tensors)
+    by_node = {i.node: i for i in group.members}
+    shapes = [by_node[n].output for n in group.outputs]
+    group.output = shapes[0] if len(shapes) == 1 else "[" + ", ".join(shapes) + "]"
+    dtypes = list(dict.fromkeys(by_node[n].dtype for n in group.outputs))
+    group.dtype = "/".join(dtypes) or "?"
+
+
+def check_depth(depth, who: str) -> None:
+    """A clear error unless ``depth`` is None or an int >= 1."""
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
+        raise ValueError(f"{who}: depth must be None (every node) or an int >= 1 (1: the model's direct "
+                         f"children); received {depth!r}.")

@@ -36,7 +36,7 @@ from .scopes import _CALL_IMPL_CODE, looking_through
 from .symbolic import Input, SymbolicTensor
 from .tracing import RecordingMode, tracing_flags
 
-__all__ = ["from_module", "record_module", "is_leaf_module"]
+__all__ = ["from_module", "record_module", "is_leaf_module", "as_model"]
 
 # nn.Sequential runs its children; ModuleList/ModuleDict are never called (nn.Module's own forward).
 _CONTAINER_FORWARDS = {nn.Sequential.forward, nn.Module.forward}
@@ -403,3 +403,21 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
     model.meta["torchgraph"]["scope_types"] = types
     model.training = module.training
     return model
+
+
+def as_model(module_or_model, inputs: tuple, who: str, leaf_modules=None):
+    """``module_or_model`` itself if it is a ``torch.fx.GraphModule`` (a ``tg.Model``), else
+    ``from_module(module_or_model, *inputs)``: what ``tg.summary`` and ``tg.plot_model`` show."""
+    import torch.fx as fx
+
+    if isinstance(module_or_model, fx.GraphModule):
+        if inputs:
+            raise TypeError(f"{who}: inputs are for an nn.Module that is not a tg.Model yet; received "
+                            f"{type(module_or_model).__name__}, a model with its own inputs. Drop the inputs.")
+        return module_or_model
+    if not isinstance(module_or_model, nn.Module):
+        raise TypeError(f"{who}: expected a tg.Model or an nn.Module; received {type(module_or_model).__name__}.")
+    if not inputs:
+        raise TypeError(f"{who}: {type(module_or_model).__name__} is an nn.Module: give its inputs to record it, "
+                        f"e.g. {who}(model, (3, 224, 224)) or tg.Input(...)s (see tg.from_module).")
+    return from_module(module_or_model, *inputs, leaf_modules=leaf_modules)

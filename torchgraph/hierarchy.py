@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["is_container", "attach", "mirror_hierarchy", "unreferenced_state", "reorder_state", "check_path",
+__all__ = ["is_container", "attach", "mirror_hierarchy", "unreferenced_state", "reorder_state", "order_by_graph", "check_path",
            "restore_hierarchy"]
 
 
@@ -125,6 +125,15 @@ def unreferenced_state(model, graph_targets: set[str]) -> tuple[dict[str, nn.Mod
             elif path not in graph_targets:
                 layers[path] = child
     return layers, tensors
+
+
+def order_by_graph(model) -> None:
+    """Order the containers of dotted layer names (``tg.scope``) by first use in the graph, as a
+    hand-written module lists its submodules in the order ``__init__`` creates them (fx installs
+    them by depth)."""
+    keys = [n.target for n in model.graph.nodes if n.op in ("call_module", "get_attr")]
+    if any("." in k for k in keys):
+        reorder_state(model, keys)
 
 
 def reorder_state(model: nn.Module, keys: list[str]) -> None:

@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import GraphBuildError
+from .hierarchy import order_by_graph
 from .naming import assign_layer_names, check_identifier, fixed_path, remember_name
 from .recording import close_finished_scopes
 from .trees import tree_leaves, tree_map
@@ -307,6 +308,7 @@ class Model(TrainingMixin, fx.GraphModule):
         em.graph.lint()
 
         super().__init__(em.root, em.graph, class_name=name or "Model")
+        order_by_graph(self)  # tg.scope containers in program order (fx installs them by depth)
         self.meta["torchgraph"] = {
             "name": name or "Model",
             "input_names": input_names,
@@ -418,14 +420,17 @@ class Model(TrainingMixin, fx.GraphModule):
         return init
 
     # ------------------------------------------------------------------ looking at it
-    def summary(self, print_fn=None, expand_nested: bool = False, line_length: int | None = None) -> None:
+    def summary(self, print_fn=None, expand_nested: bool = False, line_length: int | None = None,
+                depth: int | None = None) -> None:
         """Print a table of the layers: name (type), output shape, parameter count, connections.
 
-        See :func:`torchgraph.summary.print_summary` (``print_fn`` receives the whole text).
+        See :func:`torchgraph.summary.print_summary` (``print_fn`` receives the whole text;
+        ``depth`` collapses the module tree below that level).
         """
         from .summary import print_summary
 
-        print_summary(self, print_fn=print_fn, expand_nested=expand_nested, line_length=line_length)
+        print_summary(self, print_fn=print_fn, expand_nested=expand_nested, line_length=line_length,
+                      depth=depth)
 
     def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
         """Jupyter shows the model as its picture (``tg.plot_model``), or as text without Graphviz."""

@@ -76,8 +76,8 @@ def scope(name: str):
         >>> model = tg.Model(x, nn.Linear(16, 2)(h))
         >>> list(model.state_dict())
         ['encoder.linear.weight', 'encoder.linear.bias', 'linear.weight', 'linear.bias']
-        >>> model.summary(depth=1, print_fn=lambda text: print(text.splitlines()[5]))
-        encoder (scope)    (None, 16)        144  Y
+        >>> model.summary(depth=1, print_fn=lambda text: print(text.splitlines()[8]))
+        encoder (scope)  (None, 16)        144  Y
     """
     check_scope_name(name)
     _STATE.names.append(name)
