@@ -418,6 +418,8 @@ def as_model(module_or_model, inputs: tuple, who: str, leaf_modules=None):
     if not isinstance(module_or_model, nn.Module):
         raise TypeError(f"{who}: expected a tg.Model or an nn.Module; received {type(module_or_model).__name__}.")
     if not inputs:
-        raise TypeError(f"{who}: {type(module_or_model).__name__} is an nn.Module: give its inputs to record it, "
-                        f"e.g. {who}(model, (3, 224, 224)) or tg.Input(...)s (see tg.from_module).")
+        example = f"{who}(model, (3, 224, 224))" if who == "tg.summary" else f"{who}(model, inputs=(3, 224, 224))"
+        raise TypeError(f"{who}: expected a tg.Model, or an nn.Module with its inputs; received "
+                        f"{type(module_or_model).__name__} without inputs. Give the inputs to record it "
+                        f"(tg.Input(...)s or sample shapes without the batch dim), e.g. {example}.")
     return from_module(module_or_model, *inputs, leaf_modules=leaf_modules)
