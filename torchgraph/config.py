@@ -150,6 +150,8 @@ def get_config(model) -> dict:
     if info.get("scope_types"):  # tg.from_module: the original's module classes and state_dict order
         extra["scope_types"] = dict(info["scope_types"])
         extra["state_order"] = list(model.state_dict())
+        if info.get("containers"):
+            extra["containers"] = dict(info["containers"])
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -268,7 +270,7 @@ def _from_config(config: Any):
     _require(version <= FORMAT_VERSION, f"from_config: the config has format_version {version}, written "
              f"by a newer torchgraph; this version reads up to {FORMAT_VERSION}. Upgrade torchgraph.")
     known = {"format", "format_version", "name", "training", "inputs", "input_kind", "layers", "constants",
-             "nodes", "outputs", "torchgraph_version", "scope_types", "state_order"}
+             "nodes", "outputs", "torchgraph_version", "scope_types", "state_order", "containers"}
     extra = set(config) - known
     _require(not extra, f"from_config: unexpected keys {sorted(map(str, extra))[:8]}.")
     name = _check_name(config.get("name"), "from_config: 'name'")

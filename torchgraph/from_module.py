@@ -91,11 +91,11 @@ class _Plan:
             self.modules[id(m)] = m
             if m is root:
                 continue
+            wanted = id(m) in wanted_ids or path in wanted_paths or isinstance(m, wanted_types)
             why = None
-            if _has_hooks(m):
+            if _has_hooks(m) and not wanted and not is_leaf_module(m):
                 why = "it has forward or backward hooks, which run around a whole module call"
-            if (why or id(m) in wanted_ids or path in wanted_paths or isinstance(m, wanted_types)
-                    or is_leaf_module(m)):
+            if why or wanted or is_leaf_module(m):
                 self.leaves.add(id(m))
                 skip += (path + ".",)
                 if why:
@@ -295,7 +295,20 @@ def _record_once(module, args, kwargs, plan: _Plan):
             # It failed as one opaque layer too: the first error (at the innermost layer) is the real one.
             raise plan.errors[id(failed_again[-1])] from None
         candidates = [m for m in stack if m in transparent and m is not module]
+        hooked = [m for m in stack if id(m) in plan.leaves and _has_hooks(m)]
+        if not candidates and hooked:
+            raise GraphBuildError(
+                f"tg.from_module: {plan.describe(hooked[-1])} has a forward hook that changes its output; a "
+                "recorded module call gives the output of its forward. Remove that hook (hooks that only "
+                f"read the output are fine), or keep {type(module).__name__} whole as one layer of a "
+                f"tg.Model. (While recording: {_first_sentence(exc)})") from None
         if not candidates:
+            hooked = [plan.describe(plan.modules[i]) for i in plan.leaves if _has_hooks(plan.modules[i])]
+            if isinstance(exc, GraphBuildError) and hooked and "used outside it" in str(exc):
+                raise GraphBuildError(
+                    f"tg.from_module: {', '.join(hooked)} has forward hooks; one that changes the output "
+                    "cannot be recorded (a recorded module call gives the output of its forward). Remove "
+                    f"that hook (hooks that only read the output are fine). While recording: {exc}") from None
             if isinstance(exc, GraphBuildError):
                 raise
             raise GraphBuildError(
@@ -399,8 +412,9 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
                 f"tg.from_module: {type(module).__name__}.forward: {exc} A model's outputs must be tensors "
                 "(in a tuple, list or dict); pass settings that drop the others, e.g. "
                 "{'use_cache': False} in the inputs dict of a HuggingFace model.") from None
-    types = mirror_hierarchy(model, module, plan.leaves)
+    types, kinds = mirror_hierarchy(model, module, plan.leaves)
     model.meta["torchgraph"]["scope_types"] = types
+    model.meta["torchgraph"]["containers"] = kinds
     model.training = module.training
     return model
 

@@ -16,13 +16,43 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["is_container", "attach", "mirror_hierarchy", "unreferenced_state", "reorder_state", "order_by_graph", "check_path",
-           "restore_hierarchy"]
+__all__ = ["CONTAINER_TYPES", "is_container", "container_kind", "set_container", "attach", "mirror_hierarchy",
+           "unreferenced_state", "reorder_state", "order_by_graph", "check_path", "restore_hierarchy"]
+
+
+# The containers of a module tree: fx's plain nn.Module, and the indexable kinds the original used
+# (model.layers[0] works on a tg.from_module model as on the original).
+CONTAINER_TYPES = {"Module": nn.Module, "Sequential": nn.Sequential, "ModuleList": nn.ModuleList,
+                   "ModuleDict": nn.ModuleDict}
 
 
 def is_container(module: nn.Module) -> bool:
-    """A plain ``nn.Module`` that only holds other modules and tensors (fx's and torchgraph's)."""
-    return type(module) is nn.Module
+    """A module that only holds other modules and tensors here (exactly one of CONTAINER_TYPES)."""
+    return type(module) in CONTAINER_TYPES.values()
+
+
+def container_kind(module: nn.Module) -> str:
+    """The container type that stands for ``module`` in a model's tree (``"Module"`` if no other)."""
+    for kind in ("Sequential", "ModuleList", "ModuleDict"):
+        if isinstance(module, CONTAINER_TYPES[kind]):
+            return kind
+    return "Module"
+
+
+def set_container(parent: nn.Module, field: str, kind: str) -> nn.Module:
+    """Make ``parent.<field>`` a container of ``kind``, keeping what an existing container holds."""
+    current = parent._modules.get(field)
+    if current is not None and type(current) is CONTAINER_TYPES[kind]:
+        return current
+    new = CONTAINER_TYPES[kind]()
+    if current is not None and is_container(current):
+        new._modules.update(current._modules)
+        new._parameters.update(current._parameters)
+        new._buffers.update(current._buffers)
+        new._non_persistent_buffers_set = set(current._non_persistent_buffers_set)
+        new.training = current.training
+    parent.add_module(field, new)
+    return new
 
 
 def attach(model: nn.Module, path: str, obj, persistent: bool = True) -> None:
@@ -43,14 +73,16 @@ def attach(model: nn.Module, path: str, obj, persistent: bool = True) -> None:
         owner.register_buffer(field, obj, persistent=persistent)
 
 
-def mirror_hierarchy(model: nn.Module, module: nn.Module, leaves: set[int]) -> dict[str, str]:
+def mirror_hierarchy(model: nn.Module, module: nn.Module, leaves: set[int]) -> tuple[dict, dict]:
     """Give ``model`` the module tree of ``module``: the modules whose ids are in ``leaves`` at their
-    paths, every other module as a plain container holding its own parameters and buffers, all in
-    the original order and with the original buffer persistence and train/eval flags.
+    paths, every other module as a container (see CONTAINER_TYPES) holding its own parameters and
+    buffers, all in the original order and with the original buffer persistence and train/eval flags.
 
-    Returns ``{module path: class name}`` of the containers (the groups of summary and plot).
+    Returns ``({module path: class name}, {module path: container kind other than "Module"})`` of
+    the containers (the groups of summary and plot; the container types to rebuild).
     """
     types: dict[str, str] = {}
+    kinds: dict[str, str] = {}
     leaf_paths: list[str] = []
     own: set[str] = set()
     for path, orig in module.named_modules(remove_duplicate=False):
@@ -67,11 +99,11 @@ def mirror_hierarchy(model: nn.Module, module: nn.Module, leaves: set[int]) -> d
                 if current is not orig:
                     parent.add_module(field, orig)
                 continue
-            if current is None or not is_container(current):
-                current = nn.Module()
-                parent.add_module(field, current)
-            target = current
+            kind = container_kind(orig)
+            target = set_container(parent, field, kind)
             types[path] = type(orig).__name__
+            if kind != "Module":
+                kinds[path] = kind
             target.training = orig.training
         for name, p in orig._parameters.items():
             if target._parameters.get(name, False) is not p:
@@ -91,7 +123,7 @@ def mirror_hierarchy(model: nn.Module, module: nn.Module, leaves: set[int]) -> d
     # Tensors the forward created (constants) were no state of the original: they stay out of the
     # state_dict, so that the original's checkpoints load unchanged.
     model._non_persistent_buffers_set |= {n for n in model._buffers if n not in own}
-    return types
+    return types, kinds
 
 
 def is_persistent(model: nn.Module, path: str) -> bool:
@@ -118,11 +150,11 @@ def unreferenced_state(model, graph_targets: set[str]) -> tuple[dict[str, nn.Mod
                 tensors[path] = t
         for name, child in owner._modules.items():
             path = prefix + name
-            if child is None:
+            if child is None or path in graph_targets:
                 continue
             if is_container(child):
                 stack.append((path + ".", child))
-            elif path not in graph_targets:
+            else:
                 layers[path] = child
     return layers, tensors
 
@@ -203,6 +235,15 @@ def restore_hierarchy(model, config: dict, layers: dict, tensors: dict, non_pers
                                                  for k, v in types.items()),
                  "from_config: 'scope_types' must map module paths to class names.")
         model.meta["torchgraph"]["scope_types"] = dict(types)
+    kinds = config.get("containers")
+    if kinds is not None:
+        _require(isinstance(kinds, dict) and all(isinstance(k, str) and v in CONTAINER_TYPES for k, v in kinds.items()),
+                 f"from_config: 'containers' must map module paths to one of {sorted(CONTAINER_TYPES)}.")
+        for path in sorted(kinds, key=lambda p: p.count(".")):
+            parent_path, _, field = path.rpartition(".")
+            _require(_has_path(model, path), f"from_config: container '{path}' holds nothing.")
+            set_container(model.get_submodule(parent_path) if parent_path else model, field, kinds[path])
+        model.meta["torchgraph"]["containers"] = dict(kinds)
     order = config.get("state_order")
     if order is not None:
         _require(isinstance(order, list) and all(isinstance(k, str) for k in order),

@@ -350,7 +350,7 @@ def model_to_dot(model, show_shapes: bool = True, show_dtype: bool = False, show
         title += f'<BR/><FONT POINT-SIZE="10">depth {depth} of {levels}</FONT>'
     fast = _num_boxes(model, depth) > _FAST_LAYOUT_BOXES
     if fast:
-        title += (f'<BR/><FONT POINT-SIZE="10">fast layout (straight edges) for this size; tg.scope or '
+        title += ('<BR/><FONT POINT-SIZE="10">fast layout (straight edges) for this size; tg.scope or '
                   "tg.from_module give a model levels that depth= can collapse</FONT>")
     dot = graphviz.Digraph(name=type(model).__name__)
     dot.attr(rankdir=rankdir, dpi=str(dpi), fontname=_FONT, fontsize="14", labelloc="t",
