@@ -28,6 +28,7 @@ __all__ = [
     "build_tree",
     "check_depth",
     "node_path",
+    "scope_chains",
     "tree_depth",
     "check_built_model",
     "describe_nodes",
@@ -70,6 +71,7 @@ class NodeInfo:
     num_trainable: int
     call_index: int = 1
     num_calls: int = 1
+    level: int = 1          # in the module tree (see NOTE: [Depth]); set by build_tree
 
     @property
     def name(self) -> str:
@@ -248,8 +250,9 @@ def output_entries(model: fx.GraphModule) -> list[tuple[str, Any]]:
     out_node = next(n for n in reversed(model.graph.nodes) if n.op == "output")
     paths, leaves = [], []
     for path, leaf in tree_leaves(out_node.args[0]):
-        paths.append(path)
-        leaves.append(leaf)
+        if leaf is not None:  # a None in the output structure is no output tensor
+            paths.append(path)
+            leaves.append(leaf)
     names = list(getattr(model, "output_names", None) or [])
     if len(names) != len(leaves):  # a plain GraphModule: name the outputs by their paths
         names = (["output"] if paths == [()] else
@@ -272,22 +275,44 @@ def check_built_model(model, who: str) -> None:
 # Hierarchy: module paths and tg.scope, collapsed below a depth
 # --------------------------------------------------------------------------------------------
 
-# NOTE: [Depth] Every node has a path: a layer its module path (``layer1.0.conv1``), a get_attr its
-# tensor's (``blocks.0.gamma``), any other node its scope (``node.meta["tg_scope"]``, from tg.scope
-# or tg.from_module) plus its own name. ``depth=N`` shows every node whose path has at most N parts
-# and one group per path prefix of N parts for the deeper ones; groups above N are expanded (a
-# header row / a cluster). Nested tg.Models count as levels too (expanded while above N).
+# NOTE: [Depth] Levels follow calls, as a reader of the original code sees them: a node recorded
+# inside a module's forward (tg.from_module) or a tg.scope is one level below that scope, and so is
+# a layer called from there. A container that is never called itself (nn.ModuleDict, nn.ModuleList:
+# `self.transformer.h[0](x)`) is no level: its children sit at the level of the code calling them.
+# ``depth=N`` shows every node of level <= N and one group per scope of level N for the deeper
+# ones; scopes above N are expanded (a header row / a cluster). Nested tg.Models count as levels.
+
+
+def _node_scope(node: fx.Node) -> str:
+    scope = node.meta.get("tg_scope")
+    if scope is None and node.op == "get_attr":  # a parameter or constant: where it is first used
+        scope = next((u.meta.get("tg_scope") for u in node.users if u.meta.get("tg_scope")), None)
+    return scope or ""
+
+
+def scope_chains(model: fx.GraphModule) -> dict[fx.Node, tuple[str, ...]]:
+    """For every node but the output: the scopes it is nested in, outermost first (``("layer1",
+    "layer1.0")``); its level is one more than their number."""
+    # tg.from_module lists the modules that ran; without that list (tg.scope) every scope is a level.
+    ran = (getattr(model, "meta", {}).get("torchgraph") or {}).get("scope_types")
+    chains: dict[str, tuple[str, ...]] = {"": ()}
+    out = {}
+    for node in model.graph.nodes:
+        if node.op == "output":
+            continue
+        scope = _node_scope(node)
+        chain = chains.get(scope)
+        if chain is None:
+            parts = scope.split(".")
+            prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            chain = chains[scope] = tuple(p for p in prefixes if ran is None or p in ran or p == scope)
+        out[node] = chain
+    return out
 
 
 def node_path(node: fx.Node) -> tuple[str, ...]:
-    """The hierarchical path of ``node`` (see NOTE: [Depth])."""
-    if node.op == "call_module":
-        return tuple(node.target.split("."))
-    if node.op == "get_attr" and "." in node.target:
-        return tuple(node.target.split("."))
-    scope = node.meta.get("tg_scope")
-    if scope is None and node.op == "get_attr":  # a constant: where it is first used
-        scope = next((u.meta.get("tg_scope") for u in node.users if u.meta.get("tg_scope")), None)
+    """The scope of ``node`` split in parts, plus its name (for a quick look; see scope_chains)."""
+    scope = _node_scope(node)
     return (*scope.split("."), node.name) if scope else (node.name,)
 
 
@@ -324,8 +349,8 @@ class Group:
 
 
 def tree_depth(model: fx.GraphModule) -> int:
-    """The number of levels of ``model``'s hierarchy (1 for a model without scopes)."""
-    return max((len(node_path(n)) for n in model.graph.nodes if n.op != "output"), default=1)
+    """The number of levels of ``model``'s module tree (1 for a model without scopes)."""
+    return 1 + max((len(c) for c in scope_chains(model).values()), default=0)
 
 
 def build_tree(model: fx.GraphModule, infos: list[NodeInfo], depth: int | None) -> tuple[list, dict]:
@@ -337,12 +362,13 @@ def build_tree(model: fx.GraphModule, infos: list[NodeInfo], depth: int | None) 
     top: list = []
     groups: dict[str, Group] = {}
     owner: dict[fx.Node, Group] = {}
+    chains = scope_chains(model)
     for info in infos:
-        path = node_path(info.node)
+        chain = chains.get(info.node, ())
+        info.level = len(chain) + 1
         container = top
         absorbed = False
-        for level in range(1, len(path)):
-            gpath = ".".join(path[:level])
+        for level, gpath in enumerate(chain, start=1):
             group = groups.get(gpath)
             if group is None:
                 label = types.get(gpath, "scope")

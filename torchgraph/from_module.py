@@ -80,6 +80,7 @@ class _Plan:
         self.leaves: set[int] = set()         # kept as layers: leaves, given leaf_modules, fallbacks
         self.fallbacks: dict[int, str] = {}   # id -> why it stays opaque (one warning each)
         self.errors: dict[int, BaseException] = {}
+        self.called: set[str] = set()       # looked-through module paths that ran in the last recording
         wanted_types = tuple(x for x in leaf_modules if isinstance(x, type))
         wanted_paths = {x for x in leaf_modules if isinstance(x, str)}
         wanted_ids = {id(x) for x in leaf_modules if isinstance(x, nn.Module)}
@@ -182,7 +183,8 @@ def _tensor_keys(module: nn.Module) -> dict[int, str]:
 
 def _call(module: nn.Module, args: tuple, kwargs: dict, plan: "_Plan"):
     leaves = [plan.modules[i] for i in plan.leaves]
-    with looking_through(plan.transparent(), leaves), tracing_flags(), RecordingMode(plan.state_ids):
+    plan.called = set()
+    with looking_through(plan.transparent(), leaves, plan.called), tracing_flags(), RecordingMode(plan.state_ids):
         return module(*args, **kwargs)
 
 
@@ -413,7 +415,8 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
                 "(in a tuple, list or dict); pass settings that drop the others, e.g. "
                 "{'use_cache': False} in the inputs dict of a HuggingFace model.") from None
     types, kinds = mirror_hierarchy(model, module, plan.leaves)
-    model.meta["torchgraph"]["scope_types"] = types
+    # The levels of summary/plot depth: modules that ran (an nn.ModuleDict never does itself).
+    model.meta["torchgraph"]["scope_types"] = {p: t for p, t in types.items() if p in plan.called}
     model.meta["torchgraph"]["containers"] = kinds
     model.training = module.training
     return model

@@ -159,6 +159,8 @@ class _Emitter:
             nxt = self.paths.get(key)
             if nxt is None:
                 nxt = self.graph.call_function(operator.getitem, (node, v.path[i]))
+                if v.record.scope:  # picks an output where the op ran (see scopes.py)
+                    nxt.meta["tg_scope"] = v.record.scope
                 self.paths[key] = nxt
             node = nxt
         node.meta["tg_spec"] = ValueSpec.of(v)
@@ -246,8 +248,9 @@ class Model(TrainingMixin, fx.GraphModule):
             raise GraphBuildError("tg.Model(inputs, outputs): `outputs` is missing.")
         in_kind, in_keys, in_items = _structure(inputs)
         out_kind, out_keys, _ = _structure(outputs)
-        out_paths = [p for p, _ in tree_leaves(outputs)]
-        out_items = [leaf for _, leaf in tree_leaves(outputs)]
+        # None in the output structure stays None (nanoGPT returns `logits, None` without targets).
+        out_paths = [p for p, leaf in tree_leaves(outputs) if leaf is not None]
+        out_items = [leaf for _, leaf in tree_leaves(outputs) if leaf is not None]
         if in_kind == "dict":
             for k in in_keys:
                 check_identifier(k, "tg.Model: a dict input key (a forward() argument name)")
@@ -304,7 +307,7 @@ class Model(TrainingMixin, fx.GraphModule):
                 node.meta["tg_scope"] = r.scope  # see scopes.py
             em.record_nodes[id(r)] = node
         out_nodes = iter([em.node_for(v) for v in output_values])
-        em.graph.output(tree_map(lambda _: next(out_nodes), outputs))
+        em.graph.output(tree_map(lambda o: None if o is None else next(out_nodes), outputs))
         em.graph.lint()
 
         super().__init__(em.root, em.graph, class_name=name or "Model")

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .describe import (Group, NodeInfo, build_tree, check_built_model, check_depth, describe_nodes, format_count,
-                       node_path, output_entries, param_stats, tree_depth)
+                       output_entries, param_stats, tree_depth)
 
 __all__ = ["model_to_dot", "plot_model", "auto_depth", "MAX_NODES"]
 
@@ -207,7 +207,7 @@ class _DotBuilder:
                 info = item
                 node_id = prefix + info.name
                 if info.kind == "model":
-                    level = len(node_path(info.node))
+                    level = info.level
                     if self.expand_nested if depth is None else level < depth:
                         inner = None if depth is None else depth - level
                         exits[info.name] = self._add_nested(g, info, prefix, exits, ids_of, inner)

@@ -38,6 +38,7 @@ class _State(threading.local):
         self.names: list[str] = []                 # tg.scope stack
         self.transparent: dict[int, str] = {}      # id(module) -> module path, while from_module records
         self.leaves: set[int] = set()              # the leaf modules it records as layers
+        self.called: set[str] = set()              # paths of the transparent modules seen running
         self.modules: list[nn.Module] = []         # keeps those ids alive and unambiguous
 
 
@@ -98,14 +99,19 @@ def recorded_leaf(module: nn.Module) -> bool:
 
 
 def _innermost_module_path() -> str | None:
+    """The innermost looked-through module call on the stack; all of them are noted as called."""
+    innermost = None
     f = sys._getframe(2)
     while f is not None:
         if f.f_code is _CALL_IMPL_CODE:
             path = _STATE.transparent.get(id(f.f_locals.get("self")))
             if path is not None:
-                return path
+                if path in _STATE.called and innermost is not None:
+                    break  # its callers were noted when it was
+                _STATE.called.add(path)
+                innermost = path if innermost is None else innermost
         f = f.f_back
-    return None
+    return innermost
 
 
 def current_scope() -> str:
@@ -119,18 +125,20 @@ def current_scope() -> str:
 
 
 @contextlib.contextmanager
-def looking_through(paths: dict[nn.Module, str], leaves: list[nn.Module] = ()):
+def looking_through(paths: dict[nn.Module, str], leaves: list[nn.Module] = (), called: set[str] | None = None):
     """While active, calls of these modules are transparent: their operations are recorded one by one.
 
     ``paths`` maps each module to its module path (``""`` for the root); calls of ``leaves`` are
-    recorded as layers whatever their arguments. Used by ``tg.from_module``.
+    recorded as layers whatever their arguments; ``called`` collects the paths of the transparent
+    modules that ran (an nn.ModuleDict is never called itself). Used by ``tg.from_module``.
     """
-    saved = _STATE.transparent, _STATE.leaves, _STATE.modules, _STATE.names
+    saved = _STATE.transparent, _STATE.leaves, _STATE.modules, _STATE.names, _STATE.called
     _STATE.transparent = {id(m): p for m, p in paths.items()}
     _STATE.leaves = {id(m) for m in leaves}
     _STATE.modules = [*paths, *leaves]
     _STATE.names = []  # the recorded model's scopes start at its root
+    _STATE.called = called if called is not None else set()
     try:
         yield
     finally:
-        _STATE.transparent, _STATE.leaves, _STATE.modules, _STATE.names = saved
+        _STATE.transparent, _STATE.leaves, _STATE.modules, _STATE.names, _STATE.called = saved

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from .describe import (Group, NodeInfo, build_tree, check_built_model, check_depth, describe_nodes,
-                       format_bytes, format_count, node_path, output_entries, param_stats, tree_depth)
+                       format_bytes, format_count, output_entries, param_stats, tree_depth)
 
 __all__ = ["format_summary", "print_summary", "summary"]
 
@@ -84,7 +84,7 @@ def _rows(model: fx.GraphModule, expand_nested: bool, depth: int | None, indent:
         if info.num_calls > 1 and info.call_index == 1:
             by_target[info.node.target] = row
         if info.kind == "model":
-            level_of_node = len(node_path(info.node))
+            level_of_node = info.level
             if expand_nested if depth is None else level_of_node < depth:
                 inner = None if depth is None else depth - level_of_node
                 rows.extend(_rows(info.module, expand_nested, inner, level + 1, chains))
