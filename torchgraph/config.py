@@ -147,11 +147,11 @@ def get_config(model) -> dict:
         where = f"{model_name}: tensor '{path}'"
         constants.append({**_constant_entry(path, t, where, is_persistent(model, path)), "unused": True})
     extra = {}
-    if info.get("scope_types"):  # tg.from_module: the original's module classes and state_dict order
+    if info.get("scope_types") is not None:  # tg.from_module: the modules that ran, the state order
         extra["scope_types"] = dict(info["scope_types"])
         extra["state_order"] = list(model.state_dict())
-        if info.get("containers"):
-            extra["containers"] = dict(info["containers"])
+    if info.get("containers"):
+        extra["containers"] = dict(info["containers"])
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
