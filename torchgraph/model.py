@@ -674,10 +674,16 @@ def _input_checks(model: Model) -> tuple:
 
 def _check_call(model: Model, checks: tuple, args: tuple, kwargs: dict) -> None:
     n = len(checks)
-    if len(args) + len(kwargs) != n:
+    by_keyword = {c[0] for c in checks[len(args):]} if kwargs else None  # inputs not given by position
+    if len(args) + len(kwargs) != n or (kwargs and not kwargs.keys() <= by_keyword):
         names = [c[0] for c in checks]
+        unexpected = [k for k in kwargs if k not in names]
+        twice = [k for k in kwargs if k in names[:len(args)]]
+        detail = "".join(f"; {what} {keys}" for what, keys in (("unexpected keyword(s)", unexpected),
+                                                                  ("given twice", twice)) if keys)
         raise TypeError(f"{model._get_name()} takes {n} input(s) {names}; received {len(args)} positional "
-                        f"and {len(kwargs)} keyword argument(s).")
+                        f"and {len(kwargs)} keyword argument(s) {list(kwargs)}{detail}. Pass one tensor per "
+                        "input, by position or by input name.")
     for i, (name, ndim, static, allowed, spec) in enumerate(checks):
         x = args[i] if i < len(args) else kwargs.get(name)
         if not isinstance(x, torch.Tensor):

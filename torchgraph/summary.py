@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from .describe import (Group, NodeInfo, build_tree, check_built_model, check_depth, describe_nodes,
                        format_bytes, format_count, output_entries, param_stats, tree_depth)
+from .training.state import optimizer_state_size
 
 __all__ = ["format_summary", "print_summary", "summary"]
 
@@ -252,6 +253,9 @@ def format_summary(model, expand_nested: bool = False, line_length: int | None =
     if buffers:
         lines.append(f"Buffers (not parameters, e.g. BatchNorm statistics): {format_count(buffers)} "
                      f"({format_bytes(buffer_size)})")
+    optimizer = optimizer_state_size(model)  # Keras' "Optimizer params", once compiled for training
+    if optimizer is not None:
+        lines.append(f"Optimizer params: {format_count(optimizer[0])} ({format_bytes(optimizer[1])})")
     return "\n".join(lines)
 
 
