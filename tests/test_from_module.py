@@ -260,6 +260,27 @@ def test_unrecordable_submodules_stay_opaque_with_one_warning_each():
         tg.from_module(net, (4,), leaf_modules=["a", Counter, net.c, Hooked])  # named: no warnings
 
 
+class RarelyActive(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.abs().sum() > 1e9:  # never on the probe data
+            return self.fc(x)
+        return x  # the input object itself: the call would vanish from a graph
+
+
+def test_data_dependent_module_returning_its_input_is_a_clear_error():
+    """A fallback module that hands back its input object cannot be a recorded call: said, not skipped."""
+    net = nn.Sequential(nn.Linear(4, 4), RarelyActive(), nn.Linear(4, 2))
+    with pytest.raises(tg.GraphBuildError, match=r"'1' \(RarelyActive\) must stay one layer.*returned its input "
+                                                 r"object unchanged"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tg.from_module(net, (4,))
+
+
 def test_root_that_cannot_be_recorded_fails_clearly():
     """Hooks on the root itself, or data-dependent code in its own forward: a GraphBuildError."""
     net = Hooked()
@@ -413,3 +434,30 @@ def _saved(model, tmp_path):
     path = tmp_path / "scoped.safetensors"
     tg.save(model, path)
     return path
+
+
+def test_from_module_doc_blocks_run_on_their_own(tmp_path, monkeypatch, capsys):
+    """docs/from_module.md: each python block runs alone; its summary text is the real output; the
+    picture it shows is committed and is what plot_model draws."""
+    import pathlib
+    import re
+    import struct
+
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "from_module.md"
+    text = page.read_text()
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    for i, block in enumerate(blocks):
+        if "transformers" in block:
+            pytest.importorskip("transformers")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exec(compile(block, f"from_module.md[{i}]", "exec"), {"__name__": "__main__"})
+        printed = capsys.readouterr().out
+        if i == 0:
+            shown = re.search(r"```text\n(.*?)```", text, flags=re.S).group(1)
+            assert shown in printed
+    picture = (page.parent / "images" / "resnet50_depth1.png").read_bytes()
+    width, height = struct.unpack(">II", picture[16:24])
+    assert picture[:4] == b"\x89PNG" and 300 < width < 1_000 and 1_000 < height < 2_000

@@ -195,8 +195,8 @@ def test_plain_fx_graph_module_uses_fx_shapes():
     from torch.fx.passes.shape_prop import ShapeProp
 
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
-    assert "_0 (Linear)      ?                   9  Y" in format_summary(gm)
+    assert "0 (Linear)       ?                   9  Y" in format_summary(gm)  # named by module path
     ShapeProp(gm).propagate(torch.randn(5, 2))
     text = format_summary(gm)
-    assert "_0 (Linear)      (5, 3)              9  Y" in text
+    assert "0 (Linear)       (5, 3)              9  Y" in text
     assert "Inputs:  input_1 (5, 2) float32" in text

@@ -78,6 +78,15 @@ class NodeInfo:
         return self.node.name
 
     @property
+    def label(self) -> str:
+        """What views call the node: a layer's (first call's) or a tensor's dotted path as in the
+        ``state_dict`` (``layer1.0.conv1``, where fx names the node ``layer1_0_conv1``), else its name."""
+        n = self.node
+        if n is not None and (n.op == "get_attr" or (n.op == "call_module" and self.call_index == 1)):
+            return n.target
+        return n.name if n is not None else ""
+
+    @property
     def trainable(self) -> str:
         """``Y`` (all parameters train), ``N`` (none), ``partial``, or ``-`` (no parameters)."""
         if self.num_params == 0:

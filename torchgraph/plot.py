@@ -122,7 +122,7 @@ class _DotBuilder:
     def node_label(self, info: NodeInfo, infos: dict) -> str:
         kind = info.kind
         note = f"shared, call {info.call_index} of {info.num_calls}" if info.num_calls > 1 else ""
-        header = self._header(info.name, info.type_label, kind, note)
+        header = self._header(info.label, info.type_label, kind, note)
         config = ""
         if info.module is not None:
             if kind == "model":

@@ -55,8 +55,10 @@ def _rows(model: fx.GraphModule, expand_nested: bool, depth: int | None, indent:
     rows: list[_Row] = []
     by_target: dict[str, _Row] = {}
 
+    labels = {i.node: i.label for i in infos}
+
     def shown(nodes) -> str:  # "Connected to": a node, or the collapsed group holding it
-        names = dict.fromkeys(owner[n].path if n in owner else n.name for n in nodes)
+        names = dict.fromkeys(owner[n].path if n in owner else labels.get(n, n.name) for n in nodes)
         return ", ".join(names) or "-"
 
     def emit(item, level: int) -> None:
@@ -79,7 +81,7 @@ def _rows(model: fx.GraphModule, expand_nested: bool, depth: int | None, indent:
         if info.num_calls > 1:
             label += f", shared: {info.num_calls} calls" if info.call_index == 1 else (
                 f", call {info.call_index} of {info.num_calls}")
-        row = _Row(f"{info.name} ({label})", info.output, format_count(info.num_params), connected,
+        row = _Row(f"{info.label} ({label})", info.output, format_count(info.num_params), connected,
                    info.trainable, level)
         rows.append(row)
         if info.num_calls > 1 and info.call_index == 1:
@@ -183,7 +185,7 @@ def _io_lines(model: fx.GraphModule) -> list[str]:
     outs = []
     for key, node in output_entries(model):
         info = infos.get(getattr(node, "name", None))
-        where = "" if info is None or info.name == key else f" = {info.name}"
+        where = "" if info is None or info.label == key else f" = {info.label}"
         outs.append(f"{key}{where} {info.output} {info.dtype}" if info else f"{key} ?")
     return ["Inputs:  " + "; ".join(ins), "Outputs: " + "; ".join(outs)]
 
@@ -323,14 +325,14 @@ def summary(module_or_model, *inputs, depth: int | None = None, print_fn=None, e
         >>> tg.summary(net, (8,), depth=1)
         Model: "Sequential"
         Inputs:  input_1 (None, 8) float32
-        Outputs: output = _1 (None, 2) float32
+        Outputs: output = 1 (None, 2) float32
         Depth: 1 of 2 (deeper nodes are collapsed into their submodule's row; depth=None lists all 4 nodes)
         =================================================
         Layer (type)     Output Shape  Param #  Trainable
         =================================================
         input_1 (Input)  (None, 8)           0  -
         0 (Sequential)   (None, 16)        144  Y
-        _1 (Linear)      (None, 2)          34  Y
+        1 (Linear)       (None, 2)          34  Y
         =================================================
         Total params: 178 (712 B)
         Trainable params: 178 (712 B)
