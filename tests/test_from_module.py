@@ -461,3 +461,25 @@ def test_from_module_doc_blocks_run_on_their_own(tmp_path, monkeypatch, capsys):
     picture = (page.parent / "images" / "resnet50_depth1.png").read_bytes()
     width, height = struct.unpack(">II", picture[16:24])
     assert picture[:4] == b"\x89PNG" and 300 < width < 1_000 and 1_000 < height < 2_000
+
+
+def test_copies_and_pickles_keep_the_module_tree():
+    """deepcopy, pickle and torch.save keep the keys, the containers, non-persistent buffers, scopes."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    gpt = TinyGPT()
+    model = record(gpt, tg.Input(shape=(8,), dtype=torch.long, name="idx"))
+    idx = torch.randint(0, 50, (2, 8))
+    expected = model(idx)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
+                  torch.load(buffer, weights_only=False)):
+        assert list(other.state_dict()) == list(gpt.state_dict())
+        assert "rope" not in other.state_dict() and type(other.transformer) is nn.ModuleDict
+        assert other.lm_head.weight is other.transformer.wte.weight
+        assert {n.meta.get("tg_scope") for n in other.graph.nodes} == {n.meta.get("tg_scope") for n in model.graph.nodes}
+        torch.testing.assert_close(other(idx), expected, rtol=0, atol=0)

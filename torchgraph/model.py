@@ -408,6 +408,7 @@ class Model(TrainingMixin, fx.GraphModule):
         scopes = [n.meta.get("tg_scope") for n in self.graph.nodes]
         body = dict(body)
         body.pop("_tg_checks", None)
+        body["_tracer_cls"] = _Retracer
         # fx gives each instance its own GraphModuleImpl subclass; rebuild the user-facing class
         # (Model, or a subclass such as tg.Sequential).
         cls = next(t for t in type(self).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
@@ -613,6 +614,17 @@ def _get_attr(model: nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+class _Retracer(fx.Tracer):
+    """The tracer fx re-runs the generated forward with when a model is unpickled.
+
+    NOTE: buffers are proxied too (fx's default reads them as plain tensors), so that an operation on
+    a buffer alone (``self.position_ids[:, :n]`` in a tg.from_module graph) stays a node instead of
+    being computed once into a ``_tensor_constant``.
+    """
+
+    proxy_buffer_attributes = True
 
 
 def _keep_non_persistent(model: nn.Module, body: dict) -> None:
