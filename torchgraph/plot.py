@@ -489,9 +489,9 @@ def short_description(model) -> str:
     total = param_stats(model.parameters())[0]
     levels = tree_depth(model)
     depth = f"depth={min(2, levels)}" if levels > 1 else ""
+    plot_args = ", ".join(['to_file="model.svg"'] + ([depth] if depth else []))
     return "\n".join([
         f"{type(model).__name__} (tg.Model): {num_nodes} nodes, {format_count(total)} params",
         *_io_lines(model),
-        f"model.summary({depth}) lists its layers; tg.plot_model(model, to_file=\"model.svg\"{', ' + depth if depth else ''}) "
-        "draws it.",
+        f"model.summary({depth}) lists its layers; tg.plot_model(model, {plot_args}) draws it.",
     ])
