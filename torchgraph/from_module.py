@@ -202,6 +202,20 @@ def _culprits(exc: BaseException, plan: _Plan) -> list[nn.Module]:
     return found
 
 
+def _code_location(exc: BaseException) -> str:
+    """``file.py:12`` of the innermost traceback frame outside torch and torchgraph (the model's code)."""
+    import os
+
+    skip = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+    where, tb = "", exc.__traceback__
+    while tb is not None:
+        path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        if not path.startswith(skip[0] + os.sep + "torchgraph") and not path.startswith(skip[1]):
+            where = f"{os.path.basename(path)}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
+
+
 def _first_sentence(exc: BaseException) -> str:
     text = str(exc).strip().split("\n")[0]
     if not isinstance(exc, GraphBuildError):
@@ -315,13 +329,6 @@ def _record_once(module, args, kwargs, plan: _Plan):
             # It failed as one opaque layer too: the first error (at the innermost layer) is the real one.
             raise plan.errors[id(failed_again[-1])] from None
         candidates = [m for m in stack if m in transparent and m is not module]
-        hooked = [m for m in stack if id(m) in plan.leaves and _has_hooks(m)]
-        if not candidates and hooked:
-            raise GraphBuildError(
-                f"tg.from_module: {plan.describe(hooked[-1])} has a forward hook that changes its output; a "
-                "recorded module call gives the output of its forward. Remove that hook (hooks that only "
-                f"read the output are fine), or keep {type(module).__name__} whole as one layer of a "
-                f"tg.Model. (While recording: {_first_sentence(exc)})") from None
         if not candidates:
             hooked = [plan.describe(plan.modules[i]) for i in plan.leaves if _has_hooks(plan.modules[i])]
             if isinstance(exc, GraphBuildError) and hooked and "used outside it" in str(exc):
@@ -329,11 +336,14 @@ def _record_once(module, args, kwargs, plan: _Plan):
                     f"tg.from_module: {', '.join(hooked)} has forward hooks; one that changes the output "
                     "cannot be recorded (a recorded module call gives the output of its forward). Remove "
                     f"that hook (hooks that only read the output are fine). While recording: {exc}") from None
-            if isinstance(exc, GraphBuildError):
-                raise
+            if isinstance(exc, GraphBuildError) and any(id(m) in plan.leaves for m in stack):
+                raise  # a layer's own error (a shape mismatch): it names the layer
+            where = _code_location(exc)
             raise GraphBuildError(
-                f"tg.from_module: {type(module).__name__}.forward raised {type(exc).__name__} while being "
-                f"recorded on symbolic inputs: {exc}") from exc
+                f"tg.from_module: {type(module).__name__}.forward itself (not a submodule, which could stay "
+                f"one layer) cannot be recorded{' at ' + where if where else ''}: {_first_sentence(exc)} "
+                "Give it inputs that avoid that code (a fixed sequence length, settings in the inputs dict), "
+                "or use the module as one layer of a tg.Model.") from exc
         culprit = candidates[-1]
         plan.fall_back(culprit, f"recording its forward failed ({_first_sentence(exc)})", exc)
         del changed
