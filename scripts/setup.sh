@@ -18,7 +18,7 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
   $PY -m pip install -q torch==2.13.0
 fi
 
-if ! $PY -c "import graphviz, onnx, onnxscript, onnxruntime, safetensors, tqdm, pytest, hypothesis, sklearn" >/dev/null 2>&1; then
+if ! $PY -c "import graphviz, onnx, onnxscript, onnxruntime, safetensors, tqdm, pytest, hypothesis, sklearn, torchmetrics, tensorboard, ipykernel, ipywidgets, jupyter_client" >/dev/null 2>&1; then
   echo "[setup] installing demo and test dependencies"
   $PY -m pip install -q -r requirements-dev.txt
 fi

@@ -17,7 +17,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .layer_config import layer_from_config, layer_to_config, model_class, model_class_key
-from .naming import name as set_name
 from .replay import Ref, get_attr as _get_attr, input_shape, replay
 
 __all__ = ["clone_model"]
@@ -118,7 +117,7 @@ def _clone_graph(model, replace, input_tensors, call_function):
             outputs = tree_map(ref, plain_containers(node.args[0]))
         elif node.op == "get_attr":
             if node.target not in copied:
-                copied[node.target] = set_name(_copy_tensor(_get_attr(model, node.target)), node.target)
+                copied[node.target] = _copy_tensor(_get_attr(model, node.target))
             nodes.append(("get_attr", node.name, copied[node.target], (), {}))
         else:
             target = node.target
@@ -140,7 +139,8 @@ def _clone_graph(model, replace, input_tensors, call_function):
         construct = lambda i, o, n: cls(i, o, name=n, **extras)  # noqa: E731
     env: dict[str, Any] = {}
     clone = replay(inputs, model.meta["torchgraph"]["input_kind"], nodes, outputs, name, fresh,
-                   input_tensors=tensors, call_function=call_function, construct=construct, env=env)
+                   input_tensors=tensors, call_function=call_function, construct=construct, env=env,
+                   tensor_names={id(t): n for n, t in copied.items()})
     if isinstance(model, Sequential):
         clone = _as_sequential_clone(model, clone, env, as_sequential)
     clone.train(model.training)
@@ -219,9 +219,9 @@ def _subclass_entries(model) -> dict:
 
 def _configure_like(model, clone) -> None:
     """Compile ``clone`` for training the way ``model`` was (a new optimizer of the same kind)."""
-    from . import training
+    from .training.state import _STATES
 
-    state = training._STATES.get(model)
+    state = _STATES.get(model)
     arguments = getattr(state, "compile_arguments", None)
     if not arguments:
         return
@@ -229,11 +229,19 @@ def _configure_like(model, clone) -> None:
     optimizer = arguments.get("optimizer")
     if isinstance(optimizer, torch.optim.Optimizer):
         arguments["optimizer"] = _optimizer_factory(optimizer)
-    loss = arguments.get("loss")
-    if isinstance(loss, nn.Module) or (isinstance(loss, (list, tuple, dict)) and any(
-            isinstance(v, nn.Module) for v in (loss.values() if isinstance(loss, dict) else loss))):
-        arguments["loss"] = copy.deepcopy(loss)  # a loss module may hold state (weights, buffers)
+    for key in ("loss", "metrics"):  # a loss or metric module holds state (weights, running sums)
+        value = arguments.get(key)
+        if _holds_module(value):
+            arguments[key] = copy.deepcopy(value)
     clone.compile(**arguments)
+
+
+def _holds_module(value) -> bool:
+    if isinstance(value, nn.Module):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_module(v) for v in value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_module(v) for v in value)
 
 
 def _optimizer_factory(optimizer: torch.optim.Optimizer) -> Callable:

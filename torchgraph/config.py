@@ -35,6 +35,7 @@ import torch.nn as nn
 from .config_functions import (check_attribute_name, check_method_name, check_operands, function_name,
                                resolve_function, untrusted_method)
 from .config_values import decode_value, dtype_name, encode_value, resolve_dtype
+from .hierarchy import check_path, is_persistent, restore_hierarchy, unreferenced_state
 from .layer_config import MODEL_CLASS, layer_from_config, layer_to_config, registered_model_class, \
     model_class_key
 from .replay import Ref, get_attr, input_shape, replay
@@ -47,6 +48,7 @@ __all__ = ["get_config", "from_config", "model_from_config", "model_from_json", 
 FORMAT = "torchgraph.Model"
 FORMAT_VERSION = 1
 INLINE_CONSTANT_LIMIT = 1024
+NON_PERSISTENT_LIMIT = 1 << 16
 MAX_NODES = 10_000
 MAX_INPUTS = 1_000
 MAX_INPUT_DIMS = 16
@@ -54,7 +56,8 @@ MAX_DIM = 2**31 - 1
 _OPS = ("get_attr", "call_module", "call_function", "call_method")
 # The keys of a model config; a registered tg.Model subclass may add its own (passed to its __init__).
 MODEL_KEYS = frozenset({"format", "format_version", "name", "training", "inputs", "input_kind", "layers",
-                        "constants", "nodes", "outputs", "torchgraph_version", "class"})
+                        "constants", "nodes", "outputs", "torchgraph_version", "class", "scope_types",
+                        "state_order", "containers"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +107,7 @@ def get_config(model) -> dict:
     seen_constants: set[str] = set()
     outputs: Any = None
     for node in model.graph.nodes:
+        scope = node.meta.get("tg_scope")  # tg.scope / tg.from_module module path (summary depth)
         where = f"{model_name}: node '{node.name}'"
         if node.op == "placeholder":
             inputs.append(_input_entry(node, where))
@@ -116,7 +120,10 @@ def get_config(model) -> dict:
             entry["target"] = node.target
             if node.target not in seen_constants:
                 seen_constants.add(node.target)
-                constants.append(_constant_entry(node.target, get_attr(model, node.target), where))
+                constants.append(_constant_entry(node.target, get_attr(model, node.target), where,
+                                                 is_persistent(model, node.target)))
+            if scope:
+                entry["scope"] = scope
             nodes.append(entry)
             continue
         if node.op == "call_module":
@@ -134,7 +141,24 @@ def get_config(model) -> dict:
             untrusted_method(entry["target"], where)
         entry["args"] = encode_value(list(node.args), where, node_name)
         entry["kwargs"] = {k: encode_value(v, where, node_name) for k, v in node.kwargs.items()}
+        if scope:
+            entry["scope"] = scope
         nodes.append(entry)
+    # NOTE: [Unreferenced state] A tg.from_module model keeps the original's whole module tree
+    # (a submodule its forward never calls, a parameter it never reads): listed too, so that the
+    # rebuilt model has the same state_dict.
+    extra_layers, extra_tensors = unreferenced_state(model, seen_layers | seen_constants)
+    for path, layer in extra_layers.items():
+        layers.append({"name": path, **layer_to_config(layer, f"{model_name}: layer '{path}'"), "unused": True})
+    for path, t in extra_tensors.items():
+        where = f"{model_name}: tensor '{path}'"
+        constants.append({**_constant_entry(path, t, where, is_persistent(model, path)), "unused": True})
+    extra = {}
+    if info.get("scope_types") is not None:  # tg.from_module: the modules that ran, the state order
+        extra["scope_types"] = dict(info["scope_types"])
+        extra["state_order"] = list(model.state_dict())
+    if info.get("containers"):
+        extra["containers"] = dict(info["containers"])
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -146,6 +170,7 @@ def get_config(model) -> dict:
         "constants": constants,
         "nodes": nodes,
         "outputs": outputs,
+        **extra,
     }
     key = model_class_key(model)
     if key is not None:
@@ -161,10 +186,17 @@ def _input_entry(node: fx.Node, where: str) -> dict:
     return {"name": node.target, "shape": shape, "dtype": dtype_name(spec.dtype, where)}
 
 
-def _constant_entry(name: str, t: torch.Tensor, where: str) -> dict:
+def _constant_entry(name: str, t: torch.Tensor, where: str, persistent: bool = True) -> dict:
     entry = {"name": name, "shape": list(t.shape), "dtype": dtype_name(t.dtype, where),
              "parameter": isinstance(t, nn.Parameter), "requires_grad": bool(t.requires_grad)}
-    if t.numel() <= INLINE_CONSTANT_LIMIT and not t.is_complex() and t.device.type != "meta":
+    limit = INLINE_CONSTANT_LIMIT if persistent else NON_PERSISTENT_LIMIT
+    if not persistent:
+        entry["persistent"] = False  # not in the state_dict, so not in a file's weights: inline always
+        if t.numel() > limit or t.is_complex() or t.device.type == "meta":
+            raise ValueError(f"{where}: a non-persistent buffer of {t.numel()} elements (not part of the "
+                             f"state_dict, so not saved with the weights) cannot be stored in a config; at "
+                             f"most {limit} real elements can. Register it as a persistent buffer.")
+    if t.numel() <= limit and not t.is_complex() and t.device.type != "meta":
         entry["value"] = [encode_value(v, where) for v in t.detach().reshape(-1).tolist()]
     return entry
 
@@ -340,19 +372,29 @@ def build_model(cls: type, config: Any, construct=None, extra_keys: frozenset = 
     _require(len({n for n, _, _ in inputs}) == len(inputs), "from_config: duplicate input names.")
 
     layers: dict[str, nn.Module] = {}
+    unused_layers: dict[str, nn.Module] = {}
     for i, entry in enumerate(config["layers"]):
         where = f"from_config: layers[{i}]"
         _require(isinstance(entry, dict), f"{where}: expected an object.")
-        lname = _check_name(entry.get("name"), f"{where} 'name'")
-        _require(lname not in layers, f"{where}: duplicate layer name '{lname}'.")
-        layers[lname] = layer_from_config(entry, f"from_config: layer '{lname}'")
+        lname = check_path(entry.get("name"), f"{where} 'name'")
+        _require(lname not in layers and lname not in unused_layers, f"{where}: duplicate layer name '{lname}'.")
+        unused = entry.get("unused", False)
+        _require(isinstance(unused, bool), f"{where}: 'unused' must be a bool.")
+        entry = {k: v for k, v in entry.items() if k != "unused"}
+        (unused_layers if unused else layers)[lname] = layer_from_config(entry, f"from_config: layer '{lname}'")
 
     constants: dict[str, torch.Tensor] = {}
+    unused_constants: dict[str, torch.Tensor] = {}
+    non_persistent: set[str] = set()
     for i, entry in enumerate(config["constants"]):
-        cname, tensor = _constant_from_entry(entry, f"from_config: constants[{i}]")
-        _require(cname not in constants, f"from_config: duplicate constant '{cname}'.")
-        _require(cname not in layers, f"from_config: the constant '{cname}' has a layer's name.")
-        constants[cname] = tensor
+        cname, tensor, persistent, unused = _constant_from_entry(entry, f"from_config: constants[{i}]")
+        _require(cname not in constants and cname not in unused_constants,
+                 f"from_config: duplicate constant '{cname}'.")
+        _require(cname not in layers and cname not in unused_layers,
+                 f"from_config: the constant '{cname}' has a layer's name.")
+        (unused_constants if unused else constants)[cname] = tensor
+        if not persistent:
+            non_persistent.add(cname)
 
     nodes = []
     for i, entry in enumerate(config["nodes"]):
@@ -364,7 +406,9 @@ def build_model(cls: type, config: Any, construct=None, extra_keys: frozenset = 
             if cls is Model:
                 return Model(model_inputs, model_outputs, name=model_name)
             return cls(model_inputs, model_outputs, name=model_name, **extras)
-    model = replay(inputs, input_kind, nodes, outputs, name, layers, untrusted=True, construct=construct)
+    model = replay(inputs, input_kind, nodes, outputs, name, layers, untrusted=True, construct=construct,
+                   tensor_names={id(t): n for n, t in constants.items()})
+    restore_hierarchy(model, config, unused_layers, unused_constants, non_persistent)
     model.train(training)
     return model
 
@@ -410,11 +454,15 @@ def _bounded_dim(entry: dict, where: str):
     return dim_class(name, min=low, max=high)
 
 
-def _constant_from_entry(entry: Any, where: str) -> tuple[str, torch.Tensor]:
+def _constant_from_entry(entry: Any, where: str) -> tuple[str, torch.Tensor, bool, bool]:
+    """``(name, tensor, persistent, unused)`` of a constants entry, validated."""
     _require(isinstance(entry, dict), f"{where}: expected an object.")
-    extra = set(entry) - {"name", "shape", "dtype", "parameter", "requires_grad", "value"}
+    extra = set(entry) - {"name", "shape", "dtype", "parameter", "requires_grad", "value", "persistent", "unused"}
     _require(not extra, f"{where}: unexpected keys {sorted(map(str, extra))[:8]}.")
-    name = _check_name(entry.get("name"), f"{where} 'name'")
+    name = check_path(entry.get("name"), f"{where} 'name'")
+    persistent, unused = entry.get("persistent", True), entry.get("unused", False)
+    _require(isinstance(persistent, bool) and isinstance(unused, bool),
+             f"{where}: 'persistent' and 'unused' must be booleans.")
     shape = entry.get("shape")
     _require(isinstance(shape, list) and len(shape) <= 16 and all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape),
@@ -442,9 +490,7 @@ def _constant_from_entry(entry: Any, where: str) -> tuple[str, torch.Tensor]:
         _require(dtype.is_floating_point or dtype.is_complex or not requires_grad,
                  f"{where}: only floating-point parameters can require gradients.")
         tensor = nn.Parameter(tensor, requires_grad=requires_grad)
-    from .naming import name as set_name
-    set_name(tensor, name)  # the rebuilt model gives it the same attribute and state_dict key
-    return name, tensor
+    return name, tensor, persistent, unused
 
 
 def _node_from_entry(entry: Any, i: int, layers: dict, constants: dict) -> tuple:
@@ -457,10 +503,11 @@ def _node_from_entry(entry: Any, i: int, layers: dict, constants: dict) -> tuple
     where = f"from_config: node '{name}'"
     target = entry.get("target")
     if op == "get_attr":
-        _require(set(entry) == {"op", "name", "target"}, f"{where}: a get_attr node has op, name, target.")
+        _require(set(entry) - {"scope"} == {"op", "name", "target"},
+                 f"{where}: a get_attr node has op, name, target (and a scope).")
         _require(isinstance(target, str) and target in constants, f"{where}: unknown constant {target!r:.80}.")
         return op, name, constants[target], (), {}
-    _require(set(entry) <= {"op", "name", "target", "args", "kwargs"}, f"{where}: unexpected keys.")
+    _require(set(entry) <= {"op", "name", "target", "args", "kwargs", "scope"}, f"{where}: unexpected keys.")
     if op == "call_module":
         _require(isinstance(target, str) and target in layers, f"{where}: unknown layer {target!r:.80}.")
         resolved: Any = layers[target]

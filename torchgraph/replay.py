@@ -81,7 +81,7 @@ def input_shape(spec) -> tuple:
 def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: Any, name: str,
            layers: dict[str, nn.Module], untrusted: bool = False, input_tensors: Any = None,
            call_function: Callable | None = None, construct: Callable | None = None,
-           env: dict | None = None):
+           env: dict | None = None, tensor_names: dict[int, str] | None = None):
     """Rebuild a model by calling layers and functions on fresh ``tg.Input`` tensors.
 
     Args:
@@ -94,7 +94,8 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
         outputs: the output structure, with :class:`Ref` leaves.
         name: the model's name.
         layers: layer name -> module; each gets that name in the rebuilt model unless it was given
-            another with ``tg.name``.
+            another with ``tg.name``. A dotted name (a module path of ``tg.from_module`` or
+            ``tg.scope``) holds for this model only (NOTE: [Fixed paths] in naming.py).
         untrusted: require every function call to consume a symbolic value (a config cannot make
             torchgraph compute on plain numbers) and turn every failure into a ``ValueError``.
         input_tensors: symbolic tensors to build on instead of fresh inputs (one per input, in
@@ -102,14 +103,23 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
         call_function: ``call_function(layer, *args, **kwargs)`` instead of ``layer(*args, **kwargs)``.
         construct: ``construct(inputs, outputs, name)`` makes the model (default ``tg.Model``).
         env: a dict that receives node name -> the symbolic value replaying the node gave.
+        tensor_names: ``id(constant tensor) -> name`` for the ``get_attr`` targets: the rebuilt model
+            keeps these attribute names and ``state_dict`` keys (module paths such as
+            ``embeddings.position_ids`` included), for this model only.
     """
     from .model import Model
-    from .naming import name as set_name, user_name
+    from .naming import fixed_paths, name as set_name, user_name
+    from .tracing import RecordingMode
     from .trees import tree_map
     from .symbolic import Input, SymbolicInt, SymbolicTensor
 
+    paths = dict(tensor_names or {})
     for layer_name, layer in layers.items():
-        if user_name(layer) is None:
+        if user_name(layer) is not None:  # named with tg.name (in clone_function): keeps its name
+            continue
+        if "." in layer_name:  # a module path: not a tg.name
+            paths[id(layer)] = layer_name
+        else:
             set_name(layer, layer_name)
 
     env = {} if env is None else env
@@ -129,12 +139,51 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
 
     symbolic = (SymbolicTensor, SymbolicInt)
     where = f"{name}"
+    # NOTE: [Replay under RecordingMode] A get_attr node's tensor enters as a symbolic handle
+    # (model.constant_value), so operations on it (`cls_token.expand(B, -1, -1)`, `self.pos_ids[:, :n]`
+    # of a tg.from_module graph) are recorded again rather than computed once; RecordingMode records a
+    # dynamic size passed as a Scalar (`torch.arange(n)`), as tg.from_module did.
+    with RecordingMode():
+        _replay_nodes(nodes, env, symbolic, untrusted, name, call_function)
+
+    outputs = tree_map(lookup, outputs)
+    input_values = [env[n] for n, _, _ in inputs]
+    if input_kind == "single":
+        model_inputs: Any = input_values[0]
+    elif input_kind == "dict":
+        model_inputs = {n: env[n] for n, _, _ in inputs}
+    else:
+        model_inputs = input_values if input_kind == "list" else tuple(input_values)
+    construct = construct or (lambda i, o, n: Model(i, o, name=n))
+    with warnings.catch_warnings(), fixed_paths(paths):
+        warnings.filterwarnings("ignore", message="tg.Model: input .* is not used")
+        try:
+            return construct(model_inputs, outputs, name)
+        except (ValueError, TypeError) as exc:
+            raise _as_value_error(exc, f"{name}: rebuilding the model") from None
+
+
+def _replay_nodes(nodes: list[tuple], env: dict, symbolic: tuple, untrusted: bool, name: str,
+                  call_function: Callable | None) -> None:
+    """Call each node's layer or function on the values in ``env`` (replay's loop)."""
+    from .model import constant_value
+    from .trees import tree_map
+
+    where = name
+
+    def lookup(o):
+        if isinstance(o, Ref):
+            if o.name not in env:
+                raise ValueError(f"{where}: uses node '{o.name:.80}', which is not defined before it.")
+            return env[o.name]
+        return o
+
     for op, node_name, target, args, kwargs in nodes:
         where = f"{name}: node '{node_name}'"
         if node_name in env:
             raise ValueError(f"{where}: the name is used twice.")
         if op == "get_attr":
-            env[node_name] = target
+            env[node_name] = constant_value(target)  # NOTE: [Replay under RecordingMode]
             continue
         args = tree_map(lookup, args)
         kwargs = tree_map(lookup, kwargs)
@@ -156,22 +205,6 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
                 raise
             raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from None
         env[node_name] = out
-
-    outputs = tree_map(lookup, outputs)
-    input_values = [env[n] for n, _, _ in inputs]
-    if input_kind == "single":
-        model_inputs: Any = input_values[0]
-    elif input_kind == "dict":
-        model_inputs = {n: env[n] for n, _, _ in inputs}
-    else:
-        model_inputs = input_values if input_kind == "list" else tuple(input_values)
-    construct = construct or (lambda i, o, n: Model(i, o, name=n))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="tg.Model: input .* is not used")
-        try:
-            return construct(model_inputs, outputs, name)
-        except (ValueError, TypeError) as exc:
-            raise _as_value_error(exc, f"{name}: rebuilding the model") from None
 
 
 def _call_method(method: str, args: tuple, kwargs: dict, where: str):

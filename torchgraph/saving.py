@@ -247,37 +247,33 @@ def load(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
         with _as_file_error(who, path):
             header = _read_header(handle, path, who, num_bytes)
             config = _config_of(header, path, who)
-            model, on_meta = _build_checked(config, header, path, who)
+            model, _ = _build_checked(config, header, path, who)
             state = _read_tensors(handle, header, path, who)
-            # On meta, assign=True adopts the tensors just read instead of copying them (requires_grad
-            # comes from the model either way); it gives each key its own Parameter, so tied weights
-            # are tied again afterwards.
-            ties = _ties(model)
-            model.load_state_dict(state, strict=True, assign=on_meta)
-            _retie(model, ties)
+            # assign=True adopts the tensors just read (fresh memory, see _read_tensors) instead of
+            # copying them into the model's (requires_grad comes from the model either way). Each key
+            # gets its own tensor, so the tensors the saved model shared are shared again afterwards.
+            model.load_state_dict(state, strict=True, assign=True)
+            _retie(model, _aliases(header, path, who))
     return model
 
 
-def _ties(model: nn.Module) -> list[list[str]]:
-    """Groups of parameter/buffer names that are one tensor object (tied weights)."""
-    groups: dict[int, list[str]] = {}
-    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for name, t in named:
-        groups.setdefault(id(t), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
-
-
-def _retie(model: nn.Module, ties: list[list[str]]) -> None:
-    for names in ties:
-        owner, _, attr = names[0].rpartition(".")
-        first = getattr(model.get_submodule(owner), attr)
-        for name in names[1:]:
-            owner, _, attr = name.rpartition(".")
-            module = model.get_submodule(owner)
-            if isinstance(first, nn.Parameter):
-                module._parameters[attr] = first
-            else:
-                module._buffers[attr] = first
+# NOTE: [Tied weights] Which tensors a loaded model shares is what the saved model shared, as the
+# file's aliases record it (a key stored once, its aliases pointing to it): nanoGPT's lm_head.weight
+# and wte.weight, recorded by tg.from_module as two layers, or ties a layer's constructor makes
+# (a Hugging Face model with tie_word_embeddings). Not what the rebuilt model happens to share: a
+# tie its constructor makes that the saved model had undone must stay undone.
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Tensors the saved model shared are one tensor again, not two equal copies that a training
+    step would pull apart (NOTE: [Tied weights])."""
+    for alias, key in aliases.items():
+        owner_path, _, field = alias.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        source_path, _, source_field = key.rpartition(".")
+        source = model.get_submodule(source_path) if source_path else model
+        if field in owner._parameters and source_field in source._parameters:
+            owner._parameters[field] = source._parameters[source_field]
+        elif field in owner._buffers and source_field in source._buffers:
+            owner._buffers[field] = source._buffers[source_field]
 
 
 def read_file_info(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> FileInfo:
