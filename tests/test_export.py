@@ -439,14 +439,65 @@ def test_verify_sizes_are_user_given_and_checked(tmp_path):
     """verify_sizes picks the sizes of each run by dim name; unknown names and bad sizes are refused."""
     path = tg.export_onnx(_positions_model(), tmp_path / "m.onnx", verify_sizes={"seq": (20, 40), "batch": 4})
     assert os.path.exists(path)
-    from torchgraph.export.inputs import verification_sizes
+    from torchgraph.export.inputs import verification_plans
 
     specs = input_specs(_positions_model())
-    assert verification_sizes(specs, {"seq": (20, 40)}) == [{"batch": 3, "seq": 20}, {"batch": 5, "seq": 40}]
+    assert verification_plans(specs, {"seq": (20, 40)}, {"seq": 8}) == [[{"batch": 3, "seq": 20},
+                                                                         {"batch": 5, "seq": 40}]]
     for bad, error in (({"nope": 3}, ValueError), ({"seq": (0, 3)}, ValueError), ({"seq": "x"}, ValueError),
                        ([("seq", 3)], TypeError)):
         with pytest.raises(error, match="verify_sizes"):
             tg.export_onnx(_positions_model(), tmp_path / "bad.onnx", verify_sizes=bad)
+
+
+def test_default_verification_sizes_are_ones_the_model_accepts(tmp_path):
+    """Without verify_sizes, a table of 128 positions is verified at small sizes unlike the example's
+    (16 and 24 for an example at 8), not at the build sizes (hundreds) that it rejects in torch."""
+    from torchgraph.export.inputs import example_sizes, verification_plans
+
+    model = _positions_model()
+    specs = input_specs(model)
+    example = example_sizes(model, specs, "cpu")
+    assert example == {"seq": 8}
+    plans = verification_plans(specs, None, example)
+    assert plans[0] == [{"batch": 3, "seq": 16}, {"batch": 5, "seq": 24}]
+    assert plans[1] == [{"batch": 3, "seq": 9}, {"batch": 5, "seq": 10}]
+    assert min(plans[-1][0]["seq"], plans[-1][1]["seq"]) > 128  # the build sizes come last
+    assert os.path.exists(tg.export_onnx(model, tmp_path / "m.onnx", exporter="legacy"))
+
+
+def test_verification_falls_back_to_the_next_sizes_the_model_accepts(tmp_path):
+    """A table of 20 positions rejects 16/24 (twice and three times the example's 8): 9/10 are used."""
+    tokens = tg.Input(shape=("seq",), dtype=torch.long, name="tokens")
+    positions = tokens.new_ones(tokens.shape).cumsum(1) - 1
+    model = tg.Model(tokens, nn.Linear(8, 2)(nn.Embedding(100, 8)(tokens) + nn.Embedding(20, 8)(positions)))
+    assert os.path.exists(tg.export_onnx(model, tmp_path / "m.onnx", exporter="legacy"))
+    tight = tg.Model(tokens, nn.Linear(8, 2)(nn.Embedding(100, 8)(tokens) + nn.Embedding(9, 8)(positions)))
+    with pytest.raises(OnnxExportError, match=r"fails in torch on the verification inputs tokens=\(3, \d+\) "
+                                              r"\(also tried tokens=\(3, 16\); tokens=\(5, 10\)\).*verify_sizes="):
+        tg.export_onnx(tight, tmp_path / "tight.onnx", exporter="legacy")
+
+
+def test_masks_are_right_padded_and_keep_a_real_first_position():
+    """Bool inputs and integer inputs that feed no embedding are masks: each row is real up to some
+    length >= 1 (False / 1), padding after it (True / 0), so no attention row is fully masked."""
+    from torchgraph.export.inputs import random_inputs
+
+    ids = tg.Input(shape=("seq",), dtype=torch.long, name="ids")
+    attention = tg.Input(shape=("seq",), dtype=torch.long, name="attention_mask")
+    padding = tg.Input(shape=("seq",), dtype=torch.bool, name="padding")
+    h = nn.Embedding(50, 4)(ids) * attention.unsqueeze(-1) * (~padding).unsqueeze(-1)
+    specs = {s.name: s for s in input_specs(tg.Model([ids, attention, padding], h))}
+    assert [specs[n].mask for n in ("ids", "attention_mask", "padding")] == [False, True, True]
+    for seed in range(5):
+        ids_, attention_, padding_ = random_inputs(list(specs.values()), 0, batch=16, seed=seed,
+                                                   sizes={"seq": 12})
+        assert ids_.max() < 50 and attention_.dtype == torch.long and padding_.dtype == torch.bool
+        for real in (attention_.bool(), ~padding_):
+            assert real[:, 0].all()  # the first position is real in every row
+            lengths = real.sum(1)
+            assert torch.equal(real, torch.arange(12) < lengths[:, None])  # a prefix, then padding
+        assert len(set(lengths.tolist())) > 1
 
 
 def test_bounded_dims_bound_export_and_verification(tmp_path):
@@ -457,9 +508,9 @@ def test_bounded_dims_bound_export_and_verification(tmp_path):
     tokens = tg.Input(shape=(tg.Dim("seq", min=4, max=64),), dtype=torch.long, name="tokens")
     positions = tokens.new_ones(tokens.shape).cumsum(1) - 1
     model = tg.Model(tokens, nn.Embedding(100, 8)(tokens) + nn.Embedding(64, 8)(positions))
-    from torchgraph.export.inputs import verification_sizes
+    from torchgraph.export.inputs import verification_plans
 
     specs = input_specs(model)
-    for run in verification_sizes(specs):
-        assert 4 <= run["seq"] <= 64
+    for plan in verification_plans(specs, example={"seq": 8}):
+        assert all(4 <= run["seq"] <= 64 for run in plan)
     assert os.path.exists(tg.export_onnx(model, tmp_path / "m.onnx"))

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .failures import OnnxExportError, culprit, culprit_in_program, failure_message
-from .inputs import InputSpec, example_inputs, input_specs, verification_sizes
+from .inputs import InputSpec, example_inputs, example_sizes, input_specs, verification_plans
 from .names import check_names, name_outputs, placeholder_names
 from .references import ReferenceMode, fused_op_references, reference_model
 from .verify import verify_onnx
@@ -52,14 +52,16 @@ def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = Non
         opset (int | None): the ONNX opset version; ``None`` takes the exporter's default (18+ for
             the dynamo exporter).
         verify (bool): run the file in onnxruntime on random inputs at two batch sizes (and two
-            sizes for every other dynamic dim) and compare with the model in torch (eval mode).
-            Integer inputs get valid ids (below the ``num_embeddings`` of the embedding they feed).
+            sizes for every other dynamic dim, sizes the model accepts in torch) and compare with
+            the model in torch (eval mode). Integer inputs get valid ids (below the
+            ``num_embeddings`` of the embedding they feed); masks are right-padded.
         exporter (str): ``"dynamo"`` (default: ``torch.export`` based, checks dynamic dims) or
             ``"legacy"`` (TorchScript based, deprecated in torch, faster).
         verify_sizes (dict): the sizes verification runs dynamic dims at, by ONNX dim name
             (``"batch"``, a ``tg.Input`` dim name, ``"<input>_dim<i>"``): a size, or a pair of sizes
-            (one per run). Default: the batch at 3 then 5, every other dim at the two sizes the model
-            was built with, inside its ``tg.Dim`` bounds.
+            (one per run). Default: the batch at 3 then 5, every other dim at small sizes unlike the
+            export example's that the model accepts (else the sizes it was built with), inside its
+            ``tg.Dim`` bounds; see docs/export.md.
 
     Returns:
         str: ``path``.
@@ -89,14 +91,16 @@ def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = Non
     check_names(model.input_names, model.output_names)
     prepared = reference_model(model).eval()
     specs = input_specs(prepared, dynamic_batch)
-    sizes = verification_sizes(specs, verify_sizes) if verify else None
+    device = next((p.device for p in prepared.parameters()), torch.device("cpu"))
+    example = example_sizes(prepared, specs, device)
+    plans = verification_plans(specs, verify_sizes, example) if verify else None
     directory = os.path.dirname(os.path.abspath(path))
     tmpdir = tempfile.mkdtemp(prefix=".tg_onnx_", dir=directory)
     try:
         tmp_path = os.path.join(tmpdir, os.path.basename(path))
         external = _weight_bytes(prepared) > _EXTERNAL_DATA_BYTES
         try:
-            _run_exporter(prepared, specs, tmp_path, opset, exporter, external)
+            _run_exporter(prepared, specs, example, tmp_path, opset, exporter, external)
         except OnnxExportError as error:
             if not (exporter == "dynamo" and _rnn_range_conflict(prepared, error)):
                 raise
@@ -106,9 +110,9 @@ def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = Non
             # dynamic dim, so this fallback never fixes a size silently.
             warnings.warn(f"tg.export_onnx: torch {torch.__version__}'s dynamo exporter cannot keep an RNN's "
                           "dynamic dims; exporting with exporter='legacy' instead.", UserWarning, stacklevel=2)
-            _run_exporter(prepared, specs, tmp_path, opset, "legacy", external)
+            _run_exporter(prepared, specs, example, tmp_path, opset, "legacy", external)
         if verify:
-            verify_onnx(model, tmp_path, specs, sizes)
+            verify_onnx(model, tmp_path, specs, plans)
         _move_into_place(tmpdir, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -165,10 +169,10 @@ def _move_into_place(tmpdir: str, path: str) -> None:
         os.replace(os.path.join(tmpdir, entry), os.path.join(os.path.dirname(os.path.abspath(path)), entry))
 
 
-def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], path: str, opset: int | None,
-                  exporter: str, external: bool) -> None:
+def _run_exporter(model: fx.GraphModule, specs: list[InputSpec], example: dict[str, int], path: str,
+                  opset: int | None, exporter: str, external: bool) -> None:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    args = example_inputs(model, specs, device)
+    args = example_inputs(model, specs, device, example)
     input_names = [s.name for s in specs]
     output_names = placeholder_names(model.output_names)  # see names.py
     with warnings.catch_warnings(), _quiet_exporter_logs(), ReferenceMode(fused_op_references()):

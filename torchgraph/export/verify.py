@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from .failures import OnnxExportError, culprit, reason
-from .inputs import InputSpec, eval_mode, random_inputs, verification_sizes
+from .inputs import InputSpec, eval_mode, random_inputs, verification_plans
 
 __all__ = ["verify_onnx", "tolerance"]
 
@@ -30,13 +30,13 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def verify_onnx(model: fx.GraphModule, path: str, specs: list[InputSpec],
-                sizes: list[dict[str, int]] | None = None) -> float:
+                plans: list[list[dict[str, int]]] | None = None) -> float:
     """Run ``path`` in onnxruntime at two sizes of every dynamic dim; compare with ``model`` (eval).
 
-    ``sizes`` gives each run's dynamic dim sizes by ONNX dim name (default:
-    :func:`~torchgraph.export.inputs.verification_sizes`). Returns the largest absolute difference
-    seen. Raises :class:`OnnxExportError` on a mismatch, and when torch or onnxruntime fails on the
-    verification inputs (naming the layer where torch failed).
+    ``plans`` are candidate sizes for the two runs, by ONNX dim name, in order of preference (default:
+    :func:`~torchgraph.export.inputs.verification_plans`): the first one at which the model runs in
+    torch is used. Returns the largest absolute difference seen. Raises :class:`OnnxExportError` on a
+    mismatch, when onnxruntime fails, and when torch fails at every candidate (naming the layer).
     """
     import onnxruntime as ort
 
@@ -49,31 +49,48 @@ def verify_onnx(model: fx.GraphModule, path: str, specs: list[InputSpec],
                               "Expected a valid ONNX model; try exporter='legacy', or report the model "
                               "to torchgraph.") from None
     _check_symbolic_dims(session, specs)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     feeds = {i.name for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     worst = 0.0
     with eval_mode(model), torch.no_grad():
-        for run, run_sizes in enumerate(sizes or verification_sizes(specs)):
-            inputs = random_inputs(specs, 0, None, device, seed=run, sizes=run_sizes)
+        for inputs, expected in _torch_runs(model, specs, plans or verification_plans(specs)):
             shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(specs, inputs))
-            try:
-                expected = _flat_outputs(model, model(*inputs))
-            except Exception as exc:  # noqa: BLE001 - the model in torch rejects these sizes: say where
-                where = culprit(model, exc) or "the model"
-                raise OnnxExportError(
-                    f"tg.export_onnx: {where} fails in torch on the verification inputs {shapes}: "
-                    f"{reason(exc)}. Expected sizes the model accepts: pass verify_sizes={{dim name: "
-                    f"(size, size)}} for the dims {sorted(run_sizes)}, or declare their range with "
-                    "tg.Dim(name, min=..., max=...).") from None
             try:
                 got = session.run(names, {s.name: t.cpu().numpy() for s, t in zip(specs, inputs)
                                           if s.name in feeds})
             except Exception as exc:  # noqa: BLE001
-                raise OnnxExportError(f"tg.export_onnx: onnxruntime failed to run the exported file on "
-                                      f"inputs {shapes}: {reason(exc)}.") from None
+                raise OnnxExportError(
+                    f"tg.export_onnx: onnxruntime failed to run the exported file on inputs {shapes} (sizes "
+                    f"unlike the export example's): {reason(exc)}. Expected the file to run at every size of "
+                    "its dynamic dims; the exporter probably fixed one to the example's size (the legacy "
+                    "exporter traces sizes: try exporter='dynamo').") from None
             worst = max(worst, _compare(names, got, expected, inputs, specs))
     return worst
+
+
+def _torch_runs(model: fx.GraphModule, specs: list[InputSpec], plans: list) -> list[tuple[list, list]]:
+    """``(inputs, outputs in torch)`` of both runs of the first plan the model accepts in torch."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    tried = []
+    for plan in plans:
+        runs = []
+        for run, run_sizes in enumerate(plan):
+            inputs = random_inputs(specs, 0, None, device, seed=run, sizes=run_sizes)
+            shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(specs, inputs))
+            try:
+                runs.append((inputs, _flat_outputs(model, model(*inputs))))
+            except Exception as exc:  # noqa: BLE001 - the model rejects these sizes: the next plan, or say where
+                tried.append(shapes)
+                failure = (culprit(model, exc) or "the model", exc, shapes, sorted(run_sizes))
+                break
+        else:
+            return runs
+    where, exc, shapes, dims = failure
+    also = f" (also tried {'; '.join(tried[:-1])})" if len(tried) > 1 else ""
+    raise OnnxExportError(
+        f"tg.export_onnx: {where} fails in torch on the verification inputs {shapes}{also}: {reason(exc)}. "
+        f"Expected sizes the model accepts: pass verify_sizes={{dim name: (size, size)}} for the dims "
+        f"{dims}, or declare their range with tg.Dim(name, min=..., max=...).") from None
 
 
 def _check_symbolic_dims(session, specs: list[InputSpec]) -> None:
