@@ -80,3 +80,14 @@ def test_unregistered_config_object_names_the_fix():
     x = tg.Input(shape=(4,))
     with pytest.raises(ValueError, match=r"tg.register_value_type\(Settings\)"):
         tg.Model(x, Block(Settings())(x)).get_config()
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_config_object_keeps_its_attention_implementation(implementation):
+    """BertConfig.to_dict() leaves out the attention implementation the model runs; a stored config
+    keeps it, so an attention module rebuilt from it runs the same one (it differed by ~1e-2)."""
+    from torchgraph.config_values import decode_value, encode_value
+
+    bert = BertModel(BertConfig(**_BERT, attn_implementation=implementation))
+    stored = encode_value(bert.config, "test")
+    assert decode_value(stored, "test")._attn_implementation == implementation

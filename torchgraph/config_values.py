@@ -88,7 +88,8 @@ def register_value_type(cls: type, *, to_config: Callable[[Any], Any] | None = N
     Args:
         cls: the class.
         to_config: ``obj -> data`` (JSON values, tuples, dtypes, other storable values). Default:
-            ``obj.get_config()`` if the class has it, else ``obj.to_dict()``.
+            ``obj.get_config()`` if the class has it, else ``obj.to_dict()`` (with a Hugging Face
+            config's attention implementation, which ``to_dict`` leaves out).
         from_config: ``data -> obj``. Default: ``cls.from_config(data)``, else ``cls.from_dict(data)``,
             else ``cls(**data)``.
         name (str): the name stored in configs; defaults to ``"<module>.<qualname>"``.
@@ -127,7 +128,7 @@ def register_value_type(cls: type, *, to_config: Callable[[Any], Any] | None = N
         if callable(getattr(cls, "get_config", None)):
             to_config = lambda obj: obj.get_config()  # noqa: E731
         elif callable(getattr(cls, "to_dict", None)):
-            to_config = lambda obj: obj.to_dict()  # noqa: E731
+            to_config = _dict_with_attention
         else:
             raise TypeError(f"tg.register_value_type: {cls.__qualname__} has neither get_config() nor "
                             "to_dict(); pass to_config=.")
@@ -144,6 +145,20 @@ def register_value_type(cls: type, *, to_config: Callable[[Any], Any] | None = N
     _VALUE_TYPES[key] = (cls, to_config, from_config)
     _VALUE_KEYS[cls] = key
     return cls
+
+
+# NOTE: [Attention implementation] transformers' PretrainedConfig.to_dict() leaves out
+# `_attn_implementation` ("sdpa", "eager"...), which a model sets on its config when it is built and
+# its attention modules read. A BertSelfAttention rebuilt from such a dict (a tg.from_module model
+# whose attention stays one layer) then runs another implementation, on a mask recorded in the
+# format of the first: outputs differed by ~1e-2, silently. The default codec keeps it, under the
+# name the config's constructor takes (`attn_implementation`).
+def _dict_with_attention(obj) -> dict:
+    data = obj.to_dict()
+    implementation = getattr(obj, "_attn_implementation", None)
+    if isinstance(implementation, str) and "attn_implementation" not in data:
+        data = {**data, "attn_implementation": implementation}
+    return data
 
 
 def registered_value_types() -> dict[str, type]:
