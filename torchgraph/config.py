@@ -6,7 +6,10 @@ consumes), and the output structure. ``from_config`` replays those nodes through
 (``replay.py``) -- it calls the rebuilt layers and torch functions on ``tg.Input`` tensors -- so
 shapes are checked again and the result is an ordinary ``tg.Model``: the same ``model.code``, the
 same ``state_dict`` keys in the same order. ``tg.Sequential`` and registered ``tg.Model``
-subclasses come back as themselves (``"class"``), with their own config entries.
+subclasses come back as themselves (``"class"``), with their own config entries. A
+``tg.from_module`` model also lists what its graph does not reach (NOTE: [Unreferenced state]), its
+module paths as names and each node's scope (``hierarchy.py``). The entries are read by
+``config_entries.py``.
 
 Design constraints:
 
@@ -24,17 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import keyword
-import math
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .config_functions import (check_attribute_name, check_method_name, check_operands, function_name,
-                               resolve_function, untrusted_method)
-from .config_values import decode_value, dtype_name, encode_value, resolve_dtype
+from .config_entries import MAX_DIM, MAX_INPUT_DIMS, check_name as _check_name, constant_from_entry, \
+    input_spec, node_from_entry, require as _require
+from .config_functions import check_method_name, function_name, resolve_function, untrusted_method
+from .config_values import decode_value, dtype_name, encode_value
 from .hierarchy import check_path, is_persistent, restore_hierarchy, unreferenced_state
 from .layer_config import MODEL_CLASS, layer_from_config, layer_to_config, registered_model_class, \
     model_class_key
@@ -51,9 +53,6 @@ INLINE_CONSTANT_LIMIT = 1024
 NON_PERSISTENT_LIMIT = 1 << 16
 MAX_NODES = 10_000
 MAX_INPUTS = 1_000
-MAX_INPUT_DIMS = 16
-MAX_DIM = 2**31 - 1
-_OPS = ("get_attr", "call_module", "call_function", "call_method")
 # The keys of a model config; a registered tg.Model subclass may add its own (passed to its __init__).
 MODEL_KEYS = frozenset({"format", "format_version", "name", "training", "inputs", "input_kind", "layers",
                         "constants", "nodes", "outputs", "torchgraph_version", "class", "scope_types",
@@ -313,17 +312,6 @@ def _reject_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _check_name(name: Any, where: str) -> str:
-    _require(isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name),
-             f"{where}: expected a Python identifier; received {name!r:.80}.")
-    return name
-
-
 def parse_header(config: Any, extra_keys: frozenset = frozenset()) -> dict:
     """Check the top-level keys of a model config; return the extra (subclass) entries, decoded."""
     _require(isinstance(config, dict), f"from_config: expected a dict; received {type(config).__name__}.")
@@ -368,7 +356,7 @@ def build_model(cls: type, config: Any, construct=None, extra_keys: frozenset = 
     training = config.get("training", True)
     _require(isinstance(training, bool), "from_config: 'training' must be a bool.")
 
-    inputs = [_input_spec(e, i) for i, e in enumerate(config["inputs"])]
+    inputs = [input_spec(e, i) for i, e in enumerate(config["inputs"])]
     _require(len({n for n, _, _ in inputs}) == len(inputs), "from_config: duplicate input names.")
 
     layers: dict[str, nn.Module] = {}
@@ -387,7 +375,7 @@ def build_model(cls: type, config: Any, construct=None, extra_keys: frozenset = 
     unused_constants: dict[str, torch.Tensor] = {}
     non_persistent: set[str] = set()
     for i, entry in enumerate(config["constants"]):
-        cname, tensor, persistent, unused = _constant_from_entry(entry, f"from_config: constants[{i}]")
+        cname, tensor, persistent, unused = constant_from_entry(entry, f"from_config: constants[{i}]")
         _require(cname not in constants and cname not in unused_constants,
                  f"from_config: duplicate constant '{cname}'.")
         _require(cname not in layers and cname not in unused_layers,
@@ -398,7 +386,7 @@ def build_model(cls: type, config: Any, construct=None, extra_keys: frozenset = 
 
     nodes = []
     for i, entry in enumerate(config["nodes"]):
-        nodes.append(_node_from_entry(entry, i, layers, constants))
+        nodes.append(node_from_entry(entry, i, layers, constants))
 
     outputs = decode_value(config.get("outputs"), "from_config: 'outputs'", resolve_node=Ref)
     if construct is None:
@@ -411,118 +399,3 @@ def build_model(cls: type, config: Any, construct=None, extra_keys: frozenset = 
     restore_hierarchy(model, config, unused_layers, unused_constants, non_persistent)
     model.train(training)
     return model
-
-
-def _input_spec(entry: Any, i: int) -> tuple[str, tuple, torch.dtype]:
-    where = f"from_config: inputs[{i}]"
-    _require(isinstance(entry, dict) and set(entry) == {"name", "shape", "dtype"},
-             f"{where}: expected an object with keys name, shape, dtype.")
-    name = _check_name(entry["name"], f"{where} 'name'")
-    shape = entry["shape"]
-    _require(isinstance(shape, list) and len(shape) <= MAX_INPUT_DIMS,
-             f"{where}: 'shape' must be a list of at most {MAX_INPUT_DIMS} dims.")
-    dims: list = []
-    numel = 1
-    for d in shape:
-        if isinstance(d, dict):
-            dims.append(_bounded_dim(d, where))
-            continue
-        ok = d is None or (isinstance(d, str) and d.isidentifier()) or (
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM)
-        _require(ok, f"{where}: every dim must be an int in [0, 2**31), null or a name; received {d!r:.40}.")
-        dims.append(d)
-        if isinstance(d, int):
-            numel *= max(d, 1)
-    _require(numel <= 2**48, f"{where}: a sample of shape {tuple(shape)} has more than 2**48 elements.")
-    return name, tuple(dims), resolve_dtype(entry["dtype"], where)
-
-
-def _bounded_dim(entry: dict, where: str):
-    """``{"dim": name | null, "min": int, "max": int | null}`` -> ``tg.Dim``."""
-    from . import symbolic
-
-    dim_class = getattr(symbolic, "Dim", None)
-    _require(dim_class is not None, f"{where}: a bounded dim {entry!r:.80} needs tg.Dim, which this "
-             "version of torchgraph does not have. Upgrade torchgraph.")
-    name, low, high = entry.get("dim"), entry.get("min", 0), entry.get("max")
-    _require(set(entry) <= {"dim", "min", "max"} and (name is None or (isinstance(name, str) and
-             name.isidentifier())) and isinstance(low, int) and not isinstance(low, bool) and
-             0 <= low <= MAX_DIM and (high is None or (isinstance(high, int) and not isinstance(high, bool)
-                                                       and low <= high <= MAX_DIM)),
-             f"{where}: a bounded dim must be {{\"dim\": name or null, \"min\": int, \"max\": int or null}} "
-             f"with 0 <= min <= max < 2**31; received {entry!r:.80}.")
-    return dim_class(name, min=low, max=high)
-
-
-def _constant_from_entry(entry: Any, where: str) -> tuple[str, torch.Tensor, bool, bool]:
-    """``(name, tensor, persistent, unused)`` of a constants entry, validated."""
-    _require(isinstance(entry, dict), f"{where}: expected an object.")
-    extra = set(entry) - {"name", "shape", "dtype", "parameter", "requires_grad", "value", "persistent", "unused"}
-    _require(not extra, f"{where}: unexpected keys {sorted(map(str, extra))[:8]}.")
-    name = check_path(entry.get("name"), f"{where} 'name'")
-    persistent, unused = entry.get("persistent", True), entry.get("unused", False)
-    _require(isinstance(persistent, bool) and isinstance(unused, bool),
-             f"{where}: 'persistent' and 'unused' must be booleans.")
-    shape = entry.get("shape")
-    _require(isinstance(shape, list) and len(shape) <= 16 and all(
-        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape),
-        f"{where}: 'shape' must be a list of at most 16 non-negative ints.")
-    dtype = resolve_dtype(entry.get("dtype"), where)
-    numel = math.prod(shape)
-    if "value" in entry:
-        value = entry["value"]
-        _require(isinstance(value, list) and len(value) == numel,
-                 f"{where}: 'value' must be a flat list of {numel} numbers.")
-        values = [decode_value(v, where) for v in value]
-        _require(all(isinstance(v, (int, float)) for v in values), f"{where}: 'value' must hold numbers.")
-        try:
-            tensor = torch.tensor(values, dtype=dtype).reshape(shape)
-        except (RuntimeError, TypeError, OverflowError) as exc:
-            raise ValueError(f"{where}: 'value' does not fit dtype {dtype}: {exc}") from None
-    else:
-        _require(numel <= 2**28, f"{where}: a constant of {numel} elements is larger than this version "
-                 "builds without its weights (2**28).")
-        tensor = torch.zeros(shape, dtype=dtype)
-    requires_grad = entry.get("requires_grad", False)
-    _require(isinstance(requires_grad, bool) and isinstance(entry.get("parameter", False), bool),
-             f"{where}: 'parameter' and 'requires_grad' must be booleans.")
-    if entry.get("parameter", False):
-        _require(dtype.is_floating_point or dtype.is_complex or not requires_grad,
-                 f"{where}: only floating-point parameters can require gradients.")
-        tensor = nn.Parameter(tensor, requires_grad=requires_grad)
-    return name, tensor, persistent, unused
-
-
-def _node_from_entry(entry: Any, i: int, layers: dict, constants: dict) -> tuple:
-    where = f"from_config: nodes[{i}]"
-    _require(isinstance(entry, dict), f"{where}: expected an object.")
-    op = entry.get("op")
-    _require(op in _OPS, f"{where}: 'op' must be one of {list(_OPS)}; received {op!r:.40}.")
-    name = entry.get("name")
-    _require(isinstance(name, str) and 0 < len(name) <= 200, f"{where}: 'name' must be a non-empty string.")
-    where = f"from_config: node '{name}'"
-    target = entry.get("target")
-    if op == "get_attr":
-        _require(set(entry) - {"scope"} == {"op", "name", "target"},
-                 f"{where}: a get_attr node has op, name, target (and a scope).")
-        _require(isinstance(target, str) and target in constants, f"{where}: unknown constant {target!r:.80}.")
-        return op, name, constants[target], (), {}
-    _require(set(entry) <= {"op", "name", "target", "args", "kwargs", "scope"}, f"{where}: unexpected keys.")
-    if op == "call_module":
-        _require(isinstance(target, str) and target in layers, f"{where}: unknown layer {target!r:.80}.")
-        resolved: Any = layers[target]
-    elif op == "call_function":
-        resolved = resolve_function(target, where, untrusted=True)
-    else:
-        resolved = untrusted_method(check_method_name(target, where), where)
-    args, kwargs = entry.get("args", []), entry.get("kwargs", {})
-    _require(isinstance(args, list) and isinstance(kwargs, dict),
-             f"{where}: 'args' must be a list and 'kwargs' an object.")
-    args = tuple(decode_value(a, where, resolve_node=Ref) for a in args)
-    kwargs = {k: decode_value(v, where, resolve_node=Ref) for k, v in kwargs.items()}
-    if op == "call_function":
-        check_operands(target, args, kwargs, where)
-    if op == "call_function" and target == "builtins.getattr":
-        _require(len(args) == 2 and not kwargs, f"{where}: getattr takes (value, attribute name).")
-        check_attribute_name(args[1], where)
-    return op, name, resolved, args, kwargs
