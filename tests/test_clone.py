@@ -121,3 +121,26 @@ def test_sequential_clones_stay_sequential():
     unbuilt = tg.clone_model(tg.Sequential([nn.Linear(4, 8), nn.ReLU()]))
     assert isinstance(unbuilt, tg.Sequential) and not unbuilt.built and len(unbuilt.layers) == 2
     assert unbuilt(torch.randn(2, 4)).shape == (2, 8)
+
+
+def test_a_from_module_model_clones_with_its_whole_state():
+    """nanoGPT through tg.from_module: the clone has its module paths, its unused submodules, its
+    non-persistent constant and its tied lm_head/wte weights, fresh or shared with the original."""
+    import copy
+
+    from community_models import ARCHITECTURES
+
+    arch = ARCHITECTURES["nanogpt"]
+    net = arch.make_model().eval()
+    model = tg.from_module(net, {"idx": tg.Input(shape=(arch.seq_len,), dtype=torch.long, name="idx")})
+    idx = arch.make_inputs()[0]
+    for clone_function in (None, lambda layer: layer, copy.deepcopy):
+        clone = tg.clone_model(model, clone_function).eval()
+        assert list(clone.state_dict()) == list(model.state_dict()) == list(net.state_dict())
+        assert {n for n, _ in clone.named_modules()} == {n for n, _ in model.named_modules()}
+        assert clone.lm_head.weight is clone.transformer.wte.weight
+        assert sum(p.numel() for p in clone.parameters()) == sum(p.numel() for p in net.parameters())
+        clone.load_state_dict(net.state_dict())
+        assert torch.equal(clone(idx)[0], net(idx)[0])
+    half = tg.clone_model(model, lambda layer: layer if layer is model.lm_head else copy.deepcopy(layer))
+    assert half.lm_head is model.lm_head and model.lm_head.weight is model.transformer.wte.weight

@@ -17,7 +17,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .layer_config import layer_from_config, layer_to_config, model_class, model_class_key
-from .replay import Ref, get_attr as _get_attr, input_shape, replay
+from .naming import user_name
+from .replay import Ref, get_attr, input_shape, replay
 
 __all__ = ["clone_model"]
 
@@ -45,8 +46,10 @@ def clone_model(model, clone_function: Callable[[nn.Module], nn.Module] | None =
 
     Returns:
         tg.Model: same ``model.code`` and state_dict keys (unless ``call_function`` adds operations);
-        constants are copied; same class for ``tg.Sequential`` and registered subclasses; configured
-        for training like ``model``.
+        constants are copied; tensors ``model`` shares between layers (tied weights) are shared;
+        same class for ``tg.Sequential`` and registered subclasses; configured for training like
+        ``model``. A ``tg.from_module`` model's state beyond its graph (a submodule its forward
+        never calls) is cloned too.
 
     Raises:
         ValueError: the default clone meets a layer get_config cannot describe (pass a clone_function,
@@ -117,7 +120,7 @@ def _clone_graph(model, replace, input_tensors, call_function):
             outputs = tree_map(ref, plain_containers(node.args[0]))
         elif node.op == "get_attr":
             if node.target not in copied:
-                copied[node.target] = _copy_tensor(_get_attr(model, node.target))
+                copied[node.target] = _copy_tensor(get_attr(model, node.target))
             nodes.append(("get_attr", node.name, copied[node.target], (), {}))
         else:
             target = node.target
@@ -129,8 +132,11 @@ def _clone_graph(model, replace, input_tensors, call_function):
             kwargs = tree_map(ref, plain_containers(dict(node.kwargs)))
             nodes.append((node.op, node.name, target, args, kwargs))
     # New layers get the original names (or the tg.name given in clone_function); a layer returned
-    # as-is keeps whatever name it has.
+    # as-is keeps its tg.name, else the name it has in `model` (for this clone only: a module path of
+    # tg.from_module is no name the layer keeps elsewhere).
     fresh = {n: m for n, m in layers.items() if m is not model.get_submodule(n)}
+    fixed = {id(t): n for n, t in copied.items()}
+    fixed.update((id(m), n) for n, m in layers.items() if n not in fresh and user_name(m) is None)
     tensors = _given_inputs(model, input_tensors)
     cls = model_class(model)
     construct = None
@@ -140,11 +146,54 @@ def _clone_graph(model, replace, input_tensors, call_function):
     env: dict[str, Any] = {}
     clone = replay(inputs, model.meta["torchgraph"]["input_kind"], nodes, outputs, name, fresh,
                    input_tensors=tensors, call_function=call_function, construct=construct, env=env,
-                   tensor_names={id(t): n for n, t in copied.items()})
+                   fixed_names=fixed)
     if isinstance(model, Sequential):
         clone = _as_sequential_clone(model, clone, env, as_sequential)
+    _clone_hierarchy(model, clone, replace, scopes=call_function is None)
+    _tie_like(model, clone)
     clone.train(model.training)
     return clone
+
+
+def _tie_like(model, clone) -> None:
+    """Tensors ``model`` shares between layers (tied weights: nanoGPT's lm_head and wte) are shared
+    in the clone too (NOTE: [Tied weights] in hierarchy.py) -- never by changing a layer the clone
+    shares with ``model``."""
+    from .hierarchy import retie, shared_state
+
+    own = dict(clone.named_parameters(remove_duplicate=False)) | dict(clone.named_buffers(remove_duplicate=False))
+    theirs = {id(m) for m in model.modules()}
+    aliases = {}
+    for alias, key in shared_state(model).items():
+        if alias in own and key in own and own[alias] is not own[key] and own[alias].shape == own[key].shape \
+                and own[alias].dtype == own[key].dtype \
+                and id(clone.get_submodule(alias.rpartition(".")[0])) not in theirs:
+            aliases[alias] = key
+    retie(clone, aliases)
+
+
+def _clone_hierarchy(model, clone, replace, scopes: bool) -> None:
+    """What ``model`` holds beyond its graph (a tg.from_module model: NOTE: [Unreferenced state] in
+    config.py), in the clone too: unused layers (through ``replace``) and tensors (copied), which
+    buffers are persistent, containers, node scopes (unless call_function changed the nodes) and the
+    state order -- the same ``state_dict`` keys, as from_config gives."""
+    from .hierarchy import is_persistent, restore_hierarchy, unreferenced_state
+
+    graph_targets = {n.target for n in model.graph.nodes if n.op in ("call_module", "get_attr")}
+    layers, tensors = unreferenced_state(model, graph_targets)
+    non_persistent = {t for t in graph_targets | set(tensors) if not is_persistent(model, t)}
+    info = model.meta["torchgraph"]
+    tree = info.get("scope_types") is not None
+    description = {
+        "nodes": [{"name": n.name, "scope": n.meta["tg_scope"]} for n in model.graph.nodes
+                  if scopes and n.meta.get("tg_scope")],
+        "scope_types": info.get("scope_types"),
+        "containers": info.get("containers") or None,
+        "state_order": list(model.state_dict()) if tree else None,
+    }
+    restore_hierarchy(clone, description,
+                      {p: replace(m, f"tg.clone_model: layer '{p}'") for p, m in layers.items()},
+                      {p: _copy_tensor(t) for p, t in tensors.items()}, non_persistent)
 
 
 def _given_inputs(model, input_tensors) -> list | None:

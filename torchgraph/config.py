@@ -395,7 +395,7 @@ def build_model(cls: type, config: Any, construct=None, extra_keys: frozenset = 
                 return Model(model_inputs, model_outputs, name=model_name)
             return cls(model_inputs, model_outputs, name=model_name, **extras)
     model = replay(inputs, input_kind, nodes, outputs, name, layers, untrusted=True, construct=construct,
-                   tensor_names={id(t): n for n, t in constants.items()})
+                   fixed_names={id(t): n for n, t in constants.items()})
     restore_hierarchy(model, config, unused_layers, unused_constants, non_persistent)
     model.train(training)
     return model

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["CONTAINER_TYPES", "is_container", "container_kind", "set_container", "attach", "mirror_hierarchy",
-           "unreferenced_state", "reorder_state", "order_by_graph", "check_path", "restore_hierarchy"]
+           "unreferenced_state", "reorder_state", "order_by_graph", "check_path", "restore_hierarchy",
+           "shared_state", "retie"]
 
 
 # The containers of a module tree: fx's plain nn.Module, and the indexable kinds the original used
@@ -262,3 +263,41 @@ def _has_path(model, path: str) -> bool:
         except AttributeError:
             return False
         return field in owner._parameters or field in owner._buffers
+
+
+# --------------------------------------------------------------------------------------------
+# Tied weights: tg.load (saving.py) and tg.clone_model
+# --------------------------------------------------------------------------------------------
+
+def shared_state(model: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` for every parameter or buffer that is the same tensor object as an
+    earlier one (tied weights), in ``named_parameters``/``named_buffers`` order."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases
+
+
+# NOTE: [Tied weights] Which tensors a loaded (or cloned) model shares is what the saved (or
+# original) model shared, as the file's aliases record it (a key stored once, its aliases pointing
+# to it; shared_state for a clone): nanoGPT's lm_head.weight
+# and wte.weight, recorded by tg.from_module as two layers, or ties a layer's constructor makes
+# (a Hugging Face model with tie_word_embeddings). Not what the rebuilt model happens to share: a
+# tie its constructor makes that the saved model had undone must stay undone.
+def retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Tensors the saved model shared are one tensor again, not two equal copies that a training
+    step would pull apart (NOTE: [Tied weights])."""
+    for alias, key in aliases.items():
+        owner_path, _, field = alias.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        source_path, _, source_field = key.rpartition(".")
+        source = model.get_submodule(source_path) if source_path else model
+        if field in owner._parameters and source_field in source._parameters:
+            owner._parameters[field] = source._parameters[source_field]
+        elif field in owner._buffers and source_field in source._buffers:
+            owner._buffers[field] = source._buffers[source_field]

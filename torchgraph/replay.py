@@ -81,7 +81,7 @@ def input_shape(spec) -> tuple:
 def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: Any, name: str,
            layers: dict[str, nn.Module], untrusted: bool = False, input_tensors: Any = None,
            call_function: Callable | None = None, construct: Callable | None = None,
-           env: dict | None = None, tensor_names: dict[int, str] | None = None):
+           env: dict | None = None, fixed_names: dict[int, str] | None = None):
     """Rebuild a model by calling layers and functions on fresh ``tg.Input`` tensors.
 
     Args:
@@ -103,9 +103,10 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
         call_function: ``call_function(layer, *args, **kwargs)`` instead of ``layer(*args, **kwargs)``.
         construct: ``construct(inputs, outputs, name)`` makes the model (default ``tg.Model``).
         env: a dict that receives node name -> the symbolic value replaying the node gave.
-        tensor_names: ``id(constant tensor) -> name`` for the ``get_attr`` targets: the rebuilt model
-            keeps these attribute names and ``state_dict`` keys (module paths such as
-            ``embeddings.position_ids`` included), for this model only.
+        fixed_names: ``id(constant tensor or layer) -> name``: the rebuilt model gives these objects
+            these attribute names and ``state_dict`` keys (module paths such as
+            ``embeddings.position_ids`` included), for this model only (the ``get_attr`` targets, the
+            layers ``clone_model`` shares with the original).
     """
     from .model import Model
     from .naming import fixed_paths, name as set_name, user_name
@@ -113,7 +114,7 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
     from .trees import tree_map
     from .symbolic import Input, SymbolicInt, SymbolicTensor
 
-    paths = dict(tensor_names or {})
+    paths = dict(fixed_names or {})
     for layer_name, layer in layers.items():
         if user_name(layer) is not None:  # named with tg.name (in clone_function): keeps its name
             continue

@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from .atomic_files import atomic_write
 from .config import from_config
+from .hierarchy import retie
 from .untrusted import BASE_OPS, DEFAULT_MAX_BYTES, OPS_PER_ITEM, BuildLimitError, build_guard
 
 __all__ = ["save", "load", "read_file_info", "FileInfo", "FORMAT_NAME", "FORMAT_VERSION",
@@ -253,27 +254,8 @@ def load(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
             # copying them into the model's (requires_grad comes from the model either way). Each key
             # gets its own tensor, so the tensors the saved model shared are shared again afterwards.
             model.load_state_dict(state, strict=True, assign=True)
-            _retie(model, _aliases(header, path, who))
+            retie(model, _aliases(header, path, who))  # NOTE: [Tied weights] in hierarchy.py
     return model
-
-
-# NOTE: [Tied weights] Which tensors a loaded model shares is what the saved model shared, as the
-# file's aliases record it (a key stored once, its aliases pointing to it): nanoGPT's lm_head.weight
-# and wte.weight, recorded by tg.from_module as two layers, or ties a layer's constructor makes
-# (a Hugging Face model with tie_word_embeddings). Not what the rebuilt model happens to share: a
-# tie its constructor makes that the saved model had undone must stay undone.
-def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
-    """Tensors the saved model shared are one tensor again, not two equal copies that a training
-    step would pull apart (NOTE: [Tied weights])."""
-    for alias, key in aliases.items():
-        owner_path, _, field = alias.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
-        source_path, _, source_field = key.rpartition(".")
-        source = model.get_submodule(source_path) if source_path else model
-        if field in owner._parameters and source_field in source._parameters:
-            owner._parameters[field] = source._parameters[source_field]
-        elif field in owner._buffers and source_field in source._buffers:
-            owner._buffers[field] = source._buffers[source_field]
 
 
 def read_file_info(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> FileInfo:
