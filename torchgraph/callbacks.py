@@ -255,7 +255,7 @@ def _save_weights_atomic(model, path: str) -> None:
         from safetensors.torch import save_model
     except ImportError:
         raise ImportError("ModelCheckpoint needs safetensors to save weights: pip install "
-                          "torchgraph[io]") from None
+                          "'torchgraph-fx[io]'") from None
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_model(model, tmp)

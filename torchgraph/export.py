@@ -44,7 +44,7 @@ import torch.nn as nn
 __all__ = ["export_onnx", "OnnxExportError", "reference_model", "fused_op_references", "input_specs",
            "example_inputs", "random_inputs", "verify_onnx", "InputSpec"]
 
-_PIP_HINT = "pip install torchgraph[onnx]"
+_PIP_HINT = "pip install 'torchgraph-fx[onnx]'"
 # Weights above this size go to an external ``<file>.data`` file (protobuf's limit is 2 GiB).
 _EXTERNAL_DATA_BYTES = 1536 * 2**20
 # Integer inputs that feed no embedding get ids in [0, _SMALL_INT_RANGE): safe for masks and type ids.
@@ -99,7 +99,7 @@ def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = Non
         OnnxExportError: the model contains something ONNX cannot express (the message names the
             layer), or onnxruntime's results differ from torch's (the message gives the largest
             difference). Nothing is written at ``path`` then.
-        ImportError: onnx, onnxscript or onnxruntime is missing (``pip install torchgraph[onnx]``).
+        ImportError: onnx, onnxscript or onnxruntime is missing (``pip install 'torchgraph-fx[onnx]'``).
 
     Example:
         >>> import os, tempfile, torch, torch.nn as nn, torchgraph as tg

@@ -43,7 +43,7 @@ _CLUSTER_FILL = "#FBF7FC"
 _FONT = "Helvetica"
 _FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".dot": "dot", ".gv": "dot"}
 _CONFIG_CHARS = 56
-_PIP_HINT = "pip install torchgraph[plot]  (or: pip install graphviz)"
+_PIP_HINT = "pip install 'torchgraph-fx[plot]'  (or: pip install graphviz)"
 _DOT_HINT = ("Install Graphviz: `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` "
              "(macOS), `conda install graphviz`, or see https://graphviz.org/download/")
 

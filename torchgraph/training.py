@@ -652,7 +652,7 @@ def _resolve_verbose(verbose) -> int:
         try:
             import tqdm  # noqa: F401
         except ImportError:
-            raise ImportError("verbose=1 shows a tqdm progress bar: pip install torchgraph[train] "
+            raise ImportError("verbose=1 shows a tqdm progress bar: pip install 'torchgraph-fx[train]' "
                               "(or use verbose=2 for one line per epoch).") from None
     return verbose
 
