@@ -192,6 +192,25 @@ def test_cuda_kernels_are_opt_in(monkeypatch):
     assert not build.with_cuda and not any(s.endswith(".cu") for s in build.sources)
 
 
+def test_failed_cuda_build_falls_back_to_the_cpu_kernels(monkeypatch, tmp_path):
+    """TORCHGRAPH_USE_CUDA=1 whose CUDA build fails: one warning, and the CPU-only build is used."""
+    calls = []
+
+    def build_kernels(with_cuda=None, **_):
+        calls.append(with_cuda)
+        if with_cuda is None:
+            raise _extension.KernelsUnavailable("compiling them failed (nvcc: error: boom)")
+        return tmp_path / "cpu.so"
+
+    monkeypatch.delenv(_extension.DISABLE_ENV_VAR, raising=False)
+    monkeypatch.setattr(_extension, "_wants_cuda", lambda: True)
+    monkeypatch.setattr(_extension, "build_kernels", build_kernels)
+    with pytest.warns(RuntimeWarning, match=r"CUDA kernels are not available: compiling them failed .*boom.*"
+                                            r"CPU kernels are loaded"):
+        assert _extension._load_c_ops() == (True, None, tmp_path / "cpu.so")
+    assert calls == [None, False]
+
+
 def test_build_kernels_command_reports_the_library():
     """`torchgraph build-kernels` (here `python -m torchgraph`) prints where the kernels are."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -161,6 +161,11 @@ def _cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def _wants_cuda() -> bool:
+    """Whether ``TORCHGRAPH_USE_CUDA=1`` asks for CUDA kernels and this torch has CUDA."""
+    return os.environ.get(CUDA_ENV_VAR, "0") == "1" and torch.version.cuda is not None
+
+
 def kernel_build(with_cuda: bool | None = None) -> KernelBuild:
     """Describes the build of the kernels for this machine, this torch and these sources.
 
@@ -184,9 +189,7 @@ def kernel_build(with_cuda: bool | None = None) -> KernelBuild:
         raise KernelsUnavailable(
             "this installation has no kernel sources (torchgraph/_csrc is missing). "
             "Reinstall torchgraph-fx from its wheel or sdist")
-    if with_cuda is None:
-        with_cuda = os.environ.get(CUDA_ENV_VAR, "0") == "1"
-    with_cuda = with_cuda and torch.version.cuda is not None
+    with_cuda = _wants_cuda() if with_cuda is None else with_cuda and torch.version.cuda is not None
     capability, simd_flags = _cpu_flags()
     cflags = ["-O3", "-g0", "-Wno-unknown-pragmas", *simd_flags]
     # NOTE: gcc 12 reports maybe-uninitialized inside its own AVX-512 intrinsic headers
@@ -392,12 +395,21 @@ def _load_c_ops() -> tuple[bool, str | None, pathlib.Path | None]:
     if os.environ.get(DISABLE_ENV_VAR, "0") == "1":
         return False, f"disabled by {DISABLE_ENV_VAR}=1", None
     try:
-        path = build_kernels()
+        return True, None, build_kernels()
     except KernelsUnavailable as error:
         reason = str(error)
-    else:
-        return True, None, path
-    # NOTE: this module body runs once per process, so the warning is issued once.
+    # NOTE: this module body runs once per process, so each warning below is issued once.
+    if _wants_cuda():
+        try:
+            path = build_kernels(with_cuda=False)
+        except KernelsUnavailable as cpu_error:
+            reason = f"{reason}; without CUDA: {cpu_error}"
+        else:
+            warnings.warn(
+                f"torchgraph: its CUDA kernels are not available: {reason}. The CPU kernels are "
+                "loaded; ops on CUDA tensors use pure-PyTorch references (same results, slower).",
+                RuntimeWarning, stacklevel=2)
+            return True, None, path
     warnings.warn(
         f"torchgraph: its compiled kernels are not available: {reason}. torchgraph.ops uses "
         f"pure-PyTorch references instead (same results, slower); {_SILENCE_HINT}.",
