@@ -4,11 +4,13 @@
 # For each torch version (default: 2.13.0 and 2.14.1) and each of the built sdist, the built wheel and
 # the source tree, in a fresh virtual environment with that torch installed first:
 #   * `pip install <it>` leaves torch as it was (version and files);
-#   * the first `import torchgraph` compiles the kernels (one line on stderr, no warning), into a
-#     kernel cache of its own; the second import prints nothing at all;
+#   * the first `import torchgraph` compiles the kernels (one line on stderr, no warning) or, after
+#     the first install of that torch, loads them from the check's kernel cache: the cache key hashes
+#     the installed sources, so a hit proves they are the same files; the second import prints nothing;
 #   * `torchgraph build-kernels` (the script on PATH) finds them, and tg.optimize runs them;
 #   * installing an extra afterwards ([all]) keeps them.
 # Usage: bash scripts/check_installs.sh [WORKDIR] [TORCH_VERSION...]   (WORKDIR is deleted first)
+#        KINDS="wheel source" bash scripts/check_installs.sh ...            (a subset of the installs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd -P)
@@ -44,13 +46,13 @@ print("kernels run by tg.optimize:", ", ".join(ops))
 
 failures=0
 for version in "${versions[@]}"; do
-  for kind in sdist wheel source; do
+  for kind in ${KINDS:-sdist wheel source}; do
     case $kind in sdist) target=$sdist ;; wheel) target=$wheel ;; source) target=$repo ;; esac
     env="$work/venv-$version-$kind"
     echo "== torch $version, $kind"
     start=$SECONDS
     python3 -m venv "$env"
-    "$env/bin/pip" install -q "torch==$version" 2>&1 | quiet
+    "$env/bin/pip" install -q "torch==$version" numpy 2>&1 | quiet
     torch_state() { "$env/bin/python" -c "import torch; print(torch.__version__)"; \
                     (cd "$env" && find lib/python3*/site-packages/torch -name '*.py' -newer "$env/pyvenv.cfg" | wc -l); }
     touch "$env/pyvenv.cfg"
@@ -59,7 +61,7 @@ for version in "${versions[@]}"; do
     "$env/bin/pip" install -q "$target" 2>&1 | quiet
     after=$(torch_state)
     if [ "$before" != "$after" ]; then echo "   FAIL: torch changed: $before -> $after"; failures=$((failures + 1)); fi
-    export TORCHGRAPH_CACHE_DIR="$work/cache-$version-$kind"
+    export TORCHGRAPH_CACHE_DIR="$work/kernel-cache"
     first=$(cd /tmp && "$env/bin/python" -W error -c "import torchgraph" 2>&1) || {
       echo "   FAIL: first import: $first"; failures=$((failures + 1)); continue; }
     echo "   first import: $first"
