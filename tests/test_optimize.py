@@ -230,12 +230,18 @@ def test_pickle_and_deepcopy_roundtrip():
         torch.testing.assert_close(copy.deepcopy(fast)(x), fast(x))
 
 
-def test_resnet50_optimizes_quickly():
-    """Optimizing ResNet-50 takes well under a second (measured: ~0.25 s here)."""
-    model = applications.resnet50(num_classes=1000, input_shape=(3, 64, 64))
-    start = time.perf_counter()
-    tg.optimize(model)
-    assert time.perf_counter() - start < 1.0
+def test_resnet50_optimizes():
+    """ResNet-50 optimizes and gives the same outputs.
+
+    How long optimizing takes (~0.1-0.25 s) is measured by benchmarks/bench_optimize.py, not asserted
+    here: a timed assertion fails on a busy machine (it took 1.07 s once under CI load).
+    """
+    torch.manual_seed(0)
+    model = applications.resnet50(num_classes=1000, input_shape=(3, 64, 64)).eval()
+    fast = tg.optimize(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-3, rtol=1e-3)
 
 
 def test_rejects_non_models():
