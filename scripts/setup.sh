@@ -8,7 +8,7 @@
 #     the demo and test dependencies (requirements-dev.txt) and torchgraph itself, editable, with
 #     torch pinned so that no dependency can swap it;
 #   * torchgraph's C++ kernels, compiled for this machine and that torch (`torchgraph build-kernels`;
-#     about a minute the first time, then cached in ~/.cache/torchgraph).
+#     a minute or more the first time, then cached in ~/.cache/torchgraph).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${TORCHGRAPH_VENV:-.venv}

@@ -314,8 +314,8 @@ def _compile(build: KernelBuild, quiet: bool) -> None:
     staging = tempfile.mkdtemp(prefix=f"{build.directory.name}.tmp-", dir=build.directory.parent)
     if not quiet:
         # NOTE: the one line a user sees while the first import compiles (~1 min on 2 cores).
-        print(f"torchgraph: compiling its C++ kernels for {build.description} (once, about a "
-              f"minute; cached in {build.directory.parent}) ...", end="", file=sys.stderr, flush=True)
+        print(f"torchgraph: compiling its C++ kernels for {build.description} (once, a minute or "
+              f"more; cached in {build.directory.parent}) ...", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught, _ninja_on_path():
