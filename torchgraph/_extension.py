@@ -313,7 +313,7 @@ def _compile(build: KernelBuild, quiet: bool) -> None:
             stale.unlink()
     staging = tempfile.mkdtemp(prefix=f"{build.directory.name}.tmp-", dir=build.directory.parent)
     if not quiet:
-        # NOTE: the one line a user sees while the first import compiles (~1 min on 2 cores).
+        # NOTE: the one line a user sees while the first import compiles (80-90 s of CPU time).
         print(f"torchgraph: compiling its C++ kernels for {build.description} (once, a minute or "
               f"more; cached in {build.directory.parent}) ...", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
