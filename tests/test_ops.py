@@ -1,7 +1,9 @@
 """Tests for torchgraph.ops: fused kernels vs their pure-PyTorch references."""
 
 import doctest
+import importlib
 import os
+import pkgutil
 import subprocess
 import sys
 import warnings
@@ -656,12 +658,44 @@ def test_float16_goes_to_reference():
         torch.ops.torchgraph.bias_act(x, bias, "relu")
 
 
-def test_docstring_examples_run():
-    """The Example sections of torchgraph.ops run as doctests."""
+def test_env_var_disables_c_ops_silently():
+    """TORCHGRAPH_DISABLE_C_OPS=1 forces the references and warns nothing."""
+    code = (
+        "import warnings; warnings.simplefilter('error'); "
+        "import torchgraph.ops as ops, torchgraph._extension as e; "
+        "import torch; x = torch.randn(2, 3); "
+        "assert not e.HAS_C_OPS and ops.add_relu(x, x).equal(torch.relu(x + x)); print('ok')"
+    )
+    env = {**os.environ, extension.DISABLE_ENV_VAR: "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+OP_MODULES = ["torchgraph.ops"] + [f"torchgraph.ops.{m.name}" for m in pkgutil.iter_modules(ops.__path__)]
+
+
+@pytest.mark.parametrize("name", OP_MODULES)
+def test_docstring_examples_run(name):
+    """The Example sections of torchgraph.ops and of each op's module run as doctests."""
+    module = importlib.import_module(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = doctest.testmod(ops, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
+        result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+    assert result.attempted > 0 or name.endswith("_common")
+
+
+def test_each_op_has_its_module():
+    """One module per op (as torchvision lays out its ops); torchgraph.ops re-exports each wrapper."""
+    for qualified in ops.REFERENCES:
+        name = qualified.split("::")[1]
+        module = importlib.import_module(f"torchgraph.ops.{name}")
+        assert getattr(ops, name) is getattr(module, name)
+        assert ops.reference_for(getattr(ops, name)) is getattr(module, f"reference_{name}")
 
 
 # ---------------------------------------------------------------------------- qkv_attention

@@ -14,6 +14,7 @@ from .clone import clone_model
 from .config import model_from_json
 from .errors import GraphBuildError
 from .export import export_onnx
+from .from_module import from_module
 from .layer_config import register_layer
 from .model import Model
 from .naming import name
@@ -22,6 +23,8 @@ from .plot import model_to_dot, plot_model
 from .sequential import Sequential
 from .symbolic import Input, SymbolicInt, SymbolicTensor
 from .saving import load, save
+from .scopes import scope
+from .summary import summary
 from . import applications, callbacks, ops, saving
 
 __version__ = "0.1.0"
@@ -32,10 +35,13 @@ __all__ = [
     "callbacks",
     "clone_model",
     "export_onnx",
+    "from_module",
     "load",
     "model_from_json",
     "register_layer",
     "save",
+    "scope",
+    "summary",
     "saving",
     "Input",
     "Model",

@@ -32,6 +32,7 @@ import torch.nn as nn
 from .config_values import (check_attribute_name, check_method_name, decode_value, dtype_name,
                             encode_value, function_name, resolve_dtype, resolve_function)
 from .errors import GraphBuildError
+from .hierarchy import check_path, is_persistent, restore_hierarchy, unreferenced_state
 from .layer_config import layer_from_config, layer_to_config
 
 __all__ = ["get_config", "from_config", "model_from_json", "FORMAT", "FORMAT_VERSION",
@@ -40,6 +41,7 @@ __all__ = ["get_config", "from_config", "model_from_json", "FORMAT", "FORMAT_VER
 FORMAT = "torchgraph.Model"
 FORMAT_VERSION = 1
 INLINE_CONSTANT_LIMIT = 1024
+NON_PERSISTENT_LIMIT = 1 << 16
 MAX_NODES = 1_000_000
 _MAX_DIM = 2**31 - 1
 _OPS = ("get_attr", "call_module", "call_function", "call_method")
@@ -100,6 +102,7 @@ def get_config(model) -> dict:
     seen_constants: set[str] = set()
     outputs: Any = None
     for node in model.graph.nodes:
+        scope = node.meta.get("tg_scope")  # tg.scope / tg.from_module module path (summary depth)
         where = f"{model_name}: node '{node.name}'"
         if node.op == "placeholder":
             spec = node.meta.get("tg_spec")
@@ -114,7 +117,8 @@ def get_config(model) -> dict:
             entry["target"] = node.target
             if node.target not in seen_constants:
                 seen_constants.add(node.target)
-                constants.append(_constant_entry(node.target, _get_attr(model, node.target), where))
+                constants.append(_constant_entry(node.target, _get_attr(model, node.target), where,
+                                                 is_persistent(model, node.target)))
             nodes.append(entry)
             continue
         if node.op == "call_module":
@@ -130,7 +134,24 @@ def get_config(model) -> dict:
             entry["target"] = check_method_name(node.target, where)
         entry["args"] = encode_value(list(node.args), where, node_name)
         entry["kwargs"] = {k: encode_value(v, where, node_name) for k, v in node.kwargs.items()}
+        if scope:
+            entry["scope"] = scope
         nodes.append(entry)
+    # NOTE: [Unreferenced state] A tg.from_module model keeps the original's whole module tree
+    # (a submodule its forward never calls, a parameter it never reads): listed too, so that the
+    # rebuilt model has the same state_dict.
+    extra_layers, extra_tensors = unreferenced_state(model, seen_layers | seen_constants)
+    for path, layer in extra_layers.items():
+        layers.append({"name": path, **layer_to_config(layer, f"{model_name}: layer '{path}'"), "unused": True})
+    for path, t in extra_tensors.items():
+        where = f"{model_name}: tensor '{path}'"
+        constants.append({**_constant_entry(path, t, where, is_persistent(model, path)), "unused": True})
+    extra = {}
+    if info.get("scope_types") is not None:  # tg.from_module: the modules that ran, the state order
+        extra["scope_types"] = dict(info["scope_types"])
+        extra["state_order"] = list(model.state_dict())
+    if info.get("containers"):
+        extra["containers"] = dict(info["containers"])
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -142,6 +163,7 @@ def get_config(model) -> dict:
         "constants": constants,
         "nodes": nodes,
         "outputs": outputs,
+        **extra,
     }
 
 
@@ -152,10 +174,17 @@ def _get_attr(model: nn.Module, target: str):
     return obj
 
 
-def _constant_entry(name: str, t: torch.Tensor, where: str) -> dict:
+def _constant_entry(name: str, t: torch.Tensor, where: str, persistent: bool = True) -> dict:
     entry = {"name": name, "shape": list(t.shape), "dtype": dtype_name(t.dtype, where),
              "parameter": isinstance(t, nn.Parameter), "requires_grad": bool(t.requires_grad)}
-    if t.numel() <= INLINE_CONSTANT_LIMIT and not t.is_complex() and t.device.type != "meta":
+    limit = INLINE_CONSTANT_LIMIT if persistent else NON_PERSISTENT_LIMIT
+    if not persistent:
+        entry["persistent"] = False  # not in the state_dict, so not in a file's weights: inline always
+        if t.numel() > limit or t.is_complex() or t.device.type == "meta":
+            raise ValueError(f"{where}: a non-persistent buffer of {t.numel()} elements (not part of the "
+                             f"state_dict, so not saved with the weights) cannot be stored in a config; at "
+                             f"most {limit} real elements can. Register it as a persistent buffer.")
+    if t.numel() <= limit and not t.is_complex() and t.device.type != "meta":
         entry["value"] = [encode_value(v, where) for v in t.detach().reshape(-1).tolist()]
     return entry
 
@@ -241,7 +270,7 @@ def _from_config(config: Any):
     _require(version <= FORMAT_VERSION, f"from_config: the config has format_version {version}, written "
              f"by a newer torchgraph; this version reads up to {FORMAT_VERSION}. Upgrade torchgraph.")
     known = {"format", "format_version", "name", "training", "inputs", "input_kind", "layers", "constants",
-             "nodes", "outputs", "torchgraph_version"}
+             "nodes", "outputs", "torchgraph_version", "scope_types", "state_order", "containers"}
     extra = set(config) - known
     _require(not extra, f"from_config: unexpected keys {sorted(map(str, extra))[:8]}.")
     name = _check_name(config.get("name"), "from_config: 'name'")
@@ -258,25 +287,36 @@ def _from_config(config: Any):
     _require(len({n for n, _, _ in inputs}) == len(inputs), "from_config: duplicate input names.")
 
     layers: dict[str, nn.Module] = {}
+    unused_layers: dict[str, nn.Module] = {}
     for i, entry in enumerate(config["layers"]):
         where = f"from_config: layers[{i}]"
         _require(isinstance(entry, dict), f"{where}: expected an object.")
-        lname = _check_name(entry.get("name"), f"{where} 'name'")
-        _require(lname not in layers, f"{where}: duplicate layer name '{lname}'.")
-        layers[lname] = layer_from_config(entry, f"from_config: layer '{lname}'")
+        lname = check_path(entry.get("name"), f"{where} 'name'")
+        _require(lname not in layers and lname not in unused_layers, f"{where}: duplicate layer name '{lname}'.")
+        unused = entry.get("unused", False)
+        _require(isinstance(unused, bool), f"{where}: 'unused' must be a bool.")
+        entry = {k: v for k, v in entry.items() if k != "unused"}
+        (unused_layers if unused else layers)[lname] = layer_from_config(entry, f"from_config: layer '{lname}'")
 
     constants: dict[str, torch.Tensor] = {}
+    unused_constants: dict[str, torch.Tensor] = {}
+    non_persistent: set[str] = set()
     for i, entry in enumerate(config["constants"]):
-        cname, tensor = _constant_from_entry(entry, f"from_config: constants[{i}]")
-        _require(cname not in constants, f"from_config: duplicate constant '{cname}'.")
-        constants[cname] = tensor
+        cname, tensor, persistent, unused = _constant_from_entry(entry, f"from_config: constants[{i}]")
+        _require(cname not in constants and cname not in unused_constants,
+                 f"from_config: duplicate constant '{cname}'.")
+        (unused_constants if unused else constants)[cname] = tensor
+        if not persistent:
+            non_persistent.add(cname)
 
     nodes = []
     for i, entry in enumerate(config["nodes"]):
         nodes.append(_node_from_entry(entry, i, layers, constants))
 
     outputs = decode_value(config.get("outputs"), "from_config: 'outputs'", resolve_node=Ref)
-    model = replay(inputs, input_kind, nodes, outputs, name, layers, untrusted=True)
+    model = replay(inputs, input_kind, nodes, outputs, name, layers, untrusted=True,
+                   tensor_names={id(t): n for n, t in constants.items()})
+    restore_hierarchy(model, config, unused_layers, unused_constants, non_persistent)
     training = config.get("training", True)
     _require(isinstance(training, bool), "from_config: 'training' must be a bool.")
     model.train(training)
@@ -298,11 +338,14 @@ def _input_spec(entry: Any, i: int) -> tuple[str, tuple, torch.dtype]:
     return name, tuple(shape), resolve_dtype(entry["dtype"], where)
 
 
-def _constant_from_entry(entry: Any, where: str) -> tuple[str, torch.Tensor]:
+def _constant_from_entry(entry: Any, where: str) -> tuple[str, torch.Tensor, bool, bool]:
     _require(isinstance(entry, dict), f"{where}: expected an object.")
-    extra = set(entry) - {"name", "shape", "dtype", "parameter", "requires_grad", "value"}
+    extra = set(entry) - {"name", "shape", "dtype", "parameter", "requires_grad", "value", "persistent", "unused"}
     _require(not extra, f"{where}: unexpected keys {sorted(map(str, extra))[:8]}.")
-    name = _check_name(entry.get("name"), f"{where} 'name'")
+    name = check_path(entry.get("name"), f"{where} 'name'")
+    persistent, unused = entry.get("persistent", True), entry.get("unused", False)
+    _require(isinstance(persistent, bool) and isinstance(unused, bool),
+             f"{where}: 'persistent' and 'unused' must be booleans.")
     shape = entry.get("shape")
     _require(isinstance(shape, list) and len(shape) <= 16 and all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape),
@@ -330,7 +373,7 @@ def _constant_from_entry(entry: Any, where: str) -> tuple[str, torch.Tensor]:
         _require(dtype.is_floating_point or dtype.is_complex or not requires_grad,
                  f"{where}: only floating-point parameters can require gradients.")
         tensor = nn.Parameter(tensor, requires_grad=requires_grad)
-    return name, tensor
+    return name, tensor, persistent, unused
 
 
 def _node_from_entry(entry: Any, i: int, layers: dict, constants: dict) -> tuple:
@@ -343,10 +386,11 @@ def _node_from_entry(entry: Any, i: int, layers: dict, constants: dict) -> tuple
     where = f"from_config: node '{name}'"
     target = entry.get("target")
     if op == "get_attr":
-        _require(set(entry) == {"op", "name", "target"}, f"{where}: a get_attr node has op, name, target.")
+        _require(set(entry) - {"scope"} == {"op", "name", "target"},
+                 f"{where}: a get_attr node has op, name, target.")
         _require(isinstance(target, str) and target in constants, f"{where}: unknown constant {target!r:.80}.")
         return op, name, constants[target], (), {}
-    _require(set(entry) <= {"op", "name", "target", "args", "kwargs"}, f"{where}: unexpected keys.")
+    _require(set(entry) <= {"op", "name", "target", "args", "kwargs", "scope"}, f"{where}: unexpected keys.")
     if op == "call_module":
         _require(isinstance(target, str) and target in layers, f"{where}: unknown layer {target!r:.80}.")
         resolved: Any = layers[target]
@@ -370,7 +414,8 @@ def _node_from_entry(entry: Any, i: int, layers: dict, constants: dict) -> tuple
 # --------------------------------------------------------------------------------------------
 
 def replay(inputs: list[tuple[str, tuple, torch.dtype]], input_kind: str, nodes: list[tuple], outputs: Any,
-           name: str, layers: dict[str, nn.Module], untrusted: bool = False):
+           name: str, layers: dict[str, nn.Module], untrusted: bool = False,
+           tensor_names: dict[int, str] | None = None):
     """Rebuild a model by calling layers and functions on fresh ``tg.Input`` tensors.
 
     Args:
@@ -384,14 +429,20 @@ def replay(inputs: list[tuple[str, tuple, torch.dtype]], input_kind: str, nodes:
         layers: layer name -> module; each gets that name in the rebuilt model.
         untrusted: require every function call to consume a symbolic value (a config cannot make
             torchgraph compute on plain numbers).
+        tensor_names: ``id(constant tensor) -> name`` of the ``get_attr`` targets to keep (module
+            paths such as ``embeddings.position_ids``; ``constant_0`` otherwise comes out the same).
     """
     from .model import Model
-    from .naming import name as set_name, user_name
+    from .naming import fixed_paths, name as set_name, user_name
+    from .tracing import RecordingMode
     from .trees import tree_map
     from .symbolic import Input, SymbolicInt, SymbolicTensor
 
+    paths = dict(tensor_names or {})
     for layer_name, layer in layers.items():
-        if user_name(layer) != layer_name:
+        if "." in layer_name:  # a module path (tg.from_module, tg.scope): not a tg.name
+            paths[id(layer)] = layer_name
+        elif user_name(layer) != layer_name:
             set_name(layer, layer_name)
 
     env: dict[str, Any] = {}
@@ -407,12 +458,46 @@ def replay(inputs: list[tuple[str, tuple, torch.dtype]], input_kind: str, nodes:
 
     symbolic = (SymbolicTensor, SymbolicInt)
     where = f"{name}"
+    with RecordingMode():  # records torch.arange(n) with a dynamic n, as tg.from_module did
+        _replay_nodes(nodes, env, symbolic, untrusted, name)
+
+    outputs = tree_map(lookup, outputs)
+
+    input_values = [env[n] for n, _, _ in inputs]
+    if input_kind == "single":
+        model_inputs: Any = input_values[0]
+    elif input_kind == "dict":
+        model_inputs = {n: env[n] for n, _, _ in inputs}
+    else:
+        model_inputs = input_values if input_kind == "list" else tuple(input_values)
+    with warnings.catch_warnings(), fixed_paths(paths):
+        warnings.filterwarnings("ignore", message="tg.Model: input .* is not used")
+        try:
+            return Model(model_inputs, outputs, name=name)
+        except (ValueError, TypeError) as exc:
+            raise _as_value_error(exc, f"{name}: rebuilding the model") from None
+
+
+def _replay_nodes(nodes: list[tuple], env: dict, symbolic: tuple, untrusted: bool, name: str) -> None:
+    """Call each node's layer or function on the values in ``env`` (replay's loop)."""
+    from .model import constant_value
+    from .trees import tree_map
+
+    where = name
+
+    def lookup(o):
+        if isinstance(o, Ref):
+            if o.name not in env:
+                raise ValueError(f"{where}: uses node '{o.name:.80}', which is not defined before it.")
+            return env[o.name]
+        return o
+
     for op, node_name, target, args, kwargs in nodes:
         where = f"{name}: node '{node_name}'"
         if node_name in env:
             raise ValueError(f"{where}: the name is used twice.")
         if op == "get_attr":
-            env[node_name] = target
+            env[node_name] = constant_value(target)  # operations on it are recorded again
             continue
         args = tree_map(lookup, args)
         kwargs = tree_map(lookup, kwargs)
@@ -436,21 +521,6 @@ def replay(inputs: list[tuple[str, tuple, torch.dtype]], input_kind: str, nodes:
                 raise
             raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from None
         env[node_name] = out
-
-    outputs = tree_map(lookup, outputs)
-    input_values = [env[n] for n, _, _ in inputs]
-    if input_kind == "single":
-        model_inputs: Any = input_values[0]
-    elif input_kind == "dict":
-        model_inputs = {n: env[n] for n, _, _ in inputs}
-    else:
-        model_inputs = input_values if input_kind == "list" else tuple(input_values)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="tg.Model: input .* is not used")
-        try:
-            return Model(model_inputs, outputs, name=name)
-        except (ValueError, TypeError) as exc:
-            raise _as_value_error(exc, f"{name}: rebuilding the model") from None
 
 
 def _as_value_error(exc: Exception, where: str) -> ValueError:

@@ -9,15 +9,17 @@ are also the ``state_dict`` prefixes. :func:`name` sets a layer's name explicitl
 
 from __future__ import annotations
 
+import contextlib
 import keyword
 import re
+import threading
 import weakref
 
 import torch.nn as nn
 
 from .errors import GraphBuildError
 
-__all__ = ["name", "user_name", "snake_case"]
+__all__ = ["name", "user_name", "snake_case", "fixed_paths", "fixed_path"]
 
 _USER_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 # Names given automatically by the first model a layer joined: a layer keeps its name in later
@@ -83,7 +85,31 @@ def remember_name(module: nn.Module, layer_name: str) -> None:
 
 
 def user_name(module: nn.Module) -> str | None:
-    return _USER_NAMES.get(module)
+    return fixed_path(module) or _USER_NAMES.get(module)
+
+
+# NOTE: [Fixed paths]
+# tg.from_module names each layer by its module path ("layer1.0.conv1") and each tensor that a forward
+# reads directly (ViT's cls_token) by its state_dict key, so the result's state_dict has exactly the
+# original's keys. Those names hold for the tg.Model built inside `fixed_paths` only: they are not
+# remembered, and they win over tg.name and earlier models' names.
+_FIXED = threading.local()
+
+
+@contextlib.contextmanager
+def fixed_paths(paths: dict[int, str]):
+    """Within the block, the object with ``id`` k (a layer or a tensor) is named ``paths[k]``."""
+    saved = getattr(_FIXED, "paths", None)
+    _FIXED.paths = paths
+    try:
+        yield
+    finally:
+        _FIXED.paths = saved
+
+
+def fixed_path(obj) -> str | None:
+    paths = getattr(_FIXED, "paths", None)
+    return paths.get(id(obj)) if paths else None
 
 
 def snake_case(class_name: str) -> str:
@@ -93,14 +119,31 @@ def snake_case(class_name: str) -> str:
     return s if not s[0].isdigit() else f"layer_{s}"
 
 
-def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int, str]:
-    """Names for ``modules`` (in first-call order): user names, then names given by an earlier
-    model, then ``snake_case(class name)`` with a counter."""
+def assign_layer_names(modules: list[nn.Module], reserved: set[str],
+                       scopes: dict[int, str] | None = None) -> dict[int, str]:
+    """Names for ``modules`` (in first-call order): fixed paths (tg.from_module), user names, then
+    names given by an earlier model, then ``<scope>.`` + ``snake_case(class name)`` with a counter.
+
+    ``scopes`` maps ``id(module)`` to the ``tg.scope`` of its first call (``"encoder"``)."""
     names: dict[int, str] = {}
     taken = set(reserved)
     owners: dict[str, nn.Module] = {}
+    scopes = scopes or {}
     for m in modules:
-        n = user_name(m)
+        n = fixed_path(m)
+        if n is not None:
+            names[id(m)] = n
+            taken.add(n)
+    prefixes = {".".join(s.split(".")[:i]) for s in scopes.values() if s
+                for i in range(1, s.count(".") + 2)}
+    for p in sorted(prefixes):
+        if p.split(".")[0] in reserved:
+            raise GraphBuildError(
+                f"tg.scope: the scope name '{p.split('.')[0]}' is reserved (an nn.Module/GraphModule "
+                "attribute or an input name). Choose another scope name.")
+    taken |= prefixes
+    for m in modules:
+        n = None if id(m) in names else _USER_NAMES.get(m)
         if n is None:
             continue
         if n in owners and owners[n] is not m:
@@ -110,10 +153,10 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int
                 f"{type(owners[n]).__name__} and {type(m).__name__}). Layer names must be unique: "
                 "rename one with tg.name(layer, 'other_name')."
             )
-        if n in reserved:
+        if n in reserved or n in prefixes:
             raise GraphBuildError(
-                f"The layer name '{n}' is reserved (an nn.Module/GraphModule attribute or an input "
-                "name). Choose another name with tg.name(layer, ...)."
+                f"The layer name '{n}' is reserved (an nn.Module/GraphModule attribute, an input "
+                "name or a tg.scope name). Choose another name with tg.name(layer, ...)."
             )
         owners[n] = m
         names[id(m)] = n
@@ -123,11 +166,14 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int
         if id(m) not in names and n is not None and n not in taken:
             names[id(m)] = n
             taken.add(n)
+    for n in list(names.values()):  # "encoder.linear" makes "encoder" a container, not a layer name
+        taken.update(".".join(n.split(".")[:i]) for i in range(1, n.count(".") + 1))
     counters: dict[str, int] = {}
     for m in modules:
         if id(m) in names:
             continue
-        base = snake_case(type(m).__name__)
+        prefix = scopes.get(id(m), "")
+        base = (prefix + "." if prefix else "") + snake_case(type(m).__name__)
         k = counters.get(base, 0)
         while True:
             candidate = base if k == 0 else f"{base}_{k}"

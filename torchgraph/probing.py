@@ -42,6 +42,8 @@ def to_meta(t: torch.Tensor) -> torch.Tensor:
 
 def real_probe(value: Value, k: int) -> torch.Tensor:
     """Random real data with the shape of probe ``k`` (valid indices for integer inputs)."""
+    if value.record.op == "get_attr":  # a model's own tensor (model.constant_value): its real data
+        return value.record.target
     p = value.probes[k]
     if p.dtype.is_floating_point or p.dtype.is_complex:
         return torch.randn(p.shape, dtype=p.dtype)
@@ -161,5 +163,21 @@ class ProbeContext:
 
     def run(self, func, args, kwargs):
         name = func_name(func)
+        if not self.real and name in _DEVICE_MOVES:
+            args, kwargs = _without_device(name, args, kwargs)
         cacheable = not self.real and not is_inplace(name, kwargs)
         return run_on_probes(func, args, kwargs, self.unwrap, cacheable)
+
+
+# NOTE: [Device moves on meta probes] `x.to(device)`, `x.cpu()` (HuggingFace writes them everywhere)
+# cannot copy a meta probe to a real device; for shapes and dtypes a move changes nothing, so meta
+# probes stay on meta (the recorded call keeps its device argument).
+_DEVICE_MOVES = frozenset({"to", "cpu", "cuda"})
+
+
+def _without_device(name: str, args, kwargs):
+    if name in ("cpu", "cuda"):
+        return (args[0],), {}
+    kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+    rest = [a for a in args[1:] if not isinstance(a, (torch.device, str, int)) or isinstance(a, bool)]
+    return (args[0], *rest), kwargs

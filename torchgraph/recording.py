@@ -31,6 +31,7 @@ from .errors import GraphBuildError
 from .targets import (_DUNDER_OPS, _METADATA, _NEEDS_DATA, _is_property, _is_tensor_method, _resolvable,
                     func_name, is_inplace, setitem)
 from .probing import ProbeContext, is_meta_limitation, to_meta
+from .scopes import recorded_leaf, transparent_path
 from .symbolic import Record, SymbolicInt, SymbolicShape, SymbolicTensor, Value
 from .trees import map_with_paths, tree_leaves, tree_map
 
@@ -107,6 +108,16 @@ def _flat(args, kwargs):
 # showed to change are stepped back by that change and other changed buffers restored. This happens
 # when the original forward performs its last compute op (BatchNorm mutates before its first).
 
+#
+# NOTE: [Transparent modules]
+# tg.from_module records an existing module down to its leaf modules: it marks every other submodule
+# (and the root) as transparent while it calls the root (scopes.looking_through). A transparent
+# module's `_call_impl` frame is skipped here, so the operations of its forward are recorded one by
+# one, as if written at the top level, and the first non-transparent module call on the stack (a
+# leaf: Conv2d, BatchNorm2d...) becomes the call_module record as above, even when called on
+# constants only (`self.wpe(torch.arange(16))`: its output depends on its weights). Which module
+# path an operation comes from is read from the same frames (scopes.current_scope).
+
 _CALL_IMPL_CODE = nn.Module._call_impl.__code__
 
 
@@ -148,7 +159,11 @@ def _find_module_call(start_depth: int = 2):
         fr = frames[i]
         if fr.f_code is _CALL_IMPL_CODE:
             loc = fr.f_locals
-            if _any_symbolic((loc.get("args", ()), loc.get("kwargs", {})), linked_only=True):
+            module = loc.get("self")
+            if transparent_path(module) is not None:
+                continue  # NOTE: [Transparent modules]
+            if recorded_leaf(module) or _any_symbolic((loc.get("args", ()), loc.get("kwargs", {})),
+                                                      linked_only=True):
                 chosen = i
                 break
     if chosen is None:

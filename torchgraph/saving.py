@@ -265,7 +265,22 @@ def load(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
     # On meta, assign=True adopts the tensors just read instead of copying them (requires_grad comes
     # from the model either way).
     model.load_state_dict(state, strict=True, assign=on_meta)
+    _retie(model, _aliases(header, path, "tg.load"))
     return model
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Tensors the saved model shared (tied weights: nanoGPT's lm_head and wte) are one tensor again,
+    not two equal copies that a training step would pull apart."""
+    for alias, key in aliases.items():
+        owner_path, _, field = alias.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        source_path, _, source_field = key.rpartition(".")
+        source = model.get_submodule(source_path) if source_path else model
+        if field in owner._parameters and source_field in source._parameters:
+            owner._parameters[field] = source._parameters[source_field]
+        elif field in owner._buffers and source_field in source._buffers:
+            owner._buffers[field] = source._buffers[source_field]
 
 
 def read_file_info(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> FileInfo:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import GraphBuildError
+from .scopes import current_scope
 
 __all__ = ["SymbolicTensor", "SymbolicInt", "DynamicDim", "Input"]
 
@@ -90,7 +91,7 @@ def format_shape(dims) -> str:
 class Record:
     """One recorded call: a placeholder, a module call, a function call or a method call."""
 
-    __slots__ = ("op", "target", "args", "kwargs", "seq", "location", "out", "__weakref__")
+    __slots__ = ("op", "target", "args", "kwargs", "seq", "location", "out", "scope", "__weakref__")
 
     def __init__(self, op: str, target: Any, args: tuple = (), kwargs: dict | None = None,
                  location: str | None = None):
@@ -101,6 +102,7 @@ class Record:
         self.seq = next(_SEQ)   # creation order: the emitted code follows the user's program order
         self.location = location
         self.out = None          # tree of Values (and plain outputs), set once probed
+        self.scope = current_scope()  # "encoder.block1": tg.scope names / tg.from_module module path
 
 
 class Value:
