@@ -5,7 +5,7 @@ What a page shows as output, the test compares (doctest's ``...`` wildcard, whit
 
 * ``statement  # -> text``: the statement's printed output, or the repr of an expression's value.
   Comment lines right below continue ``text``.
-* a ```` ```text```` block right after a ```` ```python```` block: everything the block prints.
+* a ```` ```text```` block right after a ```` ```python```` block: the end of what the block prints.
 * a transcript (``>>>`` lines, in a plain ```` ``` ```` block): each line's output or raised error
   (``ErrorType: message``).
 """
@@ -103,7 +103,7 @@ def _run_python_block(page, line, code, shown_text):
                                             f"{want.strip()}\nbut printed\n  {actual.strip()}")
     if shown_text is not None:
         actual = "".join(printed)
-        assert _matches(shown_text, actual), (
+        assert _matches("..." + shown_text, actual), (
             f"{where}: the ```text block after it shows\n{shown_text}\nbut the block printed\n{actual}")
 
 
