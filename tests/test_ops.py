@@ -658,19 +658,6 @@ def test_float16_goes_to_reference():
         torch.ops.torchgraph.bias_act(x, bias, "relu")
 
 
-def test_load_failure_warns_with_build_hint(monkeypatch):
-    """A failed import of _C is reported once, with the reason and the build command."""
-
-    def fail(name):
-        raise ImportError(f"No module named {name!r}")
-
-    monkeypatch.setattr(extension.importlib, "import_module", fail)
-    monkeypatch.delenv(extension.DISABLE_ENV_VAR, raising=False)
-    with pytest.warns(RuntimeWarning, match=r"torchgraph\._C.*python setup.py build_ext --inplace"):
-        loaded, reason = extension._load_c_ops()
-    assert not loaded and "No module named" in reason
-
-
 def test_env_var_disables_c_ops_silently():
     """TORCHGRAPH_DISABLE_C_OPS=1 forces the references and warns nothing."""
     code = (

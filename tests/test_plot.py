@@ -199,7 +199,7 @@ def test_without_graphviz_package_import_still_works():
             "print(sorted(m._repr_mimebundle_()))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    assert "HINT" in out.stdout and "pip install torchgraph[plot]" in out.stdout
+    assert "HINT" in out.stdout and "pip install 'torchgraph-fx[plot]'" in out.stdout
     assert "['text/plain']" in out.stdout
 
 

@@ -553,4 +553,4 @@ except ImportError as e:
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert lines[0].startswith("Epoch 1/1 - ") and lines[1] == "['accuracy', 'loss']"
-    assert "pip install torchgraph[train]" in lines[2]
+    assert "pip install 'torchgraph-fx[train]'" in lines[2]

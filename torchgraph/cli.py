@@ -4,6 +4,7 @@
     torchgraph summary FILE               the layer table (model.summary)
     torchgraph plot FILE -o model.svg     the graph as PNG, SVG or PDF (tg.plot_model)
     torchgraph export FILE -o model.onnx  ONNX (tg.export_onnx)
+    torchgraph build-kernels              compile the C++ kernels now (else the first import does)
 
 ``FILE`` is a file written by ``tg.save``. Custom layers must be registered before a file that uses
 them can be read: ``--register mypackage.layers`` imports that module first (the only code the command
@@ -59,6 +60,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="the picture to write: out.png, out.svg or out.pdf")
     p = command("export", "Export the model to ONNX (tg.export_onnx).")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .onnx file to write")
+    sub.add_parser("build-kernels", help="Compile torchgraph's C++ kernels for this machine and torch "
+                   "(the first import does it otherwise); retries a build that failed before.",
+                   description="Compile torchgraph's C++ kernels for this machine and torch into the "
+                   "kernel cache, or check that they are there. Retries a build that failed before.")
     return parser
 
 
@@ -83,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.command == "build-kernels":
+        _build_kernels()
+        return
     output = getattr(args, "output", None)
     if args.command == "plot" and os.path.splitext(output)[1].lower() not in _PLOT_FORMATS:
         raise CommandError(f"cannot draw to '{output}': expected a .png, .svg or .pdf file name.")
@@ -128,6 +136,22 @@ def _run(args: argparse.Namespace) -> None:
                                "is missing).")
         export_onnx(tg.load(args.file, **kwargs), output)
         print(f"wrote {output}")
+
+
+def _build_kernels() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # reported below, with the retry's outcome
+        from . import _extension
+
+    path = _extension.LIBRARY_PATH
+    if path is None:
+        try:
+            path = _extension.build_kernels(retry_failed=True)
+        except _extension.KernelsUnavailable as exc:
+            raise CommandError(f"the kernels are not available: {exc}.") from None
+    print(f"torchgraph kernels ({_extension.kernel_build().description}): {path}")
 
 
 def _format_bytes(n: int) -> str:

@@ -51,7 +51,7 @@ MAX_NODES = 40
 # by default, 17 s with these settings; measured with dot 2.43): fewer iterations, straight edges.
 _FAST_LAYOUT_BOXES = 200
 _FAST_LAYOUT = {"nslimit": "1", "nslimit1": "1", "mclimit": "0.1", "splines": "line"}
-_PIP_HINT = "pip install torchgraph[plot]  (or: pip install graphviz)"
+_PIP_HINT = "pip install 'torchgraph-fx[plot]'  (or: pip install graphviz)"
 _DOT_HINT = ("Install Graphviz: `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` "
              "(macOS), `conda install graphviz`, or see https://graphviz.org/download/")
 

@@ -46,7 +46,7 @@ def resolve_verbose(verbose) -> int:
         raise ValueError(f"verbose must be 'auto', 0, 1 or 2; received {verbose!r}.")
     verbose = int(verbose)
     if verbose == 1 and not _has_tqdm():
-        raise ImportError("verbose=1 shows a tqdm progress bar: pip install torchgraph[train] "
+        raise ImportError("verbose=1 shows a tqdm progress bar: pip install 'torchgraph-fx[train]' "
                           "(or use verbose=2 for one line per epoch).")
     return verbose
 

@@ -1,7 +1,7 @@
 """``TensorBoard``: losses, metrics, learning rate and weight histograms as TensorBoard event files.
 
 Written with ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard`` package:
-``pip install torchgraph[train]``). The layout is Keras': ``log_dir/train`` and
+``pip install 'torchgraph-fx[train]'``). The layout is Keras': ``log_dir/train`` and
 ``log_dir/validation`` hold the scalars ``epoch_loss``, ``epoch_<metric>`` (validation values
 without their ``val_`` prefix, so both runs share one chart), ``epoch_learning_rate`` when a
 callback logs it, and with ``update_freq`` a number of batches, ``batch_<name>`` every that many
@@ -57,7 +57,7 @@ class TensorBoard(Callback):
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("TensorBoard needs the tensorboard package: pip install torchgraph[train] (or "
+                raise ImportError("TensorBoard needs the tensorboard package: pip install 'torchgraph-fx[train]' (or "
                                   "pip install tensorboard).") from None
             self._writers[run] = SummaryWriter(os.path.join(self.log_dir, run))
         return self._writers[run]

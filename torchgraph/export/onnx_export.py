@@ -30,7 +30,7 @@ from .verify import verify_onnx
 
 __all__ = ["export_onnx"]
 
-_PIP_HINT = "pip install torchgraph[onnx]"
+_PIP_HINT = "pip install 'torchgraph-fx[onnx]'"
 # Weights above this size go to an external ``<file>.data`` file (protobuf's limit is 2 GiB).
 _EXTERNAL_DATA_BYTES = 1536 * 2**20
 
@@ -71,7 +71,7 @@ def export_onnx(model, path, dynamic_batch: bool = True, opset: int | None = Non
             layer); an output is named like an input; onnxruntime's results differ from torch's (the
             message gives the largest difference); the model fails in torch at the verification sizes
             (the message names the layer). Nothing is written at ``path`` then.
-        ImportError: onnx, onnxscript or onnxruntime is missing (``pip install torchgraph[onnx]``).
+        ImportError: onnx, onnxscript or onnxruntime is missing (``pip install 'torchgraph-fx[onnx]'``).
 
     Example:
         >>> import os, tempfile, torch, torch.nn as nn, torchgraph as tg

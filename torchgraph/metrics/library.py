@@ -2,7 +2,7 @@
 
 A torchmetrics metric keeps state over the epoch (``update`` per batch, ``compute`` at the end,
 ``reset`` before the next), which is what metrics that are not batch means need (precision, recall,
-F1, AUROC). torchmetrics is an optional extra: ``pip install torchgraph[train]``.
+F1, AUROC). torchmetrics is an optional extra: ``pip install 'torchgraph-fx[train]'``.
 
 Design constraints:
   - Under torch.distributed, ``compute`` gathers every rank's state (torchmetrics' own sync), so
@@ -33,7 +33,7 @@ def require_torchmetrics(what: str):
         import torchmetrics
     except ImportError:
         raise ImportError(f"compile: the metric {what} comes from torchmetrics, which is not installed. "
-                          "Install it with pip install torchgraph[train] (or pip install torchmetrics).") from None
+                          "Install it with pip install 'torchgraph-fx[train]' (or pip install torchmetrics).") from None
     return torchmetrics
 
 

@@ -37,7 +37,7 @@ def _require_safetensors(who: str):
     try:
         import safetensors.torch
     except ImportError:
-        raise ImportError(f"{who} writes safetensors files: pip install torchgraph[io] (or pip install "
+        raise ImportError(f"{who} writes safetensors files: pip install 'torchgraph-fx[io]' (or pip install "
                           "safetensors).") from None
     return safetensors
 

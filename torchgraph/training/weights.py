@@ -16,7 +16,7 @@ def _safetensors(who: str):
     try:
         import safetensors.torch
     except ImportError:
-        raise ImportError(f"{who} writes and reads safetensors files: pip install torchgraph[io] (or pip "
+        raise ImportError(f"{who} writes and reads safetensors files: pip install 'torchgraph-fx[io]' (or pip "
                           "install safetensors).") from None
     return safetensors
 
