@@ -495,3 +495,64 @@ def test_bounded_dims_round_trip():
     assert config["inputs"][0]["shape"] == [{"dim": "seq", "min": 2, "max": 128}, 8]
     for other in (tg.Model.from_config(config), tg.clone_model(model)):
         assert other.get_config()["inputs"] == config["inputs"]
+
+
+@tg.register_layer
+class _ConvNormAct(nn.Sequential):
+    """torchvision's Conv2dNormActivation pattern: layer classes (and partials) passed as arguments."""
+
+    def __init__(self, cin, cout, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm_layer(cout), activation_layer())
+
+
+@tg.register_layer
+class _TimmBlock(nn.Module):
+    """timm's Block pattern: norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU."""
+
+    def __init__(self, dim, norm_layer=nn.LayerNorm, act_layer=nn.GELU):
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.fc = nn.Linear(dim, dim)
+        self.act = act_layer()
+
+    def forward(self, x):
+        return x + self.act(self.fc(self.norm(x)))
+
+
+def test_layer_classes_and_partials_as_arguments_round_trip(tmp_path):
+    import functools
+
+    x = tg.Input(shape=(3, 8, 8), name="image")
+    h = _ConvNormAct(3, 8, norm_layer=functools.partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01),
+                     activation_layer=nn.Hardswish)(x)
+    h = _ConvNormAct(8, 8)(h)
+    y = _TimmBlock(8, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))(h.mean(dim=(2, 3)))
+    model = tg.Model(x, y).eval()
+    config = model.get_config()
+    first = config["layers"][0]["kwargs"]
+    assert first["norm_layer"] == {"partial": {"layer_class": "torch.nn.BatchNorm2d", "args": [],
+                                               "kwargs": {"dict": {"eps": 0.001, "momentum": 0.01}}}}
+    assert first["activation_layer"] == {"layer_class": "torch.nn.Hardswish"}
+    rebuilt = tg.Model.from_config(json.loads(json.dumps(config)))
+    assert rebuilt.conv_norm_act[1].eps == 1e-3 and isinstance(rebuilt.conv_norm_act[2], nn.Hardswish)
+    assert rebuilt.timm_block.norm.eps == 1e-6
+    tg.save(model, tmp_path / "m.safetensors")
+    loaded = tg.load(tmp_path / "m.safetensors")
+    images = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(images), model(images))
+
+
+def test_an_unregistered_layer_class_argument_names_the_fix():
+    class Norm(nn.BatchNorm2d):
+        pass
+
+    x = tg.Input(shape=(3, 8, 8))
+    model = tg.Model(x, _ConvNormAct(3, 4, norm_layer=Norm)(x))
+    with pytest.raises(ValueError, match=r"argument 'norm_layer'.*neither a torch\.nn layer.*"
+                                         r"tg\.register_layer\(.*Norm\)"):
+        model.get_config()
+    loaded_class = {"layer_class": "os.system"}
+    config = tg.Model(x, _ConvNormAct(3, 4)(x)).get_config()
+    config["layers"][0]["kwargs"]["norm_layer"] = loaded_class
+    with pytest.raises(ValueError, match="unknown layer class 'os.system'. Classes are never imported"):
+        tg.Model.from_config(config)

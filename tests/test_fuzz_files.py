@@ -122,6 +122,9 @@ _HOSTILE_OBJECTS = st.sampled_from([
                                                        "device": {"device": "cpu"}}}},
     {"layer": {"class": "torchgraph.Model", "config": {"format": "torchgraph.Model"}}},
     {"slice": [1, 2]}, {"node": {}}, {"node": "nowhere"}, {"ellipsis": 1},
+    {"layer_class": "os.system"}, {"layer_class": "torch.nn.LSTM"}, {"layer_class": {}},
+    {"partial": {"layer_class": "torch.nn.LSTM", "args": [4, 4, 2**48], "kwargs": {"dict": {}}}},
+    {"partial": {"layer_class": "torch.nn.Linear", "args": [10**6, 10**6], "kwargs": {"dict": {"device": "cpu"}}}},
 ])
 
 _json = st.recursive(

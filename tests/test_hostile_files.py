@@ -255,3 +255,32 @@ def test_the_value_limit_leaves_room_for_big_real_configs():
     text = json.dumps(config)
     values = text.count(",") + text.count(":")  # at least one separator per value
     assert values / len(config["nodes"]) * MAX_NODES < MAX_CONFIG_VALUES / 2, values
+
+
+@tg.register_layer
+class _Factory(nn.Module):
+    """A registered layer that builds its inner layer from a factory argument (torchvision's norm_layer)."""
+
+    def __init__(self, width, make=nn.Linear):
+        super().__init__()
+        self.inner = make(width, width)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("make, match", [
+    ({"partial": {"layer_class": "torch.nn.LSTM", "args": [4, 4, 2**48], "kwargs": {"dict": {}}}},
+     "num_layers=281474976710656 is more than a config may ask for"),
+    ({"partial": {"layer_class": "torch.nn.Linear", "args": [], "kwargs": {"dict": {"device": {"device": "cpu"}}}}},
+     "would allocate more than"),
+    ({"layer_class": "builtins.eval"}, "unknown layer class 'builtins.eval'"),
+])
+def test_layer_class_values_are_bounded_like_layers(make, match):
+    x = tg.Input(shape=(4,), name="x")
+    config = tg.Model(x, _Factory(4)(x)).get_config()
+    config["layers"][0]["kwargs"]["width"] = 2**20 if "Linear" in str(make) else 4
+    config["layers"][0]["kwargs"]["make"] = make
+    error, seconds, extra = within_budget(lambda: tg.Model.from_config(config, max_bytes=2**26))
+    assert_documented(error, seconds, extra)
+    assert error is not None and re.search(match, str(error)), error

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Callable
@@ -36,7 +37,7 @@ __all__ = ["MAX_DEPTH", "encode_value", "decode_value", "dtype_name", "resolve_d
 MAX_DEPTH = 48
 
 _TAGS = frozenset({"node", "tuple", "dict", "items", "slice", "ellipsis", "dtype", "device", "memory_format",
-                   "layout", "float", "function", "layer", "object"})
+                   "layout", "float", "function", "layer", "object", "layer_class", "partial"})
 
 # --------------------------------------------------------------------------------------------
 # dtypes
@@ -247,6 +248,18 @@ def encode_value(obj: Any, where: str, node_name: Callable[[Any], str | None] | 
             raise ValueError(f"{where}: to_config of the registered value type '{key}' failed: "
                              f"{type(exc).__name__}: {exc}") from None
         return {"object": {"type": key, "config": enc(data)}}
+    # NOTE: [Layer classes as values] torchvision and timm pass layer factories: norm_layer=nn.BatchNorm2d,
+    # act_layer=nn.GELU, norm_layer=partial(nn.LayerNorm, eps=1e-6). A class is stored by name (torch.nn's
+    # table or the registry, never imported on loading); a partial of one with its stored arguments.
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        from .layer_config import layer_class_key
+
+        return {"layer_class": layer_class_key(obj, where)}
+    if isinstance(obj, functools.partial) and isinstance(obj.func, type) and issubclass(obj.func, nn.Module):
+        from .layer_config import layer_class_key
+
+        return {"partial": {"layer_class": layer_class_key(obj.func, where), "args": enc(list(obj.args)),
+                            "kwargs": enc(dict(obj.keywords))}}
     if callable(obj):
         return {"function": function_name(obj, where)}
     raise ValueError(
@@ -334,6 +347,8 @@ def decode_value(obj: Any, where: str, resolve_node: Callable[[str], Any] | None
         return resolve_function(body, where, untrusted=True)
     if tag == "object":
         return _decode_object(body, where, dec)
+    if tag in ("layer_class", "partial"):  # NOTE: [Layer classes as values]
+        return _decode_layer_class(tag, body, where, dec)
     # tag == "layer"
     if decode_layer is None or not isinstance(body, dict):
         raise ValueError(f"{where}: a layer value is not allowed here (or is not an object).")
@@ -356,6 +371,24 @@ def _decode_object(body: Any, where: str, dec: Callable[[Any], Any]):
     except Exception as exc:  # noqa: BLE001 - any failure of a crafted value is a bad config
         raise ValueError(f"{where}: the registered value type '{key}' could not be built from its config: "
                          f"{type(exc).__name__}: {exc}") from None
+
+
+def _decode_layer_class(tag: str, body: Any, where: str, dec: Callable[[Any], Any]):
+    from .layer_config import resolve_layer_class
+
+    if tag == "layer_class":
+        return resolve_layer_class(body, where)
+    _expect(isinstance(body, dict) and set(body) == {"layer_class", "args", "kwargs"}, where, "partial",
+            "{\"layer_class\": <name>, \"args\": [...], \"kwargs\": {...}}")
+    args, kwargs = dec(body["args"]), dec(body["kwargs"])
+    _expect(isinstance(args, list) and isinstance(kwargs, dict) and all(
+        isinstance(k, str) and k.isidentifier() for k in kwargs), where, "partial",
+        "a list of arguments and an object of keyword arguments")
+    from .layer_config import check_partial_repeats
+
+    c = resolve_layer_class(body["layer_class"], where)
+    check_partial_repeats(c, args, kwargs, where)  # partial(nn.LSTM, 4, 4, 2**48): refused before it runs
+    return functools.partial(c, *args, **kwargs)
 
 
 def _expect(ok: bool, where: str, tag: str, what: str) -> None:

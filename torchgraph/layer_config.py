@@ -132,6 +132,39 @@ def registered_layers() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+def layer_class_key(c: type, where: str) -> str:
+    """The name a layer class passed as a value is stored under (torchvision's ``norm_layer=nn.BatchNorm2d``,
+    timm's ``act_layer=nn.GELU``): ``"torch.nn.<Name>"`` for torch.nn's table, else its registered name.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> layer_class_key(nn.BatchNorm2d, "example")
+        'torch.nn.BatchNorm2d'
+    """
+    if BY_NAME.get(f"torch.nn.{c.__name__}") is c:
+        return f"torch.nn.{c.__name__}"
+    key = _KEYS.get(c)
+    if key is None:
+        raise ValueError(
+            f"{where}: the layer class {c.__module__}.{c.__qualname__} is passed as a value and cannot be "
+            "stored: it is neither a torch.nn layer torchgraph knows nor registered. Expected a class of "
+            f"torch.nn (e.g. nn.BatchNorm2d) or a registered one: tg.register_layer({c.__qualname__}).")
+    return key
+
+
+def resolve_layer_class(key: Any, where: str) -> type:
+    """The layer class stored as ``key`` (the inverse of :func:`layer_class_key`): torch.nn's table or
+    the registry, never an import."""
+    c = None
+    if isinstance(key, str):
+        c = BY_NAME.get(key) if key.startswith("torch.nn.") else _REGISTRY.get(key)
+    if c is None:
+        raise ValueError(f"{where}: unknown layer class {key!r:.80}. Classes are never imported from names in "
+                         "a config: a torch.nn layer torchgraph knows, or a class registered with "
+                         "@tg.register_layer (import the module that registers it before loading).")
+    return c
+
+
 def _has_own_get_config(c: type) -> bool:
     return callable(getattr(c, "get_config", None))
 
@@ -297,6 +330,12 @@ _REPEATS: dict[type, tuple[str, ...]] = {
     nn.TransformerEncoder: ("num_layers",), nn.TransformerDecoder: ("num_layers",),
     nn.Transformer: ("num_encoder_layers", "num_decoder_layers"),
 }
+
+
+def check_partial_repeats(c: type, args: list, kwargs: dict, where: str) -> None:
+    """The count arguments of a stored ``functools.partial`` of a torch.nn layer class, bounded."""
+    if c in _REPEATS:
+        _check_builtin_repeats(c, args, kwargs, where)
 
 
 def _check_builtin_repeats(c: type, args: list, kwargs: dict, where: str) -> None:
