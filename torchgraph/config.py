@@ -369,8 +369,19 @@ def _node_from_entry(entry: Any, i: int, layers: dict, constants: dict) -> tuple
 # Replay: the common core of from_config and clone_model
 # --------------------------------------------------------------------------------------------
 
-def replay(inputs: list[tuple[str, tuple, torch.dtype]], input_kind: str, nodes: list[tuple], outputs: Any,
-           name: str, layers: dict[str, nn.Module], untrusted: bool = False):
+def replay(*args, **kwargs):
+    """:func:`_replay` as a build of its own: its probe sizes never depend on, or leak into, other builds."""
+    from .dims import new_build
+
+    new_build()  # NOTE: [Probe sizes] in dims.py
+    try:
+        return _replay(*args, **kwargs)
+    finally:
+        new_build()
+
+
+def _replay(inputs: list[tuple[str, tuple, torch.dtype]], input_kind: str, nodes: list[tuple], outputs: Any,
+            name: str, layers: dict[str, nn.Module], untrusted: bool = False):
     """Rebuild a model by calling layers and functions on fresh ``tg.Input`` tensors.
 
     Args:

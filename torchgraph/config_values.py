@@ -98,6 +98,7 @@ def _build_table() -> None:
     allowed.update(id(getattr(torch, n)) for n in _FACTORIES if hasattr(torch, n))
     table: dict[str, Callable] = {f"operator.{n}": getattr(operator, n) for n in _OPERATORS}
     table["builtins.getattr"] = builtins.getattr
+    table["torch._assert"] = torch._assert  # guards recorded by `assert n <= 512` (sizes.py)
     from .targets import setitem
     table["torchgraph.setitem"] = setitem
     for ns_name, ns in _NAMESPACES:
