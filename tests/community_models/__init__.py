@@ -1,0 +1,43 @@
+"""Reference models written the way their communities write them (torchvision, timm, nanoGPT, transformers, ...).
+
+Plain PyTorch only (no torchgraph import): tests and benchmarks use them as "other people's code". One module per
+family; ``registry`` lists every model at test and benchmark sizes (``ARCHITECTURES``, ``BENCHMARK_ARCHITECTURES``).
+Import with ``tests/`` on ``sys.path`` (pytest does that for the tests): ``from community_models import ...``.
+
+Block-level names that two families share (``Block``: timm ViT and nanoGPT) are not re-exported here; take them from
+their module: ``community_models.vit.Block``, ``community_models.nanogpt.Block``.
+"""
+
+from . import encoder, hf, mobilenet, nanogpt, registry, resnet, small, unet, vit
+from .encoder import TransformerClassifier
+from .hf import HAS_TRANSFORMERS, tiny_bert, tiny_gpt2
+from .mobilenet import (Conv2dNormActivation, InvertedResidual, InvertedResidualConfig, InvertedResidualV3,
+                        MobileNetV2, MobileNetV3, SqueezeExcitation, _make_divisible, mobilenet_v2,
+                        mobilenet_v3_small)
+from .nanogpt import GPT, MLP, CausalSelfAttention, GPTConfig, LayerNorm
+from .registry import ARCHITECTURES, BENCHMARK_ARCHITECTURES, Architecture, InputSpec, tensor_leaves
+from .resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3, resnet18, resnet50
+from .small import DataDependent, LSTMEncoder, SiameseNetwork, WithDataDependentBlock
+from .unet import DoubleConv, Down, OutConv, Up, UNet
+from .vit import Attention, Mlp, PatchEmbed, VisionTransformer, vit_tiny
+
+__all__ = [
+    # modules, one per family
+    "encoder", "hf", "mobilenet", "nanogpt", "registry", "resnet", "small", "unet", "vit",
+    # registry
+    "ARCHITECTURES", "BENCHMARK_ARCHITECTURES", "Architecture", "InputSpec", "tensor_leaves",
+    # torchvision ResNet
+    "conv3x3", "conv1x1", "BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50",
+    # torchvision MobileNetV2 / V3
+    "_make_divisible", "Conv2dNormActivation", "InvertedResidual", "MobileNetV2", "mobilenet_v2",
+    "SqueezeExcitation", "InvertedResidualConfig", "InvertedResidualV3", "MobileNetV3", "mobilenet_v3_small",
+    # timm ViT
+    "PatchEmbed", "Attention", "Mlp", "VisionTransformer", "vit_tiny",
+    # nanoGPT
+    "GPTConfig", "GPT", "LayerNorm", "CausalSelfAttention", "MLP",
+    # nn.TransformerEncoder classifier, U-Net, small models
+    "TransformerClassifier", "DoubleConv", "Down", "Up", "OutConv", "UNet",
+    "LSTMEncoder", "SiameseNetwork", "DataDependent", "WithDataDependentBlock",
+    # HuggingFace transformers (imported lazily)
+    "HAS_TRANSFORMERS", "tiny_bert", "tiny_gpt2",
+]

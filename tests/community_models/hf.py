@@ -1,0 +1,45 @@
+"""Random-init HuggingFace ``transformers`` models (BERT, GPT-2) at tiny sizes; never downloads weights.
+
+``transformers`` is imported inside the factories only: importing it costs seconds. ``HAS_TRANSFORMERS`` says
+whether it is installed (requirements-dev.txt pins it).
+"""
+
+import importlib.util
+
+import torch.nn as nn
+
+__all__ = ["HAS_TRANSFORMERS", "tiny_bert", "tiny_gpt2"]
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+def tiny_bert(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+              max_position_embeddings=128, attn_implementation="sdpa", **config_kwargs) -> nn.Module:
+    """``BertModel(BertConfig(...))``, random init; call with ``input_ids`` and ``attention_mask`` (1 = token).
+
+    "sdpa" is transformers' default attention for BERT; pass "eager" for the written-out softmax path.
+    """
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                        num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                        max_position_embeddings=max_position_embeddings, attn_implementation=attn_implementation,
+                        **config_kwargs)
+    return BertModel(config)
+
+
+def tiny_gpt2(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128, attn_implementation="sdpa",
+              use_cache=False, **config_kwargs) -> nn.Module:
+    """``GPT2Model(GPT2Config(...))``, random init; call with ``input_ids`` (and optionally ``attention_mask``).
+
+    ``use_cache=False`` by default: the output is then only ``last_hidden_state`` (with a cache, transformers also
+    returns a ``DynamicCache`` object). The bos/eos ids are set inside the small vocabulary.
+    """
+    from transformers import GPT2Config, GPT2Model
+
+    config_kwargs.setdefault("bos_token_id", vocab_size - 1)
+    config_kwargs.setdefault("eos_token_id", vocab_size - 1)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        n_positions=n_positions, attn_implementation=attn_implementation, use_cache=use_cache,
+                        **config_kwargs)
+    return GPT2Model(config)
