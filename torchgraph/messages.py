@@ -12,9 +12,9 @@ import sys
 import torch
 import torch.nn as nn
 
-__all__ = ["below_torch_function", "describe_module", "dynamic_number_output", "dynamic_size_as_number",
-           "function_failure", "input_reshaped_in_place", "module_failure", "precheck", "untracked_output",
-           "user_frame", "user_location"]
+__all__ = ["below_torch_function", "called_from_torch", "describe_module", "dynamic_number_output",
+           "dynamic_size_as_number", "function_failure", "inner_failure", "input_reshaped_in_place", "layer_hint",
+           "module_failure", "precheck", "untracked_output", "user_frame", "user_location"]
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -222,6 +222,46 @@ def module_failure(module: nn.Module, args, kwargs, exc: BaseException, inner: t
     parts.append(_torch_detail(exc))
     parts.append(f"(at {user_location()})")
     return " ".join(parts)
+
+
+def inner_failure(module: nn.Module, exc: BaseException, k: int, rerun) -> tuple | None:
+    """``(path, layer, [(shape at probe 0, shape at probe 1, dtype), ...])`` of the innermost failing
+    sub-layer; the other probe is run again to tell its static dims from its dynamic ones."""
+    first = _innermost_call(module, exc)
+    if first is None:
+        return None
+    path, layer, shapes = first
+    other = shapes
+    try:
+        rerun(1 - k)
+    except Exception as exc1:  # noqa: BLE001 - the same failure at the other probe size
+        second = _innermost_call(module, exc1)
+        if second is not None and second[0] == path and len(second[2]) == len(shapes):
+            other = second[2]
+    pairs = [(a[0], b[0], a[1]) for a, b in zip(shapes, other)]
+    if k == 1:
+        pairs = [(b, a, dtype) for a, b, dtype in pairs]
+    return (path, layer, pairs)
+
+
+def _innermost_call(module: nn.Module, exc: BaseException):
+    from .symbolic import SymbolicTensor
+    from .trees import tree_leaves
+
+    names = {id(m): n for n, m in module.named_modules() if n}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_code is nn.Module._call_impl.__code__:
+            layer = f.f_locals.get("self")
+            if id(layer) in names:
+                shapes = [(tuple(leaf._tg_shadow.shape), leaf._tg_shadow.dtype)
+                          for _, leaf in tree_leaves(f.f_locals.get("args", ()))
+                          if isinstance(leaf, SymbolicTensor) and leaf._tg_shadow is not None]
+                found = (names[id(layer)], layer, shapes)
+        tb = tb.tb_next
+    return found
 
 
 def untracked_output(module: nn.Module, path: tuple, left_torch: bool) -> str:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import messages
 from .errors import GraphBuildError
 from .probing import ProbeContext, is_meta_limitation, to_meta
-from .scopes import STATE, ShadowRun, find_scope, has_symbolic, open_scope, remove_idle_modes, replay, skip_metadata
+from .scopes import STATE, ShadowRun, find_scope, open_scope, remove_idle_modes, replay, skip_metadata
 from .sizes import standin_value
 from .symbolic import (Record, SymbolicDevice, SymbolicDtype, SymbolicInt, SymbolicShape, SymbolicTensor, Value,
                        _StandIn)
@@ -235,6 +235,8 @@ def _record_top_level(func, name: str, args, kwargs):
         # Only a device/dtype stand-in, inside torch's own code (a layer's __init__): a real call.
         return func(*tree_map(_real_standin, args), **tree_map(_real_standin, kwargs))
 
+    if func in _SIZE_VARARGS and len(args) > 1 and all(isinstance(a, (int, SymbolicInt)) for a in args):
+        args = (tuple(args),)  # torch.zeros(b, 1, w) as torch.zeros((b, 1, w)): fx can retrace that form
     out0, out1 = _probe_outputs(func, args, kwargs)
 
     # What to emit: operators as functions (readable code), tensor methods as methods.
@@ -280,6 +282,12 @@ def _record_top_level(func, name: str, args, kwargs):
     if inplace:
         return _mutated(record, kwargs.get("out") if "out" in kwargs else (args[0] if args else None), result)
     return result
+
+
+# Factories taking sizes as varargs. NOTE: torch's argument parser accepts a non-tensor object with
+# __torch_function__ (an fx Proxy) in a size *list* but not as the first of several varargs, so fx could
+# not retrace `torch.zeros(size, 1, size_1)` when a model is unpickled; the tuple form it can.
+_SIZE_VARARGS = frozenset({torch.zeros, torch.ones, torch.empty, torch.rand, torch.randn})
 
 
 def _mutated(record: Record, target, result):

@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from . import messages
 from .errors import GraphBuildError
 from .probing import ProbeContext, is_meta_limitation, to_meta
+from .restoring import attribute_snapshot, buffer_snapshot, restore_attributes, undo_buffers
 from .symbolic import Record, SymbolicInt, SymbolicTensor, Value, _StandIn
 from .targets import _METADATA, _NEEDS_DATA, VIEW_OPS, func_name, is_inplace
 from .trees import tree_leaves, tree_map
@@ -62,14 +63,7 @@ _SCOPE_KEY = "__torchgraph_scope__"
 # handwritten modules pay nothing. (A mode cannot remove itself from inside its own handler, where
 # torch has stashed it; if the sentinel dies there, or in another thread, the mode is marked idle
 # and removed at the next tg.Input / tg.Model.)
-#
-# NOTE: [Hidden mutation]
-# Ops on probes never touch real tensors (they run on meta copies). But a forward can mutate its
-# own state without involving the input at all -- BatchNorm's `num_batches_tracked.add_(1)` -- and
-# the interrupted original forward really does run. So buffers are snapshotted when a scope opens,
-# shadow runs are undone, and once the module call is done, integer buffers that a shadow run
-# showed to change are stepped back by that change and other changed buffers restored. Attributes
-# the forward set to tensors it made (a cache) are set back to what they were.
+
 
 
 class _State(threading.local):
@@ -266,7 +260,7 @@ class Scope:
         self.closed = True
         try:
             self.finish_replay()
-            _restore_attributes(self.attrs)
+            restore_attributes(self.attrs)
         finally:
             mode = self.mode
             if mode is not None:
@@ -300,47 +294,6 @@ def find_scope(frame) -> Scope | None:
 # Opening a scope
 # --------------------------------------------------------------------------------------------
 
-def _buffer_snapshot(module: nn.Module):
-    bufs = [(m, n, b) for m in module.modules() for n, b in m._buffers.items()
-            if b is not None and b.device.type != "meta"]
-    saved = [b.detach().clone() for _, _, b in bufs]
-    return bufs, saved
-
-
-def _undo(bufs, saved):
-    """Restore buffers; return ``{index: delta}`` for those that changed (int deltas, else None)."""
-    changed = {}
-    with torch.no_grad():
-        for i, ((m, n, b), s) in enumerate(zip(bufs, saved)):
-            cur = m._buffers.get(n)
-            if cur is None or cur.shape != s.shape or not torch.equal(cur, s):
-                if cur is not None and cur.shape == s.shape and not cur.dtype.is_floating_point:
-                    changed[i] = (cur - s)
-                else:
-                    changed[i] = None
-                if cur is b and cur.shape == s.shape:
-                    b.copy_(s)
-                else:
-                    m._buffers[n] = s
-    return changed
-
-
-def _attribute_snapshot(module: nn.Module) -> list:
-    return [(m, dict(m.__dict__)) for m in module.modules()]
-
-
-def _restore_attributes(snapshot: list) -> None:
-    """Attributes the forward set to symbolic tensors (a cache of a tensor it made) go back.
-
-    A new attribute stays: using it outside the forward then says that a value computed inside a
-    module's forward was used outside it.
-    """
-    for m, before in snapshot:
-        for key, value in list(m.__dict__.items()):
-            if key in before and value is not before[key] and isinstance(value, (SymbolicTensor, SymbolicInt)):
-                m.__dict__[key] = before[key]
-
-
 def _shadow_of(o, ctx: ProbeContext, memo: dict, run: ShadowRun):
     if isinstance(o, SymbolicTensor):
         shadow = memo.get(id(o))
@@ -369,8 +322,8 @@ def open_scope(frame) -> Scope:
     problem = messages.precheck(module, call_args)
     if problem:
         raise GraphBuildError(problem)
-    bufs, saved = _buffer_snapshot(module)
-    attrs = _attribute_snapshot(module)
+    bufs, saved = buffer_snapshot(module)
+    attrs = attribute_snapshot(module)
     mode = ScopeMode()
 
     def shadow_run(k: int, real: bool, log):
@@ -394,23 +347,23 @@ def open_scope(frame) -> Scope:
         k = 0
         try:
             run0, out0 = shadow_run(0, real, log)
-            changed = _undo(bufs, saved)
+            changed = undo_buffers(bufs, saved)
             k = 1
             _, out1 = shadow_run(1, real, None)
-            _undo(bufs, saved)
+            undo_buffers(bufs, saved)
             break
         except GraphBuildError:
-            _undo(bufs, saved)
-            _restore_attributes(attrs)
+            undo_buffers(bufs, saved)
+            restore_attributes(attrs)
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the layer's context below
-            _undo(bufs, saved)
+            undo_buffers(bufs, saved)
             if not real and is_meta_limitation(exc):
                 real = True  # NOTE: documented fallback: probe this module with small real tensors
                 continue
-            inner = _inner_failure(module, exc, k, lambda other: shadow_run(other, real, None))
-            _undo(bufs, saved)
-            _restore_attributes(attrs)
+            inner = messages.inner_failure(module, exc, k, lambda other: shadow_run(other, real, None))
+            undo_buffers(bufs, saved)
+            restore_attributes(attrs)
             raise GraphBuildError(messages.module_failure(module, call_args, call_kwargs, exc, inner)) from None
 
     record = Record("call_module", module, link_args(call_args), link_args(call_kwargs))
@@ -494,43 +447,6 @@ def _as_meta(t):
     if t is None:
         raise GraphBuildError("a module returned outputs of a different structure on its two probe runs")
     return t if t.device.type == "meta" else to_meta(t)
-
-
-def _inner_failure(module: nn.Module, exc: BaseException, k: int, rerun) -> tuple | None:
-    """``(path, layer, [(shape at probe 0, shape at probe 1, dtype), ...])`` of the innermost failing
-    sub-layer; the other probe is run again to tell its static dims from its dynamic ones."""
-    first = _innermost_call(module, exc)
-    if first is None:
-        return None
-    path, layer, shapes = first
-    other = shapes
-    try:
-        rerun(1 - k)
-    except Exception as exc1:  # noqa: BLE001 - the same failure at the other probe size
-        second = _innermost_call(module, exc1)
-        if second is not None and second[0] == path and len(second[2]) == len(shapes):
-            other = second[2]
-    pairs = [(a[0], b[0], a[1]) for a, b in zip(shapes, other)]
-    if k == 1:
-        pairs = [(b, a, dtype) for a, b, dtype in pairs]
-    return (path, layer, pairs)
-
-
-def _innermost_call(module: nn.Module, exc: BaseException):
-    names = {id(m): n for n, m in module.named_modules() if n}
-    found = None
-    tb = exc.__traceback__
-    while tb is not None:
-        f = tb.tb_frame
-        if f.f_code is _CALL_IMPL_CODE:
-            layer = f.f_locals.get("self")
-            if id(layer) in names:
-                shapes = [(tuple(leaf._tg_shadow.shape), leaf._tg_shadow.dtype)
-                          for _, leaf in tree_leaves(f.f_locals.get("args", ()))
-                          if isinstance(leaf, SymbolicTensor) and leaf._tg_shadow is not None]
-                found = (names[id(layer)], layer, shapes)
-        tb = tb.tb_next
-    return found
 
 
 # --------------------------------------------------------------------------------------------
