@@ -343,3 +343,49 @@ def test_inplace_module_mutates_its_input_like_eager():
     model = tg.Model(x, program(x))
     inp = torch.randn(5, 4)
     torch.testing.assert_close(model(inp), inp.relu())
+
+
+def test_no_mode_is_left_on_after_building_modules_that_make_tensors():
+    """The scope mode lives only during the module call; a user's own mode around the build survives."""
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    stack = torch.overrides._get_current_function_mode_stack
+    x = tg.Input(shape=(None,))
+    y = _Scale()(x)
+    assert not stack()  # gone as soon as the module call returned
+    with Counting() as counting:
+        z = _Scale()(x * y)
+        assert stack() == [counting]
+    model = tg.Model(x, z)
+    assert not stack() and counting.calls > 0
+    torch.testing.assert_close(model(torch.ones(2, 5)), torch.full((1,), 1 / 5))
+
+
+def test_forward_that_fails_after_recording_started_leaves_nothing_behind():
+    """A forward that raises in the original call (not in its probe runs): the error surfaces, no mode stays."""
+    class FailsSecondTime(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            n = x.size(1)
+            FailsSecondTime.calls += 1
+            if FailsSecondTime.calls > 2:  # the two probe runs pass, the original call fails
+                raise RuntimeError("boom")
+            return x * torch.full((1,), float(n))
+
+    x = tg.Input(shape=(None,))
+    with pytest.raises(RuntimeError, match="boom"):
+        FailsSecondTime()(x)
+    tg.Input(shape=(3,))  # a safe point: idle modes are removed
+    assert not torch.overrides._get_current_function_mode_stack()
+    model = tg.Model(x, _Scale()(x))
+    assert model(torch.ones(1, 4)).shape == (1,)

@@ -73,7 +73,8 @@ def check_call(model, checks: tuple, args: tuple, kwargs: dict) -> None:
         names = [c[0] for c in per_input]
         raise TypeError(f"{model._get_name()} takes {n} input(s) {names}; received {len(args)} positional "
                         f"and {len(kwargs)} keyword argument(s).")
-    tensors = []
+    across = bool(shared or bounds)
+    shapes = []
     for i, (name, ndim, static, allowed, spec) in enumerate(per_input):
         x = args[i] if i < len(args) else kwargs.get(name)
         if not isinstance(x, torch.Tensor):
@@ -96,15 +97,21 @@ def check_call(model, checks: tuple, args: tuple, kwargs: dict) -> None:
                 f"{str(x.dtype).replace('torch.', '')}. Cast the input (x.to({sorted(allowed, key=str)[0]})) or "
                 "the model (model.to(dtype))."
             )
-        tensors.append(shape)
+        if across:
+            shapes.append(shape)
+    if across:
+        _check_across(model, per_input, shapes, shared, bounds)
+
+
+def _check_across(model, per_input, shapes, shared, bounds) -> None:
     for group in shared:
-        first, first_dim, dim = group[0]
-        size = tensors[first][first_dim]
+        first, first_dim, _ = group[0]
+        size = shapes[first][first_dim]
         for index, i, _ in group[1:]:
-            if tensors[index][i] != size:
-                _shared_mismatch(model, per_input, tensors, group, index, i)
+            if shapes[index][i] != size:
+                _shared_mismatch(model, per_input, shapes, group, index, i)
     for index, i, low, high, dim in bounds:
-        size = tensors[index][i]
+        size = shapes[index][i]
         if size < low or (high is not None and size > high):
             name = per_input[index][0]
             bound = f"{low} <= size" + (f" <= {high}" if high is not None else "")

@@ -47,13 +47,15 @@ _SCOPE_KEY = "__torchgraph_scope__"
 # does not raises a GraphBuildError naming the module.
 #
 # Tensors a forward makes without a symbolic argument (`torch.full((1,), 1.0 / x.size(1))`,
-# `torch.arange(T)`, `self.cls_token.expand(B, -1, -1)`, `torch.from_numpy(...)`) depend on the
-# sizes it read, so they must be followed too: while a scope is recorded a ScopeMode is pushed, which
-# sees every torch call. In a shadow run, such a call is computed on probes, logged and returned as
-# a shadow ("const" entries); in the original forward it is replayed from the log. So inside a module
-# being recorded every tensor is symbolic, and no output can silently become a constant. In-place
-# ops on real tensors (BatchNorm's counter) and reads of real data (`.item()` on a parameter) stay
-# real (see NOTE: [Hidden mutation]).
+# `torch.arange(T)`, `self.cls_token.expand(B, -1, -1)`, `torch.as_tensor(array)`) depend on the sizes
+# it read, so they must be followed too: during the shadow runs a ScopeMode is pushed, which sees
+# every torch call (torch.from_numpy is the exception: no mode sees it). In a shadow run such a call
+# is computed on probes, logged and returned as a shadow ("const" entries); in the original forward
+# it is replayed from the log. So inside a module being recorded every tensor is symbolic, and no
+# output can silently become a constant. In-place ops on real tensors (BatchNorm's counter) and reads
+# of real data (`.item()` on a parameter) stay real (see NOTE: [Hidden mutation] in restoring.py).
+# The original forward gets the mode too, from the scope's opening to the end of the call, when its
+# log has such calls left to replay.
 #
 # The scope is identified by a sentinel object stored in that `_call_impl` frame's `kwargs` dict
 # (which nothing else reads after the forward has started). No reference to the frame is kept, so
@@ -63,7 +65,6 @@ _SCOPE_KEY = "__torchgraph_scope__"
 # handwritten modules pay nothing. (A mode cannot remove itself from inside its own handler, where
 # torch has stashed it; if the sentinel dies there, or in another thread, the mode is marked idle
 # and removed at the next tg.Input / tg.Model.)
-
 
 
 class _State(threading.local):
@@ -242,9 +243,12 @@ class Scope:
         self.closed = False
 
     def on_stack(self) -> bool:
+        sentinel = self.sentinel()
+        if sentinel is None:
+            return False
         f = sys._getframe(1)
         while f is not None:
-            if f.f_code is _CALL_IMPL_CODE and _sentinel_of(f) is self.sentinel():
+            if f.f_code is _CALL_IMPL_CODE and _sentinel_of(f) is sentinel:
                 return True
             f = f.f_back
         return False
@@ -258,17 +262,15 @@ class Scope:
         if self.closed:
             return
         self.closed = True
-        try:
-            self.finish_replay()
-            restore_attributes(self.attrs)
-        finally:
-            mode = self.mode
-            if mode is not None:
-                mode.idle = True
-                if threading.get_ident() == self.thread:
-                    _remove(mode)
-            if self in self.owner:
-                self.owner.remove(self)
+        mode = self.mode
+        if mode is not None:
+            mode.idle = True
+            if threading.get_ident() == self.thread:
+                _remove(mode)
+        if self in self.owner:
+            self.owner.remove(self)
+        self.finish_replay()
+        restore_attributes(self.attrs)
 
 
 def _noop() -> None:

@@ -361,6 +361,9 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
         >>> tokens.shape, tokens.dtype
         ((None, None), torch.int64)
     """
+    from .scopes import remove_idle_modes
+
+    remove_idle_modes()  # a safe point (NOTE: [Module scopes])
     if isinstance(shape, int):
         shape = (shape,)
     if not isinstance(shape, (tuple, list)):
