@@ -301,9 +301,9 @@ def dynamic_size_as_number(what: str):
     from .errors import GraphBuildError
 
     return GraphBuildError(
-        f"{what} of a dynamic size (at {user_location()}): its value is only known when the model runs, "
-        "and torch turns it into a fixed number before torchgraph can see the call, so the call cannot "
-        "be recorded. Expected it where torch passes it on: in a size list (x.view(n, -1), "
+        f"A dynamic size was used {what} (at {user_location()}): its value is only known when the model "
+        "runs, and there it would become a fixed number before torchgraph can see the call, so the call "
+        "cannot be recorded. Expected it where torch passes it on: in a size list (x.view(n, -1), "
         "torch.zeros(n, 4)), as an argument of a symbolic tensor's method (x.narrow(1, 0, n), x[:, :n]), "
         "or to a factory together with device=x.device (torch.arange(0, n, device=x.device) is "
         "recorded). To slice a real tensor or parameter by it, do it inside an nn.Module's forward "
@@ -321,8 +321,8 @@ def below_torch_function(func, args):
     if args and isinstance(args[0], SymbolicInt) and ("_local_scalar_dense" in name or "item" in name
                                                       or "detach" in name):
         return dynamic_size_as_number(
-            "Passing it where torch takes a single number (torch.arange(n), t.narrow(0, 0, n) or "
-            "torch.tensor(n) on a real tensor t)")
+            "where torch takes a single number (torch.arange(n), t.narrow(0, 0, n) or torch.tensor(n), "
+            "with t a real tensor)")
     return GraphBuildError(
         f"torchgraph: '{func}' reached a symbolic tensor below the torch function layer, where it "
         f"cannot be recorded (at {user_location()}). Expected torch functions and tensor methods called "

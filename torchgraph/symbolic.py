@@ -253,9 +253,9 @@ class SymbolicInt(torch.Tensor):
 
         raise dynamic_size_as_number(what)
 
-    def __int__(self): self._refuse("int()")
-    def __index__(self): self._refuse("Using it as a Python int (int(), range(), slicing a real tensor)")
-    def __float__(self): self._refuse("float()")
+    def __int__(self): self._refuse("in int()")
+    def __index__(self): self._refuse("as a Python int (range(), slicing a real tensor, a list index)")
+    def __float__(self): self._refuse("in float()")
     def __hash__(self): return id(self)
     def __reduce_ex__(self, protocol):
         raise TypeError("a SymbolicInt cannot be pickled: it only exists while building a model")
