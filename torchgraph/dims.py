@@ -250,12 +250,30 @@ def input_site() -> str:
 def dim_for_probes(p0: int, p1: int, candidates=()) -> int | DynamicDim:
     """The static size, or the dynamic dim whose probes these are (an anonymous one if unknown).
 
-    ``candidates`` (the dims of an operation's arguments) are searched first, so that values from an
-    earlier build keep their dims' names.
+    Dims of this build are found by their probes. Otherwise ``candidates`` -- dims, or the record
+    whose arguments' dims to search -- are tried, so that values from an earlier build keep their
+    dims (and names) when new operations use them.
     """
     if p0 == p1:
         return p0
+    dim = _BUILD.by_probes.get((p0, p1))
+    if dim is not None:
+        return dim
+    if not isinstance(candidates, (list, tuple)):
+        candidates = _record_dims(candidates)
     for d in candidates:
         if d.probes[0] == p0 and d.probes[1] == p1:
             return d
-    return _BUILD.by_probes.get((p0, p1)) or DynamicDim(None, (p0, p1))
+    return DynamicDim(None, (p0, p1))
+
+
+def _record_dims(record) -> list:
+    """The dynamic dims of the tensor values a record takes."""
+    from .symbolic import Value
+    from .trees import tree_leaves
+
+    out = []
+    for _, leaf in tree_leaves((record.args, record.kwargs)):
+        if isinstance(leaf, Value) and leaf.dims:
+            out.extend(d for d in leaf.dims if isinstance(d, DynamicDim))
+    return out

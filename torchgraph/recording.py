@@ -208,14 +208,6 @@ def _probe_outputs(func, args, kwargs):
     raise AssertionError("unreachable")
 
 
-def _arg_dims(args, kwargs) -> list:
-    dims = []
-    for _, leaf in tree_leaves((args, kwargs)):
-        if isinstance(leaf, SymbolicTensor) and leaf._tg_value is not None:
-            dims.extend(d for d in leaf._tg_value.dims if not isinstance(d, int))
-    return dims
-
-
 def _record_top_level(func, name: str, args, kwargs):
     if name in _METADATA:
         return _answer_metadata(func, name, args, kwargs)
@@ -256,11 +248,10 @@ def _record_top_level(func, name: str, args, kwargs):
         record = Record("call_function", func, link_args(tuple(args)), link_args(kwargs))
 
     leaves1 = dict(tree_leaves(out1))
-    candidates = _arg_dims(args, kwargs)
 
     def link_output(path, o):
         if isinstance(o, torch.Tensor):
-            return SymbolicTensor(Value(record, path, (_as_meta(o), _as_meta(leaves1.get(path))), candidates))
+            return SymbolicTensor(Value(record, path, (_as_meta(o), _as_meta(leaves1.get(path)))))
         if isinstance(o, (int, float)) and not isinstance(o, bool) and leaves1.get(path) != o:
             return SymbolicInt(Value(record, path, (o, leaves1.get(path))))
         return o

@@ -326,7 +326,9 @@ def open_scope(frame) -> Scope:
         raise GraphBuildError(problem)
     bufs, saved = buffer_snapshot(module)
     attrs = attribute_snapshot(module)
-    mode = ScopeMode()
+    # torch.nn's own leaf layers compute every output from their inputs and make no tensor from sizes
+    # that leaves them: they need no ScopeMode, and skipping it keeps a ResNet's build cost down.
+    mode = None if _is_torch_leaf(module) else ScopeMode()
 
     def shadow_run(k: int, real: bool, log):
         ctx = ProbeContext(k, real)
@@ -335,11 +337,13 @@ def open_scope(frame) -> Scope:
         s_args = tree_map(lambda o: _shadow_of(o, ctx, memo, run), call_args)
         s_kwargs = tree_map(lambda o: _shadow_of(o, ctx, memo, run), call_kwargs)
         previous, STATE.run = STATE.run, run
-        _push(mode)
+        if mode is not None:
+            _push(mode)
         try:
             return run, forward_call(*s_args, **s_kwargs)
         finally:
-            _remove(mode)
+            if mode is not None:
+                _remove(mode)
             STATE.run = previous
 
     changed: dict = {}
@@ -393,13 +397,17 @@ def open_scope(frame) -> Scope:
     # The original forward already ran, for real, the calls it made before its first symbolic one.
     while scope.cursor < len(log) and log[scope.cursor][0] == "const":
         scope.cursor += 1
-    if any(kind == "const" for kind, _, _ in log[scope.cursor:]):
+    if mode is not None and any(kind == "const" for kind, _, _ in log[scope.cursor:]):
         mode.scope = scope
         scope.mode = mode
         _push(mode)
     if type(call_kwargs) is dict:
         call_kwargs[_SCOPE_KEY] = sentinel
     return scope
+
+
+def _is_torch_leaf(module: nn.Module) -> bool:
+    return not module._modules and type(module).__module__.startswith("torch.nn.modules.")
 
 
 def _link_outputs(module, record: Record, run0: ShadowRun, out0, out1) -> None:
@@ -417,7 +425,7 @@ def _link_outputs(module, record: Record, run0: ShadowRun, out0, out1) -> None:
         if leaf._tg_value is not None:  # the module returned a symbolic value from outside its inputs
             continue
         p1 = _as_meta(other._tg_shadow if isinstance(other, SymbolicTensor) else other)
-        value = Value(record, path, (_as_meta(leaf._tg_shadow), p1), _arg_dims(record))
+        value = Value(record, path, (_as_meta(leaf._tg_shadow), p1))
         source = run0.roots.get(id(leaf)) if run0.roots else None
         if source is not None:  # the module returned (a view of) one of its inputs
             value.base = source.base
@@ -425,14 +433,6 @@ def _link_outputs(module, record: Record, run0: ShadowRun, out0, out1) -> None:
         leaf._tg_shadow = None
     record.out = tree_map(lambda o: o._tg_value if isinstance(o, (SymbolicTensor, SymbolicInt))
                           else (None if isinstance(o, torch.Tensor) else o), out0)
-
-
-def _arg_dims(record: Record) -> list:
-    dims = []
-    for _, leaf in tree_leaves((record.args, record.kwargs)):
-        if isinstance(leaf, Value) and leaf.dims:
-            dims.extend(d for d in leaf.dims if not isinstance(d, int))
-    return dims
 
 
 def _check_no_shape_change(module, run0: ShadowRun) -> None:

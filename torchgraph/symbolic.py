@@ -70,7 +70,7 @@ class Value:
 
     __slots__ = ("record", "path", "probes", "dims", "dtype", "base", "effects")
 
-    def __init__(self, record: Record, path: tuple, probes: tuple, candidates=()):
+    def __init__(self, record: Record, path: tuple, probes: tuple, candidates=None):
         self.record = record
         self.path = path
         self.probes = probes
@@ -78,7 +78,8 @@ class Value:
         self.effects = None
         p0, p1 = probes
         if isinstance(p0, torch.Tensor):
-            self.dims = tuple(dim_for_probes(a, b, candidates) for a, b in zip(p0.shape, p1.shape))
+            self.dims = tuple(dim_for_probes(a, b, candidates if candidates is not None else record)
+                              for a, b in zip(p0.shape, p1.shape))
             self.dtype = p0.dtype
         else:  # a Python number (a dynamic size), or a device/dtype
             self.dims = None
