@@ -350,7 +350,7 @@ def main() -> None:
     torch._inductor.config.force_disable_caches = True
     warnings.filterwarnings("ignore", message=".*force disabled by torch.compiler.config")
     if not extension.HAS_C_OPS:
-        sys.exit(f"torchgraph._C is not available ({extension.LOAD_ERROR}); build it first.")
+        sys.exit(f"torchgraph's compiled kernels are not available: {extension.LOAD_ERROR}")
     if args.device == "cuda" and "cuda" not in ops._KERNEL_DEVICES:
         sys.exit("CUDA kernels are not built (or no GPU): nothing to compare on cuda.")
 

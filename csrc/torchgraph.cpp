@@ -3,26 +3,7 @@
 // device in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) kernels and
 // autograd formulas are registered from Python in torchgraph/ops.py.
 
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// NOTE: [Empty _C module]
-// torchgraph._C exposes no Python functions. Importing it only loads this
-// shared library so that the static initialisers below (TORCH_LIBRARY and the
-// TORCH_LIBRARY_IMPL blocks) register the ops with the dispatcher. No pybind11
-// is involved, which keeps the module abi3 (Py_LIMITED_API) compatible.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",    // m_name
-      nullptr, // m_doc
-      -1,      // m_size
-      nullptr, // m_methods
-  };
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(torchgraph, m) {
   // y = act(x + bias), bias broadcast along `dim` (-1: linear epilogue,

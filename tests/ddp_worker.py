@@ -52,6 +52,15 @@ stopper = tg.callbacks.LambdaCallback(
     on_train_batch_end=lambda b, logs: setattr(model, "stop_training", rank == 1 and b == 2))
 h3 = model.fit(X, Y, batch_size=16, epochs=2, callbacks=[stopper], verbose=0)
 ev = model.evaluate(X, Y, verbose=0)
-torch.save({"state": model.state_dict(), "h1": h1.history, "h2": h2.history, "h3_epochs": h3.epoch,
-            "stopped": model.stop_training, "eval": ev},
+state = {k: v.clone() for k, v in model.state_dict().items()}
+stopped = model.stop_training
+# 4) Metrics from torchmetrics (a name and an object): each rank sees a shard; compute() gathers them all.
+import torchmetrics  # noqa: E402
+
+model.compile(optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss="cross_entropy",
+              metrics=["accuracy", "f1_score", torchmetrics.classification.MulticlassAUROC(num_classes=3)])
+h4 = model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+ev_lib = model.evaluate(X, Y, batch_size=16, verbose=0)
+torch.save({"state": state, "h1": h1.history, "h2": h2.history, "h3_epochs": h3.epoch,
+            "stopped": stopped, "eval": ev, "h4": h4.history, "eval_lib": ev_lib},
            os.path.join(out_dir, f"rank{rank}.pt"))

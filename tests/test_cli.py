@@ -84,14 +84,26 @@ def test_corrupt_and_foreign_files(tmp_path):
     """Garbage, truncated files and torch.save files are one-line errors."""
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    assert_one_line_error(run("info", garbage), "not a valid torchgraph file", "not valid JSON")
+    assert_one_line_error(run("info", garbage), "not a valid torchgraph file", "invalid JSON")
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
-    assert_one_line_error(run("summary", empty), "truncated or empty")
+    assert_one_line_error(run("summary", empty), "it is empty")
     pt = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(2)}, pt)
     assert_one_line_error(run("info", pt), "torch.save")
     assert_one_line_error(run("info", tmp_path), "directory")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_fifos_are_refused_without_blocking(model_file, tmp_path):
+    """A FIFO as the model file, or as the output, is a one-line error (opening it would block).
+    Every command goes through the same check; info and plot stand for them."""
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    assert_one_line_error(run("info", fifo), "not a regular file")
+    out = tmp_path / "out.svg"
+    os.mkfifo(out)
+    assert_one_line_error(run("plot", model_file, "-o", out), "not a regular file")
 
 
 def test_wrong_output_extensions(model_file, tmp_path):

@@ -73,6 +73,30 @@ def test_distributed_evaluate_equals_single_process(ddp_run):
     assert local["accuracy"] == pytest.approx(r0["eval"]["accuracy"])
 
 
+def test_torchmetrics_metrics_are_reduced_over_ranks(ddp_run):
+    """Library metrics (F1 by name, an AUROC object) computed on 2 shards equal one process on all the data,
+    on both ranks (evaluate shards without padding: each sample counts once)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    _, _, (r0, r1) = ddp_run
+    assert r0["eval_lib"] == r1["eval_lib"] and r0["h4"] == r1["h4"]
+    x = tg.Input(shape=(4,))
+    model = tg.Model(x, nn.Linear(16, 3)(F.relu(nn.Linear(4, 16)(x))))
+    model.load_state_dict(r0["state"])
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(203, 4, generator=g)
+    Y = X[:, :3].argmax(1)
+    with torch.no_grad():
+        probs = model(X).softmax(1)
+    got = r0["eval_lib"]
+    assert got["f1_score"] == pytest.approx(f1_score(Y, probs.argmax(1), average="macro"), abs=1e-6)
+    assert got["multiclass_auroc"] == pytest.approx(roc_auc_score(Y, probs, multi_class="ovr"), abs=1e-5)
+    assert got["accuracy"] == pytest.approx((probs.argmax(1) == Y).float().mean().item(), abs=1e-6)
+    assert set(r0["h4"]) == {"loss", "accuracy", "f1_score", "multiclass_auroc"}
+
+
 def test_only_rank_zero_prints_logs_and_checkpoints(ddp_run):
     """One progress line per epoch (rank 0), one CSV, checkpoints written by rank 0 only."""
     out, stdout, _ = ddp_run

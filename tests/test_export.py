@@ -362,9 +362,12 @@ def test_bad_arguments():
         tg.export_onnx(model, 3)
 
 
-def test_docstring_examples():
-    """The examples in torchgraph.export's docstrings run."""
-    result = doctest.testmod(tg_export, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", ["onnx_export", "inputs", "references", "verify", "failures"])
+def test_docstring_examples(module):
+    """The examples in the docstrings of the torchgraph.export modules run."""
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"torchgraph.export.{module}"), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -375,8 +378,141 @@ def test_docs_python_blocks_run(page, tmp_path, monkeypatch, capsys):
     import re
 
     text = (pathlib.Path(__file__).resolve().parent.parent / page).read_text()
-    code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, page, "exec"), {})
+    for code in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        exec(compile(code, page, "exec"), {})  # each block on its own, as pasted into a fresh interpreter
     if page == "docs/export.md":
-        assert "layer 'gate' (Gate) cannot be expressed in ONNX" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "layer 'gate' (Gate) cannot be expressed in ONNX" in out
+        assert "layer 'positions' (Embedding) fails in torch" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names, verification sizes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_dict_output_named_like_a_layer(tmp_path, exporter):
+    """An output key equal to a node's name ("linear" for relu(linear(x))) used to give a file with two
+    definitions of the name; the intermediate value is renamed, the output keeps its key."""
+    x = tg.Input(shape=(4,), name="x")
+    h = torch.relu(nn.Linear(4, 4)(x))
+    model = tg.Model(x, {"linear": h, "relu": nn.Linear(4, 2)(h)})
+    path = tg.export_onnx(model, tmp_path / "m.onnx", exporter=exporter)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path))
+    assert [o.name for o in session.get_outputs()] == ["linear", "relu"]
+    x0 = torch.randn(3, 4)
+    got = session.run(None, {"x": x0.numpy()})
+    expected = model(x0)
+    assert all(torch.allclose(torch.from_numpy(g), expected[k], atol=1e-5) for g, k in zip(got, ["linear", "relu"]))
+
+
+def test_output_named_like_an_input_is_a_clear_error(tmp_path):
+    """ONNX cannot name an output like an input: refused up front, nothing written."""
+    x = tg.Input(shape=(4,), name="x")
+    model = tg.Model(x, {"x": nn.Linear(4, 4)(x)})
+    with pytest.raises(OnnxExportError, match=r"output\(s\) \['x'\] have the name of an input"):
+        tg.export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _positions_model():
+    """Learned positions (an nn.Embedding of 128) indexed by 0..T-1 of a named dynamic dim."""
+    tokens = tg.Input(shape=("seq",), dtype=torch.long, name="tokens")
+    positions = tokens.new_ones(tokens.shape).cumsum(1) - 1
+    h = nn.Embedding(100, 8)(tokens) + tg.name(nn.Embedding(128, 8), "positions")(positions)
+    return tg.Model(tokens, nn.Linear(8, 2)(h))
+
+
+def test_verification_failing_in_torch_names_the_layer_and_the_fix(tmp_path):
+    """A size the model rejects in torch (positions past the 128 of the table) is an export error that
+    names the layer and says how to choose sizes (it used to be a raw IndexError)."""
+    with pytest.raises(OnnxExportError, match=r"layer 'positions' \(Embedding\) fails in torch .*"
+                                              r"IndexError.*verify_sizes=.*tg.Dim"):
+        tg.export_onnx(_positions_model(), tmp_path / "m.onnx", verify_sizes={"seq": (20, 200)})
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_verify_sizes_are_user_given_and_checked(tmp_path):
+    """verify_sizes picks the sizes of each run by dim name; unknown names and bad sizes are refused."""
+    path = tg.export_onnx(_positions_model(), tmp_path / "m.onnx", verify_sizes={"seq": (20, 40), "batch": 4})
+    assert os.path.exists(path)
+    from torchgraph.export.inputs import verification_plans
+
+    specs = input_specs(_positions_model())
+    assert verification_plans(specs, {"seq": (20, 40)}, {"seq": 8}) == [[{"batch": 3, "seq": 20},
+                                                                         {"batch": 5, "seq": 40}]]
+    for bad, error in (({"nope": 3}, ValueError), ({"seq": (0, 3)}, ValueError), ({"seq": "x"}, ValueError),
+                       ([("seq", 3)], TypeError)):
+        with pytest.raises(error, match="verify_sizes"):
+            tg.export_onnx(_positions_model(), tmp_path / "bad.onnx", verify_sizes=bad)
+
+
+def test_default_verification_sizes_are_ones_the_model_accepts(tmp_path):
+    """Without verify_sizes, a table of 128 positions is verified at small sizes unlike the example's
+    (16 and 24 for an example at 8) first; the build sizes (probes) are the last candidates."""
+    from torchgraph.export.inputs import example_sizes, verification_plans
+
+    model = _positions_model()
+    specs = input_specs(model)
+    example = example_sizes(model, specs, "cpu")
+    assert example == {"seq": 8}
+    plans = verification_plans(specs, None, example)
+    assert plans[0] == [{"batch": 3, "seq": 16}, {"batch": 5, "seq": 24}]
+    assert plans[1] == [{"batch": 3, "seq": 9}, {"batch": 5, "seq": 10}]
+    spec = next(n for n in model.graph.nodes if n.op == "placeholder").meta["tg_spec"]
+    build_sizes = sorted((spec.probes[0][1], spec.probes[1][1]))
+    assert sorted((plans[-1][0]["seq"], plans[-1][1]["seq"])) == build_sizes  # the build sizes come last
+    assert os.path.exists(tg.export_onnx(model, tmp_path / "m.onnx", exporter="legacy"))
+
+
+def test_verification_falls_back_to_the_next_sizes_the_model_accepts(tmp_path):
+    """A table of 20 positions rejects 16/24 (twice and three times the example's 8): 9/10 are used."""
+    tokens = tg.Input(shape=("seq",), dtype=torch.long, name="tokens")
+    positions = tokens.new_ones(tokens.shape).cumsum(1) - 1
+    model = tg.Model(tokens, nn.Linear(8, 2)(nn.Embedding(100, 8)(tokens) + nn.Embedding(20, 8)(positions)))
+    assert os.path.exists(tg.export_onnx(model, tmp_path / "m.onnx", exporter="legacy"))
+    tight = tg.Model(tokens, nn.Linear(8, 2)(nn.Embedding(100, 8)(tokens) + nn.Embedding(9, 8)(positions)))
+    with pytest.raises(OnnxExportError, match=r"fails in torch on the verification inputs tokens=\(3, \d+\) "
+                                              r"\(also tried tokens=\(3, 16\); tokens=\(5, 10\)\).*verify_sizes="):
+        tg.export_onnx(tight, tmp_path / "tight.onnx", exporter="legacy")
+
+
+def test_masks_are_right_padded_and_keep_a_real_first_position():
+    """Bool inputs and integer inputs that feed no embedding are masks: each row is real up to some
+    length >= 1 (False / 1), padding after it (True / 0), so no attention row is fully masked."""
+    from torchgraph.export.inputs import random_inputs
+
+    ids = tg.Input(shape=("seq",), dtype=torch.long, name="ids")
+    attention = tg.Input(shape=("seq",), dtype=torch.long, name="attention_mask")
+    padding = tg.Input(shape=("seq",), dtype=torch.bool, name="padding")
+    h = nn.Embedding(50, 4)(ids) * attention.unsqueeze(-1) * (~padding).unsqueeze(-1)
+    specs = {s.name: s for s in input_specs(tg.Model([ids, attention, padding], h))}
+    assert [specs[n].mask for n in ("ids", "attention_mask", "padding")] == [False, True, True]
+    for seed in range(5):
+        ids_, attention_, padding_ = random_inputs(list(specs.values()), 0, batch=16, seed=seed,
+                                                   sizes={"seq": 12})
+        assert ids_.max() < 50 and attention_.dtype == torch.long and padding_.dtype == torch.bool
+        for real in (attention_.bool(), ~padding_):
+            assert real[:, 0].all()  # the first position is real in every row
+            lengths = real.sum(1)
+            assert torch.equal(real, torch.arange(12) < lengths[:, None])  # a prefix, then padding
+        assert len(set(lengths.tolist())) > 1
+
+
+def test_bounded_dims_bound_export_and_verification(tmp_path):
+    """Dims declared with tg.Dim(name, min=, max=) stay inside their bounds when verified, and the
+    dynamo exporter is given the same range."""
+    if not hasattr(tg, "Dim"):
+        pytest.skip("tg.Dim (bounded dynamic dims) comes with the core's dims module")
+    tokens = tg.Input(shape=(tg.Dim("seq", min=4, max=64),), dtype=torch.long, name="tokens")
+    positions = tokens.new_ones(tokens.shape).cumsum(1) - 1
+    model = tg.Model(tokens, nn.Embedding(100, 8)(tokens) + nn.Embedding(64, 8)(positions))
+    from torchgraph.export.inputs import verification_plans
+
+    specs = input_specs(model)
+    for plan in verification_plans(specs, example={"seq": 8}):
+        assert all(4 <= run["seq"] <= 64 for run in plan)
+    assert os.path.exists(tg.export_onnx(model, tmp_path / "m.onnx"))

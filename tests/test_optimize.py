@@ -230,12 +230,13 @@ def test_pickle_and_deepcopy_roundtrip():
         torch.testing.assert_close(copy.deepcopy(fast)(x), fast(x))
 
 
-def test_resnet50_optimizes_quickly():
-    """Optimizing ResNet-50 takes well under a second (measured: ~0.25 s here)."""
+def test_resnet50_conv_weights_are_written_once():
+    """Optimizing ResNet-50 copies no conv weight twice: each folded conv gets one new weight and the
+    unfolded ones are copied once (its time is a benchmark figure, benchmarks/bench_peers.py, not a test)."""
     model = applications.resnet50(num_classes=1000, input_shape=(3, 64, 64))
-    start = time.perf_counter()
-    tg.optimize(model)
-    assert time.perf_counter() - start < 1.0
+    fast = tg.optimize(model)
+    originals = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in originals for p in fast.parameters())
 
 
 def test_rejects_non_models():
@@ -457,10 +458,11 @@ def test_dynamic_sequence_length_attention(monkeypatch):
 @pytest.mark.parametrize("x_shape", [(5, 8), (2, 3, 8)])
 @pytest.mark.parametrize("needs_grad", ["all", "weight"])
 @pytest.mark.parametrize("loss", ["weighted", "sum"])
-def test_linear_act_training_path_matches(act, x_shape, needs_grad, loss):
-    """With gradients needed, float32 CPU linear_act runs _TrainableLinearAct; values and the
-    gradients of x, weight and bias equal act(F.linear(x, w, b)). (``loss="sum"`` hands the
-    backward a stride-0 gradient.)"""
+def test_linear_act_training_path_matches(act, x_shape, needs_grad, loss, monkeypatch):
+    """With gradients needed, float32 CPU linear_act runs _TrainableLinearAct (above the small-linear
+    threshold, lowered here); values and the gradients of x, weight and bias equal
+    act(F.linear(x, w, b)). (``loss="sum"`` hands the backward a stride-0 gradient.)"""
+    monkeypatch.setattr(fused, "ONEDNN_LINEAR_MIN_MACS", 0)
     if act != "none" and not ops._use_kernel(torch.ones(1)):
         pytest.skip("the trainable path needs the bias_act kernels for an activation")
     tensors = [torch.randn(x_shape), torch.randn(6, 8), torch.randn(6)]
@@ -534,8 +536,9 @@ def test_inference_runs_conv_stacks_channels_last():
     assert not _channels_last_convs(plain)
 
 
-def test_grouped_conv_and_views_get_contiguous_inputs():
-    """A depthwise conv (no channels_last path) and a view after the stack read contiguous tensors."""
+def test_grouped_conv_stays_in_the_stack_and_views_get_contiguous_inputs():
+    """A depthwise conv runs channels_last inside the stack (1.7-3x faster than NCHW here); a view
+    after the stack reads a contiguous tensor."""
     x = tg.Input(shape=(8, 6, 6))
     h = nn.Conv2d(8, 16, 3, padding=1)(x)
     h = F.relu(nn.Conv2d(16, 16, 3, padding=1, groups=16)(h))
@@ -543,8 +546,10 @@ def test_grouped_conv_and_views_get_contiguous_inputs():
     y = nn.Linear(4 * 6 * 6, 3)(h.view(h.size(0), -1))
     fast = _check_outputs(tg.Model(x, [y, h]), torch.randn(2, 8, 6, 6))
     grouped = [n for n in fast.graph.nodes if n.target is fused.conv2d_act and n.args[6] == 16]
-    assert len(grouped) == 1 and "channels_last" not in grouped[0].kwargs
-    assert grouped[0].args[0].target == "contiguous"
+    assert len(grouped) == 1 and grouped[0].kwargs == {"channels_last": True}
+    assert grouped[0].args[0].target is fused.conv2d_act
+    view = next(n for n in fast.graph.nodes if n.target == "view")
+    assert view.args[0].target == "contiguous"
     with torch.no_grad():
         assert all(t.is_contiguous() for t in fast(torch.randn(2, 8, 6, 6)))
 

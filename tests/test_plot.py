@@ -199,7 +199,7 @@ def test_without_graphviz_package_import_still_works():
             "print(sorted(m._repr_mimebundle_()))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    assert "HINT" in out.stdout and "pip install torchgraph[plot]" in out.stdout
+    assert "HINT" in out.stdout and "pip install 'torchgraph-fx[plot]'" in out.stdout
     assert "['text/plain']" in out.stdout
 
 
@@ -254,3 +254,86 @@ def test_visualization_doc_blocks_run(tmp_path, monkeypatch, capsys):
         with open(os.path.join(images, name), "rb") as f:
             data = f.read()
         assert png_size(data)[0] > 500 and len(data) > 50_000
+
+
+def scoped_model():
+    x = tg.Input(shape=(16,), name="features")
+    with tg.scope("encoder"):
+        h = nn.Linear(16, 32)(x).relu()
+        for i in range(2):
+            with tg.scope(f"block{i}"):
+                h = h + nn.Linear(32, 32)(h).relu()
+    return tg.Model(x, nn.Linear(32, 3)(h), name="Scoped")
+
+
+def test_depth_draws_clusters_and_one_box_per_scope(tmp_path):
+    """Scopes above the depth are dashed clusters; each scope at the depth is one box with its shapes."""
+    model = scoped_model()
+    dot = tg.plot_model(model, to_file=tmp_path / "scoped.png", depth=2)
+    source = dot.source
+    assert 'subgraph "cluster_@encoder"' in source and "@encoder.block0" in source
+    assert "encoder.block0.linear" not in source and "depth 2 of 3" in source
+    assert '"@encoder.block0" -> "@encoder.block1"' in source  # edges between collapsed boxes
+    assert png_size((tmp_path / "scoped.png").read_bytes())[0] > 200
+    svg = tg.plot_model(model, to_file=tmp_path / "scoped.svg", depth=2)
+    text = " ".join(svg_texts((tmp_path / "scoped.svg").read_text()))
+    assert "encoder.block1" in text and "1,056" in text and "(None, 32)" in text
+    whole = tg.model_to_dot(model).source  # small enough: every node, scopes as clusters
+    assert "encoder.block0.linear" in whole and 'cluster_@encoder.block0' in whole
+
+
+def test_big_models_collapse_by_default_and_say_so():
+    """Past max_nodes, a model with levels is drawn at the deepest level that fits; the title says so."""
+    x = tg.Input(shape=(8,))
+    h = x
+    for i in range(12):
+        with tg.scope(f"stage{i}"):
+            for j in range(3):
+                h = nn.Linear(8, 8)(h).relu()
+    model = tg.Model(x, h)
+    source = tg.model_to_dot(model).source
+    assert "73 nodes, collapsed to depth 1 of 2; depth=2 draws every node" in source
+    assert "@stage11" in source and "stage11.linear" not in source
+    assert "stage11.linear_2" in tg.model_to_dot(model, max_nodes=None).source
+    with pytest.raises(ValueError, match="max_nodes must be a positive int or None"):
+        tg.model_to_dot(model, max_nodes=0)
+    with pytest.raises(ValueError, match="depth must be None"):
+        tg.model_to_dot(model, depth=-1)
+
+
+def test_huge_flat_graph_uses_fast_layout_settings():
+    """A model without levels past 200 boxes gets dot's cheaper settings, and the title says so."""
+    x = tg.Input(shape=(4,))
+    h = x
+    for _ in range(105):
+        h = (h * 2).relu()
+    source = tg.model_to_dot(tg.Model(x, h)).source
+    assert "fast layout" in source and "nslimit=1" in source and "splines=line" in source
+    assert "fast layout" not in tg.model_to_dot(multi_io_model()).source
+
+
+def test_plot_model_takes_a_module_with_inputs(tmp_path):
+    """An nn.Module with inputs= goes through tg.from_module: its module tree becomes the picture."""
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    dot = tg.plot_model(net, to_file=tmp_path / "net.svg", inputs=(3, 8, 8), depth=1)
+    assert '"@0"' in dot.source and "Sequential" in dot.source
+    text = " ".join(svg_texts((tmp_path / "net.svg").read_text()))
+    assert "(None, 8, 6, 6)" in text and "Sequential" in text
+    assert "(None, 2)" in tg.model_to_dot(net, inputs=[tg.Input(shape=(3, 8, 8))]).source
+
+
+def test_jupyter_display_is_compact_for_big_models():
+    """Big models with levels show their collapsed picture; big flat ones a few lines of text."""
+    x = tg.Input(shape=(8,))
+    h = x
+    for i in range(12):
+        with tg.scope(f"stage{i}"):
+            for j in range(3):
+                h = nn.Linear(8, 8)(h).relu()
+    bundle = tg.Model(x, h, name="Deep")._repr_mimebundle_()
+    assert "<svg" in bundle["image/svg+xml"] and len(bundle["image/svg+xml"]) < 60_000
+    assert bundle["text/plain"].startswith("Deep (tg.Model): 73 nodes, 2,592 params")
+    flat = tg.applications.resnet50()
+    bundle = flat._repr_mimebundle_()
+    assert set(bundle) == {"text/plain", "text/html"}
+    assert "176 nodes, 25,557,032 params" in bundle["text/plain"] and "model.summary()" in bundle["text/plain"]

@@ -239,3 +239,48 @@ def test_summary_and_plot_of_a_sequential(tmp_path):
 def test_docstring_examples():
     """The Example sections of sequential.py run."""
     assert doctest.testmod(torchgraph.sequential).failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and files: a Sequential comes back as a Sequential
+# ---------------------------------------------------------------------------------------------
+
+def test_unbuilt_sequential_round_trips_unbuilt(tmp_path):
+    """An unbuilt Sequential's config lists its layers (not `"layers": []`) and revives unbuilt."""
+    model = tg.Sequential([nn.Linear(4, 8), nn.ReLU(), torch.tanh], name="Pending")
+    config = model.get_config()
+    assert [e["class"] for e in config["layers"]] == ["torch.nn.Linear", "torch.nn.ReLU"]
+    assert config["steps"] == [{"layer": "linear"}, {"layer": "re_lu"}, {"function": "torch.tanh"}]
+    revived = tg.Model.from_config(config)
+    assert isinstance(revived, tg.Sequential) and not revived.built and type(revived).__name__ == "Pending"
+    revived.add(nn.Linear(8, 2))
+    assert revived(torch.randn(3, 4)).shape == (3, 2)
+    assert tg.model_from_json(model.to_json()).layers[0].out_features == 8
+
+
+def test_built_sequential_revives_with_add_and_pop(tmp_path):
+    """from_config, tg.load and model_from_json give a tg.Sequential whose add/pop work."""
+    model = tg.Sequential([tg.Input(shape=(4,)), nn.Linear(4, 8), nn.ReLU()], name="Stack").eval()
+    tg.save(model, tmp_path / "stack.safetensors")
+    for revived in (tg.Model.from_config(model.get_config()), tg.load(tmp_path / "stack.safetensors"),
+                    tg.Sequential.from_config(model.get_config())):
+        assert isinstance(revived, tg.Sequential) and revived.code == model.code
+        revived.add(nn.Linear(8, 3))
+        assert revived(torch.randn(2, 4)).shape == (2, 3)
+        assert isinstance(revived.pop(), nn.Linear) and isinstance(revived.pop(), nn.ReLU)
+        assert revived.outputs[0].static_shape == (None, 8)
+    loaded = tg.load(tmp_path / "stack.safetensors")
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_sequential_config_steps_are_validated():
+    """Steps that do not name the chain's nodes are a clear error."""
+    config = tg.Sequential([tg.Input(shape=(4,)), nn.Linear(4, 8)]).get_config()
+    config["steps"] = ["input_1", "nowhere"]
+    with pytest.raises(ValueError, match="'steps' must name its input"):
+        tg.Model.from_config(config)
+    config["steps"] = [{"layer": "missing"}]
+    config["inputs"] = []
+    with pytest.raises(ValueError):
+        tg.Model.from_config(config)

@@ -3,6 +3,7 @@
 import copy
 import doctest
 import pickle
+import sys
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ def test_bad_arguments():
 
 def test_docstring_examples():
     """The Example sections of summary.py and describe.py run."""
-    for module in (torchgraph.summary, torchgraph.describe):
+    for module in (sys.modules["torchgraph.summary"], torchgraph.describe):  # tg.summary is the function
         assert doctest.testmod(module).failed == 0
 
 
@@ -194,8 +195,77 @@ def test_plain_fx_graph_module_uses_fx_shapes():
     from torch.fx.passes.shape_prop import ShapeProp
 
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
-    assert "_0 (Linear)      ?                   9  Y" in format_summary(gm)
+    assert "0 (Linear)       ?                   9  Y" in format_summary(gm)  # named by module path
     ShapeProp(gm).propagate(torch.randn(5, 2))
     text = format_summary(gm)
-    assert "_0 (Linear)      (5, 3)              9  Y" in text
+    assert "0 (Linear)       (5, 3)              9  Y" in text
     assert "Inputs:  input_1 (5, 2) float32" in text
+
+
+def _scoped_model():
+    x = tg.Input(shape=(16,), name="features")
+    with tg.scope("encoder"):
+        h = nn.Linear(16, 32)(x).relu()
+        for i in range(2):
+            with tg.scope(f"block{i}"):
+                h = h + nn.Linear(32, 32)(h).relu()
+    return tg.Model(x, nn.Linear(32, 3)(h), name="Scoped")
+
+
+SCOPED_DEPTH_2 = """\
+Model: "Scoped"
+Inputs:  features (None, 16) float32
+Outputs: output = linear (None, 3) float32
+Depth: 2 of 3 (deeper nodes are collapsed into their submodule's row; depth=None lists all 10 nodes)
+===========================================================================
+Layer (type)               Output Shape  Param #  Connected to    Trainable
+===========================================================================
+features (Input)           (None, 16)          0  -               -
+encoder (scope)            (None, 32)      2,656  features        Y
+| encoder.linear (Linear)  (None, 32)        544  features        Y
+| relu (Tensor.relu)       (None, 32)          0  encoder.linear  -
+| encoder.block0 (scope)   (None, 32)      1,056  relu            Y
+| encoder.block1 (scope)   (None, 32)      1,056  encoder.block0  Y
+linear (Linear)            (None, 3)          99  encoder.block1  Y
+===========================================================================
+Total params: 2,755 (10.76 KiB)
+Trainable params: 2,755 (10.76 KiB)
+Non-trainable params: 0 (0 B)"""
+
+
+def test_depth_collapses_scopes_into_rows():
+    """depth=N: nodes down to level N, one row per scope at level N, header rows above (exact text)."""
+    model = _scoped_model()
+    assert summary_text(model, depth=2) == SCOPED_DEPTH_2
+    top = summary_text(model, depth=1)
+    assert "encoder (scope)   (None, 32)      2,656  features      Y" in top and "block0" not in top
+    full = summary_text(model)
+    assert "Depth:" not in full and "| | encoder.block0.linear (Linear)" in full
+    assert summary_text(model, depth=3) == full  # the deepest level: everything
+
+
+def test_depth_counts_nested_models_as_levels():
+    """A nested tg.Model opens up when depth reaches below it, like expand_nested."""
+    x = tg.Input(shape=(3, 16, 16), name="img")
+    encoder = tg.Model(x, F.relu(nn.Conv2d(3, 4, 3)(x)).mean(dim=(2, 3)), name="Encoder")
+    inp = tg.Input(shape=(3, 16, 16))
+    model = tg.Model(inp, nn.Linear(4, 2)(encoder(inp)), name="Outer")
+    assert "conv2d" not in summary_text(model, depth=1)
+    assert "| conv2d (Conv2d)" in summary_text(model, depth=2)
+
+
+def test_tg_summary_takes_modules_and_models():
+    """tg.summary records an nn.Module on its inputs first; a tg.Model is shown as it is."""
+    net = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 2))
+    lines = []
+    tg.summary(net, (8,), depth=1, print_fn=lines.append)
+    assert "0 (Sequential)   (None, 16)        144  Y" in lines[0] and "1 (Linear)" in lines[0]
+    model = tg.from_module(net, (8,))
+    tg.summary(model, print_fn=lines.append)
+    assert "| 0.0 (Linear)" in lines[1]
+    with pytest.raises(TypeError, match="received Sequential without inputs"):
+        tg.summary(net)
+    with pytest.raises(TypeError, match="Drop the inputs"):
+        tg.summary(model, (8,))
+    with pytest.raises(ValueError, match="depth must be None .* or an int >= 1"):
+        tg.summary(model, depth=0)

@@ -85,7 +85,7 @@ def test_compile_mixing_styles_raises():
     (dict(loss="mse", metrics=["acuracy"]), "unknown metric 'acuracy'"),
     (dict(optimizer="adamm", loss="mse"), "unknown optimizer 'adamm'"),
     (dict(optimizer="adam"), "loss is missing"),
-    (dict(loss={"nope": "mse"}), r"names \['nope'\], which are not outputs"),
+    (dict(loss={"nope": "mse"}), r"names 'nope', which is not an output.*Expected output names"),
     (dict(loss="mse", device="gpu-please"), "device must be"),
     (dict(loss="mse", amp="fp8"), "amp must be"),
 ])
@@ -385,25 +385,33 @@ def test_training_method_names_are_reserved_layer_names():
             tg.Model(x, tg.name(nn.Linear(4, 2), name)(x))
 
 
-def test_docstring_examples_run():
-    """The Example: sections of the training modules run as doctests."""
-    import torchgraph.callbacks
-    import torchgraph.distributed
-    import torchgraph.metrics
-    import torchgraph.training
+@pytest.mark.parametrize("package", ["training", "callbacks", "data", "metrics"])
+def test_docstring_examples_run(package):
+    """The Example: sections of every module of the training packages run as doctests."""
+    import importlib
+    import pkgutil
 
-    for mod in (torchgraph.training, torchgraph.callbacks, torchgraph.metrics, torchgraph.distributed):
-        result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-        assert result.failed == 0, mod.__name__
+    root = importlib.import_module(f"torchgraph.{package}")
+    names = [root.__name__] + [f"{root.__name__}.{m.name}" for m in pkgutil.iter_modules(root.__path__)]
+    for name in names + ["torchgraph.distributed", "torchgraph.losses"]:
+        result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, name
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_docs_training_page_runs(capsys):
-    """The ```python blocks of docs/training.md run top to bottom."""
+    """Each ```python block of docs/training.md runs on its own, in a fresh namespace."""
     page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "training.md"
-    code = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
-    torch.manual_seed(0)
-    exec(compile(code, str(page), "exec"), {})
-    assert "Reshape the targets with y.unsqueeze(-1)" in capsys.readouterr().out
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 15
+    outputs = []
+    for i, code in enumerate(blocks):
+        torch.manual_seed(0)
+        exec(compile(code, f"{page}:block{i}", "exec"), {"__name__": "__main__"})
+        outputs.append(capsys.readouterr().out)
+    text = "".join(outputs)
+    assert "Reshape the targets with y.unsqueeze(-1)" in text
+    assert "[3, 4, 5]" in text and "['latest.safetensors']" in text and "4 2" in text
 
 
 def test_nested_outputs_train_and_predict_in_their_structure():
@@ -424,3 +432,125 @@ def test_nested_outputs_train_and_predict_in_their_structure():
     assert isinstance(out["aux"], list) and [t.shape for t in out["aux"]] == [(48, 1), (48, 2)]
     with pytest.raises(ValueError, match=r"y does not match the model's 3 outputs .* received 2"):
         model.fit(xs, [ys, ys], verbose=0)
+
+
+# ---------------------------------------------------------------------- regressions (issue 16)
+
+@pytest.mark.parametrize("wrap", ["list", "dict"])
+def test_one_output_in_a_list_or_dict_trains_like_a_bare_output(wrap):
+    """tg.Model(x, [y]) / tg.Model(x, {"out": y}) train on the whole target, given bare, in a list or a dict
+    (once the target was indexed as a tuple, comparing (None,) with (None, 1))."""
+    x = tg.Input(shape=(4,))
+    layer = nn.Linear(4, 1)
+    out = layer(x)
+    model = tg.Model(x, [out] if wrap == "list" else {"out": out})
+    bare = tg.Model(x, out)
+    xs, ys = torch.randn(32, 4), torch.randn(32, 1)
+    name = model.output_names[0]
+    for y in (ys, [ys], {name: ys}):
+        model.compile(optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss="mse")
+        h = model.fit(xs, y, batch_size=8, shuffle=False, verbose=0)
+        bare.compile(optimizer=torch.optim.SGD(bare.parameters(), lr=0.0), loss="mse")
+        expected = bare.fit(xs, ys, batch_size=8, shuffle=False, verbose=0).history["loss"]
+        assert h.history["loss"] == pytest.approx(expected)
+        assert model.evaluate(xs, y, verbose=0)["loss"] == pytest.approx(F.mse_loss(bare(xs), ys).item())
+
+
+def test_per_output_metric_lists():
+    """metrics=["mse", ["mse", "accuracy"]] gives each output its own list (was refused)."""
+    x = tg.Input(shape=(4,))
+    h = nn.Linear(4, 8)(x)
+    model = tg.Model(x, [nn.Linear(8, 1)(h), nn.Linear(8, 3)(h)])
+    model.compile(loss=["mse", "cross_entropy"], metrics=["mse", ["mse", "accuracy"]])
+    xs, ys = _blobs(32)
+    hist = model.fit(xs, [xs[:, :1], F.one_hot(ys, 3).float()], verbose=0).history
+    assert {"output_0_mse", "output_1_mse", "output_1_accuracy"} <= set(hist) and "output_0_accuracy" not in hist
+
+
+def test_bad_metric_structure_mentions_the_dict_form():
+    """A per-output list of the wrong length, or a non-metric, names the dict form that works."""
+    x = tg.Input(shape=(4,))
+    h = nn.Linear(4, 8)(x)
+    model = tg.Model(x, [nn.Linear(8, 1)(h), nn.Linear(8, 3)(h)])
+    with pytest.raises(ValueError, match=r"2 outputs .* or a dict by output name such as \{'output_0'"):
+        model.compile(loss="mse", metrics=[["mse"], ["mse"], ["mse"]])
+    with pytest.raises(TypeError, match="pass a dict by output name"):
+        model.compile(loss="mse", metrics=[3])
+
+
+def test_outputs_can_be_named_by_their_layers():
+    """Keras style: losses, loss weights, metrics and targets may name the layer producing an output."""
+    torch.manual_seed(0)
+    x = tg.Input(shape=(4,))
+    h = F.relu(nn.Linear(4, 8)(x))
+    model = tg.Model(x, [nn.Linear(8, 3)(h), nn.Linear(8, 1)(h)])
+    assert model.output_names == ["output_0", "output_1"]
+    model.compile(loss={"linear_1": "cross_entropy", "linear_2": "mse"}, loss_weights={"linear_2": 0.5},
+                  metrics={"linear_1": "accuracy"})
+    xs, ys = _blobs(32)
+    hist = model.fit(xs, {"linear_1": ys, "output_1": xs[:, :1]}, verbose=0).history
+    assert sorted(hist) == ["loss", "output_0_accuracy", "output_0_loss", "output_1_loss"]
+    assert hist["loss"][0] == pytest.approx(hist["output_0_loss"][0] + 0.5 * hist["output_1_loss"][0], rel=1e-5)
+    with pytest.raises(ValueError, match=r"names 'linear_9'.*or the layers producing them \['linear_1', 'linear_2'\]"):
+        model.compile(loss={"linear_9": "mse"})
+    with pytest.raises(ValueError, match="names output 'output_0' twice"):
+        model.compile(loss={"linear_1": "cross_entropy", "output_0": "cross_entropy"})
+
+
+def test_extra_keyword_input_is_named():
+    """An unexpected keyword input is named in the TypeError (and in fit's dict check)."""
+    a, b = tg.Input(shape=(3,), name="a"), tg.Input(shape=(2,), name="b")
+    model = tg.Model({"a": a, "b": b}, nn.Linear(5, 1)(torch.cat([a, b], 1)))
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['c'\]"):
+        model(a=torch.randn(2, 3), b=torch.randn(2, 2), c=torch.randn(2, 2))
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['c'\]"):
+        model(torch.randn(2, 3), b=torch.randn(2, 2), c=torch.randn(2, 2))
+    with pytest.raises(TypeError, match=r"given twice \['a'\]"):
+        model(torch.randn(2, 3), a=torch.randn(2, 3))
+    model.compile(loss="mse")
+    with pytest.raises(ValueError, match=r"unexpected \['c'\]"):
+        model.fit({"a": torch.randn(8, 3), "b": torch.randn(8, 2), "c": torch.randn(8, 1)}, torch.randn(8, 1),
+                  verbose=0)
+
+
+def test_summary_shows_optimizer_params_after_fit():
+    """summary() adds Keras' "Optimizer params" line once compiled: Adam keeps 2 tensors per parameter."""
+    model = _mlp()
+    lines = []
+    model.summary(print_fn=lines.append)
+    assert "Optimizer params" not in lines[0]
+    model.compile(optimizer="adam", loss="cross_entropy")
+    model.fit(*_blobs(16), verbose=0)
+    lines.clear()
+    model.summary(print_fn=lines.append)
+    n = model.count_params()
+    row = [line for line in lines[0].splitlines() if line.startswith("Optimizer params")]
+    assert row and row[0].startswith(f"Optimizer params: {2 * n + 4:,} (")  # exp_avg, exp_avg_sq, step
+
+
+def test_training_needs_no_optional_package():
+    """import torchgraph and a fit with built-in metrics work without tqdm, torchmetrics, tensorboard and
+    safetensors; a torchmetrics metric name then says what to install."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+for name in ("tqdm", "torchmetrics", "tensorboard", "safetensors"):
+    sys.modules[name] = None
+import torch, torch.nn as nn, torchgraph as tg
+x = tg.Input(shape=(4,))
+model = tg.Model(x, nn.Linear(4, 3)(x))
+model.compile(loss="cross_entropy", metrics=["accuracy"])
+print(sorted(model.fit(torch.randn(16, 4), torch.randint(0, 3, (16,)), verbose="auto").history))
+try:
+    model.compile(loss="cross_entropy", metrics=["f1_score"])
+except ImportError as e:
+    print(e)
+"""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("Epoch 1/1 - ") and lines[1] == "['accuracy', 'loss']"
+    assert "pip install 'torchgraph-fx[train]'" in lines[2]

@@ -12,8 +12,10 @@ Example:
 
 from .clone import clone_model
 from .config import model_from_json
+from .config_values import register_value_type
 from .errors import GraphBuildError
 from .export import export_onnx
+from .from_module import from_module
 from .layer_config import register_layer
 from .model import Model
 from .naming import name
@@ -22,6 +24,8 @@ from .plot import model_to_dot, plot_model
 from .sequential import Sequential
 from .symbolic import Dim, Input, SymbolicInt, SymbolicTensor
 from .saving import load, save
+from .scopes import scope
+from .summary import summary
 from . import applications, callbacks, ops, saving
 
 __version__ = "0.1.0"
@@ -33,10 +37,14 @@ __all__ = [
     "callbacks",
     "clone_model",
     "export_onnx",
+    "from_module",
     "load",
     "model_from_json",
     "register_layer",
+    "register_value_type",
     "save",
+    "scope",
+    "summary",
     "saving",
     "Input",
     "Model",

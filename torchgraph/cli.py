@@ -4,6 +4,7 @@
     torchgraph summary FILE               the layer table (model.summary)
     torchgraph plot FILE -o model.svg     the graph as PNG, SVG or PDF (tg.plot_model)
     torchgraph export FILE -o model.onnx  ONNX (tg.export_onnx)
+    torchgraph build-kernels              compile the C++ kernels now (else the first import does)
 
 ``FILE`` is a file written by ``tg.save``. Custom layers must be registered before a file that uses
 them can be read: ``--register mypackage.layers`` imports that module first (the only code the command
@@ -19,6 +20,7 @@ import argparse
 import collections
 import importlib
 import os
+import stat
 import sys
 from typing import Sequence
 
@@ -58,6 +60,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="the picture to write: out.png, out.svg or out.pdf")
     p = command("export", "Export the model to ONNX (tg.export_onnx).")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .onnx file to write")
+    sub.add_parser("build-kernels", help="Compile torchgraph's C++ kernels for this machine and torch "
+                   "(the first import does it otherwise); retries a build that failed before.",
+                   description="Compile torchgraph's C++ kernels for this machine and torch into the "
+                   "kernel cache, or check that they are there. Retries a build that failed before.")
     return parser
 
 
@@ -82,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.command == "build-kernels":
+        _build_kernels()
+        return
     output = getattr(args, "output", None)
     if args.command == "plot" and os.path.splitext(output)[1].lower() not in _PLOT_FORMATS:
         raise CommandError(f"cannot draw to '{output}': expected a .png, .svg or .pdf file name.")
@@ -94,6 +103,12 @@ def _run(args: argparse.Namespace) -> None:
             raise CommandError(f"--register {module}: cannot import it ({exc}).") from None
     if not os.path.exists(args.file):
         raise CommandError(f"no such file: '{args.file}'.")
+    # NOTE: opening a FIFO (or a device) waits for a writer or reader forever: check what paths are
+    # before anything opens them.
+    for path, what in ((args.file, "the model file"), (output, "the output")):
+        if path is not None and os.path.exists(path) and not os.path.isdir(path) and \
+                not stat.S_ISREG(os.stat(path).st_mode):
+            raise CommandError(f"{what} '{path}' is not a regular file (a FIFO, socket or device).")
     if args.command == "info":
         _info(args.file, args.max_bytes)
         return
@@ -123,6 +138,22 @@ def _run(args: argparse.Namespace) -> None:
         print(f"wrote {output}")
 
 
+def _build_kernels() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # reported below, with the retry's outcome
+        from . import _extension
+
+    path = _extension.LIBRARY_PATH
+    if path is None:
+        try:
+            path = _extension.build_kernels(retry_failed=True)
+        except _extension.KernelsUnavailable as exc:
+            raise CommandError(f"the kernels are not available: {exc}.") from None
+    print(f"torchgraph kernels ({_extension.kernel_build().description}): {path}")
+
+
 def _format_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -139,7 +170,7 @@ def _info(path: str, max_bytes: int | None) -> None:
 
     info = read_file_info(path, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     with torch.device("meta"):  # the architecture only: no memory for weights, no initialisation
-        model = from_config(info.config)
+        model = from_config(info.config, max_bytes=64 * 2**20)  # as tg.load's meta build
     meta = info.metadata
     lines = [f"File:        {path} ({_format_bytes(info.num_bytes)}, torchgraph format "
              f"{meta.get('format_version')}, written by torchgraph {meta.get('torchgraph_version', '?')})",

@@ -1,36 +1,42 @@
-"""Values in a config: JSON for the arguments of layers and graph nodes, and the function allowlist.
+"""Values in a config: JSON for the arguments of layers and graph nodes.
 
 A config is read from files that may come from anyone, so decoding is closed-world:
 
 - Every value is plain JSON (numbers, strings, booleans, null, lists) or a one-key object whose key
   is a tag from a fixed set (``{"tuple": [...]}``, ``{"dtype": "float32"}``, ``{"node": "relu"}``...).
-- A function is named by a string such as ``"torch.nn.functional.gelu"`` and resolved only inside a
-  fixed set of namespaces, and only if torch lets ``__torch_function__`` override it (which is how
-  torchgraph recorded it in the first place) or it is one of a few listed factories. ``torch.load``,
-  ``torch.from_file`` and friends are never reachable: nothing is imported, nothing is evaluated.
-- Nesting is bounded (:data:`MAX_DEPTH`) so a crafted file cannot exhaust the stack.
+- Functions are resolved through the allowlist of ``config_functions.py``; objects of other types
+  (a Hugging Face ``BertConfig`` given to a layer) only through :func:`register_value_type`, by the
+  name they were registered under. Nothing is imported, nothing is evaluated.
+- Nesting is bounded (:data:`MAX_DEPTH`) so a crafted file cannot exhaust the stack; dict keys must
+  be hashable scalars.
+
+Example:
+    >>> import torch
+    >>> from torchgraph.config_values import decode_value, encode_value
+    >>> encode_value((3, torch.float16, {1: "one"}), "example")
+    {'tuple': [3, {'dtype': 'float16'}, {'items': [[1, 'one']]}]}
+    >>> decode_value(_, "example")
+    (3, torch.float16, {1: 'one'})
 """
 
 from __future__ import annotations
 
-import builtins
-import inspect
 import math
 import numbers
-import operator
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-__all__ = ["MAX_DEPTH", "encode_value", "decode_value", "function_name", "resolve_function",
-           "check_method_name", "check_attribute_name", "dtype_name", "resolve_dtype"]
+from .config_functions import function_name, resolve_function
+
+__all__ = ["MAX_DEPTH", "encode_value", "decode_value", "dtype_name", "resolve_dtype",
+           "register_value_type", "registered_value_types"]
 
 MAX_DEPTH = 48
 
-_TAGS = frozenset({"node", "tuple", "dict", "slice", "ellipsis", "dtype", "device", "memory_format",
-                   "layout", "float", "function", "layer"})
+_TAGS = frozenset({"node", "tuple", "dict", "items", "slice", "ellipsis", "dtype", "device", "memory_format",
+                   "layout", "float", "function", "layer", "object"})
 
 # --------------------------------------------------------------------------------------------
 # dtypes
@@ -58,150 +64,114 @@ def dtype_name(dtype: torch.dtype, where: str) -> str:
 def resolve_dtype(name: Any, where: str) -> torch.dtype:
     """``"float32"`` -> ``torch.float32``; anything else is a clear error."""
     if not isinstance(name, str) or name not in _DTYPES:
-        raise ValueError(f"{where}: unknown dtype {name!r}. Expected one of {sorted(_DTYPES)}.")
+        raise ValueError(f"{where}: unknown dtype {name!r:.40}. Expected one of {sorted(_DTYPES)}.")
     return _DTYPES[name]
 
 
 # --------------------------------------------------------------------------------------------
-# Functions: an allowlist built from torch's own list of overridable functions
+# Registered value types (a config object given to a layer, such as transformers' BertConfig)
 # --------------------------------------------------------------------------------------------
 
-_OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and_", "or_",
-              "xor", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge", "neg", "pos", "abs",
-              "invert", "not_", "getitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod",
-              "ipow", "imatmul", "iand", "ior", "ixor", "ilshift", "irshift", "truth", "contains")
-
-# Factories torch does not route through __torch_function__ unless a SymbolicInt is an argument.
-_FACTORIES = ("arange", "zeros", "ones", "empty", "full", "eye", "linspace", "logspace", "rand",
-              "randn", "randint", "randperm", "tensor", "scalar_tensor", "as_tensor", "zeros_like",
-              "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
-              "tril_indices", "triu_indices")
-
-# (namespace name in a config, the namespace object) -- searched in this order when encoding.
-_NAMESPACES: tuple[tuple[str, Any], ...] = (
-    ("torch.nn.functional", F),
-    ("torch.special", torch.special),
-    ("torch.linalg", torch.linalg),
-    ("torch.fft", torch.fft),
-    ("torch", torch),
-)
-
-_TABLE: dict[str, Callable] | None = None      # config name -> function
-_NAMES: dict[int, str] | None = None           # id(function) -> config name
+_VALUE_TYPES: dict[str, tuple[type, Callable, Callable]] = {}
+_VALUE_KEYS: dict[type, str] = {}
 
 
-def _build_table() -> None:
-    global _TABLE, _NAMES
-    allowed: set[int] = set()
-    for fns in torch.overrides.get_overridable_functions().values():
-        allowed.update(id(f) for f in fns)
-    allowed.update(id(getattr(torch, n)) for n in _FACTORIES if hasattr(torch, n))
-    table: dict[str, Callable] = {f"operator.{n}": getattr(operator, n) for n in _OPERATORS}
-    table["builtins.getattr"] = builtins.getattr
-    table["torch._assert"] = torch._assert  # guards recorded by `assert n <= 512` (sizes.py)
-    from .targets import setitem
-    table["torchgraph.setitem"] = setitem
-    for ns_name, ns in _NAMESPACES:
-        for attr in dir(ns):
-            if attr.startswith("_"):
-                continue
-            obj = getattr(ns, attr, None)
-            if obj is not None and id(obj) in allowed and callable(obj) and not inspect.isclass(obj):
-                table[f"{ns_name}.{attr}"] = obj
-    names: dict[int, str] = {}
-    for name, fn in table.items():
-        names.setdefault(id(fn), name)
-    _TABLE, _NAMES = table, names
+def register_value_type(cls: type, *, to_config: Callable[[Any], Any] | None = None,
+                        from_config: Callable[[Any], Any] | None = None, name: str | None = None) -> type:
+    """Make objects of ``cls`` storable as layer arguments (for example a model's config object).
 
+    A layer registered with ``@tg.register_layer`` records its constructor arguments; when one is an
+    object of a class torchgraph does not know (``BertModel(BertConfig(...))``), register that class
+    here, once, with how to turn an object into JSON-like data and back. Loading finds the class only
+    by the name it was registered under: nothing is imported.
 
-# Namespaces of torch.ops whose operators may appear in a config (custom ops of this library).
-_OP_NAMESPACES = frozenset({"torchgraph"})
+    Args:
+        cls: the class.
+        to_config: ``obj -> data`` (JSON values, tuples, dtypes, other storable values). Default:
+            ``obj.get_config()`` if the class has it, else ``obj.to_dict()`` (with a Hugging Face
+            config's attention implementation, which ``to_dict`` leaves out).
+        from_config: ``data -> obj``. Default: ``cls.from_config(data)``, else ``cls.from_dict(data)``,
+            else ``cls(**data)``.
+        name (str): the name stored in configs; defaults to ``"<module>.<qualname>"``.
 
+    Returns:
+        ``cls`` itself.
 
-def function_name(fn: Callable, where: str) -> str:
-    """The config name of an allowed function, e.g. ``"torch.nn.functional.relu"``."""
-    if _NAMES is None:
-        _build_table()
-    name = _NAMES.get(id(fn))
-    if name is not None:
-        return name
-    if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        ns, _, op = fn._qualified_op_name.partition("::") if hasattr(fn, "_qualified_op_name") else (
-            "", "", "")
-        if ns in _OP_NAMESPACES:
-            overload = getattr(fn, "_overloadname", None) if isinstance(fn, torch._ops.OpOverload) else None
-            return f"torch.ops.{ns}.{op}" + (f".{overload}" if overload else "")
-    label = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-    module = getattr(fn, "__module__", None)
-    if module in ("torchgraph.fused", "torchgraph.ops"):
-        raise ValueError(
-            f"{where}: {module}.{label} comes from tg.optimize, whose graphs cannot be stored in a config "
-            "(they read layer weights directly). Save the original model and call tg.optimize after "
-            "tg.load (it takes ~0.1 s for ResNet-50); torch.save/pickle of the optimized model works too."
-        )
-    raise ValueError(
-        f"{where}: the function {module + '.' if module else ''}{label} cannot be stored in a config. "
-        "Expected a torch function (torch.*, torch.nn.functional.*, torch.linalg.*, torch.fft.*, "
-        "torch.special.*), a Python operator, a tensor method, or a torchgraph custom op. Call custom "
-        "Python code inside an nn.Module registered with @tg.register_layer instead."
-    )
-
-
-def resolve_function(name: Any, where: str) -> Callable:
-    """The function a config names; only allowlisted names resolve (nothing is imported)."""
-    if _TABLE is None:
-        _build_table()
-    if not isinstance(name, str):
-        raise ValueError(f"{where}: a function must be named by a string; received {name!r}.")
-    fn = _TABLE.get(name)
-    if fn is not None:
-        return fn
-    parts = name.split(".")
-    if len(parts) in (4, 5) and parts[:2] == ["torch", "ops"] and parts[2] in _OP_NAMESPACES and all(
-            p.isidentifier() and not p.startswith("_") for p in parts[2:]):
-        try:
-            obj = getattr(getattr(torch.ops, parts[2]), parts[3])
-            if len(parts) == 5:
-                obj = getattr(obj, parts[4])
-            return obj
-        except (AttributeError, RuntimeError):
-            pass
-    raise ValueError(
-        f"{where}: unknown or disallowed function {name!r}. Only torch functions that torchgraph can "
-        "record (for example 'torch.nn.functional.relu', 'torch.cat', 'operator.add') can appear in a "
-        "config; functions are never imported by path."
-    )
-
-
-_METHOD_DENY = frozenset({"backward", "register_hook", "register_post_accumulate_grad_hook", "numpy",
-                          "tolist", "item", "storage", "untyped_storage", "data_ptr", "share_memory_",
-                          "pin_memory", "apply_", "map_", "map2_", "set_", "cuda", "to_sparse"})
-
-
-def check_method_name(name: Any, where: str) -> str:
-    """A tensor method name for a ``call_method`` node: public, callable, on ``torch.Tensor``."""
-    if (not isinstance(name, str) or not name.isidentifier() or name.startswith("_")
-            or name in _METHOD_DENY or not callable(getattr(torch.Tensor, name, None))):
-        raise ValueError(f"{where}: {name!r} is not an allowed tensor method. Expected the public name of "
-                         "a torch.Tensor method (for example 'view', 'transpose', 'size').")
-    return name
-
-
-def check_attribute_name(name: Any, where: str) -> str:
-    """A tensor attribute for ``getattr`` nodes (``x.T``, ``x.mT``, ``x.real``): a public property."""
-    ok = isinstance(name, str) and name.isidentifier() and not name.startswith("_")
-    if ok:
-        try:
-            attr = inspect.getattr_static(torch.Tensor, name)
-        except AttributeError:
-            ok = False
+    Example:
+        >>> import dataclasses, torch.nn as nn, torchgraph as tg
+        >>> @dataclasses.dataclass
+        ... class Settings:
+        ...     width: int = 8
+        >>> _ = tg.register_value_type(Settings, to_config=dataclasses.asdict)
+        >>> @tg.register_layer
+        ... class Block(nn.Module):
+        ...     def __init__(self, settings):
+        ...         super().__init__()
+        ...         self.linear = nn.Linear(settings.width, settings.width)
+        ...     def forward(self, x):
+        ...         return self.linear(x)
+        >>> x = tg.Input(shape=(8,))
+        >>> model = tg.Model(x, Block(Settings(8))(x))
+        >>> tg.Model.from_config(model.get_config()).block.linear
+        Linear(in_features=8, out_features=8, bias=True)
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"tg.register_value_type: expected a class; received {cls!r:.80}.")
+    if isinstance(cls, type) and issubclass(cls, (nn.Module, torch.Tensor)):
+        raise TypeError(f"tg.register_value_type: {cls.__qualname__} is a module or tensor class; register "
+                        "layers with @tg.register_layer (tensors belong in the weights).")
+    key = name if name is not None else f"{cls.__module__}.{cls.__qualname__}"
+    if not isinstance(key, str) or not key or any(ch.isspace() for ch in key):
+        raise ValueError(f"tg.register_value_type: invalid name {key!r} for {cls.__qualname__}. Expected a "
+                         "non-empty string without spaces.")
+    if to_config is None:
+        if callable(getattr(cls, "get_config", None)):
+            to_config = lambda obj: obj.get_config()  # noqa: E731
+        elif callable(getattr(cls, "to_dict", None)):
+            to_config = _dict_with_attention
         else:
-            ok = not callable(attr) or isinstance(attr, property) or type(attr).__name__ in (
-                "getset_descriptor", "member_descriptor")
-    if not ok:
-        raise ValueError(f"{where}: {name!r} is not an allowed tensor attribute. Expected a public "
-                         "torch.Tensor property such as 'T' or 'mT'.")
-    return name
+            raise TypeError(f"tg.register_value_type: {cls.__qualname__} has neither get_config() nor "
+                            "to_dict(); pass to_config=.")
+    if from_config is None:
+        for method in ("from_config", "from_dict"):
+            if callable(getattr(cls, method, None)):
+                from_config = getattr(cls, method)
+                break
+        else:
+            from_config = lambda data: cls(**data)  # noqa: E731
+    old = _VALUE_TYPES.get(key)
+    if old is not None:
+        _VALUE_KEYS.pop(old[0], None)  # re-registration (a re-run cell): the newest wins
+    _VALUE_TYPES[key] = (cls, to_config, from_config)
+    _VALUE_KEYS[cls] = key
+    return cls
+
+
+# NOTE: [Attention implementation] transformers' PretrainedConfig.to_dict() leaves out
+# `_attn_implementation` ("sdpa", "eager"...), which a model sets on its config when it is built and
+# its attention modules read. A BertSelfAttention rebuilt from such a dict (a tg.from_module model
+# whose attention stays one layer) then runs another implementation, on a mask recorded in the
+# format of the first: outputs differed by ~1e-2, silently. The default codec keeps it, under the
+# name the config's constructor takes (`attn_implementation`).
+def _dict_with_attention(obj) -> dict:
+    data = obj.to_dict()
+    implementation = getattr(obj, "_attn_implementation", None)
+    if isinstance(implementation, str) and "attn_implementation" not in data:
+        data = {**data, "attn_implementation": implementation}
+    return data
+
+
+def registered_value_types() -> dict[str, type]:
+    """The registered value types by name (a copy)."""
+    return {k: v[0] for k, v in _VALUE_TYPES.items()}
+
+
+def _value_type_key(obj) -> str | None:
+    for c in type(obj).__mro__:
+        key = _VALUE_KEYS.get(c)
+        if key is not None:
+            return key
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,11 +210,13 @@ def encode_value(obj: Any, where: str, node_name: Callable[[Any], str | None] | 
     if isinstance(obj, tuple):  # tuples, torch.Size, namedtuples (as plain tuples)
         return {"tuple": [enc(o) for o in obj]}
     if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"dict": {k: enc(v) for k, v in obj.items()}}
         for k in obj:
-            if not isinstance(k, str):
-                raise ValueError(f"{where}: dict keys must be strings to be stored in a config; received "
-                                 f"key {k!r} of type {type(k).__name__}.")
-        return {"dict": {k: enc(v) for k, v in obj.items()}}
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise ValueError(f"{where}: dict keys must be strings, numbers, booleans or None to be "
+                                 f"stored in a config; received key {k!r:.60} of type {type(k).__name__}.")
+        return {"items": [[enc(k), enc(v)] for k, v in obj.items()]}
     if isinstance(obj, slice):
         return {"slice": [enc(obj.start), enc(obj.stop), enc(obj.step)]}
     if obj is Ellipsis:
@@ -266,10 +238,21 @@ def encode_value(obj: Any, where: str, node_name: Callable[[Any], str | None] | 
         raise ValueError(f"{where}: a tensor of shape {tuple(obj.shape)} is a constructor argument; "
                          "tensors cannot be stored in a config (they belong in the weights). Create it "
                          "inside the layer's __init__ from plain arguments, or register it as a buffer.")
+    key = _value_type_key(obj)
+    if key is not None:
+        _, to_config, _ = _VALUE_TYPES[key]
+        try:
+            data = to_config(obj)
+        except Exception as exc:  # noqa: BLE001 - the user's to_config failing: say which value
+            raise ValueError(f"{where}: to_config of the registered value type '{key}' failed: "
+                             f"{type(exc).__name__}: {exc}") from None
+        return {"object": {"type": key, "config": enc(data)}}
     if callable(obj):
         return {"function": function_name(obj, where)}
-    raise ValueError(f"{where}: a value of type {type(obj).__name__} ({obj!r:.80}) cannot be stored in a "
-                     "config. Expected JSON values, tuples, slices, dtypes, torch functions or modules.")
+    raise ValueError(
+        f"{where}: a value of type {type(obj).__name__} ({obj!r:.80}) cannot be stored in a config. "
+        "Expected JSON values, tuples, slices, dtypes, torch functions or modules. For a config object "
+        f"given to a layer, register its class once: tg.register_value_type({type(obj).__name__}).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,6 +262,8 @@ def encode_value(obj: Any, where: str, node_name: Callable[[Any], str | None] | 
 _MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
                    "channels_last_3d": torch.channels_last_3d, "preserve_format": torch.preserve_format}
 _LAYOUTS = {"strided": torch.strided}
+_DEVICES = ("cpu", "meta")
+_KEY_TYPES = (str, int, float, bool, type(None))
 
 
 def decode_value(obj: Any, where: str, resolve_node: Callable[[str], Any] | None = None,
@@ -314,6 +299,16 @@ def decode_value(obj: Any, where: str, resolve_node: Callable[[str], Any] | None
     if tag == "dict":
         _expect(isinstance(body, dict), where, "dict", "an object")
         return {k: dec(v) for k, v in body.items()}
+    if tag == "items":
+        _expect(isinstance(body, list) and all(isinstance(p, list) and len(p) == 2 for p in body), where,
+                "items", "a list of [key, value] pairs")
+        out = {}
+        for k, v in body:
+            key = dec(k)
+            _expect(isinstance(key, _KEY_TYPES), where, "items", "keys that are strings, numbers, booleans "
+                    "or null")
+            out[key] = dec(v)
+        return out
     if tag == "slice":
         _expect(isinstance(body, list) and len(body) == 3, where, "slice", "[start, stop, step]")
         return slice(*(dec(o) for o in body))
@@ -322,23 +317,45 @@ def decode_value(obj: Any, where: str, resolve_node: Callable[[str], Any] | None
     if tag == "dtype":
         return resolve_dtype(body, where)
     if tag == "device":
-        _expect(body in ("cpu", "meta"), where, "device", "'cpu' or 'meta'")
+        _expect(isinstance(body, str) and body in _DEVICES, where, "device", "'cpu' or 'meta'")
         return torch.device(body)
     if tag == "memory_format":
-        _expect(body in _MEMORY_FORMATS, where, "memory_format", f"one of {sorted(_MEMORY_FORMATS)}")
+        _expect(isinstance(body, str) and body in _MEMORY_FORMATS, where, "memory_format",
+                f"one of {sorted(_MEMORY_FORMATS)}")
         return _MEMORY_FORMATS[body]
     if tag == "layout":
-        _expect(body in _LAYOUTS, where, "layout", f"one of {sorted(_LAYOUTS)}")
+        _expect(isinstance(body, str) and body in _LAYOUTS, where, "layout", f"one of {sorted(_LAYOUTS)}")
         return _LAYOUTS[body]
     if tag == "float":
-        _expect(body in ("inf", "-inf", "nan"), where, "float", "'inf', '-inf' or 'nan'")
+        _expect(isinstance(body, str) and body in ("inf", "-inf", "nan"), where, "float",
+                "'inf', '-inf' or 'nan'")
         return float(body)
     if tag == "function":
-        return resolve_function(body, where)
+        return resolve_function(body, where, untrusted=True)
+    if tag == "object":
+        return _decode_object(body, where, dec)
     # tag == "layer"
     if decode_layer is None or not isinstance(body, dict):
         raise ValueError(f"{where}: a layer value is not allowed here (or is not an object).")
     return decode_layer(body, where)
+
+
+def _decode_object(body: Any, where: str, dec: Callable[[Any], Any]):
+    _expect(isinstance(body, dict) and set(body) == {"type", "config"} and isinstance(body["type"], str),
+            where, "object", "{\"type\": <registered name>, \"config\": ...}")
+    key = body["type"]
+    entry = _VALUE_TYPES.get(key)
+    if entry is None:
+        raise ValueError(f"{where}: unknown value type {key!r:.80}. Types are never imported from names in a "
+                         "config: register it with tg.register_value_type (import the module that does) "
+                         "before loading.")
+    _, _, from_config = entry
+    data = dec(body["config"])
+    try:
+        return from_config(data)
+    except Exception as exc:  # noqa: BLE001 - any failure of a crafted value is a bad config
+        raise ValueError(f"{where}: the registered value type '{key}' could not be built from its config: "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
 def _expect(ok: bool, where: str, tag: str, what: str) -> None:

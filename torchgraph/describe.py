@@ -14,7 +14,7 @@ Design constraints:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "Group",
     "NodeInfo",
+    "build_tree",
+    "check_depth",
+    "node_path",
+    "scope_chains",
+    "tree_depth",
     "check_built_model",
     "describe_nodes",
     "format_spec",
@@ -65,10 +71,20 @@ class NodeInfo:
     num_trainable: int
     call_index: int = 1
     num_calls: int = 1
+    level: int = 1          # in the module tree (see NOTE: [Depth]); set by build_tree
 
     @property
     def name(self) -> str:
         return self.node.name
+
+    @property
+    def label(self) -> str:
+        """What views call the node: a layer's (first call's) or a tensor's dotted path as in the
+        ``state_dict`` (``layer1.0.conv1``, where fx names the node ``layer1_0_conv1``), else its name."""
+        n = self.node
+        if n is not None and (n.op == "get_attr" or (n.op == "call_module" and self.call_index == 1)):
+            return n.target
+        return n.name if n is not None else ""
 
     @property
     def trainable(self) -> str:
@@ -243,8 +259,9 @@ def output_entries(model: fx.GraphModule) -> list[tuple[str, Any]]:
     out_node = next(n for n in reversed(model.graph.nodes) if n.op == "output")
     paths, leaves = [], []
     for path, leaf in tree_leaves(out_node.args[0]):
-        paths.append(path)
-        leaves.append(leaf)
+        if leaf is not None:  # a None in the output structure is no output tensor
+            paths.append(path)
+            leaves.append(leaf)
     names = list(getattr(model, "output_names", None) or [])
     if len(names) != len(leaves):  # a plain GraphModule: name the outputs by their paths
         names = (["output"] if paths == [()] else
@@ -261,3 +278,149 @@ def check_built_model(model, who: str) -> None:
         raise ValueError(f"{who}: the model '{type(model).__name__}' has no inputs yet (an unbuilt "
                          "tg.Sequential?). Build it first: give input_shape=..., add a tg.Input, or call "
                          "it once on a tensor.")
+
+
+# --------------------------------------------------------------------------------------------
+# Hierarchy: module paths and tg.scope, collapsed below a depth
+# --------------------------------------------------------------------------------------------
+
+# NOTE: [Depth] Levels follow calls, as a reader of the original code sees them: a node recorded
+# inside a module's forward (tg.from_module) or a tg.scope is one level below that scope, and so is
+# a layer called from there. A container that is never called itself (nn.ModuleDict, nn.ModuleList:
+# `self.transformer.h[0](x)`) is no level: its children sit at the level of the code calling them.
+# ``depth=N`` shows every node of level <= N and one group per scope of level N for the deeper
+# ones; scopes above N are expanded (a header row / a cluster). Nested tg.Models count as levels.
+
+
+def _node_scope(node: fx.Node) -> str:
+    scope = node.meta.get("tg_scope")
+    if scope is None and node.op == "get_attr":  # a parameter or constant: where it is first used
+        scope = next((u.meta.get("tg_scope") for u in node.users if u.meta.get("tg_scope")), None)
+    return scope or ""
+
+
+def scope_chains(model: fx.GraphModule) -> dict[fx.Node, tuple[str, ...]]:
+    """For every node but the output: the scopes it is nested in, outermost first (``("layer1",
+    "layer1.0")``); its level is one more than their number."""
+    # tg.from_module lists the modules that ran; without that list (tg.scope) every scope is a level.
+    ran = (getattr(model, "meta", {}).get("torchgraph") or {}).get("scope_types")
+    chains: dict[str, tuple[str, ...]] = {"": ()}
+    out = {}
+    for node in model.graph.nodes:
+        if node.op == "output":
+            continue
+        scope = _node_scope(node)
+        chain = chains.get(scope)
+        if chain is None:
+            parts = scope.split(".")
+            prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            chain = chains[scope] = tuple(p for p in prefixes if ran is None or p in ran or p == scope)
+        out[node] = chain
+    return out
+
+
+def node_path(node: fx.Node) -> tuple[str, ...]:
+    """The scope of ``node`` split in parts, plus its name (for a quick look; see scope_chains)."""
+    scope = _node_scope(node)
+    return (*scope.split("."), node.name) if scope else (node.name,)
+
+
+@dataclass
+class Group:
+    """The nodes under one module path or scope (``layer1.0``), shown as one row / box when collapsed."""
+
+    path: str
+    type_label: str
+    level: int
+    expanded: bool
+    children: list = field(default_factory=list)   # NodeInfo | Group, in first-use order
+    members: list = field(default_factory=list)    # every NodeInfo inside, at any depth
+    inputs: list = field(default_factory=list)     # fx.Nodes outside that feed it, each once
+    outputs: list = field(default_factory=list)    # member fx.Nodes read outside (or model outputs)
+    output: str = ""
+    dtype: str = ""
+    num_params: int = 0
+    num_trainable: int = 0
+
+    kind = "group"
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    @property
+    def trainable(self) -> str:
+        if self.num_params == 0:
+            return "-"
+        if self.num_trainable == self.num_params:
+            return "Y"
+        return "N" if self.num_trainable == 0 else "partial"
+
+
+def tree_depth(model: fx.GraphModule) -> int:
+    """The number of levels of ``model``'s module tree (1 for a model without scopes)."""
+    return 1 + max((len(c) for c in scope_chains(model).values()), default=0)
+
+
+def build_tree(model: fx.GraphModule, infos: list[NodeInfo], depth: int | None) -> tuple[list, dict]:
+    """The top-level items (NodeInfo or Group) of ``model`` shown at ``depth`` (None: all levels).
+
+    Returns ``(items, owner)`` where ``owner`` maps each fx node absorbed into a collapsed group to it.
+    """
+    types = (getattr(model, "meta", {}).get("torchgraph") or {}).get("scope_types") or {}
+    top: list = []
+    groups: dict[str, Group] = {}
+    owner: dict[fx.Node, Group] = {}
+    chains = scope_chains(model)
+    for info in infos:
+        chain = chains.get(info.node, ())
+        info.level = len(chain) + 1
+        container = top
+        absorbed = False
+        for level, gpath in enumerate(chain, start=1):
+            group = groups.get(gpath)
+            if group is None:
+                label = types.get(gpath, "scope")
+                group = groups[gpath] = Group(gpath, label, level, depth is None or level < depth)
+                container.append(group)
+            group.members.append(info)
+            if not group.expanded:
+                owner[info.node] = group
+                absorbed = True
+                break
+            container = group.children
+        if not absorbed:
+            container.append(info)
+    for group in groups.values():
+        _summarise(model, group)
+    return top, owner
+
+
+def _summarise(model: fx.GraphModule, group: Group) -> None:
+    inside = {i.node for i in group.members}
+    inputs: dict[fx.Node, None] = {}
+    for info in group.members:
+        for n in info.inputs:
+            if n not in inside:
+                inputs.setdefault(n, None)
+    group.inputs = list(inputs)
+    group.outputs = [i.node for i in group.members if any(u not in inside for u in i.node.users)]
+    tensors = []
+    for info in group.members:
+        if info.module is not None:
+            tensors.extend(info.module.parameters())
+        elif info.node.op == "get_attr" and info.num_params:
+            tensors.append(_get_attr(model, info.node.target))
+    group.num_params, group.num_trainable, _ = param_stats(tensors)
+    by_node = {i.node: i for i in group.members}
+    shapes = [by_node[n].output for n in group.outputs]
+    group.output = shapes[0] if len(shapes) == 1 else "[" + ", ".join(shapes) + "]"
+    dtypes = list(dict.fromkeys(by_node[n].dtype for n in group.outputs))
+    group.dtype = "/".join(dtypes) or "?"
+
+
+def check_depth(depth, who: str) -> None:
+    """A clear error unless ``depth`` is None or an int >= 1."""
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
+        raise ValueError(f"{who}: depth must be None (every node) or an int >= 1 (1: the model's direct "
+                         f"children); received {depth!r}.")

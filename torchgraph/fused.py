@@ -36,19 +36,43 @@ import torch.nn.functional as F
 from . import _extension, ops
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ONEDNN_ACTIVATIONS", "QKV_ATTENTION_MAX_SEQ", "conv2d_act", "linear_act", "qkv_attention",
-           "use_onednn"]
+__all__ = ["MKL_PACKED_MAX_ROWS", "ONEDNN_ACTIVATIONS", "ONEDNN_LINEAR_MIN_MACS", "QKV_ATTENTION_MAX_SEQ",
+           "conv2d_act", "linear_act", "qkv_attention", "use_onednn"]
 
-#: Our activation names -> oneDNN's (attr, algorithm).
+#: Our activation names -> oneDNN's (attr, scalars, algorithm). The first five are also
+#: ``torchgraph.ops.ACTIVATIONS`` (the ``bias_act`` kernel's); the others (MobileNets') fuse on the
+#: oneDNN path only and run as plain PyTorch functions elsewhere.
 ONEDNN_ACTIVATIONS = {
-    "none": ("none", ""),
-    "relu": ("relu", ""),
-    "gelu": ("gelu", "none"),
-    "gelu_tanh": ("gelu", "tanh"),
-    "silu": ("swish", ""),
+    "none": ("none", [], ""),
+    "relu": ("relu", [], ""),
+    "gelu": ("gelu", [], "none"),
+    "gelu_tanh": ("gelu", [], "tanh"),
+    "silu": ("swish", [], ""),
+    "relu6": ("hardtanh", [0.0, 6.0], ""),
+    "hardswish": ("hardswish", [], ""),
+    "hardsigmoid": ("hardsigmoid", [], ""),
+    "sigmoid": ("sigmoid", [], ""),
+    "tanh": ("tanh", [], ""),
+}
+
+_ACTIVATION_FNS = {
+    "none": lambda y: y,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+    "relu6": F.relu6,
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
 }
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# bfloat16 runs on oneDNN only where the CPU has bf16 instructions (AVX512-BF16 / AMX); elsewhere
+# oneDNN emulates it slowly (tg.optimize(dtype=torch.bfloat16) then falls back to float32).
+_ONEDNN_DTYPES = frozenset({torch.float32} | ({torch.bfloat16} if _HAS_ONEDNN and
+                                                 torch.ops.mkldnn._is_mkldnn_bf16_supported() else set()))
 
 
 def use_onednn(x, *params, training: bool = False) -> bool:
@@ -59,13 +83,13 @@ def use_onednn(x, *params, training: bool = False) -> bool:
     """
     if not _HAS_ONEDNN or type(x) is not torch.Tensor:  # noqa: E721 - fakes, proxies, subclasses
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype not in _ONEDNN_DTYPES:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
     if not training and _needs_grad(x, *params):
         return False
-    return all(p is None or (p.device.type == "cpu" and p.dtype == torch.float32) for p in params)
+    return all(p is None or (p.device.type == "cpu" and p.dtype == x.dtype) for p in params)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -73,15 +97,7 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _activation(y: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "none":
-        return y
-    if act == "relu":
-        return torch.relu(y)
-    if act == "gelu":
-        return F.gelu(y)
-    if act == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    return F.silu(y)
+    return _ACTIVATION_FNS[act](y)
 
 
 # NOTE: [Packed conv weights] oneDNN runs a convolution faster from weights already in its blocked
@@ -101,21 +117,21 @@ def _activation(y: torch.Tensor, act: str) -> torch.Tensor:
 _PACKED: dict[int, tuple] = {}
 
 
-def _pack_conv_weight(weight: torch.Tensor, padding, stride, dilation, input_size) -> torch.Tensor:
+def _pack_conv_weight(weight: torch.Tensor, padding, stride, dilation, groups, input_size) -> torch.Tensor:
     with torch.no_grad():
         return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), 1, list(input_size))
+            weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(input_size))
 
 
-def _packed_weight(weight: torch.Tensor, padding, stride, dilation, input_size) -> torch.Tensor:
+def _packed_weight(weight: torch.Tensor, padding, stride, dilation, groups, input_size) -> torch.Tensor:
     if weight.is_inference():
         # made under torch.inference_mode: no version counter tells when it changes, so no cache
-        return _pack_conv_weight(weight, padding, stride, dilation, input_size)
+        return _pack_conv_weight(weight, padding, stride, dilation, groups, input_size)
     key = id(weight)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
         return hit[2]
-    packed = _pack_conv_weight(weight, padding, stride, dilation, input_size)
+    packed = _pack_conv_weight(weight, padding, stride, dilation, groups, input_size)
     ref = weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None))
     _PACKED[key] = (ref, weight._version, packed)
     return packed
@@ -134,6 +150,40 @@ def _epilogue(y: torch.Tensor, bias: torch.Tensor | None, act: str, dim: int) ->
     return ops.bias_act(y, bias, act, dim)
 
 
+# NOTE: [Small linears] oneDNN's fused linear pays a fixed ~30-40 us a call here (1 thread,
+# benchmarks/bench_gemm.py --small): 0.2-0.4x of F.linear + ReLU for (8..64 rows) x (16..256)
+# features, a tie around 4M multiply-adds, 1.1-1.6x from ~8M (1024 features) up, and 12-19% faster
+# on the GPT block's GEMMs (200M). Below ONEDNN_LINEAR_MIN_MACS multiply-adds per call (rows x in x
+# out), inference runs F.linear and an in-place activation instead, and training F.linear and the
+# activation with eager autograd (no custom-op or autograd.Function overhead): the decision is made
+# per call from the shapes, so it follows the batch the model runs at, and tests can move it.
+#: Smallest linear (rows x in_features x out_features) that runs on oneDNN in inference.
+ONEDNN_LINEAR_MIN_MACS = 1 << 23
+
+# NOTE: [Few rows] With few rows (a classifier head at batch 1-32, a decoder step), a linear layer
+# is bound by reading its weight, and MKL's prepacked GEMM (the one inductor uses for float32
+# linears) reads it fastest: (8 x 1280) @ (1280 x 1000) took 0.37-1.4 ms against 2.2-2.5 ms for
+# F.linear and oneDNN (1 thread, two runs on the loaded 2-core VM). The packed copy is cached per
+# (weight, rows) like the conv weights (NOTE: [Packed conv weights]).
+#: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM.
+MKL_PACKED_MAX_ROWS = 64
+_HAS_MKL_PACKED = hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.is_available()
+_MKL_PACKED: dict[tuple[int, int], tuple] = {}
+
+
+def _mkl_packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    key = (id(weight), rows)
+    hit = _MKL_PACKED.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version and not weight.is_inference():
+        return hit[2]
+    with torch.no_grad():
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+    if not weight.is_inference():
+        ref = weakref.ref(weight, lambda _, key=key: _MKL_PACKED.pop(key, None))
+        _MKL_PACKED[key] = (ref, weight._version, packed)
+    return packed
+
+
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                act: str = "none") -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` in one fused call where possible.
@@ -142,20 +192,32 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x: input of shape ``(..., in_features)``.
         weight: ``(out_features, in_features)``.
         bias: ``(out_features,)`` or None.
-        act: one of ``torchgraph.ops.ACTIVATIONS``.
+        act: a key of ``ONEDNN_ACTIVATIONS``.
 
     Returns:
         A tensor of shape ``(..., out_features)``.
     """
     if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         return x.tracer.create_proxy("call_function", linear_act, (x, weight, bias, act), {})
+    small = False
     if x.dim() >= 2 and use_onednn(x, weight, bias, training=True):
+        small = x.numel() * weight.shape[0] < ONEDNN_LINEAR_MIN_MACS  # NOTE: [Small linears]
         if not _needs_grad(x, weight, bias):
-            attr, algorithm = ONEDNN_ACTIVATIONS[act]
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
-        if bias is not None and (act == "none" or _extension.HAS_C_OPS):
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            if x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS and _HAS_MKL_PACKED:
+                # NOTE: [Few rows]
+                packed = _mkl_packed_weight(weight, rows)
+                y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed, weight, bias, rows)
+                return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
+            if small:
+                return _activation_(F.linear(x, weight, bias), act)
+            attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
+        if not small and bias is not None and x.dtype == torch.float32 and (
+                act == "none" or (_extension.HAS_C_OPS and act in ops.ACTIVATIONS)):
             return _TrainableLinearAct.apply(x, weight, bias, act)
-    if bias is None or act == "none":
+    if small or bias is None or act == "none" or act not in ops.ACTIVATIONS:
+        # small layers in training: eager autograd's own formulas beat a custom op's Python overhead
         return _activation(F.linear(x, weight, bias), act)
     return _epilogue(F.linear(x, weight), bias, act, -1)
 
@@ -215,8 +277,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x: input ``(N, C, H, W)``.
         weight, bias: the convolution's parameters (bias may be None).
         stride, padding, dilation: pairs of ints; groups: an int.
-        act: one of ``torchgraph.ops.ACTIVATIONS``.
-        channels_last: answer in channels_last on the oneDNN path (ungrouped convolutions).
+        act: a key of ``ONEDNN_ACTIVATIONS``.
+        channels_last: answer in channels_last on the oneDNN path (grouped and depthwise too).
 
     Returns:
         The activated convolution output.
@@ -226,18 +288,18 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         kwargs = {"channels_last": True} if channels_last else {}
         return x.tracer.create_proxy("call_function", conv2d_act, args, kwargs)
     onednn = use_onednn(x, weight, bias)
-    if onednn and x.dim() == 4 and groups == 1 and (
-            channels_last or (weight.shape[1] >= 16 and weight.shape[-1] > 1)):
+    if onednn and x.dim() == 4 and (
+            channels_last or (groups == 1 and weight.shape[1] >= 16 and weight.shape[-1] > 1)):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # a no-op inside a conv stack
-        packed = _packed_weight(weight, padding, stride, dilation, x.shape)
-        attr, algorithm = ONEDNN_ACTIVATIONS[act]
+        packed = _packed_weight(weight, padding, stride, dilation, groups, x.shape)
+        attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
         y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
-                                                    attr, [], algorithm)
+                                                    attr, scalars, algorithm)
         # It answers in channels_last; F.conv2d (the next layer, outside a channels_last stack) is
         # slow on that layout.
         return y if channels_last else y.contiguous()
-    if bias is None or act == "none" or onednn:
+    if bias is None or act not in ops.ACTIVATIONS or act == "none" or onednn:
         # NOTE: measured here, F.conv2d with its bias then an in-place activation beats both oneDNN's
         # fused op and conv + bias_act for contiguous tensors (the bias add is free inside oneDNN).
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -262,7 +324,7 @@ def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,
     """Multi-head attention from a packed ``q | k | v`` projection ``(B, T, 3E)`` -> ``(B, T, E)``.
 
     :func:`torchgraph.ops.qkv_attention` (heads read in place, no split/merge copies) for eager
-    CPU tensors with ``T <= QKV_ATTENTION_MAX_SEQ``; measured by ``benchmarks/bench_kernels.py``
+    float32/float64 CPU tensors with ``T <= QKV_ATTENTION_MAX_SEQ``; measured by ``benchmarks/bench_kernels.py``
     (2 threads, B=8, T=128, E=256, 4 heads, causal) it was 1.25-1.75x faster forward and
     1.40-1.43x faster forward + backward than the split + ``F.scaled_dot_product_attention`` +
     merge it replaces. Everywhere else (CUDA, long sequences, traced programs, missing kernels) it
@@ -276,8 +338,11 @@ def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,
     """
     if isinstance(qkv, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         return qkv.tracer.create_proxy("call_function", qkv_attention, (qkv, heads, causal, scale), {})
+    # NOTE: [bfloat16 attention] The kernel computes bfloat16 attention in float32 through sgemm
+    # (converting its inputs); SDPA's flash kernel runs bf16 natively and took 1.8-4.9 ms per GPT
+    # block call against 10-15 ms for the kernel (1 thread, loaded VM), so bf16 goes to SDPA.
     if (type(qkv) is torch.Tensor and qkv.device.type == "cpu" and qkv.dim() == 3  # noqa: E721
             and qkv.shape[1] <= QKV_ATTENTION_MAX_SEQ and not torch.compiler.is_compiling()
-            and ops._use_kernel(qkv)):
+            and qkv.dtype != torch.bfloat16 and ops._use_kernel(qkv)):
         return ops.qkv_attention(qkv, heads, causal, scale)
     return _sdpa_qkv_attention(qkv, heads, causal, scale)

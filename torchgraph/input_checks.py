@@ -69,10 +69,16 @@ def input_checks(model) -> tuple:
 def check_call(model, checks: tuple, args: tuple, kwargs: dict) -> None:
     per_input, shared, bounds = checks
     n = len(per_input)
-    if len(args) + len(kwargs) != n:
+    by_keyword = {c[0] for c in per_input[len(args):]} if kwargs else None  # inputs not given by position
+    if len(args) + len(kwargs) != n or (kwargs and not kwargs.keys() <= by_keyword):
         names = [c[0] for c in per_input]
+        unexpected = [k for k in kwargs if k not in names]
+        twice = [k for k in kwargs if k in names[:len(args)]]
+        detail = "".join(f"; {what} {keys}" for what, keys in (("unexpected keyword(s)", unexpected),
+                                                                  ("given twice", twice)) if keys)
         raise TypeError(f"{model._get_name()} takes {n} input(s) {names}; received {len(args)} positional "
-                        f"and {len(kwargs)} keyword argument(s).")
+                        f"and {len(kwargs)} keyword argument(s) {list(kwargs)}{detail}. Pass one tensor per "
+                        "input, by position or by input name.")
     across = bool(shared or bounds)
     shapes = []
     for i, (name, ndim, static, allowed, spec) in enumerate(per_input):

@@ -6,6 +6,9 @@ and ``nn.MSELoss()(input, target)``), not Keras-style ``(y_true, y_pred)``. It r
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LOSSES", "LossEntry", "resolve_losses", "check_loss_inputs"]
+__all__ = ["LOSSES", "LossEntry", "resolve_losses", "check_loss_inputs", "weighted_loss"]
 
 # name -> (function, kind); the kind drives the first-batch checks and what "accuracy" means.
 LOSSES: dict[str, tuple[Callable, str]] = {
@@ -38,13 +41,33 @@ LOSSES: dict[str, tuple[Callable, str]] = {
 
 @dataclass
 class LossEntry:
-    """The loss of one output: display ``name``, ``fn(pred, target)``, ``kind``, ``weight``."""
+    """The loss of one output: display ``name``, ``fn(pred, target)``, ``kind``, ``weight``.
+
+    ``per_sample(pred, target)`` gives the unreduced losses that sample weights need (None when the
+    loss cannot give them: a callable without a ``reduction`` argument).
+    """
 
     output: str
     name: str
     fn: Callable
     kind: str  # "classes" | "binary_logits" | "binary_probs" | "regression" | "custom"
     weight: float = 1.0
+    per_sample: Callable | None = None
+
+
+def _unreduced(spec) -> Callable | None:
+    """``spec`` with ``reduction="none"``: an nn.Module copy, or a callable taking ``reduction``."""
+    if isinstance(spec, nn.Module):
+        if not isinstance(getattr(spec, "reduction", None), str):
+            return None
+        module = copy.copy(spec)  # shallow: shares parameters and buffers (e.g. class weights)
+        module.reduction = "none"
+        return module
+    try:
+        params = inspect.signature(spec).parameters
+    except (TypeError, ValueError):
+        return None
+    return functools.partial(spec, reduction="none") if "reduction" in params else None
 
 
 def _one(spec, output: str, weight: float) -> LossEntry:
@@ -54,30 +77,40 @@ def _one(spec, output: str, weight: float) -> LossEntry:
             raise ValueError(f"compile: unknown loss {spec!r} for output '{output}'. Expected one of "
                              f"{sorted(LOSSES)}, an nn.Module, or a callable loss(prediction, target).")
         fn, kind = LOSSES[key]
-        return LossEntry(output, key, fn, kind, weight)
+        return LossEntry(output, key, fn, kind, weight, functools.partial(fn, reduction="none"))
     if isinstance(spec, nn.Module) or callable(spec):
         name = getattr(spec, "__name__", None) or type(spec).__name__
-        return LossEntry(output, name, spec, "custom", weight)
+        return LossEntry(output, name, spec, "custom", weight, _unreduced(spec))
     raise TypeError(f"compile: the loss for output '{output}' must be a name, an nn.Module or a callable; "
                     f"received {type(spec).__name__}.")
 
 
-def resolve_losses(loss, output_names: list[str], loss_weights=None) -> list[LossEntry]:
+def _by_output(spec: dict, info, who: str) -> dict:
+    """A dict keyed by output or producing layer names, re-keyed by output name."""
+    out = {}
+    for k, v in spec.items():
+        name = info.output_key(k, who)
+        if name in out:
+            raise ValueError(f"{who} names output '{name}' twice (as {name!r} and its layer's name). "
+                             "Expected one entry per output.")
+        out[name] = v
+    return out
+
+
+def resolve_losses(loss, info, loss_weights=None) -> list[LossEntry]:
     """One ``LossEntry`` per output that has a loss, in output order.
 
     ``loss`` is one spec (used for every output), a list/tuple with one spec per output, or a dict
-    keyed by output name (outputs left out are not trained on).
+    keyed by output name or by the name of the layer producing the output (outputs left out are not
+    trained on). ``info`` is the model's ``IOInfo``.
     """
+    output_names = list(info.output_names)
     if loss is None:
         raise ValueError("compile: loss is missing. Expected a name such as 'cross_entropy', an nn.Module, "
                          "a callable loss(prediction, target), or a dict per output.")
     n = len(output_names)
     if isinstance(loss, dict):
-        unknown = [k for k in loss if k not in output_names]
-        if unknown:
-            raise ValueError(f"compile: the loss dict names {unknown}, which are not outputs of this model. "
-                             f"Expected keys among {output_names}.")
-        specs = {k: v for k, v in loss.items() if v is not None}
+        specs = {k: v for k, v in _by_output(loss, info, "compile: the loss dict").items() if v is not None}
     elif isinstance(loss, (list, tuple)):
         if len(loss) != n:
             raise ValueError(f"compile: the loss list has {len(loss)} entries for {n} outputs "
@@ -87,23 +120,35 @@ def resolve_losses(loss, output_names: list[str], loss_weights=None) -> list[Los
         specs = {o: loss for o in output_names}
     if not specs:
         raise ValueError("compile: no output has a loss. Expected a loss for at least one output.")
-    weights = _weights(loss_weights, output_names)
+    weights = _weights(loss_weights, info)
     return [_one(specs[o], o, weights[o]) for o in output_names if o in specs]
 
 
-def _weights(loss_weights, output_names: list[str]) -> dict[str, float]:
+def _weights(loss_weights, info) -> dict[str, float]:
+    output_names = list(info.output_names)
     if loss_weights is None:
         return {o: 1.0 for o in output_names}
     if isinstance(loss_weights, dict):
-        unknown = [k for k in loss_weights if k not in output_names]
-        if unknown:
-            raise ValueError(f"compile: loss_weights names {unknown}, which are not outputs. Expected keys "
-                             f"among {output_names}.")
-        return {o: float(loss_weights.get(o, 1.0)) for o in output_names}
+        given = _by_output(loss_weights, info, "compile: loss_weights")
+        return {o: float(given.get(o, 1.0)) for o in output_names}
     if isinstance(loss_weights, (list, tuple)) and len(loss_weights) == len(output_names):
         return {o: float(w) for o, w in zip(output_names, loss_weights)}
     raise ValueError(f"compile: loss_weights must be a dict by output name or a list with one weight per "
                      f"output ({len(output_names)}); received {loss_weights!r}.")
+
+
+def weighted_loss(entry: LossEntry, pred: torch.Tensor, target: torch.Tensor,
+                  sample_weight: torch.Tensor) -> torch.Tensor:
+    """``mean(loss_i * sample_weight_i)`` over the unreduced losses (Keras' "sum over batch size").
+
+    ``sample_weight`` has the batch as dim 0 and is broadcast over the loss's trailing dims. As in
+    Keras the sum is divided by the number of loss values, not by the sum of the weights.
+    """
+    losses = entry.per_sample(pred, target)
+    w = sample_weight.to(losses.dtype)
+    if w.dim() < losses.dim():
+        w = w.reshape(tuple(w.shape) + (1,) * (losses.dim() - w.dim()))
+    return (losses * w).mean()
 
 
 def _fmt(t: torch.Tensor) -> str:

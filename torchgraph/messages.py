@@ -59,8 +59,10 @@ def describe_module(module: nn.Module) -> str:
 
 
 def _shape_of(o) -> str | None:
-    from .symbolic import SymbolicTensor, format_shape
+    from .symbolic import SymbolicInt, SymbolicTensor, format_shape
 
+    if isinstance(o, SymbolicInt):
+        return "a dynamic size (int)"
     if isinstance(o, SymbolicTensor):
         v = o._tg_value
         if v is not None:

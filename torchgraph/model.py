@@ -25,8 +25,10 @@ import torch.nn as nn
 
 from .dims import new_build
 from .errors import GraphBuildError
+from .hierarchy import order_by_graph
 from .input_checks import check_call, input_checks
-from .naming import assign_layer_names, check_identifier, remember_name
+from .naming import (ILLEGAL_NAMES, assign_layer_names, check_identifier, fixed_path, remember_name,
+                     tensor_name)
 from .recording import close_finished_scopes
 from .trees import tree_leaves, tree_map
 from .symbolic import Record, SymbolicInt, SymbolicTensor, Value, format_shape
@@ -74,6 +76,10 @@ _SYMBOLIC: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDiction
 _RESERVED = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("__")) | {"meta", "inputs",
                                                                                     "outputs", "layers"} \
     | frozenset(n for n in dir(TrainingMixin) if not n.startswith("__"))
+
+
+# Attributes every GraphModule instance has (`training`, `meta`...): a constant must not take them.
+_INSTANCE_ATTRIBUTES = frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph())))
 
 
 def _structure(obj):
@@ -203,7 +209,8 @@ def _computable(record: Record, inputs: set, memo: dict) -> bool:
 class _Emitter:
     """Builds the fx.Graph (and the dict of submodules/constants) from ordered records."""
 
-    def __init__(self):
+    def __init__(self, taken: set[str] | None = None):
+        self.taken = set(taken or ())             # attribute names in use (layers, inputs, reserved)
         self.graph = fx.Graph()
         self.root: dict[str, Any] = {}
         self.env: dict[int, fx.Node] = {}        # id(Value) -> node producing it
@@ -222,6 +229,8 @@ class _Emitter:
             nxt = self.paths.get(key)
             if nxt is None:
                 nxt = self.graph.call_function(operator.getitem, (node, v.path[i]))
+                if v.record.scope:  # picks an output where the op ran (see scopes.py)
+                    nxt.meta["tg_scope"] = v.record.scope
                 self.paths[key] = nxt
             node = nxt
         node.meta["tg_spec"] = ValueSpec.of(v)
@@ -232,12 +241,39 @@ class _Emitter:
     def constant(self, t: torch.Tensor) -> fx.Node:
         name = self.constants.get(id(t))
         if name is None:
-            base = "param" if isinstance(t, nn.Parameter) else "constant"
-            k = len(self.constants)
-            name = f"{base}_{k}"
+            name = self._constant_name(t)
+            self.taken.add(name)
             self.constants[id(t)] = name
             self.root[name] = t
         return self.graph.get_attr(name)
+
+    def _constant_name(self, t: torch.Tensor) -> str:
+        """The fixed path (tg.from_module's state_dict key, a replayed constant's stored name: NOTE:
+        [Fixed paths]), else tg.name's name, else the variable's name (NOTE: [Tensor names]), else a
+        counter."""
+        path = fixed_path(t)
+        if path is not None:
+            if path in self.taken:
+                raise GraphBuildError(
+                    f"The tensor name '{path}' (shape {tuple(t.shape)}) is also the name of a layer, an input "
+                    "or a module path of this model. Expected each name once; rename the tensor or the layer.")
+            return path
+        given, explicit = tensor_name(t)
+        if explicit:
+            if given in self.taken or given in _RESERVED or given in _INSTANCE_ATTRIBUTES:
+                raise GraphBuildError(
+                    f"The name '{given}' given with tg.name to a tensor of shape {tuple(t.shape)} is already "
+                    "used in this model (by a layer, an input or another tensor) or reserved. Choose "
+                    "another name with tg.name(tensor, ...).")
+            return given
+        base = given or ("parameter" if isinstance(t, nn.Parameter) else "constant")
+        k = 0
+        while True:
+            candidate = base if k == 0 else f"{base}_{k}"
+            if candidate not in self.taken and candidate not in _RESERVED and candidate not in ILLEGAL_NAMES \
+                    and candidate not in _INSTANCE_ATTRIBUTES:
+                return candidate
+            k += 1
 
     def arg(self, o):
         if isinstance(o, Value):
@@ -250,6 +286,21 @@ class _Emitter:
 def _record_out_spec(record: Record):
     out = getattr(record, "out", None)
     return None if out is None else tree_map(lambda o: ValueSpec.of(o) if isinstance(o, Value) else o, out)
+
+
+class _yields_to_submodule(property):
+    """A Model property that a submodule of the same name shadows.
+
+    ``tg.from_module`` of a module with its own ``self.layers = nn.ModuleList(...)`` gives a model
+    whose generated forward reads ``self.layers``: there, as in the original, it is the submodule.
+    """
+
+    def __get__(self, obj, objtype=None):
+        if obj is not None:
+            sub = obj.__dict__.get("_modules", {}).get(self.fget.__name__)
+            if sub is not None:
+                return sub
+        return super().__get__(obj, objtype)
 
 
 class Model(TrainingMixin, fx.GraphModule):
@@ -300,8 +351,9 @@ class Model(TrainingMixin, fx.GraphModule):
             raise GraphBuildError("tg.Model(inputs, outputs): `outputs` is missing.")
         in_kind, in_keys, in_items = _structure(inputs)
         out_kind, out_keys, _ = _structure(outputs)
-        out_paths = [p for p, _ in tree_leaves(outputs)]
-        out_items = [leaf for _, leaf in tree_leaves(outputs)]
+        # None in the output structure stays None (nanoGPT returns `logits, None` without targets).
+        out_paths = [p for p, leaf in tree_leaves(outputs) if leaf is not None]
+        out_items = [leaf for _, leaf in tree_leaves(outputs) if leaf is not None]
         if in_kind == "dict":
             for k in in_keys:
                 check_identifier(k, "tg.Model: a dict input key (a forward() argument name)")
@@ -323,14 +375,15 @@ class Model(TrainingMixin, fx.GraphModule):
                               "ignored.", UserWarning, stacklevel=2)
 
         modules: list[nn.Module] = []
-        seen: set[int] = set()
+        first_scopes: dict[int, str] = {}
         for r in records:
-            if r.op == "call_module" and id(r.target) not in seen:
-                seen.add(id(r.target))
+            if r.op == "call_module" and id(r.target) not in first_scopes:
+                first_scopes[id(r.target)] = r.scope
                 modules.append(r.target)
-        layer_names = assign_layer_names(modules, set(_RESERVED) | set(input_names))
+        layer_names = assign_layer_names(modules, set(_RESERVED) | set(input_names), first_scopes)
 
-        em = _Emitter()
+        prefixes = {n.rsplit(".", k)[0] for n in layer_names.values() for k in range(1, n.count(".") + 1)}
+        em = _Emitter(set(layer_names.values()) | prefixes | set(input_names))
         for v, n in zip(input_values, input_names):
             node = em.graph.placeholder(n)
             node.meta["tg_spec"] = ValueSpec.of(v)
@@ -347,6 +400,8 @@ class Model(TrainingMixin, fx.GraphModule):
                 calls[id(r.target)] = k + 1
                 node = em.graph.create_node("call_module", layer, tuple(args), kwargs,
                                             name=layer if k == 0 else f"{layer}_call_{k}")
+            elif r.op == "get_attr":  # see constant_value
+                node = em.constant(r.target)
             else:
                 node = em.graph.create_node(r.op, r.target, tuple(args), kwargs)
             spec = _record_out_spec(r)
@@ -354,12 +409,15 @@ class Model(TrainingMixin, fx.GraphModule):
                 node.meta["tg_spec"] = spec
             if r.effect is not None:
                 node.meta["tg_effect"] = r.effect
+            if r.scope:
+                node.meta["tg_scope"] = r.scope  # see scopes.py
             em.record_nodes[id(r)] = node
         out_nodes = iter([em.node_for(v) for v in output_values])
-        em.graph.output(tree_map(lambda _: next(out_nodes), outputs))
+        em.graph.output(tree_map(lambda o: None if o is None else next(out_nodes), outputs))
         em.graph.lint()
 
         super().__init__(em.root, em.graph, class_name=name or "Model")
+        order_by_graph(self)  # tg.scope containers in program order (fx installs them by depth)
         self.meta["torchgraph"] = {
             "name": name or "Model",
             "input_names": input_names,
@@ -454,27 +512,36 @@ class Model(TrainingMixin, fx.GraphModule):
         names = [n.name for n in self.graph.nodes]
         specs = [n.meta.get("tg_spec") for n in self.graph.nodes]
         effects = [n.meta.get("tg_effect") for n in self.graph.nodes]
+        scopes = [n.meta.get("tg_scope") for n in self.graph.nodes]
         body = dict(body)
         body.pop("_tg_checks", None)
+        body["_tracer_cls"] = _Retracer
         # fx gives each instance its own GraphModuleImpl subclass; rebuild the user-facing class
         # (Model, or a subclass such as tg.Sequential).
         cls = next(t for t in type(self).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
-        return (_rebuild_model, (body, import_block, names, specs, cls, effects))
+        return (_rebuild_model, (body, import_block, names, specs, cls, effects, scopes))
 
     def _deepcopy_init(self):
         # fx's deepcopy re-runs GraphModule.__init__ with the default class name "GraphModule".
         name = self._get_name()
-        return lambda res, root, graph: fx.GraphModule.__init__(res, root, graph, class_name=name)
+
+        def init(res, root, graph):
+            fx.GraphModule.__init__(res, root, graph, class_name=name)
+            _keep_non_persistent(res, root.__dict__)
+        return init
 
     # ------------------------------------------------------------------ looking at it
-    def summary(self, print_fn=None, expand_nested: bool = False, line_length: int | None = None) -> None:
+    def summary(self, print_fn=None, expand_nested: bool = False, line_length: int | None = None,
+                depth: int | None = None) -> None:
         """Print a table of the layers: name (type), output shape, parameter count, connections.
 
-        See :func:`torchgraph.summary.print_summary` (``print_fn`` receives the whole text).
+        See :func:`torchgraph.summary.print_summary` (``print_fn`` receives the whole text;
+        ``depth`` collapses the module tree below that level).
         """
         from .summary import print_summary
 
-        print_summary(self, print_fn=print_fn, expand_nested=expand_nested, line_length=line_length)
+        print_summary(self, print_fn=print_fn, expand_nested=expand_nested, line_length=line_length,
+                      depth=depth)
 
     def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
         """Jupyter shows the model as its picture (``tg.plot_model``), or as text without Graphviz."""
@@ -493,12 +560,14 @@ class Model(TrainingMixin, fx.GraphModule):
         return get_config(self)
 
     @classmethod
-    def from_config(cls, config: dict) -> "Model":
+    def from_config(cls, config: dict, **kwargs) -> "Model":
         """Rebuild a model from :meth:`get_config` output, with fresh weights (see
-        :func:`torchgraph.config.from_config`)."""
-        from .config import from_config
+        :func:`torchgraph.config.from_config`). ``tg.Model.from_config`` revives the class the config
+        names (``tg.Sequential``, a registered subclass); a subclass's ``from_config`` builds that
+        subclass, passing the entries it added to its config to its ``__init__``."""
+        from .config import model_from_config
 
-        return from_config(config)
+        return model_from_config(cls, config, **kwargs)
 
     def to_json(self, **kwargs) -> str:
         """:meth:`get_config` as JSON text; ``kwargs`` go to ``json.dumps`` (e.g. ``indent=2``)."""
@@ -507,12 +576,12 @@ class Model(TrainingMixin, fx.GraphModule):
         return json.dumps(self.get_config(), allow_nan=False, **kwargs)
 
     # ------------------------------------------------------------------ introspection
-    @property
+    @_yields_to_submodule
     def inputs(self) -> list[SymbolicTensor]:
         """The symbolic inputs (in ``forward`` argument order)."""
         return list(_symbolic(self)["inputs"])
 
-    @property
+    @_yields_to_submodule
     def outputs(self) -> list[SymbolicTensor]:
         """The symbolic outputs (flattened in the output structure's order)."""
         return list(_symbolic(self)["outputs"])
@@ -528,7 +597,7 @@ class Model(TrainingMixin, fx.GraphModule):
         (``aux_0`` for nested ones), ``output_0``, ``output_1``... for lists, ``output`` for one tensor."""
         return list(self.meta["torchgraph"]["output_names"])
 
-    @property
+    @_yields_to_submodule
     def layers(self) -> list[nn.Module]:
         """The layers, each once (a shared layer is one entry), in the order they are first called."""
         out, seen = [], set()
@@ -560,6 +629,22 @@ class Model(TrainingMixin, fx.GraphModule):
         if isinstance(obj, (list, tuple)):
             raise ValueError(f"Node '{name}' outputs several tensors; use one of the getitem nodes after it.")
         return obj
+
+
+def constant_value(t: torch.Tensor) -> SymbolicTensor:
+    """A symbolic handle of a model's constant or parameter: operations on it are recorded.
+
+    Rebuilding a model from a config (``replay``) uses it for ``get_attr`` nodes, so that the
+    operations a ``tg.from_module`` graph performs on its parameters (``self.pos_ids[:, :n]``, a
+    layer called on a buffer) are recorded again rather than computed once.
+    """
+    from .probing import to_meta
+
+    record = Record("get_attr", t)
+    meta = to_meta(t)
+    value = Value(record, (), (meta, meta))
+    record.out = value
+    return SymbolicTensor(value)
 
 
 def _handle(o):
@@ -656,8 +741,27 @@ def _get_attr(model: nn.Module, target: str):
     return obj
 
 
+class _Retracer(fx.Tracer):
+    """The tracer fx re-runs the generated forward with when a model is unpickled.
+
+    NOTE: buffers are proxied too (fx's default reads them as plain tensors), so that an operation on
+    a buffer alone (``self.position_ids[:, :n]`` in a tg.from_module graph) stays a node instead of
+    being computed once into a ``_tensor_constant``.
+    """
+
+    proxy_buffer_attributes = True
+
+
+def _keep_non_persistent(model: nn.Module, body: dict) -> None:
+    # fx re-registers the root's own tensors as (persistent) buffers when it copies or unpickles a
+    # GraphModule; a non-persistent one (tg.from_module keeps a forward's constants out of the
+    # state_dict, as they were in the original) must stay out of the state_dict.
+    model._non_persistent_buffers_set = {n for n in body.get("_non_persistent_buffers_set", ())
+                                         if n in model._buffers}
+
+
 def _rebuild_model(body: dict, import_block: str, names: list, specs: list, cls: type | None = None,
-                   effects: list | None = None) -> Model:
+                   effects: list | None = None, scopes: list | None = None) -> Model:
     from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
     fn_src = body.get("_code") or body["code"]
@@ -665,6 +769,7 @@ def _rebuild_model(body: dict, import_block: str, names: list, specs: list, cls:
     meta = body.get("meta", {})
     model = _deserialize_graph_module(forward, body, graph_module_cls=cls or Model)
     model.meta = meta
+    _keep_non_persistent(model, body)
     type(model).__name__ = meta.get("torchgraph", {}).get("name", "Model")
     nodes = list(model.graph.nodes)
     if len(nodes) == len(names):
@@ -672,13 +777,16 @@ def _rebuild_model(body: dict, import_block: str, names: list, specs: list, cls:
         # that the retrace gave to another node (linear_1 would become linear_3).
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        for node, name, spec, effect in zip(nodes, names, specs, effects or [None] * len(nodes)):
+        for node, name, spec, effect, scope in zip(nodes, names, specs, effects or [None] * len(nodes),
+                                                   scopes or [None] * len(nodes)):
             new = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
                                     fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
             if spec is not None:
                 new.meta["tg_spec"] = spec
             if effect is not None:
                 new.meta["tg_effect"] = effect
+            if scope:
+                new.meta["tg_scope"] = scope
             env[node] = new
         model.graph = graph
     return model

@@ -9,20 +9,31 @@ are also the ``state_dict`` prefixes. :func:`name` sets a layer's name explicitl
 
 from __future__ import annotations
 
+import contextlib
 import keyword
 import re
+import sys
+import threading
 import weakref
 
+import torch
 import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import GraphBuildError
 
-__all__ = ["name", "user_name", "snake_case"]
+__all__ = ["name", "user_name", "snake_case", "tensor_name", "remember_variable_names", "fixed_paths",
+           "fixed_path"]
 
 _USER_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 # Names given automatically by the first model a layer joined: a layer keeps its name in later
 # models (a feature extractor or a head has the same layer names and state_dict keys).
 _GIVEN_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+# Tensors (parameters, constants) used directly in a graph: names given with tg.name, and the names of
+# the variables that held them where they were used (see NOTE: [Tensor names]). Keyed by identity:
+# a WeakKeyDictionary would compare tensors with ==.
+_TENSOR_NAMES = WeakIdKeyDictionary()
+_VARIABLE_NAMES = WeakIdKeyDictionary()
 
 
 def _illegal_identifiers() -> frozenset:
@@ -49,31 +60,81 @@ def check_identifier(value, what: str) -> None:
         )
 
 
-def name(module: nn.Module, layer_name: str) -> nn.Module:
-    """Give ``module`` an explicit layer name and return it (so it can be called inline).
+def name(module, layer_name: str):
+    """Give a layer (or a tensor used directly in the graph) an explicit name; return it.
 
     The name becomes the submodule name in every model the layer is part of, hence its
-    ``state_dict`` prefix and its row in ``summary()``.
+    ``state_dict`` prefix and its row in ``summary()``. For an ``nn.Parameter`` or a constant tensor
+    that the graph uses directly (``cls_token.expand(B, -1, -1)``, ``x + pos_embed``) it is the
+    attribute and ``state_dict`` key, so pretrained weights load without a key map.
 
     Args:
-        module (nn.Module): the layer.
+        module (nn.Module | torch.Tensor): the layer, or the parameter/tensor.
         layer_name (str): a Python identifier, unique within the model.
 
     Returns:
-        nn.Module: ``module`` itself.
+        ``module`` itself (so it can be called or used inline).
 
     Example:
-        >>> import torch.nn as nn, torchgraph as tg
+        >>> import torch, torch.nn as nn, torchgraph as tg
         >>> x = tg.Input(shape=(4,))
         >>> y = tg.name(nn.Linear(4, 2), "classifier")(x)
         >>> tg.Model(x, y).get_layer("classifier")
         Linear(in_features=4, out_features=2, bias=True)
+        >>> bias = tg.name(nn.Parameter(torch.zeros(4)), "shift")
+        >>> list(tg.Model(x, x + bias).state_dict())
+        ['shift']
     """
+    if isinstance(module, torch.Tensor) and not isinstance(module, nn.Module):
+        if getattr(module, "_tg_value", None) is not None or getattr(module, "_tg_shadow", None) is not None:
+            raise TypeError("tg.name: expected a layer or a parameter/constant tensor; received a symbolic "
+                            "tensor (a value the model computes). Name the layer that computes it.")
+        check_identifier(layer_name, "tg.name: a tensor name (an attribute and a state_dict key)")
+        _TENSOR_NAMES[module] = layer_name
+        return module
     if not isinstance(module, nn.Module):
-        raise TypeError(f"tg.name: expected an nn.Module; received {type(module).__name__}.")
+        raise TypeError(f"tg.name: expected an nn.Module or a tensor; received {type(module).__name__}.")
     check_identifier(layer_name, "tg.name: a layer name (an attribute and a state_dict prefix)")
     _USER_NAMES[module] = layer_name
     return module
+
+
+def tensor_name(t: torch.Tensor) -> tuple[str | None, bool]:
+    """``(name, explicit)``: the tg.name of a tensor used in a graph, else its variable's name."""
+    explicit = _TENSOR_NAMES.get(t)
+    if explicit is not None:
+        return explicit, True
+    return _VARIABLE_NAMES.get(t), False
+
+
+# NOTE: [Tensor names] A parameter or constant used directly in the graph (`x + pos_embed`) has no
+# module to be named after. Its default name is the name of the variable that held it where it was
+# used: the first frame outside torch and torchgraph, locals then globals, looked up only when a
+# real tensor is an argument of a recorded call (rare, and cheap then). A tensor no variable holds
+# (`x + torch.tensor(1.0)`) is named `constant`/`parameter` with a counter.
+_SKIP_MODULES = ("torch.", "torchgraph.")
+
+
+def remember_variable_names(tensors: list) -> None:
+    """Remember, for tensors that have no name yet, the caller's variable that holds each one."""
+    todo = [t for t in tensors if t not in _TENSOR_NAMES and t not in _VARIABLE_NAMES]
+    if not todo:
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module not in ("torch", "torchgraph") and not module.startswith(_SKIP_MODULES):
+            break
+        frame = frame.f_back
+    if frame is None:
+        return
+    for scope in (frame.f_locals, frame.f_globals):
+        for var, value in list(scope.items()):
+            if isinstance(value, torch.Tensor) and not var.startswith("_") and var.isidentifier() and \
+                    var not in ILLEGAL_NAMES:
+                for t in todo:
+                    if value is t and t not in _VARIABLE_NAMES:
+                        _VARIABLE_NAMES[t] = var
 
 
 def remember_name(module: nn.Module, layer_name: str) -> None:
@@ -83,7 +144,34 @@ def remember_name(module: nn.Module, layer_name: str) -> None:
 
 
 def user_name(module: nn.Module) -> str | None:
-    return _USER_NAMES.get(module)
+    return fixed_path(module) or _USER_NAMES.get(module)
+
+
+# NOTE: [Fixed paths]
+# tg.from_module names each layer by its module path ("layer1.0.conv1") and each tensor that a forward
+# reads directly (ViT's cls_token) by its state_dict key, so the result's state_dict has exactly the
+# original's keys. Those names hold for the tg.Model built inside `fixed_paths` only: they are not
+# remembered, and they win over tg.name and earlier models' names. Replay (from_config,
+# clone_model) names its constants and its dotted layer paths the same way: one mechanism for every
+# name that must come out exactly as stored, with no global state left behind (a tg.name is kept
+# for what the user names; see NOTE: [Tensor names]).
+_FIXED = threading.local()
+
+
+@contextlib.contextmanager
+def fixed_paths(paths: dict[int, str]):
+    """Within the block, the object with ``id`` k (a layer or a tensor) is named ``paths[k]``."""
+    saved = getattr(_FIXED, "paths", None)
+    _FIXED.paths = paths
+    try:
+        yield
+    finally:
+        _FIXED.paths = saved
+
+
+def fixed_path(obj) -> str | None:
+    paths = getattr(_FIXED, "paths", None)
+    return paths.get(id(obj)) if paths else None
 
 
 def snake_case(class_name: str) -> str:
@@ -93,14 +181,31 @@ def snake_case(class_name: str) -> str:
     return s if not s[0].isdigit() else f"layer_{s}"
 
 
-def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int, str]:
-    """Names for ``modules`` (in first-call order): user names, then names given by an earlier
-    model, then ``snake_case(class name)`` with a counter."""
+def assign_layer_names(modules: list[nn.Module], reserved: set[str],
+                       scopes: dict[int, str] | None = None) -> dict[int, str]:
+    """Names for ``modules`` (in first-call order): fixed paths (tg.from_module), user names, then
+    names given by an earlier model, then ``<scope>.`` + ``snake_case(class name)`` with a counter.
+
+    ``scopes`` maps ``id(module)`` to the ``tg.scope`` of its first call (``"encoder"``)."""
     names: dict[int, str] = {}
     taken = set(reserved)
     owners: dict[str, nn.Module] = {}
+    scopes = scopes or {}
     for m in modules:
-        n = user_name(m)
+        n = fixed_path(m)
+        if n is not None:
+            names[id(m)] = n
+            taken.add(n)
+    prefixes = {".".join(s.split(".")[:i]) for s in scopes.values() if s
+                for i in range(1, s.count(".") + 2)}
+    for p in sorted(prefixes):
+        if p.split(".")[0] in reserved:
+            raise GraphBuildError(
+                f"tg.scope: the scope name '{p.split('.')[0]}' is reserved (an nn.Module/GraphModule "
+                "attribute or an input name). Choose another scope name.")
+    taken |= prefixes
+    for m in modules:
+        n = None if id(m) in names else _USER_NAMES.get(m)
         if n is None:
             continue
         if n in owners and owners[n] is not m:
@@ -110,10 +215,10 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int
                 f"{type(owners[n]).__name__} and {type(m).__name__}). Layer names must be unique: "
                 "rename one with tg.name(layer, 'other_name')."
             )
-        if n in reserved:
+        if n in reserved or n in prefixes:
             raise GraphBuildError(
-                f"The layer name '{n}' is reserved (an nn.Module/GraphModule attribute or an input "
-                "name). Choose another name with tg.name(layer, ...)."
+                f"The layer name '{n}' is reserved (an nn.Module/GraphModule attribute, an input "
+                "name or a tg.scope name). Choose another name with tg.name(layer, ...)."
             )
         owners[n] = m
         names[id(m)] = n
@@ -123,11 +228,14 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str]) -> dict[int
         if id(m) not in names and n is not None and n not in taken:
             names[id(m)] = n
             taken.add(n)
+    for n in list(names.values()):  # "encoder.linear" makes "encoder" a container, not a layer name
+        taken.update(".".join(n.split(".")[:i]) for i in range(1, n.count(".") + 1))
     counters: dict[str, int] = {}
     for m in modules:
         if id(m) in names:
             continue
-        base = snake_case(type(m).__name__)
+        prefix = scopes.get(id(m), "")
+        base = (prefix + "." if prefix else "") + snake_case(type(m).__name__)
         k = counters.get(base, 0)
         while True:
             candidate = base if k == 0 else f"{base}_{k}"

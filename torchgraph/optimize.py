@@ -20,21 +20,30 @@ Design constraints:
 from __future__ import annotations
 
 import copy
+import warnings
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from . import passes
 from .model import Model
 
-__all__ = ["optimize"]
+__all__ = ["OPTIMIZE_META", "optimize"]
 
 
-def optimize(model: Model, inference: bool = True, *, channels_last: bool = True) -> Model:
+def optimize(model: Model, inference: bool = True, *, channels_last: bool = True,
+             dtype: torch.dtype | None = None) -> Model:
     """A copy of ``model`` with its graph rewritten into fused ops.
 
-    With ``inference=True`` (the default):
+    First, in both modes, nested modules (``nn.Sequential``, ``tg.Model``, custom blocks such as
+    torchvision's ``Bottleneck``) are inlined down to ``torch.nn`` layers (a block that cannot be
+    traced stays one call) and activation modules become their functions, so code written with
+    ``nn.ReLU(inplace=True)`` modules fuses like code written with ``F.relu``. Then, with
+    ``inference=True`` (the default):
 
+    - ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` / self-attention
+      ``nn.MultiheadAttention`` without masks become their primitive ops (fused below);
     - BatchNorm after a Conv/Linear is folded into its weights (using the running statistics);
     - ``Linear`` and ``Conv2d`` (+ a following ReLU/GELU/SiLU) become one fused call
       (:func:`torchgraph.fused.linear_act`, :func:`torchgraph.fused.conv2d_act`): oneDNN's fused
@@ -42,8 +51,9 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     - ``relu(a + b)`` becomes :func:`torchgraph.ops.add_relu`, ``layer_norm(a + b)``
       :func:`torchgraph.ops.add_layer_norm`, and ``nn.MaxPool2d``
       :func:`torchgraph.ops.max_pool2d_inference` (no indices, so no backward);
-    - self-attention written as ``qkv.chunk(3, -1)``, head split, ``F.scaled_dot_product_attention``
-      and head merge becomes :func:`torchgraph.fused.qkv_attention` (one kernel that reads the
+    - self-attention written as ``qkv.chunk(3, -1)`` or ``qkv.split(E, 2)`` (nanoGPT) or
+      ``reshape/permute/unbind`` (timm), head split, ``F.scaled_dot_product_attention`` and head
+      merge becomes :func:`torchgraph.fused.qkv_attention` (one kernel that reads the
       heads in place, for short sequences on the CPU; SDPA elsewhere).
 
     With ``inference=False`` the model stays trainable: no folding, no inference-only max-pool, the
@@ -56,11 +66,18 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
         inference (bool): rewrite for inference (``True``) or keep the model trainable (``False``).
         channels_last (bool): with ``inference``, run convolution stacks in channels_last with
             weights prepacked for oneDNN (float32 CPU tensors), making tensors contiguous again
-            where they leave the stack (views, reshapes, grouped convolutions, the outputs). On by
+            where they leave the stack (views, reshapes, the outputs). On by
             default: measured here, every convolution of ResNet-18 and ResNet-50 ran 0-30% faster
             that way than ``F.conv2d`` on contiguous tensors (NOTE: [Packed channels_last convs]
             in ``fused.py``). ``False`` keeps contiguous activations (prepacked weights only for
             3x3-and-larger convolutions with >= 16 input channels).
+
+        dtype (torch.dtype): ``torch.bfloat16`` computes in bfloat16 behind a float32 interface
+            (inference only): weights are stored in bfloat16, inputs are cast on entry and outputs
+            back to their dtype on exit; convolutions and linear layers run oneDNN's bfloat16
+            kernels (AMX / AVX512-BF16, float32 accumulation) and norms, softmax and attention
+            accumulate in float32 (``passes/precision.py``). On a CPU without bfloat16
+            instructions it warns and computes in float32. ``None`` or ``torch.float32``: float32.
 
     Returns:
         tg.Model: a new model with the same inputs, outputs, names and ``state_dict`` keys (minus
@@ -68,6 +85,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
 
     Raises:
         TypeError: ``model`` is not a ``tg.Model``.
+        ValueError: an unsupported ``dtype``, or ``dtype=torch.bfloat16`` with ``inference=False``.
 
     Example:
         >>> import torch, torch.nn as nn, torch.nn.functional as F, torchgraph as tg
@@ -84,6 +102,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
         raise TypeError(f"tg.optimize: expected a tg.Model; received {type(model).__name__}. Build the "
                         "model with tg.Model(inputs, outputs) (or wrap it: x = tg.Input(...); "
                         "tg.Model(x, module(x))).")
+    compute_dtype = _compute_dtype(dtype, inference)
     # NOTE: [Copy once] With inference=True, folding replaces the weight of every Conv2d followed by
     # a BatchNorm, so copying it first would copy ~90% of a ResNet's bytes twice: deepcopy shares
     # the Conv2d weights, and _unshare copies whatever a pass did not replace.
@@ -92,6 +111,10 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     graph = root.graph
     if inference:
         root.eval()
+    passes.inline_modules(root, graph)
+    passes.canonicalize(root, graph, inference)
+    if inference:
+        passes.expand_transformer_layers(root, graph)
         passes.fold_batchnorm(root, graph)
     passes.fuse_linear_act(root, graph)
     passes.fuse_conv_act(root, graph, channels_last=inference and channels_last)
@@ -103,7 +126,34 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
         passes.use_inference_max_pool(root, graph)
         if channels_last:
             passes.keep_layout_local(root, graph)
-    return _rebuild(root, graph)
+    if compute_dtype is not None:
+        passes.compute_in(root, graph, compute_dtype)
+    result = _rebuild(root, graph)
+    result.meta[OPTIMIZE_META] = {"dtype": str(compute_dtype or torch.float32).replace("torch.", "")}
+    return result
+
+
+#: ``model.meta`` key under which a ``tg.optimize`` result records what it chose.
+OPTIMIZE_META = "torchgraph.optimize"
+
+
+def _compute_dtype(dtype, inference: bool) -> torch.dtype | None:
+    """``torch.bfloat16`` when asked for and supported here, else None (float32)."""
+    if dtype is None or dtype == torch.float32:
+        return None
+    if dtype != torch.bfloat16:
+        raise ValueError(f"tg.optimize: dtype must be None, torch.float32 or torch.bfloat16; received {dtype}. "
+                         "Other dtypes: convert the model yourself (model.to(dtype)) before or after optimizing.")
+    if not inference:
+        raise ValueError("tg.optimize: dtype=torch.bfloat16 is for inference; received inference=False. "
+                         "For bfloat16 training use torch.autocast('cpu', torch.bfloat16) around the "
+                         "optimized model, or drop dtype.")
+    supported, why = passes.bfloat16_supported()
+    if not supported:
+        warnings.warn(f"tg.optimize: dtype=torch.bfloat16 requested, but {why}: computing in float32 "
+                      "instead (bfloat16 would be emulated, slower than float32).", UserWarning, stacklevel=3)
+        return None
+    return torch.bfloat16
 
 
 def _unshare(root: nn.Module, shared: set) -> None:

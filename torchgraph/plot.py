@@ -23,11 +23,12 @@ import os
 import uuid
 
 import torch.fx as fx
+import torch.nn as nn
 
-from .describe import (NodeInfo, check_built_model, describe_nodes, format_count, output_entries,
-                       param_stats)
+from .describe import (Group, NodeInfo, build_tree, check_built_model, check_depth, describe_nodes, format_count,
+                       output_entries, param_stats, tree_depth)
 
-__all__ = ["model_to_dot", "plot_model"]
+__all__ = ["model_to_dot", "plot_model", "auto_depth", "MAX_NODES"]
 
 # kind -> (header background, body background, border)
 _COLORS = {
@@ -37,13 +38,20 @@ _COLORS = {
     "model": ("#6A1B9A", "#F3E5F5", "#4A148C"),
     "function": ("#546E7A", "#F5F7F8", "#37474F"),
     "constant": ("#6D4C41", "#EFEBE9", "#3E2723"),
+    "group": ("#00695C", "#E0F2F1", "#004D40"),
 }
+_SCOPE_BORDER = "#80CBC4"
 _CAPTION = "#607D8B"
 _CLUSTER_FILL = "#FBF7FC"
 _FONT = "Helvetica"
 _FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".dot": "dot", ".gv": "dot"}
 _CONFIG_CHARS = 56
-_PIP_HINT = "pip install torchgraph[plot]  (or: pip install graphviz)"
+MAX_NODES = 40
+# Past this many boxes dot's crossing minimisation dominates (a flat DenseNet-121, 433 nodes: 400+ s
+# by default, 17 s with these settings; measured with dot 2.43): fewer iterations, straight edges.
+_FAST_LAYOUT_BOXES = 200
+_FAST_LAYOUT = {"nslimit": "1", "nslimit1": "1", "mclimit": "0.1", "splines": "line"}
+_PIP_HINT = "pip install 'torchgraph-fx[plot]'  (or: pip install graphviz)"
 _DOT_HINT = ("Install Graphviz: `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` "
              "(macOS), `conda install graphviz`, or see https://graphviz.org/download/")
 
@@ -71,6 +79,7 @@ class _DotBuilder:
         self.show_dtype = show_dtype
         self.show_layer_names = show_layer_names
         self.expand_nested = expand_nested
+        self.edges: dict[tuple[str, str], None] = {}  # declared on the root graph, once each
 
     # ------------------------------------------------------------------ labels
     def _header(self, info_name: str, type_label: str, kind: str, note: str = "") -> str:
@@ -113,7 +122,7 @@ class _DotBuilder:
     def node_label(self, info: NodeInfo, infos: dict) -> str:
         kind = info.kind
         note = f"shared, call {info.call_index} of {info.num_calls}" if info.num_calls > 1 else ""
-        header = self._header(info.name, info.type_label, kind, note)
+        header = self._header(info.label, info.type_label, kind, note)
         config = ""
         if info.module is not None:
             if kind == "model":
@@ -134,6 +143,19 @@ class _DotBuilder:
         return self._label(kind, header, config, cells, rounded=kind == "input",
                            dashed=info.call_index > 1)
 
+    def group_label(self, group: Group, shapes_of) -> str:
+        header = self._header(group.path, group.type_label, "group", f"{len(group.members)} nodes")
+        config = ""
+        cells: list[tuple[str, str]] = []
+        if self.show_shapes:
+            cells.append(("input", "<BR/>".join(_e(s) for s in shapes_of(group.inputs)) or "-"))
+            cells.append(("output", "<BR/>".join(_e(s) for s in shapes_of(group.outputs)) or "-"))
+        if self.show_dtype:
+            cells.append(("dtype", _e(group.dtype)))
+        info = NodeInfo(None, "group", group.type_label, None, "", "", [], group.num_params, group.num_trainable)
+        cells.append(("params", self._params_text(info)))
+        return self._label("group", header, config, cells, rounded=True)
+
     def output_label(self, name: str, info: NodeInfo | None) -> str:
         header = self._header(name, "Output", "output")
         cells = []
@@ -144,31 +166,71 @@ class _DotBuilder:
         return self._label("output", header, "", cells, rounded=True)
 
     # ------------------------------------------------------------------ graph
-    def add_model(self, graph, model: fx.GraphModule, prefix: str, sources: dict[str, list[str]]):
-        """Draw ``model``'s nodes into ``graph``; return ``{output key: node id}`` of its outputs.
+    def add_model(self, graph, model: fx.GraphModule, prefix: str, sources: dict[str, list[str]],
+                  depth: int | None = None):
+        """Draw ``model``'s nodes into ``graph``; return ``{output key: node ids}`` of its outputs.
 
-        ``sources`` maps an input name to the ids of the outer nodes feeding it (nested models).
+        ``sources`` maps an input name to the ids of the outer nodes feeding it (nested models);
+        ``depth`` collapses the module tree below that level (see NOTE: [Depth] in describe.py).
         """
-        infos = {i.name: i for i in describe_nodes(model)}
+        infos_list = describe_nodes(model)
+        infos = {i.name: i for i in infos_list}
+        items, owner = build_tree(model, infos_list, depth)
         exits: dict[str, dict] = {}  # node name -> {output key: id} for expanded nested models
-        for info in infos.values():
-            node_id = prefix + info.name
-            if info.kind == "model" and self.expand_nested:
-                exits[info.name] = self._add_nested(graph, info, prefix, exits)
-                continue
-            graph.node(node_id, self.node_label(info, infos))
-            for src in sources.get(info.name, []):
-                # NOTE: an edge statement inside a cluster pulls both ends into it: edges from outside
-                # a nested model are declared on the root graph.
-                self.root.edge(src, node_id)
-            index = None
-            if info.node.target is operator.getitem and len(info.node.args) == 2:
-                index = info.node.args[1]  # picks one output of an expanded nested model
-            for n in info.inputs:
-                for src in self._ids_of(n, prefix, exits, index):
-                    graph.edge(src, node_id)
-        return {key: self._ids_of(node, prefix, exits) if isinstance(node, fx.Node) else []
-                for key, node in output_entries(model)}
+
+        def ids_of(node: fx.Node, index=None) -> list[str]:
+            group = owner.get(node)
+            if group is not None:
+                return [f"{prefix}@{group.path}"]
+            return self._ids_of(node, prefix, exits, index)
+
+        def shapes_of(nodes) -> list[str]:
+            return [infos[n.name].output if n.name in infos else "?" for n in nodes]
+
+        def draw(items: list, g) -> None:
+            for item in items:
+                if isinstance(item, Group):
+                    if item.expanded:
+                        with g.subgraph(name=f"cluster_{prefix}@{item.path}") as cluster:
+                            label = (f"<<B>{_e(item.path)}</B> : {_e(item.type_label)} "
+                                     f"({_e(format_count(item.num_params))} params)>")
+                            cluster.attr(label=label, style="rounded,dashed", color=_SCOPE_BORDER,
+                                         fontname=_FONT, fontsize="11", labeljust="l")
+                            draw(item.children, cluster)
+                    else:
+                        node_id = f"{prefix}@{item.path}"
+                        g.node(node_id, self.group_label(item, shapes_of))
+                        for n in item.inputs:
+                            for src in ids_of(n):
+                                self.edge(src, node_id)
+                    continue
+                info = item
+                node_id = prefix + info.name
+                if info.kind == "model":
+                    level = info.level
+                    if self.expand_nested if depth is None else level < depth:
+                        inner = None if depth is None else depth - level
+                        exits[info.name] = self._add_nested(g, info, prefix, exits, ids_of, inner)
+                        continue
+                g.node(node_id, self.node_label(info, infos))
+                for src in sources.get(info.name, []):
+                    self.edge(src, node_id)
+                index = None
+                if info.node.target is operator.getitem and len(info.node.args) == 2:
+                    index = info.node.args[1]  # picks one output of an expanded nested model
+                for n in info.inputs:
+                    for src in ids_of(n, index):
+                        self.edge(src, node_id)
+
+        draw(items, graph)
+        return {key: ids_of(node) if isinstance(node, fx.Node) else [] for key, node in output_entries(model)}
+
+    def edge(self, src: str, dst: str) -> None:
+        # NOTE: an edge statement inside a cluster pulls both ends into it: every edge is declared on
+        # the root graph (after the nodes, which stay where they were declared).
+        if src != dst and (src, dst) not in self.edges:
+            self.edges[(src, dst)] = None
+            self.root.edge(src, dst)
 
     def _ids_of(self, node: fx.Node, prefix: str, exits: dict, index=None) -> list[str]:
         """Ids to draw an edge from, for a value produced by ``node``."""
@@ -179,7 +241,7 @@ class _DotBuilder:
             return list(dict.fromkeys(i for ids in outs.values() for i in ids))
         return [prefix + node.name]
 
-    def _add_nested(self, graph, info: NodeInfo, prefix: str, exits: dict) -> dict:
+    def _add_nested(self, graph, info: NodeInfo, prefix: str, exits: dict, ids_of, depth: int | None) -> dict:
         model = info.module
         inner_prefix = f"{prefix}{info.name}/"
         names = list(getattr(model, "input_names", None) or
@@ -188,10 +250,10 @@ class _DotBuilder:
         node = info.node
         for i, a in enumerate(node.args):
             if isinstance(a, fx.Node) and i < len(names):
-                sources[names[i]] += self._ids_of(a, prefix, exits)
+                sources[names[i]] += ids_of(a)
         for k, a in node.kwargs.items():
             if isinstance(a, fx.Node) and k in sources:
-                sources[k] += self._ids_of(a, prefix, exits)
+                sources[k] += ids_of(a)
         total = param_stats(model.parameters())[0]
         _, body, border = _COLORS["model"]
         with graph.subgraph(name=f"cluster_{inner_prefix}") as cluster:
@@ -201,7 +263,7 @@ class _DotBuilder:
             style = "filled,rounded" + (",dashed" if info.call_index > 1 else "")
             cluster.attr(label=label, style=style, fillcolor=_CLUSTER_FILL, color=border,
                          fontname=_FONT, fontsize="12", labeljust="l")
-            outs = self.add_model(cluster, model, inner_prefix, sources)
+            outs = self.add_model(cluster, model, inner_prefix, sources, depth)
         # Outer getitem nodes on this call pick one inner output: index by position or key.
         keyed: dict = {}
         for pos, (key, ids) in enumerate(outs.items()):
@@ -218,8 +280,32 @@ def _check_options(model, rankdir, dpi) -> None:
         raise ValueError(f"tg.plot_model: dpi must be a positive number; received {dpi!r}.")
 
 
+def _num_boxes(model: fx.GraphModule, depth: int | None) -> int:
+    """How many boxes a picture of ``model`` at ``depth`` has (nodes, collapsed groups, outputs)."""
+    items, _ = build_tree(model, describe_nodes(model), depth)
+    count, stack = len(output_entries(model)), list(items)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Group) and item.expanded:
+            stack.extend(item.children)
+        else:
+            count += 1
+    return count
+
+
+def auto_depth(model: fx.GraphModule, max_nodes: int | None) -> int | None:
+    """``None`` if ``model`` is drawn whole within ``max_nodes`` boxes, else the deepest level of its
+    module tree that fits (1 at least). A model without a module tree is always drawn whole."""
+    levels = tree_depth(model)
+    if max_nodes is None or levels == 1 or _num_boxes(model, None) <= max_nodes:
+        return None
+    fitting = [d for d in range(1, levels) if _num_boxes(model, d) <= max_nodes]
+    return max(fitting) if fitting else 1
+
+
 def model_to_dot(model, show_shapes: bool = True, show_dtype: bool = False, show_layer_names: bool = True,
-                 rankdir: str = "TB", expand_nested: bool = False, dpi: int = 96):
+                 rankdir: str = "TB", expand_nested: bool = False, dpi: int = 96, *, inputs=None,
+                 depth: int | None = None, max_nodes: int | None = MAX_NODES, leaf_modules=None):
     """The model's graph as a ``graphviz.Digraph`` (DOT text in ``.source``; needs no ``dot`` program).
 
     Args: as :func:`plot_model` (without ``to_file``).
@@ -238,17 +324,41 @@ def model_to_dot(model, show_shapes: bool = True, show_dtype: bool = False, show
         >>> "features" in dot.source and "(None, 8)" in dot.source
         True
     """
+    if not isinstance(model, fx.GraphModule) and isinstance(model, nn.Module):
+        from .from_module import as_model
+
+        model = as_model(model, () if inputs is None else tuple(inputs) if isinstance(inputs, list) else (inputs,),
+                         "tg.plot_model", leaf_modules)
     _check_options(model, rankdir, dpi)
+    check_depth(depth, "tg.plot_model")
+    if max_nodes is not None and (not isinstance(max_nodes, int) or isinstance(max_nodes, bool) or max_nodes < 1):
+        raise ValueError(f"tg.plot_model: max_nodes must be a positive int or None; received {max_nodes!r}.")
     graphviz = _graphviz()
     total = param_stats(model.parameters())[0]
+    title = f"<B>{_e(type(model).__name__)}</B>  ({_e(format_count(total))} params)"
+    levels = tree_depth(model)
+    if depth is None:
+        depth = auto_depth(model, max_nodes)
+        if depth is not None:
+            # NOTE: [Collapsed by default] dot's layout time grows much faster than the node count
+            # (a DenseNet-121 drawn whole took 200+ s); past max_nodes the picture shows the deepest
+            # level of the module tree that fits, and says so.
+            num_nodes = sum(1 for n in model.graph.nodes if n.op != "output")
+            title += (f'<BR/><FONT POINT-SIZE="10">{num_nodes} nodes, collapsed to depth {depth} of {levels}; '
+                      f"depth={levels} draws every node</FONT>")
+    elif depth < levels:
+        title += f'<BR/><FONT POINT-SIZE="10">depth {depth} of {levels}</FONT>'
+    fast = _num_boxes(model, depth) > _FAST_LAYOUT_BOXES
+    if fast:
+        title += ('<BR/><FONT POINT-SIZE="10">fast layout (straight edges) for this size; tg.scope or '
+                  "tg.from_module give a model levels that depth= can collapse</FONT>")
     dot = graphviz.Digraph(name=type(model).__name__)
     dot.attr(rankdir=rankdir, dpi=str(dpi), fontname=_FONT, fontsize="14", labelloc="t",
-             nodesep="0.25", ranksep="0.3",
-             label=f"<<B>{_e(type(model).__name__)}</B>  ({_e(format_count(total))} params)>")
+             nodesep="0.25", ranksep="0.3", label=f"<{title}>", **(_FAST_LAYOUT if fast else {}))
     dot.attr("node", shape="plain", fontname=_FONT, fontsize="11")
     dot.attr("edge", color="#455A64", arrowsize="0.7")
     builder = _DotBuilder(dot, show_shapes, show_dtype, show_layer_names, expand_nested)
-    outputs = builder.add_model(dot, model, "", {})
+    outputs = builder.add_model(dot, model, "", {}, depth)
     infos = {i.name: i for i in describe_nodes(model)}
     for position, ((key, node), ids) in enumerate(zip(output_entries(model), outputs.values())):
         # Output keys are arbitrary strings (':' would read as a port): odd ones are ids by position.
@@ -256,22 +366,26 @@ def model_to_dot(model, show_shapes: bool = True, show_dtype: bool = False, show
         info = infos.get(node.name) if isinstance(node, fx.Node) else None
         dot.node(out_id, builder.output_label(key, info))
         for src in ids:
-            dot.edge(src, out_id)
+            builder.edge(src, out_id)
     return dot
 
 
 def plot_model(model, to_file: str = "model.png", show_shapes: bool = True, show_dtype: bool = False,
                show_layer_names: bool = True, rankdir: str = "TB", expand_nested: bool = False,
-               dpi: int = 96):
+               dpi: int = 96, *, inputs=None, depth: int | None = None, max_nodes: int | None = MAX_NODES,
+               leaf_modules=None):
     """Draw the model's graph into ``to_file`` (PNG, SVG or PDF, chosen by the extension).
 
     Each node shows ``name : type``, the layer's settings, its input and output shapes (dynamic dims
     as ``None`` or their name), and its parameter count. Inputs and outputs are green and red rounded
     nodes; a shared layer's later calls have dashed borders; nested models are purple (clusters of
-    their own nodes with ``expand_nested=True``).
+    their own nodes with ``expand_nested=True``). The module tree (``tg.from_module`` paths,
+    ``tg.scope``) is drawn as dashed clusters, and below ``depth`` as one teal box per submodule
+    with its input and output shapes and parameter count.
 
     Args:
-        model (tg.Model): a built model.
+        model (nn.Module): a built ``tg.Model``, or any module together with ``inputs`` (it goes
+            through ``tg.from_module`` first).
         to_file (str | os.PathLike): ``.png``, ``.svg`` or ``.pdf`` (rendered by ``dot``), or
             ``.dot``/``.gv`` (the DOT text, no ``dot`` needed). Written atomically.
         show_shapes (bool): input and output shapes on each node.
@@ -280,6 +394,14 @@ def plot_model(model, to_file: str = "model.png", show_shapes: bool = True, show
         rankdir (str): ``"TB"`` (top to bottom), ``"LR"``, ``"BT"`` or ``"RL"``.
         expand_nested (bool): draw nested ``tg.Model`` s as clusters of their own nodes.
         dpi (int): resolution of PNG output.
+        inputs: for a module that is not a ``tg.Model``: its input (a ``tg.Input``, a sample shape
+            such as ``(3, 224, 224)``, or a dict for keyword arguments), or a list of them.
+        depth (int): draw the module tree down to this level (1: the model's direct children);
+            deeper nodes become one box per submodule. Nested ``tg.Model`` s count as levels.
+        max_nodes (int): with ``depth=None``, a graph of more nodes than this is drawn at the
+            deepest level that fits (the title says so), since Graphviz's layout time grows steeply
+            with size. ``None`` draws every node.
+        leaf_modules: for a module: submodules to keep as one box each (see ``tg.from_module``).
 
     Returns:
         graphviz.Digraph: the graph (a notebook displays it; ``.source`` is the DOT text).
@@ -309,7 +431,7 @@ def plot_model(model, to_file: str = "model.png", show_shapes: bool = True, show
                                 "or choose another to_file.")
     dot = model_to_dot(model, show_shapes=show_shapes, show_dtype=show_dtype,
                        show_layer_names=show_layer_names, rankdir=rankdir, expand_nested=expand_nested,
-                       dpi=dpi)
+                       dpi=dpi, inputs=inputs, depth=depth, max_nodes=max_nodes, leaf_modules=leaf_modules)
     fmt = _FORMATS[ext]
     data = dot.source.encode("utf-8") if fmt == "dot" else render(dot, fmt, path)
     # A fresh name in the target folder (created with the usual permissions), then an atomic rename.
@@ -340,9 +462,36 @@ def render(dot, fmt: str, what: str = "the model") -> bytes:
 
 
 def repr_mimebundle(model, include=None, exclude=None) -> dict:
-    """What Jupyter shows for a model: its SVG picture, or its text when it cannot be drawn."""
+    """What Jupyter shows for a model: a compact picture, or text when that is not possible.
+
+    NOTE: [Notebook display] A cell ending in ``model.eval()`` displays the model. Drawn whole, a
+    ResNet-50 is a 430 KB SVG one node wide; so a model of more than :data:`MAX_NODES` boxes shows
+    the picture of its module tree collapsed to fit (``tg.plot_model``'s default), and a model without
+    a module tree shows a short text (name, sizes, inputs, outputs, and how to see more).
+    """
+    small = sum(1 for n in model.graph.nodes if n.op != "output") <= MAX_NODES
+    text = repr(model) if small else short_description(model)
     try:
-        dot = model_to_dot(model)
-        return {"image/svg+xml": render(dot, "svg").decode("utf-8"), "text/plain": repr(model)}
+        depth = auto_depth(model, MAX_NODES)
+        if _num_boxes(model, depth) > MAX_NODES:
+            return {"text/plain": text, "text/html": f"<pre>{html.escape(text)}</pre>"}
+        svg = render(model_to_dot(model, depth=depth), "svg").decode("utf-8")
+        return {"image/svg+xml": svg, "text/plain": text}
     except (ImportError, RuntimeError, ValueError, TypeError):
-        return {"text/plain": repr(model)}
+        return {"text/plain": text}
+
+
+def short_description(model) -> str:
+    """A few lines about ``model``: name, node and parameter counts, inputs, outputs, how to see more."""
+    from .summary import _io_lines
+
+    num_nodes = sum(1 for n in model.graph.nodes if n.op != "output")
+    total = param_stats(model.parameters())[0]
+    levels = tree_depth(model)
+    depth = f"depth={min(2, levels)}" if levels > 1 else ""
+    plot_args = ", ".join(['to_file="model.svg"'] + ([depth] if depth else []))
+    return "\n".join([
+        f"{type(model).__name__} (tg.Model): {num_nodes} nodes, {format_count(total)} params",
+        *_io_lines(model),
+        f"model.summary({depth}) lists its layers; tg.plot_model(model, {plot_args}) draws it.",
+    ])

@@ -14,6 +14,7 @@ from .errors import GraphBuildError
 from .targets import func_name, is_inplace
 from .symbolic import SymbolicInt, SymbolicTensor, Value, _StandIn
 from .trees import tree_map
+from .untrusted import real_probes_allowed
 
 __all__ = ["MetaLimitation", "ProbeContext", "is_meta_limitation", "real_probe", "run_on_probes", "to_meta"]
 
@@ -42,6 +43,8 @@ def to_meta(t: torch.Tensor) -> torch.Tensor:
 
 def real_probe(value: Value, k: int) -> torch.Tensor:
     """Random real data with the shape of probe ``k`` (valid indices for integer inputs)."""
+    if value.record.op == "get_attr":  # a model's own tensor (model.constant_value): its real data
+        return value.record.target
     p = value.probes[k]
     if p.dtype.is_floating_point or p.dtype.is_complex:
         return torch.randn(p.shape, dtype=p.dtype)
@@ -142,6 +145,12 @@ class ProbeContext:
     """
 
     def __init__(self, k: int, real: bool, copy_inplace: bool = False):
+        if real and not real_probes_allowed():
+            raise GraphBuildError(
+                "an operation could not run on the meta device, and the real-data fallback is off while "
+                "an untrusted config or file is built (it would compute on tensors as large as the "
+                "config says). Models whose layers need real data to build cannot be loaded from a "
+                "config; rebuild them from code.")
         self.k = k
         self.real = real
         self.copy_inplace = copy_inplace
@@ -174,7 +183,23 @@ class ProbeContext:
 
     def run(self, func, args, kwargs):
         name = func_name(func)
+        if not self.real and name in _DEVICE_MOVES:
+            args, kwargs = _without_device(name, args, kwargs)
         inplace = is_inplace(name, kwargs)
         cacheable = not self.real and not inplace
         unwrap = self._unwrap_copy if inplace and self.copy_inplace else self.unwrap
         return run_on_probes(func, args, kwargs, unwrap, cacheable)
+
+
+# NOTE: [Device moves on meta probes] `x.to(device)`, `x.cpu()` (HuggingFace writes them everywhere)
+# cannot copy a meta probe to a real device; for shapes and dtypes a move changes nothing, so meta
+# probes stay on meta (the recorded call keeps its device argument).
+_DEVICE_MOVES = frozenset({"to", "cpu", "cuda"})
+
+
+def _without_device(name: str, args, kwargs):
+    if name in ("cpu", "cuda"):
+        return (args[0],), {}
+    kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+    rest = [a for a in args[1:] if not isinstance(a, (torch.device, str, int)) or isinstance(a, bool)]
+    return (args[0], *rest), kwargs

@@ -7,7 +7,7 @@ Three situations, told apart without patching anything:
    function or method call, propagate the two probes, return new symbolic values.
 2. **Inside a module call** (``layer(x)`` runs ``layer.forward`` with symbolic inputs): the whole call
    must become *one* ``call_module`` record. ``nn.Module.__call__`` gives no hook, so we find the
-   call on the Python stack (see NOTE: [Module scopes] in ``scopes.py``).
+   call on the Python stack (see NOTE: [Module scopes] in ``module_scopes.py``).
 3. **Inside a shadow run** (our own re-run of a module's forward on probes): compute on the probes.
 
 Design constraints:
@@ -26,8 +26,10 @@ import torch.nn as nn
 
 from . import messages
 from .errors import GraphBuildError
+from .module_scopes import STATE, ShadowRun, find_scope, open_scope, remove_idle_modes, replay, skip_metadata
+from .naming import remember_variable_names
 from .probing import ProbeContext, is_meta_limitation, to_meta
-from .scopes import STATE, ShadowRun, find_scope, open_scope, remove_idle_modes, replay, skip_metadata
+from .scopes import recorded_leaf, transparent_path
 from .sizes import standin_value
 from .symbolic import (Record, SymbolicDevice, SymbolicDtype, SymbolicInt, SymbolicShape, SymbolicTensor, Value,
                        _StandIn)
@@ -44,6 +46,16 @@ def _any_symbolic(obj, linked_only: bool) -> bool:
             return True
     return False
 
+
+# NOTE: [Transparent modules]
+# tg.from_module records an existing module down to its leaf modules: it marks every other submodule
+# (and the root) as transparent while it calls the root (scopes.looking_through). A transparent
+# module's `_call_impl` frame is skipped here, so the operations of its forward are recorded one by
+# one, as if written at the top level, and the first non-transparent module call on the stack (a
+# leaf: Conv2d, BatchNorm2d...) becomes the call_module record (NOTE: [Module scopes] in
+# module_scopes.py), even when called on constants only (`self.wpe(torch.arange(16))`: its output
+# depends on its weights). Which module path an operation comes from is read from the same frames
+# (scopes.current_scope).
 
 _CALL_IMPL_CODE = nn.Module._call_impl.__code__
 
@@ -64,7 +76,11 @@ def _find_module_call(start_depth: int = 2):
         fr = frames[i]
         if fr.f_code is _CALL_IMPL_CODE:
             loc = fr.f_locals
-            if _any_symbolic((loc.get("args", ()), loc.get("kwargs", {})), linked_only=True):
+            module = loc.get("self")
+            if transparent_path(module) is not None:
+                continue  # NOTE: [Transparent modules]
+            if recorded_leaf(module) or _any_symbolic((loc.get("args", ()), loc.get("kwargs", {})),
+                                                      linked_only=True):
                 chosen = i
                 break
     if chosen is None:
@@ -230,6 +246,10 @@ def _record_top_level(func, name: str, args, kwargs):
     if func in _SIZE_VARARGS and len(args) > 1 and all(isinstance(a, (int, SymbolicInt)) for a in args):
         args = (tuple(args),)  # torch.zeros(b, 1, w) as torch.zeros((b, 1, w)): fx can retrace that form
     out0, out1 = _probe_outputs(func, args, kwargs)
+    constants = [leaf for _, leaf in tree_leaves((args, kwargs))
+                 if isinstance(leaf, torch.Tensor) and not isinstance(leaf, (SymbolicTensor, SymbolicInt))]
+    if constants:
+        remember_variable_names(constants)  # NOTE: [Tensor names] in naming.py
 
     # What to emit: operators as functions (readable code), tensor methods as methods.
     if name in _DUNDER_OPS:

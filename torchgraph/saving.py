@@ -1,7 +1,7 @@
 """One file per model: the architecture (JSON config) and the weights, in the safetensors format.
 
-NOTE: [File format]
-A torchgraph file *is* a safetensors file (https://github.com/huggingface/safetensors):
+NOTE: [File format] A torchgraph file *is* a safetensors file, written and read by the
+``safetensors`` package (https://github.com/huggingface/safetensors):
 
     8 bytes    little-endian u64 N: the size of the JSON header
     N bytes    JSON header: {"__metadata__": {...}, "<state_dict key>": {"dtype": "F32", "shape": [..],
@@ -13,20 +13,22 @@ model's JSON config, see ``config.py``), ``aliases`` (JSON: state_dict keys that
 tensor, such as tied weights, stored once) and ``torchgraph_version``.
 
 Why this format: it cannot carry code (no pickle: tensors are raw bytes described by JSON), every
-safetensors tool can open the weights, and the header sits at the front, so a file is validated
-(sizes, offsets, dtypes, config) before any tensor data is read. The reader and writer are written
-here (about a hundred lines) rather than taken from the ``safetensors`` package, so that saving needs no
-optional dependency and loading applies torchgraph's own limits; the tests check that the
-``safetensors`` package reads our files and that we read its files.
+safetensors tool reads the weights, and the header sits at the front, so a file is validated (by
+safetensors: sizes, offsets covering the data exactly, header at most 100 MB; by torchgraph: the
+config) before any tensor data is read. The reading and writing is the ``safetensors`` package's:
+an earlier hand-written reader mistook 1 header length in 2048 for a pickle and refused files it had
+written itself.
 
-Safety when loading: no unpickling and no imports or eval (the config is resolved through allowlists);
-the file size is capped (``max_bytes``), the header at 100 MB; offsets must tile the data exactly; the
-config is first built on the meta device and its ``state_dict`` must match the file's tensors key for
-key, shape for shape, before anything is allocated for real, so memory is bounded by the file's size.
+Safety when loading, on top of safetensors' checks (see docs/config_and_saving.md): the path must be
+a regular file (a FIFO would block); nothing is unpickled, imported or evaluated (the config is
+resolved through allowlists); the config is built on the meta device under a budget of tensor
+operations and of real memory (``untrusted.py``), and its ``state_dict`` must match the file's
+tensors key for key, shape for shape and dtype for dtype before tensor data is read, so memory is
+bounded by the file's size. Every failure is a ``ValueError`` naming the file (or
+``FileNotFoundError``/``IsADirectoryError``/``PermissionError`` for the path).
 
-Saving is atomic: the file is written to a temporary file in the same directory, flushed and fsync'ed,
-then moved over the destination with ``os.replace``; a failure or an interruption leaves an existing
-file untouched.
+Saving is atomic (``atomic_files.py``): a temporary file next to the destination, fsync'ed, renamed
+over it; temporary files left by a killed save are removed by the next save to the same path.
 """
 
 from __future__ import annotations
@@ -34,23 +36,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
-import sys
-import tempfile
-from typing import Any, BinaryIO
+import re
+import stat
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .config import from_config, get_config
+from .atomic_files import atomic_write
+from .config import from_config
+from .hierarchy import retie
+from .untrusted import BASE_OPS, DEFAULT_MAX_BYTES, OPS_PER_ITEM, BuildLimitError, build_guard
 
 __all__ = ["save", "load", "read_file_info", "FileInfo", "FORMAT_NAME", "FORMAT_VERSION",
            "DEFAULT_MAX_BYTES", "MAX_HEADER_BYTES"]
 
 FORMAT_NAME = "torchgraph"
 FORMAT_VERSION = 1
-DEFAULT_MAX_BYTES = 16 * 2**30
-MAX_HEADER_BYTES = 100 * 2**20
+MAX_HEADER_BYTES = 100_000_000  # the safetensors package's own limit
+# Real memory a meta build may use besides the weights (small tensors made by layer constructors).
+_BUILD_SLACK_BYTES = 64 * 2**20
+_PIP_HINT = "pip install safetensors"
 
 _DTYPES: dict[str, torch.dtype] = {
     code: getattr(torch, name) for code, name in (
@@ -80,6 +86,16 @@ class FileInfo:
         self.num_bytes = num_bytes
 
 
+def _safetensors(who: str):
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError:
+        raise ImportError(f"{who} reads and writes safetensors files with the safetensors package, "
+                          f"which is not installed: {_PIP_HINT}") from None
+    return safetensors
+
+
 # --------------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------------
@@ -88,7 +104,8 @@ def save(model, path: str | os.PathLike) -> None:
     """Write ``model`` (architecture and weights) to one file, atomically.
 
     The file is a safetensors file whose metadata holds the model's config; see
-    ``docs/config_and_saving.md``. The conventional extension is ``.safetensors``.
+    ``docs/config_and_saving.md``. The conventional extension is ``.safetensors``. Temporary files
+    left next to ``path`` by an earlier save that was killed are removed.
 
     Args:
         model (tg.Model): the model; all its layers must be describable by ``get_config`` (built-in
@@ -98,6 +115,7 @@ def save(model, path: str | os.PathLike) -> None:
     Raises:
         ValueError: the model cannot be described (an unregistered layer class), or holds tensors that
             cannot be stored (sparse, meta, or of an unsupported dtype).
+        ImportError: the ``safetensors`` package is missing.
 
     Example:
         >>> import os, tempfile, torch, torch.nn as nn, torchgraph as tg
@@ -121,42 +139,30 @@ def save(model, path: str | os.PathLike) -> None:
                                 f"'{os.path.join(path, 'model.safetensors')}'.")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"tg.save: the directory '{directory}' does not exist. Create it first.")
-    if sys.byteorder != "little":
-        raise NotImplementedError("tg.save: big-endian machines are not supported.")
+    st = _safetensors("tg.save")
 
-    config_text = json.dumps(get_config(model), allow_nan=False, separators=(",", ":"))
-    state = model.state_dict()
-    entries, aliases = _plan(state)
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "config": config_text,
-                "aliases": json.dumps(aliases, separators=(",", ":"))}
+    config_text = json.dumps(model.get_config(), allow_nan=False, separators=(",", ":"))
+    tensors, aliases = _plan(model.state_dict())
     from . import __version__
-    metadata["torchgraph_version"] = __version__
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for key, t in entries:
-        end = offset + t.numel() * t.element_size()
-        header[key] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
-        offset = end
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    if len(header_bytes) > MAX_HEADER_BYTES:
-        raise ValueError(f"tg.save: the header would be {len(header_bytes)} bytes, over the format's limit "
-                         f"of {MAX_HEADER_BYTES} (a config with too many nodes or layers).")
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "config": config_text,
+                "aliases": json.dumps(aliases, separators=(",", ":")), "torchgraph_version": __version__}
+    header_estimate = len(config_text) + sum(len(k) + 100 for k in tensors) + 1000
+    if header_estimate > MAX_HEADER_BYTES:
+        raise ValueError(f"tg.save: the file's header would be about {header_estimate} bytes, over the "
+                         f"safetensors limit of {MAX_HEADER_BYTES} (a config with too many nodes or layers).")
 
-    def write(f: BinaryIO) -> None:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for key, t in entries:
-            _write_tensor(f, key, t)
+    def write(tmp: str) -> None:
+        st.torch.save_file(tensors, tmp, metadata=metadata)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
-def _plan(state: dict[str, torch.Tensor]) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
-    """Tensors to write (each storage once), ordered so every tensor starts aligned to its item size."""
-    unique: dict[tuple, str] = {}
+def _plan(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to write (contiguous, on the CPU, each storage once) and the aliases."""
+    exact: dict[tuple, str] = {}
+    storages: set[tuple] = set()
     aliases: dict[str, str] = {}
-    entries = []
+    tensors: dict[str, torch.Tensor] = {}
     for key, t in state.items():
         where = f"tg.save: tensor '{key}'"
         if t.layout != torch.strided:
@@ -167,53 +173,21 @@ def _plan(state: dict[str, torch.Tensor]) -> tuple[list[tuple[str, torch.Tensor]
         if t.dtype not in _CODES:
             raise ValueError(f"{where} has dtype {t.dtype}, which the file format does not store. Expected "
                              f"one of {sorted(str(d).replace('torch.', '') for d in _CODES)}.")
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
-                 t.dtype) if t.numel() else None
-        if ident is not None and ident in unique:
-            aliases[key] = unique[ident]
+        t = t.detach()
+        storage = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+        ident = storage + (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) if storage else None
+        if ident is not None and ident in exact:
+            aliases[key] = exact[ident]
             continue
         if ident is not None:
-            unique[ident] = key
-        entries.append((key, t))
-    entries.sort(key=lambda kt: -kt[1].element_size())  # stable: state_dict order within a size
-    return entries, aliases
-
-
-def _write_tensor(f: BinaryIO, key: str, t: torch.Tensor) -> None:
-    data = t.detach().to("cpu").contiguous().reshape(-1)
-    if data.numel():
-        f.write(memoryview(data.view(torch.uint8).numpy()))
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _file_mode(path: str) -> int:
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+            exact[ident] = key
+        data = t.to("cpu").contiguous()
+        if storage is not None and storage in storages and data.data_ptr() == t.data_ptr():
+            data = data.clone()  # another view of a stored tensor: safetensors stores each storage once
+        if storage is not None:
+            storages.add(storage)
+        tensors[key] = data
+    return tensors, aliases
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,19 +195,29 @@ def _file_mode(path: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 class _Header:
-    def __init__(self, entries, metadata, data_start, data_len, num_bytes):
-        self.entries = entries          # key -> (dtype, shape, begin, end)
+    def __init__(self, entries: dict, metadata: dict, num_bytes: int):
+        self.entries = entries          # key -> (dtype, shape)
         self.metadata = metadata
-        self.data_start = data_start
-        self.data_len = data_len
         self.num_bytes = num_bytes
+
+    @property
+    def data_bytes(self) -> int:
+        total = 0
+        for dtype, shape in self.entries.values():
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            total += n
+        return total
 
 
 def load(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
     """Read a model written by :func:`save`. Never unpickles, imports or evaluates anything.
 
     Layer classes are resolved only among ``torch.nn`` built-ins, ``tg.Model`` and classes registered
-    with ``@tg.register_layer`` (import the module that registers them first).
+    with ``@tg.register_layer`` (import the module that registers them first). A file costs at most
+    about twice its size in memory and a bounded number of tensor operations to load, whatever it
+    contains (see docs/config_and_saving.md, "Guarantees and limits").
 
     Args:
         path: the file.
@@ -245,7 +229,9 @@ def load(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a torchgraph file (a pickle or zip from ``torch.save``, another safetensors
-            file), truncated, corrupt, crafted or oversized; an unregistered layer class.
+            file, a FIFO or device), truncated, corrupt, crafted or oversized; an unregistered layer
+            class. The message names the file.
+        ImportError: the ``safetensors`` package is missing.
 
     Example:
         >>> import os, tempfile, torch.nn as nn, torchgraph as tg
@@ -257,14 +243,18 @@ def load(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
         'Net'
     """
     path = os.fspath(path)
-    with _open(path, "tg.load") as f:
-        header = _read_header(f, path, max_bytes, "tg.load")
-        config = _config_of(header, path, "tg.load")
-        model, on_meta = _build_checked(config, header, path)
-        state = _read_tensors(f, header, path)
-    # On meta, assign=True adopts the tensors just read instead of copying them (requires_grad comes
-    # from the model either way).
-    model.load_state_dict(state, strict=True, assign=on_meta)
+    who = "tg.load"
+    with _opened(path, who, max_bytes) as (handle, num_bytes):
+        with _as_file_error(who, path):
+            header = _read_header(handle, path, who, num_bytes)
+            config = _config_of(header, path, who)
+            model, _ = _build_checked(config, header, path, who)
+            state = _read_tensors(handle, header, path, who)
+            # assign=True adopts the tensors just read (fresh memory, see _read_tensors) instead of
+            # copying them into the model's (requires_grad comes from the model either way). Each key
+            # gets its own tensor, so the tensors the saved model shared are shared again afterwards.
+            model.load_state_dict(state, strict=True, assign=True)
+            retie(model, _aliases(header, path, who))  # NOTE: [Tied weights] in hierarchy.py
     return model
 
 
@@ -281,32 +271,120 @@ def read_file_info(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_M
         ['linear.bias', 'linear.weight']
     """
     path = os.fspath(path)
-    with _open(path, "read_file_info") as f:
-        header = _read_header(f, path, max_bytes, "read_file_info")
-    config = _config_of(header, path, "read_file_info")
-    tensors = {k: (d, s) for k, (d, s, _, _) in header.entries.items()}
-    for alias, key in _aliases(header, path, "read_file_info").items():
-        tensors[alias] = tensors[key]
+    who = "read_file_info"
+    with _opened(path, who, max_bytes) as (handle, num_bytes):
+        with _as_file_error(who, path):
+            header = _read_header(handle, path, who, num_bytes)
+            config = _config_of(header, path, who)
+            tensors = dict(header.entries)
+            for alias, key in _aliases(header, path, who).items():
+                tensors[alias] = tensors[key]
     return FileInfo(config, tensors, header.metadata, header.num_bytes)
-
-
-@contextlib.contextmanager
-def _open(path: str, who: str):
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{who}: '{path}' is a directory, not a model file.")
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{who}: no such file: '{path}'.") from None
-    with f:
-        yield f
 
 
 def _corrupt(who: str, path: str, what: str) -> ValueError:
     return ValueError(f"{who}: '{path}' is not a valid torchgraph file: {what}.")
 
 
-def _strict_json(data: bytes | str, who: str, path: str, what: str):
+@contextlib.contextmanager
+def _as_file_error(who: str, path: str):
+    """Every failure caused by a file's content becomes a ValueError that names the file."""
+    try:
+        yield
+    except (ImportError, OSError):
+        raise
+    except ValueError as exc:
+        text = str(exc)
+        if f"'{path}'" in text:
+            raise
+        raise type(exc)(f"{who}: '{path}': {text}") if isinstance(exc, BuildLimitError) else \
+            ValueError(f"{who}: '{path}': {text}") from None
+    except RecursionError:
+        raise _corrupt(who, path, "its config is nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - a crafted file must not reach the caller as anything else
+        raise _corrupt(who, path, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _fd_path(fd: int, path: str) -> str:
+    """A path that opens exactly the file behind ``fd`` (so it cannot be swapped after the checks)."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else path
+
+
+@contextlib.contextmanager
+def _opened(path: str, who: str, max_bytes: int | None):
+    """The file opened with safetensors, after checking that it is a regular file of allowed size."""
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0):
+        raise TypeError(f"{who}: max_bytes must be a non-negative int or None; received {max_bytes!r}.")
+    try:
+        # NOTE: O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{who}: no such file: '{path}'.") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(f"{who}: '{path}' is a directory, not a model file.")
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{who}: '{path}' is not a regular file (a FIFO, socket or device). Expected "
+                             "a model file written by tg.save.")
+        size = info.st_size
+        if max_bytes is not None and size > max_bytes:
+            raise ValueError(f"{who}: '{path}' is {size} bytes, more than max_bytes={max_bytes}. If you "
+                             "trust the file, pass a larger max_bytes (or None).")
+        st = _safetensors(who)
+        try:
+            handle = st.safe_open(_fd_path(fd, path), framework="pt")
+        except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError and OS errors alike
+            raise _corrupt(who, path, _sniff(os.pread(fd, 16, 0), size) or _safetensors_reason(exc)) from None
+        with handle:
+            yield handle, size
+    finally:
+        os.close(fd)
+
+
+def _safetensors_reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"not a readable safetensors file ({text[:300]})"
+
+
+def _sniff(first: bytes, size: int) -> str | None:
+    """Why a file that safetensors could not open is not a model file, when it is recognisable."""
+    if size == 0:
+        return "it is empty"
+    if first.startswith(b"PK\x03\x04"):
+        return ("it is a zip archive, like the files torch.save writes; those contain pickles, which "
+                "torchgraph never loads. Save models with tg.save")
+    if first[:1] == b"\x80" and first[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "it is a Python pickle, which torchgraph never loads (unpickling can run arbitrary code)"
+    return None
+
+
+_VERSION = re.compile(r"[0-9]{1,6}")
+
+
+def _read_header(handle, path: str, who: str, num_bytes: int) -> _Header:
+    metadata = handle.metadata()
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise _corrupt(who, path, "its metadata does not say format=torchgraph: a safetensors file that "
+                                  "tg.save did not write (load its weights with safetensors instead)")
+    version = metadata.get("format_version", "")
+    if not _VERSION.fullmatch(version) or int(version) > FORMAT_VERSION:
+        raise _corrupt(who, path, f"format_version {version!r:.20} is not one this torchgraph reads (up to "
+                                  f"{FORMAT_VERSION}); upgrade torchgraph")
+    entries = {}
+    for key in handle.keys():
+        view = handle.get_slice(key)
+        code = view.get_dtype()
+        dtype = _DTYPES.get(code)
+        if dtype is None:
+            raise _corrupt(who, path, f"tensor '{key:.80}' has dtype {code!r:.20}, which torchgraph does not "
+                                      "load")
+        entries[key] = (dtype, tuple(view.get_shape()))
+    return _Header(entries, metadata, num_bytes)
+
+
+def _strict_json(text: str, who: str, path: str, what: str):
     def pairs(items):
         out = {}
         for k, v in items:
@@ -319,98 +397,11 @@ def _strict_json(data: bytes | str, who: str, path: str, what: str):
         raise ValueError(f"non-standard constant {name}")
 
     try:
-        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
         return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
     except RecursionError:
         raise _corrupt(who, path, f"its {what} is nested too deeply") from None
     except ValueError as exc:
         raise _corrupt(who, path, f"its {what} is not valid JSON ({exc})") from None
-
-
-def _sniff(first: bytes) -> str | None:
-    if first.startswith(b"PK\x03\x04"):
-        return ("it is a zip archive, like the files torch.save writes; those contain pickles, which "
-                "torchgraph never loads. Save models with tg.save")
-    if first[:1] == b"\x80" and first[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "it is a Python pickle, which torchgraph never loads (unpickling can run arbitrary code)"
-    return None
-
-
-def _read_header(f: BinaryIO, path: str, max_bytes: int | None, who: str) -> _Header:
-    size = os.fstat(f.fileno()).st_size
-    if max_bytes is not None and size > max_bytes:
-        raise ValueError(f"{who}: '{path}' is {size} bytes, more than max_bytes={max_bytes}. If you trust "
-                         "the file, pass a larger max_bytes (or None).")
-    first = f.read(8)
-    sniffed = _sniff(first)
-    if sniffed:
-        raise _corrupt(who, path, sniffed)
-    if len(first) < 8:
-        raise _corrupt(who, path, f"it is {size} bytes long, shorter than the 8-byte header length "
-                                  "(truncated or empty)")
-    (n,) = struct.unpack("<Q", first)
-    if n > MAX_HEADER_BYTES:
-        raise _corrupt(who, path, f"the header length field says {n} bytes, over the {MAX_HEADER_BYTES}-byte "
-                                  "limit")
-    if 8 + n > size:
-        raise _corrupt(who, path, f"the header needs {n} bytes but the file has {size - 8} after the length "
-                                  "field (truncated)")
-    raw = f.read(n)
-    if len(raw) != n:
-        raise _corrupt(who, path, "the header is truncated")
-    header = _strict_json(raw, who, path, "header")
-    if not isinstance(header, dict):
-        raise _corrupt(who, path, "the header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _corrupt(who, path, "the header has no string-valued __metadata__ (not saved by tg.save)")
-    if metadata.get("format") != FORMAT_NAME:
-        raise _corrupt(who, path, "its metadata does not say format=torchgraph: a safetensors file that "
-                                  "tg.save did not write (load its weights with safetensors instead)")
-    version = metadata.get("format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise _corrupt(who, path, f"format_version {version!r:.20} is not one this torchgraph reads (up to "
-                                  f"{FORMAT_VERSION}); upgrade torchgraph")
-    data_len = size - 8 - n
-    entries = {}
-    for key, info in header.items():
-        entries[key] = _entry(key, info, who, path)
-    spans = sorted((b, e, k) for k, (_, _, b, e) in entries.items())
-    cursor = 0
-    for b, e, k in spans:
-        if b != cursor:
-            raise _corrupt(who, path, f"tensor '{k:.80}' starts at byte {b}, expected {cursor} (offsets must "
-                                      "cover the data exactly, without gaps or overlaps)")
-        cursor = e
-    if cursor != data_len:
-        state = "truncated" if cursor > data_len else "followed by unexpected bytes"
-        raise _corrupt(who, path, f"the tensors need {cursor} bytes of data and the file has {data_len} "
-                                  f"({state})")
-    return _Header(entries, metadata, 8 + n, data_len, size)
-
-
-def _entry(key: str, info: Any, who: str, path: str) -> tuple:
-    where = f"tensor '{key:.80}'"
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise _corrupt(who, path, f"{where} must have exactly dtype, shape and data_offsets")
-    dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
-    if dtype is None:
-        raise _corrupt(who, path, f"{where} has unknown dtype {info['dtype']!r:.20}")
-    shape, offsets = info["shape"], info["data_offsets"]
-    if not isinstance(shape, list) or len(shape) > 64 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape):
-        raise _corrupt(who, path, f"{where} has an invalid shape")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(
-            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets):
-        raise _corrupt(who, path, f"{where} has invalid data_offsets")
-    numel = 1
-    for d in shape:
-        numel *= d
-    b, e = offsets
-    if e - b != numel * dtype.itemsize:
-        raise _corrupt(who, path, f"{where}: shape {tuple(shape)} of {dtype} needs {numel * dtype.itemsize} "
-                                  f"bytes but its data_offsets span {e - b}")
-    return dtype, tuple(shape), b, e
 
 
 def _config_of(header: _Header, path: str, who: str) -> dict:
@@ -428,78 +419,63 @@ def _aliases(header: _Header, path: str, who: str) -> dict[str, str]:
     return aliases
 
 
-def _uses_registered_layers(config: Any) -> bool:
-    from .layer_config import MODEL_CLASS
-
-    if isinstance(config, dict):
-        cls = config.get("class")
-        if isinstance(cls, str) and cls != MODEL_CLASS and not cls.startswith("torch.nn."):
-            return True
-        return any(_uses_registered_layers(v) for v in config.values())
-    if isinstance(config, list):
-        return any(_uses_registered_layers(v) for v in config)
-    return False
+def _num_items(config: Any) -> int:
+    if not isinstance(config, dict):
+        return 0
+    return sum(len(config[k]) for k in ("layers", "nodes", "constants") if isinstance(config.get(k), list))
 
 
-def _build_checked(config: dict, header: _Header, path: str) -> tuple[nn.Module, bool]:
-    """The model a file's config describes, checked against the file's tensors before allocating.
+def _build_checked(config: dict, header: _Header, path: str, who: str) -> tuple[nn.Module, bool]:
+    """The model a file's config describes, checked against the file's tensors before reading them.
 
-    Returns ``(model, on_meta)``: when every layer is a built-in (or a nested model of built-ins) the
-    model is the meta-device build itself, and the file's tensors are assigned into it (no random
-    initialisation, no copy); otherwise it is a real build whose weights get overwritten.
+    Returns ``(model, on_meta)``: normally the meta-device build itself, into which the file's
+    tensors are assigned (no initialisation, no copy). A model with tensors that are not stored
+    (non-persistent buffers) is built again for real once the meta build has shown what it costs.
     """
-    who = "tg.load"
     aliases = _aliases(header, path, who)
-    expected = {k: (d, s) for k, (d, s, _, _) in header.entries.items()}
+    expected = dict(header.entries)
     for alias, key in aliases.items():
         expected[alias] = expected[key]
-    registered = _uses_registered_layers(config)
-    try:
-        with torch.device("meta"):
-            meta = from_config(config)
-    except ValueError:
-        # NOTE: built-in layers always build on meta, so a failure here is a bad config; a registered
-        # class may not (its __init__ may read data), so those configs are built for real and checked
-        # after.
-        if not registered:
-            raise
-        meta = None
-    if meta is not None:
-        _match(meta.state_dict(), expected, path)
-        if not registered and not any(m._non_persistent_buffers_set for m in meta.modules()):
-            return meta, True
-    model = from_config(config)
-    _match(model.state_dict(), expected, path)
+    what = "building the config of this file"
+    max_ops = BASE_OPS + OPS_PER_ITEM * (_num_items(config) + len(expected))
+    with build_guard(_BUILD_SLACK_BYTES, max_ops, what), torch.device("meta"):
+        meta = from_config(config)
+    state = meta.state_dict()
+    _match(state, expected, path, who)
+    unstored = [(n, t) for n, t in list(meta.named_parameters()) + list(meta.named_buffers()) if n not in state]
+    if not unstored:
+        return meta, True
+    extra = sum(t.numel() * t.element_size() for _, t in unstored)
+    with build_guard(header.data_bytes + extra + _BUILD_SLACK_BYTES, max_ops, what):
+        model = from_config(config)
+    _match(model.state_dict(), expected, path, who)
     return model, False
 
 
-def _match(state: dict, expected: dict, path: str) -> None:
+def _match(state: dict, expected: dict, path: str, who: str) -> None:
     missing = [k for k in state if k not in expected]
     unexpected = [k for k in expected if k not in state]
     if missing or unexpected:
-        raise _corrupt("tg.load", path, f"its weights do not match its config (missing {missing[:5]}, "
-                                        f"unexpected {unexpected[:5]})")
+        raise _corrupt(who, path, f"its weights do not match its config (missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]})")
     for k, t in state.items():
         dtype, shape = expected[k]
         if tuple(t.shape) != shape or t.dtype != dtype:
-            raise _corrupt("tg.load", path, f"tensor '{k}' is {tuple(shape)} {dtype} in the file but "
-                                            f"{tuple(t.shape)} {t.dtype} in the model its config describes")
+            raise _corrupt(who, path, f"tensor '{k}' is {shape} {dtype} in the file but {tuple(t.shape)} "
+                                      f"{t.dtype} in the model its config describes")
 
 
-def _read_tensors(f: BinaryIO, header: _Header, path: str) -> dict[str, torch.Tensor]:
-    """Each tensor read straight from the file into its own (allocator-aligned) memory."""
+def _read_tensors(handle, header: _Header, path: str, who: str) -> dict[str, torch.Tensor]:
+    """Each tensor copied from the file into its own (allocator-aligned) memory."""
     out = {}
-    for key, (dtype, shape, b, e) in sorted(header.entries.items(), key=lambda kv: kv[1][2]):
+    for key, (dtype, shape) in header.entries.items():
+        mapped = handle.get_tensor(key)
+        # NOTE: safetensors returns views into the memory-mapped file, at the file's offsets. A copy
+        # into fresh (aligned) memory: misaligned tensors make oneDNN take other code paths whose
+        # results differ in the last bits, and reloaded models must compute bit-identical outputs.
         t = torch.empty(shape, dtype=dtype)
-        if e > b:
-            f.seek(header.data_start + b)
-            # NOTE: a view as bytes of the fresh tensor: readinto fills it without a copy. (Views into one
-            # big buffer would save the allocations but misalign tensors, and oneDNN then takes other
-            # code paths whose results differ in the last bits.)
-            target = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            if f.readinto(target) != e - b:
-                raise _corrupt("tg.load", path, "the tensor data ends early (truncated)")
+        t.copy_(mapped)
         out[key] = t
-    for alias, key in _aliases(header, path, "tg.load").items():
+    for alias, key in _aliases(header, path, who).items():
         out[alias] = out[key]
     return out

@@ -19,6 +19,9 @@ Design constraints:
   Every dim but the batch is then fixed to that tensor's size.
 - The positions of the steps in the graph are stored as node names in
   ``model.meta["torchgraph_sequential"]``, so ``pop`` and ``add`` also work on a copy or a loaded model.
+  Its config is a model config with ``"class": "torchgraph.Sequential"`` and ``"steps"`` (those node
+  names); an unbuilt one lists its layers and ``"steps"`` as ``{"layer": name}`` /
+  ``{"function": name}``, and comes back unbuilt.
 """
 
 from __future__ import annotations
@@ -337,3 +340,103 @@ class Sequential(Model):
         if self.built:
             return super().__reduce__()
         return (Sequential, (list(self.__dict__.get("_tg_pending", [])), None, self._get_name()))
+
+    # ------------------------------------------------------------------ architecture as data
+    def get_config(self) -> dict:
+        """The model config plus ``"steps"`` (see the module docstring); revived by ``from_config``.
+
+        Example:
+            >>> import torch.nn as nn, torchgraph as tg
+            >>> unbuilt = tg.Sequential([nn.Linear(4, 8), nn.ReLU()])
+            >>> revived = tg.Model.from_config(unbuilt.get_config())
+            >>> type(revived).__name__, revived.built, len(revived.layers)
+            ('Sequential', False, 2)
+        """
+        if self.built:
+            config = super().get_config()
+            config["steps"] = list(self.meta[_KEY]["steps"])
+            return config
+        from .config import FORMAT, FORMAT_VERSION
+        from .config_functions import function_name
+        from .layer_config import SEQUENTIAL_CLASS, layer_to_config
+
+        names = {id(m): n for n, m in self.named_children()}
+        layers, steps = [], []
+        for i, step in enumerate(self.__dict__.get("_tg_pending", [])):
+            where = f"{self._who()}: step {i}"
+            if isinstance(step, nn.Module):
+                name = names[id(step)]
+                if all(e["name"] != name for e in layers):
+                    layers.append({"name": name, **layer_to_config(step, f"{where} '{name}'")})
+                steps.append({"layer": name})
+            else:
+                steps.append({"function": function_name(step, where)})
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self._get_name(),
+                "training": bool(self.training), "class": SEQUENTIAL_CLASS, "inputs": [],
+                "input_kind": "single", "layers": layers, "constants": [], "nodes": [], "outputs": None,
+                "steps": steps}
+
+
+def sequential_from_config(cls: type, config) -> Sequential:
+    """A ``tg.Sequential`` (or subclass) from its config: built, or unbuilt with its pending layers."""
+    from .config import build_model, parse_header
+    from .config_functions import resolve_function
+    from .layer_config import layer_from_config
+
+    parse_header(config, frozenset({"steps"}))
+    steps = config.get("steps")
+    if not isinstance(steps, list) or len(steps) > 100_000:
+        raise ValueError("from_config: a Sequential's 'steps' must be a list (of node names, or of "
+                         "{\"layer\": name} / {\"function\": name} for an unbuilt one).")
+    if config.get("inputs") == [] and all(isinstance(s, dict) for s in steps):
+        return _unbuilt_from_config(cls, config, steps, layer_from_config, resolve_function)
+    if not steps or not all(isinstance(s, str) for s in steps):
+        raise ValueError("from_config: a built Sequential's 'steps' must be a non-empty list of node names.")
+
+    def construct(inputs, outputs, name):
+        return as_sequential(cls, Model(inputs, outputs, name=name), steps)
+
+    return build_model(cls, config, construct=construct, extra_keys=frozenset({"steps"}))
+
+
+def as_sequential(cls: type, model: Model, steps: list[str]) -> Sequential:
+    """``model`` (a chain whose step outputs are the nodes ``steps``) as a ``tg.Sequential``."""
+    nodes = {n.name: n for n in model.graph.nodes}
+    out_node = next(n for n in model.graph.nodes if n.op == "output")
+    if any(s not in nodes for s in steps) or nodes[steps[0]].op != "placeholder" or \
+            out_node.args[0] is not nodes[steps[-1]]:
+        raise ValueError("from_config: a Sequential's 'steps' must name its input, then the node of each "
+                         "step, the last one being the output.")
+    seq = cls(model, model.graph, class_name=model._get_name())
+    seq.meta.update(model.meta)
+    seq.meta[_KEY] = {"steps": list(steps)}
+    seq.train(model.training)
+    return seq
+
+
+def _unbuilt_from_config(cls, config, steps, layer_from_config, resolve_function):
+    from .config import _check_name
+
+    name = _check_name(config.get("name"), "from_config: 'name'")
+    if not isinstance(config.get("layers"), list) or config.get("nodes") not in ([], None):
+        raise ValueError("from_config: an unbuilt Sequential has 'layers' and no 'nodes'.")
+    layers = {}
+    for i, entry in enumerate(config["layers"]):
+        if not isinstance(entry, dict):
+            raise ValueError(f"from_config: layers[{i}]: expected an object.")
+        lname = _check_name(entry.get("name"), f"from_config: layers[{i}] 'name'")
+        layers[lname] = naming.name(layer_from_config(entry, f"from_config: layer '{lname}'"), lname)
+    pending = []
+    for i, step in enumerate(steps):
+        if set(step) == {"layer"} and step["layer"] in layers:
+            pending.append(layers[step["layer"]])
+        elif set(step) == {"function"}:
+            pending.append(resolve_function(step["function"], f"from_config: steps[{i}]", untrusted=True))
+        else:
+            raise ValueError(f"from_config: steps[{i}] must be {{\"layer\": <a name in 'layers'>}} or "
+                             f"{{\"function\": <a torch function>}}; received {step!r:.80}.")
+    model = cls(pending, name=name)
+    training = config.get("training", True)
+    if not isinstance(training, bool):
+        raise ValueError("from_config: 'training' must be a bool.")
+    return model.train(training)

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .describe import (NodeInfo, check_built_model, describe_nodes, format_bytes, format_count, output_entries,
-                       param_stats)
+from .describe import (Group, NodeInfo, build_tree, check_built_model, check_depth, describe_nodes,
+                       format_bytes, format_count, output_entries, param_stats, tree_depth)
+from .training.state import optimizer_state_size
 
-__all__ = ["format_summary", "print_summary"]
+__all__ = ["format_summary", "print_summary", "summary"]
 
 _INDENT = "| "
 _GAP = "  "
@@ -46,29 +47,53 @@ def _is_chain(infos: list[NodeInfo]) -> bool:
     return all(info.inputs == [infos[i - 1].node] for i, info in enumerate(infos) if i > 0)
 
 
-def _rows(model: fx.GraphModule, expand_nested: bool, depth: int, chains: list[bool]) -> list[_Row]:
+def _rows(model: fx.GraphModule, expand_nested: bool, depth: int | None, indent: int,
+          chains: list[bool]) -> list[_Row]:
     infos = describe_nodes(model)
     chains.append(_is_chain(infos) and sum(i.kind == "input" for i in infos) == 1)
+    items, owner = build_tree(model, infos, depth)
     rows: list[_Row] = []
     by_target: dict[str, _Row] = {}
-    for info in infos:
-        connected = ", ".join(n.name for n in info.inputs) or "-"
-        if info.call_index > 1:
+
+    labels = {i.node: i.label for i in infos}
+
+    def shown(nodes) -> str:  # "Connected to": a node, or the collapsed group holding it
+        names = dict.fromkeys(owner[n].path if n in owner else labels.get(n, n.name) for n in nodes)
+        return ", ".join(names) or "-"
+
+    def emit(item, level: int) -> None:
+        if isinstance(item, Group):
+            rows.append(_Row(f"{item.path} ({item.type_label})", item.output, format_count(item.num_params),
+                             shown(item.inputs), item.trainable, level))
+            for child in item.children if item.expanded else ():
+                emit(child, level + 1)
+            return
+        info = item
+        connected = shown(info.inputs)
+        first = by_target.get(info.node.target) if info.call_index > 1 else None
+        if first is not None:
             # NOTE: [Shared layers] A shared layer is one row with its parameters counted once; each
             # later call site is a line under it, named like its fx node (what "Connected to" shows).
-            by_target[info.node.target].extra.append(
-                (f"{info.name} (call {info.call_index} of {info.num_calls})", info.output, connected))
-            continue
+            first.extra.append((f"{info.name} (call {info.call_index} of {info.num_calls})", info.output,
+                                connected))
+            return
         label = info.type_label
         if info.num_calls > 1:
-            label += f", shared: {info.num_calls} calls"
-        row = _Row(f"{info.name} ({label})", info.output, format_count(info.num_params), connected,
-                   info.trainable, depth)
+            label += f", shared: {info.num_calls} calls" if info.call_index == 1 else (
+                f", call {info.call_index} of {info.num_calls}")
+        row = _Row(f"{info.label} ({label})", info.output, format_count(info.num_params), connected,
+                   info.trainable, level)
         rows.append(row)
-        if info.num_calls > 1:
+        if info.num_calls > 1 and info.call_index == 1:
             by_target[info.node.target] = row
-        if info.kind == "model" and expand_nested:
-            rows.extend(_rows(info.module, True, depth + 1, chains))
+        if info.kind == "model":
+            level_of_node = info.level
+            if expand_nested if depth is None else level_of_node < depth:
+                inner = None if depth is None else depth - level_of_node
+                rows.extend(_rows(info.module, expand_nested, inner, level + 1, chains))
+
+    for item in items:
+        emit(item, indent)
     return rows
 
 
@@ -160,12 +185,13 @@ def _io_lines(model: fx.GraphModule) -> list[str]:
     outs = []
     for key, node in output_entries(model):
         info = infos.get(getattr(node, "name", None))
-        where = "" if info is None or info.name == key else f" = {info.name}"
+        where = "" if info is None or info.label == key else f" = {info.label}"
         outs.append(f"{key}{where} {info.output} {info.dtype}" if info else f"{key} ?")
     return ["Inputs:  " + "; ".join(ins), "Outputs: " + "; ".join(outs)]
 
 
-def format_summary(model, expand_nested: bool = False, line_length: int | None = None) -> str:
+def format_summary(model, expand_nested: bool = False, line_length: int | None = None,
+                   depth: int | None = None) -> str:
     """The summary table of ``model`` as a string (what :func:`print_summary` prints).
 
     Args:
@@ -173,6 +199,8 @@ def format_summary(model, expand_nested: bool = False, line_length: int | None =
         expand_nested (bool): also list the rows of nested ``tg.Model`` s, indented under them.
         line_length (int): total width of the table; default: as wide as the content needs
             (each column capped, longer cells wrap).
+        depth (int): show the module tree (tg.from_module paths, tg.scope, nested models) down to
+            this level; everything deeper is one row per submodule. ``None``: every node.
 
     Returns:
         str: the table, lines joined by ``\\n`` (no trailing newline).
@@ -187,8 +215,9 @@ def format_summary(model, expand_nested: bool = False, line_length: int | None =
     check_built_model(model, "model.summary")
     if line_length is not None and (not isinstance(line_length, int) or isinstance(line_length, bool)):
         raise TypeError(f"model.summary: line_length must be an int or None; received {line_length!r}.")
+    check_depth(depth, "model.summary")
     chains: list[bool] = []
-    rows = _rows(model, expand_nested, 0, chains)
+    rows = _rows(model, expand_nested, depth, 0, chains)
     keys = ["name", "shape", "params"] + ([] if all(chains) else ["connected"]) + ["trainable"]
     titles = {"name": "Layer (type)", "shape": "Output Shape", "params": "Param #",
               "connected": "Connected to", "trainable": "Trainable"}
@@ -196,7 +225,12 @@ def format_summary(model, expand_nested: bool = False, line_length: int | None =
     widths = _widths(rows, headers, keys, line_length)
     total_width = sum(widths.values()) + len(_GAP) * (len(keys) - 1)
 
-    lines = [f'Model: "{type(model).__name__}"', *_io_lines(model), "=" * total_width]
+    lines = [f'Model: "{type(model).__name__}"', *_io_lines(model)]
+    levels = tree_depth(model)
+    if depth is not None and depth < levels:
+        lines.append(f"Depth: {depth} of {levels} (deeper nodes are collapsed into their submodule's row; "
+                     f"depth=None lists all {sum(1 for n in model.graph.nodes if n.op != 'output')} nodes)")
+    lines.append("=" * total_width)
     head = {k: t for k, t in titles.items()}
     head["params"] = titles["params"].rjust(widths["params"])
     lines += _render_line(head, widths, keys)
@@ -221,10 +255,14 @@ def format_summary(model, expand_nested: bool = False, line_length: int | None =
     if buffers:
         lines.append(f"Buffers (not parameters, e.g. BatchNorm statistics): {format_count(buffers)} "
                      f"({format_bytes(buffer_size)})")
+    optimizer = optimizer_state_size(model)  # Keras' "Optimizer params", once compiled for training
+    if optimizer is not None:
+        lines.append(f"Optimizer params: {format_count(optimizer[0])} ({format_bytes(optimizer[1])})")
     return "\n".join(lines)
 
 
-def print_summary(model, print_fn=None, expand_nested: bool = False, line_length: int | None = None) -> None:
+def print_summary(model, print_fn=None, expand_nested: bool = False, line_length: int | None = None,
+                  depth: int | None = None) -> None:
     """Print the summary table of ``model``; ``model.summary(...)`` calls this.
 
     Args:
@@ -232,6 +270,7 @@ def print_summary(model, print_fn=None, expand_nested: bool = False, line_length
         print_fn (callable): receives the whole text as one string; default ``print``.
         expand_nested (bool): also list the rows of nested ``tg.Model`` s, indented under them.
         line_length (int): total width of the table; default: as wide as the content needs.
+        depth (int): collapse the module tree below this level (see :func:`format_summary`).
 
     Example:
         >>> import torch.nn as nn, torchgraph as tg
@@ -251,7 +290,7 @@ def print_summary(model, print_fn=None, expand_nested: bool = False, line_length
         Trainable params: 18 (72 B)
         Non-trainable params: 0 (0 B)
     """
-    text = format_summary(model, expand_nested=expand_nested, line_length=line_length)
+    text = format_summary(model, expand_nested=expand_nested, line_length=line_length, depth=depth)
     if print_fn is None:
         print(text)
     elif not callable(print_fn):
@@ -259,3 +298,47 @@ def print_summary(model, print_fn=None, expand_nested: bool = False, line_length
                         f"{type(print_fn).__name__}.")
     else:
         print_fn(text)
+
+
+def summary(module_or_model, *inputs, depth: int | None = None, print_fn=None, expand_nested: bool = False,
+            line_length: int | None = None, leaf_modules=None) -> None:
+    """Print the summary table of a ``tg.Model``, or of any ``nn.Module`` on the given inputs.
+
+    An ``nn.Module`` goes through :func:`tg.from_module <torchgraph.from_module.from_module>` first
+    (``inputs`` as there: ``tg.Input`` s or sample shapes without the batch dim, or a dict for keyword
+    arguments), so the table shows its layers under their module paths, with shapes, parameter counts
+    and connections, without running any data.
+
+    Args:
+        module_or_model (nn.Module): a ``tg.Model`` (then no ``inputs``), or any module.
+        *inputs: the module's inputs (see ``tg.from_module``).
+        depth (int): show the module tree down to this level; deeper nodes are one row per
+            submodule (``depth=1``: the model's direct children). ``None``: every node.
+        print_fn (callable): receives the whole text as one string; default ``print``.
+        expand_nested (bool): with ``depth=None``, also list the rows of nested ``tg.Model`` s.
+        line_length (int): total width of the table.
+        leaf_modules: submodules to keep as one row each (see ``tg.from_module``).
+
+    Example:
+        >>> import torch.nn as nn, torchgraph as tg
+        >>> net = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 2))
+        >>> tg.summary(net, (8,), depth=1)
+        Model: "Sequential"
+        Inputs:  input_1 (None, 8) float32
+        Outputs: output = 1 (None, 2) float32
+        Depth: 1 of 2 (deeper nodes are collapsed into their submodule's row; depth=None lists all 4 nodes)
+        =================================================
+        Layer (type)     Output Shape  Param #  Trainable
+        =================================================
+        input_1 (Input)  (None, 8)           0  -
+        0 (Sequential)   (None, 16)        144  Y
+        1 (Linear)       (None, 2)          34  Y
+        =================================================
+        Total params: 178 (712 B)
+        Trainable params: 178 (712 B)
+        Non-trainable params: 0 (0 B)
+    """
+    from .from_module import as_model
+
+    model = as_model(module_or_model, inputs, "tg.summary", leaf_modules)
+    print_summary(model, print_fn=print_fn, expand_nested=expand_nested, line_length=line_length, depth=depth)

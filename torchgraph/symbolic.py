@@ -26,6 +26,7 @@ import torch
 
 from .dims import BATCH, Dim, DynamicDim, anonymous_dim, declared_dim, dim_for_probes, input_site
 from .errors import GraphBuildError
+from .scopes import current_scope
 
 __all__ = ["Dim", "DynamicDim", "Input", "SymbolicDevice", "SymbolicDtype", "SymbolicInt", "SymbolicTensor"]
 
@@ -46,7 +47,8 @@ class Record:
     as ``assert T <= block_size``). See NOTE: [Effects] in ``model.py``.
     """
 
-    __slots__ = ("op", "target", "args", "kwargs", "seq", "location", "out", "effect", "__weakref__")
+    __slots__ = ("op", "target", "args", "kwargs", "seq", "location", "out", "effect", "scope",
+                 "__weakref__")
 
     def __init__(self, op: str, target: Any, args: tuple = (), kwargs: dict | None = None,
                  location: str | None = None):
@@ -58,6 +60,7 @@ class Record:
         self.location = location
         self.out = None          # tree of Values (and plain outputs), set once probed
         self.effect = None
+        self.scope = current_scope()  # "encoder.block1": tg.scope names / tg.from_module module path
 
 
 class Value:
@@ -362,7 +365,7 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
         >>> tokens.shape, tokens.dtype
         ((None, None), torch.int64)
     """
-    from .scopes import remove_idle_modes
+    from .module_scopes import remove_idle_modes
 
     remove_idle_modes()  # a safe point (NOTE: [Module scopes])
     if isinstance(shape, int):

@@ -7,9 +7,14 @@ and returns how many patterns it rewrote. Every node a pass creates carries a ``
 
 from .attention import fuse_qkv_attention
 from .batchnorm import fold_batchnorm
+from .canonical import canonicalize
 from .epilogue import fuse_conv_act, fuse_linear_act
+from .inline import inline_modules
 from .layout import keep_layout_local, use_inference_max_pool
+from .precision import bfloat16_supported, compute_in
 from .residual import fuse_add_layer_norm, fuse_add_relu
+from .transformer import expand_transformer_layers
 
-__all__ = ["fold_batchnorm", "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_linear_act",
-           "fuse_qkv_attention", "keep_layout_local", "use_inference_max_pool"]
+__all__ = ["bfloat16_supported", "canonicalize", "compute_in", "expand_transformer_layers", "fold_batchnorm",
+           "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_linear_act", "fuse_qkv_attention",
+           "inline_modules", "keep_layout_local", "use_inference_max_pool"]

@@ -51,7 +51,7 @@ def _sdpa_arguments(node: fx.Node) -> dict | None:
 
 def _is_head_transpose(node: fx.Node) -> bool:
     """``x.transpose(1, 2)`` (or ``(2, 1)``), as a method or ``torch.transpose``."""
-    if node.kwargs:
+    if not isinstance(node, fx.Node) or node.kwargs:
         return False
     if node.op == "call_method" and node.target == "transpose":
         dims = node.args[1:]
@@ -62,25 +62,83 @@ def _is_head_transpose(node: fx.Node) -> bool:
     return tuple(sorted(dims)) == (1, 2)
 
 
-def _chunk_source(node: fx.Node) -> tuple[fx.Node, int] | None:
-    """For ``getitem(qkv.chunk(3, dim=-1), i)``: ``(chunk node, i)``."""
-    if node.op != "call_function" or node.target is not operator.getitem:
+def _method_or_function(node, method: str, function) -> bool:
+    return isinstance(node, fx.Node) and ((node.op == "call_method" and node.target == method)
+                                          or (node.op == "call_function" and node.target is function))
+
+
+def _split_of_qkv(node: fx.Node) -> fx.Node | None:
+    """``qkv.chunk(3, -1)`` or ``qkv.split(E, -1)`` (nanoGPT: ``split(n_embd, dim=2)``) of a
+    ``(B, T, 3E)`` value: the qkv node, else None."""
+    if _method_or_function(node, "chunk", torch.chunk):
+        args = dict(zip(("input", "chunks", "dim"), node.args), **node.kwargs)
+        if args.get("chunks") != 3:
+            return None
+    elif _method_or_function(node, "split", torch.split):
+        args = dict(zip(("input", "split_size", "dim"), node.args), **node.kwargs)
+        if "split_size_or_sections" in args:
+            args["split_size"] = args.pop("split_size_or_sections")
+    else:
         return None
-    chunk, index = node.args
-    if not isinstance(chunk, fx.Node) or not isinstance(index, int):
-        return None
-    is_chunk = (chunk.op == "call_method" and chunk.target == "chunk") or \
-        (chunk.op == "call_function" and chunk.target is torch.chunk)
-    if not is_chunk:
-        return None
-    args = dict(zip(("input", "chunks", "dim"), chunk.args), **chunk.kwargs)
     qkv = args.get("input")
     probes = _probes(qkv)
-    if args.get("chunks") != 3 or probes is None or any(len(p) != 3 for p in probes):
+    if probes is None or any(len(p) != 3 for p in probes) or args.get("dim", 0) not in (-1, 2):
         return None
-    if args.get("dim", 0) not in (-1, 2):
-        return None
-    return chunk, index
+    if "split_size" in args:
+        size = args["split_size"]
+        sizes = [size] * 3 if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else None
+        if sizes is None or any(sizes != [p[2] // 3] * 3 for p in probes):
+            return None
+    return qkv
+
+
+def _head_split(node) -> tuple[fx.Node, int, list, list] | None:
+    """One of q, k, v in ``(B, H, T, D)`` cut from a packed ``(B, T, 3E)`` projection:
+    ``(qkv, position, its own nodes, nodes shared by q, k and v)``. Two spellings:
+
+    * split/chunk -> ``view``/``reshape`` to ``(B, T, H, D)`` -> ``transpose(1, 2)`` (hand-written,
+      nanoGPT, HF);
+    * ``reshape(B, T, 3, H, D)`` -> ``permute(2, 0, 3, 1, 4)`` -> ``unbind(0)`` (timm).
+    """
+    if _is_head_transpose(node):
+        split = node.args[0]
+        if not isinstance(split, fx.Node) or single_user(split) is not node or split.op != "call_method" \
+                or split.target not in ("view", "reshape", "unflatten"):
+            return None
+        item = split.args[0]
+        if not isinstance(item, fx.Node) or item.op != "call_function" or item.target is not operator.getitem \
+                or single_user(item) is not split or not isinstance(item.args[1], int):
+            return None
+        source = item.args[0]
+        qkv = _split_of_qkv(source) if isinstance(source, fx.Node) else None
+        if qkv is None:
+            return None
+        return qkv, item.args[1], [node, split, item], [source]
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
+            and isinstance(node.args[1], int):
+        unbind = node.args[0]
+        if not _method_or_function(unbind, "unbind", torch.unbind) or \
+                dict(zip(("input", "dim"), unbind.args), **unbind.kwargs).get("dim", 0) != 0:
+            return None
+        permute = unbind.args[0]
+        if not _method_or_function(permute, "permute", torch.permute) or single_user(permute) is not unbind:
+            return None
+        dims = permute.args[1:] if len(permute.args) > 2 else permute.args[1]
+        if tuple(dims) != (2, 0, 3, 1, 4):
+            return None
+        reshape = permute.args[0]
+        if not isinstance(reshape, fx.Node) or reshape.op != "call_method" or \
+                reshape.target not in ("view", "reshape") or single_user(reshape) is not permute:
+            return None
+        qkv = reshape.args[0]
+        probes, heads = _probes(qkv), _probes(reshape)
+        if probes is None or heads is None:
+            return None
+        for (b, t, width), split in zip(probes, heads):
+            if len(split) != 5 or split[:3] != (b, t, 3) or 3 * split[3] * split[4] != width:
+                return None
+        return qkv, node.args[1], [node], [unbind, permute, reshape]
+    return None
 
 
 def _match(node: fx.Node) -> dict | None:
@@ -90,50 +148,42 @@ def _match(node: fx.Node) -> dict | None:
         return None
     if not isinstance(args["is_causal"], bool) or not (args["scale"] is None or isinstance(args["scale"], float)):
         return None
-    chain = [node]
-    heads_of = []
-    chunk = None
+    chain, shared, qkv = [node], [], None
     for position, name in enumerate(("query", "key", "value")):
-        transpose = args[name]
-        if not isinstance(transpose, fx.Node) or single_user(transpose) is not node \
-                or not _is_head_transpose(transpose):
+        head = args[name]
+        if not isinstance(head, fx.Node) or single_user(head) is not node:
             return None
-        split = transpose.args[0]
-        if not isinstance(split, fx.Node) or single_user(split) is not transpose:
+        found = _head_split(head)
+        if found is None or found[1] != position or (qkv is not None and found[0] is not qkv):
             return None
-        getitem = split.args[0] if split.args else None
-        source = _chunk_source(getitem) if isinstance(getitem, fx.Node) else None
-        if source is None or source[1] != position or single_user(getitem) is not split:
-            return None
-        if chunk is not None and source[0] is not chunk:
-            return None
-        chunk = source[0]
-        heads_of.append(_probes(split))
-        chain += [transpose, split, getitem]
-    if len(chunk.users) != 3:
+        qkv, shared = found[0], found[3]
+        chain += found[2]
+    if len(shared[0].users) != 3:  # the split/unbind feeds exactly q, k and v
         return None
-    qkv = chunk.args[0] if chunk.args else chunk.kwargs["input"]
-    # the split: (B, T, 3E) -> three (B, T, H, D) with H * D = E, the same H at both probes
-    qkv_probes = _probes(qkv)
-    if heads_of[0] is None or not heads_of[0] == heads_of[1] == heads_of[2]:
+    # shapes: q, k, v are (B, H, T, D) with 3 * H * D the packed width, the same H at both probes
+    q_probes, qkv_probes = _probes(args["query"]), _probes(qkv)
+    if q_probes is None or qkv_probes is None or not q_probes == _probes(args["key"]) == _probes(args["value"]):
         return None
-    heads = {p[2] for p in heads_of[0]}
-    for (b, t, width), split in zip(qkv_probes, heads_of[0]):
-        if len(split) != 4 or split[:2] != (b, t) or 3 * split[2] * split[3] != width:
+    heads = {p[1] for p in q_probes}
+    for (b, t, width), q in zip(qkv_probes, q_probes):
+        if len(q) != 4 or (q[0], q[2]) != (b, t) or 3 * q[1] * q[3] != width:
             return None
-    # the merge: SDPA's (B, H, T, D) -> transpose(1, 2) -> (B, T, E) by any reshape
+    # the merge: SDPA's (B, H, T, D) -> transpose(1, 2) [-> contiguous()] -> (B, T, E) by any reshape
     back = single_user(node)
     if back is None or not _is_head_transpose(back):
         return None
-    merge = single_user(back)
+    merge, dense = single_user(back), None
+    if merge is not None and merge.op == "call_method" and merge.target == "contiguous" and len(merge.args) == 1:
+        dense, merge = merge, single_user(merge)
     if merge is None or merge.op != "call_method" or merge.target not in ("reshape", "view", "flatten"):
         return None
     merged = _probes(merge)
     if merged is None or len(heads) != 1 or \
             merged != tuple((b, t, width // 3) for b, t, width in qkv_probes):
         return None
+    erase = [merge] + ([dense] if dense is not None else []) + [back] + chain + shared
     return {"qkv": qkv, "heads": heads.pop(), "causal": args["is_causal"], "scale": args["scale"],
-            "merge": merge, "erase": [merge, back] + chain + [chunk]}
+            "merge": merge, "erase": erase}
 
 
 def fuse_qkv_attention(root: nn.Module, graph: fx.Graph) -> int:

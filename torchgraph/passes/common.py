@@ -35,11 +35,14 @@ def single_user(node: fx.Node) -> fx.Node | None:
 
 
 _RELU_FUNCTIONS = {F.relu, torch.relu}
+# Fused on oneDNN only (fused.ONEDNN_ACTIVATIONS), as written after passes.canonicalize.
+_OTHER_FUNCTIONS = {F.relu6: "relu6", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid",
+                    torch.sigmoid: "sigmoid", torch.tanh: "tanh"}
 
 
 def activation_of(root: nn.Module, node: fx.Node, x: fx.Node) -> str | None:
     """If ``node`` applies a fusable activation to ``x`` (and nothing else), its name in
-    ``torchgraph.ops.ACTIVATIONS``; else None. In-place variants are not fused."""
+    ``torchgraph.fused.ONEDNN_ACTIVATIONS``; else None. In-place variants are not fused."""
     if node.op == "call_module":
         m = module_of(root, node)
         if node.args != (x,) or node.kwargs:
@@ -66,6 +69,8 @@ def activation_of(root: nn.Module, node: fx.Node, x: fx.Node) -> str | None:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(kwargs.get("approximate", "none"))
     if node.target is F.silu and not kwargs.get("inplace", False) and set(kwargs) <= {"inplace"}:
         return "silu"
+    if node.target in _OTHER_FUNCTIONS and not kwargs:
+        return _OTHER_FUNCTIONS[node.target]
     return None
 
 

@@ -10,6 +10,9 @@ from .common import activation_of, attr_node, module_of, set_spec, single_user
 
 __all__ = ["fuse_conv_act", "fuse_linear_act"]
 
+# nn.MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear: an nn.Linear in all but name.
+_LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
 
 def _absorb_activation(root, node: fx.Node) -> tuple[str, fx.Node]:
     """The activation right after ``node`` (if it is its only user) and the node it ends at."""
@@ -35,7 +38,7 @@ def fuse_linear_act(root: nn.Module, graph: fx.Graph) -> int:
     count = 0
     for node in list(graph.nodes):
         layer = module_of(root, node)
-        if type(layer) is not nn.Linear or len(node.args) != 1 or node.kwargs:
+        if type(layer) not in _LINEARS or len(node.args) != 1 or node.kwargs:
             continue
         act, last = _absorb_activation(root, node)
         with graph.inserting_before(node):
@@ -49,7 +52,7 @@ def fuse_linear_act(root: nn.Module, graph: fx.Graph) -> int:
 def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool) -> int:
     """``act(conv2d(x))`` (and a bare ``conv2d(x)``) -> ``fused.conv2d_act(x, w, b, ..., act)``.
 
-    With ``channels_last`` (inference) ungrouped convolutions answer in channels_last on the oneDNN
+    With ``channels_last`` (inference) convolutions (grouped and depthwise too) answer in channels_last on the oneDNN
     path (``conv2d_act(..., channels_last=True)``); :func:`keep_layout_local` must then run.
     Convolutions with string padding or a non-zero padding mode stay as they are.
     """
@@ -66,7 +69,7 @@ def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool) -> int:
         args = (node.args[0], w, b, list(conv.stride), list(conv.padding), list(conv.dilation),
                 conv.groups, act)
         new = _replace(graph, node, last, fused.conv2d_act, args, act)
-        if channels_last and conv.groups == 1:
+        if channels_last:  # grouped and depthwise too: 1.7-3x faster than on NCHW (NOTE in fused.py)
             new.kwargs = {"channels_last": True}
         count += 1
     return count

@@ -37,12 +37,13 @@ def use_inference_max_pool(root: nn.Module, graph: fx.Graph) -> int:
 # NOTE: [Channels-last islands] With tg.optimize(channels_last=True) (the inference default),
 # conv2d_act answers in channels_last on its oneDNN path (NOTE: [Packed channels_last convs] in
 # fused.py). Elementwise ops, pooling and the next such conv keep or accept that layout; anything
-# else (a view, a reshape, a grouped conv, the model's output) gets `.contiguous()` first, so code
+# else (a view, a reshape, the model's output) gets `.contiguous()` first, so code
 # written for contiguous tensors still works and the model returns the layout the original
 # returned. `.contiguous()` is free on a contiguous tensor (e.g. on the non-oneDNN paths).
 _PRESERVING_FUNCTIONS = {ops.add_relu, ops.max_pool2d_inference, operator.add, torch.add, torch.relu,
-                         F.relu, ops.bias_act}
-_PRESERVING_METHODS = {"add", "relu", "contiguous"}
+                         F.relu, ops.bias_act, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
+                         torch.sigmoid, torch.tanh, operator.mul, torch.mul}
+_PRESERVING_METHODS = {"add", "relu", "contiguous", "mul", "sigmoid"}
 _PRESERVING_MODULES = (nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.SiLU, nn.GELU, nn.Identity)
 
 
@@ -60,8 +61,14 @@ def _preserves_layout(root: nn.Module, node: fx.Node) -> bool:
 
 
 def _global_pool(root: nn.Module, node: fx.Node) -> bool:
-    pool = module_of(root, node)
     # A (N, C, 1, 1) result is contiguous in either layout.
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return size in (1, (1, 1), [1, 1])
+    if node.op == "call_method" and node.target == "mean":
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return isinstance(dims, (tuple, list)) and sorted(dims) in ([2, 3], [-2, -1])
+    pool = module_of(root, node)
     return isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1), [1, 1])
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import ops
 from .common import activation_of, attr_node, is_plain_add, module_of, same_shape, set_spec, single_user
@@ -34,14 +36,72 @@ def fuse_add_relu(root: nn.Module, graph: fx.Graph) -> int:
     return count
 
 
-def _layer_norm_user(root: nn.Module, node: fx.Node) -> fx.Node | None:
-    """The first user of ``node`` that is an ``nn.LayerNorm`` over the last dim only."""
+def _last_dim(node: fx.Node) -> int | None:
+    spec = node.meta.get("tg_spec")
+    if spec is None or getattr(spec, "dtype", None) is None or not spec.probes[0]:
+        return None
+    return spec.probes[0][-1]
+
+
+def _functional_layer_norm(root: nn.Module, user: fx.Node, node: fx.Node) -> tuple | None:
+    """``F.layer_norm(node, shape, weight, bias, eps)`` over the last dim (nanoGPT's LayerNorm
+    module calls it): ``(weight node, bias node, eps)``."""
+    if user.op != "call_function" or user.target not in (F.layer_norm, torch.layer_norm):
+        return None
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    if len(user.args) > len(names) or set(user.kwargs) - set(names):
+        return None
+    args = dict(zip(names, user.args), **user.kwargs)
+    weight, bias, eps = args.get("weight"), args.get("bias"), args.get("eps", 1e-5)
+    if args.get("input") is not node or not isinstance(eps, float):
+        return None
+    if any(p is not None and not (isinstance(p, fx.Node) and p.op == "get_attr") for p in (weight, bias)):
+        return None
+    shape, last = args.get("normalized_shape"), _last_dim(node)
+    if isinstance(shape, fx.Node):  # `self.weight.shape`
+        owner = shape.args[0] if shape.op == "call_function" and shape.target is getattr else None
+        if owner is not weight or shape.args[1] != "shape" or weight is None:
+            return None
+        shape = tuple(root.get_parameter(weight.target).shape) if _is_parameter(root, weight) else None
+    if not isinstance(shape, (tuple, list, torch.Size)) or list(shape) != [last]:
+        return None
+    return weight, bias, eps
+
+
+def _is_parameter(root: nn.Module, node: fx.Node) -> bool:
+    try:
+        root.get_parameter(node.target)
+    except AttributeError:
+        return False
+    return True
+
+
+def _layer_norm_user(root: nn.Module, node: fx.Node, graph: fx.Graph) -> tuple | None:
+    """The first user of ``node`` that is a LayerNorm over the last dim only (an ``nn.LayerNorm``
+    or ``F.layer_norm``): ``(user, weight node, bias node, eps)``, inserting get_attr nodes for a
+    module's parameters."""
     for user in node.users:
         ln = module_of(root, user)
         if (type(ln) is nn.LayerNorm and len(ln.normalized_shape) == 1 and user.args == (node,)
                 and not user.kwargs):
-            return user
+            with graph.inserting_before(node):
+                w = attr_node(graph, user.target, "weight", ln.weight)
+                b = attr_node(graph, user.target, "bias", ln.bias)
+            return user, w, b, ln.eps
+        found = _functional_layer_norm(root, user, node)
+        if found is not None:
+            return (user, *found)
     return None
+
+
+def _after(a: fx.Node, b: fx.Node) -> bool:
+    """Whether node ``a`` comes after node ``b`` in the graph."""
+    for n in b.graph.nodes:
+        if n is a:
+            return False
+        if n is b:
+            return True
+    return False
 
 
 def fuse_add_layer_norm(root: nn.Module, graph: fx.Graph) -> int:
@@ -51,14 +111,15 @@ def fuse_add_layer_norm(root: nn.Module, graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         if not is_plain_add(node) or not same_shape(*node.args):
             continue
-        ln_node = _layer_norm_user(root, node)
-        if ln_node is None:
+        found = _layer_norm_user(root, node, graph)
+        if found is None:
             continue
-        ln = module_of(root, ln_node)
+        ln_node, w, b, eps = found
+        for param in (w, b):  # a get_attr written after the add (traced code reads it late)
+            if param is not None and param.op == "get_attr" and _after(param, node):
+                node.prepend(param)
         with graph.inserting_before(node):
-            w = attr_node(graph, ln_node.target, "weight", ln.weight)
-            b = attr_node(graph, ln_node.target, "bias", ln.bias)
-            pair = graph.call_function(ops.add_layer_norm, (*node.args, w, b, ln.eps))
+            pair = graph.call_function(ops.add_layer_norm, (*node.args, w, b, eps))
             pair._rename(f"{node.name}_{ln_node.name}")
             set_spec(pair, (ln_node.meta.get("tg_spec"), node.meta.get("tg_spec")))
             out = set_spec(graph.call_function(operator.getitem, (pair, 0)), ln_node.meta.get("tg_spec"))

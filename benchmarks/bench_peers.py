@@ -1,0 +1,297 @@
+"""``tg.optimize`` beside what users would pick instead, on models written the way people write them.
+
+For each model, in one process, with interleaved repetitions (medians), it times:
+
+* ``eager``: the handwritten module (torchvision / timm / nn.TransformerEncoder style, float32);
+* ``tg.Model``: ``tg.Model(x, module(x))``, the module recorded as a torchgraph model;
+* ``tg.optimize``: ``tg.optimize(model)`` (float32) and ``tg.optimize bf16``:
+  ``tg.optimize(model, dtype=torch.bfloat16)`` (float32 in and out, bfloat16 inside);
+* ``compile``: ``torch.compile(module)`` (inductor, default) and ``compile freezing`` (with
+  ``torch._inductor.config.freezing = True``); their first call is reported apart;
+* ``onnxruntime``: ONNX Runtime on ``tg.export_onnx``'s file, all graph optimisations, intra-op
+  threads = ``--threads``, spinning off (``session.intra_op.allow_spinning=0``, or its threads steal
+  the CPU from the next variant);
+* ``openvino f32`` / ``openvino default`` (if ``openvino`` is installed): the same ONNX file,
+  ``INFERENCE_PRECISION_HINT=f32`` and the CPU plugin's default (bf16 on AMX CPUs).
+
+Every variant's output is compared with eager float32 on the same input: max abs error, max error
+relative to the largest eager output, and (classifiers) top-1 agreement. Speed-up = eager time /
+variant time (> 1 is faster).
+
+Usage::
+
+    python benchmarks/bench_peers.py                      # every model, 2 threads
+    python benchmarks/bench_peers.py --community all      # the community models: eager vs tg.optimize
+    python benchmarks/bench_peers.py --only resnet50_b8 --only gpt --reps 15
+    python benchmarks/bench_peers.py --no-compile --no-openvino --markdown
+
+Models: ``resnet50_b8`` (torchvision ResNet-50, b8 64x64), ``resnet50_b1`` (b1 224x224),
+``mobilenetv2_b8`` / ``mobilenetv2_b1`` (torchvision MobileNetV2, same sizes), ``gpt`` (4 pre-LN
+blocks d256, t128, b8), ``encoder`` (4 x nn.TransformerEncoderLayer d256, t128, b8), ``vit_s``
+(timm-style ViT-S/16, b1 224x224).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torchgraph as tg  # noqa: E402
+from handwritten import (EncoderClassifier, HandGPT, TimmViT, TorchvisionMobileNetV2,  # noqa: E402
+                         TorchvisionResNet, randomize_batchnorm)
+from torchgraph.applications import GPTBlock  # noqa: E402
+from torchgraph.passes import bfloat16_supported  # noqa: E402
+
+
+def _models() -> dict:
+    """name -> (build the eager module, input shape without batch, batch, is a classifier)."""
+    return {
+        "resnet50_b8": (lambda: randomize_batchnorm(TorchvisionResNet()), (3, 64, 64), 8, True),
+        "resnet50_b1": (lambda: randomize_batchnorm(TorchvisionResNet()), (3, 224, 224), 1, True),
+        "mobilenetv2_b8": (lambda: randomize_batchnorm(TorchvisionMobileNetV2()), (3, 64, 64), 8, True),
+        "mobilenetv2_b1": (lambda: randomize_batchnorm(TorchvisionMobileNetV2()), (3, 224, 224), 1, True),
+        "gpt": (lambda: HandGPT([GPTBlock(256, 4) for _ in range(4)]), (128, 256), 8, False),
+        "encoder": (lambda: EncoderClassifier(256, 4, 4), (128, 256), 8, False),
+        "vit_s": (lambda: TimmViT(), (3, 224, 224), 1, True),
+    }
+
+
+def _timed_first_call(fn, x) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+def _onnx_variants(model: tg.Model, x: torch.Tensor, args, tmp: str) -> tuple[dict, dict]:
+    fns, first = {}, {}
+    path = os.path.join(tmp, "model.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        tg.export_onnx(model, path, verify=False)
+    export_s = time.perf_counter() - start
+    feed_name = None
+    if args.onnx:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed_name = session.get_inputs()[0].name
+        data = x.numpy()
+        fns["onnxruntime"] = lambda _: torch.from_numpy(session.run(None, {feed_name: data})[0])
+        first["onnxruntime"] = export_s
+    if args.openvino:
+        try:
+            import openvino as ov
+        except ImportError:
+            print("  (openvino not installed: pip install openvino)")
+            return fns, first
+        core = ov.Core()
+        for label, config in (("openvino f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("openvino default", {})):
+            config = dict(config, INFERENCE_NUM_THREADS=args.threads)
+            start = time.perf_counter()
+            compiled = core.compile_model(path, "CPU", config)
+            first[label] = export_s + time.perf_counter() - start
+            request = compiled.create_infer_request()
+            data = x.numpy()
+            fns[label] = (lambda req: lambda _: torch.from_numpy(req.infer([data])[0].copy()))(request)
+    return fns, first
+
+
+def _accuracy(out: torch.Tensor, ref: torch.Tensor, classifier: bool) -> str:
+    out, ref = out.float().reshape(ref.shape), ref.float()
+    err = (out - ref).abs().max().item()
+    rel = err / max(ref.abs().max().item(), 1e-12)
+    text = f"{err:9.1e} {rel:8.1e}"
+    if classifier:
+        agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        text += f" {agree * 100:5.0f}%"
+    return text
+
+
+def bench(name: str, args) -> list[tuple]:
+    build, shape, batch, classifier = _models()[name]
+    torch.manual_seed(0)
+    eager = build().eval()
+    x_sym = tg.Input(shape=shape)
+    model = tg.Model(x_sym, eager(x_sym)).eval()
+    start = time.perf_counter()
+    fast = tg.optimize(model)
+    optimize_s = time.perf_counter() - start
+    start = time.perf_counter()
+    fast_bf16 = tg.optimize(model, dtype=torch.bfloat16)
+    optimize_bf16_s = time.perf_counter() - start
+    x = torch.randn(batch, *shape)
+    fns = {"eager": eager, "tg.Model": model, "tg.optimize": fast, "tg.optimize bf16": fast_bf16}
+    first = {"tg.optimize": optimize_s, "tg.optimize bf16": optimize_bf16_s}
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        if args.compile:
+            import torch._inductor.config as inductor_config
+
+            for label, freezing in (("compile", False), ("compile freezing", True)):
+                torch._dynamo.reset()
+                with inductor_config.patch(freezing=freezing):
+                    compiled = torch.compile(eager)
+                    first[label] = _timed_first_call(compiled, x)
+                fns[label] = _Frozen(compiled, inductor_config, freezing)
+        if args.onnx or args.openvino:
+            more, more_first = _onnx_variants(model, x, args, tmp)
+            fns.update(more)
+            first.update(more_first)
+        ref = eager(x)
+        outputs = {k: fn(x) for k, fn in fns.items()}
+        for fn in fns.values():
+            fn(x)
+        times = {k: [] for k in fns}
+        for _ in range(args.reps):  # interleaved: every variant sees the same machine state
+            for k, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(args.iters):
+                    fn(x)
+                times[k].append((time.perf_counter() - start) / args.iters)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["eager"]
+    rows = []
+    for k in fns:
+        spread = (base / max(times[k]), base / min(times[k]))
+        rows.append((name, k, med[k] * 1e3, base / med[k], spread, first.get(k),
+                     _accuracy(outputs[k], ref, classifier)))
+    return rows
+
+
+def _leaves(out) -> list:
+    if isinstance(out, torch.Tensor) or type(out).__name__ == "SymbolicTensor":
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [leaf for item in out for leaf in _leaves(item)]
+    return []
+
+
+def bench_community(name: str, args) -> list[tuple]:
+    """One community architecture (tests/community_models, benchmark size): eager, tg.Model and
+    tg.optimize (float32 and bf16) only, for the "never slower" rows."""
+    from community_models import BENCHMARK_ARCHITECTURES
+
+    arch = BENCHMARK_ARCHITECTURES[name]
+    eager = arch.make_model().eval()
+    inputs = [tg.Input(shape=tuple(arch.seq_len if d is None else d for d in spec.shape), dtype=spec.dtype,
+                       name=spec.name) for spec in arch.inputs]
+    outs = _leaves(eager(*inputs))
+    model = tg.Model(inputs if len(inputs) > 1 else inputs[0], outs if len(outs) > 1 else outs[0]).eval()
+    first = {}
+    start = time.perf_counter()
+    fast = tg.optimize(model)
+    first["tg.optimize"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fast_bf16 = tg.optimize(model, dtype=torch.bfloat16)
+    first["tg.optimize bf16"] = time.perf_counter() - start
+    data = arch.make_inputs()
+    fns = {"eager": lambda: _leaves(eager(*data))[0], "tg.Model": lambda: _first(model(*data)),
+           "tg.optimize": lambda: _first(fast(*data)), "tg.optimize bf16": lambda: _first(fast_bf16(*data))}
+    with torch.inference_mode():
+        ref = fns["eager"]()
+        outputs = {k: fn() for k, fn in fns.items()}
+        times = {k: [] for k in fns}
+        for _ in range(args.reps):
+            for k, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(args.iters):
+                    fn()
+                times[k].append((time.perf_counter() - start) / args.iters)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["eager"]
+    classifier = ref.dim() == 2
+    return [(name, k, med[k] * 1e3, base / med[k], (base / max(times[k]), base / min(times[k])), first.get(k),
+             _accuracy(outputs[k], ref, classifier)) for k in fns]
+
+
+def _first(out):
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+class _Frozen:
+    """Calls a compiled function under the inductor config it was compiled with."""
+
+    def __init__(self, fn, config, freezing: bool):
+        self.fn, self.config, self.freezing = fn, config, freezing
+
+    def __call__(self, x):
+        with self.config.patch(freezing=self.freezing):
+            return self.fn(x)
+
+
+def _print(rows: list[tuple], markdown: bool) -> None:
+    if markdown:
+        print("| model | variant | ms | speed-up (range) | first call / optimize s | max abs err | max rel err | top-1 |")
+        print("|---|---|---|---|---|---|---|---|")
+    for name, variant, ms, speedup, (low, high), first, accuracy in rows:
+        first_text = f"{first:.2f}" if first is not None else "-"
+        fields = accuracy.split()
+        if markdown:
+            top1 = fields[2] if len(fields) > 2 else "-"
+            print(f"| {name} | {variant} | {ms:.2f} | {speedup:.2f}x ({low:.2f}-{high:.2f}) | {first_text} | "
+                  f"{fields[0]} | {fields[1]} | {top1} |")
+        else:
+            print(f"  {variant:<18} {ms:9.2f} ms  {speedup:5.2f}x ({low:4.2f}-{high:4.2f})  "
+                  f"first {first_text:>6}  err {accuracy}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(_models()), help="models to run (repeatable)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions (median)")
+    parser.add_argument("--iters", type=int, default=3, help="calls per repetition")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false")
+    parser.add_argument("--no-openvino", dest="openvino", action="store_false")
+    parser.add_argument("--markdown", action="store_true", help="print one markdown table")
+    parser.add_argument("--community", action="append", default=None, metavar="NAME",
+                        help="a tests/community_models benchmark architecture (eager vs tg.optimize only; "
+                             "'all' for every one); repeatable")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    _, why = bfloat16_supported()
+    print(f"torch {torch.__version__}, {args.threads} threads, bf16: {why}, load average at start "
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} ({os.cpu_count()} CPUs)")
+    rows = []
+    runs = [(name, bench) for name in (args.only or ([] if args.community else list(_models())))]
+    if args.community:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        from community_models import BENCHMARK_ARCHITECTURES
+
+        names = list(BENCHMARK_ARCHITECTURES) if "all" in args.community else args.community
+        runs += [(name, bench_community) for name in names]
+    for name, run in runs:
+        result = run(name, args)
+        if not args.markdown:
+            print(f"\n{name}   (variant, median ms, speed-up over eager (range over reps), first call s, "
+                  "max abs err, max rel err, top-1 agreement)")
+            _print(result, markdown=False)
+        rows += result
+    if args.markdown:
+        _print(rows, markdown=True)
+    load = os.getloadavg()
+    print(f"load average at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

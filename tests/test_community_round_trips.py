@@ -1,0 +1,86 @@
+"""Every community model (tests/community_models), brought in with tg.from_module, round-trips through
+tests/roundtrip.py: get_config/from_config and tg.save/tg.load with bit-identical outputs, and
+tg.export_onnx with verification -- or fails at get_config with a message that says how to fix it.
+
+The models are the registry's, at their test sizes and in its default configuration (dropout on:
+attention modules that read ``self.training`` stay opaque layers, registered here the way
+docs/config_and_saving.md shows for third-party modules built from a config object).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import torchgraph as tg
+from community_models import ARCHITECTURES, hf
+from roundtrip import assert_round_trips
+
+if hf.HAS_TRANSFORMERS:
+    from transformers import BertConfig, GPT2Config
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    # The attention modules stay one layer each (attention dropout reads self.training): storable once
+    # their config class is a value type (to_dict/from_dict by default) and the module a layer.
+    tg.register_value_type(BertConfig)
+    tg.register_value_type(GPT2Config)
+    tg.register_layer(BertSelfAttention, get_config=lambda m: {"config": m.config, "is_causal": m.is_causal,
+                                                               "layer_idx": m.layer_idx})
+    tg.register_layer(GPT2Attention, get_config=lambda m: {"config": m.config, "layer_idx": m.layer_idx,
+                                                           "is_cross_attention": m.is_cross_attention})
+
+# A sequence length the recording keeps dynamic (a named dim, "seq"); the others take a fixed length:
+# nanoGPT compares it (`assert t <= block_size`), transformers' mask helpers too (docs/from_module.md).
+DYNAMIC_SEQUENCE = {"transformer_classifier", "transformer_classifier_prenorm", "lstm_encoder"}
+# The legacy exporter traces sizes: it fixes nn.MultiheadAttention's reshapes to the example length,
+# which verification catches (onnxruntime fails at other lengths). Those go through the dynamo one.
+DYNAMO = {"transformer_classifier", "transformer_classifier_prenorm"}
+# The allowed other outcome: a clear error at get_config (a custom layer nobody registered).
+CONFIG_ERRORS = {"with_data_dependent_block": r"layer 'block'.*DataDependent.*@tg\.register_layer"}
+
+
+def _bring_in(name: str):
+    """``(tg.from_module model, example kwargs)`` for one architecture, in eval mode."""
+    arch = ARCHITECTURES[name]
+    specs = {s.name: (s.shape, s.dtype) for s in arch.inputs}
+    kwargs = arch.make_kwargs()
+    if name == "hf_gpt2":  # without a mask, transformers compares the dynamic batch (docs/from_module.md)
+        specs["attention_mask"] = ((None,), torch.long)
+        mask = torch.ones_like(kwargs["input_ids"])
+        mask[1, arch.seq_len // 2:] = 0
+        kwargs["attention_mask"] = mask
+    seq = "seq" if name in DYNAMIC_SEQUENCE else arch.seq_len
+    inputs = {n: tg.Input(shape=tuple(seq if d is None else d for d in shape), dtype=dtype, name=n)
+              for n, (shape, dtype) in specs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # opaque layers are warned about (tests/test_from_module_models.py)
+        model = tg.from_module(arch.make_model().eval(), inputs)
+    return model.eval(), kwargs
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_community_model_round_trips(name, tmp_path, one_thread):
+    """Config, file (bit-identical) and verified ONNX, or a get_config error naming the layer and the fix."""
+    model, kwargs = _bring_in(name)
+    error = assert_round_trips(model, kwargs, exporter="dynamo" if name in DYNAMO else "legacy",
+                               folder=str(tmp_path))
+    if name in CONFIG_ERRORS:
+        assert error is not None
+        assert pytest.importorskip("re").search(CONFIG_ERRORS[name], str(error)), str(error)
+    else:
+        assert error is None, str(error)
+
+
+@pytest.mark.parametrize("name", ["transformer_classifier", "lstm_encoder"])
+def test_named_sequence_dims_round_trip_at_other_lengths(name, tmp_path, one_thread):
+    """A dynamic sequence length survives config and file: the rebuilt models run at another length."""
+    model, _ = _bring_in(name)
+    arch = ARCHITECTURES[name]
+    kwargs = arch.make_kwargs(seq_len=7)
+    expected = model(**kwargs)
+    tg.save(model, tmp_path / "m.safetensors")
+    rebuilt = tg.Model.from_config(model.get_config())
+    rebuilt.load_state_dict(model.state_dict())
+    for other in (rebuilt.eval(), tg.load(tmp_path / "m.safetensors")):
+        assert torch.equal(other(**kwargs), expected)

@@ -1,0 +1,485 @@
+"""tg.from_module: existing nn.Modules recorded down to their leaf modules, exactly equivalent.
+
+Small modules written the way PyTorch users write them (subclassed blocks, nn.Sequential stages,
+nn.ModuleList loops, tied weights, parameters read directly by forward). The community models
+(torchvision, timm, HuggingFace) are in test_from_module_models.py.
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchgraph as tg
+
+
+def record(module, *inputs, **kwargs):
+    """tg.from_module, failing the test on any warning (fallbacks warn)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return tg.from_module(module, *inputs, **kwargs)
+
+
+def assert_same_state(model, module):
+    """Same keys in the same order, the same tensor objects."""
+    assert list(model.state_dict()) == list(module.state_dict())
+    theirs = module.state_dict(keep_vars=True)
+    assert all(t is theirs[k] for k, t in model.state_dict(keep_vars=True).items())
+
+
+class Block(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        return x + self.gamma * self.mlp(self.norm(x))
+
+
+class Net(nn.Module):
+    """A stem, a ModuleList loop of subclassed blocks, a parameter read by forward, a head."""
+
+    def __init__(self, dim=8, depth=3):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.stem = nn.Linear(4, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Dropout(0.0), nn.Linear(dim, 3))
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), h], dim=1)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h[:, 0]) * self.scale
+
+
+def test_subclassed_model_is_recorded_down_to_leaves():
+    """Blocks, the ModuleList loop and nn.Sequential are looked through; leaves keep their paths."""
+    torch.manual_seed(0)
+    net = Net()
+    model = record(net, (5, 4))
+    assert isinstance(model, tg.Model) and type(model).__name__ == "Net"
+    targets = [n.target for n in model.graph.nodes if n.op == "call_module"]
+    assert targets == ["stem"] + [f"blocks.{i}.{p}" for i in range(3)
+                                  for p in ("norm", "mlp.0", "mlp.1", "mlp.2")] + ["head.0", "head.1", "head.2"]
+    assert "blocks.0.gamma" in {n.target for n in model.graph.nodes if n.op == "get_attr"}
+    assert_same_state(model, net)
+    for batch in (1, 6):
+        x = torch.randn(batch, 5, 4)
+        torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+    assert [n.meta.get("tg_scope") for n in model.graph.nodes if n.name == "add"] == ["blocks.0"]
+
+
+def test_train_and_eval_outputs_match_and_originals_checkpoint_loads():
+    """BatchNorm in train mode updates the same statistics; a checkpoint of the original loads."""
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                             nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)), nn.Flatten(),
+                             nn.Linear(8 * 6 * 6, 4))
+
+    net, other = make(), make()
+    model = record(net, (3, 8, 8))
+    checkpoint = copy.deepcopy(other.state_dict())
+    model.load_state_dict(checkpoint)  # strict: exactly the original's keys
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in checkpoint.items())
+    x = torch.randn(4, 3, 8, 8)
+    twin = copy.deepcopy(net)
+    model.train(), twin.train()
+    torch.testing.assert_close(model(x), twin(x), rtol=0, atol=0)
+    torch.testing.assert_close(net[1].running_mean, twin[1].running_mean, rtol=0, atol=0)
+    assert int(net[1].num_batches_tracked) == 1
+    model.eval(), twin.eval()
+    torch.testing.assert_close(model(x), twin(x), rtol=0, atol=0)
+
+
+def test_recording_leaves_the_module_as_it_was():
+    """Modes, buffers (BatchNorm statistics, counters) and parameters are unchanged by from_module."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    net[2].eval()
+    before = copy.deepcopy(net.state_dict())
+    record(net, (4,))
+    assert net.training and net[1].training and not net[2].training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT's pattern: tied embedding/head weights, a causal-mask buffer, positions from arange."""
+
+    def __init__(self, vocab=50, dim=16, block_size=8):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(vocab, dim), wpe=nn.Embedding(block_size, dim),
+                                              ln_f=nn.LayerNorm(dim)))
+        self.attn = nn.Linear(dim, 3 * dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+        self.register_buffer("rope", torch.arange(block_size).float(), persistent=False)
+
+    def forward(self, idx):
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos) + self.rope[:t, None]
+        q, k, v = self.attn(x).split(x.size(-1), dim=2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[0, :, :t, :t] == 0, float("-inf"))
+        x = self.transformer.ln_f(F.softmax(att, dim=-1) @ v)
+        return self.lm_head(x)
+
+
+def test_tied_weights_buffers_and_positions_keep_their_keys():
+    """Tied weights stay tied, buffers keep their keys (non-persistent ones stay out of state_dict)."""
+    torch.manual_seed(0)
+    gpt = TinyGPT()
+    model = record(gpt, tg.Input(shape=(8,), dtype=torch.long, name="idx"))
+    assert_same_state(model, gpt)
+    assert "rope" not in model.state_dict() and "rope" in dict(model.named_buffers())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = torch.randint(0, 50, (3, 8))
+    torch.testing.assert_close(model(idx), gpt(idx), rtol=0, atol=0)
+    # One training step on the graph moves the shared weight once, as it would in the original.
+    model.compile(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss="cross_entropy")
+    model.fit(idx, torch.randint(0, 50, (3, 8, 50)).float().softmax(-1), epochs=1, verbose=0)
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight
+    torch.testing.assert_close(model(idx), gpt(idx), rtol=0, atol=0)
+
+
+class Positions(nn.Module):
+    """Operations on parameters alone: they must be recorded (read at run time), never baked."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 10, 4))
+        self.table = nn.Embedding(6, 4)
+
+    def forward(self, x):
+        return x + self.pos[:, : x.shape[1]].exp() + self.table(torch.arange(6))[: x.shape[1]]
+
+
+def test_operations_on_parameters_are_recorded_not_baked():
+    """After load_state_dict or a training step the graph reads the new values, with gradients."""
+    torch.manual_seed(0)
+    net = Positions()
+    model = record(net, (5, 4))
+    assert not [n for n in model.graph.nodes if n.op == "get_attr" and n.target.startswith("constant")
+                and model.get_buffer(n.target).dtype.is_floating_point]
+    with torch.no_grad():
+        net.pos.add_(1.0)
+        net.table.weight.mul_(3.0)
+    x = torch.randn(2, 5, 4)
+    torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+    model(x).sum().backward()
+    assert net.pos.grad is not None and net.table.weight.grad is not None
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on data
+            return self.fc(x)
+        return -x
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.calls += 1  # state changed outside any operation on the input
+        return self.fc(x)
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.dropout(self.fc(x), 0.5, self.training)  # reads the mode
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * 2
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = DataDependent(), Counter(), FunctionalDropout(), Hooked()
+        self.features = []
+        self.d.register_forward_hook(lambda module, args, out: self.features.append(out))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.d(self.c(self.b(self.a(x)))))
+
+
+def test_unrecordable_submodules_stay_opaque_with_one_warning_each():
+    """Data-dependent control flow, state updates, mode-dependent code and hooks: one opaque layer
+    each, a warning naming it and why; the outputs stay exact."""
+    torch.manual_seed(0)
+    net = Mixed()
+    with pytest.warns(UserWarning) as caught:
+        model = tg.from_module(net, (4,))
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 4
+    reasons = {"'a' (DataDependent)": "needs the data of a symbolic tensor",
+               "'b' (Counter)": "changes its own tensor 'calls' in place",
+               "'c' (FunctionalDropout)": "different operations in train and eval mode",
+               "'d' (Hooked)": "hooks"}
+    for who, why in reasons.items():
+        assert any(who in m and why in m and "leaf_modules=[" in m for m in messages), (who, messages)
+    assert [n.target for n in model.graph.nodes if n.op == "call_module"] == ["a", "b", "c", "d", "head"]
+    assert_same_state(model, net)
+    net.eval(), model.eval()
+    for x in (torch.ones(3, 4), -torch.ones(3, 4)):  # both branches of DataDependent
+        torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+    assert int(net.b.calls) == 4  # 2 calls each of the original and the graph: nothing from building
+    assert len(net.features) >= 4 and torch.equal(net.features[-1], net.features[-2])  # the hook runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tg.from_module(net, (4,), leaf_modules=["a", Counter, net.c, Hooked])  # named: no warnings
+
+
+class RarelyActive(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.abs().sum() > 1e9:  # never on the probe data
+            return self.fc(x)
+        return x  # the input object itself: the call would vanish from a graph
+
+
+def test_data_dependent_module_returning_its_input_is_a_clear_error():
+    """A fallback module that hands back its input object cannot be a recorded call: said, not skipped."""
+    net = nn.Sequential(nn.Linear(4, 4), RarelyActive(), nn.Linear(4, 2))
+    with pytest.raises(tg.GraphBuildError, match=r"'1' \(RarelyActive\) must stay one layer.*returned its input "
+                                                 r"object unchanged"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tg.from_module(net, (4,))
+
+
+def test_root_that_cannot_be_recorded_fails_clearly():
+    """Hooks on the root itself, or data-dependent code in its own forward: a GraphBuildError."""
+    net = Hooked()
+    net.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(tg.GraphBuildError, match="Hooked has forward or backward hooks"):
+        tg.from_module(net, (4,))
+    with pytest.raises(tg.GraphBuildError, match="needs the data of a symbolic tensor"):
+        tg.from_module(DataDependent(), (4,))
+    with pytest.raises(tg.GraphBuildError, match="different operations in train and eval mode"):
+        tg.from_module(RootDropout(), (4,))
+
+
+class RootDropout(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.5, self.training)
+
+
+def test_hook_changing_an_output_is_a_clear_error():
+    """A forward hook that returns a new output cannot be recorded: the error says which and why."""
+    net = nn.Sequential(Hooked(), nn.Linear(4, 2))
+    net[0].register_forward_hook(lambda module, args, out: out + 1)
+    with pytest.raises(tg.GraphBuildError, match="'0' \\(Hooked\\) has forward hooks; one that changes the output"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tg.from_module(net, (4,))
+
+
+def test_shape_errors_name_the_innermost_layer():
+    """A module that cannot run at the given shape fails at build time, naming the layer by path."""
+    net = nn.Sequential(nn.Linear(8, 4), nn.Sequential(nn.ReLU(), nn.Linear(5, 2)))
+    with pytest.raises(tg.GraphBuildError, match=r"Layer '1\.1' \(Linear.*in_features=5.*received 4"):
+        tg.from_module(net, (8,))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(3, 4)
+
+    def forward(self, tokens, features, scale: float = 1.0, extra=None):
+        out = self.embed(tokens).mean(1) + self.proj(features)
+        return {"out": out * scale, "tokens": tokens} if extra is None else out
+
+
+def test_inputs_as_shapes_inputs_dicts_and_settings():
+    """Shapes become inputs named after forward's arguments; dicts give keywords and plain settings."""
+    net = TwoInputs()
+    tokens = tg.Input(shape=(None,), dtype=torch.long, name="tokens")
+    model = record(net, tokens, (3,))
+    assert model.input_names == ["tokens", "features"] and model.output_names == ["out", "tokens"]
+    t, f = torch.randint(0, 10, (2, 7)), torch.randn(2, 3)
+    torch.testing.assert_close(model(t, f)["out"], net(t, f)["out"], rtol=0, atol=0)
+    keyword = record(net, {"tokens": tokens, "features": (3,), "scale": 2.0})
+    assert keyword.input_names == ["tokens", "features"]
+    torch.testing.assert_close(keyword(tokens=t, features=f)["out"], net(t, f, scale=2.0)["out"], rtol=0, atol=0)
+
+
+def test_bad_inputs_are_clear_errors():
+    """No inputs, a real tensor, a computed symbolic tensor, a non-module."""
+    net = TwoInputs()
+    with pytest.raises(tg.GraphBuildError, match="no inputs given for TwoInputs"):
+        tg.from_module(net)
+    with pytest.raises(tg.GraphBuildError, match=r"input 1 must be a tg.Input.*real tensor"):
+        tg.from_module(net, tg.Input(shape=(3,), dtype=torch.long), torch.randn(2, 3))
+    x = tg.Input(shape=(3,))
+    with pytest.raises(tg.GraphBuildError, match="computed from other inputs"):
+        tg.from_module(nn.Linear(3, 3), x * 2)
+    with pytest.raises(TypeError, match="expected an nn.Module; received function"):
+        tg.from_module(lambda x: x, (3,))
+    with pytest.raises(tg.GraphBuildError, match="leaf_modules names .'nope'.*not submodules"):
+        tg.from_module(net, (None,), (3,), leaf_modules=["nope"])
+
+
+class WithLayers(nn.Module):
+    """`self.layers` (the name of a tg.Model property) and an unused submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x).relu()
+        return x
+
+
+def test_submodule_named_like_a_model_property_and_unused_submodules():
+    """model.layers is the ModuleList, as in the original; unused submodules keep their weights."""
+    net = WithLayers()
+    model = record(net, (4,))
+    assert model.layers is not net.layers and type(model.layers) is nn.ModuleList
+    assert model.layers[0] is net.layers[0] and model.unused is net.unused
+    assert_same_state(model, net)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+
+
+def test_result_saves_loads_exports_optimizes_and_trains(tmp_path):
+    """Everything in torchgraph works on a from_module model: save/load (same keys, same outputs),
+    config, ONNX (verified in onnxruntime), optimize, summary, plot, and a training step."""
+    torch.manual_seed(0)
+    net = WithLayers()
+    model = record(net, (4,))
+    x = torch.randn(5, 4)
+    tg.save(model, tmp_path / "m.safetensors")
+    loaded = tg.load(tmp_path / "m.safetensors")
+    assert list(loaded.state_dict()) == list(net.state_dict())
+    assert type(loaded.layers) is nn.ModuleList and loaded.unused.weight.shape == (2, 2)
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+    assert tg.model_from_json(model.to_json()).code == model.code
+    tg.export_onnx(model, tmp_path / "m.onnx")
+    torch.testing.assert_close(tg.optimize(model)(x), net(x))
+    lines = []
+    model.summary(print_fn=lines.append)
+    assert "layers.0 (Linear)" in lines[0] or "layers_0 (Linear)" in lines[0]
+    model.compile(optimizer="sgd", loss="mse")
+    before = net.layers[0].weight.detach().clone()
+    model.fit(x, torch.randn(5, 4), epochs=1, verbose=0)
+    assert not torch.equal(before, net.layers[0].weight)  # shared with the original
+
+
+def test_scoped_symbolic_model_names_and_round_trips(tmp_path):
+    """tg.scope: dotted layer names (state_dict keys), scopes per node, kept by save/load and pickle."""
+    import pickle
+
+    x = tg.Input(shape=(8,))
+    with tg.scope("encoder"):
+        h = nn.Linear(8, 16)(x).relu()
+        with tg.scope("block"):
+            h = h + nn.Linear(16, 16)(h)
+    model = tg.Model(x, nn.Linear(16, 2)(h))
+    assert list(model.state_dict()) == ["encoder.linear.weight", "encoder.linear.bias", "encoder.block.linear.weight",
+                                        "encoder.block.linear.bias", "linear.weight", "linear.bias"]
+    scopes = {n.name: n.meta.get("tg_scope") for n in model.graph.nodes}
+    assert scopes["relu"] == "encoder" and scopes["add"] == "encoder.block" and scopes["linear"] is None
+    for copy_ in (pickle.loads(pickle.dumps(model)), tg.load(_saved(model, tmp_path))):
+        assert {n.name: n.meta.get("tg_scope") for n in copy_.graph.nodes} == scopes
+        assert list(copy_.state_dict()) == list(model.state_dict())
+    with pytest.raises(tg.GraphBuildError, match="scope name must be a Python identifier"):
+        with tg.scope("two words"):
+            pass
+    with pytest.raises(tg.GraphBuildError, match="scope name 'layers' is reserved"):
+        with tg.scope("layers"):
+            y = nn.Linear(8, 2)(x)
+        tg.Model(x, y)
+
+
+def _saved(model, tmp_path):
+    path = tmp_path / "scoped.safetensors"
+    tg.save(model, path)
+    return path
+
+
+def test_from_module_doc_blocks_run_on_their_own(tmp_path, monkeypatch, capsys):
+    """docs/from_module.md: each python block runs alone; its summary text is the real output; the
+    picture it shows is committed and is what plot_model draws."""
+    import pathlib
+    import re
+    import struct
+
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "from_module.md"
+    text = page.read_text()
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    for i, block in enumerate(blocks):
+        if "transformers" in block:
+            pytest.importorskip("transformers")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exec(compile(block, f"from_module.md[{i}]", "exec"), {"__name__": "__main__"})
+        printed = capsys.readouterr().out
+        if i == 0:
+            shown = re.search(r"```text\n(.*?)```", text, flags=re.S).group(1)
+            assert shown in printed
+    picture = (page.parent / "images" / "resnet50_depth1.png").read_bytes()
+    width, height = struct.unpack(">II", picture[16:24])
+    assert picture[:4] == b"\x89PNG" and 300 < width < 1_000 and 1_000 < height < 2_000
+
+
+def test_copies_and_pickles_keep_the_module_tree():
+    """deepcopy, pickle and torch.save keep the keys, the containers, non-persistent buffers, scopes."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    gpt = TinyGPT()
+    model = record(gpt, tg.Input(shape=(8,), dtype=torch.long, name="idx"))
+    idx = torch.randint(0, 50, (2, 8))
+    expected = model(idx)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
+                  torch.load(buffer, weights_only=False)):
+        assert list(other.state_dict()) == list(gpt.state_dict())
+        assert "rope" not in other.state_dict() and type(other.transformer) is nn.ModuleDict
+        assert other.lm_head.weight is other.transformer.wte.weight
+        assert {n.meta.get("tg_scope") for n in other.graph.nodes} == {n.meta.get("tg_scope") for n in model.graph.nodes}
+        torch.testing.assert_close(other(idx), expected, rtol=0, atol=0)

@@ -1,0 +1,126 @@
+"""tg.optimize on the community reference models (tests/community_models): parity with eager for
+every architecture, gradients in training mode, what stays opaque and why, bfloat16 accuracy."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchgraph as tg
+from community_models import ARCHITECTURES, tensor_leaves
+from torchgraph import fused, ops
+from torchgraph.passes import bfloat16_supported
+from torchgraph.symbolic import SymbolicTensor
+
+# Modules that stay one call, with the reason (docs/optimize.md, "Known limits").
+OPAQUE = {
+    "nanogpt_manual_attention": {"CausalSelfAttention"},  # slices a buffer by a traced size, math.sqrt
+    "with_data_dependent_block": {"DataDependent"},  # `if x.sum() > 0:`
+    "transformer_classifier": {"TransformerEncoder"},  # called with src_key_padding_mask
+    "transformer_classifier_prenorm": {"TransformerEncoder"},
+    "hf_bert": {"BertModel"},  # HF forward: control flow on configs and shapes torch.fx cannot trace
+    "hf_gpt2": {"GPT2Model"},
+}
+# What each architecture must fuse into (at least).
+FUSED = {
+    "resnet18": {fused.conv2d_act, ops.add_relu, ops.max_pool2d_inference},
+    "resnet50": {fused.conv2d_act, ops.add_relu, ops.max_pool2d_inference},
+    "mobilenet_v2": {fused.conv2d_act},
+    "mobilenet_v3_small": {fused.conv2d_act, fused.linear_act},
+    "vit": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
+    "vit_manual_attention": {ops.add_layer_norm, fused.linear_act},
+    "nanogpt": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
+    "nanogpt_manual_attention": {ops.add_layer_norm, fused.linear_act},
+    "unet": {fused.conv2d_act},
+    "siamese": {fused.conv2d_act, fused.linear_act},
+}
+
+
+def _leaves(out) -> list:
+    if isinstance(out, (SymbolicTensor, torch.Tensor)):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [leaf for item in out for leaf in _leaves(item)]
+    return []
+
+
+def _record(arch, module: nn.Module) -> tg.Model:
+    """``module`` recorded as one call of a tg.Model (sequence length fixed at the arch's)."""
+    inputs = [tg.Input(shape=tuple(arch.seq_len if d is None else d for d in spec.shape), dtype=spec.dtype,
+                       name=spec.name) for spec in arch.inputs]
+    outputs = _leaves(module(*inputs))
+    return tg.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0])
+
+
+def _as_list(out) -> list:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_optimized_matches_eager(name):
+    """Every community architecture, recorded as one module call, optimizes to a model whose outputs
+    equal eager's; its layers are inlined down to torch.nn layers except the documented opaque ones."""
+    arch = ARCHITECTURES[name]
+    module = arch.make_model().eval()
+    fast = tg.optimize(_record(arch, module))
+    inputs = arch.make_inputs()
+    with torch.no_grad():
+        expected = tensor_leaves(module(*inputs))
+        got = _as_list(fast(*inputs))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4 * max(1.0, e.abs().max().item()), rtol=1e-4)
+    called = {type(fast.get_submodule(n.target)) for n in fast.graph.nodes if n.op == "call_module"}
+    opaque = {cls.__name__ for cls in called if not cls.__module__.startswith("torch.nn.")
+              or cls is nn.TransformerEncoder}
+    assert opaque == OPAQUE.get(name, set())
+    targets = {n.target for n in fast.graph.nodes if n.op == "call_function"}
+    assert FUSED.get(name, set()) <= targets
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit", "nanogpt"])
+def test_training_mode_gradients_match(name):
+    """inference=False on community models: every parameter's gradient equals eager's."""
+    arch = ARCHITECTURES[name]
+    module, reference = arch.make_model(), arch.make_model()
+    fast = tg.optimize(_record(arch, module).train(), inference=False)
+    inputs = arch.make_inputs()
+    torch.manual_seed(0)
+    tensor_leaves(reference.train()(*inputs))[0].square().mean().backward()
+    torch.manual_seed(0)
+    _as_list(fast(*inputs))[0].square().mean().backward()
+    grads = dict(reference.named_parameters())
+    for key, p in fast.named_parameters():
+        want = grads[key.split(".", 1)[1]].grad
+        if want is None:
+            assert p.grad is None or not p.grad.any(), key
+            continue
+        torch.testing.assert_close(p.grad, want, atol=1e-5 + 1e-3 * want.abs().max().item(), rtol=1e-3)
+
+
+@pytest.mark.skipif(not bfloat16_supported()[0], reason="this CPU has no native bfloat16")
+@pytest.mark.parametrize("name", ["resnet50", "vit", "nanogpt"])
+def test_bfloat16_accuracy(name):
+    """dtype=torch.bfloat16 on community models: float32 out, within bf16 rounding of float32 eager
+    (max error <= 5% of the largest output; the benchmark prints the exact figures)."""
+    arch = ARCHITECTURES[name]
+    module = arch.make_model().eval()
+    fast = tg.optimize(_record(arch, module), dtype=torch.bfloat16)
+    inputs = arch.make_inputs()
+    with torch.no_grad():
+        expected = tensor_leaves(module(*inputs))[0]
+        got = _as_list(fast(*inputs))[0]
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()

@@ -1,0 +1,91 @@
+"""Canonical forms: activation modules become the functions they call, so one pattern fits both.
+
+``nn.ReLU()(x)`` and ``F.relu(x)`` compute the same thing; torchvision writes the first (one shared
+``nn.ReLU(inplace=True)`` per block), hand-written code the second. Rewriting modules into functions
+before matching lets every fusion pass look for one spelling. In inference, ``nn.Dropout`` and
+``nn.Identity`` disappear.
+
+In-place activations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.relu_()``) become
+out-of-place only where that changes nothing observable: their input is an intermediate value (not a
+model input, whose caller would see it change) used by the activation alone (nobody else could see
+the mutation). Otherwise they stay as written.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import module_of, set_spec
+
+__all__ = ["canonicalize"]
+
+# module type -> (function, keyword arguments read from the module)
+_ACTIVATION_MODULES = {
+    nn.ReLU: (F.relu, ()),
+    nn.ReLU6: (F.relu6, ()),
+    nn.GELU: (F.gelu, ("approximate",)),
+    nn.SiLU: (F.silu, ()),
+    nn.Hardswish: (F.hardswish, ()),
+    nn.Hardsigmoid: (F.hardsigmoid, ()),
+    nn.Sigmoid: (torch.sigmoid, ()),
+    nn.Tanh: (torch.tanh, ()),
+}
+_INPLACE_FUNCTIONS = {F.relu: F.relu, F.relu6: F.relu6, F.silu: F.silu, F.hardswish: F.hardswish,
+                      F.hardsigmoid: F.hardsigmoid}
+_INPLACE_METHODS = {"relu_": torch.relu, "sigmoid_": torch.sigmoid, "tanh_": torch.tanh}
+_INPLACE_TORCH = {torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _private(value) -> bool:
+    """Whether mutating ``value`` in place is unobservable once its only user is done with it."""
+    return isinstance(value, fx.Node) and value.op != "placeholder" and len(value.users) == 1
+
+
+def _replace(graph: fx.Graph, node: fx.Node, target, args: tuple, kwargs: dict) -> None:
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args, kwargs)
+    set_spec(new, node.meta.get("tg_spec"))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    new._rename(node.name)
+
+
+def canonicalize(root: nn.Module, graph: fx.Graph, inference: bool) -> int:
+    """Activation modules -> functions; private in-place activations -> out-of-place; in
+    ``inference``, dropout and identity modules removed. Returns how many nodes changed."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            module = module_of(root, node)
+            if len(node.args) != 1 or node.kwargs:
+                continue
+            x = node.args[0]
+            if isinstance(module, nn.Identity) or (inference and type(module) in _DROPOUTS):
+                node.replace_all_uses_with(x)
+                graph.erase_node(node)
+                count += 1
+                continue
+            entry = _ACTIVATION_MODULES.get(type(module))
+            if entry is None or (getattr(module, "inplace", False) and not _private(x)):
+                continue
+            function, attrs = entry
+            _replace(graph, node, function, (x,), {a: getattr(module, a) for a in attrs})
+            count += 1
+        elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+            if node.kwargs.get("inplace") is True and len(node.args) == 1 and _private(node.args[0]):
+                kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+                _replace(graph, node, node.target, node.args, kwargs)
+                count += 1
+        elif node.op == "call_function" and node.target in _INPLACE_TORCH:
+            if len(node.args) == 1 and not node.kwargs and _private(node.args[0]):
+                _replace(graph, node, _INPLACE_TORCH[node.target], node.args, {})
+                count += 1
+        elif node.op == "call_method" and node.target in _INPLACE_METHODS:
+            if len(node.args) == 1 and not node.kwargs and _private(node.args[0]):
+                _replace(graph, node, _INPLACE_METHODS[node.target], node.args, {})
+                count += 1
+    return count

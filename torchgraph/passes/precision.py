@@ -1,0 +1,92 @@
+"""Compute in bfloat16 behind a float32 interface: ``tg.optimize(model, dtype=torch.bfloat16)``.
+
+The graph's floating parameters and buffers are stored in bfloat16, floating inputs are cast to
+bfloat16 as they enter and floating outputs back to their recorded dtype as they leave, so callers
+pass and get what they did before. What runs in between:
+
+* convolutions and linear layers: oneDNN's bfloat16 kernels (AMX / AVX512-BF16), which accumulate in
+  float32 (:mod:`torchgraph.fused`);
+* LayerNorm, BatchNorm, softmax and attention: ATen's and torchgraph's CPU kernels, which read
+  bfloat16 but accumulate their statistics in float32 (``ops.qkv_attention`` keeps its attention
+  weights in float32);
+* everything else (adds, activations, pooling): elementwise in bfloat16, rounded once per op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .common import set_spec
+
+__all__ = ["bfloat16_supported", "compute_in"]
+
+
+def bfloat16_supported() -> tuple[bool, str]:
+    """Whether this CPU runs bfloat16 natively through oneDNN, and what was found."""
+    if not torch.backends.mkldnn.is_available():
+        return False, "PyTorch was built without oneDNN (mkldnn)"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False, "this CPU has neither AVX512-BF16 nor AMX bf16 instructions"
+    return True, "AMX" if torch.cpu._is_amx_tile_supported() else "AVX512-BF16"
+
+
+def _spec_with_dtype(spec, dtype):
+    if spec is None or getattr(spec, "dtype", None) is None or not spec.dtype.is_floating_point:
+        return spec
+    return type(spec)(spec.shape, dtype, spec.probes)
+
+
+def compute_in(root: nn.Module, graph: fx.Graph, dtype: torch.dtype) -> int:
+    """Store ``root``'s floating parameters and buffers in ``dtype``; cast floating inputs to it and
+    floating outputs back to their recorded dtypes. Returns how many casts were inserted."""
+    for module in root.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_floating_point():
+                setattr(module, name, nn.Parameter(param.detach().to(dtype), param.requires_grad))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_floating_point():
+                module._buffers[name] = buffer.to(dtype)
+        for name, value in list(vars(module).items()):  # constants fx keeps as plain attributes
+            if type(value) is torch.Tensor and value.is_floating_point():  # noqa: E721
+                setattr(module, name, value.to(dtype))
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    casts = _cast_outputs(graph, output, dtype)
+    for node in list(graph.nodes):
+        if node in casts:
+            continue
+        spec = node.meta.get("tg_spec")
+        if node.op == "placeholder" and getattr(spec, "dtype", None) is not None and spec.dtype.is_floating_point:
+            with graph.inserting_after(node):
+                cast = graph.call_method("to", (node, dtype))
+            set_spec(cast, _spec_with_dtype(spec, dtype))
+            node.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
+            casts.add(cast)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            if isinstance(spec, tuple):
+                node.meta["tg_spec"] = tuple(_spec_with_dtype(s, dtype) for s in spec)
+            else:
+                node.meta["tg_spec"] = _spec_with_dtype(spec, dtype)
+    return len(casts)
+
+
+def _cast_outputs(graph: fx.Graph, output: fx.Node, dtype: torch.dtype) -> set[fx.Node]:
+    """Each floating output, cast back to its recorded dtype (the new cast nodes)."""
+    casts: dict[fx.Node, fx.Node] = {}
+
+    def cast_back(value):
+        if not isinstance(value, fx.Node):
+            return value
+        spec = value.meta.get("tg_spec")
+        recorded = getattr(spec, "dtype", None)
+        if recorded is None or not recorded.is_floating_point or recorded == dtype:
+            return value
+        if value not in casts:
+            with graph.inserting_before(output):
+                casts[value] = graph.call_method("to", (value, recorded))
+            set_spec(casts[value], spec)
+        return casts[value]
+
+    output.args = (fx.node.map_aggregate(output.args[0], cast_back),)
+    return set(casts.values())

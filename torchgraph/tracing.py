@@ -1,0 +1,114 @@
+"""Recording what ``__torch_function__`` does not see, and telling library code that it is traced.
+
+Used while ``tg.from_module`` records a module (and while a config is replayed). Nothing here is
+active at any other time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from . import dims, messages, module_scopes, probing, recording, restoring, sizes, symbolic, targets
+from .errors import GraphBuildError
+from .symbolic import SymbolicInt, SymbolicTensor, _StandIn
+from .module_scopes import remove_mode
+from .targets import _METADATA, func_name, is_inplace
+from .trees import tree_leaves
+
+__all__ = ["RecordingMode", "tracing_flags"]
+
+
+@contextlib.contextmanager
+def tracing_flags():
+    # NOTE: [Tracing flags] Recording runs the module's Python forward on stand-in tensors, as
+    # torch.export's non-strict mode does; library code written to be exported (HuggingFace, timm)
+    # asks torch.compiler.is_compiling() / is_exporting() to skip data-dependent shortcuts (such as
+    # dropping an attention mask that is all ones). So these flags are set while recording, exactly
+    # as torch.export sets them (torch._export.utils._compiling_state_context).
+    compiler = torch.compiler
+    saved = {f: getattr(compiler, f) for f in ("_is_compiling_flag", "_is_exporting_flag") if hasattr(compiler, f)}
+    try:
+        for f in saved:
+            setattr(compiler, f, True)
+        yield
+    finally:
+        for f, v in saved.items():
+            setattr(compiler, f, v)
+
+
+class RecordingMode(TorchFunctionMode):
+    """While a module is recorded, routes to the recording what ``__torch_function__`` cannot see.
+
+    NOTE: [State ops] Two kinds of calls never reach a SymbolicTensor's ``__torch_function__``:
+    - Operations on the module's own parameters and buffers alone (``self.pos_ids[:, :n]``,
+      ``self.scale.exp()``, a leaf called on a constant such as ``self.wpe(torch.arange(16))``).
+      Run eagerly, their results would be baked into the graph as constants: stale after
+      ``load_state_dict`` or a training step, and without gradients. Recorded, they read the
+      parameter at run time (a ``get_attr`` node named by its state_dict key).
+    - A dynamic size passed as a Scalar (``torch.arange(x.size(1))``): torch's argument parser turns
+      a tensor in a Scalar position into a number without asking ``__torch_function__``.
+    A TorchFunctionMode sees every call; it is active only while ``tg.from_module`` records (with
+    the module's tensors as ``state_ids``) and while a config is replayed (sizes only). Metadata
+    (``.shape``, ``.dtype``...), torchgraph's own calls (probes) and everything else run as usual.
+    """
+
+    def __init__(self, state_ids: set[int] = frozenset()):
+        super().__init__()
+        self.state_ids = state_ids
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _called_from_internals():  # probes, snapshots of buffers...: never recorded
+            return func(*args, **kwargs)
+        symbolic = state = False
+        for _, leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, (SymbolicTensor, SymbolicInt, _StandIn)):
+                # NOTE: a device/dtype stand-in (`device=x.device`) reaches its own __torch_function__
+                # only when no other mode answers first: torch.device("meta") (tg.load builds on meta)
+                # would otherwise turn it into a real device and the call into a constant.
+                symbolic = True
+            elif isinstance(leaf, torch.Tensor) and (id(leaf) in self.state_ids or (
+                    leaf._base is not None and id(leaf._base) in self.state_ids)):
+                state = True
+        name = func_name(func)
+        if is_inplace(name, kwargs) or name == "__setitem__":
+            target = args[0] if args else None
+            if symbolic and isinstance(target, torch.Tensor) and not isinstance(target, SymbolicTensor):
+                # NOTE: the graph would hold this update only if its result were used later.
+                raise GraphBuildError(
+                    f"'{name}' writes a symbolic value into a real tensor of shape {tuple(target.shape)} "
+                    "(a buffer or a constant) in place; a graph cannot reproduce that update.")
+            state = False  # eager: a changed buffer is caught afterwards (the module stays one layer)
+        if symbolic or (state and name not in _UNROUTED):
+            from .recording import dispatch
+
+            # torch pops a mode while its handler runs: push it again, so that the operations of a
+            # leaf's forward re-run on probes (its shadow run) are routed exactly like the original's.
+            # NOTE: not `with self:`, whose exit pops the *top* mode: recording a module call may push
+            # a ScopeMode above this one (NOTE: [Module scopes]) that must stay until the call ends.
+            torch._C._push_on_torch_function_stack(self)
+            try:
+                return dispatch(func, args, kwargs)
+            finally:
+                remove_mode(self)
+        return func(*args, **kwargs)
+
+
+def _called_from_internals() -> bool:
+    """Whether the recording machinery makes this call (computing on probes, copying buffers...)."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename in _TORCH_WRAPPERS:
+        f = f.f_back
+    return f is not None and f.f_code.co_filename in _INTERNALS
+
+
+_TORCH_WRAPPERS = {torch.overrides.__file__, torch.nn.functional.__file__, torch.functional.__file__,
+                   torch._tensor.__file__}
+_INTERNALS = {m.__file__ for m in (probing, recording, module_scopes, restoring, sizes, dims, symbolic, messages,
+                                    targets)}
+_UNROUTED = _METADATA | {"__iter__", "data_ptr", "untyped_storage", "numpy", "__array__", "backward",
+                         "__reduce_ex__", "__deepcopy__", "__getstate__", "__setstate__", "__get__"}
