@@ -132,3 +132,13 @@ def test_guard_survives_save_and_reload_of_the_graph():
     for m in (copy.deepcopy(model), again):
         with pytest.raises(AssertionError):
             m(torch.ones(1, 1))
+
+
+def test_assert_failing_at_the_probe_sizes_says_to_bound_the_dim():
+    """An unbounded T probed at 34..127 fails `assert t <= 32`: a GraphBuildError with the fix, not the
+    user's AssertionError about sizes the model was never given."""
+    x = tg.Input(shape=(None,))
+    t = x.size(1)
+    with pytest.raises(tg.GraphBuildError, match=r"`assert t <= 32` \(at test_sizes.py:\d+\) fails at the sizes "
+                                                 r"torchgraph probes with.*tg.Dim\('T', max="):
+        assert t <= 32

@@ -22,6 +22,7 @@ from . import messages
 from .errors import GraphBuildError
 from .probing import ProbeContext, is_meta_limitation, to_meta
 from .restoring import attribute_snapshot, buffer_snapshot, restore_attributes, undo_buffers
+from .scopes import recorded_leaf
 from .symbolic import Record, SymbolicInt, SymbolicTensor, Value, _StandIn
 from .targets import _METADATA, _NEEDS_DATA, VIEW_OPS, func_name, is_inplace
 from .trees import tree_leaves, tree_map
@@ -388,6 +389,8 @@ def open_scope(frame) -> Scope:
         record.effect = "mutation"
         for value in run0.mutated.values():
             value.base.add_effect(record)
+    if real and not recorded_leaf(module):
+        _check_no_lost_call(module, run0, out0, bufs, saved, attrs)
     _link_outputs(module, record, run0, out0, out1)
 
     def restore():
@@ -414,6 +417,18 @@ def open_scope(frame) -> Scope:
     if type(call_kwargs) is dict:
         call_kwargs[_SCOPE_KEY] = sentinel
     return scope
+
+
+def _check_no_lost_call(module, run0: ShadowRun, out0, bufs, saved, attrs) -> None:
+    """NOTE: [Lost calls] A module probed with real data (its forward reads the data) that returns
+    its input object unchanged on that data (`if x.sum() > 0: return x`) hands the interrupted
+    original call its own input back: the caller never sees the recorded call, and the model would
+    skip the module whatever the data at run time. (tg.from_module reports its own leaves.)"""
+    for path, leaf in tree_leaves(out0):
+        if isinstance(leaf, SymbolicTensor) and id(leaf) in run0.inputs:
+            undo_buffers(bufs, saved)
+            restore_attributes(attrs)
+            raise GraphBuildError(messages.lost_call(module, path))
 
 
 def _is_torch_leaf(module: nn.Module) -> bool:

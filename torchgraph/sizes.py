@@ -85,6 +85,16 @@ def guard(condition: SymbolicInt) -> bool:
             "others. Fix: bound the dim (tg.Dim('T', max=...)) so that the answer is fixed, compute it "
             "inside an nn.Module's forward (which runs eagerly on real sizes), or use torch.where."
         )
+    if not answers[0] and source.startswith("assert "):
+        # NOTE: an assertion on a dynamic size that fails at both probe sizes (nanoGPT's `assert t <=
+        # block_size` with an unbounded T, probed at 34..127) is almost always a dim the model only
+        # accepts in a range: say so, rather than let the user's AssertionError speak for the probes.
+        raise GraphBuildError(
+            f"{shown} (at {where}) fails at the sizes torchgraph probes with ({_probe_sizes(value)}), "
+            "stand-ins for a dynamic dim. If the model accepts only a range of sizes, declare it: "
+            "tg.Dim('T', max=...) in tg.Input (nanoGPT: max=block_size), or use a fixed size. Expected "
+            "an assertion that holds for every accepted size."
+        )
     if isinstance(value.probes[0], bool) and answers[0]:
         checked = condition
     elif answers[0]:
@@ -98,6 +108,32 @@ def guard(condition: SymbolicInt) -> bool:
     for source_value in _tensor_sources(value):
         source_value.add_effect(record)
     return answers[0]
+
+
+def _int_sources(value: Value) -> list[Value]:
+    """The sizes read from tensors (``x.size(1)``) that a condition is computed from."""
+    out, stack, seen = [], [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or v.dims is not None:
+            continue
+        seen.add(id(v))
+        args = [a for a in (*v.record.args, *v.record.kwargs.values()) if isinstance(a, Value)]
+        if any(a.dims is not None for a in args):
+            out.append(v)
+            continue
+        stack.extend(args)
+    return out
+
+
+def _probe_sizes(value: Value) -> str:
+    """``"51 and 98"``: the probe sizes of the dynamic sizes a condition reads."""
+    sizes = []
+    for source in _int_sources(value):
+        pair = f"{source.probes[0]} and {source.probes[1]}"
+        if pair not in sizes:
+            sizes.append(pair)
+    return "; ".join(sizes) or "two sizes per dynamic dim"
 
 
 def standin_value(standin: _StandIn) -> Value:
