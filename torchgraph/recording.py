@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from . import messages
 from .errors import GraphBuildError
-from .module_scopes import STATE, ShadowRun, find_scope, open_scope, remove_idle_modes, replay, skip_metadata
+from .module_scopes import (STATE, ShadowRun, find_scope, open_scope, remove_idle_modes, replay,
+                            skip_metadata)
 from .naming import remember_variable_names
 from .probing import ProbeContext, is_meta_limitation, to_meta
 from .scopes import recorded_leaf, transparent_path

@@ -14,8 +14,8 @@ from torch.overrides import TorchFunctionMode
 
 from . import dims, messages, module_scopes, probing, recording, restoring, sizes, symbolic, targets
 from .errors import GraphBuildError
-from .symbolic import SymbolicInt, SymbolicTensor, _StandIn
 from .module_scopes import remove_mode
+from .symbolic import SymbolicInt, SymbolicTensor, _StandIn
 from .targets import _METADATA, func_name, is_inplace
 from .trees import tree_leaves
 
