@@ -7,7 +7,9 @@ Prints, side by side in one run (interleaved repetitions, medians):
      and 64x64 (target <= 100 ms, the same at both sizes), cold (first build at that size) and warm.
 
 Wall-clock and CPU (process) time are both reported: on a shared machine the CPU-time ratios are the
-stable ones (time spent waiting for a core is not counted).
+stable ones (time spent waiting for a core is not counted). On a loaded machine, run it with
+OMP_NUM_THREADS=1: with two intra-op threads, OpenMP's waiting for a busy core dominates (a call of the
+200-layer MLP took ~20 ms on one thread and 0.7-1.2 s on two), which hides the overhead measured here.
 
 Usage: python benchmarks/bench_core.py [--quick]
 """
