@@ -227,3 +227,31 @@ def test_a_real_model_file_loads_within_the_budget(tmp_path):
     error, _, extra = within_budget(lambda: tg.load(path))
     size = path.stat().st_size
     assert error is None and extra < 2 * size + MEMORY_BUDGET, (extra, size)
+
+
+def test_configs_sharing_one_list_many_times_are_refused_before_anything_runs():
+    """A dict built in memory can share one 3,000-argument list among 3,000 nodes (or contain itself):
+    a few KB standing for 9M values. Found by the fuzzer (it took 21 s and 414 MB); now refused at once."""
+    config = _base().get_config()
+    node = dict(config["nodes"][0], args=[{"node": "x"}] * 3000)
+    shared = dict(config, nodes=[node] * 3000)
+    error, seconds, extra = within_budget(lambda: tg.Model.from_config(shared))
+    assert_documented(error, seconds, extra)
+    assert error is not None and "more than 1000000 values" in str(error), error
+    looped = _base().get_config()
+    looped["nodes"][0]["kwargs"] = {"x": looped["nodes"]}  # contains itself
+    error, seconds, extra = within_budget(lambda: tg.Model.from_config(looped))
+    assert_documented(error, seconds, extra)
+    assert error is not None and "more than 1000000 values" in str(error), error
+
+
+def test_the_value_limit_leaves_room_for_big_real_configs():
+    """A model of MAX_NODES nodes written like a ResNet-50 (~27 values a node) fits the value limit."""
+    from torchgraph.config import MAX_NODES
+    from torchgraph.config_entries import MAX_CONFIG_VALUES, check_config_size
+
+    config = tg.applications.resnet50(num_classes=10, input_shape=(3, 64, 64)).get_config()
+    check_config_size(config)
+    text = json.dumps(config)
+    values = text.count(",") + text.count(":")  # at least one separator per value
+    assert values / len(config["nodes"]) * MAX_NODES < MAX_CONFIG_VALUES / 2, values

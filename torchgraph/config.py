@@ -33,8 +33,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .config_entries import MAX_DIM, MAX_INPUT_DIMS, check_name as _check_name, constant_from_entry, \
-    input_spec, node_from_entry, require as _require
+from .config_entries import MAX_DIM, MAX_INPUT_DIMS, check_config_size, check_name as _check_name, \
+    constant_from_entry, input_spec, node_from_entry, require as _require
 from .config_functions import check_method_name, function_name, resolve_function, untrusted_method
 from .config_values import decode_value, dtype_name, encode_value
 from .hierarchy import check_path, is_persistent, restore_hierarchy, unreferenced_state
@@ -264,6 +264,7 @@ def _untrusted_build(config: Any, max_bytes: int | None, who: str):
         if guarded():
             yield
         else:
+            check_config_size(config, who)
             items = sum(len(config[k]) for k in ("layers", "nodes", "constants")
                         if isinstance(config, dict) and isinstance(config.get(k), list))
             with build_guard(max_bytes if max_bytes is not None else 2**62,
