@@ -452,7 +452,7 @@ def test_verify_sizes_are_user_given_and_checked(tmp_path):
 
 def test_default_verification_sizes_are_ones_the_model_accepts(tmp_path):
     """Without verify_sizes, a table of 128 positions is verified at small sizes unlike the example's
-    (16 and 24 for an example at 8), not at the build sizes (hundreds) that it rejects in torch."""
+    (16 and 24 for an example at 8) first; the build sizes (probes) are the last candidates."""
     from torchgraph.export.inputs import example_sizes, verification_plans
 
     model = _positions_model()
@@ -462,7 +462,9 @@ def test_default_verification_sizes_are_ones_the_model_accepts(tmp_path):
     plans = verification_plans(specs, None, example)
     assert plans[0] == [{"batch": 3, "seq": 16}, {"batch": 5, "seq": 24}]
     assert plans[1] == [{"batch": 3, "seq": 9}, {"batch": 5, "seq": 10}]
-    assert min(plans[-1][0]["seq"], plans[-1][1]["seq"]) > 128  # the build sizes come last
+    spec = next(n for n in model.graph.nodes if n.op == "placeholder").meta["tg_spec"]
+    build_sizes = sorted((spec.probes[0][1], spec.probes[1][1]))
+    assert sorted((plans[-1][0]["seq"], plans[-1][1]["seq"])) == build_sizes  # the build sizes come last
     assert os.path.exists(tg.export_onnx(model, tmp_path / "m.onnx", exporter="legacy"))
 
 

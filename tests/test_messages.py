@@ -128,3 +128,83 @@ def test_call_time_input_checks():
         model(image=good["image"], ids=torch.zeros(2, 5))
     with pytest.raises(TypeError, match=r"takes 2 input\(s\)"):
         model(good["image"])
+
+
+# ------------------------------------------------------------------ issue 11: errors that point at the mistake
+
+class _Block(nn.Module):
+    """A torchvision-style basic block: the mistake is inside it."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.conv1(x))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer3 = nn.Sequential(_Block(3, 16), _Block(32, 16))  # layer3[1] expects 32 channels
+
+    def forward(self, x):
+        return self.layer3(x)
+
+
+def test_failure_inside_a_container_names_the_innermost_layer_by_path():
+    """A wrong layer deep inside a subclassed model is named by path, with its shapes and the fix."""
+    x = tg.Input(shape=(3, None, None))
+    with pytest.raises(tg.GraphBuildError) as info:
+        _Net()(x)
+    msg = str(info.value)
+    assert "Layer _Net()" in msg and "layer3[1].conv1: Conv2d(32, 16" in msg
+    assert "(None, 16, None, None) float32" in msg
+    assert "Expected 32 input channels (in_channels); received 16" in msg and "nn.Conv2d(16, 16" in msg
+    assert "test_messages.py" in msg
+
+
+def test_failure_inside_sequential_names_the_index():
+    """nn.Sequential: the failing step is shown as [i] with the shape it received."""
+    x = tg.Input(shape=(3, 8, 8))
+    with pytest.raises(tg.GraphBuildError, match=r"\[2\]: Conv2d\(16, 4.*\(None, 8, 6, 6\).*Expected 16 input"):
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))(x)
+
+
+def test_linear_on_an_unflattened_input_suggests_flatten():
+    """Linear(512, 10) on (None, 512, 1, 1) suggests flattening, not nn.Linear(1, 10)."""
+    x = tg.Input(shape=(512, 1, 1))
+    with pytest.raises(tg.GraphBuildError, match=r"flatten the input first \(x.flatten\(1\).*\(None, 512\)") as info:
+        nn.Linear(512, 10)(x)
+    assert "nn.Linear(1, 10)" not in str(info.value)
+    with pytest.raises(tg.GraphBuildError, match=r"x.flatten\(1\) gives 96 features: nn.Linear\(96, 10\)"):
+        nn.Linear(512, 10)(tg.Input(shape=(6, 4, 4)))
+
+
+@pytest.mark.parametrize("layer", [nn.LSTM(8, 4, batch_first=True), nn.GRU(8, 4, batch_first=True)])
+def test_rnn_with_wrong_input_size_is_a_graph_build_error(layer):
+    """LSTM/GRU with the wrong input_size: the usual layer/shape/fix message, not a raw RuntimeError."""
+    with pytest.raises(tg.GraphBuildError, match=rf"input_size=8; received 6. Fix: nn.{type(layer).__name__}\(6, 4\)"):
+        layer(tg.Input(shape=(5, 6)))
+
+
+def test_numpy_round_trip_says_what_happened_and_as_tensor_works():
+    """torch.from_numpy is invisible to torchgraph: the error says so; torch.as_tensor is recorded."""
+    import numpy as np
+
+    class FromNumpy(nn.Module):
+        def forward(self, x):
+            return torch.from_numpy(np.tanh(x.detach().numpy()))
+
+    class AsTensor(nn.Module):
+        def forward(self, x):
+            return torch.as_tensor(np.tanh(x.detach().numpy()))
+
+    x = tg.Input(shape=(5,))
+    with pytest.raises(tg.GraphBuildError, match=r"left torch.*torch.from_numpy.*torch.as_tensor\(array\)"):
+        FromNumpy()(x)
+    layer = AsTensor()
+    model = tg.Model(x, layer(x) * 2)
+    inp = torch.randn(3, 5)
+    torch.testing.assert_close(model(inp), torch.tanh(inp) * 2)

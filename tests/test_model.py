@@ -175,3 +175,41 @@ def test_sequential_pop_leaves_no_stale_layer_attribute():
     names = [n for n, _ in seq.named_children()]
     seq.pop()
     assert not hasattr(seq, names[-1]) and seq(torch.randn(2, 4)).shape == (2, 4)
+
+
+# ------------------------------------------------------------------ issue 11: checks across inputs
+
+def test_inputs_sharing_the_batch_must_agree_at_call_time():
+    """Two inputs share the batch: batch 2 with batch 1 is a ValueError naming both, not a broadcast."""
+    import pytest
+
+    a, b = tg.Input((3,), name="a"), tg.Input((3,), name="b")
+    model = tg.Model([a, b], a + b)
+    model(torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"inputs 'a' and 'b' share the batch dim.*received 2 and 1"):
+        model(torch.ones(2, 3), torch.ones(1, 3))
+
+
+def test_inputs_sharing_a_named_dim_must_agree_at_call_time():
+    """A named dim ('T') used by two inputs must have one size per call; the error names the dim."""
+    import pytest
+
+    ids, mask = tg.Input(("T",), dtype=torch.long, name="ids"), tg.Input(("T",), name="mask")
+    model = tg.Model({"ids": ids, "mask": mask}, nn.Embedding(10, 4)(ids) * mask.unsqueeze(-1))
+    assert model(ids=torch.zeros(2, 5, dtype=torch.long), mask=torch.ones(2, 5)).shape == (2, 5, 4)
+    with pytest.raises(ValueError, match=r"inputs 'ids' and 'mask' share 'T' \(dim 1 of 'ids', dim 1 of "
+                                         r"'mask'\).*received 5 and 1"):
+        model(ids=torch.zeros(2, 5, dtype=torch.long), mask=torch.ones(2, 1))
+
+
+def test_bounded_dims_are_checked_at_call_time():
+    """tg.Dim('T', max=8): a call with T=9 names the input, the dim and the bound."""
+    import pytest
+
+    x = tg.Input((tg.Dim("T", min=2, max=8), 4), name="tokens")
+    model = tg.Model(x, x.relu())
+    assert model(torch.randn(1, 8, 4)).shape == (1, 8, 4)
+    with pytest.raises(ValueError, match=r"input 'tokens' dim 1 \('T'\) must satisfy 2 <= size <= 8.*received 9"):
+        model(torch.randn(1, 9, 4))
+    with pytest.raises(ValueError, match=r"received 1"):
+        model(torch.randn(1, 1, 4))

@@ -1,6 +1,7 @@
 """Recording layer calls and torch functions: what gets recorded, and that it runs like eager code."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -231,3 +232,160 @@ def test_named_tuple_returns_keep_their_fields_on_repeated_calls():
     inp = torch.randn(3, 4, 5)
     for out, ref in zip(model(inp), [inp.max(dim=1).values, inp.max(dim=1).values, inp.max(dim=1).indices]):
         torch.testing.assert_close(out, ref)
+
+
+# ------------------------------------------------------------------ issue 11: silent wrong results
+
+class _Scale(nn.Module):
+    """Reads a dynamic size before any tensor op and builds a tensor from it (issue 11's example)."""
+
+    def forward(self, x):
+        return torch.full((1,), 1.0 / x.size(1))
+
+
+def test_module_reading_a_dynamic_size_first_is_recorded_not_baked():
+    """A forward that only reads x.size(1) and builds a tensor from it is one layer, not a constant."""
+    x = tg.Input(shape=(None,))
+    scale = _Scale()
+    model = tg.Model(x, x * scale(x))
+    assert [n.op for n in model.graph.nodes].count("get_attr") == 0
+    for t in (1, 4, 48, 200):
+        inp = torch.ones(2, t)
+        torch.testing.assert_close(model(inp), inp * scale(inp))
+
+
+def test_module_outputs_made_from_sizes_follow_the_input():
+    """arange/zeros/expand of a parameter made from sizes inside forward are the layer's outputs."""
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 1, 4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            pos = torch.arange(t, device=x.device).float()
+            return self.cls.expand(b, -1, -1), pos, torch.zeros(b, t)
+
+    layer = Positions()
+    x = tg.Input(shape=(None, 4))
+    cls, pos, zeros = layer(x)
+    assert cls.static_shape == (None, 1, 4) and pos.static_shape == (None,) and zeros.static_shape == (None, None)
+    model = tg.Model(x, [cls, pos, zeros])
+    for b, t in ((1, 1), (3, 5), (2, 130)):
+        inp = torch.randn(b, t, 4)
+        for out, ref in zip(model(inp), layer(inp)):
+            torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("kind", ["iadd", "add_", "relu_", "identity", "setitem"])
+def test_inplace_ops_on_model_inputs_are_kept(kind):
+    """y += x (and add_, relu_, after an nn.Identity, item assignment) changes the result like eager."""
+    def program(x, y):
+        if kind == "iadd":
+            y += x
+        elif kind == "add_":
+            y.add_(x)
+        elif kind == "relu_":
+            y.relu_()
+        elif kind == "identity":
+            h = nn.Identity()(y)
+            h += x
+        else:
+            y[:, 0] = x[:, 1]
+        return y * 1
+
+    x, y = tg.Input((3,)), tg.Input((3,))
+    with warnings.catch_warnings():
+        if kind != "relu_":  # x is used (relu_ really leaves it unused, and says so)
+            warnings.simplefilter("error")
+        else:
+            warnings.simplefilter("ignore")
+        model = tg.Model((x, y), program(x, y))
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    eager_a, eager_b = a.clone(), b.clone()
+    expected = program(eager_a, eager_b)
+    got_a, got_b = a.clone(), b.clone()
+    torch.testing.assert_close(model(got_a, got_b), expected)
+    torch.testing.assert_close(got_b, eager_b)  # the caller's tensor is mutated as in eager code
+
+
+def test_inplace_op_on_an_input_is_kept_even_when_no_output_reads_it():
+    """x.mul_(2) on an input mutates the caller's tensor like eager code, even if outputs ignore it."""
+    x, y = tg.Input((3,)), tg.Input((3,))
+    x.mul_(2)
+    model = tg.Model([x, y], y + 1)
+    a = torch.ones(2, 3)
+    model(a, torch.zeros(2, 3))
+    torch.testing.assert_close(a, torch.full((2, 3), 2.0))
+
+
+def test_inplace_through_a_view_reaches_later_uses():
+    """v = x[:, :2]; v.zero_() changes x for later reads, as in eager code."""
+    def program(x):
+        v = x[:, :2]
+        v.zero_()
+        return x.sum(dim=1)
+
+    x = tg.Input((4,))
+    model = tg.Model(x, program(x))
+    inp = torch.randn(3, 4)
+    torch.testing.assert_close(model(inp.clone()), program(inp.clone()))
+
+
+def test_inplace_module_mutates_its_input_like_eager():
+    """nn.ReLU(inplace=True) called for its side effect: later reads of its input see the mutation."""
+    def program(x):
+        h = x * 1
+        nn.ReLU(inplace=True)(h)
+        return h + 0
+
+    x = tg.Input((4,))
+    model = tg.Model(x, program(x))
+    inp = torch.randn(5, 4)
+    torch.testing.assert_close(model(inp), inp.relu())
+
+
+def test_no_mode_is_left_on_after_building_modules_that_make_tensors():
+    """The scope mode lives only during the module call; a user's own mode around the build survives."""
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    stack = torch.overrides._get_current_function_mode_stack
+    x = tg.Input(shape=(None,))
+    y = _Scale()(x)
+    assert not stack()  # gone as soon as the module call returned
+    with Counting() as counting:
+        z = _Scale()(x * y)
+        assert stack() == [counting]
+    model = tg.Model(x, z)
+    assert not stack() and counting.calls > 0
+    torch.testing.assert_close(model(torch.ones(2, 5)), torch.full((1,), 1 / 5))
+
+
+def test_forward_that_fails_after_recording_started_leaves_nothing_behind():
+    """A forward that raises in the original call (not in its probe runs): the error surfaces, no mode stays."""
+    class FailsSecondTime(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            n = x.size(1)
+            FailsSecondTime.calls += 1
+            if FailsSecondTime.calls > 2:  # the two probe runs pass, the original call fails
+                raise RuntimeError("boom")
+            return x * torch.full((1,), float(n))
+
+    x = tg.Input(shape=(None,))
+    with pytest.raises(RuntimeError, match="boom"):
+        FailsSecondTime()(x)
+    tg.Input(shape=(3,))  # a safe point: idle modes are removed
+    assert not torch.overrides._get_current_function_mode_stack()
+    model = tg.Model(x, _Scale()(x))
+    assert model(torch.ones(1, 4)).shape == (1,)

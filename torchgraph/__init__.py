@@ -22,7 +22,7 @@ from .naming import name
 from .optimize import optimize
 from .plot import model_to_dot, plot_model
 from .sequential import Sequential
-from .symbolic import Input, SymbolicInt, SymbolicTensor
+from .symbolic import Dim, Input, SymbolicInt, SymbolicTensor
 from .saving import load, save
 from .scopes import scope
 from .summary import summary
@@ -31,6 +31,7 @@ from . import applications, callbacks, ops, saving
 __version__ = "0.1.0"
 
 __all__ = [
+    "Dim",
     "GraphBuildError",
     "applications",
     "callbacks",

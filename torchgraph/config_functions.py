@@ -113,6 +113,7 @@ def _build_table() -> None:
         allowed.update(id(getattr(ns, n)) for n in names if callable(getattr(ns, n, None)))
     table: dict[str, Callable] = {f"operator.{n}": getattr(operator, n) for n in _OPERATORS}
     table["builtins.getattr"] = builtins.getattr
+    table["torch._assert"] = torch._assert  # guards recorded by `assert n <= 512` (sizes.py)
     from .targets import setitem
     table["torchgraph.setitem"] = setitem
     for ns_name, ns in _NAMESPACES:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .dims import new_build
 from .errors import GraphBuildError
 from .fidelity import changed_state, differing_scopes, records_in_order, signature, snapshot_state
 from .hierarchy import mirror_hierarchy
@@ -429,7 +430,11 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
     if leaf_modules is not None and not isinstance(leaf_modules, (list, tuple, set)):
         leaf_modules = [leaf_modules]
     args, kwargs, settings = _make_inputs(module, inputs)
-    outputs, plan = record_module(module, args, {**kwargs, **settings}, leaf_modules or ())
+    try:
+        outputs, plan = record_module(module, args, {**kwargs, **settings}, leaf_modules or ())
+    except BaseException:
+        new_build()  # a failed recording ends its build too (NOTE: [Probe sizes] in dims.py)
+        raise
     if hasattr(outputs, "to_tuple") and isinstance(outputs, dict):  # transformers' ModelOutput
         outputs = dict(outputs)
     model_inputs: Any = dict(kwargs) if kwargs else (args[0] if len(args) == 1 else list(args))

@@ -12,21 +12,37 @@ import sys
 import torch
 import torch.nn as nn
 
-__all__ = ["describe_module", "module_failure", "function_failure", "precheck", "user_location"]
+__all__ = ["below_torch_function", "called_from_torch", "describe_module", "dynamic_number_output",
+           "dynamic_size_as_number", "function_failure", "inner_failure", "input_reshaped_in_place", "layer_hint",
+           "module_failure", "precheck", "untracked_output", "user_frame", "user_location"]
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
-def user_location() -> str:
-    """``"file.py:12"`` of the innermost frame outside torch and torchgraph (the user's line)."""
+def user_frame():
+    """The innermost frame outside torch and torchgraph (the user's line), or None."""
     f = sys._getframe(1)
     while f is not None:
         path = os.path.abspath(f.f_code.co_filename)
         if not (path.startswith(_PKG_DIR) or path.startswith(_TORCH_DIR) or path.startswith("<")):
-            return f"{os.path.basename(path)}:{f.f_lineno}"
+            return f
         f = f.f_back
-    return "<unknown>"
+    return None
+
+
+def user_location() -> str:
+    """``"file.py:12"`` of the innermost frame outside torch and torchgraph (the user's line)."""
+    f = user_frame()
+    return "<unknown>" if f is None else f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+def called_from_torch() -> bool:
+    """Whether the innermost frame outside torchgraph is torch's own code (e.g. a layer's __init__)."""
+    f = sys._getframe(1)
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_PKG_DIR):
+        f = f.f_back
+    return f is not None and os.path.abspath(f.f_code.co_filename).startswith(_TORCH_DIR)
 
 
 def describe_module(module: nn.Module) -> str:
@@ -83,12 +99,34 @@ def _layer_hint(module: nn.Module, args) -> str | None:
     v = _first_symbolic(args)
     if v is None or v.dims is None:
         return None
-    shape, ndim, dtype = v.dims, len(v.dims), v.dtype
+    return layer_hint(module, v.dims, v.dtype)
+
+
+def _linear_hint(module: nn.Linear, shape: tuple, last) -> str:
+    expect = f"Expected the last dim to be in_features={module.in_features}; received {last}."
+    trailing = shape[1:]
+    flat = None
+    if len(shape) > 2 and all(isinstance(d, int) for d in trailing):
+        flat = 1
+        for d in trailing:
+            flat *= d
+    if flat == module.in_features:
+        return (f"{expect} Fix: flatten the input first (x.flatten(1) or nn.Flatten() gives (None, {flat})); "
+                "a Linear only mixes the last dim.")
+    fix = f"Fix: use nn.Linear({last}, {module.out_features}), or make the previous layer output " \
+          f"{module.in_features} features."
+    if flat is not None:
+        fix += (f" If the input should be flattened, x.flatten(1) gives {flat} features: "
+                f"nn.Linear({flat}, {module.out_features}).")
+    return f"{expect} {fix}"
+
+
+def layer_hint(module: nn.Module, shape: tuple, dtype) -> str | None:
+    """The hint for ``module`` called on a tensor with ``shape`` (ints, dynamic dims) and ``dtype``."""
+    ndim = len(shape)
     last = shape[-1] if ndim else None
     if isinstance(module, nn.Linear) and isinstance(last, int) and last != module.in_features:
-        return (f"Expected the last dim to be in_features={module.in_features}; received {last}. "
-                f"Fix: use nn.Linear({last}, {module.out_features}), or make the previous layer output "
-                f"{module.in_features} features.")
+        return _linear_hint(module, tuple(shape), last)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                            nn.ConvTranspose3d)):
         spatial = len(module.kernel_size)
@@ -144,17 +182,163 @@ def _torch_detail(exc: BaseException) -> str:
             "for dynamic dims).")
 
 
-def module_failure(module: nn.Module, args, kwargs, exc: BaseException) -> str:
+def _pretty_path(path: str) -> str:
+    """``layer3.1.conv1`` -> ``layer3[1].conv1`` (indices of Sequential/ModuleList as subscripts)."""
+    out = ""
+    for part in path.split("."):
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def _short_repr(module: nn.Module) -> str:
+    extra = module.extra_repr() if hasattr(module, "extra_repr") else ""
+    if len(extra) > 120:
+        extra = extra[:117] + "..."
+    return f"{type(module).__name__}({extra})"
+
+
+def module_failure(module: nn.Module, args, kwargs, exc: BaseException, inner: tuple | None = None) -> str:
+    """The message for a layer whose probe run failed; ``inner`` names the failing sub-layer."""
     shapes = _input_shapes(args, kwargs)
     received = ", ".join(shapes) if shapes else "no tensors"
     head = f"{describe_module(module)} cannot be called on input of shape {received}"
-    hint = _layer_hint(module, args)
     parts = [head + "."]
+    if inner is not None:
+        from .dims import dim_for_probes
+        from .symbolic import format_shape
+
+        path, layer, pairs = inner
+        inner_shapes = []
+        first = None
+        for s0, s1, dtype in pairs:
+            dims = tuple(dim_for_probes(a, b) for a, b in zip(s0, s1)) if len(s0) == len(s1) else s0
+            first = first or (dims, dtype)
+            inner_shapes.append(f"{format_shape(dims)} {str(dtype).replace('torch.', '')}")
+        parts.append(f"Inside it, {_pretty_path(path)}: {_short_repr(layer)} failed on input of shape "
+                     f"{', '.join(inner_shapes) or 'no tensors'}.")
+        hint = layer_hint(layer, *first) if first is not None else None
+    else:
+        hint = _layer_hint(module, args)
     if hint:
         parts.append(hint)
     parts.append(_torch_detail(exc))
     parts.append(f"(at {user_location()})")
     return " ".join(parts)
+
+
+def inner_failure(module: nn.Module, exc: BaseException, k: int, rerun) -> tuple | None:
+    """``(path, layer, [(shape at probe 0, shape at probe 1, dtype), ...])`` of the innermost failing
+    sub-layer; the other probe is run again to tell its static dims from its dynamic ones."""
+    first = _innermost_call(module, exc)
+    if first is None:
+        return None
+    path, layer, shapes = first
+    other = shapes
+    try:
+        rerun(1 - k)
+    except Exception as exc1:  # noqa: BLE001 - the same failure at the other probe size
+        second = _innermost_call(module, exc1)
+        if second is not None and second[0] == path and len(second[2]) == len(shapes):
+            other = second[2]
+    pairs = [(a[0], b[0], a[1]) for a, b in zip(shapes, other)]
+    if k == 1:
+        pairs = [(b, a, dtype) for a, b, dtype in pairs]
+    return (path, layer, pairs)
+
+
+def _innermost_call(module: nn.Module, exc: BaseException):
+    from .symbolic import SymbolicTensor
+    from .trees import tree_leaves
+
+    names = {id(m): n for n, m in module.named_modules() if n}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_code is nn.Module._call_impl.__code__:
+            layer = f.f_locals.get("self")
+            if id(layer) in names:
+                shapes = [(tuple(leaf._tg_shadow.shape), leaf._tg_shadow.dtype)
+                          for _, leaf in tree_leaves(f.f_locals.get("args", ()))
+                          if isinstance(leaf, SymbolicTensor) and leaf._tg_shadow is not None]
+                found = (names[id(layer)], layer, shapes)
+        tb = tb.tb_next
+    return found
+
+
+def untracked_output(module: nn.Module, path: tuple, left_torch: bool) -> str:
+    where = f" (output {list(path)})" if path else ""
+    if left_torch:
+        return (f"{describe_module(module)} returned a tensor{where} made from data that left torch (its "
+                "forward calls .numpy()/.tolist(), so it was probed with small real tensors, and the "
+                "result came back through torch.from_numpy or another call torch does not let torchgraph "
+                "see). torchgraph cannot connect that tensor to the layer's inputs, so it would be a "
+                "constant of the build sizes. Expected tensors made by torch functions. Fix: use "
+                "torch.as_tensor(array) (or x.new_tensor(array)) instead of torch.from_numpy(array); "
+                f"those are seen and recorded. (at {user_location()})")
+    return (f"{describe_module(module)} returned a tensor{where} that torchgraph did not see being made: "
+            "it was created outside torch functions (by a C extension, or kept from an earlier call), so "
+            "it may be a constant of the build sizes. Expected outputs computed by torch operations. "
+            f"Compute it with torch functions in forward, or register it as a buffer. (at {user_location()})")
+
+
+def lost_call(module: nn.Module, path: tuple) -> str:
+    where = f" (output {list(path)})" if path else ""
+    return (f"{describe_module(module)}: its forward depends on the data (it was probed with small real "
+            f"tensors), and on that data it returned its input object unchanged{where}, so the call cannot "
+            "be recorded: the model would skip the layer whatever the data. Expected a forward that "
+            "computes its outputs. Make that branch compute something (`return x.clone()`), or make the "
+            f"condition depend on shapes only. (at {user_location()})")
+
+
+def dynamic_number_output(module: nn.Module, path: tuple) -> str:
+    where = f" (output {list(path)})" if path else ""
+    return (f"{describe_module(module)} returned a Python number{where} that depends on a dynamic size "
+            "(it differs between the sizes torchgraph probes with), and a model cannot return a Python "
+            "number computed at build time. Expected tensor outputs. Return it as a tensor "
+            f"(torch.tensor(n)), or compute it at the top level from x.size(...). (at {user_location()})")
+
+
+def input_reshaped_in_place(module: nn.Module, value) -> str:
+    from .symbolic import format_shape
+
+    return (f"{describe_module(module)} changes the shape of its input of shape {format_shape(value.dims)} "
+            "in place (e.g. x.unsqueeze_(0)); later uses of that input outside the layer would see a "
+            "shape torchgraph cannot follow. Expected in-place ops that keep the shape. Use the "
+            f"out-of-place op (x = x.unsqueeze(0)). (at {user_location()})")
+
+
+def dynamic_size_as_number(what: str):
+    from .errors import GraphBuildError
+
+    return GraphBuildError(
+        f"A dynamic size was used {what} (at {user_location()}): its value is only known when the model "
+        "runs, and there it would become a fixed number before torchgraph can see the call, so the call "
+        "cannot be recorded. Expected it where torch passes it on: in a size list (x.view(n, -1), "
+        "torch.zeros(n, 4)), as an argument of a symbolic tensor's method (x.narrow(1, 0, n), x[:, :n]), "
+        "or to a factory together with device=x.device (torch.arange(0, n, device=x.device) is "
+        "recorded). To slice a real tensor or parameter by it, do it inside an nn.Module's forward "
+        "(where sizes are plain ints) or index it with a recorded range: "
+        "table[:, torch.arange(n, device=x.device)]."
+    )
+
+
+def below_torch_function(func, args):
+    """The error for an operation that reached a symbolic tensor below the torch function layer."""
+    from .errors import GraphBuildError
+    from .symbolic import SymbolicInt
+
+    name = str(func)
+    if args and isinstance(args[0], SymbolicInt) and ("_local_scalar_dense" in name or "item" in name
+                                                      or "detach" in name):
+        return dynamic_size_as_number(
+            "where torch takes a single number (torch.arange(n), t.narrow(0, 0, n) or torch.tensor(n), "
+            "with t a real tensor)")
+    return GraphBuildError(
+        f"torchgraph: '{func}' reached a symbolic tensor below the torch function layer, where it "
+        f"cannot be recorded (at {user_location()}). Expected torch functions and tensor methods called "
+        "on symbolic tensors. Call this code inside an nn.Module's forward, or on real tensors."
+    )
 
 
 def _function_hint(name: str, args) -> str | None:

@@ -23,13 +23,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .dims import new_build
 from .errors import GraphBuildError
 from .hierarchy import order_by_graph
-from .naming import ILLEGAL_NAMES, assign_layer_names, check_identifier, fixed_path, remember_name, tensor_name
+from .input_checks import check_call, input_checks
+from .naming import (ILLEGAL_NAMES, assign_layer_names, check_identifier, fixed_path, remember_name,
+                     tensor_name)
 from .recording import close_finished_scopes
 from .trees import tree_leaves, tree_map
-from .symbolic import (Record, SymbolicInt, SymbolicTensor, Value, dim_for_probes,
-                       format_shape)
+from .symbolic import Record, SymbolicInt, SymbolicTensor, Value, format_shape
 from .training import TrainingMixin
 
 __all__ = ["Model", "ValueSpec"]
@@ -37,30 +39,34 @@ __all__ = ["Model", "ValueSpec"]
 
 @dataclass(frozen=True)
 class ValueSpec:
-    """What a node outputs: ``shape`` (``None``/names for dynamic dims), ``dtype``, and probe shapes."""
+    """What a node outputs: ``shape`` (``None``/names for dynamic dims), ``dtype``, and probe shapes.
+
+    ``dims`` (tensors only) has, per dim, the static size or the :class:`~torchgraph.dims.DynamicDim`
+    (with ``name``, ``min``, ``max`` and ``probes``); it is ``None`` in models saved before it existed.
+    """
 
     shape: tuple | None
     dtype: torch.dtype | None
     probes: tuple  # (shape at probe 0, shape at probe 1), or two ints for a dynamic size
+    dims: tuple | None = None
 
     @staticmethod
     def of(value: Value) -> "ValueSpec":
         p0, p1 = value.probes
         if isinstance(p0, torch.Tensor):
-            return ValueSpec(value.shape, p0.dtype, (tuple(p0.shape), tuple(p1.shape)))
+            return ValueSpec(value.shape, p0.dtype, (tuple(p0.shape), tuple(p1.shape)), value.dims)
         return ValueSpec(None, None, (p0, p1))
 
     def to_value(self, record: Record, path: tuple) -> Value:
         if self.dtype is None:
             return Value(record, path, self.probes)
         probes = tuple(torch.empty(s, dtype=self.dtype, device="meta") for s in self.probes)
-        return Value(record, path, probes)
+        return Value(record, path, probes, [d for d in self.dims or () if not isinstance(d, int)])
 
     def format(self) -> str:
         if self.shape is None:
-            return "int"
-        dims = [dim_for_probes(a, b) for a, b in zip(*self.probes)]
-        return format_shape(dims)
+            return type(self.probes[0]).__name__
+        return format_shape(["None" if d is None else d for d in self.shape]).replace("'", "")
 
 
 # model -> {"inputs": [...], "outputs": [...], "nodes": {node name: symbolic object}}
@@ -93,6 +99,7 @@ def _output_names(kind: str, paths: list[tuple]) -> list[str]:
 
 
 def _check_symbolic(items: list, what: str) -> list[Value]:
+    """The values of ``inputs`` (what each tensor was created as) or ``outputs`` (what it holds now)."""
     values = []
     for i, t in enumerate(items):
         if not isinstance(t, SymbolicTensor):
@@ -104,7 +111,7 @@ def _check_symbolic(items: list, what: str) -> list[Value]:
             )
         if t._tg_value is None:
             raise GraphBuildError(f"tg.Model: {what}[{i}] is an internal value of a module's forward.")
-        values.append(t._tg_value)
+        values.append(t._tg_origin if what == "inputs" and t._tg_origin is not None else t._tg_value)
     return values
 
 
@@ -114,13 +121,35 @@ def _describe_input(value: Value) -> str:
     return f"Input '{n}' {shape}" if n else f"an unnamed Input of shape {shape}"
 
 
+# NOTE: [Effects]
+# A model is what its outputs need, plus the *effects* that eager code would also perform:
+#   * mutations: an in-place op, or a module call that mutates an input in place (nn.ReLU(inplace=
+#     True), a forward doing x.add_(1)). Registered on the value whose storage they change (`base`:
+#     through views), they are kept whenever the model contains that storage -- as an input or as a
+#     value it computes -- even if no output reads the result: eager code mutates the caller's input
+#     tensor, and later reads of any view of it see the change. Emitting them in program order gives
+#     exactly eager's results. A mutation that needs a tensor not computable from `inputs` makes the
+#     graph disconnected, as any other need would.
+#   * guards: checks recorded by `assert T <= 512` (NOTE: [Guards] in sizes.py), kept when every value
+#     they read is computable from the model's inputs.
+
 def _collect_records(output_values: list[Value], input_values: list[Value]) -> tuple[list[Record], set]:
     inputs = {id(v) for v in input_values}
     used: set[int] = set()
     records: dict[int, Record] = {}
+    seen_values: set[int] = set()
+    computable: dict[int, bool] = {}
     stack = list(output_values)
-    while stack:
+    effect_bases = list(input_values)
+    while stack or effect_bases:
+        if not stack:
+            stack.extend(_effects_of(effect_bases.pop(), records, input_values, computable))
+            continue
         v = stack.pop()
+        if id(v) in seen_values:
+            continue
+        seen_values.add(id(v))
+        effect_bases.append(v)
         if id(v) in inputs:
             used.add(id(v))
             continue
@@ -139,6 +168,42 @@ def _collect_records(output_values: list[Value], input_values: list[Value]) -> t
             if isinstance(leaf, Value):
                 stack.append(leaf)
     return sorted(records.values(), key=lambda r: r.seq), used
+
+
+def _effects_of(value: Value, records: dict, input_values: list[Value], computable: dict) -> list[Value]:
+    """The argument values of effect records not yet in the model that ``value`` brings in."""
+    out = []
+    for holder in {id(value): value, id(value.base): value.base}.values():
+        for effect in holder.effects or ():
+            if id(effect) in records:
+                continue
+            if effect.effect == "guard" and not _computable(effect, {id(v) for v in input_values}, computable):
+                continue
+            records[id(effect)] = effect
+            out.extend(leaf for _, leaf in tree_leaves((effect.args, effect.kwargs)) if isinstance(leaf, Value))
+    return out
+
+
+def _computable(record: Record, inputs: set, memo: dict) -> bool:
+    """Whether every placeholder ``record`` depends on is among ``inputs`` (ids of values)."""
+    stack, seen = [record], []
+    while stack:
+        r = stack.pop()
+        known = memo.get(id(r))
+        if known is False:
+            return False
+        if known or id(r) in seen:
+            continue
+        seen.append(id(r))
+        if r.op == "placeholder":
+            memo[id(r)] = False
+            return False
+        for _, leaf in tree_leaves((r.args, r.kwargs)):
+            if isinstance(leaf, Value) and id(leaf) not in inputs:
+                stack.append(leaf.record)
+    for rid in seen:
+        memo[rid] = True
+    return True
 
 
 class _Emitter:
@@ -276,6 +341,12 @@ class Model(TrainingMixin, fx.GraphModule):
             super().__init__(inputs, outputs, class_name=class_name or name or "Model", **kwargs)
             return
         close_finished_scopes()
+        try:
+            self._construct(inputs, outputs, name)
+        finally:
+            new_build()  # NOTE: [Probe sizes] in dims.py: the next build starts afresh
+
+    def _construct(self, inputs, outputs, name: str | None) -> None:
         if outputs is None:
             raise GraphBuildError("tg.Model(inputs, outputs): `outputs` is missing.")
         in_kind, in_keys, in_items = _structure(inputs)
@@ -336,6 +407,8 @@ class Model(TrainingMixin, fx.GraphModule):
             spec = _record_out_spec(r)
             if spec is not None:
                 node.meta["tg_spec"] = spec
+            if r.effect is not None:
+                node.meta["tg_effect"] = r.effect
             if r.scope:
                 node.meta["tg_scope"] = r.scope  # see scopes.py
             em.record_nodes[id(r)] = node
@@ -390,9 +463,9 @@ class Model(TrainingMixin, fx.GraphModule):
             return super().__call__(*args, **kwargs)
         checks = self.__dict__.get("_tg_checks")
         if checks is None:
-            checks = self._tg_checks = _input_checks(self)
+            checks = self._tg_checks = input_checks(self)
         if checks:
-            _check_call(self, checks, args, kwargs)
+            check_call(self, checks, args, kwargs)
         return super().__call__(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
@@ -438,6 +511,7 @@ class Model(TrainingMixin, fx.GraphModule):
         _, (body, import_block) = super().__reduce__()
         names = [n.name for n in self.graph.nodes]
         specs = [n.meta.get("tg_spec") for n in self.graph.nodes]
+        effects = [n.meta.get("tg_effect") for n in self.graph.nodes]
         scopes = [n.meta.get("tg_scope") for n in self.graph.nodes]
         body = dict(body)
         body.pop("_tg_checks", None)
@@ -445,7 +519,7 @@ class Model(TrainingMixin, fx.GraphModule):
         # fx gives each instance its own GraphModuleImpl subclass; rebuild the user-facing class
         # (Model, or a subclass such as tg.Sequential).
         cls = next(t for t in type(self).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
-        return (_rebuild_model, (body, import_block, names, specs, cls, scopes))
+        return (_rebuild_model, (body, import_block, names, specs, cls, effects, scopes))
 
     def _deepcopy_init(self):
         # fx's deepcopy re-runs GraphModule.__init__ with the default class name "GraphModule".
@@ -575,7 +649,9 @@ def constant_value(t: torch.Tensor) -> SymbolicTensor:
 
 def _handle(o):
     if isinstance(o, Value):
-        return SymbolicTensor(o) if o.dims is not None else SymbolicInt(o)
+        if o.dims is not None:
+            return SymbolicTensor(o)
+        return SymbolicInt(o) if isinstance(o.probes[0], (int, float)) else o.probes[0]
     return o
 
 
@@ -616,22 +692,36 @@ def _resymbolize(model: Model) -> dict:
                 target = model.get_submodule(node.target)
                 remember_name(target, node.target)
             record = Record(node.op, target, tuple(args), kwargs)
-        if spec is None:
+        effect = node.meta.get("tg_effect")
+        if spec is None and effect is None:
             raise GraphBuildError(f"node '{node.name}' has no torchgraph shape information (was the graph "
                                   "edited by hand? run tg.Model on the edited model's inputs/outputs).")
 
         def make(path, s):
             if isinstance(s, ValueSpec):
-                v = s.to_value(record, path)
-                return SymbolicTensor(v) if s.dtype is not None else SymbolicInt(v)
+                return _handle(s.to_value(record, path))
             return s
         obj = _map_spec(make, spec)
         record.out = tree_map(lambda o: o._tg_value if isinstance(o, (SymbolicTensor, SymbolicInt)) else o, obj)
+        if effect is not None:
+            _register_effect(record, effect)
         env[node] = obj
         nodes[node.name] = obj
         if node.op == "placeholder":
             inputs.append(obj)
     return {"inputs": inputs, "outputs": outputs, "nodes": nodes}
+
+
+def _register_effect(record: Record, effect: str) -> None:
+    """Make a rebuilt record an effect again (NOTE: [Effects]); a mutation counts for all its inputs."""
+    from .sizes import _tensor_sources
+
+    record.effect = effect
+    for _, leaf in tree_leaves((record.args, record.kwargs)):
+        if isinstance(leaf, Value):
+            holders = _tensor_sources(leaf) if effect == "guard" else ([leaf.base] if leaf.dims else [])
+            for holder in holders:
+                holder.add_effect(record)
 
 
 def _map_spec(fn, spec, path=()):
@@ -671,7 +761,7 @@ def _keep_non_persistent(model: nn.Module, body: dict) -> None:
 
 
 def _rebuild_model(body: dict, import_block: str, names: list, specs: list, cls: type | None = None,
-                   scopes: list | None = None) -> Model:
+                   effects: list | None = None, scopes: list | None = None) -> Model:
     from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
     fn_src = body.get("_code") or body["code"]
@@ -687,69 +777,16 @@ def _rebuild_model(body: dict, import_block: str, names: list, specs: list, cls:
         # that the retrace gave to another node (linear_1 would become linear_3).
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        for node, name, spec, scope in zip(nodes, names, specs, scopes or [None] * len(nodes)):
+        for node, name, spec, effect, scope in zip(nodes, names, specs, effects or [None] * len(nodes),
+                                                   scopes or [None] * len(nodes)):
             new = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
                                     fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
             if spec is not None:
                 new.meta["tg_spec"] = spec
+            if effect is not None:
+                new.meta["tg_effect"] = effect
             if scope:
                 new.meta["tg_scope"] = scope
             env[node] = new
         model.graph = graph
     return model
-
-
-# ---------------------------------------------------------------------- input checks at call time
-
-def _input_checks(model: Model) -> tuple:
-    """Per input: ``(name, ndim, ((dim, size), ...), dtype)`` from the placeholders' specs."""
-    checks = []
-    float_dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
-    for node in model.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        spec = node.meta.get("tg_spec")
-        if not isinstance(spec, ValueSpec) or spec.shape is None:
-            continue
-        static = tuple((i, d) for i, d in enumerate(spec.shape) if isinstance(d, int) and i > 0)
-        allowed = {spec.dtype}
-        if spec.dtype.is_floating_point and float_dtype is not None:
-            allowed.add(float_dtype)
-        checks.append((node.name, len(spec.shape), static, frozenset(allowed), spec))
-    return tuple(checks)
-
-
-def _check_call(model: Model, checks: tuple, args: tuple, kwargs: dict) -> None:
-    n = len(checks)
-    by_keyword = {c[0] for c in checks[len(args):]} if kwargs else None  # inputs not given by position
-    if len(args) + len(kwargs) != n or (kwargs and not kwargs.keys() <= by_keyword):
-        names = [c[0] for c in checks]
-        unexpected = [k for k in kwargs if k not in names]
-        twice = [k for k in kwargs if k in names[:len(args)]]
-        detail = "".join(f"; {what} {keys}" for what, keys in (("unexpected keyword(s)", unexpected),
-                                                                  ("given twice", twice)) if keys)
-        raise TypeError(f"{model._get_name()} takes {n} input(s) {names}; received {len(args)} positional "
-                        f"and {len(kwargs)} keyword argument(s) {list(kwargs)}{detail}. Pass one tensor per "
-                        "input, by position or by input name.")
-    for i, (name, ndim, static, allowed, spec) in enumerate(checks):
-        x = args[i] if i < len(args) else kwargs.get(name)
-        if not isinstance(x, torch.Tensor):
-            if x is None and name not in kwargs and i >= len(args):
-                raise TypeError(f"{model._get_name()}: missing input '{name}'.")
-            if isinstance(x, fx.Proxy):  # being traced by torch.fx: nothing to check
-                return
-            raise TypeError(f"{model._get_name()}: input '{name}' must be a tensor; received "
-                            f"{type(x).__name__}.")
-        shape = x.shape
-        if len(shape) != ndim or any(shape[d] != size for d, size in static):
-            raise ValueError(
-                f"{model._get_name()}: input '{name}' expects shape {spec.format()}; received "
-                f"{tuple(shape)}. (The first dim is the batch; dims shown as None may take any size.)"
-            )
-        if x.dtype not in allowed:
-            want = " or ".join(sorted(str(d).replace("torch.", "") for d in allowed))
-            raise ValueError(
-                f"{model._get_name()}: input '{name}' expects dtype {want}; received "
-                f"{str(x.dtype).replace('torch.', '')}. Cast the input (x.to({sorted(allowed, key=str)[0]})) or "
-                "the model (model.to(dtype))."
-            )

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .errors import GraphBuildError
 from .targets import func_name, is_inplace
-from .symbolic import SymbolicInt, SymbolicTensor, Value
+from .symbolic import SymbolicInt, SymbolicTensor, Value, _StandIn
 from .trees import tree_map
 from .untrusted import real_probes_allowed
 
@@ -138,9 +138,13 @@ def run_on_probes(func, args, kwargs, unwrap, cacheable: bool):
 
 
 class ProbeContext:
-    """How symbolic leaves turn into probe data: probe ``k``, on meta or on real random data."""
+    """How symbolic leaves turn into probe data: probe ``k``, on meta or on real random data.
 
-    def __init__(self, k: int, real: bool):
+    ``copy_inplace``: an in-place op gets a private copy of its symbolic arguments' probes (at the top
+    level the probes belong to values that other operations still read).
+    """
+
+    def __init__(self, k: int, real: bool, copy_inplace: bool = False):
         if real and not real_probes_allowed():
             raise GraphBuildError(
                 "an operation could not run on the meta device, and the real-data fallback is off while "
@@ -149,6 +153,7 @@ class ProbeContext:
                 "config; rebuild them from code.")
         self.k = k
         self.real = real
+        self.copy_inplace = copy_inplace
         self._real_values: dict[int, torch.Tensor] = {}
 
     def unwrap(self, o):
@@ -164,16 +169,26 @@ class ProbeContext:
             return o._tg_value.probes[self.k]
         if isinstance(o, SymbolicInt):
             return o._tg_value.probes[self.k]
+        if isinstance(o, _StandIn):
+            return torch.device("cpu" if self.real else "meta") if isinstance(o.value, torch.device) else o.value
         if isinstance(o, torch.Tensor) and not self.real:
             return to_meta(o)
         return o
+
+    def _unwrap_copy(self, o):
+        t = self.unwrap(o)
+        if isinstance(o, SymbolicTensor) and isinstance(t, torch.Tensor):
+            return t.clone() if self.real else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        return t
 
     def run(self, func, args, kwargs):
         name = func_name(func)
         if not self.real and name in _DEVICE_MOVES:
             args, kwargs = _without_device(name, args, kwargs)
-        cacheable = not self.real and not is_inplace(name, kwargs)
-        return run_on_probes(func, args, kwargs, self.unwrap, cacheable)
+        inplace = is_inplace(name, kwargs)
+        cacheable = not self.real and not inplace
+        unwrap = self._unwrap_copy if inplace and self.copy_inplace else self.unwrap
+        return run_on_probes(func, args, kwargs, unwrap, cacheable)
 
 
 # NOTE: [Device moves on meta probes] `x.to(device)`, `x.cpu()` (HuggingFace writes them everywhere)

@@ -78,10 +78,22 @@ def input_shape(spec) -> tuple:
     return tuple(shape)
 
 
-def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: Any, name: str,
-           layers: dict[str, nn.Module], untrusted: bool = False, input_tensors: Any = None,
-           call_function: Callable | None = None, construct: Callable | None = None,
-           env: dict | None = None, fixed_names: dict[int, str] | None = None):
+def replay(*args, **kwargs):
+    """:func:`_replay` as a build of its own: its probe sizes never depend on, or leak into, other
+    builds (NOTE: [Probe sizes] in dims.py). Arguments as :func:`_replay`."""
+    from .dims import new_build
+
+    new_build()
+    try:
+        return _replay(*args, **kwargs)
+    finally:
+        new_build()
+
+
+def _replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: Any, name: str,
+            layers: dict[str, nn.Module], untrusted: bool = False, input_tensors: Any = None,
+            call_function: Callable | None = None, construct: Callable | None = None,
+            env: dict | None = None, fixed_names: dict[int, str] | None = None):
     """Rebuild a model by calling layers and functions on fresh ``tg.Input`` tensors.
 
     Args:
@@ -112,7 +124,7 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
     from .naming import fixed_paths, name as set_name, user_name
     from .tracing import RecordingMode
     from .trees import tree_map
-    from .symbolic import Input, SymbolicInt, SymbolicTensor
+    from .symbolic import Input, SymbolicInt, SymbolicTensor, _StandIn
 
     paths = dict(fixed_names or {})
     for layer_name, layer in layers.items():
@@ -138,7 +150,9 @@ def replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: An
             return env[o.name]
         return o
 
-    symbolic = (SymbolicTensor, SymbolicInt)
+    # A device or dtype read from a value (`torch.arange(12, device=x.device)`) counts as computed by
+    # the model: the call follows the inputs' device (NOTE: [Device and dtype stand-ins] in symbolic.py).
+    symbolic = (SymbolicTensor, SymbolicInt, _StandIn)
     where = f"{name}"
     # NOTE: [Replay under RecordingMode] A get_attr node's tensor enters as a symbolic handle
     # (model.constant_value), so operations on it (`cls_token.expand(B, -1, -1)`, `self.pos_ids[:, :n]`

@@ -24,62 +24,13 @@ from typing import Any
 
 import torch
 
+from .dims import BATCH, Dim, DynamicDim, anonymous_dim, declared_dim, dim_for_probes, input_site
 from .errors import GraphBuildError
 from .scopes import current_scope
 
-__all__ = ["SymbolicTensor", "SymbolicInt", "DynamicDim", "Input"]
+__all__ = ["Dim", "DynamicDim", "Input", "SymbolicDevice", "SymbolicDtype", "SymbolicInt", "SymbolicTensor"]
 
 _SEQ = itertools.count()
-
-
-class DynamicDim:
-    """A dynamic dimension: the batch, a ``None`` in ``tg.Input(shape=...)``, or a named one.
-
-    ``probes`` are the two sizes used to propagate shapes through the graph.
-    """
-
-    __slots__ = ("name", "probes")
-
-    def __init__(self, name: str | None, probes: tuple[int, int]):
-        self.name = name
-        self.probes = probes
-
-    def __repr__(self) -> str:
-        return "None" if self.name is None else self.name
-
-
-BATCH = DynamicDim(None, (2, 3))
-_NAMED_DIMS: dict[str, DynamicDim] = {}
-_DIM_COUNTER = itertools.count()
-_DIMS_BY_PROBES: dict[tuple[int, int], DynamicDim] = {BATCH.probes: BATCH}
-
-
-def _new_dynamic_dim(name: str | None) -> DynamicDim:
-    # NOTE: [Probe sizes] Each dynamic dim gets its own pair of probe sizes, far apart so that strided
-    # layers (stride 32 in a ResNet) do not map both probes to the same size, and distinct from
-    # every other dim's so that mixing up two dynamic dims (H and W, say) fails at build time.
-    if name is not None and name in _NAMED_DIMS:
-        return _NAMED_DIMS[name]
-    # Anonymous dims: sixteen pairs, reused in turn, so probe sizes stay small (real-data probes stay
-    # cheap) however many models a process builds; only dims created 16 apart share a pair. Named
-    # dims: a range of their own.
-    if name is None:
-        k = next(_DIM_COUNTER) % 16
-        dim = DynamicDim(None, (48 + 16 * k, 112 + 32 * k))
-    else:
-        j = len(_NAMED_DIMS)
-        dim = DynamicDim(name, (320 + 16 * j, 752 + 32 * j))
-    _DIMS_BY_PROBES.setdefault(dim.probes, dim)
-    if name is not None:
-        _NAMED_DIMS[name] = dim
-    return dim
-
-
-def dim_for_probes(p0: int, p1: int) -> int | DynamicDim:
-    """The static size, or the dynamic dim whose probes these are (an anonymous one if unknown)."""
-    if p0 == p1:
-        return p0
-    return _DIMS_BY_PROBES.get((p0, p1)) or DynamicDim(None, (p0, p1))
 
 
 def format_shape(dims) -> str:
@@ -89,9 +40,15 @@ def format_shape(dims) -> str:
 
 
 class Record:
-    """One recorded call: a placeholder, a module call, a function call or a method call."""
+    """One recorded call: a placeholder, a module call, a function call or a method call.
 
-    __slots__ = ("op", "target", "args", "kwargs", "seq", "location", "out", "scope", "__weakref__")
+    ``effect`` marks a call that a model needs even when no output uses its result: ``"mutation"``
+    (an in-place op, or a module call that mutates an input) and ``"guard"`` (a recorded check such
+    as ``assert T <= block_size``). See NOTE: [Effects] in ``model.py``.
+    """
+
+    __slots__ = ("op", "target", "args", "kwargs", "seq", "location", "out", "effect", "scope",
+                 "__weakref__")
 
     def __init__(self, op: str, target: Any, args: tuple = (), kwargs: dict | None = None,
                  location: str | None = None):
@@ -102,23 +59,32 @@ class Record:
         self.seq = next(_SEQ)   # creation order: the emitted code follows the user's program order
         self.location = location
         self.out = None          # tree of Values (and plain outputs), set once probed
+        self.effect = None
         self.scope = current_scope()  # "encoder.block1": tg.scope names / tg.from_module module path
 
 
 class Value:
-    """What a symbolic object points at: output ``path`` of ``record``, with its two probes."""
+    """What a symbolic object points at: output ``path`` of ``record``, with its two probes.
 
-    __slots__ = ("record", "path", "probes", "dims", "dtype")
+    ``base`` is the value whose storage this one shares (itself unless it is a view of another
+    value); ``effects`` are the effect records (mutations through any view of it, guards reading
+    its sizes) that a model containing this value must also contain.
+    """
 
-    def __init__(self, record: Record, path: tuple, probes: tuple):
+    __slots__ = ("record", "path", "probes", "dims", "dtype", "base", "effects")
+
+    def __init__(self, record: Record, path: tuple, probes: tuple, candidates=None):
         self.record = record
         self.path = path
         self.probes = probes
+        self.base = self
+        self.effects = None
         p0, p1 = probes
         if isinstance(p0, torch.Tensor):
-            self.dims = tuple(dim_for_probes(a, b) for a, b in zip(p0.shape, p1.shape))
+            self.dims = tuple(dim_for_probes(a, b, candidates if candidates is not None else record)
+                              for a, b in zip(p0.shape, p1.shape))
             self.dtype = p0.dtype
-        else:  # a Python int (a dynamic size)
+        else:  # a Python number (a dynamic size), or a device/dtype
             self.dims = None
             self.dtype = None
 
@@ -126,6 +92,11 @@ class Value:
     def shape(self) -> tuple:
         """Shape with ``None`` (or a dim name) for dynamic dims."""
         return tuple(d if isinstance(d, int) else (d.name if d.name else None) for d in self.dims)
+
+    def add_effect(self, record: Record) -> None:
+        if self.effects is None:
+            self.effects = []
+        self.effects.append(record)
 
 
 class SymbolicTensor(torch.Tensor):
@@ -145,15 +116,15 @@ class SymbolicTensor(torch.Tensor):
         ((None, 7200), torch.float32)
     """
 
-    # Populated by recording.py (kept there to keep this module free of dispatch logic).
     @staticmethod
     def __new__(cls, value: Value | None = None, shadow: torch.Tensor | None = None):
         probe = shadow if shadow is not None else value.probes[0]
         self = torch.Tensor._make_wrapper_subclass(
             cls, probe.shape, dtype=probe.dtype, device="meta", requires_grad=False
         )
-        self._tg_value = value      # None for a shadow (a value inside a module's forward)
-        self._tg_shadow = shadow    # the probe a shadow stands for
+        self._tg_value = value      # the current value (an in-place op moves it on); None for a shadow
+        self._tg_origin = value     # the value this object was created as (what tg.Model(inputs=...) means)
+        self._tg_shadow = shadow    # the probe a shadow (a value inside a module's forward) stands for
         return self
 
     def __init__(self, *args, **kwargs):
@@ -167,11 +138,9 @@ class SymbolicTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise GraphBuildError(
-            f"torchgraph: '{func}' reached a symbolic tensor below the torch function layer (torch "
-            "function handling was disabled around it). Call this code inside an nn.Module, or on "
-            "real tensors."
-        )
+        from .messages import below_torch_function
+
+        raise below_torch_function(func, args)
 
     def __iter__(self):
         from .recording import dispatch
@@ -209,19 +178,27 @@ class SymbolicShape(tuple):
             out = out * d
         return out
 
+    def __getitem__(self, item):
+        out = super().__getitem__(item)
+        return SymbolicShape(out) if isinstance(item, slice) else out
+
 
 class SymbolicInt(torch.Tensor):
     """A dynamic size (``x.size(0)``) or arithmetic on one: recorded, never a fixed number.
 
-    Passing it where torch expects an int (``x.view(x.size(0), -1)``, ``torch.zeros(n, 4)``) is
-    recorded. ``int()``, ``bool()`` and comparisons raise: the value is only known when the model runs.
-    (It is a 0-d tensor subclass only so that torch's argument parser accepts it in int positions.)
+    Passing it where torch takes a list of sizes (``x.view(x.size(0), -1)``, ``torch.zeros(n, 4)``) or
+    to a method of a symbolic tensor (``x.narrow(1, 0, n)``, ``x[:, :n]``) is recorded. A comparison
+    (``n <= 512``) is a symbolic condition: ``bool()`` of it (``assert``, ``if``) checks that it has
+    the same answer for every probed size, records a runtime check, and returns that answer.
+    ``int()`` raises: the value is only known when the model runs. (It is a 0-d tensor subclass so
+    that torch's argument parser accepts it in size lists.)
     """
 
     @staticmethod
     def __new__(cls, value: Value):
         self = torch.Tensor._make_wrapper_subclass(cls, (), dtype=torch.int64, device="meta")
         self._tg_value = value
+        self._tg_origin = value
         self._tg_shadow = None
         return self
 
@@ -231,7 +208,8 @@ class SymbolicInt(torch.Tensor):
     __torch_dispatch__ = SymbolicTensor.__torch_dispatch__
 
     def __repr__(self) -> str:
-        return "SymbolicInt(dynamic)"
+        p0 = self._tg_value.probes[0]
+        return "SymbolicBool(dynamic)" if isinstance(p0, bool) else "SymbolicInt(dynamic)"
 
     __str__ = __repr__
 
@@ -239,7 +217,7 @@ class SymbolicInt(torch.Tensor):
         return format(repr(self), spec)
 
     def _binary(self, op, other, reverse=False):
-        from .recording import record_int_op
+        from .sizes import record_int_op
 
         args = (other, self) if reverse else (self, other)
         return record_int_op(op, args)
@@ -252,39 +230,128 @@ class SymbolicInt(torch.Tensor):
     def __rmul__(self, o): return self._binary(operator.mul, o, True)
     def __floordiv__(self, o): return self._binary(operator.floordiv, o)
     def __rfloordiv__(self, o): return self._binary(operator.floordiv, o, True)
+    def __truediv__(self, o): return self._binary(operator.truediv, o)
+    def __rtruediv__(self, o): return self._binary(operator.truediv, o, True)
     def __mod__(self, o): return self._binary(operator.mod, o)
+    def __rmod__(self, o): return self._binary(operator.mod, o, True)
+    def __pow__(self, o): return self._binary(operator.pow, o)
     def __neg__(self): return self._binary(operator.mul, -1)
+    def __eq__(self, o): return self._binary(operator.eq, o)
+    def __ne__(self, o): return self._binary(operator.ne, o)
+    def __lt__(self, o): return self._binary(operator.lt, o)
+    def __le__(self, o): return self._binary(operator.le, o)
+    def __gt__(self, o): return self._binary(operator.gt, o)
+    def __ge__(self, o): return self._binary(operator.ge, o)
+    def __and__(self, o): return self._binary(operator.and_, o)
+    def __rand__(self, o): return self._binary(operator.and_, o, True)
+    def __or__(self, o): return self._binary(operator.or_, o)
+    def __ror__(self, o): return self._binary(operator.or_, o, True)
+
+    def __bool__(self):
+        from .sizes import guard
+
+        return guard(self)
 
     def _refuse(self, what: str):
-        raise GraphBuildError(
-            f"{what} of a dynamic size: its value is only known when the model runs (the batch "
-            "dim and dims declared None are dynamic). Use it directly in shape arguments "
-            "(x.view(x.size(0), -1)), or compute it inside an nn.Module's forward."
-        )
+        from .messages import dynamic_size_as_number
 
-    def __int__(self): self._refuse("int()")
-    def __index__(self): self._refuse("Using as a Python int (int(), range(), slicing a real tensor)")
-    def __bool__(self): self._refuse("bool()")
-    def __float__(self): self._refuse("float()")
-    def __eq__(self, o): self._refuse("Comparing (==)")
-    def __ne__(self, o): self._refuse("Comparing (!=)")
-    def __lt__(self, o): self._refuse("Comparing (<)")
-    def __le__(self, o): self._refuse("Comparing (<=)")
-    def __gt__(self, o): self._refuse("Comparing (>)")
-    def __ge__(self, o): self._refuse("Comparing (>=)")
+        raise dynamic_size_as_number(what)
+
+    def __int__(self): self._refuse("in int()")
+    def __index__(self): self._refuse("as a Python int (range(), slicing a real tensor, a list index)")
+    def __float__(self): self._refuse("in float()")
     def __hash__(self): return id(self)
     def __reduce_ex__(self, protocol):
         raise TypeError("a SymbolicInt cannot be pickled: it only exists while building a model")
     def __deepcopy__(self, memo): return self
 
 
+class _StandIn:
+    """Base of :class:`SymbolicDevice` and :class:`SymbolicDtype`: ``x.device`` / ``x.dtype`` at the top level.
+
+    NOTE: [Device and dtype stand-ins] torch's argument parser accepts only real ``torch.device`` /
+    ``torch.dtype`` objects, and both types are final, so a real one cannot say which tensor it came
+    from (dtypes are even singletons). At the top level of a build, ``x.device`` and ``x.dtype`` of a
+    symbolic tensor therefore return a stand-in: it compares and hashes equal to the build-time value
+    (``cpu``, ``torch.float32``) and forwards its attributes (``.type``, ``.is_floating_point``), and
+    when it is passed to a torch function the parser hands the call to ``__torch_function__`` (it
+    does so for any argument that is not of the expected type), which records ``x.device`` /
+    ``x.dtype`` into the model instead of a constant. So ``torch.zeros(n, dtype=x.dtype,
+    device=x.device)`` follows the model's inputs after ``model.to(...)``, exactly like the same code
+    in an eager module. Calls made by torch's own code (``nn.Linear(..., device=x.device)`` creating
+    its parameters) run for real with the build-time value. Known limits, as with torch.fx proxies:
+    ``isinstance(x.dtype, torch.dtype)`` is False and ``torch.finfo(x.dtype)`` raises (use
+    ``torch.finfo(x.dtype.value)``). Inside a module's forward, ``x.device``/``x.dtype`` are real.
+    """
+
+    __slots__ = ("_tg_tensor", "value", "_tg_value")
+    _attr = ""
+
+    def __init__(self, tensor_value: Value, value):
+        self._tg_tensor = tensor_value   # the symbolic tensor this was read from
+        self.value = value               # the real device/dtype at build time
+        self._tg_value = None            # the recorded getattr, made when first passed to torch
+
+    def __eq__(self, other):
+        return self.value == (other.value if isinstance(other, _StandIn) else other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __repr__(self):
+        return repr(self.value)
+
+    def __str__(self):
+        return str(self.value)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.value, name)
+
+    def __reduce_ex__(self, protocol):
+        return (_real_value, (self.value,))
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from .recording import dispatch
+
+        return dispatch(func, args, kwargs or {})
+
+
+def _real_value(value):
+    return value
+
+
+class SymbolicDevice(_StandIn):
+    """``x.device`` of a symbolic tensor at the top level (see NOTE: [Device and dtype stand-ins])."""
+
+    __slots__ = ()
+    _attr = "device"
+
+
+class SymbolicDtype(_StandIn):
+    """``x.dtype`` of a symbolic tensor at the top level (see NOTE: [Device and dtype stand-ins])."""
+
+    __slots__ = ()
+    _attr = "dtype"
+
+
 def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) -> SymbolicTensor:
     """A placeholder for one model input.
 
     Args:
-        shape (tuple): the shape of one sample, without the batch dim (which is always dynamic).
-            ``None`` marks another dynamic dim (a sequence length, an image side); a string names a
-            dynamic dim, and inputs that use the same name must agree on it.
+        shape (tuple): the shape of one sample, without the batch dim (which is always dynamic and
+            shared by all inputs). ``None`` marks another dynamic dim (a sequence length, an image
+            side); a string names a dynamic dim, and inputs that use the same name share it (the
+            model checks that they agree when called); :class:`tg.Dim(name, min=, max=) <Dim>`
+            is a named dim with bounds.
         dtype (torch.dtype): the input's dtype (``torch.long`` for token ids).
         name (str): the input's name: the argument name of the model's ``forward`` and the ONNX
             input name. Defaults to ``input_1``, ``input_2``, ... in the model.
@@ -298,6 +365,9 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
         >>> tokens.shape, tokens.dtype
         ((None, None), torch.int64)
     """
+    from .module_scopes import remove_idle_modes
+
+    remove_idle_modes()  # a safe point (NOTE: [Module scopes])
     if isinstance(shape, int):
         shape = (shape,)
     if not isinstance(shape, (tuple, list)):
@@ -305,21 +375,27 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
             f"tg.Input: shape must be a tuple of ints (None for dynamic dims), without the batch "
             f"dim. Received shape={shape!r} of type {type(shape).__name__}."
         )
+    if isinstance(dtype, SymbolicDtype):
+        dtype = dtype.value
     if not isinstance(dtype, torch.dtype):
         raise GraphBuildError(f"tg.Input: dtype must be a torch.dtype; received dtype={dtype!r}.")
     if name is not None:
         from .naming import check_identifier
 
         check_identifier(name, "tg.Input: name (a forward() argument)")
+    site = None
     dims: list = [BATCH]
-    for d in shape:
-        if d is None or isinstance(d, str):
-            dims.append(_new_dynamic_dim(d))
+    for i, d in enumerate(shape):
+        if isinstance(d, str) or (isinstance(d, Dim) and d.name is not None):
+            dims.append(declared_dim(d))
+        elif d is None or isinstance(d, Dim):
+            site = site or input_site()
+            dims.append(anonymous_dim(site, i, d))
         elif isinstance(d, int) and not isinstance(d, bool) and d >= 0:
             dims.append(d)
         else:
             raise GraphBuildError(
-                f"tg.Input: every dim must be a non-negative int, None (dynamic) or a name; "
+                f"tg.Input: every dim must be a non-negative int, None (dynamic), a name or a tg.Dim; "
                 f"received shape={tuple(shape)!r}."
             )
     probes = tuple(
@@ -327,4 +403,6 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
         for k in (0, 1)
     )
     record = Record("placeholder", name)
-    return SymbolicTensor(Value(record, (), probes))
+    value = Value(record, (), probes, [d for d in dims if isinstance(d, DynamicDim)])
+    record.out = value
+    return SymbolicTensor(value)

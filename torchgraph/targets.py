@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["func_name", "is_inplace", "setitem"]
+__all__ = ["VIEW_OPS", "func_name", "is_inplace", "setitem"]
 
 
 
@@ -57,6 +57,18 @@ _DUNDER_OPS: dict[str, tuple[Callable, bool]] = {
     "__imul__": (operator.imul, False), "__itruediv__": (operator.itruediv, False),
 }
 _INPLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__"})
+
+# Operations whose result may share storage with their first argument: an in-place op on the result
+# also changes the argument (see NOTE: [Effects] in model.py). Ops that only sometimes return a view
+# (reshape, contiguous) are listed too: treating a copy as a view only keeps an extra op in a model.
+VIEW_OPS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "squeeze", "unsqueeze",
+    "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t", "T", "mT", "H", "mH",
+    "adjoint", "expand", "expand_as", "narrow", "select", "__getitem__", "getitem", "chunk", "split",
+    "split_with_sizes", "tensor_split", "hsplit", "vsplit", "dsplit", "unbind", "diagonal", "as_strided",
+    "unfold", "detach", "alias", "real", "imag", "view_as_real", "view_as_complex", "contiguous",
+    "__iter__", "indices", "values", "crow_indices", "col_indices",
+})
 
 
 def func_name(func) -> str:

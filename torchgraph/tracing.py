@@ -12,9 +12,10 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import messages, probing, recording, symbolic, targets
+from . import dims, messages, module_scopes, probing, recording, restoring, sizes, symbolic, targets
 from .errors import GraphBuildError
-from .symbolic import SymbolicInt, SymbolicTensor
+from .module_scopes import remove_mode
+from .symbolic import SymbolicInt, SymbolicTensor, _StandIn
 from .targets import _METADATA, func_name, is_inplace
 from .trees import tree_leaves
 
@@ -65,7 +66,10 @@ class RecordingMode(TorchFunctionMode):
             return func(*args, **kwargs)
         symbolic = state = False
         for _, leaf in tree_leaves((args, kwargs)):
-            if isinstance(leaf, (SymbolicTensor, SymbolicInt)):
+            if isinstance(leaf, (SymbolicTensor, SymbolicInt, _StandIn)):
+                # NOTE: a device/dtype stand-in (`device=x.device`) reaches its own __torch_function__
+                # only when no other mode answers first: torch.device("meta") (tg.load builds on meta)
+                # would otherwise turn it into a real device and the call into a constant.
                 symbolic = True
             elif isinstance(leaf, torch.Tensor) and (id(leaf) in self.state_ids or (
                     leaf._base is not None and id(leaf._base) in self.state_ids)):
@@ -84,8 +88,13 @@ class RecordingMode(TorchFunctionMode):
 
             # torch pops a mode while its handler runs: push it again, so that the operations of a
             # leaf's forward re-run on probes (its shadow run) are routed exactly like the original's.
-            with self:
+            # NOTE: not `with self:`, whose exit pops the *top* mode: recording a module call may push
+            # a ScopeMode above this one (NOTE: [Module scopes]) that must stay until the call ends.
+            torch._C._push_on_torch_function_stack(self)
+            try:
                 return dispatch(func, args, kwargs)
+            finally:
+                remove_mode(self)
         return func(*args, **kwargs)
 
 
@@ -99,6 +108,7 @@ def _called_from_internals() -> bool:
 
 _TORCH_WRAPPERS = {torch.overrides.__file__, torch.nn.functional.__file__, torch.functional.__file__,
                    torch._tensor.__file__}
-_INTERNALS = {m.__file__ for m in (probing, recording, symbolic, messages, targets)}
+_INTERNALS = {m.__file__ for m in (probing, recording, module_scopes, restoring, sizes, dims, symbolic, messages,
+                                    targets)}
 _UNROUTED = _METADATA | {"__iter__", "data_ptr", "untyped_storage", "numpy", "__array__", "backward",
                          "__reduce_ex__", "__deepcopy__", "__getstate__", "__setstate__", "__get__"}

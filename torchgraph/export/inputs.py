@@ -100,7 +100,7 @@ def _clamp(size: int, bounds: tuple | None) -> int:
 # example's, which the model must accept in torch: the batch at 3 then 5, and each other dim, in order
 # of preference, at twice and three times its example size (when the example ran at small sizes, see
 # example_sizes), at one and two past it, then at the two sizes the model was built with (probe
-# sizes: hundreds). The first candidate at which the model runs in torch is compared with
+# sizes: 34 to 127 unless a tg.Dim bounds them, see NOTE: [Probe sizes] in dims.py). The first candidate at which the model runs in torch is compared with
 # onnxruntime; the small ones come first because a position table (nn.Embedding(32) indexed by
 # 0..T-1) rejects the build sizes, and an LSTM verified at hundreds of steps takes seconds. A
 # tg.Dim's bounds clamp every candidate; verify_sizes fixes a dim's sizes in all of them.
