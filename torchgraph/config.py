@@ -140,6 +140,8 @@ def get_config(model) -> dict:
             untrusted_method(entry["target"], where)
         entry["args"] = encode_value(list(node.args), where, node_name)
         entry["kwargs"] = {k: encode_value(v, where, node_name) for k, v in node.kwargs.items()}
+        if node.meta.get("tg_real_data"):  # after the layer's own errors (an unregistered class)
+            raise ValueError(_needs_real_data(model, node, where))
         if scope:
             entry["scope"] = scope
         nodes.append(entry)
@@ -203,6 +205,22 @@ def _constant_entry(name: str, t: torch.Tensor, where: str, persistent: bool = T
 # --------------------------------------------------------------------------------------------
 # from_config
 # --------------------------------------------------------------------------------------------
+
+def _needs_real_data(model, node: fx.Node, where: str) -> str:
+    """NOTE: [Layers that need real data] A layer or function that the meta device could not run
+    (data-dependent control flow such as ``if x.sum() > 0``, ``.item()``, HF BertModel's mask checks)
+    was probed with small real data when the model was built. A config is rebuilt on the meta device
+    only, where nothing may compute on real data (a file would choose the sizes), so such a model
+    could be saved but never loaded: get_config refuses it up front, naming the node."""
+    what = type(model.get_submodule(node.target)).__name__ if node.op == "call_module" else \
+        getattr(node.target, "__name__", str(node.target))
+    return (f"{where} ({what}) needed real data to build (the meta device could not run it: "
+            "data-dependent control flow, .item(), or an op without a meta kernel). Configs and files are "
+            "rebuilt on the meta device only, so get_config cannot describe this model (its file would not "
+            "load). Expected layers that run on meta tensors. Save the weights alone (model.state_dict() "
+            "with safetensors) and rebuild the model from code, or make the layer's forward independent "
+            "of the data's values.")
+
 
 def from_config(config: Any, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
     """Rebuild the model ``config`` describes, with fresh weights, through the symbolic API.

@@ -411,6 +411,8 @@ class Model(TrainingMixin, fx.GraphModule):
                 node.meta["tg_effect"] = r.effect
             if r.scope:
                 node.meta["tg_scope"] = r.scope  # see scopes.py
+            if r.needs_real_data:
+                node.meta["tg_real_data"] = True  # NOTE: [Layers that need real data] in config.py
             em.record_nodes[id(r)] = node
         out_nodes = iter([em.node_for(v) for v in output_values])
         em.graph.output(tree_map(lambda o: None if o is None else next(out_nodes), outputs))

@@ -384,6 +384,7 @@ def open_scope(frame) -> Scope:
             raise GraphBuildError(messages.module_failure(module, call_args, call_kwargs, exc, inner)) from None
 
     record = Record("call_module", module, link_args(call_args), link_args(call_kwargs))
+    record.needs_real_data = real
     if run0.mutated:
         _check_no_shape_change(module, run0)
         record.effect = "mutation"

@@ -268,6 +268,8 @@ def _record_top_level(func, name: str, args, kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
         record = Record("call_function", func, link_args(tuple(args)), link_args(kwargs))
 
+    record.needs_real_data = any(isinstance(o, torch.Tensor) and o.device.type != "meta"
+                                 for _, o in tree_leaves(out0))
     leaves1 = dict(tree_leaves(out1))
 
     def link_output(path, o):

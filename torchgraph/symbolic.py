@@ -48,7 +48,7 @@ class Record:
     """
 
     __slots__ = ("op", "target", "args", "kwargs", "seq", "location", "out", "effect", "scope",
-                 "__weakref__")
+                 "needs_real_data", "__weakref__")
 
     def __init__(self, op: str, target: Any, args: tuple = (), kwargs: dict | None = None,
                  location: str | None = None):
@@ -61,6 +61,7 @@ class Record:
         self.out = None          # tree of Values (and plain outputs), set once probed
         self.effect = None
         self.scope = current_scope()  # "encoder.block1": tg.scope names / tg.from_module module path
+        self.needs_real_data = False  # probed with real data (the meta device could not run it)
 
 
 class Value:
