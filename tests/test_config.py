@@ -497,6 +497,34 @@ def test_bounded_dims_round_trip():
         assert other.get_config()["inputs"] == config["inputs"]
 
 
+class _SignGate(nn.Module):
+    """A layer whose forward branches on the data (the meta device cannot run it)."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+def test_a_layer_that_needed_real_data_is_refused_at_save_time(tmp_path):
+    """Configs and files rebuild on the meta device only: a model whose layer was probed with real data
+    used to save and then fail to load; get_config (and tg.save) now refuse it, naming the layer."""
+    tg.register_layer(_SignGate)
+    x = tg.Input(shape=(4,), name="x")
+    model = tg.Model(x, _SignGate()(x) + 1)
+    with pytest.raises(ValueError, match=r"'sign_gate' \(_SignGate\) needed real data to build"):
+        model.get_config()
+    with pytest.raises(ValueError, match="its file would not load"):
+        tg.save(model, tmp_path / "gate.safetensors")
+    assert not (tmp_path / "gate.safetensors").exists()
+
+
+def test_a_function_that_needed_real_data_is_refused_by_get_config():
+    x = tg.Input(shape=(4,), name="x")
+    model = tg.Model(x, torch.nonzero(x).float().sum())
+    with pytest.raises(ValueError, match=r"'nonzero' \(nonzero\) needed real data.*its file would not load"):
+        model.get_config()
+
 @tg.register_layer
 class _ConvNormAct(nn.Sequential):
     """torchvision's Conv2dNormActivation pattern: layer classes (and partials) passed as arguments."""
@@ -556,30 +584,3 @@ def test_an_unregistered_layer_class_argument_names_the_fix():
     config["layers"][0]["kwargs"]["norm_layer"] = loaded_class
     with pytest.raises(ValueError, match="unknown layer class 'os.system'. Classes are never imported"):
         tg.Model.from_config(config)
-class _SignGate(nn.Module):
-    """A layer whose forward branches on the data (the meta device cannot run it)."""
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return x * 2
-        return x - 1
-
-
-def test_a_layer_that_needed_real_data_is_refused_at_save_time(tmp_path):
-    """Configs and files rebuild on the meta device only: a model whose layer was probed with real data
-    used to save and then fail to load; get_config (and tg.save) now refuse it, naming the layer."""
-    tg.register_layer(_SignGate)
-    x = tg.Input(shape=(4,), name="x")
-    model = tg.Model(x, _SignGate()(x) + 1)
-    with pytest.raises(ValueError, match=r"node 'sign_gate' \(_SignGate\) needed real data to build"):
-        model.get_config()
-    with pytest.raises(ValueError, match="its file would not load"):
-        tg.save(model, tmp_path / "gate.safetensors")
-    assert not (tmp_path / "gate.safetensors").exists()
-
-
-def test_a_function_that_needed_real_data_is_refused_by_get_config():
-    x = tg.Input(shape=(4,), name="x")
-    model = tg.Model(x, torch.nonzero(x).float().sum())
-    with pytest.raises(ValueError, match=r"node 'nonzero' \(nonzero\) needed real data"):
-        model.get_config()

@@ -140,8 +140,6 @@ def get_config(model) -> dict:
             untrusted_method(entry["target"], where)
         entry["args"] = encode_value(list(node.args), where, node_name)
         entry["kwargs"] = {k: encode_value(v, where, node_name) for k, v in node.kwargs.items()}
-        if node.meta.get("tg_real_data"):  # after the layer's own errors (an unregistered class)
-            raise ValueError(_needs_real_data(model, node, where))
         if scope:
             entry["scope"] = scope
         nodes.append(entry)
@@ -176,6 +174,9 @@ def get_config(model) -> dict:
     key = model_class_key(model)
     if key is not None:
         config["class"] = key
+    real = [node for node in model.graph.nodes if node.meta.get("tg_real_data")]
+    if real:
+        _check_rebuilds_on_meta(model, config, real)
     return config
 
 
@@ -206,20 +207,32 @@ def _constant_entry(name: str, t: torch.Tensor, where: str, persistent: bool = T
 # from_config
 # --------------------------------------------------------------------------------------------
 
-def _needs_real_data(model, node: fx.Node, where: str) -> str:
+def _check_rebuilds_on_meta(model, config: dict, real: list[fx.Node]) -> None:
     """NOTE: [Layers that need real data] A layer or function that the meta device could not run
-    (data-dependent control flow such as ``if x.sum() > 0``, ``.item()``, HF BertModel's mask checks)
-    was probed with small real data when the model was built. A config is rebuilt on the meta device
-    only, where nothing may compute on real data (a file would choose the sizes), so such a model
-    could be saved but never loaded: get_config refuses it up front, naming the node."""
-    what = type(model.get_submodule(node.target)).__name__ if node.op == "call_module" else \
-        getattr(node.target, "__name__", str(node.target))
-    return (f"{where} ({what}) needed real data to build (the meta device could not run it: "
-            "data-dependent control flow, .item(), or an op without a meta kernel). Configs and files are "
-            "rebuilt on the meta device only, so get_config cannot describe this model (its file would not "
-            "load). Expected layers that run on meta tensors. Save the weights alone (model.state_dict() "
-            "with safetensors) and rebuild the model from code, or make the layer's forward independent "
-            "of the data's values.")
+    (data-dependent control flow such as ``if x.sum() > 0``, ``.item()``, HF BertModel's mask checks,
+    nn.TransformerEncoder's eval-mode fast path) was probed with small real data when the model was
+    built. ``tg.load`` and ``from_config`` rebuild on the meta device only, where nothing may compute on
+    real data (a file would choose the sizes). Some such layers run on meta in the mode the config
+    rebuilds them in (the encoder's fast path is eval-only), others never do: so the config of a model
+    with such nodes is rebuilt once, as ``tg.load`` would, and refused up front when that fails,
+    instead of writing a file that would not load. Models without such nodes pay nothing."""
+    try:
+        with torch.device("meta"):
+            from_config(json.loads(json.dumps(config)))
+    except ValueError as exc:
+        names = ", ".join(f"'{n.name}' ({_node_what(model, n)})" for n in real[:3])
+        raise ValueError(
+            f"{type(model).__name__}: get_config cannot describe this model: {names} needed real data to "
+            "build (data-dependent control flow, .item(), or an op without a meta kernel), and configs and "
+            f"files are rebuilt on the meta device only, so its file would not load (rebuilding said: "
+            f"{str(exc):.160}). Save the weights alone (model.state_dict() with safetensors) and rebuild the "
+            "model from code, or make the layer's forward independent of the data's values.") from None
+
+
+def _node_what(model, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(model.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def from_config(config: Any, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
