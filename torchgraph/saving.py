@@ -48,15 +48,15 @@ from .config import from_config
 from .hierarchy import retie
 from .untrusted import BASE_OPS, DEFAULT_MAX_BYTES, OPS_PER_ITEM, BuildLimitError, build_guard
 
-__all__ = ["save", "load", "read_file_info", "FileInfo", "FORMAT_NAME", "FORMAT_VERSION",
-           "DEFAULT_MAX_BYTES", "MAX_HEADER_BYTES"]
+__all__ = ["save", "load", "read_file_info", "require_safetensors", "FileInfo", "FORMAT_NAME",
+           "FORMAT_VERSION", "DEFAULT_MAX_BYTES", "MAX_HEADER_BYTES"]
 
 FORMAT_NAME = "torchgraph"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100_000_000  # the safetensors package's own limit
 # Real memory a meta build may use besides the weights (small tensors made by layer constructors).
 _BUILD_SLACK_BYTES = 64 * 2**20
-_PIP_HINT = "pip install safetensors"
+_PIP_HINT = "pip install 'torchgraph-fx[io]' (or pip install safetensors)"
 
 _DTYPES: dict[str, torch.dtype] = {
     code: getattr(torch, name) for code, name in (
@@ -86,7 +86,9 @@ class FileInfo:
         self.num_bytes = num_bytes
 
 
-def _safetensors(who: str):
+def require_safetensors(who: str):
+    """The safetensors package (with ``safetensors.torch``), or an ImportError naming ``who`` and the fix
+    (tg.save/tg.load here; save_weights and checkpoints in torchgraph.training use it too)."""
     try:
         import safetensors
         import safetensors.torch
@@ -139,7 +141,7 @@ def save(model, path: str | os.PathLike) -> None:
                                 f"'{os.path.join(path, 'model.safetensors')}'.")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"tg.save: the directory '{directory}' does not exist. Create it first.")
-    st = _safetensors("tg.save")
+    st = require_safetensors("tg.save")
 
     config_text = json.dumps(model.get_config(), allow_nan=False, separators=(",", ":"))
     tensors, aliases = _plan(model.state_dict())
@@ -332,7 +334,7 @@ def _opened(path: str, who: str, max_bytes: int | None):
         if max_bytes is not None and size > max_bytes:
             raise ValueError(f"{who}: '{path}' is {size} bytes, more than max_bytes={max_bytes}. If you "
                              "trust the file, pass a larger max_bytes (or None).")
-        st = _safetensors(who)
+        st = require_safetensors(who)
         try:
             handle = st.safe_open(_fd_path(fd, path), framework="pt")
         except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError and OS errors alike

@@ -25,21 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..saving import require_safetensors
 from .state import state_of
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_metadata", "FORMAT_NAME"]
 
 FORMAT_NAME = "torchgraph.training_checkpoint"
 FORMAT_VERSION = 1
-
-
-def _require_safetensors(who: str):
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ImportError(f"{who} writes safetensors files: pip install 'torchgraph-fx[io]' (or pip install "
-                          "safetensors).") from None
-    return safetensors
 
 
 # ---------------------------------------------------------------------- nested state <-> tensors + JSON
@@ -150,7 +142,7 @@ def save_checkpoint(model, path: str | os.PathLike, *, epoch: int | None = None,
         >>> load_checkpoint(model, path)["epoch"]
         0
     """
-    safetensors = _require_safetensors("save_checkpoint")
+    safetensors = require_safetensors("save_checkpoint")
     st = state_of(model)
     loop, cfg = st.loop, st.config
     if callbacks is None:
@@ -180,7 +172,7 @@ def save_checkpoint(model, path: str | os.PathLike, *, epoch: int | None = None,
 
 def read_checkpoint_metadata(path: str) -> dict | None:
     """The metadata of the safetensors file at ``path`` (None when it has none)."""
-    safetensors = _require_safetensors("load_weights")
+    safetensors = require_safetensors("load_weights")
     with safetensors.safe_open(path, framework="pt") as f:
         return f.metadata()
 
@@ -198,7 +190,7 @@ def load_checkpoint(model, path: str | os.PathLike, *, callbacks=None, restore_r
     Raises:
         ValueError: not a training checkpoint, or weights that do not fit the model.
     """
-    safetensors = _require_safetensors("load_checkpoint")
+    safetensors = require_safetensors("load_checkpoint")
     path = os.fspath(path)
     with safetensors.safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}

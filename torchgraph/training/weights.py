@@ -9,16 +9,9 @@ from __future__ import annotations
 
 import os
 
+from ..saving import require_safetensors
+
 __all__ = ["save_weights", "load_weights", "check_fits"]
-
-
-def _safetensors(who: str):
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ImportError(f"{who} writes and reads safetensors files: pip install 'torchgraph-fx[io]' (or pip "
-                          "install safetensors).") from None
-    return safetensors
 
 
 def check_fits(model, shapes: dict, path: str, who: str) -> None:
@@ -42,7 +35,7 @@ def check_fits(model, shapes: dict, path: str, who: str) -> None:
 
 def save_weights(model, filepath, overwrite: bool = True) -> None:
     """Write ``model.state_dict()`` to ``filepath`` as safetensors, atomically (tied weights once)."""
-    safetensors = _safetensors("save_weights")
+    safetensors = require_safetensors("save_weights")
     path = os.fspath(filepath)
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"save_weights: '{path}' exists and overwrite=False. Pass overwrite=True or "
@@ -61,7 +54,7 @@ def save_weights(model, filepath, overwrite: bool = True) -> None:
 
 def load_weights(model, filepath) -> None:
     """Load the weights in ``filepath`` into ``model``; keys and shapes must match exactly."""
-    safetensors = _safetensors("load_weights")
+    safetensors = require_safetensors("load_weights")
     path = os.fspath(filepath)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_weights: no file at '{path}'.")
