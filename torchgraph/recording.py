@@ -209,13 +209,13 @@ def link_args(obj):
 
 
 def _probe_outputs(func, args, kwargs):
-    """Run ``func`` on probes 0 and 1 (meta, else real); return both outputs or raise GraphBuildError."""
+    """Run ``func`` on probes 0 and 1 (meta, else real): ``(out0, out1, real)`` or a GraphBuildError."""
     name = func_name(func)
     for real in (False, True):
         try:
             out0 = ProbeContext(0, real, copy_inplace=True).run(func, args, kwargs)[0]
             out1 = ProbeContext(1, real, copy_inplace=True).run(func, args, kwargs)[0]
-            return out0, out1
+            return out0, out1, real
         except GraphBuildError:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with context
@@ -246,7 +246,7 @@ def _record_top_level(func, name: str, args, kwargs):
 
     if func in _SIZE_VARARGS and len(args) > 1 and all(isinstance(a, (int, SymbolicInt)) for a in args):
         args = (tuple(args),)  # torch.zeros(b, 1, w) as torch.zeros((b, 1, w)): fx can retrace that form
-    out0, out1 = _probe_outputs(func, args, kwargs)
+    out0, out1, needs_real_data = _probe_outputs(func, args, kwargs)
     constants = [leaf for _, leaf in tree_leaves((args, kwargs))
                  if isinstance(leaf, torch.Tensor) and not isinstance(leaf, (SymbolicTensor, SymbolicInt))]
     if constants:
@@ -268,8 +268,7 @@ def _record_top_level(func, name: str, args, kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
         record = Record("call_function", func, link_args(tuple(args)), link_args(kwargs))
 
-    record.needs_real_data = any(isinstance(o, torch.Tensor) and o.device.type != "meta"
-                                 for _, o in tree_leaves(out0))
+    record.needs_real_data = needs_real_data
     leaves1 = dict(tree_leaves(out1))
 
     def link_output(path, o):
