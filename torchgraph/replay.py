@@ -143,17 +143,9 @@ def _replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: A
         for (input_name, _, _), tensor in zip(inputs, input_tensors):
             env[input_name] = tensor
 
-    def lookup(o):
-        if isinstance(o, Ref):
-            if o.name not in env:
-                raise ValueError(f"{where}: uses node '{o.name:.80}', which is not defined before it.")
-            return env[o.name]
-        return o
-
     # A device or dtype read from a value (`torch.arange(12, device=x.device)`) counts as computed by
     # the model: the call follows the inputs' device (NOTE: [Device and dtype stand-ins] in symbolic.py).
     symbolic = (SymbolicTensor, SymbolicInt, _StandIn)
-    where = f"{name}"
     # NOTE: [Replay under RecordingMode] A get_attr node's tensor enters as a symbolic handle
     # (model.constant_value), so operations on it (`cls_token.expand(B, -1, -1)`, `self.pos_ids[:, :n]`
     # of a tg.from_module graph) are recorded again rather than computed once; RecordingMode records a
@@ -161,7 +153,7 @@ def _replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: A
     with RecordingMode():
         _replay_nodes(nodes, env, symbolic, untrusted, name, call_function)
 
-    outputs = tree_map(lookup, outputs)
+    outputs = tree_map(lambda o: _resolve(o, env, name), outputs)
     input_values = [env[n] for n, _, _ in inputs]
     if input_kind == "single":
         model_inputs: Any = input_values[0]
@@ -178,20 +170,20 @@ def _replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: A
             raise _as_value_error(exc, f"{name}: rebuilding the model") from None
 
 
+def _resolve(o, env: dict, where: str):
+    """``o`` with a node reference replaced by that node's value in ``env`` (defined before its use)."""
+    if isinstance(o, Ref):
+        if o.name not in env:
+            raise ValueError(f"{where}: uses node '{o.name:.80}', which is not defined before it.")
+        return env[o.name]
+    return o
+
+
 def _replay_nodes(nodes: list[tuple], env: dict, symbolic: tuple, untrusted: bool, name: str,
                   call_function: Callable | None) -> None:
     """Call each node's layer or function on the values in ``env`` (replay's loop)."""
     from .model import constant_value
     from .trees import tree_map
-
-    where = name
-
-    def lookup(o):
-        if isinstance(o, Ref):
-            if o.name not in env:
-                raise ValueError(f"{where}: uses node '{o.name:.80}', which is not defined before it.")
-            return env[o.name]
-        return o
 
     for op, node_name, target, args, kwargs in nodes:
         where = f"{name}: node '{node_name}'"
@@ -200,8 +192,8 @@ def _replay_nodes(nodes: list[tuple], env: dict, symbolic: tuple, untrusted: boo
         if op == "get_attr":
             env[node_name] = constant_value(target)  # NOTE: [Replay under RecordingMode]
             continue
-        args = tree_map(lookup, args)
-        kwargs = tree_map(lookup, kwargs)
+        args = tree_map(lambda o: _resolve(o, env, where), args)
+        kwargs = tree_map(lambda o: _resolve(o, env, where), kwargs)
         if untrusted and not _any_leaf(lambda o: isinstance(o, symbolic), (args, kwargs)):
             raise ValueError(f"{where}: a {op} node must take at least one value computed by the model.")
         try:
