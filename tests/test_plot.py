@@ -282,15 +282,20 @@ def test_depth_draws_clusters_and_one_box_per_scope(tmp_path):
     assert "encoder.block0.linear" in whole and 'cluster_@encoder.block0' in whole
 
 
-def test_big_models_collapse_by_default_and_say_so():
-    """Past max_nodes, a model with levels is drawn at the deepest level that fits; the title says so."""
+def _twelve_scoped_stages(name=None):
+    """12 tg.scope stages of 3 Linear+relu each (73 nodes with the input): past max_nodes, with levels."""
     x = tg.Input(shape=(8,))
     h = x
     for i in range(12):
         with tg.scope(f"stage{i}"):
-            for j in range(3):
+            for _ in range(3):
                 h = nn.Linear(8, 8)(h).relu()
-    model = tg.Model(x, h)
+    return tg.Model(x, h, name=name)
+
+
+def test_big_models_collapse_by_default_and_say_so():
+    """Past max_nodes, a model with levels is drawn at the deepest level that fits; the title says so."""
+    model = _twelve_scoped_stages()
     source = tg.model_to_dot(model).source
     assert "73 nodes, collapsed to depth 1 of 2; depth=2 draws every node" in source
     assert "@stage11" in source and "stage11.linear" not in source
@@ -324,13 +329,7 @@ def test_plot_model_takes_a_module_with_inputs(tmp_path):
 
 def test_jupyter_display_is_compact_for_big_models():
     """Big models with levels show their collapsed picture; big flat ones a few lines of text."""
-    x = tg.Input(shape=(8,))
-    h = x
-    for i in range(12):
-        with tg.scope(f"stage{i}"):
-            for j in range(3):
-                h = nn.Linear(8, 8)(h).relu()
-    bundle = tg.Model(x, h, name="Deep")._repr_mimebundle_()
+    bundle = _twelve_scoped_stages(name="Deep")._repr_mimebundle_()
     assert "<svg" in bundle["image/svg+xml"] and len(bundle["image/svg+xml"]) < 60_000
     assert bundle["text/plain"].startswith("Deep (tg.Model): 73 nodes, 2,592 params")
     flat = tg.applications.resnet50()

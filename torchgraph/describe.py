@@ -33,6 +33,7 @@ __all__ = [
     "check_built_model",
     "describe_nodes",
     "format_spec",
+    "trainable_flag",
     "format_dtype",
     "format_count",
     "format_bytes",
@@ -89,11 +90,21 @@ class NodeInfo:
     @property
     def trainable(self) -> str:
         """``Y`` (all parameters train), ``N`` (none), ``partial``, or ``-`` (no parameters)."""
-        if self.num_params == 0:
-            return "-"
-        if self.num_trainable == self.num_params:
-            return "Y"
-        return "N" if self.num_trainable == 0 else "partial"
+        return trainable_flag(self.num_params, self.num_trainable)
+
+
+def trainable_flag(num_params: int, num_trainable: int) -> str:
+    """``Y`` (all parameters train), ``N`` (none), ``partial``, or ``-`` (no parameters).
+
+    Example:
+        >>> trainable_flag(10, 4), trainable_flag(0, 0)
+        ('partial', '-')
+    """
+    if num_params == 0:
+        return "-"
+    if num_trainable == num_params:
+        return "Y"
+    return "N" if num_trainable == 0 else "partial"
 
 
 def format_spec(spec) -> str:
@@ -350,11 +361,7 @@ class Group:
 
     @property
     def trainable(self) -> str:
-        if self.num_params == 0:
-            return "-"
-        if self.num_trainable == self.num_params:
-            return "Y"
-        return "N" if self.num_trainable == 0 else "partial"
+        return trainable_flag(self.num_params, self.num_trainable)
 
 
 def tree_depth(model: fx.GraphModule) -> int:
