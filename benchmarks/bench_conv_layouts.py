@@ -1,7 +1,7 @@
 """Per-layer benchmark: how each convolution of a ResNet runs fastest on this CPU.
 
-For every distinct convolution of ResNet-18 or ResNet-50 (batch 8, 64x64 images, as in
-``bench_optimize.py``) it times, in one run with interleaved repetitions (medians, inference mode,
+For every distinct convolution of ResNet-18 or ResNet-50 (batch 8, 64x64 images by default, as in
+``bench_optimize.py``; ``--batch 1 --size 224`` for ImageNet-sized single images) it times, in one run with interleaved repetitions (medians, inference mode,
 bias + ReLU fused where the op allows):
 
 * ``F.conv2d``:          contiguous input, then an in-place ReLU (what eager PyTorch does);
@@ -9,12 +9,16 @@ bias + ReLU fused where the op allows):
                          input, answer copied back to contiguous (``tg.optimize(channels_last=False)``);
 * ``packed channels_last``: the same on a channels_last input, answering in channels_last, nothing
                          copied (``tg.optimize``'s default inside a conv stack);
-* ``F.conv2d channels_last``: ``F.conv2d`` on a channels_last input.
+* ``F.conv2d channels_last``: ``F.conv2d`` on a channels_last input;
+* ``GEMM channels_last``: the convolution as one MKL GEMM with prepacked weights on the NHWC rows
+  (im2col for kernels > 1x1), answering in channels_last (``fused._conv_gemm``).
 
-The last column is ``F.conv2d`` time / ``packed channels_last`` time. This is the measurement behind
-``NOTE: [Packed channels_last convs]`` in ``torchgraph/fused.py``.
+The ``speed-up`` column is ``F.conv2d`` time / ``packed channels_last`` time, the measurement behind
+``NOTE: [Packed channels_last convs]`` in ``torchgraph/fused.py``; ``GEMM/packed`` is ``GEMM
+channels_last`` time / ``packed channels_last`` time (below 1: the GEMM is faster), with the output
+pixels (``rows``) and whether ``tg.optimize`` picks the GEMM (``NOTE: [Convolutions on few pixels]``).
 
-Usage: python benchmarks/bench_conv_layouts.py [--arch resnet18|resnet50] [--threads 2]
+Usage: python benchmarks/bench_conv_layouts.py [--arch resnet18|resnet50] [--threads 2] [--batch 8 --size 64]
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ from torchgraph import fused  # noqa: E402
 from torchgraph.applications import build_resnet, resnet_layers  # noqa: E402
 
 
-def distinct_convolutions(arch: str) -> dict:
+def distinct_convolutions(arch: str, batch: int = 8, size: int = 64) -> dict:
     """(weight shape, input shape, stride, padding) -> how many layers have it."""
-    model = build_resnet(resnet_layers(arch, 10), (3, 64, 64)).eval()
+    model = build_resnet(resnet_layers(arch, 10), (3, size, size)).eval()
     found: dict = {}
 
     def record(module, inputs, output):
@@ -46,7 +50,7 @@ def distinct_convolutions(arch: str) -> dict:
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        model(torch.randn(8, 3, 64, 64))
+        model(torch.randn(batch, 3, size, size))
     for hook in hooks:
         hook.remove()
     return found
@@ -56,15 +60,22 @@ def variants(weight_shape, input_shape, stride, padding) -> dict:
     weight, bias = torch.randn(weight_shape), torch.randn(weight_shape[0])
     x = torch.randn(input_shape)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    packed = fused._pack_conv_weight(weight, padding, stride, (1, 1), input_shape)
+    packed = fused._pack_conv_weight(weight, padding, stride, (1, 1), 1, input_shape)
     conv = torch.ops.mkldnn._convolution_pointwise
     args = (list(padding), list(stride), [1, 1], 1, "relu", [], "")
+    rows = _output_pixels(weight_shape, input_shape, stride, padding)
     return {
         "F.conv2d": lambda: F.conv2d(x, weight, bias, stride, padding).relu_(),
         "packed": lambda: conv(x, packed, bias, *args).contiguous(),
         "packed channels_last": lambda: conv(x_cl, packed, bias, *args),
         "F.conv2d channels_last": lambda: F.conv2d(x_cl, weight, bias, stride, padding).relu_(),
+        "GEMM channels_last": lambda: fused._conv_gemm(x_cl, weight, bias, stride, padding, rows).relu_(),
     }
+
+
+def _output_pixels(weight_shape, input_shape, stride, padding) -> int:
+    size = [(input_shape[i] + 2 * padding[i - 2] - weight_shape[i]) // stride[i - 2] + 1 for i in (2, 3)]
+    return input_shape[0] * size[0] * size[1]
 
 
 def main() -> None:
@@ -72,15 +83,20 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64, help="image height and width")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.arch}, batch 8, 64x64; ms")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.arch}, batch {args.batch}, "
+          f"{args.size}x{args.size}; ms")
     names = list(variants((4, 4, 1, 1), (1, 4, 2, 2), (1, 1), (0, 0)))
     print(f"{'weight':<20} {'input':<18} {'stride':>6} {'layers':>6} "
-          + " ".join(f"{n:>22}" for n in names) + f" {'speed-up':>9}")
-    with torch.inference_mode():
-        for (w_shape, x_shape, stride, padding), count in distinct_convolutions(args.arch).items():
+          + " ".join(f"{n:>22}" for n in names) + f" {'speed-up':>9} {'rows':>5} {'GEMM/packed':>11} picked")
+    # no_grad, not inference_mode: weights made under inference_mode are never cached packed (fused.py)
+    with torch.no_grad():
+        for (w_shape, x_shape, stride, padding), count in distinct_convolutions(args.arch, args.batch,
+                                                                                 args.size).items():
             fns = variants(w_shape, x_shape, stride, padding)
             times = {name: [] for name in fns}
             for fn in fns.values():
@@ -94,7 +110,15 @@ def main() -> None:
             med = {name: statistics.median(t) for name, t in times.items()}
             print(f"{str(w_shape):<20} {str(x_shape):<18} {stride[0]:>6} {count:>6} "
                   + " ".join(f"{med[n]:>22.3f}" for n in names)
-                  + f" {med['F.conv2d'] / med['packed channels_last']:>8.2f}x")
+                  + f" {med['F.conv2d'] / med['packed channels_last']:>8.2f}x"
+                  + f" {_output_pixels(w_shape, x_shape, stride, padding):>5}"
+                  + f" {med['GEMM channels_last'] / med['packed channels_last']:>11.2f} {_picked(w_shape, x_shape, stride, padding)}")
+
+
+def _picked(weight_shape, input_shape, stride, padding) -> str:
+    x = torch.empty(input_shape, device="meta")
+    rows = fused._conv_gemm_rows(x, torch.empty(weight_shape, device="meta"), stride, padding, (1, 1), 1)
+    return "GEMM" if rows else "oneDNN"
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ OPAQUE = {
 }
 # What each architecture must fuse into (at least).
 FUSED = {
-    "resnet18": {fused.conv2d_act, ops.add_relu, ops.max_pool2d_inference},
-    "resnet50": {fused.conv2d_act, ops.add_relu, ops.max_pool2d_inference},
-    "mobilenet_v2": {fused.conv2d_act},
+    "resnet18": {fused.conv2d_act, fused.conv2d_add_act, ops.max_pool2d_inference},
+    "resnet50": {fused.conv2d_act, fused.conv2d_add_act, ops.max_pool2d_inference},
+    "mobilenet_v2": {fused.conv2d_act, fused.conv2d_add_act},
     "mobilenet_v3_small": {fused.conv2d_act, fused.linear_act},
     "vit": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "vit_manual_attention": {ops.add_layer_norm, fused.linear_act},

@@ -58,7 +58,9 @@ def test_torchvision_resnet_is_inlined_folded_and_fused():
     called = _called_modules(fast)
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.Sequential, Bottleneck)) for m in called)
     targets = _targets(fast)
-    assert targets.count(fused.conv2d_act) == 17 and targets.count(ops.add_relu) == 4
+    # each block's last conv adds the residual and applies the ReLU in its epilogue
+    assert targets.count(fused.conv2d_act) == 13 and targets.count(fused.conv2d_add_act) == 4
+    assert ops.add_relu not in targets
     assert ops.max_pool2d_inference in targets
     names = {k.split(".", 1)[1] for k in fast.state_dict()}  # less the wrapping layer's name
     folded_biases = {k for k in names if k.endswith(".bias") and k not in net.state_dict()}
@@ -101,12 +103,15 @@ def test_training_mode_inlined_gradients_match():
 
 def test_mobilenet_block_depthwise_and_relu6_stay_channels_last():
     """An inverted residual (1x1 + ReLU6, depthwise 3x3 + ReLU6, 1x1, residual add): ReLU6 fuses
-    into the convs and the depthwise conv runs in the channels_last stack; outputs match."""
+    into the convs, the residual into the last conv, and the depthwise conv runs in the channels_last
+    stack; outputs match."""
     block = randomize_batchnorm(nn.Sequential(InvertedResidual(16, 16, 1, 6), InvertedResidual(16, 24, 2, 6)))
     fast = _parity(_wrap(block, (16, 8, 8)), block, torch.randn(2, 16, 8, 8))
-    convs = [n for n in fast.graph.nodes if n.target is fused.conv2d_act]
+    convs = [n for n in fast.graph.nodes if n.target in (fused.conv2d_act, fused.conv2d_add_act)]
     assert len(convs) == 6 and all(n.kwargs == {"channels_last": True} for n in convs)
     assert [n.args[7] for n in convs].count("relu6") == 4
+    # the first block's `x + conv(x)` adds the residual in the conv's epilogue
+    assert [n.args[-1] for n in convs if n.target is fused.conv2d_add_act] == ["none"]
     assert not any(n.target == "contiguous" for n in fast.graph.nodes if n is not convs[-1].next)
 
 

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from . import _extension, ops
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MKL_PACKED_MAX_ROWS", "ONEDNN_ACTIVATIONS", "ONEDNN_LINEAR_MIN_MACS", "QKV_ATTENTION_MAX_SEQ",
-           "conv2d_act", "linear_act", "qkv_attention", "use_onednn"]
+__all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "MKL_PACKED_MAX_ROWS", "ONEDNN_ACTIVATIONS",
+           "ONEDNN_LINEAR_MIN_MACS", "QKV_ATTENTION_MAX_SEQ", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act",
+           "linear_act", "qkv_attention", "use_onednn"]
 
 #: Our activation names -> oneDNN's (attr, scalars, algorithm). The first five are also
 #: ``torchgraph.ops.ACTIVATIONS`` (the ``bias_act`` kernel's); the others (MobileNets') fuse on the
@@ -171,17 +172,20 @@ _HAS_MKL_PACKED = hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.i
 _MKL_PACKED: dict[tuple[int, int], tuple] = {}
 
 
-def _mkl_packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+def _mkl_packed_weight(weight: torch.Tensor, rows: int, as_matrix=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (or ``as_matrix(weight)``, an ``(out, in)`` matrix) packed by MKL for ``rows`` rows,
+    and the matrix itself: ``(packed, matrix)``, both cached per (weight, rows) like the conv weights."""
     key = (id(weight), rows)
     hit = _MKL_PACKED.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version and not weight.is_inference():
-        return hit[2]
+        return hit[2], hit[3]
     with torch.no_grad():
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+        matrix = weight.detach() if as_matrix is None else as_matrix(weight.detach()).contiguous()
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(matrix, rows)
     if not weight.is_inference():
         ref = weakref.ref(weight, lambda _, key=key: _MKL_PACKED.pop(key, None))
-        _MKL_PACKED[key] = (ref, weight._version, packed)
-    return packed
+        _MKL_PACKED[key] = (ref, weight._version, packed, matrix)
+    return packed, matrix
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -206,7 +210,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             if x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS and _HAS_MKL_PACKED:
                 # NOTE: [Few rows]
-                packed = _mkl_packed_weight(weight, rows)
+                packed, _ = _mkl_packed_weight(weight, rows)
                 y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed, weight, bias, rows)
                 return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
             if small:
@@ -262,6 +266,68 @@ class _TrainableLinearAct(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias if ctx.needs_input_grad[2] else None, None
 
 
+# NOTE: [Convolutions on few pixels] A convolution whose output has few pixels (ResNet-50's last
+# stage: 2x2 maps at batch 8 and 64x64 input, 7x7 at batch 1 and 224x224) reads its whole weight for
+# a few dozen output rows, and oneDNN's direct convolution is slow there, most of all on maps a few
+# pixels wide (its kernels block over the output width). Measured here for every ResNet-50
+# convolution (1 and 2 threads, interleaved medians, `python benchmarks/bench_conv_layouts.py --gemm`),
+# the convolution written as one GEMM on the NHWC rows (im2col for k > 1) through MKL's prepacked
+# weights took:
+# - 1x1 kernels: 0.4-0.6x oneDNN's time at 32 rows (2.57 -> 1.09 ms for 1024->2048 stride 2 at
+#   2 threads), 0.9-1.0x at 49-196 rows, a tie at 512 rows and up to 1.1x slower from 784 rows;
+# - 3x3 kernels: 0.45-0.6x on 2x2 maps (32 rows), 0.84-1.06x on 4x4 maps (128 rows), but 1.06-1.12x
+#   slower on 7x7 maps (49 rows) and 1.3-1.9x slower from 8x8 maps up.
+# Hence the limits below. The GEMM answers in NHWC, i.e. channels_last strides, like oneDNN.
+#: 1x1 convolutions with at most this many output pixels (N x H_out x W_out) run as an MKL GEMM.
+CONV_GEMM_MAX_ROWS = 256
+#: Larger kernels run as im2col + MKL GEMM when their output is at most this wide ...
+CONV_IM2COL_MAX_WIDTH = 4
+#: ... and has at most this many output pixels.
+CONV_IM2COL_MAX_ROWS = 128
+
+
+def _conv_gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> int:
+    """Output pixels of the convolution when it should run as a GEMM ([Convolutions on few
+    pixels]), else 0. Called on the oneDNN path only (eager float32/bfloat16 CPU, no gradient)."""
+    if x.dtype != torch.float32 or groups != 1 or not _HAS_MKL_PACKED or any(d != 1 for d in dilation):
+        return 0
+    kh, kw = weight.shape[-2:]
+    ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
+    rows = x.shape[0] * ho * wo
+    if rows <= 0:
+        return 0
+    if kh == kw == 1 and not any(padding):
+        return rows if rows <= CONV_GEMM_MAX_ROWS else 0
+    return rows if rows <= CONV_IM2COL_MAX_ROWS and wo <= CONV_IM2COL_MAX_WIDTH else 0
+
+
+def _filters_as_rows(weight: torch.Tensor) -> torch.Tensor:
+    """``(out, in, kh, kw)`` -> ``(out, kh * kw * in)``, the order of :func:`_conv_gemm`'s columns."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+               rows: int) -> torch.Tensor:
+    """The convolution as one GEMM on NHWC rows (MKL, prepacked weight); answers in channels_last."""
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    nhwc = x.permute(0, 2, 3, 1)  # a view for a channels_last input
+    if any(padding):
+        ph, pw = padding
+        padded = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)
+        padded[:, ph:ph + h, pw:pw + w] = nhwc
+        nhwc = padded
+    if kh == kw == 1:
+        cols = nhwc[:, ::stride[0], ::stride[1]]
+    else:  # im2col: (n, ho, wo, kh, kw, c)
+        cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
+    ho, wo = cols.shape[1], cols.shape[2]
+    packed, matrix = _mkl_packed_weight(weight, rows, _filters_as_rows)
+    y = torch.ops.mkl._mkl_linear(cols.reshape(rows, -1), packed, matrix, bias, rows)
+    return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+
+
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list,
                padding: list, dilation: list, groups: int, act: str = "none",
                channels_last: bool = False) -> torch.Tensor:
@@ -271,7 +337,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ``tg.optimize`` sets for inference) runs oneDNN's fused op on a channels_last input with
     prepacked weights and returns a channels_last tensor (NOTE: [Packed channels_last convs]).
     Without it, 3x3-and-larger convolutions with >= 16 input channels still use prepacked weights
-    and return a contiguous tensor; others run ``F.conv2d``.
+    and return a contiguous tensor; others run ``F.conv2d``. On that path, convolutions with few
+    output pixels run as one MKL GEMM instead (NOTE: [Convolutions on few pixels]).
 
     Args:
         x: input ``(N, C, H, W)``.
@@ -282,12 +349,25 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
     Returns:
         The activated convolution output.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x, w, b = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 3, 3), torch.randn(4)
+        >>> with torch.no_grad():
+        ...     y = conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", channels_last=True)
+        >>> torch.allclose(y, F.relu(F.conv2d(x, w, b, padding=1)), atol=1e-4)
+        True
     """
     if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         args = (x, weight, bias, stride, padding, dilation, groups, act)
         kwargs = {"channels_last": True} if channels_last else {}
         return x.tracer.create_proxy("call_function", conv2d_act, args, kwargs)
     onednn = use_onednn(x, weight, bias)
+    if onednn and x.dim() == 4:
+        rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
+        if rows:
+            y = _activation_(_conv_gemm(x, weight, bias, stride, padding, rows), act)
+            return y if channels_last else y.contiguous()
     if onednn and x.dim() == 4 and (
             channels_last or (groups == 1 and weight.shape[1] >= 16 and weight.shape[-1] > 1)):
         if channels_last:
@@ -305,6 +385,70 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return _activation_(y, act) if onednn else _activation(y, act)
     return _epilogue(F.conv2d(x, weight, None, stride, padding, dilation, groups), bias, act, 1)
+
+
+#: Activations :func:`conv2d_add_act` applies after the residual add.
+RESIDUAL_ACTIVATIONS = ("none", "relu")
+
+
+# NOTE: [Residual in the convolution] oneDNN adds the residual inside the convolution's epilogue
+# (``_convolution_pointwise.binary``, "add" then the activation), so the sum never makes a second
+# pass over memory: measured here for the last 1x1 convolution of ResNet-50's bottlenecks (batch 8,
+# 64x64; 1 and 2 threads, interleaved medians) it took 0.71-0.96x the time of the convolution then
+# ``ops.add_relu``, with identical values.
+def conv2d_add_act(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stride: list, padding: list, dilation: list, groups: int, act: str = "none",
+                   channels_last: bool = False) -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, ...) + residual)`` in one fused call where possible.
+
+    ``tg.optimize`` (inference) writes this for a ResNet block's ``relu(bn3(conv3(out)) + identity)``
+    and MobileNetV2's ``x + conv(x)``. The paths are :func:`conv2d_act`'s: oneDNN's convolution with
+    the add and activation in its epilogue (NOTE: [Residual in the convolution]), the MKL GEMM for
+    few output pixels (then the add and activation in place), and standard ops everywhere else
+    (gradients, other devices and dtypes, traced programs and exporters).
+
+    Args:
+        x: input ``(N, C, H, W)``.
+        residual: a tensor of the convolution output's shape (no broadcasting).
+        weight, bias, stride, padding, dilation, groups: the convolution's, as for :func:`conv2d_act`.
+        act: ``"none"`` or ``"relu"`` (``RESIDUAL_ACTIVATIONS``), applied after the add.
+        channels_last: answer in channels_last on the oneDNN path.
+
+    Returns:
+        ``act(conv + residual)``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x, w, r = torch.randn(2, 8, 5, 5), torch.randn(8, 8, 1, 1), torch.randn(2, 8, 5, 5)
+        >>> with torch.no_grad():
+        ...     y = conv2d_add_act(x, r, w, None, [1, 1], [0, 0], [1, 1], 1, "relu", channels_last=True)
+        >>> torch.allclose(y, F.relu(F.conv2d(x, w) + r), atol=1e-5)
+        True
+    """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
+        args = (x, residual, weight, bias, stride, padding, dilation, groups, act)
+        kwargs = {"channels_last": True} if channels_last else {}
+        return x.tracer.create_proxy("call_function", conv2d_add_act, args, kwargs)
+    if act not in RESIDUAL_ACTIVATIONS:
+        raise ValueError(f"conv2d_add_act: act must be one of {RESIDUAL_ACTIVATIONS}; received {act!r}.")
+    if (use_onednn(x, weight, bias, residual) and x.dim() == 4 and type(residual) is torch.Tensor  # noqa: E721
+            and not _needs_grad(residual)):
+        rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
+        if rows:
+            y = _conv_gemm(x, weight, bias, stride, padding, rows)
+            if y.shape == residual.shape:
+                y = _activation_(y.add_(residual), act)  # y is new: nobody else holds it
+                return y if channels_last else y.contiguous()
+        elif channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            packed = _packed_weight(weight, padding, stride, dilation, groups, x.shape)
+            unary = "relu" if act == "relu" else None  # the binary op refuses "none"
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual.contiguous(memory_format=torch.channels_last), packed, bias, padding, stride,
+                dilation, groups, "add", 1.0, unary, [], "")
+            return y
+    y = conv2d_act(x, weight, bias, stride, padding, dilation, groups, "none", channels_last) + residual
+    return _activation(y, act)
 
 
 #: Longest sequence for which :func:`qkv_attention` runs torchgraph's kernel (it keeps the

@@ -51,6 +51,9 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     - ``relu(a + b)`` becomes :func:`torchgraph.ops.add_relu`, ``layer_norm(a + b)``
       :func:`torchgraph.ops.add_layer_norm`, and ``nn.MaxPool2d``
       :func:`torchgraph.ops.max_pool2d_inference` (no indices, so no backward);
+    - with ``channels_last``, ``relu(conv(x) + r)`` and ``conv(x) + r`` (a ResNet block's residual,
+      MobileNetV2's) become :func:`torchgraph.fused.conv2d_add_act`: the add and ReLU run in the
+      convolution's epilogue;
     - self-attention written as ``qkv.chunk(3, -1)`` or ``qkv.split(E, 2)`` (nanoGPT) or
       ``reshape/permute/unbind`` (timm), head split, ``F.scaled_dot_product_attention`` and head
       merge becomes :func:`torchgraph.fused.qkv_attention` (one kernel that reads the
@@ -125,6 +128,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     if inference:
         passes.use_inference_max_pool(root, graph)
         if channels_last:
+            passes.fuse_conv_add(root, graph)
             passes.keep_layout_local(root, graph)
     if compute_dtype is not None:
         passes.compute_in(root, graph, compute_dtype)

@@ -48,7 +48,7 @@ _PRESERVING_MODULES = (nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.S
 
 
 def _channels_last_conv(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is fused.conv2d_act and \
+    return node.op == "call_function" and node.target in (fused.conv2d_act, fused.conv2d_add_act) and \
         node.kwargs.get("channels_last", False)
 
 

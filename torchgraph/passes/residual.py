@@ -1,4 +1,5 @@
-"""Residual adds: ``relu(a + b)`` -> ``ops.add_relu``; ``layer_norm(a + b)`` -> ``ops.add_layer_norm``."""
+"""Residual adds: ``relu(a + b)`` -> ``ops.add_relu``; ``layer_norm(a + b)`` -> ``ops.add_layer_norm``;
+``[relu](conv(x) + r)`` -> ``fused.conv2d_add_act``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
+from .. import fused, ops
 from .common import activation_of, attr_node, is_plain_add, module_of, same_shape, set_spec, single_user
 
-__all__ = ["fuse_add_layer_norm", "fuse_add_relu"]
+__all__ = ["fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_add"]
 
 
 def fuse_add_relu(root: nn.Module, graph: fx.Graph) -> int:
@@ -32,6 +33,43 @@ def fuse_add_relu(root: nn.Module, graph: fx.Graph) -> int:
         user.replace_all_uses_with(new)
         graph.erase_node(user)
         graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _fusable_conv(node: fx.Node, other: fx.Node) -> bool:
+    """A channels_last ``fused.conv2d_act`` without activation whose only user is the add."""
+    return (node.op == "call_function" and node.target is fused.conv2d_act and len(node.args) == 8
+            and node.args[7] == "none" and node.kwargs == {"channels_last": True} and len(node.users) == 1
+            and node is not other)
+
+
+def fuse_conv_add(root: nn.Module, graph: fx.Graph) -> int:
+    """``ops.add_relu(conv, r)`` and ``conv + r`` (same shapes), where ``conv`` is a channels_last
+    ``fused.conv2d_act`` without activation used by the add alone -> ``fused.conv2d_add_act(x, r, ...,
+    act)``: the residual is added in the convolution's epilogue (NOTE: [Residual in the convolution]
+    in ``fused.py``). For inference with channels_last convolutions: run after :func:`fuse_add_relu`."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is ops.add_relu and len(node.args) == 2 and not node.kwargs:
+            act = "relu"
+        elif is_plain_add(node) and same_shape(*node.args):
+            act = "none"
+        else:
+            continue
+        a, b = node.args
+        conv, residual = (a, b) if _fusable_conv(a, b) else (b, a) if _fusable_conv(b, a) else (None, None)
+        if conv is None:
+            continue
+        x, weight, bias, stride, padding, dilation, groups, _ = conv.args
+        with graph.inserting_before(node):
+            new = graph.call_function(fused.conv2d_add_act, (x, residual, weight, bias, stride, padding, dilation,
+                                                             groups, act), {"channels_last": True})
+        new._rename(f"{conv.name}_add")
+        set_spec(new, node.meta.get("tg_spec"))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(conv)
         count += 1
     return count
 

@@ -1,0 +1,224 @@
+"""The convolution targets of tg.optimize: few-pixel convolutions as one MKL GEMM, and the residual
+add (+ ReLU) inside the convolution (``fused.conv2d_add_act``), on every path each can take."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchgraph as tg
+from torchgraph import fused, ops
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from handwritten import Bottleneck, InvertedResidual, randomize_batchnorm  # noqa: E402
+
+needs_gemm = pytest.mark.skipif(not (fused._HAS_ONEDNN and fused._HAS_MKL_PACKED),
+                                reason="needs oneDNN and MKL's packed GEMM")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _reference(x, w, b, stride, padding, act, residual=None):
+    y = F.conv2d(x, w, b, stride, padding)
+    return fused._activation(y if residual is None else y + residual, act)
+
+
+def _gemm_calls(monkeypatch) -> list:
+    """Records the row counts of every MKL GEMM call."""
+    calls = []
+    real = torch.ops.mkl._mkl_linear
+
+    def counting(a, packed, matrix, bias, rows):
+        calls.append(rows)
+        return real(a, packed, matrix, bias, rows)
+
+    monkeypatch.setattr(fused.torch.ops.mkl, "_mkl_linear", counting)
+    return calls
+
+
+# 1x1 and 3x3, stride 1 and 2, with and without padding, on the small maps where the GEMM is chosen
+CASES = [  # (batch, in, out, size, kernel, stride, padding)
+    (8, 32, 48, 2, 1, 1, 0),
+    (8, 32, 48, 4, 1, 2, 0),
+    (2, 16, 24, 4, 3, 1, 1),
+    (8, 16, 24, 4, 3, 2, 1),
+    (2, 16, 24, 4, 3, 1, 0),
+    (1, 16, 8, 5, 3, 2, 1),
+]
+
+
+@needs_gemm
+@pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}_{c[4]}x{c[4]}_s{c[5]}_p{c[6]}_{c[3]}px" for c in CASES])
+@pytest.mark.parametrize("act", ["none", "relu", "hardswish"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_few_pixel_convolutions_run_as_one_gemm(monkeypatch, case, act, channels_last):
+    """A convolution with few output pixels runs as one MKL GEMM on NHWC rows: same values as
+    F.conv2d, answering in channels_last inside a stack and contiguous outside one."""
+    n, cin, cout, size, k, stride, pad = case
+    x = torch.randn(n, cin, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(cout, cin, k, k), torch.randn(cout)
+    calls = _gemm_calls(monkeypatch)
+    with torch.no_grad():
+        y = fused.conv2d_act(x, w, b, [stride] * 2, [pad] * 2, [1, 1], 1, act, channels_last=channels_last)
+    expected = _reference(x, w, b, stride, pad, act)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+    assert calls == [expected.shape[0] * expected.shape[2] * expected.shape[3]]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=layout)
+
+
+@needs_gemm
+def test_gemm_weights_are_cached_and_follow_changes(monkeypatch):
+    """The GEMM's packed filters are cached per (weight, rows) and rebuilt when the weight changes
+    (load_state_dict, an optimizer step)."""
+    monkeypatch.setattr(fused, "_MKL_PACKED", {})
+    x = torch.randn(2, 16, 2, 2).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(8, 16, 3, 3), torch.randn(8)
+    args = ([1, 1], [1, 1], [1, 1], 1, "relu")
+    with torch.no_grad():
+        fused.conv2d_act(x, w, b, *args, channels_last=True)
+        assert list(fused._MKL_PACKED) == [(id(w), 8)]
+        w.mul_(-1)
+        y = fused.conv2d_act(x, w, b, *args, channels_last=True)
+    torch.testing.assert_close(y, _reference(x, w, b, 1, 1, "relu"), atol=1e-4, rtol=1e-4)
+
+
+def test_gemm_decision_follows_the_measured_limits():
+    """1x1 convolutions up to CONV_GEMM_MAX_ROWS output pixels, larger kernels on maps at most
+    CONV_IM2COL_MAX_WIDTH wide with at most CONV_IM2COL_MAX_ROWS pixels; never grouped, dilated or
+    non-float32 convolutions (NOTE: [Convolutions on few pixels])."""
+    def rows(n, c, size, k, stride=1, pad=0, dilation=1, groups=1, dtype=torch.float32, out=8):
+        x = torch.empty(n, c, size, size, device="meta", dtype=dtype)
+        w = torch.empty(out, c // groups, k, k, device="meta")
+        return fused._conv_gemm_rows(x, w, [stride] * 2, [pad] * 2, [dilation] * 2, groups)
+
+    if not fused._HAS_MKL_PACKED:
+        assert rows(1, 8, 2, 1) == 0
+        return
+    assert rows(16, 8, 4, 1) == 256 == fused.CONV_GEMM_MAX_ROWS
+    assert rows(17, 8, 4, 1) == 0
+    assert rows(8, 8, 4, 3, pad=1) == 128  # ResNet-50's layer3 at batch 8, 64x64
+    assert rows(1, 8, 7, 3, pad=1) == 0  # layer4 at batch 1, 224x224: 7 wide, oneDNN is faster
+    assert rows(1, 8, 7, 1) == 49
+    assert rows(9, 8, 4, 3, pad=1) == 0  # 144 rows
+    assert rows(1, 8, 2, 3, pad=1, groups=8, out=8) == 0
+    assert rows(1, 8, 4, 3, pad=2, dilation=2) == 0
+    assert rows(1, 8, 2, 1, dtype=torch.bfloat16) == 0
+    assert rows(1, 8, 2, 1, stride=2) == 1
+
+
+@pytest.mark.parametrize("size", [2, 16], ids=["gemm", "onednn"])
+@pytest.mark.parametrize("act", ["none", "relu"])
+@pytest.mark.parametrize("residual_layout", ["channels_last", "contiguous"])
+def test_conv2d_add_act_matches_conv_then_add(size, act, residual_layout):
+    """``act(conv(x) + r)`` in one call equals the three ops, on the oneDNN path (the add in the
+    convolution's epilogue) and the GEMM path, whatever the residual's layout."""
+    x = torch.randn(4, 16, size, size).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, 16, 1, 1), torch.randn(32)
+    r = torch.randn(4, 32, size, size)
+    if residual_layout == "channels_last":
+        r = r.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = fused.conv2d_add_act(x, r, w, b, [1, 1], [0, 0], [1, 1], 1, act, channels_last=True)
+    torch.testing.assert_close(y, _reference(x, w, b, 1, 0, act, r), atol=1e-4, rtol=1e-4)
+    assert y.data_ptr() != r.data_ptr()  # the residual is read, never written
+
+
+def test_conv2d_add_act_differentiates_and_runs_other_dtypes():
+    """With gradients, or in float64, it runs standard ops: gradients equal the original's."""
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    r = torch.randn(2, 8, 5, 5, requires_grad=True)
+    w, b = torch.randn(8, 8, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)
+    y = fused.conv2d_add_act(x, r, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", channels_last=True)
+    grads = torch.autograd.grad(y.square().sum(), (x, r, w, b))
+    expected = torch.autograd.grad(_reference(x, w, b, 1, 1, "relu", r).square().sum(), (x, r, w, b))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    x64, r64, w64 = x.detach().double(), r.detach().double(), w.detach().double()
+    torch.testing.assert_close(fused.conv2d_add_act(x64, r64, w64, None, [1, 1], [1, 1], [1, 1], 1, "relu"),
+                               _reference(x64, w64, None, 1, 1, "relu", r64))
+
+
+def test_conv2d_add_act_rejects_other_activations():
+    x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1)
+    with pytest.raises(ValueError, match=r"conv2d_add_act: act must be one of \('none', 'relu'\); received 'gelu'"):
+        fused.conv2d_add_act(x, x, w, None, [1, 1], [0, 0], [1, 1], 1, "gelu")
+
+
+def _bottlenecks() -> nn.Module:
+    down = nn.Sequential(nn.Conv2d(16, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
+    return randomize_batchnorm(nn.Sequential(Bottleneck(16, 16, 2, down), Bottleneck(64, 16)))
+
+
+@pytest.mark.parametrize("batch,size", [(2, 16), (8, 4)], ids=["onednn", "gemm"])
+def test_bottleneck_residual_runs_inside_its_last_conv(batch, size):
+    """torchvision's Bottleneck (``out += identity; relu(out)``, a downsample Sequential): the last
+    conv of each block takes the residual and the ReLU; outputs match eager on both conv paths."""
+    net = _bottlenecks().eval()
+    x = tg.Input(shape=(16, size, size))
+    fast = tg.optimize(tg.Model(x, net(x)))
+    fused_adds = [n for n in fast.graph.nodes if n.target is fused.conv2d_add_act]
+    assert len(fused_adds) == 2 and all(n.args[8] == "relu" for n in fused_adds)
+    assert not any(n.target in (ops.add_relu, "add") for n in fast.graph.nodes)
+    data = torch.randn(batch, 16, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(data), net(data), atol=1e-4, rtol=1e-4)
+
+
+def test_residual_stays_apart_where_it_must():
+    """Not fused: training mode (no oneDNN epilogue has a backward), channels_last=False, a conv
+    output read twice, a broadcasting add."""
+    net = _bottlenecks()
+    x = tg.Input(shape=(16, 8, 8))
+    model = tg.Model(x, net(x))
+    for options in ({"inference": False}, {"channels_last": False}):
+        fast = tg.optimize(model.eval() if options.get("inference", True) else model.train(), **options)
+        assert fused.conv2d_add_act not in {n.target for n in fast.graph.nodes}
+        assert ops.add_relu in {n.target for n in fast.graph.nodes}
+
+    x = tg.Input(shape=(8, 4, 4))
+    conv = nn.Conv2d(8, 8, 1)(x)
+    twice = tg.Model(x, [F.relu(conv + x), conv])
+    broadcast = tg.Model(x, nn.Conv2d(8, 8, 1)(x) + torch.ones(1, 8, 1, 1))
+    for model in (twice, broadcast):
+        fast = tg.optimize(model.eval())
+        assert fused.conv2d_add_act not in {n.target for n in fast.graph.nodes}
+        data = torch.randn(2, 8, 4, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(data), model(data), atol=1e-5, rtol=1e-5)
+
+
+def test_inverted_residual_without_activation():
+    """MobileNetV2's ``x + conv(x)``: the plain add runs in the projection conv's epilogue."""
+    net = randomize_batchnorm(InvertedResidual(16, 16, 1, 6)).eval()
+    x = tg.Input(shape=(16, 8, 8))
+    fast = tg.optimize(tg.Model(x, net(x)))
+    fused_adds = [n for n in fast.graph.nodes if n.target is fused.conv2d_add_act]
+    assert [n.args[8] for n in fused_adds] == ["none"]
+    data = torch.randn(3, 16, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(data), net(data), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_residual_exports_to_onnx(tmp_path):
+    """tg.export_onnx of an optimized bottleneck: standard Conv + Add + Relu, verified by onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    net = _bottlenecks().eval()
+    x = tg.Input(shape=(16, 8, 8))
+    fast = tg.optimize(tg.Model(x, net(x)))
+    path = tmp_path / "fast.onnx"
+    tg.export_onnx(fast, str(path))
+    import onnx
+
+    kinds = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Conv", "Add", "Relu"} <= kinds
