@@ -222,3 +222,29 @@ def test_fused_residual_exports_to_onnx(tmp_path):
 
     kinds = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"Conv", "Add", "Relu"} <= kinds
+
+
+@pytest.mark.parametrize("original_in_inference_mode", [False, True])
+def test_optimized_inside_inference_mode_keeps_cached_weights(monkeypatch, original_in_inference_mode):
+    """tg.optimize called under torch.inference_mode (even on a model built there) returns normal
+    parameters, so the packed-weight caches work (NOTE: [Inference-mode builds]) and values match."""
+    monkeypatch.setattr(fused, "_PACKED", {})
+    monkeypatch.setattr(fused, "_MKL_PACKED", {})
+
+    def build():
+        x = tg.Input(shape=(16, 8, 8))
+        return tg.Model(x, _bottlenecks()(x)).eval()
+
+    if original_in_inference_mode:
+        with torch.inference_mode():
+            model = build()
+    else:
+        model = build()
+    data = torch.randn(2, 16, 8, 8)
+    with torch.inference_mode():
+        fast = tg.optimize(model)
+        out, expected = fast(data), model(data)
+    assert not any(p.is_inference() for p in fast.parameters())
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    if fused._HAS_ONEDNN:
+        assert fused._PACKED or fused._MKL_PACKED  # packed once and cached, not per call
