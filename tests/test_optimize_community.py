@@ -31,7 +31,7 @@ FUSED = {
     "mobilenet_v2": {fused.conv2d_act, fused.conv2d_add_act},
     "mobilenet_v3_small": {fused.conv2d_act, fused.linear_act},
     "vit": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
-    "vit_manual_attention": {ops.add_layer_norm, fused.linear_act},
+    "vit_manual_attention": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "nanogpt": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "nanogpt_manual_attention": {ops.add_layer_norm, fused.linear_act},
     "unet": {fused.conv2d_act},

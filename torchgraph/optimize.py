@@ -54,6 +54,8 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     - with ``channels_last``, ``relu(conv(x) + r)`` and ``conv(x) + r`` (a ResNet block's residual,
       MobileNetV2's) become :func:`torchgraph.fused.conv2d_add_act`: the add and ReLU run in the
       convolution's epilogue;
+    - attention written out as ``softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v`` (timm's
+      ``fused_attn=False`` path; no mask or dropout) becomes ``F.scaled_dot_product_attention``;
     - self-attention written as ``qkv.chunk(3, -1)`` or ``qkv.split(E, 2)`` (nanoGPT) or
       ``reshape/permute/unbind`` (timm), head split, ``F.scaled_dot_product_attention`` and head
       merge becomes :func:`torchgraph.fused.qkv_attention` (one kernel that reads the
@@ -134,6 +136,7 @@ def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: 
     passes.fuse_linear_act(root, graph)
     passes.fuse_conv_act(root, graph, channels_last=inference and channels_last)
     _unshare(root, set(shared))
+    passes.write_attention_as_sdpa(root, graph)
     passes.fuse_qkv_attention(root, graph)
     passes.fuse_add_layer_norm(root, graph)
     passes.fuse_add_relu(root, graph)

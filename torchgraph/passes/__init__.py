@@ -11,10 +11,11 @@ from .canonical import canonicalize
 from .epilogue import fuse_conv_act, fuse_linear_act
 from .inline import inline_modules
 from .layout import keep_layout_local, use_inference_max_pool
+from .manual_attention import write_attention_as_sdpa
 from .precision import bfloat16_supported, compute_in
 from .residual import fuse_add_layer_norm, fuse_add_relu, fuse_conv_add
 from .transformer import expand_transformer_layers
 
 __all__ = ["bfloat16_supported", "canonicalize", "compute_in", "expand_transformer_layers", "fold_batchnorm",
            "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_linear_act", "fuse_qkv_attention",
-           "inline_modules", "keep_layout_local", "use_inference_max_pool"]
+           "inline_modules", "keep_layout_local", "use_inference_max_pool", "write_attention_as_sdpa"]
