@@ -11,7 +11,12 @@ no autograd), the three products of a training step:
 and prints MKL time / oneDNN time (> 1: oneDNN faster). This is the measurement behind
 ``NOTE: [oneDNN GEMMs in training]`` in ``torchgraph/fused.py``.
 
-Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15]
+With ``--inference`` it times instead the inference forward of each layer (with the GELU of fc1),
+three ways: ``F.linear`` (MKL ``addmm``) then the activation, MKL's prepacked GEMM
+(``mkl._mkl_linear``, what inductor's freezing uses for float32) then the activation, and oneDNN's
+fused ``_linear_pointwise``; the encoder's feed-forward shapes (256 -> 2048 -> 256) are added.
+
+Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference]
 """
 
 from __future__ import annotations
@@ -36,14 +41,53 @@ def products(n_in: int, n_out: int) -> dict:
     }
 
 
+INFERENCE_SHAPES = dict(SHAPES, ff1=(256, 2048), ff2=(2048, 256))
+
+
+def inference_variants(n_in: int, n_out: int, act: str) -> dict:
+    x, w, b = torch.randn(ROWS, n_in), torch.randn(n_out, n_in) * n_in ** -0.5, torch.randn(n_out)
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, ROWS)
+    activation = torch.nn.functional.gelu if act == "gelu" else (lambda y: y)
+    return {
+        "F.linear": lambda: activation(torch.nn.functional.linear(x, w, b)),
+        "MKL packed": lambda: activation(torch.ops.mkl._mkl_linear(x, packed, w, b, ROWS)),
+        "oneDNN fused": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, act, [], "none" if act == "gelu" else ""),
+    }
+
+
+def inference_main(reps: int) -> None:
+    cases = {layer: inference_variants(*shape, "gelu" if layer == "fc1" else "none")
+             for layer, shape in INFERENCE_SHAPES.items()}
+    names = list(next(iter(cases.values())))
+    times = {layer: {name: [] for name in names} for layer in cases}
+    with torch.no_grad():
+        for fns in cases.values():
+            for fn in fns.values():
+                fn()
+        for _ in range(reps):  # interleaved
+            for layer, fns in cases.items():
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    for _ in range(5):
+                        fn()
+                    times[layer][name].append((time.perf_counter() - start) / 5 * 1e3)
+    print(f"{'layer':<6} " + " ".join(f"{n:>13}" for n in names) + "   (ms, medians)")
+    for layer, samples in times.items():
+        print(f"{layer:<6} " + " ".join(f"{statistics.median(samples[n]):13.3f}" for n in names))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--inference", action="store_true", help="inference forward: F.linear, MKL packed, oneDNN")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROWS} rows; ms")
+    if args.inference:
+        inference_main(args.reps)
+        return
     cases = {(layer, kind): pair for layer, shape in SHAPES.items() for kind, pair in products(*shape).items()}
     times = {key: ([], []) for key in cases}
     with torch.no_grad():

@@ -26,15 +26,21 @@ def fuse_add_relu(root: nn.Module, graph: fx.Graph) -> int:
         user = single_user(node)
         if user is None or activation_of(root, user, node) != "relu":
             continue
-        with graph.inserting_before(node):
-            new = graph.call_function(ops.add_relu, tuple(node.args))
-        new._rename(f"{node.name}_relu")
-        set_spec(new, user.meta.get("tg_spec"))
-        user.replace_all_uses_with(new)
-        graph.erase_node(user)
-        graph.erase_node(node)
+        _replace(graph, node, user, (user, node), ops.add_relu, tuple(node.args), {}, f"{node.name}_relu")
         count += 1
     return count
+
+
+def _replace(graph: fx.Graph, at: fx.Node, last: fx.Node, erase: tuple, target, args: tuple, kwargs: dict,
+             name: str) -> None:
+    """A call of ``target`` before ``at`` takes over ``last``'s users and spec; ``erase`` goes."""
+    with graph.inserting_before(at):
+        new = graph.call_function(target, args, kwargs)
+    new._rename(name)
+    set_spec(new, last.meta.get("tg_spec"))
+    last.replace_all_uses_with(new)
+    for old in erase:
+        graph.erase_node(old)
 
 
 def _fusable_conv(node: fx.Node, other: fx.Node) -> bool:
@@ -62,14 +68,9 @@ def fuse_conv_add(root: nn.Module, graph: fx.Graph) -> int:
         if conv is None:
             continue
         x, weight, bias, stride, padding, dilation, groups, _ = conv.args
-        with graph.inserting_before(node):
-            new = graph.call_function(fused.conv2d_add_act, (x, residual, weight, bias, stride, padding, dilation,
-                                                             groups, act), {"channels_last": True})
-        new._rename(f"{conv.name}_add")
-        set_spec(new, node.meta.get("tg_spec"))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        graph.erase_node(conv)
+        args = (x, residual, weight, bias, stride, padding, dilation, groups, act)
+        _replace(graph, node, node, (node, conv), fused.conv2d_add_act, args, {"channels_last": True},
+                 f"{conv.name}_add")
         count += 1
     return count
 
