@@ -87,7 +87,7 @@ def test_gemm_weights_are_cached_and_follow_changes(monkeypatch):
     args = ([1, 1], [1, 1], [1, 1], 1, "relu")
     with torch.no_grad():
         fused.conv2d_act(x, w, b, *args, channels_last=True)
-        assert list(fused._MKL_PACKED) == [(id(w), 8)]
+        assert list(fused._MKL_PACKED) == [id(w)] and list(fused._MKL_PACKED[id(w)][2]) == [8]
         w.mul_(-1)
         y = fused.conv2d_act(x, w, b, *args, channels_last=True)
     torch.testing.assert_close(y, _reference(x, w, b, 1, 1, "relu"), atol=1e-4, rtol=1e-4)
@@ -248,3 +248,23 @@ def test_optimized_inside_inference_mode_keeps_cached_weights(monkeypatch, origi
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     if fused._HAS_ONEDNN:
         assert fused._PACKED or fused._MKL_PACKED  # packed once and cached, not per call
+
+
+@needs_gemm
+def test_packed_copies_are_bounded_per_weight(monkeypatch):
+    """A weight is packed for at most MKL_PACKED_ROW_COUNTS row counts (a decoding loop changes its
+    row count every step); other row counts run the other paths with the same values, and
+    inference-mode weights are never packed (no version counter to invalidate the copy)."""
+    monkeypatch.setattr(fused, "_MKL_PACKED", {})
+    monkeypatch.setattr(fused, "MKL_PACKED_ROW_COUNTS", 2)
+    w, b = torch.randn(10, 16), torch.randn(10)
+    with torch.no_grad():
+        for rows in (3, 5, 7, 9):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(fused.linear_act(x, w, b, "relu"), F.relu(F.linear(x, w, b)))
+    assert sorted(fused._MKL_PACKED[id(w)][2]) == [3, 5]
+    with torch.inference_mode():
+        frozen = torch.randn(10, 16)
+        x = torch.randn(4, 16)
+        torch.testing.assert_close(fused.linear_act(x, frozen, None), F.linear(x, frozen))
+    assert id(frozen) not in fused._MKL_PACKED

@@ -283,7 +283,7 @@ def test_few_rows_use_mkl_packed_weights(monkeypatch, act):
     with torch.no_grad():
         y = fused.linear_act(x, w, b, act)
         torch.testing.assert_close(y, fused._activation(F.linear(x, w, b), act), atol=1e-5, rtol=1e-5)
-        assert list(fused._MKL_PACKED) == [(id(w), 6)]
+        assert list(fused._MKL_PACKED) == [id(w)] and list(fused._MKL_PACKED[id(w)][2]) == [6]
         w.mul_(2)  # bumps the version: the packed copy is rebuilt
         torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._activation(F.linear(x, w, b), act),
                                    atol=1e-5, rtol=1e-5)

@@ -170,28 +170,50 @@ ONEDNN_LINEAR_MIN_MACS = 1 << 23
 # NOTE: [Few rows] With few rows (a classifier head at batch 1-32, a decoder step), a linear layer
 # is bound by reading its weight, and MKL's prepacked GEMM (the one inductor uses for float32
 # linears) reads it fastest: (8 x 1280) @ (1280 x 1000) took 0.37-1.4 ms against 2.2-2.5 ms for
-# F.linear and oneDNN (1 thread, two runs on the loaded 2-core VM). The packed copy is cached per
-# (weight, rows) like the conv weights (NOTE: [Packed conv weights]).
-#: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM.
+# F.linear and oneDNN (1 thread, two runs on the loaded 2-core VM).
+#
+# NOTE: [MKL GEMMs in inference] Measured on a quiet machine (2 threads, interleaved medians,
+# `python benchmarks/bench_gemm.py --inference`), MKL's prepacked GEMM was also the fastest float32
+# forward in isolation on the GPT block's and the encoder's shapes (1024 rows): 5-19% faster than
+# oneDNN's fused linear (fc1's GELU applied after it) and 2-18% faster than F.linear. Inside the
+# model it was not: the GPT stack ran 0.96-1.19x eager with every large linear on MKL, 1.12-1.27x
+# with the GELU linears left on oneDNN and 1.19-1.24x with all on oneDNN (three interleaved runs),
+# so linears from 8M multiply-adds up stay on oneDNN's fused op.
+#
+# The packing depends on the row count, so the packed copy is cached per (weight, rows), beside the
+# parameter like the conv weights (NOTE: [Packed conv weights]), for at most MKL_PACKED_ROW_COUNTS
+# row counts per weight: a decoding loop whose row count grows every step would otherwise keep a
+# copy of every weight per step. Other row counts run F.linear / oneDNN (the same values up to
+# float32 rounding). Weights made under torch.inference_mode have no version counter, so they are
+# never packed (packing per call cost more than it saved: 547 vs 307 us for the head above).
+#: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM, whatever their size.
 MKL_PACKED_MAX_ROWS = 64
+#: Most row counts a weight is packed for by MKL (each packed copy is the weight's size).
+MKL_PACKED_ROW_COUNTS = 4
 _HAS_MKL_PACKED = hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.is_available()
-_MKL_PACKED: dict[tuple[int, int], tuple] = {}
+_MKL_PACKED: dict[int, tuple] = {}
 
 
-def _mkl_packed_weight(weight: torch.Tensor, rows: int, as_matrix=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _mkl_packed_weight(weight: torch.Tensor, rows: int, as_matrix=None) -> tuple | None:
     """``weight`` (or ``as_matrix(weight)``, an ``(out, in)`` matrix) packed by MKL for ``rows`` rows,
-    and the matrix itself: ``(packed, matrix)``, both cached per (weight, rows) like the conv weights."""
-    key = (id(weight), rows)
+    and the matrix itself: ``(packed, matrix)``; None where MKL's packed GEMM should not run (no
+    MKL, an inference-mode weight, MKL_PACKED_ROW_COUNTS other row counts already packed)."""
+    if not _HAS_MKL_PACKED or weight.is_inference():
+        return None
+    key = id(weight)
     hit = _MKL_PACKED.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version and not weight.is_inference():
-        return hit[2], hit[3]
-    with torch.no_grad():
-        matrix = weight.detach() if as_matrix is None else as_matrix(weight.detach()).contiguous()
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(matrix, rows)
-    if not weight.is_inference():
+    if hit is None or hit[0]() is not weight or hit[1] != weight._version:
         ref = weakref.ref(weight, lambda _, key=key: _MKL_PACKED.pop(key, None))
-        _MKL_PACKED[key] = (ref, weight._version, packed, matrix)
-    return packed, matrix
+        hit = _MKL_PACKED[key] = (ref, weight._version, {})
+    by_rows = hit[2]
+    found = by_rows.get(rows)
+    if found is None:
+        if len(by_rows) >= MKL_PACKED_ROW_COUNTS:
+            return None
+        with torch.no_grad():
+            matrix = weight.detach() if as_matrix is None else as_matrix(weight.detach()).contiguous()
+            found = by_rows[rows] = (torch.ops.mkl._mkl_reorder_linear_weight(matrix, rows), matrix)
+    return found
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -214,10 +236,10 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         small = x.numel() * weight.shape[0] < ONEDNN_LINEAR_MIN_MACS  # NOTE: [Small linears]
         if not _needs_grad(x, weight, bias):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            if x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS and _HAS_MKL_PACKED:
-                # NOTE: [Few rows]
-                packed, _ = _mkl_packed_weight(weight, rows)
-                y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed, weight, bias, rows)
+            few_rows = x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS  # NOTE: [Few rows]
+            packed = _mkl_packed_weight(weight, rows) if few_rows else None
+            if packed is not None:
+                y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed[0], weight, bias, rows)
                 return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
             if small:
                 return _activation_(F.linear(x, weight, bias), act)
@@ -314,8 +336,12 @@ def _filters_as_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
-               rows: int) -> torch.Tensor:
-    """The convolution as one GEMM on NHWC rows (MKL, prepacked weight); answers in channels_last."""
+               rows: int) -> torch.Tensor | None:
+    """The convolution as one GEMM on NHWC rows (MKL, prepacked weight); answers in channels_last.
+    None when the weight is not packed for MKL (see :func:`_mkl_packed_weight`)."""
+    packed = _mkl_packed_weight(weight, rows, _filters_as_rows)
+    if packed is None:
+        return None
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
     nhwc = x.permute(0, 2, 3, 1)  # a view for a channels_last input
@@ -329,8 +355,7 @@ def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     else:  # im2col: (n, ho, wo, kh, kw, c)
         cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
     ho, wo = cols.shape[1], cols.shape[2]
-    packed, matrix = _mkl_packed_weight(weight, rows, _filters_as_rows)
-    y = torch.ops.mkl._mkl_linear(cols.reshape(rows, -1), packed, matrix, bias, rows)
+    y = torch.ops.mkl._mkl_linear(cols.reshape(rows, -1), *packed, bias, rows)
     return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
 
 
@@ -371,8 +396,9 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     onednn = use_onednn(x, weight, bias)
     if onednn and x.dim() == 4:
         rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
-        if rows:
-            y = _activation_(_conv_gemm(x, weight, bias, stride, padding, rows), act)
+        y = _conv_gemm(x, weight, bias, stride, padding, rows) if rows else None
+        if y is not None:
+            y = _activation_(y, act)
             return y if channels_last else y.contiguous()
     if onednn and x.dim() == 4 and (
             channels_last or (groups == 1 and weight.shape[1] >= 16 and weight.shape[-1] > 1)):
@@ -440,12 +466,11 @@ def conv2d_add_act(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     if (use_onednn(x, weight, bias, residual) and x.dim() == 4 and type(residual) is torch.Tensor  # noqa: E721
             and not _needs_grad(residual)):
         rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
-        if rows:
-            y = _conv_gemm(x, weight, bias, stride, padding, rows)
-            if y.shape == residual.shape:
-                y = _activation_(y.add_(residual), act)  # y is new: nobody else holds it
-                return y if channels_last else y.contiguous()
-        elif channels_last:
+        y = _conv_gemm(x, weight, bias, stride, padding, rows) if rows else None
+        if y is not None and y.shape == residual.shape:
+            y = _activation_(y.add_(residual), act)  # y is new: nobody else holds it
+            return y if channels_last else y.contiguous()
+        if y is None and channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             packed = _packed_weight(weight, padding, stride, dilation, groups, x.shape)
             unary = "relu" if act == "relu" else None  # the binary op refuses "none"
