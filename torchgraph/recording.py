@@ -304,7 +304,7 @@ _SIZE_VARARGS = frozenset({torch.zeros, torch.ones, torch.empty, torch.rand, tor
 
 
 def _mutated(record: Record, target, result):
-    """An in-place op at the top level. NOTE: [Effects] in model.py says why it is always kept."""
+    """An in-place op at the top level. NOTE: [Effects] in collecting.py says why it is always kept."""
     if not isinstance(target, SymbolicTensor) or target._tg_value is None:
         return result
     record.effect = "mutation"

@@ -44,7 +44,7 @@ class Record:
 
     ``effect`` marks a call that a model needs even when no output uses its result: ``"mutation"``
     (an in-place op, or a module call that mutates an input) and ``"guard"`` (a recorded check such
-    as ``assert T <= block_size``). See NOTE: [Effects] in ``model.py``.
+    as ``assert T <= block_size``). See NOTE: [Effects] in ``collecting.py``.
     """
 
     __slots__ = ("op", "target", "args", "kwargs", "seq", "location", "out", "effect", "scope",
