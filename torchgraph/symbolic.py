@@ -366,7 +366,7 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
         >>> tokens.shape, tokens.dtype
         ((None, None), torch.int64)
     """
-    from .module_scopes import remove_idle_modes
+    from .scope_replay import remove_idle_modes
 
     remove_idle_modes()  # a safe point (NOTE: [Module scopes])
     if isinstance(shape, int):
