@@ -70,6 +70,32 @@ def test_pickle_500_layer_model():
     assert len([n for n in restored.graph.nodes]) == len([n for n in model.graph.nodes])
 
 
+class _NamesRecorder(pickle.Unpickler):
+    """Unpickles, noting each torchgraph global the pickle names (module.qualname)."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.names = set()
+
+    def find_class(self, module, name):
+        if module.startswith("torchgraph"):
+            self.names.add(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def test_pickled_model_names_the_same_globals_in_every_version():
+    """A pickle names torchgraph objects by their historic paths (ValueSpec as torchgraph.model's),
+    so a model pickled by one version unpickles in another, whatever module now defines them."""
+    model = _cnn()
+    recorder = _NamesRecorder(pickle.dumps(model))
+    restored = recorder.load()
+    assert recorder.names == {"torchgraph.dims.DynamicDim", "torchgraph.model.Model",
+                              "torchgraph.model.ValueSpec", "torchgraph.model._Retracer",
+                              "torchgraph.model._rebuild_model"}
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(restored(x), model(x))
+
+
 def test_fx_symbolic_trace():
     """torch.fx.symbolic_trace re-traces the model into an equal graph."""
     model = _cnn()

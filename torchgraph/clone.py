@@ -224,9 +224,9 @@ def _given_inputs(model, input_tensors) -> list | None:
 
 def _as_sequential_clone(model, clone, env: dict, as_sequential):
     """The clone of a built Sequential as a Sequential, its steps found by the values replay made."""
-    from .model import _symbolic
+    from .symbolic_handles import symbolic_handles
 
-    by_value = {id(obj._tg_value): n for n, obj in _symbolic(clone)["nodes"].items()
+    by_value = {id(obj._tg_value): n for n, obj in symbolic_handles(clone)["nodes"].items()
                 if getattr(obj, "_tg_value", None) is not None}
     old_steps = model.meta["torchgraph_sequential"]["steps"]
     steps = [clone.input_names[0]] + [by_value.get(id(getattr(env.get(s), "_tg_value", None))) for s in

@@ -109,7 +109,7 @@ def trainable_flag(num_params: int, num_trainable: int) -> str:
 
 def format_spec(spec) -> str:
     """``(None, 16)``; several outputs as ``[(None, 8, 16), [(1, None, 16), ...]]``; ``?`` if unknown."""
-    from .model import ValueSpec
+    from .value_spec import ValueSpec
 
     if isinstance(spec, ValueSpec):
         return spec.format()
@@ -124,7 +124,7 @@ def format_spec(spec) -> str:
 
 def format_dtype(spec) -> str:
     """``float32``; distinct dtypes of several outputs joined by ``/``; ``int`` for a dynamic size."""
-    from .model import ValueSpec
+    from .value_spec import ValueSpec
 
     found: list[str] = []
 

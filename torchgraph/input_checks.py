@@ -36,7 +36,7 @@ def _label(dim, i: int) -> str:
 
 def input_checks(model) -> tuple:
     """``(static checks per input, shared dim groups, bounds)`` from the placeholders' specs."""
-    from .model import ValueSpec
+    from .value_spec import ValueSpec
 
     per_input = []
     float_dtype = next((p.dtype for p in itertools.chain(model.parameters(), model.buffers())

@@ -9,77 +9,44 @@ last use.
 What torchgraph needs beyond the fx graph lives in ``model.meta["torchgraph"]`` and in each node's
 ``node.meta["tg_spec"]`` (shapes with dynamic dims, dtypes, probe shapes), so it survives
 ``copy.deepcopy``, ``pickle`` and ``torch.save``.
+
+The steps live in their own modules: ``collecting.py`` (which records the outputs need),
+``emitting.py`` (the fx graph), ``value_spec.py`` (``node.meta["tg_spec"]``) and
+``symbolic_handles.py`` (``model.inputs``/``outputs``/``get_output``). This module holds the
+``Model`` class and how it is pickled and copied.
 """
 
 from __future__ import annotations
 
-import operator
 import warnings
-import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .collecting import check_symbolic, collect_records
 from .dims import new_build
+from .emitting import RESERVED_NAMES, GraphEmitter, record_out_spec
 from .errors import GraphBuildError
 from .hierarchy import order_by_graph
 from .input_checks import check_call, input_checks
-from .naming import (ILLEGAL_NAMES, assign_layer_names, check_identifier, fixed_path, remember_name,
-                     tensor_name)
+from .naming import assign_layer_names, check_identifier
 from .recording import close_finished_scopes
-from .trees import tree_leaves, tree_map
-from .symbolic import Record, SymbolicInt, SymbolicTensor, Value, format_shape
+from .symbolic import SymbolicTensor, Value
+from .symbolic_handles import constant_value  # noqa: F401 - NOTE: [Names kept in model.py]
+from .symbolic_handles import handle_of, remember_handles, symbolic_handles
 from .training import TrainingMixin
+from .trees import tree_leaves, tree_map
+from .value_spec import ValueSpec
 
 __all__ = ["Model", "ValueSpec"]
 
-
-@dataclass(frozen=True)
-class ValueSpec:
-    """What a node outputs: ``shape`` (``None``/names for dynamic dims), ``dtype``, and probe shapes.
-
-    ``dims`` (tensors only) has, per dim, the static size or the :class:`~torchgraph.dims.DynamicDim`
-    (with ``name``, ``min``, ``max`` and ``probes``); it is ``None`` in models saved before it existed.
-    """
-
-    shape: tuple | None
-    dtype: torch.dtype | None
-    probes: tuple  # (shape at probe 0, shape at probe 1), or two ints for a dynamic size
-    dims: tuple | None = None
-
-    @staticmethod
-    def of(value: Value) -> "ValueSpec":
-        p0, p1 = value.probes
-        if isinstance(p0, torch.Tensor):
-            return ValueSpec(value.shape, p0.dtype, (tuple(p0.shape), tuple(p1.shape)), value.dims)
-        return ValueSpec(None, None, (p0, p1))
-
-    def to_value(self, record: Record, path: tuple) -> Value:
-        if self.dtype is None:
-            return Value(record, path, self.probes)
-        probes = tuple(torch.empty(s, dtype=self.dtype, device="meta") for s in self.probes)
-        return Value(record, path, probes, [d for d in self.dims or () if not isinstance(d, int)])
-
-    def format(self) -> str:
-        if self.shape is None:
-            return type(self.probes[0]).__name__
-        return format_shape(["None" if d is None else d for d in self.shape]).replace("'", "")
-
-
-# model -> {"inputs": [...], "outputs": [...], "nodes": {node name: symbolic object}}
-_SYMBOLIC: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-# GraphModule and nn.Module attributes a layer must not shadow.
-_RESERVED = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("__")) | {"meta", "inputs",
-                                                                                    "outputs", "layers"} \
-    | frozenset(n for n in dir(TrainingMixin) if not n.startswith("__"))
-
-
-# Attributes every GraphModule instance has (`training`, `meta`...): a constant must not take them.
-_INSTANCE_ATTRIBUTES = frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph())))
+# NOTE: [Names kept in model.py] Other modules imported these from here before model.py was split;
+# code written against that (other branches, user code) keeps working. New code imports them from
+# their homes: symbolic_handles.py and emitting.py.
+_RESERVED = RESERVED_NAMES
+_symbolic = symbolic_handles
 
 
 def _structure(obj):
@@ -96,196 +63,6 @@ def _output_names(kind: str, paths: list[tuple]) -> list[str]:
         return ["output"]
     names = ["_".join(str(p) for p in path) for path in paths]
     return names if kind == "dict" else [f"output_{n}" for n in names]
-
-
-def _check_symbolic(items: list, what: str) -> list[Value]:
-    """The values of ``inputs`` (what each tensor was created as) or ``outputs`` (what it holds now)."""
-    values = []
-    for i, t in enumerate(items):
-        if not isinstance(t, SymbolicTensor):
-            raise GraphBuildError(
-                f"tg.Model: all `{what}` must be symbolic tensors (from tg.Input, or layers called on "
-                f"them). Received {what}[{i}] of type {type(t).__name__}"
-                + (f" with shape {tuple(t.shape)}: a real tensor" if isinstance(t, torch.Tensor) else "")
-                + "."
-            )
-        if t._tg_value is None:
-            raise GraphBuildError(f"tg.Model: {what}[{i}] is an internal value of a module's forward.")
-        values.append(t._tg_origin if what == "inputs" and t._tg_origin is not None else t._tg_value)
-    return values
-
-
-def _describe_input(value: Value) -> str:
-    n = value.record.target
-    shape = format_shape(value.dims)
-    return f"Input '{n}' {shape}" if n else f"an unnamed Input of shape {shape}"
-
-
-# NOTE: [Effects]
-# A model is what its outputs need, plus the *effects* that eager code would also perform:
-#   * mutations: an in-place op, or a module call that mutates an input in place (nn.ReLU(inplace=
-#     True), a forward doing x.add_(1)). Registered on the value whose storage they change (`base`:
-#     through views), they are kept whenever the model contains that storage -- as an input or as a
-#     value it computes -- even if no output reads the result: eager code mutates the caller's input
-#     tensor, and later reads of any view of it see the change. Emitting them in program order gives
-#     exactly eager's results. A mutation that needs a tensor not computable from `inputs` makes the
-#     graph disconnected, as any other need would.
-#   * guards: checks recorded by `assert T <= 512` (NOTE: [Guards] in sizes.py), kept when every value
-#     they read is computable from the model's inputs.
-
-def _collect_records(output_values: list[Value], input_values: list[Value]) -> tuple[list[Record], set]:
-    inputs = {id(v) for v in input_values}
-    used: set[int] = set()
-    records: dict[int, Record] = {}
-    seen_values: set[int] = set()
-    computable: dict[int, bool] = {}
-    stack = list(output_values)
-    effect_bases = list(input_values)
-    while stack or effect_bases:
-        if not stack:
-            stack.extend(_effects_of(effect_bases.pop(), records, input_values, computable))
-            continue
-        v = stack.pop()
-        if id(v) in seen_values:
-            continue
-        seen_values.add(id(v))
-        effect_bases.append(v)
-        if id(v) in inputs:
-            used.add(id(v))
-            continue
-        r = v.record
-        if r.op == "placeholder":
-            given = ", ".join(_describe_input(iv) for iv in input_values) or "none"
-            raise GraphBuildError(
-                f"Graph disconnected: the outputs depend on {_describe_input(v)}, which is not among the "
-                f"model's inputs (given: {given}). Add it to `inputs`, or build the outputs from the given "
-                "inputs only."
-            )
-        if id(r) in records:
-            continue
-        records[id(r)] = r
-        for _, leaf in tree_leaves((r.args, r.kwargs)):
-            if isinstance(leaf, Value):
-                stack.append(leaf)
-    return sorted(records.values(), key=lambda r: r.seq), used
-
-
-def _effects_of(value: Value, records: dict, input_values: list[Value], computable: dict) -> list[Value]:
-    """The argument values of effect records not yet in the model that ``value`` brings in."""
-    out = []
-    for holder in {id(value): value, id(value.base): value.base}.values():
-        for effect in holder.effects or ():
-            if id(effect) in records:
-                continue
-            if effect.effect == "guard" and not _computable(effect, {id(v) for v in input_values}, computable):
-                continue
-            records[id(effect)] = effect
-            out.extend(leaf for _, leaf in tree_leaves((effect.args, effect.kwargs)) if isinstance(leaf, Value))
-    return out
-
-
-def _computable(record: Record, inputs: set, memo: dict) -> bool:
-    """Whether every placeholder ``record`` depends on is among ``inputs`` (ids of values)."""
-    stack, seen = [record], []
-    while stack:
-        r = stack.pop()
-        known = memo.get(id(r))
-        if known is False:
-            return False
-        if known or id(r) in seen:
-            continue
-        seen.append(id(r))
-        if r.op == "placeholder":
-            memo[id(r)] = False
-            return False
-        for _, leaf in tree_leaves((r.args, r.kwargs)):
-            if isinstance(leaf, Value) and id(leaf) not in inputs:
-                stack.append(leaf.record)
-    for rid in seen:
-        memo[rid] = True
-    return True
-
-
-class _Emitter:
-    """Builds the fx.Graph (and the dict of submodules/constants) from ordered records."""
-
-    def __init__(self, taken: set[str] | None = None):
-        self.taken = set(taken or ())             # attribute names in use (layers, inputs, reserved)
-        self.graph = fx.Graph()
-        self.root: dict[str, Any] = {}
-        self.env: dict[int, fx.Node] = {}        # id(Value) -> node producing it
-        self.record_nodes: dict[int, fx.Node] = {}
-        self.paths: dict[tuple, fx.Node] = {}
-        self.constants: dict[int, str] = {}
-        self.values: dict[int, Value] = {}
-
-    def node_for(self, v: Value) -> fx.Node:
-        node = self.env.get(id(v))
-        if node is not None:
-            return node
-        node = self.record_nodes[id(v.record)]
-        for i in range(len(v.path)):
-            key = (id(v.record), v.path[: i + 1])
-            nxt = self.paths.get(key)
-            if nxt is None:
-                nxt = self.graph.call_function(operator.getitem, (node, v.path[i]))
-                if v.record.scope:  # picks an output where the op ran (see scopes.py)
-                    nxt.meta["tg_scope"] = v.record.scope
-                self.paths[key] = nxt
-            node = nxt
-        node.meta["tg_spec"] = ValueSpec.of(v)
-        self.env[id(v)] = node
-        self.values[id(v)] = v
-        return node
-
-    def constant(self, t: torch.Tensor) -> fx.Node:
-        name = self.constants.get(id(t))
-        if name is None:
-            name = self._constant_name(t)
-            self.taken.add(name)
-            self.constants[id(t)] = name
-            self.root[name] = t
-        return self.graph.get_attr(name)
-
-    def _constant_name(self, t: torch.Tensor) -> str:
-        """The fixed path (tg.from_module's state_dict key, a replayed constant's stored name: NOTE:
-        [Fixed paths]), else tg.name's name, else the variable's name (NOTE: [Tensor names]), else a
-        counter."""
-        path = fixed_path(t)
-        if path is not None:
-            if path in self.taken:
-                raise GraphBuildError(
-                    f"The tensor name '{path}' (shape {tuple(t.shape)}) is also the name of a layer, an input "
-                    "or a module path of this model. Expected each name once; rename the tensor or the layer.")
-            return path
-        given, explicit = tensor_name(t)
-        if explicit:
-            if given in self.taken or given in _RESERVED or given in _INSTANCE_ATTRIBUTES:
-                raise GraphBuildError(
-                    f"The name '{given}' given with tg.name to a tensor of shape {tuple(t.shape)} is already "
-                    "used in this model (by a layer, an input or another tensor) or reserved. Choose "
-                    "another name with tg.name(tensor, ...).")
-            return given
-        base = given or ("parameter" if isinstance(t, nn.Parameter) else "constant")
-        k = 0
-        while True:
-            candidate = base if k == 0 else f"{base}_{k}"
-            if candidate not in self.taken and candidate not in _RESERVED and candidate not in ILLEGAL_NAMES \
-                    and candidate not in _INSTANCE_ATTRIBUTES:
-                return candidate
-            k += 1
-
-    def arg(self, o):
-        if isinstance(o, Value):
-            return self.node_for(o)
-        if isinstance(o, torch.Tensor):
-            return self.constant(o)
-        return o
-
-
-def _record_out_spec(record: Record):
-    out = getattr(record, "out", None)
-    return None if out is None else tree_map(lambda o: ValueSpec.of(o) if isinstance(o, Value) else o, out)
 
 
 class _yields_to_submodule(property):
@@ -361,12 +138,12 @@ class Model(TrainingMixin, fx.GraphModule):
             for k in out_keys:
                 if not isinstance(k, str):
                     raise GraphBuildError(f"tg.Model: dict output keys must be strings; received {k!r}.")
-        input_values = _check_symbolic(in_items, "inputs")
-        output_values = _check_symbolic(out_items, "outputs")
+        input_values = check_symbolic(in_items, "inputs")
+        output_values = check_symbolic(out_items, "outputs")
         if len({id(v) for v in input_values}) != len(input_values):
             raise GraphBuildError("tg.Model: the same tensor appears twice in `inputs`.")
 
-        records, used = _collect_records(output_values, input_values)
+        records, used = collect_records(output_values, input_values)
 
         input_names = self._input_names(in_keys, input_values)
         for v, n in zip(input_values, input_names):
@@ -380,10 +157,10 @@ class Model(TrainingMixin, fx.GraphModule):
             if r.op == "call_module" and id(r.target) not in first_scopes:
                 first_scopes[id(r.target)] = r.scope
                 modules.append(r.target)
-        layer_names = assign_layer_names(modules, set(_RESERVED) | set(input_names), first_scopes)
+        layer_names = assign_layer_names(modules, set(RESERVED_NAMES) | set(input_names), first_scopes)
 
         prefixes = {n.rsplit(".", k)[0] for n in layer_names.values() for k in range(1, n.count(".") + 1)}
-        em = _Emitter(set(layer_names.values()) | prefixes | set(input_names))
+        em = GraphEmitter(set(layer_names.values()) | prefixes | set(input_names))
         for v, n in zip(input_values, input_names):
             node = em.graph.placeholder(n)
             node.meta["tg_spec"] = ValueSpec.of(v)
@@ -404,7 +181,7 @@ class Model(TrainingMixin, fx.GraphModule):
                 node = em.constant(r.target)
             else:
                 node = em.graph.create_node(r.op, r.target, tuple(args), kwargs)
-            spec = _record_out_spec(r)
+            spec = record_out_spec(r)
             if spec is not None:
                 node.meta["tg_spec"] = spec
             if r.effect is not None:
@@ -431,14 +208,14 @@ class Model(TrainingMixin, fx.GraphModule):
         # Symbolic handles stay outside __dict__: pickling and deepcopy never see them.
         nodes: dict[str, Any] = {}
         for vid, node in em.env.items():
-            nodes[node.name] = _handle(em.values[vid])
+            nodes[node.name] = handle_of(em.values[vid])
         for r in records:
             out = getattr(r, "out", None)
             if out is not None:
-                nodes[em.record_nodes[id(r)].name] = tree_map(_handle, out)
+                nodes[em.record_nodes[id(r)].name] = tree_map(handle_of, out)
         for n, t in zip(input_names, in_items):
             nodes[n] = t
-        _SYMBOLIC[self] = {"inputs": list(in_items), "outputs": list(out_items), "nodes": nodes}
+        remember_handles(self, {"inputs": list(in_items), "outputs": list(out_items), "nodes": nodes})
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -562,7 +339,7 @@ class Model(TrainingMixin, fx.GraphModule):
         return get_config(self)
 
     @classmethod
-    def from_config(cls, config: dict, **kwargs) -> "Model":
+    def from_config(cls, config: dict, **kwargs) -> Model:
         """Rebuild a model from :meth:`get_config` output, with fresh weights (see
         :func:`torchgraph.config.from_config`). ``tg.Model.from_config`` revives the class the config
         names (``tg.Sequential``, a registered subclass); a subclass's ``from_config`` builds that
@@ -581,12 +358,12 @@ class Model(TrainingMixin, fx.GraphModule):
     @_yields_to_submodule
     def inputs(self) -> list[SymbolicTensor]:
         """The symbolic inputs (in ``forward`` argument order)."""
-        return list(_symbolic(self)["inputs"])
+        return list(symbolic_handles(self)["inputs"])
 
     @_yields_to_submodule
     def outputs(self) -> list[SymbolicTensor]:
         """The symbolic outputs (flattened in the output structure's order)."""
-        return list(_symbolic(self)["outputs"])
+        return list(symbolic_handles(self)["outputs"])
 
     @property
     def input_names(self) -> list[str]:
@@ -623,7 +400,7 @@ class Model(TrainingMixin, fx.GraphModule):
         ``tg.Model(model.inputs, model.get_output("conv2d_1"))``. A shared layer's later calls are
         named ``<layer>_call_1``, ``<layer>_call_2``...
         """
-        nodes = _symbolic(self)["nodes"]
+        nodes = symbolic_handles(self)["nodes"]
         if name not in nodes:
             valid = [n.name for n in self.graph.nodes if n.op not in ("output",)]
             raise ValueError(f"No node named '{name}' in this model. Nodes: {valid}.")
@@ -632,115 +409,6 @@ class Model(TrainingMixin, fx.GraphModule):
             raise ValueError(f"Node '{name}' outputs several tensors; use one of the getitem nodes after it.")
         return obj
 
-
-def constant_value(t: torch.Tensor) -> SymbolicTensor:
-    """A symbolic handle of a model's constant or parameter: operations on it are recorded.
-
-    Rebuilding a model from a config (``replay``) uses it for ``get_attr`` nodes, so that the
-    operations a ``tg.from_module`` graph performs on its parameters (``self.pos_ids[:, :n]``, a
-    layer called on a buffer) are recorded again rather than computed once.
-    """
-    from .probing import to_meta
-
-    record = Record("get_attr", t)
-    meta = to_meta(t)
-    value = Value(record, (), (meta, meta))
-    record.out = value
-    return SymbolicTensor(value)
-
-
-def _handle(o):
-    if isinstance(o, Value):
-        if o.dims is not None:
-            return SymbolicTensor(o)
-        return SymbolicInt(o) if isinstance(o.probes[0], (int, float)) else o.probes[0]
-    return o
-
-
-def _symbolic(model: Model) -> dict:
-    """The symbolic handles of ``model``, rebuilt from its graph after a copy or a load."""
-    info = _SYMBOLIC.get(model)
-    if info is None:
-        info = _SYMBOLIC[model] = _resymbolize(model)
-    return info
-
-
-def _resymbolize(model: Model) -> dict:
-    """Turn ``model``'s fx graph back into records and symbolic tensors (sharing its layers)."""
-    env: dict[fx.Node, Any] = {}
-    nodes: dict[str, Any] = {}
-    inputs, outputs = [], []
-    for node in model.graph.nodes:
-        spec = node.meta.get("tg_spec")
-        if node.op == "output":
-            outs = node.args[0]
-            outputs = [env[n] for _, n in tree_leaves(outs) if isinstance(n, fx.Node)]
-            break
-        if node.op == "placeholder":
-            record = Record("placeholder", node.name)
-        elif node.op == "get_attr":
-            env[node] = _get_attr(model, node.target)
-            continue
-        else:
-            def resolve(a):
-                if isinstance(a, fx.Node):
-                    obj = env[a]
-                    return obj._tg_value if isinstance(obj, (SymbolicTensor, SymbolicInt)) else obj
-                return a
-            args = tree_map(resolve, node.args)
-            kwargs = tree_map(resolve, dict(node.kwargs))
-            target = node.target
-            if node.op == "call_module":
-                target = model.get_submodule(node.target)
-                remember_name(target, node.target)
-            record = Record(node.op, target, tuple(args), kwargs)
-        effect = node.meta.get("tg_effect")
-        if spec is None and effect is None:
-            raise GraphBuildError(f"node '{node.name}' has no torchgraph shape information (was the graph "
-                                  "edited by hand? run tg.Model on the edited model's inputs/outputs).")
-
-        def make(path, s):
-            if isinstance(s, ValueSpec):
-                return _handle(s.to_value(record, path))
-            return s
-        obj = _map_spec(make, spec)
-        record.out = tree_map(lambda o: o._tg_value if isinstance(o, (SymbolicTensor, SymbolicInt)) else o, obj)
-        if effect is not None:
-            _register_effect(record, effect)
-        env[node] = obj
-        nodes[node.name] = obj
-        if node.op == "placeholder":
-            inputs.append(obj)
-    return {"inputs": inputs, "outputs": outputs, "nodes": nodes}
-
-
-def _register_effect(record: Record, effect: str) -> None:
-    """Make a rebuilt record an effect again (NOTE: [Effects]); a mutation counts for all its inputs."""
-    from .sizes import _tensor_sources
-
-    record.effect = effect
-    for _, leaf in tree_leaves((record.args, record.kwargs)):
-        if isinstance(leaf, Value):
-            holders = _tensor_sources(leaf) if effect == "guard" else ([leaf.base] if leaf.dims else [])
-            for holder in holders:
-                holder.add_effect(record)
-
-
-def _map_spec(fn, spec, path=()):
-    if isinstance(spec, ValueSpec):
-        return fn(path, spec)
-    if isinstance(spec, (list, tuple)):
-        return type(spec)(_map_spec(fn, s, path + (i,)) for i, s in enumerate(spec))
-    if isinstance(spec, dict):
-        return {k: _map_spec(fn, s, path + (k,)) for k, s in spec.items()}
-    return spec
-
-
-def _get_attr(model: nn.Module, target: str):
-    obj = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _Retracer(fx.Tracer):

@@ -1,37 +1,37 @@
 """Module scopes: a module called on symbolic tensors becomes one ``call_module`` record.
 
-See NOTE: [Module scopes]. The pieces: :class:`ShadowRun` (our own runs of the module's forward on
-each probe), :class:`ScopeMode` (a TorchFunctionMode that is on only while a module call is being
-recorded, so that tensors the forward creates without symbolic arguments are seen too), and
-:class:`Scope` (the bookkeeping of one module call: the log of run 0, replayed into the interrupted
-original forward).
+See NOTE: [Module scopes]. This module opens a scope (:func:`open_scope`): it runs the module's
+forward on each probe (:class:`~torchgraph.shadow_runs.ShadowRun`, with a
+:class:`~torchgraph.scope_replay.ScopeMode` on so that tensors the forward creates without symbolic
+arguments are seen too), records one ``call_module``, links its outputs, and hands the interrupted
+original forward to a :class:`~torchgraph.scope_replay.Scope` (the log of run 0, replayed).
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-import weakref
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
 from . import messages
 from .errors import GraphBuildError
+from .mode_stack import push_mode, remove_mode
 from .probing import ProbeContext, is_meta_limitation, to_meta
 from .restoring import attribute_snapshot, buffer_snapshot, restore_attributes, undo_buffers
+from .scope_replay import STATE, Scope, ScopeMode, start_replay
+from .scope_replay import find_scope, remove_idle_modes, replay, skip_metadata  # noqa: F401 - kept here: NOTE below
 from .scopes import recorded_leaf
-from .symbolic import Record, SymbolicInt, SymbolicTensor, Value, _StandIn
-from .targets import _METADATA, _NEEDS_DATA, VIEW_OPS, func_name, is_inplace
+from .shadow_runs import ShadowRun
+from .symbolic import Record, SymbolicInt, SymbolicTensor, Value
 from .trees import tree_leaves, tree_map
 
-__all__ = ["STATE", "Scope", "ShadowRun", "find_scope", "open_scope", "remove_idle_modes", "remove_mode",
-           "replay"]
+__all__ = ["open_scope"]
 
-_CALL_IMPL_CODE = nn.Module._call_impl.__code__
-_SCOPE_KEY = "__torchgraph_scope__"
+# NOTE: [Names kept in module_scopes.py] Other modules imported STATE, Scope, ShadowRun, find_scope,
+# remove_idle_modes, remove_mode, replay and skip_metadata from here before this module was split;
+# code written against that keeps working. New code imports them from their homes: scope_replay.py,
+# shadow_runs.py and mode_stack.py.
 
 # NOTE: [Module scopes]
 # `layer(x)` runs `layer.forward(x)` with x symbolic; torch gives no hook around module calls
@@ -68,244 +68,6 @@ _SCOPE_KEY = "__torchgraph_scope__"
 # torch has stashed it; if the sentinel dies there, or in another thread, the mode is marked idle
 # and removed at the next tg.Input / tg.Model.)
 
-
-class _State(threading.local):
-    """Per thread: models can be built in several threads at once."""
-
-    def __init__(self):
-        self.run: ShadowRun | None = None
-        self.scopes: list[Scope] = []
-
-
-STATE = _State()
-
-
-def has_symbolic(obj) -> bool:
-    """Whether an argument tree holds a symbolic tensor, size or device/dtype stand-in."""
-    t = type(obj)
-    if t is tuple or t is list:
-        return any(has_symbolic(o) for o in obj)
-    if t is dict:
-        return any(has_symbolic(o) for o in obj.values())
-    if t is slice:
-        return has_symbolic(obj.start) or has_symbolic(obj.stop) or has_symbolic(obj.step)
-    return isinstance(obj, (SymbolicTensor, SymbolicInt, _StandIn))
-
-
-class ShadowRun:
-    """Runs inside a module's forward on probe ``k``: every op computes on probes, returns shadows."""
-
-    def __init__(self, ctx: ProbeContext, log: list | None, roots: dict | None = None):
-        self.ctx = ctx
-        self.log = log
-        self.roots = roots          # id(shadow) -> the input Value it is (a view of); run 0 only
-        self.inputs: dict[int, SymbolicTensor] = {}  # id(shadow) -> the shadow of an input (run 0)
-        self.mutated: dict[int, Value] = {}
-
-    def execute(self, func, args, kwargs):
-        name = func_name(func)
-        if name == "__iter__":  # iterate like a tensor: over dim 0, as shadows
-            return iter(self.execute(torch.Tensor.unbind, (args[0], 0), {}))
-        out, u_args, u_kwargs = self.ctx.run(func, args, kwargs)
-        if name in _METADATA:
-            if self.log is not None:
-                self.log.append(("meta", name, None))
-            return out
-        originals = {id(u): a for u, a in zip(_flat(u_args, u_kwargs), _flat(args, kwargs))
-                     if isinstance(u, torch.Tensor)}
-
-        def wrap(t):
-            if not isinstance(t, torch.Tensor):
-                return t
-            if id(t) in originals:  # in-place ops and identity returns keep the caller's object
-                return originals[id(t)]
-            return SymbolicTensor(None, shadow=t)
-
-        result = tree_map(wrap, out)
-        if self.roots is not None:
-            self._track_inputs(name, args, kwargs, result)
-        if self.log is not None:
-            self.log.append(("op", name, result))
-        return result
-
-    def const(self, func, name: str, args, kwargs):
-        """A call without symbolic arguments inside the forward: computed on probes, as shadows."""
-        out, _, _ = self.ctx.run(func, args, kwargs)
-        real = self.ctx.real
-        result = tree_map(lambda t: SymbolicTensor(None, shadow=t if real else to_meta(t))
-                          if isinstance(t, torch.Tensor) else t, out)
-        if self.log is not None:
-            self.log.append(("const", name, result))
-        return result
-
-    def _track_inputs(self, name, args, kwargs, result):
-        """Which inputs the forward mutates in place, directly or through a view (run 0 only)."""
-        roots = self.roots
-        target = kwargs.get("out") if "out" in kwargs else (args[0] if args else None)
-        if is_inplace(name, kwargs) and isinstance(target, SymbolicTensor) and id(target) in roots:
-            value = roots[id(target)]
-            self.mutated[id(value)] = value
-        if name in VIEW_OPS and args and isinstance(args[0], SymbolicTensor) and id(args[0]) in roots:
-            value = roots[id(args[0])]
-            for _, leaf in tree_leaves(result):
-                if isinstance(leaf, SymbolicTensor):
-                    roots[id(leaf)] = value
-
-
-def _flat(args, kwargs):
-    return [leaf for _, leaf in tree_leaves((args, kwargs))]
-
-
-class ScopeMode(TorchFunctionMode):
-    """On while a module call is recorded: calls without symbolic arguments are logged or replayed."""
-
-    def __init__(self):
-        super().__init__()
-        self.scope: Scope | None = None   # set for the original forward's replay
-        self.idle = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.idle or has_symbolic(args) or has_symbolic(kwargs):
-            return func(*args, **kwargs)
-        name = func_name(func)
-        if name in _METADATA or name in _NEEDS_DATA or is_inplace(name, kwargs):
-            return func(*args, **kwargs)  # reads and hidden mutations of real tensors stay real
-        run = STATE.run
-        if run is not None:
-            return run.const(func, name, args, kwargs)
-        scope = self.scope
-        if scope is not None and not scope.closed and scope.on_stack():
-            return replay(scope, "const", name)
-        return func(*args, **kwargs)
-
-
-def _push(mode: ScopeMode) -> None:
-    torch._C._push_on_torch_function_stack(mode)
-
-
-def remove_mode(mode: TorchFunctionMode) -> bool:
-    """Take ``mode`` off this thread's mode stack wherever it is; False if it is not there."""
-    n = torch._C._len_torch_function_stack()
-    above = []
-    found = False
-    for _ in range(n):
-        top = torch._C._pop_torch_function_stack()
-        if top is mode:
-            found = True
-            break
-        above.append(top)
-    for m in reversed(above):
-        torch._C._push_on_torch_function_stack(m)
-    return found
-
-
-def remove_idle_modes() -> None:
-    """Remove scope modes that could not remove themselves (call only outside torch functions)."""
-    n = torch._C._len_torch_function_stack()
-    if not n:
-        return
-    stack = [torch._C._get_function_stack_at(i) for i in range(n)]
-    for mode in stack:
-        if isinstance(mode, ScopeMode) and mode.idle:
-            remove_mode(mode)
-
-
-class _Sentinel:
-    """Stored in the module call's kwargs dict: it dies with the call and then closes the scope."""
-
-    __slots__ = ("scope", "__weakref__")
-
-    def __init__(self, scope: "Scope"):
-        self.scope = scope
-
-    def __del__(self):
-        scope = self.scope
-        if scope is not None:
-            self.scope = None
-            scope.close()
-
-
-class Scope:
-    """One module call being recorded: its log (from run 0) and how far the original forward is."""
-
-    __slots__ = ("module", "log", "cursor", "restore", "mode", "owner", "thread", "attrs", "sentinel",
-                 "closed")
-
-    def __init__(self, module, log, restore, attrs):
-        self.module = module
-        self.log = log
-        self.cursor = 0
-        self.restore = restore
-        self.attrs = attrs
-        self.mode: ScopeMode | None = None
-        self.owner = STATE.scopes
-        self.thread = threading.get_ident()
-        self.sentinel = _dead   # a weak reference: the sentinel must die with the module call
-        self.closed = False
-
-    def on_stack(self) -> bool:
-        sentinel = self.sentinel()
-        if sentinel is None:
-            return False
-        f = sys._getframe(1)
-        while f is not None:
-            if f.f_code is _CALL_IMPL_CODE and _sentinel_of(f) is sentinel:
-                return True
-            f = f.f_back
-        return False
-
-    def finish_replay(self) -> None:
-        # The restoring is ours, not the forward's: the mode must not log or replay its calls (under
-        # tg.from_module's RecordingMode it would otherwise see restore's torch.no_grad()).
-        mode, idle = self.mode, None
-        if mode is not None:
-            idle, mode.idle = mode.idle, True
-        try:
-            self.restore()
-        finally:
-            if mode is not None:
-                mode.idle = idle
-        self.restore = _noop
-
-    def close(self) -> None:
-        """The module call is over (or abandoned): undo what building changed, drop the mode."""
-        if self.closed:
-            return
-        self.closed = True
-        mode = self.mode
-        if mode is not None:
-            mode.idle = True
-            if threading.get_ident() == self.thread:
-                remove_mode(mode)
-        if self in self.owner:
-            self.owner.remove(self)
-        self.finish_replay()
-        restore_attributes(self.attrs)
-
-
-def _noop() -> None:
-    pass
-
-
-def _dead():
-    return None
-
-
-def _sentinel_of(frame):
-    kwargs = frame.f_locals.get("kwargs")
-    return kwargs.get(_SCOPE_KEY) if type(kwargs) is dict else None
-
-
-def find_scope(frame) -> Scope | None:
-    """The scope recording the module call of ``frame`` (a ``_call_impl`` frame), if it is open."""
-    sentinel = _sentinel_of(frame)
-    return None if sentinel is None else sentinel.scope
-
-
-# --------------------------------------------------------------------------------------------
-# Opening a scope
-# --------------------------------------------------------------------------------------------
 
 def _shadow_of(o, ctx: ProbeContext, memo: dict, run: ShadowRun):
     if isinstance(o, SymbolicTensor):
@@ -349,7 +111,7 @@ def open_scope(frame) -> Scope:
         s_kwargs = tree_map(lambda o: _shadow_of(o, ctx, memo, run), call_kwargs)
         previous, STATE.run = STATE.run, run
         if mode is not None:
-            _push(mode)
+            push_mode(mode)
         try:
             return run, forward_call(*s_args, **s_kwargs)
         finally:
@@ -404,20 +166,7 @@ def open_scope(frame) -> Scope:
                 elif cur is not None and cur.shape == saved[i].shape:
                     cur.copy_(saved[i])
 
-    scope = Scope(module, log, restore, attrs)
-    sentinel = _Sentinel(scope)
-    scope.sentinel = weakref.ref(sentinel)
-    STATE.scopes.append(scope)
-    # The original forward already ran, for real, the calls it made before its first symbolic one.
-    while scope.cursor < len(log) and log[scope.cursor][0] == "const":
-        scope.cursor += 1
-    if mode is not None and any(kind == "const" for kind, _, _ in log[scope.cursor:]):
-        mode.scope = scope
-        scope.mode = mode
-        _push(mode)
-    if type(call_kwargs) is dict:
-        call_kwargs[_SCOPE_KEY] = sentinel
-    return scope
+    return start_replay(module, log, restore, attrs, mode, call_kwargs)
 
 
 def _check_no_lost_call(module, run0: ShadowRun, out0, bufs, saved, attrs) -> None:
@@ -475,39 +224,3 @@ def _as_meta(t):
     if t is None:
         raise GraphBuildError("a module returned outputs of a different structure on its two probe runs")
     return t if t.device.type == "meta" else to_meta(t)
-
-
-# --------------------------------------------------------------------------------------------
-# Replay
-# --------------------------------------------------------------------------------------------
-
-def replay(scope: Scope, kind: str, name: str):
-    """The next logged result, for the original forward's next call (``kind`` "op" or "const")."""
-    log = scope.log
-    while scope.cursor < len(log) and log[scope.cursor][0] == "meta":
-        scope.cursor += 1
-    if scope.cursor >= len(log):
-        scope.close()
-        raise GraphBuildError(
-            f"{messages.describe_module(scope.module)}: its forward ran more tensor operations than on "
-            f"its probe run (extra '{name}'). torchgraph needs a forward that does the same operations "
-            "each time it is called (no random control flow at build time)."
-        )
-    logged_kind, logged, result = log[scope.cursor]
-    scope.cursor += 1
-    if logged != name or logged_kind != kind:
-        scope.close()
-        raise GraphBuildError(
-            f"{messages.describe_module(scope.module)}: its forward did '{name}' where its probe run did "
-            f"'{logged}'. torchgraph needs a forward that does the same operations each time it is called."
-        )
-    if all(k == "meta" for k, _, _ in log[scope.cursor:]):  # its last operation: undo hidden mutations now
-        scope.finish_replay()
-    return result
-
-
-def skip_metadata(scope: Scope, name: str) -> None:
-    """A metadata read in the original forward: step over run 0's record of it."""
-    log = scope.log
-    if scope.cursor < len(log) and log[scope.cursor][0] == "meta" and log[scope.cursor][1] == name:
-        scope.cursor += 1

@@ -43,7 +43,7 @@ def to_meta(t: torch.Tensor) -> torch.Tensor:
 
 def real_probe(value: Value, k: int) -> torch.Tensor:
     """Random real data with the shape of probe ``k`` (valid indices for integer inputs)."""
-    if value.record.op == "get_attr":  # a model's own tensor (model.constant_value): its real data
+    if value.record.op == "get_attr":  # a model's own tensor (constant_value): its real data
         return value.record.target
     p = value.probes[k]
     if p.dtype.is_floating_point or p.dtype.is_complex:

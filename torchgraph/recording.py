@@ -26,11 +26,12 @@ import torch.nn as nn
 
 from . import messages
 from .errors import GraphBuildError
-from .module_scopes import (STATE, ShadowRun, find_scope, open_scope, remove_idle_modes, replay,
-                            skip_metadata)
+from .module_scopes import open_scope
 from .naming import remember_variable_names
 from .probing import ProbeContext, is_meta_limitation, to_meta
+from .scope_replay import STATE, find_scope, remove_idle_modes, replay, skip_metadata
 from .scopes import recorded_leaf, transparent_path
+from .shadow_runs import ShadowRun
 from .sizes import standin_value
 from .symbolic import (Record, SymbolicDevice, SymbolicDtype, SymbolicInt, SymbolicShape, SymbolicTensor, Value,
                        _StandIn)
@@ -304,7 +305,7 @@ _SIZE_VARARGS = frozenset({torch.zeros, torch.ones, torch.empty, torch.rand, tor
 
 
 def _mutated(record: Record, target, result):
-    """An in-place op at the top level. NOTE: [Effects] in model.py says why it is always kept."""
+    """An in-place op at the top level. NOTE: [Effects] in collecting.py says why it is always kept."""
     if not isinstance(target, SymbolicTensor) or target._tg_value is None:
         return result
     record.effect = "mutation"

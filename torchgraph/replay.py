@@ -147,9 +147,9 @@ def _replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: A
     # the model: the call follows the inputs' device (NOTE: [Device and dtype stand-ins] in symbolic.py).
     symbolic = (SymbolicTensor, SymbolicInt, _StandIn)
     # NOTE: [Replay under RecordingMode] A get_attr node's tensor enters as a symbolic handle
-    # (model.constant_value), so operations on it (`cls_token.expand(B, -1, -1)`, `self.pos_ids[:, :n]`
-    # of a tg.from_module graph) are recorded again rather than computed once; RecordingMode records a
-    # dynamic size passed as a Scalar (`torch.arange(n)`), as tg.from_module did.
+    # (symbolic_handles.constant_value), so operations on it (`cls_token.expand(B, -1, -1)`,
+    # `self.pos_ids[:, :n]` of a tg.from_module graph) are recorded again rather than computed once;
+    # RecordingMode records a dynamic size passed as a Scalar (`torch.arange(n)`), as tg.from_module did.
     with RecordingMode():
         _replay_nodes(nodes, env, symbolic, untrusted, name, call_function)
 
@@ -182,7 +182,7 @@ def _resolve(o, env: dict, where: str):
 def _replay_nodes(nodes: list[tuple], env: dict, symbolic: tuple, untrusted: bool, name: str,
                   call_function: Callable | None) -> None:
     """Call each node's layer or function on the values in ``env`` (replay's loop)."""
-    from .model import constant_value
+    from .symbolic_handles import constant_value
     from .trees import tree_map
 
     for op, node_name, target, args, kwargs in nodes:

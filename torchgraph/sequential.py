@@ -36,9 +36,11 @@ import torch.nn as nn
 
 from . import naming
 from .errors import GraphBuildError
-from .model import Model, _RESERVED, _symbolic
+from .emitting import RESERVED_NAMES
+from .model import Model
 from .naming import assign_layer_names
 from .symbolic import Input, SymbolicTensor
+from .symbolic_handles import symbolic_handles
 
 __all__ = ["Sequential"]
 
@@ -173,7 +175,7 @@ class Sequential(Model):
         modules = [s for s in steps if isinstance(s, nn.Module)]
         for key in list(self._modules):
             delattr(self, key)
-        names = assign_layer_names(list(dict.fromkeys(modules)), set(_RESERVED))
+        names = assign_layer_names(list(dict.fromkeys(modules)), set(RESERVED_NAMES))
         for m in dict.fromkeys(modules):
             self.add_module(names[id(m)], m)
         self.__dict__["_tg_pending"] = list(steps)
@@ -197,7 +199,7 @@ class Sequential(Model):
     def _apply_step(self, step, h: SymbolicTensor, index: int, previous: list[nn.Module]) -> SymbolicTensor:
         """``step(h)``; errors name the step by position and (future) layer name."""
         if isinstance(step, nn.Module):
-            names = assign_layer_names(list(dict.fromkeys(previous + [step])), set(_RESERVED))
+            names = assign_layer_names(list(dict.fromkeys(previous + [step])), set(RESERVED_NAMES))
             what = f"layer {index} '{names[id(step)]}' ({type(step).__name__})"
         else:
             what = f"step {index} ({getattr(step, '__qualname__', type(step).__name__)})"
@@ -234,7 +236,7 @@ class Sequential(Model):
                     modules.append(step)
                 outs.append(h)
             self._emit(inp, h)
-        nodes = {id(obj._tg_value): n for n, obj in _symbolic(self)["nodes"].items()
+        nodes = {id(obj._tg_value): n for n, obj in symbolic_handles(self)["nodes"].items()
                  if isinstance(obj, torch.Tensor) and getattr(obj, "_tg_value", None) is not None}
         names += [nodes[id(o._tg_value)] for o in outs]
         self.meta[_KEY] = {"steps": names}

@@ -62,7 +62,7 @@ def _tensor_sources(value: Value) -> list[Value]:
 # still holds when the model runs:
 #   * both probe sizes give the same answer: record `torch._assert(condition, message)` (or of
 #     `not condition`), an effect record that every model reading those sizes contains (NOTE:
-#     [Effects] in model.py), and return the answer, so the rest of the user's code follows it;
+#     [Effects] in collecting.py), and return the answer, so the rest of the user's code follows it;
 #   * the probes disagree: the condition is True for some sizes and False for others, and one
 #     recorded program cannot follow both branches: a GraphBuildError names the line and the fixes.
 # A guard costs one comparison per call; torch.export turns it into a runtime assertion (or drops

@@ -44,7 +44,7 @@ class Record:
 
     ``effect`` marks a call that a model needs even when no output uses its result: ``"mutation"``
     (an in-place op, or a module call that mutates an input) and ``"guard"`` (a recorded check such
-    as ``assert T <= block_size``). See NOTE: [Effects] in ``model.py``.
+    as ``assert T <= block_size``). See NOTE: [Effects] in ``collecting.py``.
     """
 
     __slots__ = ("op", "target", "args", "kwargs", "seq", "location", "out", "effect", "scope",
@@ -366,7 +366,7 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
         >>> tokens.shape, tokens.dtype
         ((None, None), torch.int64)
     """
-    from .module_scopes import remove_idle_modes
+    from .scope_replay import remove_idle_modes
 
     remove_idle_modes()  # a safe point (NOTE: [Module scopes])
     if isinstance(shape, int):

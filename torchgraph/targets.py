@@ -59,7 +59,7 @@ _DUNDER_OPS: dict[str, tuple[Callable, bool]] = {
 _INPLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__"})
 
 # Operations whose result may share storage with their first argument: an in-place op on the result
-# also changes the argument (see NOTE: [Effects] in model.py). Ops that only sometimes return a view
+# also changes the argument (see NOTE: [Effects] in collecting.py). Ops that only sometimes return a view
 # (reshape, contiguous) are listed too: treating a copy as a view only keeps an extra op in a model.
 VIEW_OPS = frozenset({
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "squeeze", "unsqueeze",

@@ -12,9 +12,10 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import dims, messages, module_scopes, probing, recording, restoring, sizes, symbolic, targets
+from . import (dims, messages, mode_stack, module_scopes, probing, recording, restoring, scope_replay, shadow_runs,
+               sizes, symbolic, targets)
 from .errors import GraphBuildError
-from .module_scopes import remove_mode
+from .mode_stack import remove_mode
 from .symbolic import SymbolicInt, SymbolicTensor, _StandIn
 from .targets import _METADATA, func_name, is_inplace
 from .trees import tree_leaves
@@ -108,7 +109,9 @@ def _called_from_internals() -> bool:
 
 _TORCH_WRAPPERS = {torch.overrides.__file__, torch.nn.functional.__file__, torch.functional.__file__,
                    torch._tensor.__file__}
-_INTERNALS = {m.__file__ for m in (probing, recording, module_scopes, restoring, sizes, dims, symbolic, messages,
-                                    targets)}
+# The files of the recording machinery: the torch calls they make (probes, buffer snapshots, a ScopeMode
+# passing a call on) are never recorded. A module of that machinery moved or split must stay listed.
+_INTERNALS = {m.__file__ for m in (probing, recording, module_scopes, mode_stack, scope_replay, shadow_runs,
+                                    restoring, sizes, dims, symbolic, messages, targets)}
 _UNROUTED = _METADATA | {"__iter__", "data_ptr", "untyped_storage", "numpy", "__array__", "backward",
                          "__reduce_ex__", "__deepcopy__", "__getstate__", "__setstate__", "__get__"}

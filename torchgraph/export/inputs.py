@@ -52,7 +52,7 @@ class InputSpec:
 
 def input_specs(model: fx.GraphModule, dynamic_batch: bool = True) -> list[InputSpec]:
     """What each placeholder of ``model`` takes, from its ``tg_spec`` (shapes with dynamic dims)."""
-    from ..model import ValueSpec
+    from ..value_spec import ValueSpec
     from ..replay import spec_dim
 
     specs, dim_names = [], {}
