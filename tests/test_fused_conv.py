@@ -77,6 +77,24 @@ def test_few_pixel_convolutions_run_as_one_gemm(monkeypatch, case, act, channels
     assert y.is_contiguous(memory_format=layout)
 
 
+@pytest.mark.skipif(torch.bfloat16 not in fused._ONEDNN_DTYPES, reason="needs a CPU with bfloat16 instructions")
+@pytest.mark.parametrize("case", CASES[:4], ids=[f"b{c[0]}_{c[4]}x{c[4]}_s{c[5]}_p{c[6]}_{c[3]}px" for c in CASES[:4]])
+def test_few_pixel_bfloat16_convolutions_run_as_one_onednn_matmul(monkeypatch, case):
+    """In bfloat16 the GEMM runs on oneDNN's matmul (AMX) from the cached filter matrix; values
+    within bfloat16 rounding of the float32 convolution, channels_last out; the filters are reordered for oneDNN once."""
+    monkeypatch.setattr(fused, "_ONEDNN_LINEAR", {})
+    n, cin, cout, size, k, stride, pad = case
+    x = torch.randn(n, cin, size, size).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(cout, cin, k, k), torch.randn(cout)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    with torch.no_grad():
+        y = fused.conv2d_act(xb, wb, bb, [stride] * 2, [pad] * 2, [1, 1], 1, "relu", channels_last=True)
+    expected = _reference(xb.float(), wb.float(), bb.float(), stride, pad, "relu")
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    assert list(fused._ONEDNN_LINEAR) == [id(wb)]
+
+
 @needs_gemm
 def test_gemm_weights_are_cached_and_follow_changes(monkeypatch):
     """The GEMM's packed filters are cached per (weight, rows) and rebuilt when the weight changes
@@ -95,8 +113,9 @@ def test_gemm_weights_are_cached_and_follow_changes(monkeypatch):
 
 def test_gemm_decision_follows_the_measured_limits():
     """1x1 convolutions up to CONV_GEMM_MAX_ROWS output pixels, larger kernels on maps at most
-    CONV_IM2COL_MAX_WIDTH wide with at most CONV_IM2COL_MAX_ROWS pixels; never grouped, dilated or
-    non-float32 convolutions (NOTE: [Convolutions on few pixels])."""
+    CONV_IM2COL_MAX_WIDTH wide with at most CONV_IM2COL_MAX_ROWS pixels; never grouped or dilated
+    convolutions, nor dtypes other than float32 and (where oneDNN runs it) bfloat16 (NOTE:
+    [Convolutions on few pixels])."""
     def rows(n, c, size, k, stride=1, pad=0, dilation=1, groups=1, dtype=torch.float32, out=8):
         x = torch.empty(n, c, size, size, device="meta", dtype=dtype)
         w = torch.empty(out, c // groups, k, k, device="meta")
@@ -113,7 +132,8 @@ def test_gemm_decision_follows_the_measured_limits():
     assert rows(9, 8, 4, 3, pad=1) == 0  # 144 rows
     assert rows(1, 8, 2, 3, pad=1, groups=8, out=8) == 0
     assert rows(1, 8, 4, 3, pad=2, dilation=2) == 0
-    assert rows(1, 8, 2, 1, dtype=torch.bfloat16) == 0
+    assert rows(1, 8, 2, 1, dtype=torch.bfloat16) == (4 if torch.bfloat16 in fused._ONEDNN_DTYPES else 0)
+    assert rows(1, 8, 2, 1, dtype=torch.float16) == 0
     assert rows(1, 8, 2, 1, stride=2) == 1
 
 

@@ -244,7 +244,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             if small:
                 return _activation_(F.linear(x, weight, bias), act)
             attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
+            return torch.ops.mkldnn._linear_pointwise(x, _onednn_linear_weight(weight), bias, attr, scalars,
+                                                      algorithm)
         if not small and bias is not None and x.dtype == torch.float32 and (
                 act == "none" or (_extension.HAS_C_OPS and act in ops.ACTIVATIONS)):
             return _TrainableLinearAct.apply(x, weight, bias, act)
@@ -305,7 +306,9 @@ class _TrainableLinearAct(torch.autograd.Function):
 #   2 threads), 0.9-1.0x at 49-196 rows, a tie at 512 rows and up to 1.1x slower from 784 rows;
 # - 3x3 kernels: 0.45-0.6x on 2x2 maps (32 rows), 0.84-1.06x on 4x4 maps (128 rows), but 1.06-1.12x
 #   slower on 7x7 maps (49 rows) and 1.3-1.9x slower from 8x8 maps up.
-# Hence the limits below. The GEMM answers in NHWC, i.e. channels_last strides, like oneDNN.
+# Hence the limits below. The GEMM answers in NHWC, i.e. channels_last strides, like oneDNN. In
+# bfloat16 (AMX) the same GEMM through oneDNN's matmul took 0.35-0.55x the convolution's time at 32
+# rows and 0.85-1.03x at 128 rows (2 threads), so bfloat16 takes the same limits.
 #: 1x1 convolutions with at most this many output pixels (N x H_out x W_out) run as an MKL GEMM.
 CONV_GEMM_MAX_ROWS = 256
 #: Larger kernels run as im2col + MKL GEMM when their output is at most this wide ...
@@ -317,7 +320,8 @@ CONV_IM2COL_MAX_ROWS = 128
 def _conv_gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> int:
     """Output pixels of the convolution when it should run as a GEMM ([Convolutions on few
     pixels]), else 0. Called on the oneDNN path only (eager float32/bfloat16 CPU, no gradient)."""
-    if x.dtype != torch.float32 or groups != 1 or not _HAS_MKL_PACKED or any(d != 1 for d in dilation):
+    gemm = _HAS_MKL_PACKED if x.dtype == torch.float32 else x.dtype in _ONEDNN_DTYPES
+    if not gemm or groups != 1 or any(d != 1 for d in dilation):
         return 0
     kh, kw = weight.shape[-2:]
     ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
@@ -337,9 +341,13 @@ def _filters_as_rows(weight: torch.Tensor) -> torch.Tensor:
 
 def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
                rows: int) -> torch.Tensor | None:
-    """The convolution as one GEMM on NHWC rows (MKL, prepacked weight); answers in channels_last.
-    None when the weight is not packed for MKL (see :func:`_mkl_packed_weight`)."""
-    packed = _mkl_packed_weight(weight, rows, _filters_as_rows)
+    """The convolution as one GEMM on NHWC rows (float32: MKL with prepacked filters; bfloat16:
+    oneDNN's matmul, filters reordered for it); answers in channels_last. None when the filters
+    are not cached in that form (see :func:`_mkl_packed_weight`, :func:`_cached_beside`)."""
+    if x.dtype == torch.float32:
+        packed = _mkl_packed_weight(weight, rows, _filters_as_rows)
+    else:
+        packed = None if weight.is_inference() else (_onednn_linear_weight(weight, _filters_as_rows),)
     if packed is None:
         return None
     n, c, h, w = x.shape
@@ -355,8 +363,48 @@ def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     else:  # im2col: (n, ho, wo, kh, kw, c)
         cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
     ho, wo = cols.shape[1], cols.shape[2]
-    y = torch.ops.mkl._mkl_linear(cols.reshape(rows, -1), *packed, bias, rows)
+    if len(packed) == 2:
+        y = torch.ops.mkl._mkl_linear(cols.reshape(rows, -1), *packed, bias, rows)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(cols.reshape(rows, -1), packed[0], bias, "none", [], "")
     return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+# NOTE: [Packed linear weights] oneDNN's matmul also runs faster from weights reordered once into
+# its blocked layout (torch.ops.mkldnn._reorder_linear_weight; for bfloat16 the AMX tile layout):
+# measured here (2 threads, interleaved medians) 10-20% faster in float32 (2.87 -> 2.51 ms for the
+# GPT block's 1024 x 256 -> 1024) and 12-30% in bfloat16 than from the plain weight, with identical
+# values. The copy is cached beside the parameter like the conv weights.
+_ONEDNN_LINEAR: dict[int, tuple] = {}
+_HAS_LINEAR_REORDER = _HAS_ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _cached_beside(cache: dict, weight: torch.Tensor, make) -> torch.Tensor | None:
+    """``make(weight)``, cached per weight and rebuilt when it changes (its version counter); None
+    for a weight made under inference mode (no version counter)."""
+    if weight.is_inference():
+        return None
+    key = id(weight)
+    hit = cache.get(key)
+    if hit is None or hit[0]() is not weight or hit[1] != weight._version:
+        with torch.no_grad():
+            value = make(weight.detach())
+        ref = weakref.ref(weight, lambda _, key=key: cache.pop(key, None))
+        hit = cache[key] = (ref, weight._version, value)
+    return hit[2]
+
+
+def _onednn_linear_weight(weight: torch.Tensor, as_matrix=None) -> torch.Tensor:
+    """``weight`` (or ``as_matrix(weight)``) reordered for oneDNN's matmul (NOTE: [Packed linear
+    weights]); the plain matrix where it cannot be cached."""
+    def pack(w):
+        matrix = w if as_matrix is None else as_matrix(w).contiguous()
+        return torch.ops.mkldnn._reorder_linear_weight(matrix) if _HAS_LINEAR_REORDER else matrix
+
+    packed = _cached_beside(_ONEDNN_LINEAR, weight, pack)
+    if packed is not None:
+        return packed
+    return weight if as_matrix is None else as_matrix(weight)
 
 
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list,
