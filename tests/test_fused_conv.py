@@ -277,6 +277,7 @@ def test_packed_copies_are_bounded_per_weight(monkeypatch):
     inference-mode weights are never packed (no version counter to invalidate the copy)."""
     monkeypatch.setattr(fused, "_MKL_PACKED", {})
     monkeypatch.setattr(fused, "MKL_PACKED_ROW_COUNTS", 2)
+    monkeypatch.setattr(fused, "MKL_PACKED_MIN_WEIGHT", 0)
     w, b = torch.randn(10, 16), torch.randn(10)
     with torch.no_grad():
         for rows in (3, 5, 7, 9):

@@ -277,8 +277,10 @@ def test_small_linear_decision_is_shape_based_and_forcible(monkeypatch, threshol
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "hardswish"])
 def test_few_rows_use_mkl_packed_weights(monkeypatch, act):
     """Fewer rows than MKL_PACKED_MAX_ROWS (a classifier head at a small batch) run MKL's prepacked
-    GEMM, cached per (weight, rows) and refreshed when the weight changes; values match F.linear."""
+    GEMM, cached per (weight, rows) and refreshed when the weight changes; values match F.linear.
+    (The threshold on the weight's size is moved so that a small layer takes the path.)"""
     monkeypatch.setattr(fused, "_MKL_PACKED", {})
+    monkeypatch.setattr(fused, "MKL_PACKED_MIN_WEIGHT", 0)
     x, w, b = torch.randn(2, 3, 16), torch.randn(10, 16), torch.randn(10)
     with torch.no_grad():
         y = fused.linear_act(x, w, b, act)
@@ -287,6 +289,27 @@ def test_few_rows_use_mkl_packed_weights(monkeypatch, act):
         w.mul_(2)  # bumps the version: the packed copy is rebuilt
         torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._activation(F.linear(x, w, b), act),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not fused._HAS_ONEDNN, reason="needs oneDNN")
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_large_linears_run_from_weights_reordered_once(monkeypatch, act):
+    """Inference linears on oneDNN read a copy of the weight reordered for its matmul, cached beside
+    the parameter and rebuilt when the weight changes; inference-mode weights run unpacked."""
+    monkeypatch.setattr(fused, "_ONEDNN_LINEAR", {})
+    x, w, b = torch.randn(2, 128, 256), torch.randn(512, 256) * 0.05, torch.randn(512)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._activation(F.linear(x, w, b), act),
+                                   atol=1e-4, rtol=1e-4)
+        assert list(fused._ONEDNN_LINEAR) == [id(w)]
+        w.mul_(-1)
+        torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._activation(F.linear(x, w, b), act),
+                                   atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        frozen = w.clone()
+        torch.testing.assert_close(fused.linear_act(x, frozen, b, act),
+                                   fused._activation(F.linear(x, frozen, b), act), atol=1e-4, rtol=1e-4)
+    assert list(fused._ONEDNN_LINEAR) == [id(w)]
 
 
 def test_default_threshold_keeps_gpt_sized_linears_on_onednn():

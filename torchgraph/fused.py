@@ -186,8 +186,12 @@ ONEDNN_LINEAR_MIN_MACS = 1 << 23
 # copy of every weight per step. Other row counts run F.linear / oneDNN (the same values up to
 # float32 rounding). Weights made under torch.inference_mode have no version counter, so they are
 # never packed (packing per call cost more than it saved: 547 vs 307 us for the head above).
-#: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM, whatever their size.
+#: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM ...
 MKL_PACKED_MAX_ROWS = 64
+#: ... when their weight has at least this many elements: on smaller ones F.linear was faster
+#: (8 rows, 2 threads: 32 -> 10 features 3.9 vs 5.5 us, 128 -> 128 8.3 vs 9.1 us, a tie at 256 -> 256,
+#: then packed ahead: 512 -> 512 34 vs 25 us).
+MKL_PACKED_MIN_WEIGHT = 1 << 16
 #: Most row counts a weight is packed for by MKL (each packed copy is the weight's size).
 MKL_PACKED_ROW_COUNTS = 4
 _HAS_MKL_PACKED = hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.is_available()
@@ -236,7 +240,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         small = x.numel() * weight.shape[0] < ONEDNN_LINEAR_MIN_MACS  # NOTE: [Small linears]
         if not _needs_grad(x, weight, bias):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            few_rows = x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS  # NOTE: [Few rows]
+            few_rows = (x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS  # NOTE: [Few rows]
+                        and weight.numel() >= MKL_PACKED_MIN_WEIGHT)
             packed = _mkl_packed_weight(weight, rows) if few_rows else None
             if packed is not None:
                 y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed[0], weight, bias, rows)
