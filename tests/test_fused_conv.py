@@ -124,11 +124,12 @@ def test_gemm_decision_follows_the_measured_limits():
     if not fused._HAS_MKL_PACKED:
         assert rows(1, 8, 2, 1) == 0
         return
-    assert rows(16, 8, 4, 1) == 256 == fused.CONV_GEMM_MAX_ROWS
-    assert rows(17, 8, 4, 1) == 0
+    assert rows(8, 8, 4, 1) == 128 == fused.CONV_GEMM_MAX_ROWS
+    assert rows(9, 8, 4, 1) == 0
     assert rows(8, 8, 4, 3, pad=1) == 128  # ResNet-50's layer3 at batch 8, 64x64
     assert rows(1, 8, 7, 3, pad=1) == 0  # layer4 at batch 1, 224x224: 7 wide, oneDNN is faster
     assert rows(1, 8, 7, 1) == 49
+    assert rows(1, 8, 14, 1) == 0  # layer3 at batch 1, 224x224: 196 rows
     assert rows(9, 8, 4, 3, pad=1) == 0  # 144 rows
     assert rows(1, 8, 2, 3, pad=1, groups=8, out=8) == 0
     assert rows(1, 8, 4, 3, pad=2, dilation=2) == 0
@@ -289,3 +290,12 @@ def test_packed_copies_are_bounded_per_weight(monkeypatch):
         x = torch.randn(4, 16)
         torch.testing.assert_close(fused.linear_act(x, frozen, None), F.linear(x, frozen))
     assert id(frozen) not in fused._MKL_PACKED
+
+
+@pytest.mark.parametrize("act", sorted(fused.ONEDNN_ACTIVATIONS))
+def test_in_place_activations_equal_the_functions(act):
+    """The in-place activations applied to fresh GEMM/linear outputs give exactly the functions' values."""
+    y = torch.randn(64) * 4
+    expected = fused._activation(y.clone(), act)
+    out = fused._activation_(y, act)
+    assert torch.equal(out, expected) and (act == "none" or out.data_ptr() == y.data_ptr())

@@ -144,11 +144,23 @@ def _packed_weight(weight: torch.Tensor, padding, stride, dilation, groups, inpu
     return packed
 
 
+_IN_PLACE_FNS = {
+    "none": lambda y: y,
+    "relu": torch.relu_,
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_tanh": lambda y: torch.ops.aten.gelu_(y, approximate="tanh"),
+    "silu": lambda y: F.silu(y, inplace=True),
+    "relu6": lambda y: F.relu6(y, inplace=True),
+    "hardswish": lambda y: F.hardswish(y, inplace=True),
+    "hardsigmoid": lambda y: F.hardsigmoid(y, inplace=True),
+    "sigmoid": torch.sigmoid_,
+    "tanh": torch.tanh_,
+}
+
+
 def _activation_(y: torch.Tensor, act: str) -> torch.Tensor:
-    """In place, for outputs nobody else holds (inference path only)."""
-    if act == "relu":
-        return torch.relu_(y)
-    return _activation(y, act)
+    """In place, for outputs nobody else holds (inference path only): no second buffer."""
+    return _IN_PLACE_FNS[act](y)
 
 
 def _epilogue(y: torch.Tensor, bias: torch.Tensor | None, act: str, dim: int) -> torch.Tensor:
@@ -311,11 +323,14 @@ class _TrainableLinearAct(torch.autograd.Function):
 #   2 threads), 0.9-1.0x at 49-196 rows, a tie at 512 rows and up to 1.1x slower from 784 rows;
 # - 3x3 kernels: 0.45-0.6x on 2x2 maps (32 rows), 0.84-1.06x on 4x4 maps (128 rows), but 1.06-1.12x
 #   slower on 7x7 maps (49 rows) and 1.3-1.9x slower from 8x8 maps up.
-# Hence the limits below. The GEMM answers in NHWC, i.e. channels_last strides, like oneDNN. In
+# Inside whole models (2 threads, interleaved, `tg.optimize` with the limits moved), a limit of 256
+# rows for 1x1 kernels lost to 128: MobileNetV2 b8 64x64 1.92-2.14x vs 2.26-2.35x eager, ResNet-50
+# b1 224x224 1.31x vs 1.44x, while ResNet-50 b8 64x64 gained nothing (1.48x vs 1.50x). Hence the
+# limits below. The GEMM answers in NHWC, i.e. channels_last strides, like oneDNN. In
 # bfloat16 (AMX) the same GEMM through oneDNN's matmul took 0.35-0.55x the convolution's time at 32
 # rows and 0.85-1.03x at 128 rows (2 threads), so bfloat16 takes the same limits.
 #: 1x1 convolutions with at most this many output pixels (N x H_out x W_out) run as an MKL GEMM.
-CONV_GEMM_MAX_ROWS = 256
+CONV_GEMM_MAX_ROWS = 128
 #: Larger kernels run as im2col + MKL GEMM when their output is at most this wide ...
 CONV_IM2COL_MAX_WIDTH = 4
 #: ... and has at most this many output pixels.
