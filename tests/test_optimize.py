@@ -451,6 +451,25 @@ def test_dynamic_sequence_length_attention(monkeypatch):
     assert calls == ([20] if ops._use_kernel(torch.ones(1)) else [])
 
 
+def test_attention_kernel_or_sdpa_follows_the_measurements(monkeypatch):
+    """NOTE: [Kernel or SDPA]: heads of >= 64 take the kernel when causal or up to 128 positions;
+    smaller heads only on small problems; the choice never changes the values."""
+    pick = fused._kernel_beats_sdpa
+    assert pick((8, 128, 3 * 256), 4, False) and pick((8, 128, 3 * 256), 4, True)
+    assert not pick((1, 197, 3 * 384), 6, False) and pick((1, 197, 3 * 384), 6, True)
+    assert not pick((8, 128, 3 * 512), 16, True) and not pick((8, 128, 3 * 256), 8, False)
+    assert pick((4, 64, 3 * 128), 4, False)
+    calls = []
+    kernel = ops.qkv_attention
+    monkeypatch.setattr(ops, "qkv_attention", lambda qkv, *a: calls.append(1) or kernel(qkv, *a))
+    qkv = torch.randn(2, 40, 3 * 64)
+    with torch.no_grad():
+        for heads in (1, 4):  # heads of 64 and of 16, non-causal, 40 positions: both kernel-sized
+            torch.testing.assert_close(fused.qkv_attention(qkv, heads), fused._sdpa_qkv_attention(qkv, heads, False, None),
+                                       atol=1e-5, rtol=1e-5)
+    assert len(calls) == (2 if ops._use_kernel(qkv) else 0)
+
+
 # ---------------------------------------------------------------------------- linear_act training
 
 
