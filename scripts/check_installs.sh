@@ -35,7 +35,7 @@ from torchgraph import _extension
 assert _extension.HAS_C_OPS, _extension.LOAD_ERROR
 x = tg.Input(shape=(8, 6, 6))
 h = nn.Conv2d(8, 8, 3, padding=1)(x)
-model = tg.Model(x, torch.relu(nn.Conv2d(8, 8, 3, padding=1)(h) + h)).eval()
+model = tg.Model(x, nn.MaxPool2d(2)(torch.relu(nn.Conv2d(8, 8, 3, padding=1)(h) + h))).eval()
 fast = tg.optimize(model)
 with torch.no_grad(), torch.autograd.profiler.profile() as prof:
     out = fast(torch.randn(2, 8, 6, 6))
