@@ -11,10 +11,10 @@ bias + ReLU fused where the op allows):
                          copied (``tg.optimize``'s default inside a conv stack);
 * ``F.conv2d channels_last``: ``F.conv2d`` on a channels_last input;
 * ``GEMM channels_last``: the convolution as one MKL GEMM with prepacked weights on the NHWC rows
-  (im2col for kernels > 1x1), answering in channels_last (``fused._conv_gemm``).
+  (im2col for kernels > 1x1), answering in channels_last (``fused.conv._conv_gemm``).
 
 The ``speed-up`` column is ``F.conv2d`` time / ``packed channels_last`` time, the measurement behind
-``NOTE: [Packed channels_last convs]`` in ``torchgraph/fused.py``; ``GEMM/packed`` is ``GEMM
+``NOTE: [Packed channels_last convs]`` in ``torchgraph/fused/weights.py``; ``GEMM/packed`` is ``GEMM
 channels_last`` time / ``packed channels_last`` time (below 1: the GEMM is faster), with the output
 pixels (``rows``) and whether ``tg.optimize`` picks the GEMM (``NOTE: [Convolutions on few pixels]``).
 
@@ -60,7 +60,7 @@ def variants(weight_shape, input_shape, stride, padding) -> dict:
     weight, bias = torch.randn(weight_shape), torch.randn(weight_shape[0])
     x = torch.randn(input_shape)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    packed = fused._pack_conv_weight(weight, padding, stride, (1, 1), 1, input_shape)
+    packed = fused.weights._pack_conv_weight(weight, padding, stride, (1, 1), 1, input_shape)
     conv = torch.ops.mkldnn._convolution_pointwise
     args = (list(padding), list(stride), [1, 1], 1, "relu", [], "")
     rows = _output_pixels(weight_shape, input_shape, stride, padding)
@@ -69,7 +69,7 @@ def variants(weight_shape, input_shape, stride, padding) -> dict:
         "packed": lambda: conv(x, packed, bias, *args).contiguous(),
         "packed channels_last": lambda: conv(x_cl, packed, bias, *args),
         "F.conv2d channels_last": lambda: F.conv2d(x_cl, weight, bias, stride, padding).relu_(),
-        "GEMM channels_last": lambda: fused._conv_gemm(x_cl, weight, bias, stride, padding, rows).relu_(),
+        "GEMM channels_last": lambda: fused.conv._conv_gemm(x_cl, weight, bias, stride, padding, rows).relu_(),
     }
 
 
@@ -93,7 +93,7 @@ def main() -> None:
     names = list(variants((4, 4, 1, 1), (1, 4, 2, 2), (1, 1), (0, 0)))
     print(f"{'weight':<20} {'input':<18} {'stride':>6} {'layers':>6} "
           + " ".join(f"{n:>22}" for n in names) + f" {'speed-up':>9} {'rows':>5} {'GEMM/packed':>11} picked")
-    # no_grad, not inference_mode: weights made under inference_mode are never cached packed (fused.py)
+    # no_grad, not inference_mode: weights made under inference_mode are never cached packed (fused/weights.py)
     with torch.no_grad():
         for (w_shape, x_shape, stride, padding), count in distinct_convolutions(args.arch, args.batch,
                                                                                  args.size).items():
@@ -117,7 +117,7 @@ def main() -> None:
 
 def _picked(weight_shape, input_shape, stride, padding) -> str:
     x = torch.empty(input_shape, device="meta")
-    rows = fused._conv_gemm_rows(x, torch.empty(weight_shape, device="meta"), stride, padding, (1, 1), 1)
+    rows = fused.conv._conv_gemm_rows(x, torch.empty(weight_shape, device="meta"), stride, padding, (1, 1), 1)
     return "GEMM" if rows else "oneDNN"
 
 

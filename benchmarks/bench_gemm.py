@@ -9,7 +9,7 @@ no autograd), the three products of a training step:
 * weight grad  g^T @ x              MKL ``torch.mm``     vs oneDNN (``x.t()`` as the weight)
 
 and prints MKL time / oneDNN time (> 1: oneDNN faster). This is the measurement behind
-``NOTE: [oneDNN GEMMs in training]`` in ``torchgraph/fused.py``.
+``NOTE: [oneDNN GEMMs in training]`` in ``torchgraph/fused/linear.py``.
 
 With ``--inference`` it times instead the inference forward of each layer (with the GELU of fc1),
 three ways: ``F.linear`` (MKL ``addmm``) then the activation, MKL's prepacked GEMM

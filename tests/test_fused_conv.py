@@ -17,7 +17,7 @@ from torchgraph import fused, ops
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from handwritten import Bottleneck, InvertedResidual, randomize_batchnorm  # noqa: E402
 
-needs_gemm = pytest.mark.skipif(not (fused._HAS_ONEDNN and fused._HAS_MKL_PACKED),
+needs_gemm = pytest.mark.skipif(not (fused._common._HAS_ONEDNN and fused.weights._HAS_MKL_PACKED),
                                 reason="needs oneDNN and MKL's packed GEMM")
 
 
@@ -28,7 +28,7 @@ def _seed():
 
 def _reference(x, w, b, stride, padding, act, residual=None):
     y = F.conv2d(x, w, b, stride, padding)
-    return fused._activation(y if residual is None else y + residual, act)
+    return fused._common._activation(y if residual is None else y + residual, act)
 
 
 def _gemm_calls(monkeypatch) -> list:
@@ -40,7 +40,7 @@ def _gemm_calls(monkeypatch) -> list:
         calls.append(rows)
         return real(a, packed, matrix, bias, rows)
 
-    monkeypatch.setattr(fused.torch.ops.mkl, "_mkl_linear", counting)
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", counting)
     return calls
 
 
@@ -77,12 +77,12 @@ def test_few_pixel_convolutions_run_as_one_gemm(monkeypatch, case, act, channels
     assert y.is_contiguous(memory_format=layout)
 
 
-@pytest.mark.skipif(torch.bfloat16 not in fused._ONEDNN_DTYPES, reason="needs a CPU with bfloat16 instructions")
+@pytest.mark.skipif(torch.bfloat16 not in fused._common._ONEDNN_DTYPES, reason="needs a CPU with bfloat16 instructions")
 @pytest.mark.parametrize("case", CASES[:4], ids=[f"b{c[0]}_{c[4]}x{c[4]}_s{c[5]}_p{c[6]}_{c[3]}px" for c in CASES[:4]])
 def test_few_pixel_bfloat16_convolutions_run_as_one_onednn_matmul(monkeypatch, case):
     """In bfloat16 the GEMM runs on oneDNN's matmul (AMX) from the cached filter matrix; values
     within bfloat16 rounding of the float32 convolution, channels_last out; the filters are reordered for oneDNN once."""
-    monkeypatch.setattr(fused, "_ONEDNN_LINEAR", {})
+    monkeypatch.setattr(fused.weights, "_ONEDNN_LINEAR", {})
     n, cin, cout, size, k, stride, pad = case
     x = torch.randn(n, cin, size, size).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(cout, cin, k, k), torch.randn(cout)
@@ -92,20 +92,20 @@ def test_few_pixel_bfloat16_convolutions_run_as_one_onednn_matmul(monkeypatch, c
     expected = _reference(xb.float(), wb.float(), bb.float(), stride, pad, "relu")
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
     assert (y.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
-    assert list(fused._ONEDNN_LINEAR) == [id(wb)]
+    assert list(fused.weights._ONEDNN_LINEAR) == [id(wb)]
 
 
 @needs_gemm
 def test_gemm_weights_are_cached_and_follow_changes(monkeypatch):
     """The GEMM's packed filters are cached per (weight, rows) and rebuilt when the weight changes
     (load_state_dict, an optimizer step)."""
-    monkeypatch.setattr(fused, "_MKL_PACKED", {})
+    monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
     x = torch.randn(2, 16, 2, 2).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(8, 16, 3, 3), torch.randn(8)
     args = ([1, 1], [1, 1], [1, 1], 1, "relu")
     with torch.no_grad():
         fused.conv2d_act(x, w, b, *args, channels_last=True)
-        assert list(fused._MKL_PACKED) == [id(w)] and list(fused._MKL_PACKED[id(w)][2]) == [8]
+        assert list(fused.weights._MKL_PACKED) == [id(w)] and list(fused.weights._MKL_PACKED[id(w)][2]) == [8]
         w.mul_(-1)
         y = fused.conv2d_act(x, w, b, *args, channels_last=True)
     torch.testing.assert_close(y, _reference(x, w, b, 1, 1, "relu"), atol=1e-4, rtol=1e-4)
@@ -119,9 +119,9 @@ def test_gemm_decision_follows_the_measured_limits():
     def rows(n, c, size, k, stride=1, pad=0, dilation=1, groups=1, dtype=torch.float32, out=8):
         x = torch.empty(n, c, size, size, device="meta", dtype=dtype)
         w = torch.empty(out, c // groups, k, k, device="meta")
-        return fused._conv_gemm_rows(x, w, [stride] * 2, [pad] * 2, [dilation] * 2, groups)
+        return fused.conv._conv_gemm_rows(x, w, [stride] * 2, [pad] * 2, [dilation] * 2, groups)
 
-    if not fused._HAS_MKL_PACKED:
+    if not fused.weights._HAS_MKL_PACKED:
         assert rows(1, 8, 2, 1) == 0
         return
     assert rows(8, 8, 4, 1) == 128 == fused.CONV_GEMM_MAX_ROWS
@@ -133,7 +133,7 @@ def test_gemm_decision_follows_the_measured_limits():
     assert rows(9, 8, 4, 3, pad=1) == 0  # 144 rows
     assert rows(1, 8, 2, 3, pad=1, groups=8, out=8) == 0
     assert rows(1, 8, 4, 3, pad=2, dilation=2) == 0
-    assert rows(1, 8, 2, 1, dtype=torch.bfloat16) == (4 if torch.bfloat16 in fused._ONEDNN_DTYPES else 0)
+    assert rows(1, 8, 2, 1, dtype=torch.bfloat16) == (4 if torch.bfloat16 in fused._common._ONEDNN_DTYPES else 0)
     assert rows(1, 8, 2, 1, dtype=torch.float16) == 0
     assert rows(1, 8, 2, 1, stride=2) == 1
 
@@ -249,8 +249,8 @@ def test_fused_residual_exports_to_onnx(tmp_path):
 def test_optimized_inside_inference_mode_keeps_cached_weights(monkeypatch, original_in_inference_mode):
     """tg.optimize called under torch.inference_mode (even on a model built there) returns normal
     parameters, so the packed-weight caches work (NOTE: [Inference-mode builds]) and values match."""
-    monkeypatch.setattr(fused, "_PACKED", {})
-    monkeypatch.setattr(fused, "_MKL_PACKED", {})
+    monkeypatch.setattr(fused.weights, "_PACKED", {})
+    monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
 
     def build():
         x = tg.Input(shape=(16, 8, 8))
@@ -267,8 +267,8 @@ def test_optimized_inside_inference_mode_keeps_cached_weights(monkeypatch, origi
         out, expected = fast(data), model(data)
     assert not any(p.is_inference() for p in fast.parameters())
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    if fused._HAS_ONEDNN:
-        assert fused._PACKED or fused._MKL_PACKED  # packed once and cached, not per call
+    if fused._common._HAS_ONEDNN:
+        assert fused.weights._PACKED or fused.weights._MKL_PACKED  # packed once and cached, not per call
 
 
 @needs_gemm
@@ -276,26 +276,26 @@ def test_packed_copies_are_bounded_per_weight(monkeypatch):
     """A weight is packed for at most MKL_PACKED_ROW_COUNTS row counts (a decoding loop changes its
     row count every step); other row counts run the other paths with the same values, and
     inference-mode weights are never packed (no version counter to invalidate the copy)."""
-    monkeypatch.setattr(fused, "_MKL_PACKED", {})
-    monkeypatch.setattr(fused, "MKL_PACKED_ROW_COUNTS", 2)
-    monkeypatch.setattr(fused, "MKL_PACKED_MIN_WEIGHT", 0)
+    monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
+    monkeypatch.setattr(fused.weights, "MKL_PACKED_ROW_COUNTS", 2)
+    monkeypatch.setattr(fused.linear, "MKL_PACKED_MIN_WEIGHT", 0)
     w, b = torch.randn(10, 16), torch.randn(10)
     with torch.no_grad():
         for rows in (3, 5, 7, 9):
             x = torch.randn(rows, 16)
             torch.testing.assert_close(fused.linear_act(x, w, b, "relu"), F.relu(F.linear(x, w, b)))
-    assert sorted(fused._MKL_PACKED[id(w)][2]) == [3, 5]
+    assert sorted(fused.weights._MKL_PACKED[id(w)][2]) == [3, 5]
     with torch.inference_mode():
         frozen = torch.randn(10, 16)
         x = torch.randn(4, 16)
         torch.testing.assert_close(fused.linear_act(x, frozen, None), F.linear(x, frozen))
-    assert id(frozen) not in fused._MKL_PACKED
+    assert id(frozen) not in fused.weights._MKL_PACKED
 
 
 @pytest.mark.parametrize("act", sorted(fused.ONEDNN_ACTIVATIONS))
 def test_in_place_activations_equal_the_functions(act):
     """The in-place activations applied to fresh GEMM/linear outputs give exactly the functions' values."""
     y = torch.randn(64) * 4
-    expected = fused._activation(y.clone(), act)
-    out = fused._activation_(y, act)
+    expected = fused._common._activation(y.clone(), act)
+    out = fused._common._activation_(y, act)
     assert torch.equal(out, expected) and (act == "none" or out.data_ptr() == y.data_ptr())

@@ -266,7 +266,9 @@ def test_works_without_the_extension():
     assert out.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("name", ["torchgraph.optimize", "torchgraph.fused"])
+@pytest.mark.parametrize("name", ["torchgraph.optimize", "torchgraph.fused", "torchgraph.fused.conv",
+                                  "torchgraph.fused.attention", "torchgraph.fused.weights",
+                                  "torchgraph.fused._common"])
 def test_docstring_examples(name):
     """The docstring examples of the optimize modules run."""
     import doctest
@@ -454,7 +456,7 @@ def test_dynamic_sequence_length_attention(monkeypatch):
 def test_attention_kernel_or_sdpa_follows_the_measurements(monkeypatch):
     """NOTE: [Kernel or SDPA]: heads of >= 64 take the kernel when causal or up to 128 positions;
     smaller heads only on small problems; the choice never changes the values."""
-    pick = fused._kernel_beats_sdpa
+    pick = fused.attention._kernel_beats_sdpa
     assert pick((8, 128, 3 * 256), 4, False) and pick((8, 128, 3 * 256), 4, True)
     assert not pick((1, 197, 3 * 384), 6, False) and pick((1, 197, 3 * 384), 6, True)
     assert not pick((8, 128, 3 * 512), 16, True) and not pick((8, 128, 3 * 256), 8, False)
@@ -465,7 +467,7 @@ def test_attention_kernel_or_sdpa_follows_the_measurements(monkeypatch):
     qkv = torch.randn(2, 40, 3 * 64)
     with torch.no_grad():
         for heads in (1, 4):  # heads of 64 and of 16, non-causal, 40 positions: both kernel-sized
-            torch.testing.assert_close(fused.qkv_attention(qkv, heads), fused._sdpa_qkv_attention(qkv, heads, False, None),
+            torch.testing.assert_close(fused.qkv_attention(qkv, heads), fused.attention._sdpa_qkv_attention(qkv, heads, False, None),
                                        atol=1e-5, rtol=1e-5)
     assert len(calls) == (2 if ops._use_kernel(qkv) else 0)
 
@@ -473,7 +475,7 @@ def test_attention_kernel_or_sdpa_follows_the_measurements(monkeypatch):
 # ---------------------------------------------------------------------------- linear_act training
 
 
-@pytest.mark.skipif(not fused._HAS_ONEDNN, reason="oneDNN's _linear_pointwise is not available")
+@pytest.mark.skipif(not fused._common._HAS_ONEDNN, reason="oneDNN's _linear_pointwise is not available")
 @pytest.mark.parametrize("act", ops.ACTIVATIONS)
 @pytest.mark.parametrize("x_shape", [(5, 8), (2, 3, 8)])
 @pytest.mark.parametrize("needs_grad", ["all", "weight"])
@@ -482,7 +484,7 @@ def test_linear_act_training_path_matches(act, x_shape, needs_grad, loss, monkey
     """With gradients needed, float32 CPU linear_act runs _TrainableLinearAct (above the small-linear
     threshold, lowered here); values and the gradients of x, weight and bias equal
     act(F.linear(x, w, b)). (``loss="sum"`` hands the backward a stride-0 gradient.)"""
-    monkeypatch.setattr(fused, "ONEDNN_LINEAR_MIN_MACS", 0)
+    monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 0)
     if act != "none" and not ops._use_kernel(torch.ones(1)):
         pytest.skip("the trainable path needs the bias_act kernels for an activation")
     tensors = [torch.randn(x_shape), torch.randn(6, 8), torch.randn(6)]

@@ -257,12 +257,12 @@ def test_bad_dtype_arguments_raise():
 # ---------------------------------------------------------------------------- never slower
 
 
-@pytest.mark.skipif(not fused._HAS_ONEDNN, reason="needs oneDNN")
+@pytest.mark.skipif(not fused._common._HAS_ONEDNN, reason="needs oneDNN")
 @pytest.mark.parametrize("threshold,expect_onednn", [(0, True), (1 << 40, False)])
 def test_small_linear_decision_is_shape_based_and_forcible(monkeypatch, threshold, expect_onednn):
     """Below ONEDNN_LINEAR_MIN_MACS a fused linear runs F.linear + activation (oneDNN's fixed cost
     loses there); the decision depends on shapes only, so moving the threshold forces either path."""
-    monkeypatch.setattr(fused, "ONEDNN_LINEAR_MIN_MACS", threshold)
+    monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", threshold)
     calls = []
     real_linear = F.linear
     monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(1) or real_linear(*a, **k))
@@ -273,43 +273,43 @@ def test_small_linear_decision_is_shape_based_and_forcible(monkeypatch, threshol
     assert bool(calls) is not expect_onednn
 
 
-@pytest.mark.skipif(not fused._HAS_MKL_PACKED, reason="needs MKL's packed GEMM")
+@pytest.mark.skipif(not fused.weights._HAS_MKL_PACKED, reason="needs MKL's packed GEMM")
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "hardswish"])
 def test_few_rows_use_mkl_packed_weights(monkeypatch, act):
     """Fewer rows than MKL_PACKED_MAX_ROWS (a classifier head at a small batch) run MKL's prepacked
     GEMM, cached per (weight, rows) and refreshed when the weight changes; values match F.linear.
     (The threshold on the weight's size is moved so that a small layer takes the path.)"""
-    monkeypatch.setattr(fused, "_MKL_PACKED", {})
-    monkeypatch.setattr(fused, "MKL_PACKED_MIN_WEIGHT", 0)
+    monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
+    monkeypatch.setattr(fused.linear, "MKL_PACKED_MIN_WEIGHT", 0)
     x, w, b = torch.randn(2, 3, 16), torch.randn(10, 16), torch.randn(10)
     with torch.no_grad():
         y = fused.linear_act(x, w, b, act)
-        torch.testing.assert_close(y, fused._activation(F.linear(x, w, b), act), atol=1e-5, rtol=1e-5)
-        assert list(fused._MKL_PACKED) == [id(w)] and list(fused._MKL_PACKED[id(w)][2]) == [6]
+        torch.testing.assert_close(y, fused._common._activation(F.linear(x, w, b), act), atol=1e-5, rtol=1e-5)
+        assert list(fused.weights._MKL_PACKED) == [id(w)] and list(fused.weights._MKL_PACKED[id(w)][2]) == [6]
         w.mul_(2)  # bumps the version: the packed copy is rebuilt
-        torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._activation(F.linear(x, w, b), act),
+        torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._common._activation(F.linear(x, w, b), act),
                                    atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not fused._HAS_ONEDNN, reason="needs oneDNN")
+@pytest.mark.skipif(not fused._common._HAS_ONEDNN, reason="needs oneDNN")
 @pytest.mark.parametrize("act", ["none", "gelu"])
 def test_large_linears_run_from_weights_reordered_once(monkeypatch, act):
     """Inference linears on oneDNN read a copy of the weight reordered for its matmul, cached beside
     the parameter and rebuilt when the weight changes; inference-mode weights run unpacked."""
-    monkeypatch.setattr(fused, "_ONEDNN_LINEAR", {})
+    monkeypatch.setattr(fused.weights, "_ONEDNN_LINEAR", {})
     x, w, b = torch.randn(2, 128, 256), torch.randn(512, 256) * 0.05, torch.randn(512)
     with torch.no_grad():
-        torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._activation(F.linear(x, w, b), act),
+        torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._common._activation(F.linear(x, w, b), act),
                                    atol=1e-4, rtol=1e-4)
-        assert list(fused._ONEDNN_LINEAR) == [id(w)]
+        assert list(fused.weights._ONEDNN_LINEAR) == [id(w)]
         w.mul_(-1)
-        torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._activation(F.linear(x, w, b), act),
+        torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._common._activation(F.linear(x, w, b), act),
                                    atol=1e-4, rtol=1e-4)
     with torch.inference_mode():
         frozen = w.clone()
         torch.testing.assert_close(fused.linear_act(x, frozen, b, act),
-                                   fused._activation(F.linear(x, frozen, b), act), atol=1e-4, rtol=1e-4)
-    assert list(fused._ONEDNN_LINEAR) == [id(w)]
+                                   fused._common._activation(F.linear(x, frozen, b), act), atol=1e-4, rtol=1e-4)
+    assert list(fused.weights._ONEDNN_LINEAR) == [id(w)]
 
 
 def test_default_threshold_keeps_gpt_sized_linears_on_onednn():

@@ -149,7 +149,8 @@ def function_name(fn: Callable, where: str) -> str:
             return f"torch.ops.{ns}.{op}" + (f".{overload}" if overload else "")
     label = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
     module = getattr(fn, "__module__", None)
-    if module in ("torchgraph.fused", "torchgraph.ops") or str(module).startswith("torchgraph.ops."):
+    if module in ("torchgraph.fused", "torchgraph.ops") or str(module).startswith(("torchgraph.ops.",
+                                                                                     "torchgraph.fused.")):
         raise ValueError(
             f"{where}: {module}.{label} comes from tg.optimize, whose graphs cannot be stored in a config "
             "(they read layer weights directly). Save the original model and call tg.optimize after "

@@ -74,7 +74,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
             where they leave the stack (views, reshapes, the outputs). On by
             default: measured here, every convolution of ResNet-18 and ResNet-50 ran 0-30% faster
             that way than ``F.conv2d`` on contiguous tensors (NOTE: [Packed channels_last convs]
-            in ``fused.py``). ``False`` keeps contiguous activations (prepacked weights only for
+            in ``fused/weights.py``). ``False`` keeps contiguous activations (prepacked weights only for
             3x3-and-larger convolutions with >= 16 input channels).
 
         dtype (torch.dtype): ``torch.bfloat16`` computes in bfloat16 behind a float32 interface
@@ -109,7 +109,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
                         "tg.Model(x, module(x))).")
     compute_dtype = _compute_dtype(dtype, inference)
     # NOTE: [Inference-mode builds] Tensors made under torch.inference_mode have no version counter,
-    # so fused.py's packed-weight caches cannot tell when they change and repack them on every call:
+    # so the packed-weight caches (fused/weights.py) cannot tell when they change and repack them on every call:
     # ResNet-50 (b8 64x64) optimized inside `with torch.inference_mode():` ran 1.8x slower (128 vs
     # 71 ms). The copy is made with inference mode off, whatever the caller's mode (reading the
     # original's tensors, inference tensors or not, is allowed there).

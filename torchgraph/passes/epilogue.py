@@ -69,7 +69,7 @@ def fuse_conv_act(root: nn.Module, graph: fx.Graph, channels_last: bool) -> int:
         args = (node.args[0], w, b, list(conv.stride), list(conv.padding), list(conv.dilation),
                 conv.groups, act)
         new = _replace(graph, node, last, fused.conv2d_act, args, act)
-        if channels_last:  # grouped and depthwise too: 1.7-3x faster than on NCHW (NOTE in fused.py)
+        if channels_last:  # grouped and depthwise too: 1.7-3x faster than on NCHW (NOTE in fused/weights.py)
             new.kwargs = {"channels_last": True}
         count += 1
     return count

@@ -36,7 +36,7 @@ def use_inference_max_pool(root: nn.Module, graph: fx.Graph) -> int:
 
 # NOTE: [Channels-last islands] With tg.optimize(channels_last=True) (the inference default),
 # conv2d_act answers in channels_last on its oneDNN path (NOTE: [Packed channels_last convs] in
-# fused.py). Elementwise ops, pooling and the next such conv keep or accept that layout; anything
+# fused/weights.py). Elementwise ops, pooling and the next such conv keep or accept that layout; anything
 # else (a view, a reshape, the model's output) gets `.contiguous()` first, so code
 # written for contiguous tensors still works and the model returns the layout the original
 # returned. `.contiguous()` is free on a contiguous tensor (e.g. on the non-oneDNN paths).

@@ -54,7 +54,7 @@ def fuse_conv_add(root: nn.Module, graph: fx.Graph) -> int:
     """``ops.add_relu(conv, r)`` and ``conv + r`` (same shapes), where ``conv`` is a channels_last
     ``fused.conv2d_act`` without activation used by the add alone -> ``fused.conv2d_add_act(x, r, ...,
     act)``: the residual is added in the convolution's epilogue (NOTE: [Residual in the convolution]
-    in ``fused.py``). For inference with channels_last convolutions: run after :func:`fuse_add_relu`."""
+    in ``fused/conv.py``). For inference with channels_last convolutions: run after :func:`fuse_add_relu`."""
     count = 0
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is ops.add_relu and len(node.args) == 2 and not node.kwargs:

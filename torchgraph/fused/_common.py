@@ -1,0 +1,108 @@
+"""What every fused call shares: the activation table, when oneDNN applies, and the activations.
+
+Example:
+    >>> import torch
+    >>> from torchgraph.fused._common import use_onednn
+    >>> use_onednn(torch.randn(2, 3), torch.randn(4, 3)) == torch.backends.mkldnn.is_available()
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+__all__ = ["ONEDNN_ACTIVATIONS", "use_onednn"]
+
+#: Our activation names -> oneDNN's (attr, scalars, algorithm). The first five are also
+#: ``torchgraph.ops.ACTIVATIONS`` (the ``bias_act`` kernel's); the others (MobileNets') fuse on the
+#: oneDNN path only and run as plain PyTorch functions elsewhere.
+ONEDNN_ACTIVATIONS = {
+    "none": ("none", [], ""),
+    "relu": ("relu", [], ""),
+    "gelu": ("gelu", [], "none"),
+    "gelu_tanh": ("gelu", [], "tanh"),
+    "silu": ("swish", [], ""),
+    "relu6": ("hardtanh", [0.0, 6.0], ""),
+    "hardswish": ("hardswish", [], ""),
+    "hardsigmoid": ("hardsigmoid", [], ""),
+    "sigmoid": ("sigmoid", [], ""),
+    "tanh": ("tanh", [], ""),
+}
+
+_ACTIVATION_FNS = {
+    "none": lambda y: y,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+    "relu6": F.relu6,
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# bfloat16 runs on oneDNN only where the CPU has bf16 instructions (AVX512-BF16 / AMX); elsewhere
+# oneDNN emulates it slowly (tg.optimize(dtype=torch.bfloat16) then falls back to float32).
+_ONEDNN_DTYPES = frozenset({torch.float32} | ({torch.bfloat16} if _HAS_ONEDNN and
+                                                 torch.ops.mkldnn._is_mkldnn_bf16_supported() else set()))
+
+
+def use_onednn(x, *params, training: bool = False) -> bool:
+    """Whether the oneDNN fused path applies to input ``x`` and the layer's ``params``.
+
+    The oneDNN ops have no backward: with ``training=False`` the answer is False when a gradient
+    is needed; with ``training=True`` it ignores gradients (the caller supplies the backward).
+    """
+    # NOTE: this runs before every fused linear and convolution, so it is written for speed
+    # (`is_cpu`, a plain loop): 5.5 -> ~2 us a call, which tiny layers (32 x 32 linears) feel.
+    if not _HAS_ONEDNN or type(x) is not torch.Tensor:  # noqa: E721 - fakes, proxies, subclasses
+        return False
+    dtype = x.dtype
+    if not x.is_cpu or dtype not in _ONEDNN_DTYPES:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if not training and _needs_grad(x, *params):
+        return False
+    for p in params:
+        if p is not None and (not p.is_cpu or p.dtype != dtype):
+            return False
+    return True
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _activation(y: torch.Tensor, act: str) -> torch.Tensor:
+    return _ACTIVATION_FNS[act](y)
+
+
+_IN_PLACE_FNS = {
+    "none": lambda y: y,
+    "relu": torch.relu_,
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_tanh": lambda y: torch.ops.aten.gelu_(y, approximate="tanh"),
+    "silu": lambda y: F.silu(y, inplace=True),
+    "relu6": lambda y: F.relu6(y, inplace=True),
+    "hardswish": lambda y: F.hardswish(y, inplace=True),
+    "hardsigmoid": lambda y: F.hardsigmoid(y, inplace=True),
+    "sigmoid": torch.sigmoid_,
+    "tanh": torch.tanh_,
+}
+
+
+def _activation_(y: torch.Tensor, act: str) -> torch.Tensor:
+    """In place, for outputs nobody else holds (inference path only): no second buffer."""
+    return _IN_PLACE_FNS[act](y)
+
+
+def _epilogue(y: torch.Tensor, bias: torch.Tensor | None, act: str, dim: int) -> torch.Tensor:
+    if bias is None:
+        return _activation(y, act)
+    return ops.bias_act(y, bias, act, dim)

@@ -1,0 +1,209 @@
+"""``act(conv2d(x))`` and ``act(conv2d(x) + residual)`` in one call: :func:`conv2d_act`, :func:`conv2d_add_act`."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from .. import ops
+from ._common import ONEDNN_ACTIVATIONS, _ONEDNN_DTYPES, _activation, _activation_, _epilogue, _needs_grad, use_onednn
+from .weights import _HAS_MKL_PACKED, _filters_as_rows, _mkl_packed_weight, _onednn_linear_weight, _packed_weight
+
+__all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "conv2d_act",
+           "conv2d_add_act"]
+
+# NOTE: [Convolutions on few pixels] A convolution whose output has few pixels (ResNet-50's last
+# stage: 2x2 maps at batch 8 and 64x64 input, 7x7 at batch 1 and 224x224) reads its whole weight for
+# a few dozen output rows, and oneDNN's direct convolution is slow there, most of all on maps a few
+# pixels wide (its kernels block over the output width). Measured here for every ResNet-50
+# convolution (1 and 2 threads, interleaved medians, `python benchmarks/bench_conv_layouts.py --gemm`),
+# the convolution written as one GEMM on the NHWC rows (im2col for k > 1) through MKL's prepacked
+# weights took:
+# - 1x1 kernels: 0.4-0.6x oneDNN's time at 32 rows (2.57 -> 1.09 ms for 1024->2048 stride 2 at
+#   2 threads), 0.9-1.0x at 49-196 rows, a tie at 512 rows and up to 1.1x slower from 784 rows;
+# - 3x3 kernels: 0.45-0.6x on 2x2 maps (32 rows), 0.84-1.06x on 4x4 maps (128 rows), but 1.06-1.12x
+#   slower on 7x7 maps (49 rows) and 1.3-1.9x slower from 8x8 maps up.
+# Inside whole models (2 threads, interleaved, `tg.optimize` with the limits moved), a limit of 256
+# rows for 1x1 kernels lost to 128: MobileNetV2 b8 64x64 1.92-2.14x vs 2.26-2.35x eager, ResNet-50
+# b1 224x224 1.31x vs 1.44x, while ResNet-50 b8 64x64 gained nothing (1.48x vs 1.50x). Hence the
+# limits below. The GEMM answers in NHWC, i.e. channels_last strides, like oneDNN. In
+# bfloat16 (AMX) the same GEMM through oneDNN's matmul took 0.35-0.55x the convolution's time at 32
+# rows and 0.85-1.03x at 128 rows (2 threads), so bfloat16 takes the same limits.
+#: 1x1 convolutions with at most this many output pixels (N x H_out x W_out) run as an MKL GEMM.
+CONV_GEMM_MAX_ROWS = 128
+#: Larger kernels run as im2col + MKL GEMM when their output is at most this wide ...
+CONV_IM2COL_MAX_WIDTH = 4
+#: ... and has at most this many output pixels.
+CONV_IM2COL_MAX_ROWS = 128
+
+
+def _conv_gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> int:
+    """Output pixels of the convolution when it should run as a GEMM ([Convolutions on few
+    pixels]), else 0. Called on the oneDNN path only (eager float32/bfloat16 CPU, no gradient)."""
+    gemm = _HAS_MKL_PACKED if x.dtype == torch.float32 else x.dtype in _ONEDNN_DTYPES
+    if not gemm or groups != 1 or any(d != 1 for d in dilation):
+        return 0
+    kh, kw = weight.shape[-2:]
+    ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
+    rows = x.shape[0] * ho * wo
+    if rows <= 0:
+        return 0
+    if kh == kw == 1 and not any(padding):
+        return rows if rows <= CONV_GEMM_MAX_ROWS else 0
+    return rows if rows <= CONV_IM2COL_MAX_ROWS and wo <= CONV_IM2COL_MAX_WIDTH else 0
+
+
+def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+               rows: int) -> torch.Tensor | None:
+    """The convolution as one GEMM on NHWC rows (float32: MKL with prepacked filters; bfloat16:
+    oneDNN's matmul, filters reordered for it); answers in channels_last. None when the filters
+    are not cached in that form (see :func:`_mkl_packed_weight`, :func:`_cached_beside`)."""
+    if x.dtype == torch.float32:
+        packed = _mkl_packed_weight(weight, rows, _filters_as_rows)
+    else:
+        packed = None if weight.is_inference() else (_onednn_linear_weight(weight, _filters_as_rows),)
+    if packed is None:
+        return None
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    nhwc = x.permute(0, 2, 3, 1)  # a view for a channels_last input
+    if any(padding):
+        ph, pw = padding
+        padded = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)
+        padded[:, ph:ph + h, pw:pw + w] = nhwc
+        nhwc = padded
+    if kh == kw == 1:
+        cols = nhwc[:, ::stride[0], ::stride[1]]
+    else:  # im2col: (n, ho, wo, kh, kw, c)
+        cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
+    ho, wo = cols.shape[1], cols.shape[2]
+    if len(packed) == 2:
+        y = torch.ops.mkl._mkl_linear(cols.reshape(rows, -1), *packed, bias, rows)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(cols.reshape(rows, -1), packed[0], bias, "none", [], "")
+    return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list,
+               padding: list, dilation: list, groups: int, act: str = "none",
+               channels_last: bool = False) -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, ...))`` in one fused call where possible.
+
+    On the oneDNN path (float32 CPU tensors, no gradient, eager), ``channels_last=True`` (what
+    ``tg.optimize`` sets for inference) runs oneDNN's fused op on a channels_last input with
+    prepacked weights and returns a channels_last tensor (NOTE: [Packed channels_last convs]).
+    Without it, 3x3-and-larger convolutions with >= 16 input channels still use prepacked weights
+    and return a contiguous tensor; others run ``F.conv2d``. On that path, convolutions with few
+    output pixels run as one MKL GEMM instead (NOTE: [Convolutions on few pixels]).
+
+    Args:
+        x: input ``(N, C, H, W)``.
+        weight, bias: the convolution's parameters (bias may be None).
+        stride, padding, dilation: pairs of ints; groups: an int.
+        act: a key of ``ONEDNN_ACTIVATIONS``.
+        channels_last: answer in channels_last on the oneDNN path (grouped and depthwise too).
+
+    Returns:
+        The activated convolution output.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x, w, b = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 3, 3), torch.randn(4)
+        >>> with torch.no_grad():
+        ...     y = conv2d_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", channels_last=True)
+        >>> torch.allclose(y, F.relu(F.conv2d(x, w, b, padding=1)), atol=1e-4)
+        True
+    """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
+        args = (x, weight, bias, stride, padding, dilation, groups, act)
+        kwargs = {"channels_last": True} if channels_last else {}
+        return x.tracer.create_proxy("call_function", conv2d_act, args, kwargs)
+    onednn = use_onednn(x, weight, bias)
+    if onednn and x.dim() == 4:
+        rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
+        y = _conv_gemm(x, weight, bias, stride, padding, rows) if rows else None
+        if y is not None:
+            y = _activation_(y, act)
+            return y if channels_last else y.contiguous()
+    if onednn and x.dim() == 4 and (
+            channels_last or (groups == 1 and weight.shape[1] >= 16 and weight.shape[-1] > 1)):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # a no-op inside a conv stack
+        packed = _packed_weight(weight, padding, stride, dilation, groups, x.shape)
+        attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
+        y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
+                                                    attr, scalars, algorithm)
+        # It answers in channels_last; F.conv2d (the next layer, outside a channels_last stack) is
+        # slow on that layout.
+        return y if channels_last else y.contiguous()
+    if bias is None or act not in ops.ACTIVATIONS or act == "none" or onednn:
+        # NOTE: measured here, F.conv2d with its bias then an in-place activation beats both oneDNN's
+        # fused op and conv + bias_act for contiguous tensors (the bias add is free inside oneDNN).
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _activation_(y, act) if onednn else _activation(y, act)
+    return _epilogue(F.conv2d(x, weight, None, stride, padding, dilation, groups), bias, act, 1)
+
+
+#: Activations :func:`conv2d_add_act` applies after the residual add.
+RESIDUAL_ACTIVATIONS = ("none", "relu")
+
+
+# NOTE: [Residual in the convolution] oneDNN adds the residual inside the convolution's epilogue
+# (``_convolution_pointwise.binary``, "add" then the activation), so the sum never makes a second
+# pass over memory: measured here for the last 1x1 convolution of ResNet-50's bottlenecks (batch 8,
+# 64x64; 1 and 2 threads, interleaved medians) it took 0.71-0.96x the time of the convolution then
+# ``ops.add_relu``, with identical values.
+def conv2d_add_act(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stride: list, padding: list, dilation: list, groups: int, act: str = "none",
+                   channels_last: bool = False) -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, ...) + residual)`` in one fused call where possible.
+
+    ``tg.optimize`` (inference) writes this for a ResNet block's ``relu(bn3(conv3(out)) + identity)``
+    and MobileNetV2's ``x + conv(x)``. The paths are :func:`conv2d_act`'s: oneDNN's convolution with
+    the add and activation in its epilogue (NOTE: [Residual in the convolution]), the MKL GEMM for
+    few output pixels (then the add and activation in place), and standard ops everywhere else
+    (gradients, other devices and dtypes, traced programs and exporters).
+
+    Args:
+        x: input ``(N, C, H, W)``.
+        residual: a tensor of the convolution output's shape (no broadcasting).
+        weight, bias, stride, padding, dilation, groups: the convolution's, as for :func:`conv2d_act`.
+        act: ``"none"`` or ``"relu"`` (``RESIDUAL_ACTIVATIONS``), applied after the add.
+        channels_last: answer in channels_last on the oneDNN path.
+
+    Returns:
+        ``act(conv + residual)``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x, w, r = torch.randn(2, 8, 5, 5), torch.randn(8, 8, 1, 1), torch.randn(2, 8, 5, 5)
+        >>> with torch.no_grad():
+        ...     y = conv2d_add_act(x, r, w, None, [1, 1], [0, 0], [1, 1], 1, "relu", channels_last=True)
+        >>> torch.allclose(y, F.relu(F.conv2d(x, w) + r), atol=1e-5)
+        True
+    """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
+        args = (x, residual, weight, bias, stride, padding, dilation, groups, act)
+        kwargs = {"channels_last": True} if channels_last else {}
+        return x.tracer.create_proxy("call_function", conv2d_add_act, args, kwargs)
+    if act not in RESIDUAL_ACTIVATIONS:
+        raise ValueError(f"conv2d_add_act: act must be one of {RESIDUAL_ACTIVATIONS}; received {act!r}.")
+    if (use_onednn(x, weight, bias, residual) and x.dim() == 4 and type(residual) is torch.Tensor  # noqa: E721
+            and not _needs_grad(residual)):
+        rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
+        y = _conv_gemm(x, weight, bias, stride, padding, rows) if rows else None
+        if y is not None and y.shape == residual.shape:
+            y = _activation_(y.add_(residual), act)  # y is new: nobody else holds it
+            return y if channels_last else y.contiguous()
+        if y is None and channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            packed = _packed_weight(weight, padding, stride, dilation, groups, x.shape)
+            unary = "relu" if act == "relu" else None  # the binary op refuses "none"
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual.contiguous(memory_format=torch.channels_last), packed, bias, padding, stride,
+                dilation, groups, "add", 1.0, unary, [], "")
+            return y
+    y = conv2d_act(x, weight, bias, stride, padding, dilation, groups, "none", channels_last) + residual
+    return _activation(y, act)

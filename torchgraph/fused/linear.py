@@ -1,0 +1,123 @@
+"""``act(linear(x))`` in one call: :func:`linear_act`, and its trainable oneDNN path."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .. import _extension, ops
+from ._common import ONEDNN_ACTIVATIONS, _activation, _activation_, _epilogue, _needs_grad, use_onednn
+from .weights import _mkl_packed_weight, _onednn_linear_weight
+
+__all__ = ["MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
+
+# NOTE: [Small linears] oneDNN's fused linear pays a fixed ~30-40 us a call here (1 thread,
+# benchmarks/bench_gemm.py --small): 0.2-0.4x of F.linear + ReLU for (8..64 rows) x (16..256)
+# features, a tie around 4M multiply-adds, 1.1-1.6x from ~8M (1024 features) up, and 12-19% faster
+# on the GPT block's GEMMs (200M). Below ONEDNN_LINEAR_MIN_MACS multiply-adds per call (rows x in x
+# out), inference runs F.linear and an in-place activation instead, and training F.linear and the
+# activation with eager autograd (no custom-op or autograd.Function overhead): the decision is made
+# per call from the shapes, so it follows the batch the model runs at, and tests can move it.
+#: Smallest linear (rows x in_features x out_features) that runs on oneDNN in inference.
+ONEDNN_LINEAR_MIN_MACS = 1 << 23
+
+# NOTE: [Few rows] With few rows (a classifier head at batch 1-32, a decoder step), a linear layer
+# is bound by reading its weight, and MKL's prepacked GEMM (the one inductor uses for float32
+# linears) reads it fastest: (8 x 1280) @ (1280 x 1000) took 0.37-1.4 ms against 2.2-2.5 ms for
+# F.linear and oneDNN (1 thread, two runs on the loaded 2-core VM).
+#
+# NOTE: [MKL GEMMs in inference] Measured on a quiet machine (2 threads, interleaved medians,
+# `python benchmarks/bench_gemm.py --inference`), MKL's prepacked GEMM was also the fastest float32
+# forward in isolation on the GPT block's and the encoder's shapes (1024 rows): 5-19% faster than
+# oneDNN's fused linear (fc1's GELU applied after it) and 2-18% faster than F.linear. Inside the
+# model it was not: the GPT stack ran 0.96-1.19x eager with every large linear on MKL, 1.12-1.27x
+# with the GELU linears left on oneDNN and 1.19-1.24x with all on oneDNN (three interleaved runs),
+# so linears from 8M multiply-adds up stay on oneDNN's fused op.
+#: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM ...
+MKL_PACKED_MAX_ROWS = 64
+#: ... when their weight has at least this many elements: on smaller ones F.linear was faster
+#: (8 rows, 2 threads: 32 -> 10 features 3.9 vs 5.5 us, 128 -> 128 8.3 vs 9.1 us, a tie at 256 -> 256,
+#: then packed ahead: 512 -> 512 34 vs 25 us).
+MKL_PACKED_MIN_WEIGHT = 1 << 16
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               act: str = "none") -> torch.Tensor:
+    """``act(F.linear(x, weight, bias))`` in one fused call where possible.
+
+    Args:
+        x: input of shape ``(..., in_features)``.
+        weight: ``(out_features, in_features)``.
+        bias: ``(out_features,)`` or None.
+        act: a key of ``ONEDNN_ACTIVATIONS``.
+
+    Returns:
+        A tensor of shape ``(..., out_features)``.
+    """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
+        return x.tracer.create_proxy("call_function", linear_act, (x, weight, bias, act), {})
+    small = False
+    if x.dim() >= 2 and use_onednn(x, weight, bias, training=True):
+        small = x.numel() * weight.shape[0] < ONEDNN_LINEAR_MIN_MACS  # NOTE: [Small linears]
+        if not _needs_grad(x, weight, bias):
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            few_rows = (x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS  # NOTE: [Few rows]
+                        and weight.numel() >= MKL_PACKED_MIN_WEIGHT)
+            packed = _mkl_packed_weight(weight, rows) if few_rows else None
+            if packed is not None:
+                y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed[0], weight, bias, rows)
+                return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
+            if small:
+                return _activation_(F.linear(x, weight, bias), act)
+            attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
+            return torch.ops.mkldnn._linear_pointwise(x, _onednn_linear_weight(weight), bias, attr, scalars,
+                                                      algorithm)
+        if not small and bias is not None and x.dtype == torch.float32 and (
+                act == "none" or (_extension.HAS_C_OPS and act in ops.ACTIVATIONS)):
+            return _TrainableLinearAct.apply(x, weight, bias, act)
+    if small or bias is None or act == "none" or act not in ops.ACTIVATIONS:
+        # small layers in training: eager autograd's own formulas beat a custom op's Python overhead
+        return _activation(F.linear(x, weight, bias), act)
+    return _epilogue(F.linear(x, weight), bias, act, -1)
+
+
+# NOTE: [oneDNN GEMMs in training] Measured by benchmarks/bench_gemm.py (2 threads, 1024 rows, the
+# GPT block's four shapes, interleaved medians, two runs): oneDNN's matmul ran the forward product
+# x @ W^T 12-19% and the input gradient g @ W 14-25% faster than MKL's addmm/mm, and the weight
+# gradient g^T @ x slower (MKL/oneDNN 0.78-0.84x). So the trainable path runs the first two on
+# oneDNN, the third on MKL, and the bias + activation (forward and backward) with the fused
+# bias_act kernels.
+class _TrainableLinearAct(torch.autograd.Function):
+    """``act(x @ weight.T + bias)`` with a float32 CPU input, for training (bias required)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act):
+        linear = torch.ops.mkldnn._linear_pointwise
+        if act == "none":
+            pre, y = None, linear(x, weight, bias, "none", [], "")
+        else:
+            pre = linear(x, weight, None, "none", [], "")
+            y = torch.ops.torchgraph.bias_act.default(pre, bias, act, -1)
+        ctx.save_for_backward(x, weight, bias, pre)
+        ctx.act = act
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias, pre = ctx.saved_tensors
+        grad_bias = None
+        if ctx.act != "none":
+            grad, grad_bias = torch.ops.torchgraph.bias_act_backward.default(grad, pre, bias, ctx.act, -1)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad_2d, weight.t(), None, "none", [], "")
+            grad_x = grad_x.view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[2] and grad_bias is None:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_weight, grad_bias if ctx.needs_input_grad[2] else None, None
