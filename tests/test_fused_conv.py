@@ -155,6 +155,18 @@ def test_conv2d_add_act_matches_conv_then_add(size, act, residual_layout):
     assert y.data_ptr() != r.data_ptr()  # the residual is read, never written
 
 
+@pytest.mark.parametrize("size", [2, 16], ids=["gemm", "onednn"])
+@pytest.mark.parametrize("residual_shape", [(1, 32, 1, 1), (3, 32, 1, 1)], ids=["smaller", "larger"])
+def test_conv2d_add_act_broadcasts_as_eager(size, residual_shape):
+    """A residual that broadcasts (smaller, or larger than the output: a direct call; tg.optimize
+    only writes same-shaped ones) gives eager's values and shape, not the fused paths' output."""
+    x = torch.randn(1, 16, size, size).contiguous(memory_format=torch.channels_last)
+    w, b, r = torch.randn(32, 16, 1, 1), torch.randn(32), torch.randn(*residual_shape)
+    with torch.no_grad():
+        y = fused.conv2d_add_act(x, r, w, b, [1, 1], [0, 0], [1, 1], 1, "relu", channels_last=True)
+    torch.testing.assert_close(y, _reference(x, w, b, 1, 0, "relu", r), atol=1e-4, rtol=1e-4)
+
+
 def test_conv2d_add_act_differentiates_and_runs_other_dtypes():
     """With gradients, or in float64, it runs standard ops: gradients equal the original's."""
     x = torch.randn(2, 8, 5, 5, requires_grad=True)

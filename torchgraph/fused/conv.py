@@ -17,7 +17,7 @@ __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH"
 # stage: 2x2 maps at batch 8 and 64x64 input, 7x7 at batch 1 and 224x224) reads its whole weight for
 # a few dozen output rows, and oneDNN's direct convolution is slow there, most of all on maps a few
 # pixels wide (its kernels block over the output width). Measured here for every ResNet-50
-# convolution (1 and 2 threads, interleaved medians, `python benchmarks/bench_conv_layouts.py --gemm`),
+# convolution (1 and 2 threads, interleaved medians, `python benchmarks/bench_conv_layouts.py --arch resnet50`),
 # the convolution written as one GEMM on the NHWC rows (im2col for k > 1) through MKL's prepacked
 # weights took:
 # - 1x1 kernels: 0.4-0.6x oneDNN's time at 32 rows (2.57 -> 1.09 ms for 1024->2048 stride 2 at
@@ -38,19 +38,24 @@ CONV_IM2COL_MAX_WIDTH = 4
 CONV_IM2COL_MAX_ROWS = 128
 
 
+def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple:
+    """The convolution's output shape ``(N, C_out, H_out, W_out)`` for a 4-D input."""
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in (0, 1)]
+    return (x.shape[0], weight.shape[0], *size)
+
+
 def _conv_gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> int:
     """Output pixels of the convolution when it should run as a GEMM ([Convolutions on few
     pixels]), else 0. Called on the oneDNN path only (eager float32/bfloat16 CPU, no gradient)."""
     gemm = _HAS_MKL_PACKED if x.dtype == torch.float32 else x.dtype in _ONEDNN_DTYPES
     if not gemm or groups != 1 or any(d != 1 for d in dilation):
         return 0
-    kh, kw = weight.shape[-2:]
-    ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
-    rows = x.shape[0] * ho * wo
+    n, _, ho, wo = _output_shape(x, weight, stride, padding, dilation)
+    rows = n * ho * wo
     if rows <= 0:
         return 0
-    if kh == kw == 1 and not any(padding):
+    if weight.shape[-2:] == (1, 1) and not any(padding):
         return rows if rows <= CONV_GEMM_MAX_ROWS else 0
     return rows if rows <= CONV_IM2COL_MAX_ROWS and wo <= CONV_IM2COL_MAX_WIDTH else 0
 
@@ -63,7 +68,7 @@ def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.dtype == torch.float32:
         packed = _mkl_packed_weight(weight, rows, _filters_as_rows)
     else:
-        packed = None if weight.is_inference() else (_onednn_linear_weight(weight, _filters_as_rows),)
+        packed = None if weight.is_inference() else _onednn_linear_weight(weight, _filters_as_rows)
     if packed is None:
         return None
     n, c, h, w = x.shape
@@ -79,10 +84,10 @@ def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     else:  # im2col: (n, ho, wo, kh, kw, c)
         cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
     ho, wo = cols.shape[1], cols.shape[2]
-    if len(packed) == 2:
+    if x.dtype == torch.float32:
         y = torch.ops.mkl._mkl_linear(cols.reshape(rows, -1), *packed, bias, rows)
     else:
-        y = torch.ops.mkldnn._linear_pointwise(cols.reshape(rows, -1), packed[0], bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(cols.reshape(rows, -1), packed, bias, "none", [], "")
     return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
 
 
@@ -96,7 +101,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     prepacked weights and returns a channels_last tensor (NOTE: [Packed channels_last convs]).
     Without it, 3x3-and-larger convolutions with >= 16 input channels still use prepacked weights
     and return a contiguous tensor; others run ``F.conv2d``. On that path, convolutions with few
-    output pixels run as one MKL GEMM instead (NOTE: [Convolutions on few pixels]).
+    output pixels run as one GEMM instead (NOTE: [Convolutions on few pixels]).
 
     Args:
         x: input ``(N, C, H, W)``.
@@ -190,14 +195,17 @@ def conv2d_add_act(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
         return x.tracer.create_proxy("call_function", conv2d_add_act, args, kwargs)
     if act not in RESIDUAL_ACTIVATIONS:
         raise ValueError(f"conv2d_add_act: act must be one of {RESIDUAL_ACTIVATIONS}; received {act!r}.")
+    # The fused paths need the residual in the output's shape; a broadcasting one (a direct call;
+    # tg.optimize never writes one) takes the standard path, which broadcasts as eager does.
     if (use_onednn(x, weight, bias, residual) and x.dim() == 4 and type(residual) is torch.Tensor  # noqa: E721
-            and not _needs_grad(residual)):
+            and not _needs_grad(residual)
+            and tuple(residual.shape) == _output_shape(x, weight, stride, padding, dilation)):
         rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
         y = _conv_gemm(x, weight, bias, stride, padding, rows) if rows else None
-        if y is not None and y.shape == residual.shape:
+        if y is not None:
             y = _activation_(y.add_(residual), act)  # y is new: nobody else holds it
             return y if channels_last else y.contiguous()
-        if y is None and channels_last:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             packed = _packed_weight(weight, padding, stride, dilation, groups, x.shape)
             unary = "relu" if act == "relu" else None  # the binary op refuses "none"
