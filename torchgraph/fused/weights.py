@@ -23,6 +23,23 @@ from ._common import _HAS_ONEDNN
 
 __all__ = ["MKL_PACKED_ROW_COUNTS"]
 
+
+def _cached_beside(cache: dict, weight: torch.Tensor, make):
+    """``make(weight)``, cached in ``cache`` per weight and rebuilt when it changes (its version
+    counter); None for a weight made under inference mode (no version counter). Every cache of
+    this module goes through here."""
+    if weight.is_inference():
+        return None
+    key = id(weight)
+    hit = cache.get(key)
+    if hit is None or hit[0]() is not weight or hit[1] != weight._version:
+        with torch.no_grad():
+            value = make(weight.detach())
+        ref = weakref.ref(weight, lambda _, key=key: cache.pop(key, None))
+        hit = cache[key] = (ref, weight._version, value)
+    return hit[2]
+
+
 # NOTE: [Packed conv weights] oneDNN runs a convolution faster from weights already in its blocked
 # layout. The packed copy is a cache beside the parameter (state_dict, pickling and .to() see the
 # plain weight), keyed by the parameter and refreshed when it changes (load_state_dict bumps its
@@ -47,17 +64,12 @@ def _pack_conv_weight(weight: torch.Tensor, padding, stride, dilation, groups, i
 
 
 def _packed_weight(weight: torch.Tensor, padding, stride, dilation, groups, input_size) -> torch.Tensor:
-    if weight.is_inference():
-        # made under torch.inference_mode: no version counter tells when it changes, so no cache
-        return _pack_conv_weight(weight, padding, stride, dilation, groups, input_size)
-    key = id(weight)
-    hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
-        return hit[2]
-    packed = _pack_conv_weight(weight, padding, stride, dilation, groups, input_size)
-    ref = weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None))
-    _PACKED[key] = (ref, weight._version, packed)
-    return packed
+    def pack(w):
+        return _pack_conv_weight(w, padding, stride, dilation, groups, input_size)
+
+    packed = _cached_beside(_PACKED, weight, pack)
+    # a weight made under torch.inference_mode is packed per call (no version counter to cache by)
+    return pack(weight) if packed is None else packed
 
 
 # The packing depends on the row count, so the packed copy is cached per (weight, rows), beside the
@@ -76,14 +88,9 @@ def _mkl_packed_weight(weight: torch.Tensor, rows: int, as_matrix=None) -> tuple
     """``weight`` (or ``as_matrix(weight)``, an ``(out, in)`` matrix) packed by MKL for ``rows`` rows,
     and the matrix itself: ``(packed, matrix)``; None where MKL's packed GEMM should not run (no
     MKL, an inference-mode weight, MKL_PACKED_ROW_COUNTS other row counts already packed)."""
-    if not _HAS_MKL_PACKED or weight.is_inference():
+    by_rows = _cached_beside(_MKL_PACKED, weight, lambda w: {}) if _HAS_MKL_PACKED else None
+    if by_rows is None:
         return None
-    key = id(weight)
-    hit = _MKL_PACKED.get(key)
-    if hit is None or hit[0]() is not weight or hit[1] != weight._version:
-        ref = weakref.ref(weight, lambda _, key=key: _MKL_PACKED.pop(key, None))
-        hit = _MKL_PACKED[key] = (ref, weight._version, {})
-    by_rows = hit[2]
     found = by_rows.get(rows)
     if found is None:
         if len(by_rows) >= MKL_PACKED_ROW_COUNTS:
@@ -106,21 +113,6 @@ def _filters_as_rows(weight: torch.Tensor) -> torch.Tensor:
 # values. The copy is cached beside the parameter like the conv weights.
 _ONEDNN_LINEAR: dict[int, tuple] = {}
 _HAS_LINEAR_REORDER = _HAS_ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-def _cached_beside(cache: dict, weight: torch.Tensor, make) -> torch.Tensor | None:
-    """``make(weight)``, cached per weight and rebuilt when it changes (its version counter); None
-    for a weight made under inference mode (no version counter)."""
-    if weight.is_inference():
-        return None
-    key = id(weight)
-    hit = cache.get(key)
-    if hit is None or hit[0]() is not weight or hit[1] != weight._version:
-        with torch.no_grad():
-            value = make(weight.detach())
-        ref = weakref.ref(weight, lambda _, key=key: cache.pop(key, None))
-        hit = cache[key] = (ref, weight._version, value)
-    return hit[2]
 
 
 def _onednn_linear_weight(weight: torch.Tensor, as_matrix=None) -> torch.Tensor:
