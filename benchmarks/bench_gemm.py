@@ -14,9 +14,11 @@ and prints MKL time / oneDNN time (> 1: oneDNN faster). This is the measurement 
 With ``--inference`` it times instead the inference forward of each layer (with the GELU of fc1),
 three ways: ``F.linear`` (MKL ``addmm``) then the activation, MKL's prepacked GEMM
 (``mkl._mkl_linear``, what inductor's freezing uses for float32) then the activation, and oneDNN's
-fused ``_linear_pointwise``; the encoder's feed-forward shapes (256 -> 2048 -> 256) are added.
+fused ``_linear_pointwise``, from the plain weight and from the weight reordered once for it (what
+``tg.optimize`` runs, NOTE: [Packed linear weights]); the encoder's feed-forward shapes (256 -> 2048
+-> 256) are added.
 
-Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference]
+Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference [--bf16]]
 """
 
 from __future__ import annotations
@@ -44,19 +46,25 @@ def products(n_in: int, n_out: int) -> dict:
 INFERENCE_SHAPES = dict(SHAPES, ff1=(256, 2048), ff2=(2048, 256))
 
 
-def inference_variants(n_in: int, n_out: int, act: str) -> dict:
-    x, w, b = torch.randn(ROWS, n_in), torch.randn(n_out, n_in) * n_in ** -0.5, torch.randn(n_out)
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, ROWS)
+def inference_variants(n_in: int, n_out: int, act: str, dtype=torch.float32) -> dict:
+    x, w, b = (t.to(dtype) for t in (torch.randn(ROWS, n_in), torch.randn(n_out, n_in) * n_in ** -0.5,
+                                      torch.randn(n_out)))
+    reordered = torch.ops.mkldnn._reorder_linear_weight(w)  # what tg.optimize runs (fused/weights.py)
     activation = torch.nn.functional.gelu if act == "gelu" else (lambda y: y)
-    return {
+    variants = {
         "F.linear": lambda: activation(torch.nn.functional.linear(x, w, b)),
-        "MKL packed": lambda: activation(torch.ops.mkl._mkl_linear(x, packed, w, b, ROWS)),
         "oneDNN fused": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, act, [], "none" if act == "gelu" else ""),
+        "oneDNN reordered": lambda: torch.ops.mkldnn._linear_pointwise(x, reordered, b, act, [],
+                                                                       "none" if act == "gelu" else ""),
     }
+    if dtype == torch.float32:  # MKL's packed GEMM is float32 only
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, ROWS)
+        variants["MKL packed"] = lambda: activation(torch.ops.mkl._mkl_linear(x, packed, w, b, ROWS))
+    return variants
 
 
-def inference_main(reps: int) -> None:
-    cases = {layer: inference_variants(*shape, "gelu" if layer == "fc1" else "none")
+def inference_main(reps: int, dtype) -> None:
+    cases = {layer: inference_variants(*shape, "gelu" if layer == "fc1" else "none", dtype)
              for layer, shape in INFERENCE_SHAPES.items()}
     names = list(next(iter(cases.values())))
     times = {layer: {name: [] for name in names} for layer in cases}
@@ -71,9 +79,9 @@ def inference_main(reps: int) -> None:
                     for _ in range(5):
                         fn()
                     times[layer][name].append((time.perf_counter() - start) / 5 * 1e3)
-    print(f"{'layer':<6} " + " ".join(f"{n:>13}" for n in names) + "   (ms, medians)")
+    print(f"{'layer':<6} " + " ".join(f"{n:>16}" for n in names) + "   (ms, medians)")
     for layer, samples in times.items():
-        print(f"{layer:<6} " + " ".join(f"{statistics.median(samples[n]):13.3f}" for n in names))
+        print(f"{layer:<6} " + " ".join(f"{statistics.median(samples[n]):16.3f}" for n in names))
 
 
 def main() -> None:
@@ -81,12 +89,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--inference", action="store_true", help="inference forward: F.linear, MKL packed, oneDNN")
+    parser.add_argument("--bf16", action="store_true", help="with --inference: bfloat16 tensors (no MKL column)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROWS} rows; ms")
     if args.inference:
-        inference_main(args.reps)
+        inference_main(args.reps, torch.bfloat16 if args.bf16 else torch.float32)
         return
     cases = {(layer, kind): pair for layer, shape in SHAPES.items() for kind, pair in products(*shape).items()}
     times = {key: ([], []) for key in cases}

@@ -108,9 +108,10 @@ def _filters_as_rows(weight: torch.Tensor) -> torch.Tensor:
 
 # NOTE: [Packed linear weights] oneDNN's matmul also runs faster from weights reordered once into
 # its blocked layout (torch.ops.mkldnn._reorder_linear_weight; for bfloat16 the AMX tile layout):
-# measured here (2 threads, interleaved medians) 10-20% faster in float32 (2.87 -> 2.51 ms for the
-# GPT block's 1024 x 256 -> 1024) and 12-30% in bfloat16 than from the plain weight, with identical
-# values. The copy is cached beside the parameter like the conv weights.
+# `python benchmarks/bench_gemm.py --inference [--bf16]` (2 threads, 1024 rows, the GPT block's and
+# the encoder's six shapes, interleaved medians) measured it 0-11% faster in float32 (two runs) and
+# 5-16% in bfloat16 than from the plain weight, with identical values. The copy is cached beside
+# the parameter like the conv weights.
 _ONEDNN_LINEAR: dict[int, tuple] = {}
 _HAS_LINEAR_REORDER = _HAS_ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
