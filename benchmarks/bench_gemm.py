@@ -18,7 +18,12 @@ fused ``_linear_pointwise``, from the plain weight and from the weight reordered
 ``tg.optimize`` runs, NOTE: [Packed linear weights]); the encoder's feed-forward shapes (256 -> 2048
 -> 256) are added.
 
-Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference [--bf16]]
+With ``--small`` it times the small linears of NOTE: [Small linears] in ``torchgraph/fused/linear.py``
+(8 and 64 rows, 16 to 1024 features in and out): ``F.linear`` then an in-place ReLU against oneDNN's
+fused ``_linear_pointwise`` with the ReLU in its epilogue, and prints oneDNN time / F.linear time
+beside the multiply-adds per call (rows x in x out; ``ONEDNN_LINEAR_MIN_MACS`` is the cut).
+
+Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference [--bf16] | --small]
 """
 
 from __future__ import annotations
@@ -84,15 +89,51 @@ def inference_main(reps: int, dtype) -> None:
         print(f"{layer:<6} " + " ".join(f"{statistics.median(samples[n]):16.3f}" for n in names))
 
 
+SMALL_ROWS = (8, 64)
+SMALL_FEATURES = (16, 64, 256, 1024)
+
+
+def small_main(reps: int) -> None:
+    cases = {}
+    for rows in SMALL_ROWS:
+        for n in SMALL_FEATURES:
+            x, w, b = torch.randn(rows, n), torch.randn(n, n) * n ** -0.5, torch.randn(n)
+            cases[(rows, n)] = {
+                "F.linear+relu_": (lambda x=x, w=w, b=b: torch.nn.functional.linear(x, w, b).relu_()),
+                "oneDNN fused": (lambda x=x, w=w, b=b: torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")),
+            }
+    times = {case: {name: [] for name in fns} for case, fns in cases.items()}
+    with torch.no_grad():
+        for fns in cases.values():
+            for fn in fns.values():
+                fn()
+        for _ in range(reps):  # interleaved
+            for case, fns in cases.items():
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        fn()
+                    times[case][name].append((time.perf_counter() - start) / 20 * 1e6)
+    print(f"{'rows':>5} {'features':>8} {'MACs':>10} {'F.linear+relu_ us':>18} {'oneDNN fused us':>16} {'oneDNN/F.linear':>16}")
+    for (rows, n), samples in times.items():
+        eager, onednn = (statistics.median(samples[k]) for k in ("F.linear+relu_", "oneDNN fused"))
+        print(f"{rows:>5} {n:>8} {rows * n * n:>10} {eager:>18.1f} {onednn:>16.1f} {onednn / eager:>16.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--inference", action="store_true", help="inference forward: F.linear, MKL packed, oneDNN")
     parser.add_argument("--bf16", action="store_true", help="with --inference: bfloat16 tensors (no MKL column)")
+    parser.add_argument("--small", action="store_true", help="small linears: F.linear + ReLU vs oneDNN fused")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.small:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        small_main(args.reps)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROWS} rows; ms")
     if args.inference:
         inference_main(args.reps, torch.bfloat16 if args.bf16 else torch.float32)

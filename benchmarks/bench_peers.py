@@ -14,6 +14,10 @@ For each model, in one process, with interleaved repetitions (medians), it times
 * ``openvino f32`` / ``openvino default`` (if ``openvino`` is installed): the same ONNX file,
   ``INFERENCE_PRECISION_HINT=f32`` and the CPU plugin's default (bf16 on AMX CPUs).
 
+With ``--ablate NAME`` (repeatable, or ``all``), each named optimisation of ``tg.optimize`` (float32)
+is also timed switched off, as one more interleaved variant ``tg.optimize -NAME``: what that one
+optimisation is worth inside the whole model, measured beside everything else (see ``ABLATIONS``).
+
 Every variant's output is compared with eager float32 on the same input: max abs error, max error
 relative to the largest eager output, and (classifiers) top-1 agreement. Speed-up = eager time /
 variant time (> 1 is faster).
@@ -24,6 +28,7 @@ Usage::
     python benchmarks/bench_peers.py --community all      # the community models: eager vs tg.optimize
     python benchmarks/bench_peers.py --only resnet50_b8 --only gpt --reps 15
     python benchmarks/bench_peers.py --no-compile --no-openvino --markdown
+    python benchmarks/bench_peers.py --only resnet50_b8 --no-compile --no-onnx --no-openvino --ablate all
 
 Models: ``resnet50_b8`` (torchvision ResNet-50, b8 64x64), ``resnet50_b1`` (b1 224x224),
 ``mobilenetv2_b8`` / ``mobilenetv2_b1`` (torchvision MobileNetV2, same sizes), ``gpt`` (4 pre-LN
@@ -47,6 +52,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torchgraph as tg  # noqa: E402
+from torchgraph import passes  # noqa: E402
+from torchgraph.fused import conv as fused_conv  # noqa: E402
+from torchgraph.fused import linear as fused_linear  # noqa: E402
+from torchgraph.fused import weights as fused_weights  # noqa: E402
 from handwritten import (EncoderClassifier, HandGPT, TimmViT, TorchvisionMobileNetV2,  # noqa: E402
                          TorchvisionResNet, randomize_batchnorm)
 from torchgraph.applications import GPTBlock  # noqa: E402
@@ -112,6 +121,64 @@ def _onnx_variants(model: tg.Model, x: torch.Tensor, args, tmp: str) -> tuple[di
     return fns, first
 
 
+def _no_pass(root, graph) -> int:
+    return 0
+
+
+#: ``--ablate`` name -> (what it switches off, the (module, attribute, value) patches that do it).
+#: Passes are patched while ``tg.optimize`` runs; the fused calls read their limits per call, so
+#: the patches also hold around every call of the ablated model.
+ABLATIONS = {
+    "conv-gemm": ("convolutions on few pixels run as one GEMM (NOTE: [Convolutions on few pixels])",
+                  [(fused_conv, "CONV_GEMM_MAX_ROWS", 0), (fused_conv, "CONV_IM2COL_MAX_ROWS", 0)]),
+    "conv-residual": ("the residual add in the convolution's epilogue (passes.fuse_conv_add)",
+                      [(passes, "fuse_conv_add", _no_pass)]),
+    "few-rows-mkl": ("MKL's packed GEMM for linears with few rows (NOTE: [Few rows])",
+                     [(fused_linear, "MKL_PACKED_MAX_ROWS", 0)]),
+    "linear-reorder": ("linear weights reordered once for oneDNN (NOTE: [Packed linear weights])",
+                       [(fused_weights, "_HAS_LINEAR_REORDER", False)]),
+    "written-attention": ("softmax(q @ k^T * s) @ v written as SDPA (passes.write_attention_as_sdpa)",
+                          [(passes, "write_attention_as_sdpa", _no_pass)]),
+    "qkv-attention": ("the fused attention call (passes.fuse_qkv_attention)",
+                      [(passes, "fuse_qkv_attention", _no_pass)]),
+}
+
+
+@contextlib.contextmanager
+def _patched(patches: list):
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+class _Ablated:
+    """Calls a ``tg.optimize`` result with one optimisation switched off (``ABLATIONS``)."""
+
+    def __init__(self, fn, patches: list):
+        self.fn, self.patches = fn, patches
+
+    def __call__(self, x):
+        with _patched(self.patches):
+            return self.fn(x)
+
+
+def _ablated_variants(model, names: list) -> tuple[dict, dict]:
+    fns, first = {}, {}
+    for name in names:
+        patches = ABLATIONS[name][1]
+        start = time.perf_counter()
+        with _patched(patches):
+            ablated = tg.optimize(model)
+        first[f"tg.optimize -{name}"] = time.perf_counter() - start
+        fns[f"tg.optimize -{name}"] = _Ablated(ablated, patches)
+    return fns, first
+
+
 def _accuracy(out: torch.Tensor, ref: torch.Tensor, classifier: bool) -> str:
     out, ref = out.float().reshape(ref.shape), ref.float()
     err = (out - ref).abs().max().item()
@@ -138,6 +205,9 @@ def bench(name: str, args) -> list[tuple]:
     x = torch.randn(batch, *shape)
     fns = {"eager": eager, "tg.Model": model, "tg.optimize": fast, "tg.optimize bf16": fast_bf16}
     first = {"tg.optimize": optimize_s, "tg.optimize bf16": optimize_bf16_s}
+    more, more_first = _ablated_variants(model, args.ablate)
+    fns.update(more)
+    first.update(more_first)
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         if args.compile:
             import torch._inductor.config as inductor_config
@@ -248,7 +318,7 @@ def _print(rows: list[tuple], markdown: bool) -> None:
             print(f"| {name} | {variant} | {ms:.2f} | {speedup:.2f}x ({low:.2f}-{high:.2f}) | {first_text} | "
                   f"{fields[0]} | {fields[1]} | {top1} |")
         else:
-            print(f"  {variant:<18} {ms:9.2f} ms  {speedup:5.2f}x ({low:4.2f}-{high:4.2f})  "
+            print(f"  {variant:<30} {ms:9.2f} ms  {speedup:5.2f}x ({low:4.2f}-{high:4.2f})  "
                   f"first {first_text:>6}  err {accuracy}")
 
 
@@ -265,7 +335,11 @@ def main() -> None:
     parser.add_argument("--community", action="append", default=None, metavar="NAME",
                         help="a tests/community_models benchmark architecture (eager vs tg.optimize only; "
                              "'all' for every one); repeatable")
+    parser.add_argument("--ablate", action="append", default=[], choices=sorted(ABLATIONS) + ["all"],
+                        help="also time tg.optimize with this optimisation switched off (repeatable; "
+                             "'all' for every one): " + "; ".join(f"{k}: {v[0]}" for k, v in ABLATIONS.items()))
     args = parser.parse_args()
+    args.ablate = list(ABLATIONS) if "all" in args.ablate else list(dict.fromkeys(args.ablate))
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     _, why = bfloat16_supported()

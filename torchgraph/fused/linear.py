@@ -13,13 +13,15 @@ from .weights import _mkl_packed_weight, _onednn_linear_weight
 
 __all__ = ["MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
 
-# NOTE: [Small linears] oneDNN's fused linear pays a fixed ~30-40 us a call here (1 thread,
-# benchmarks/bench_gemm.py --small): 0.2-0.4x of F.linear + ReLU for (8..64 rows) x (16..256)
-# features, a tie around 4M multiply-adds, 1.1-1.6x from ~8M (1024 features) up, and 12-19% faster
-# on the GPT block's GEMMs (200M). Below ONEDNN_LINEAR_MIN_MACS multiply-adds per call (rows x in x
-# out), inference runs F.linear and an in-place activation instead, and training F.linear and the
-# activation with eager autograd (no custom-op or autograd.Function overhead): the decision is made
-# per call from the shapes, so it follows the batch the model runs at, and tests can move it.
+# NOTE: [Small linears] oneDNN's fused linear pays a fixed ~45 us a call here (1 thread,
+# `python benchmarks/bench_gemm.py --small --threads 1`): F.linear + an in-place ReLU took 0.26-0.45x
+# its time for 8 and 64 rows by 16 and 64 features, 0.45-0.82x at 256 features (0.5-4M
+# multiply-adds), and oneDNN won from 1024 features (0.91x at 8M and 67M); the GPT block's GEMMs
+# (200M) are compared by `bench_gemm.py --inference` (NOTE: [Packed linear weights]). Below
+# ONEDNN_LINEAR_MIN_MACS multiply-adds per call (rows x in x out), inference runs F.linear and an
+# in-place activation instead, and training F.linear and the activation with eager autograd (no
+# custom-op or autograd.Function overhead): the decision is made per call from the shapes, so it
+# follows the batch the model runs at, and tests can move it.
 #: Smallest linear (rows x in_features x out_features) that runs on oneDNN in inference.
 ONEDNN_LINEAR_MIN_MACS = 1 << 23
 
