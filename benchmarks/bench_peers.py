@@ -18,6 +18,11 @@ With ``--ablate NAME`` (repeatable, or ``all``), each named optimisation of ``tg
 is also timed switched off, as one more interleaved variant ``tg.optimize -NAME``: what that one
 optimisation is worth inside the whole model, measured beside everything else (see ``ABLATIONS``).
 
+Variants are interleaved: each repetition times ``--iters`` calls of one variant right after the
+other variants ran, so the first call finds the caches full of their weights. ``--warm N`` makes
+``N`` untimed calls first, which times each variant back to back, as a serving loop calls one model
+(both are reported in docs/optimize.md).
+
 Every variant's output is compared with eager float32 on the same input: max abs error, max error
 relative to the largest eager output, and (classifiers) top-1 agreement. Speed-up = eager time /
 variant time (> 1 is faster).
@@ -229,6 +234,8 @@ def bench(name: str, args) -> list[tuple]:
         times = {k: [] for k in fns}
         for _ in range(args.reps):  # interleaved: every variant sees the same machine state
             for k, fn in fns.items():
+                for _ in range(args.warm):  # untimed: this variant's weights back in the caches
+                    fn(x)
                 start = time.perf_counter()
                 for _ in range(args.iters):
                     fn(x)
@@ -280,6 +287,8 @@ def bench_community(name: str, args) -> list[tuple]:
         times = {k: [] for k in fns}
         for _ in range(args.reps):
             for k, fn in fns.items():
+                for _ in range(args.warm):
+                    fn()
                 start = time.perf_counter()
                 for _ in range(args.iters):
                     fn()
@@ -328,6 +337,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions (median)")
     parser.add_argument("--iters", type=int, default=3, help="calls per repetition")
+    parser.add_argument("--warm", type=int, default=0,
+                        help="untimed calls before each repetition's timed calls (0: every repetition starts "
+                             "with the other variants' weights in the caches; 1 or more: back-to-back timing)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false")
     parser.add_argument("--no-openvino", dest="openvino", action="store_false")
