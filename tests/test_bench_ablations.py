@@ -1,0 +1,103 @@
+"""``benchmarks/bench_peers.py --ablate``: each ablation really switches its optimisation off (and
+nothing else), so the figures the docs quote from it measure what they say."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchgraph as tg
+from torchgraph import fused, passes
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_peers  # noqa: E402
+from community_models.vit import Attention  # noqa: E402
+from handwritten import Bottleneck, randomize_batchnorm  # noqa: E402
+
+needs_fast_paths = pytest.mark.skipif(not (fused._common._HAS_ONEDNN and fused.weights._HAS_MKL_PACKED),
+                                      reason="needs oneDNN and MKL's packed GEMM")
+
+
+class _Net(nn.Module):
+    """A torchvision bottleneck on a 2x2 map (residual conv, few-pixel convs), timm attention written
+    out (``fused_attn=False``) and a classifier head with few rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Bottleneck(64, 16)
+        self.attn = Attention(64, num_heads=4, fused_attn=False)
+        self.head = nn.Linear(64, 1024)
+
+    def forward(self, x):
+        h = self.block(x)  # (B, 64, 2, 2)
+        tokens = h.flatten(2).transpose(1, 2)  # (B, 4, 64)
+        return self.head(self.attn(tokens).mean(1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    net = randomize_batchnorm(_Net()).eval()
+    x = tg.Input(shape=(64, 2, 2))
+    return net, tg.Model(x, net(x)).eval()
+
+
+def _targets(model) -> set:
+    return {node.target for node in model.graph.nodes if node.op == "call_function"}
+
+
+def _ops_run(fn, x) -> list:
+    with torch.profiler.profile() as prof, torch.inference_mode():
+        fn(x)
+    return [event.name for event in prof.events()]
+
+
+def test_every_ablation_patches_names_that_exist():
+    for name, (_, patches) in bench_peers.ABLATIONS.items():
+        for module, attribute, _ in patches:
+            assert hasattr(module, attribute), (name, module.__name__, attribute)
+    with pytest.raises(AttributeError):
+        with bench_peers._patched([(passes, "no_such_pass", None)]):
+            pass
+
+
+def test_graph_ablations_remove_their_rewrite_only(model):
+    net, graph_model = model
+    full = _targets(tg.optimize(graph_model))
+    fns, _ = bench_peers._ablated_variants(graph_model, ["conv-residual", "qkv-attention", "written-attention"])
+    residual = _targets(fns["tg.optimize -conv-residual"].fn)
+    assert fused.conv2d_add_act in full and fused.conv2d_add_act not in residual
+    assert fused.qkv_attention in full and fused.qkv_attention in residual
+    assert fused.qkv_attention not in _targets(fns["tg.optimize -qkv-attention"].fn)
+    written = _targets(fns["tg.optimize -written-attention"].fn)
+    assert fused.qkv_attention not in written  # softmax(q @ k^T * s) @ v stays as written
+    x = torch.randn(2, 64, 2, 2)
+    with torch.inference_mode():
+        want = net(x)
+        for fn in fns.values():
+            torch.testing.assert_close(fn(x), want, rtol=1e-4, atol=1e-4)
+    assert passes.fuse_conv_add is not bench_peers._no_pass  # restored after the build
+
+
+@needs_fast_paths
+def test_runtime_ablations_take_the_other_path(model):
+    _, graph_model = model
+    fns, _ = bench_peers._ablated_variants(graph_model, ["conv-gemm", "few-rows-mkl"])
+    fast = tg.optimize(graph_model)
+    x = torch.randn(2, 64, 2, 2)
+    full = _ops_run(fast, x)
+    assert "mkl::_mkl_linear" in full
+    no_gemm = _ops_run(fns["tg.optimize -conv-gemm"], x)
+    no_few_rows = _ops_run(fns["tg.optimize -few-rows-mkl"], x)
+    # the convs on the 2x2 map run as MKL GEMMs, and so does the head (2 rows x 64 -> 1024): without
+    # the conv GEMMs only the head is left on MKL; without the few-rows path only the convs are
+    assert "mkldnn::_convolution_pointwise" not in full
+    assert "mkldnn::_convolution_pointwise" in no_gemm and no_gemm.count("mkl::_mkl_linear") == 1
+    assert "mkldnn::_convolution_pointwise" not in no_few_rows
+    assert no_few_rows.count("mkl::_mkl_linear") == full.count("mkl::_mkl_linear") - 1 >= 3
+    assert fused.conv.CONV_GEMM_MAX_ROWS > 0 and fused.linear.MKL_PACKED_MAX_ROWS > 0  # restored
