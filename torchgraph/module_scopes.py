@@ -57,7 +57,8 @@ __all__ = ["open_scope"]
 # output can silently become a constant. In-place ops on real tensors (BatchNorm's counter) and reads
 # of real data (`.item()` on a parameter) stay real (see NOTE: [Hidden mutation] in restoring.py).
 # The original forward gets the mode too, from the scope's opening to the end of the call, when its
-# log has such calls left to replay.
+# log has such calls left to replay. Every party that may see a call (the mode, a symbolic tensor,
+# tg.from_module's RecordingMode) classifies it the same way: NOTE: [Call kinds] in scope_replay.py.
 #
 # The scope is identified by a sentinel object stored in that `_call_impl` frame's `kwargs` dict
 # (which nothing else reads after the forward has started). No reference to the frame is kept, so

@@ -1,9 +1,9 @@
 """Scope replay: an open module scope answers the interrupted original forward from run 0's log.
 
 After the shadow runs of a module call (NOTE: [Module scopes] in module_scopes.py), a :class:`Scope`
-holds run 0's log. The original forward, interrupted at its first operation on a symbolic tensor,
-continues; each of its operations is answered from the log in order (:func:`replay`), so the call
-returns exactly the objects that were linked to the recorded ``call_module``. A :class:`ScopeMode` is
+holds run 0's log. The original forward, interrupted at the first of its calls that reached torchgraph
+(NOTE: [Opening call]), continues; its calls are answered from the log in order (:func:`replay`), so
+the call returns exactly the objects that were linked to the recorded ``call_module``. A :class:`ScopeMode` is
 on meanwhile when the forward makes tensors without symbolic arguments. A sentinel stored in the call's
 ``kwargs`` dict closes the scope when the call ends. (Not to be confused with ``replay.py``, which
 rebuilds a whole model from a config.)
@@ -55,8 +55,7 @@ STATE = _State()
 # the original call). The log can only be replayed if all of them sort each call alike, so they all
 # ask call_kind(). A call on a buffer alone (`self.scale.clone()`, `self.bias[:, :, :T, :T]`) is a
 # "const" like `torch.arange(T)`: inside a layer it is part of the layer's opaque call, which reads the
-# buffer at run time. (It used to be logged as a "const" but replayed as an "op" when the
-# RecordingMode saw it first, which refused such leaves of tg.from_module.)
+# buffer at run time (only at the top level of tg.from_module is it recorded as an operation).
 
 
 def call_kind(name: str, args, kwargs) -> str:

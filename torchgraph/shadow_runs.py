@@ -80,10 +80,14 @@ class ShadowRun:
     # replays an independent "op" of the log.
 
     def _independent(self, args, kwargs) -> bool:
+        if not self.independent:  # the common case: nothing made from constants yet (execute's args hold a shadow)
+            return False
         return all(id(leaf) in self.independent for _, leaf in tree_leaves((args, kwargs))
                    if isinstance(leaf, SymbolicTensor))
 
     def _note(self, result, independent: bool) -> None:
+        if not independent and not self.independent:
+            return
         for _, leaf in tree_leaves(result):
             if isinstance(leaf, SymbolicTensor):
                 if independent:
