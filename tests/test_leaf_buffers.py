@@ -425,3 +425,89 @@ def test_constants_computed_before_the_inputs_are_used(tmp_path):
     model = tg.Model(x, Ramp()(x))
     data = torch.randn(3, 4)
     torch.testing.assert_close(model(data), Ramp()(data), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested leaves, one of them called twice
+# ---------------------------------------------------------------------------------------------
+
+@tg.register_layer
+class InnerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+    def forward(self, x):
+        s = self.scale.clone()
+        return x * s
+
+
+@tg.register_layer
+class OuterGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = InnerScale()
+        self.p = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        bias = self.p.sigmoid() * 2  # a parameter's chain before the input is used
+        return self.inner(x) + bias
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.gate = OuterGate()
+
+    def forward(self, x):
+        return self.gate(self.lin(x)) + self.gate(x)
+
+
+@pytest.mark.parametrize("leaves", [(OuterGate,), (InnerScale,), (OuterGate, InnerScale)],
+                         ids=["outer", "inner", "both"])
+def test_nested_leaves_called_twice(tmp_path, leaves):
+    """A leaf inside a leaf, the outer one called twice, buffers and parameters used alone."""
+    check_leaf_and_looked_through(Shared, [(4,)], [(torch.randn(3, 4),)], tmp_path, leaves)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real transformers LlamaRotaryEmbedding (random-init config, nothing downloaded)
+# ---------------------------------------------------------------------------------------------
+
+def test_transformers_llama_rotary_embedding_as_a_leaf():
+    """transformers' own LlamaRotaryEmbedding and LlamaDecoderLayers, the rotary kept as a leaf."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama
+
+    class LlamaStack(nn.Module):  # LlamaModel.forward without its cache and mask plumbing
+        def __init__(self, config):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.decoder = nn.ModuleList(modeling_llama.LlamaDecoderLayer(config, i)
+                                         for i in range(config.num_hidden_layers))
+            self.norm = modeling_llama.LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.rotary_emb = modeling_llama.LlamaRotaryEmbedding(config)
+
+        def forward(self, input_ids, position_ids):
+            h = self.embed_tokens(input_ids)
+            position_embeddings = self.rotary_emb(h, position_ids)
+            for layer in self.decoder:
+                h = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
+            return self.norm(h)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    net = LlamaStack(config).eval()
+    inputs = (tg.Input(shape=("seq",), dtype=torch.long, name="input_ids"),
+              tg.Input(shape=("seq",), dtype=torch.long, name="position_ids"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = tg.from_module(net, *inputs, leaf_modules=[modeling_llama.LlamaRotaryEmbedding,
+                                                           modeling_llama.LlamaAttention])
+    assert isinstance(model.get_submodule("rotary_emb"), modeling_llama.LlamaRotaryEmbedding)
+    for t in (7, 12):
+        ids, positions = torch.randint(0, 100, (2, t)), torch.arange(t).expand(2, t)
+        torch.testing.assert_close(model(ids, positions), net(ids, positions), rtol=0, atol=0)
