@@ -246,8 +246,9 @@ def record_module(module: nn.Module, args: tuple, kwargs: dict, leaf_modules=(),
     tensor_keys = _tensor_keys(module)
     modes = {m: m.training for m in module.modules()}
     try:
-        with fixed_paths(plan_paths(plan, tensor_keys)):
-            outputs = _record_until_faithful(module, args, kwargs, plan, tensor_keys, modes)
+        paths = plan_paths(plan, tensor_keys)
+        with fixed_paths(paths):
+            outputs = _record_until_faithful(module, args, kwargs, plan, tensor_keys, modes, paths)
     finally:
         _set_modes(module, modes)
     for i, why in plan.fallbacks.items():
@@ -266,9 +267,10 @@ def plan_paths(plan: _Plan, tensor_keys: dict[int, str] | None = None) -> dict[i
     return paths
 
 
-def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes):
+def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes, paths: dict):
     root_mode = module.training
     while True:
+        paths.update(plan_paths(plan, tensor_keys))  # a fallback is a layer: messages name it by its path
         outputs = _record_once(module, args, kwargs, plan)
         if outputs is None:
             continue  # a submodule fell back to one layer: record again

@@ -12,9 +12,10 @@ import sys
 import torch
 import torch.nn as nn
 
-__all__ = ["below_torch_function", "called_from_torch", "describe_module", "dynamic_number_output",
+__all__ = ["below_torch_function", "called_from_torch", "describe_call", "describe_module", "dynamic_number_output",
            "dynamic_size_as_number", "function_failure", "inner_failure", "input_reshaped_in_place", "layer_hint",
-           "module_failure", "precheck", "untracked_output", "user_frame", "user_location"]
+           "module_failure", "precheck", "replay_mismatch", "tensor_shape", "untracked_output", "user_frame",
+           "user_location"]
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -306,6 +307,81 @@ def input_reshaped_in_place(module: nn.Module, value) -> str:
             "in place (e.g. x.unsqueeze_(0)); later uses of that input outside the layer would see a "
             "shape torchgraph cannot follow. Expected in-place ops that keep the shape. Use the "
             f"out-of-place op (x = x.unsqueeze(0)). (at {user_location()})")
+
+
+def tensor_shape(t: torch.Tensor) -> tuple:
+    """A tensor's shape at probe 0: a shadow's probe, a recorded value's first probe, a real tensor's own."""
+    from .symbolic import SymbolicTensor
+
+    if isinstance(t, SymbolicTensor):
+        return tuple(t._tg_shadow.shape if t._tg_shadow is not None else t._tg_value.probes[0].shape)
+    return tuple(t.shape)
+
+
+def _describe_argument(o, known: dict, depth: int = 0) -> str:
+    from .symbolic import SymbolicInt, SymbolicTensor, format_shape
+
+    if isinstance(o, SymbolicTensor):
+        v = o._tg_value
+        if v is not None:
+            return f"{format_shape(v.dims)} {str(v.dtype).replace('torch.', '')}"
+        shape = known.get(id(o)) or tensor_shape(o)
+        return f"{format_shape(shape)} {str(o._tg_shadow.dtype).replace('torch.', '')}"
+    if isinstance(o, torch.Tensor):
+        return f"{known.get(id(o), 'constant')} {format_shape(tuple(o.shape))} {str(o.dtype).replace('torch.', '')}"
+    if isinstance(o, SymbolicInt):
+        return "a dynamic size"
+    if type(o) in (tuple, list) and depth < 2:
+        inner = ", ".join(_describe_argument(x, known, depth + 1) for x in o[:6]) + (", ..." if len(o) > 6 else "")
+        return f"({inner})" if type(o) is tuple else f"[{inner}]"
+    if type(o) is slice:
+        text = ":".join("" if x is None else _describe_argument(x, known, depth + 1) for x in (o.start, o.stop, o.step))
+        return text.rstrip(":") or ":"
+    text = repr(o)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def describe_call(name: str, args, kwargs, known: dict | None = None) -> str:
+    """``'masked_fill' on ((None, 2, 5, 5) float32, (1, 1, 5, 5) bool, -inf)``: a call and its arguments.
+
+    ``known`` maps ``id`` of a tensor to what to show: the dims of a shadow (None where dynamic), the
+    name of a real tensor (``"buffer 'bias'"``); other real tensors show as constants.
+    """
+    known = known or {}
+    parts = [_describe_argument(a, known) for a in args]
+    parts += [f"{k}={_describe_argument(v, known)}" for k, v in kwargs.items()]
+    text = ", ".join(parts)
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"'{name}' on ({text})"
+
+
+def replay_mismatch(module: nn.Module, position: int, expected: tuple | None, received: tuple, known: dict) -> str:
+    """A layer's forward called again did not do what its probe run did (NOTE: [Module scopes]).
+
+    ``expected`` and ``received`` are ``(kind, name, args, kwargs)``; ``expected`` is None when the
+    probe run had no operation ``position``; ``known`` is as for :func:`describe_call`.
+    """
+    def describe(call) -> str:
+        kind, name, args, kwargs = call
+        text = describe_call(name, args, kwargs, known)
+        if expected is not None and expected[1] == received[1] and expected[0] != received[0]:
+            text += " (an operation on the inputs)" if kind == "op" else " (making a new tensor from plain values)"
+        return text
+
+    if expected is None:
+        happened = ("its forward did more operations when it was called again than on its probe run. Expected "
+                    f"{position - 1} operations, as on its probe run; received a call of {describe(received)} "
+                    f"as operation {position}")
+    else:
+        happened = ("its forward did different operations when it was called again than on its probe run. "
+                    f"Expected operation {position} to be {describe(expected)}, as on its probe run; "
+                    f"received {describe(received)}")
+    return (f"{describe_module(module)}: {happened}. torchgraph runs a layer's forward more than once while it "
+            "builds the model (on probe tensors, then the call itself), and the runs must match. Make the "
+            "forward choose its operations the same way each time: from its inputs' shapes and its settings, "
+            "not from random numbers, call counters or other Python state that changes between calls. "
+            f"(at {user_location()})")
 
 
 def dynamic_size_as_number(what: str):

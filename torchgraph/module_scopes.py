@@ -57,7 +57,8 @@ __all__ = ["open_scope"]
 # output can silently become a constant. In-place ops on real tensors (BatchNorm's counter) and reads
 # of real data (`.item()` on a parameter) stay real (see NOTE: [Hidden mutation] in restoring.py).
 # The original forward gets the mode too, from the scope's opening to the end of the call, when its
-# log has such calls left to replay.
+# log has such calls left to replay. Every party that may see a call (the mode, a symbolic tensor,
+# tg.from_module's RecordingMode) classifies it the same way: NOTE: [Call kinds] in scope_replay.py.
 #
 # The scope is identified by a sentinel object stored in that `_call_impl` frame's `kwargs` dict
 # (which nothing else reads after the forward has started). No reference to the frame is kept, so
@@ -86,8 +87,12 @@ def _shadow_of(o, ctx: ProbeContext, memo: dict, run: ShadowRun):
     return o
 
 
-def open_scope(frame) -> Scope:
-    """Record the module call of ``frame``: shadow runs, one call_module record, a scope to replay."""
+def open_scope(frame, opener: tuple | None = None) -> Scope:
+    """Record the module call of ``frame``: shadow runs, one call_module record, a scope to replay.
+
+    ``opener`` is the call that found the module call, ``(kind, name, args, kwargs)``, None for a
+    metadata read (NOTE: [Opening call] in scope_replay.py).
+    """
     from .recording import link_args
 
     module = frame.f_locals["self"]
@@ -106,7 +111,7 @@ def open_scope(frame) -> Scope:
     def shadow_run(k: int, real: bool, log):
         ctx = ProbeContext(k, real)
         memo: dict[int, Any] = {}  # the same object passed twice stays one object (`query is key`)
-        run = ShadowRun(ctx, log, {} if log is not None else None)
+        run = ShadowRun(ctx, log, {} if log is not None and k == 0 else None)
         s_args = tree_map(lambda o: _shadow_of(o, ctx, memo, run), call_args)
         s_kwargs = tree_map(lambda o: _shadow_of(o, ctx, memo, run), call_kwargs)
         previous, STATE.run = STATE.run, run
@@ -123,12 +128,13 @@ def open_scope(frame) -> Scope:
     real = False
     while True:
         log: list = []
+        log1: list = []  # only for error messages: which dims of run 0's shapes are dynamic
         k = 0
         try:
             run0, out0 = shadow_run(0, real, log)
             changed = undo_buffers(bufs, saved)
             k = 1
-            _, out1 = shadow_run(1, real, None)
+            _, out1 = shadow_run(1, real, log1)
             undo_buffers(bufs, saved)
             break
         except GraphBuildError:
@@ -166,7 +172,10 @@ def open_scope(frame) -> Scope:
                 elif cur is not None and cur.shape == saved[i].shape:
                     cur.copy_(saved[i])
 
-    return start_replay(module, log, restore, attrs, mode, call_kwargs)
+    scope = start_replay(module, log, restore, attrs, mode, call_kwargs, opener, run0.prefix)
+    scope.other_log = log1
+    scope.input_dims = {i: (shadow, run0.roots[i].dims) for i, shadow in run0.inputs.items()}
+    return scope
 
 
 def _check_no_lost_call(module, run0: ShadowRun, out0, bufs, saved, attrs) -> None:
@@ -192,7 +201,7 @@ def _link_outputs(module, record: Record, run0: ShadowRun, out0, out1) -> None:
         if not isinstance(leaf, SymbolicTensor):
             if isinstance(leaf, torch.Tensor) and leaf is not other:
                 left_torch = any(kind == "op" and name in ("numpy", "tolist", "__array__")
-                                 for kind, name, _ in run0.log or ())
+                                 for kind, name, *_ in run0.log or ())
                 raise GraphBuildError(messages.untracked_output(module, path, left_torch))
             if isinstance(leaf, (int, float)) and not isinstance(other, torch.Tensor) and other != leaf:
                 raise GraphBuildError(messages.dynamic_number_output(module, path))

@@ -29,7 +29,7 @@ from .errors import GraphBuildError
 from .module_scopes import open_scope
 from .naming import remember_variable_names
 from .probing import ProbeContext, is_meta_limitation, to_meta
-from .scope_replay import STATE, find_scope, remove_idle_modes, replay, skip_metadata
+from .scope_replay import STATE, call_kind, find_scope, remove_idle_modes, replay, skip_metadata
 from .scopes import recorded_leaf, transparent_path
 from .shadow_runs import ShadowRun
 from .sizes import standin_value
@@ -39,7 +39,7 @@ from .targets import (_DUNDER_OPS, _METADATA, _NEEDS_DATA, VIEW_OPS, _is_propert
                       func_name, is_inplace, setitem)
 from .trees import map_with_paths, tree_leaves, tree_map
 
-__all__ = ["close_finished_scopes", "dispatch", "link_args"]
+__all__ = ["close_finished_scopes", "dispatch", "in_layer_call", "link_args"]
 
 
 def _any_symbolic(obj, linked_only: bool) -> bool:
@@ -94,6 +94,12 @@ def _find_module_call(start_depth: int = 2):
     return frame, in_forward, frames
 
 
+def in_layer_call() -> bool:
+    """Whether a torch call made now is part of a module call recorded as one layer (a leaf of
+    tg.from_module): in its shadow runs or in the original call, which are one opaque call_module."""
+    return STATE.run is not None or _find_module_call()[0] is not None
+
+
 def close_finished_scopes() -> None:
     """Called at build entry points (tg.Input, tg.Model): drop scope modes that could not drop themselves."""
     remove_idle_modes()
@@ -105,21 +111,27 @@ def close_finished_scopes() -> None:
 
 def dispatch(func, args: tuple, kwargs: dict):
     run = STATE.run
-    if run is not None:
-        return run.execute(func, args, kwargs)
     name = func_name(func)
+    if run is not None:  # in a shadow run (NOTE: [Call kinds] in scope_replay.py)
+        kind = call_kind(name, args, kwargs)
+        if kind == "op":
+            return run.execute(func, args, kwargs)
+        return run.const(func, name, args, kwargs) if kind == "const" else func(*args, **kwargs)
     frame, in_forward, _ = _find_module_call()
     if frame is not None:
         if not in_forward:
             # In the module call's hooks: answer like a shadow run on probe 0, unrecorded.
             return ShadowRun(ProbeContext(0, False), None).execute(func, args, kwargs)
+        kind = call_kind(name, args, kwargs)  # NOTE: [Call kinds] in scope_replay.py
+        if kind == "real":  # a data read or an in-place change of a buffer: as in the shadow runs
+            return func(*args, **kwargs)
         scope = find_scope(frame)
         if scope is None:
-            scope = open_scope(frame)
+            scope = open_scope(frame, None if name in _METADATA else (kind, name, args, kwargs))
         if name in _METADATA:
             skip_metadata(scope, name)
             return ShadowRun(ProbeContext(0, False), None).execute(func, args, kwargs)
-        return replay(scope, "op", name)
+        return replay(scope, kind, name, args, kwargs)
     return _record_top_level(func, name, args, kwargs)
 
 

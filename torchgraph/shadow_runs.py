@@ -24,10 +24,12 @@ class ShadowRun:
 
     def __init__(self, ctx: ProbeContext, log: list | None, roots: dict | None = None):
         self.ctx = ctx
-        self.log = log
+        self.log = log  # [(kind, name, result, (args, kwargs), independent)], kind "op", "const" or "meta"
         self.roots = roots          # id(shadow) -> the input Value it is (a view of); run 0 only
         self.inputs: dict[int, SymbolicTensor] = {}  # id(shadow) -> the shadow of an input (run 0)
         self.mutated: dict[int, Value] = {}
+        self.independent: set[int] = set()  # ids of the shadows computed without the call's inputs (logged)
+        self.prefix = 0  # how many entries the log starts with that do not depend on the inputs
 
     def execute(self, func, args, kwargs):
         name = func_name(func)
@@ -36,7 +38,7 @@ class ShadowRun:
         out, u_args, u_kwargs = self.ctx.run(func, args, kwargs)
         if name in _METADATA:
             if self.log is not None:
-                self.log.append(("meta", name, None))
+                self._log(("meta", name, None, None), self._independent(args, kwargs))
             return out
         originals = {id(u): a for u, a in zip(_flat(u_args, u_kwargs), _flat(args, kwargs))
                      if isinstance(u, torch.Tensor)}
@@ -52,7 +54,9 @@ class ShadowRun:
         if self.roots is not None:
             self._track_inputs(name, args, kwargs, result)
         if self.log is not None:
-            self.log.append(("op", name, result))
+            independent = self._independent(args, kwargs)
+            self._note(result, independent)
+            self._log(("op", name, result, (args, kwargs)), independent)
         return result
 
     def const(self, func, name: str, args, kwargs):
@@ -62,8 +66,39 @@ class ShadowRun:
         result = tree_map(lambda t: SymbolicTensor(None, shadow=t if real else to_meta(t))
                           if isinstance(t, torch.Tensor) else t, out)
         if self.log is not None:
-            self.log.append(("const", name, result))
+            self._note(result, True)
+            self._log(("const", name, result, (args, kwargs)), True)
         return result
+
+    # NOTE: [Independent calls] The original forward runs for real every call it makes before the one
+    # that opens its scope: calls that take no symbolic tensor, and then calls on their results
+    # (`torch.arange(4).float() * 2`), which in a shadow run are operations on shadows. Each entry
+    # says whether it depends on the call's inputs; the log's `prefix` counts the independent entries
+    # it starts with, which the replay steps over (NOTE: [Opening call] in scope_replay.py). A real
+    # tensor made that way may be used after the scope opened (`self.inv_freq[None, :, None].float()`
+    # under tg.load, then `.expand(x.shape[0], -1, 1)`): a call on it without a symbolic tensor
+    # replays an independent "op" of the log.
+
+    def _independent(self, args, kwargs) -> bool:
+        if not self.independent:  # the common case: nothing made from constants yet (execute's args hold a shadow)
+            return False
+        return all(id(leaf) in self.independent for _, leaf in tree_leaves((args, kwargs))
+                   if isinstance(leaf, SymbolicTensor))
+
+    def _note(self, result, independent: bool) -> None:
+        if not independent and not self.independent:
+            return
+        for _, leaf in tree_leaves(result):
+            if isinstance(leaf, SymbolicTensor):
+                if independent:
+                    self.independent.add(id(leaf))
+                else:  # an in-place op with an input-dependent argument returns its target
+                    self.independent.discard(id(leaf))
+
+    def _log(self, entry: tuple, independent: bool) -> None:
+        if independent and self.prefix == len(self.log):
+            self.prefix += 1
+        self.log.append((*entry, independent))
 
     def _track_inputs(self, name, args, kwargs, result):
         """Which inputs the forward mutates in place, directly or through a view (run 0 only)."""

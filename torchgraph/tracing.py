@@ -78,8 +78,10 @@ class RecordingMode(TorchFunctionMode):
         name = func_name(func)
         if is_inplace(name, kwargs) or name == "__setitem__":
             target = args[0] if args else None
-            if symbolic and isinstance(target, torch.Tensor) and not isinstance(target, SymbolicTensor):
-                # NOTE: the graph would hold this update only if its result were used later.
+            if symbolic and isinstance(target, torch.Tensor) and not isinstance(target, SymbolicTensor) \
+                    and not _in_layer_call():
+                # NOTE: the graph would hold this update only if its result were used later. Inside a
+                # layer (a BatchNorm-like leaf updating its running mean) it is part of the layer's call.
                 raise GraphBuildError(
                     f"'{name}' writes a symbolic value into a real tensor of shape {tuple(target.shape)} "
                     "(a buffer or a constant) in place; a graph cannot reproduce that update.")
@@ -97,6 +99,12 @@ class RecordingMode(TorchFunctionMode):
             finally:
                 remove_mode(self)
         return func(*args, **kwargs)
+
+
+def _in_layer_call() -> bool:
+    from .recording import in_layer_call
+
+    return in_layer_call()
 
 
 def _called_from_internals() -> bool:
