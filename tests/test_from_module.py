@@ -380,6 +380,87 @@ def test_submodule_named_like_a_model_property_and_unused_submodules():
     torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
 
 
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x).relu()
+
+
+def _blocks_under(name: str) -> nn.Module:
+    """A module whose looked-through blocks sit in ``self.<name> = nn.ModuleList(...)``."""
+
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            setattr(self, name, nn.ModuleList([_Block(), _Block()]))
+
+        def forward(self, x):
+            for block in getattr(self, name):
+                x = block(x)
+            return x
+
+    return Top()
+
+
+@pytest.mark.parametrize("name", ["layers", "inputs", "outputs"])
+def test_looked_through_blocks_under_a_model_property_name(name):
+    """``self.layers = nn.ModuleList([Block(), ...])`` with the blocks recorded through (HF Llama's
+    layout): the names the Model property yields to are kept; it used to fail as a reserved scope."""
+    torch.manual_seed(0)
+    net = _blocks_under(name)
+    model = tg.from_module(net, tg.Input(shape=(4,)))
+    assert type(getattr(model, name)) is nn.ModuleList
+    assert_same_state(model, net)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["graph", "code", "meta", "optimizer"])
+def test_blocks_under_an_attribute_every_model_needs_fail_clearly(name):
+    with pytest.raises(tg.GraphBuildError, match=rf"submodule '{name}.0.fc' \(Linear\) sits under '{name}'.*"
+                                                 rf"Rename that attribute.*self.{name}_ = ") as info:
+        tg.from_module(_blocks_under(name), tg.Input(shape=(4,)))
+    assert "use_cache" not in str(info.value)  # the outputs hint only follows an outputs error
+
+
+class _BranchOnLength(nn.Module):
+    """Branches on a dynamic length as HF's sdpa_attention does (`elif q_length == 1 and ...`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.size(1) == 1:  # False at every probe length: recorded as assert(not_(T == 1))
+            return self.fc(x) * 2
+        if x.size(1) > 1:  # True: recorded as assert(truth(T > 1))
+            return self.fc(x) + 1
+        return x
+
+
+def test_branches_on_a_dynamic_length_keep_their_guards_through_save_and_load(tmp_path):
+    """The guards of branches on a dynamic size survive tg.save/tg.load (the safe file used to be
+    refused: "a call_function node must take at least one value computed by the model") and
+    model_from_json (which silently dropped them)."""
+    torch.manual_seed(0)
+    net = _BranchOnLength()
+    model = tg.from_module(net, tg.Input(shape=(None, 4)))
+    tg.save(model, tmp_path / "m.safetensors")
+    rebuilt = [tg.load(tmp_path / "m.safetensors"), tg.model_from_json(model.to_json())]
+    rebuilt[1].load_state_dict(model.state_dict())
+    guards = model.code.count("torch._assert(")
+    assert guards >= 2
+    x = torch.randn(2, 5, 4)
+    for m in [model, *rebuilt]:
+        assert m.code.count("torch._assert(") == guards
+        torch.testing.assert_close(m(x), net(x), rtol=0, atol=0)
+        with pytest.raises(AssertionError, match=r"the model was built where `if x.size\(1\) == 1:"):
+            m(torch.randn(2, 1, 4))
+
+
 def test_result_saves_loads_exports_optimizes_and_trains(tmp_path):
     """Everything in torchgraph works on a from_module model: save/load (same keys, same outputs),
     config, ONNX (verified in onnxruntime), optimize, summary, plot, and a training step."""

@@ -194,6 +194,27 @@ def test_huggingface_models_end_to_end(which, tmp_path, one_thread):
 
 
 @pytest.mark.skipif(not hf.HAS_TRANSFORMERS, reason="transformers is a test extra (requirements-dev.txt)")
+def test_llama_whose_blocks_are_self_layers(tmp_path, one_thread):
+    """LlamaModel keeps its decoder blocks in ``self.layers``, the name of a tg.Model property: the
+    recording keeps that name (model.layers is its ModuleList, as on the original), for any length."""
+    torch.manual_seed(0)
+    net = hf.tiny_llama().eval()
+    model = tg.from_module(net, {"input_ids": tg.Input(shape=(None,), dtype=torch.long, name="input_ids")})
+    assert type(model.layers) is nn.ModuleList and model.layers[1].mlp.up_proj is net.layers[1].mlp.up_proj
+    for seq in (5, 9):
+        ids = torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(seq))
+        _assert_equivalent(model, net, {"input_ids": ids})
+    model.eval()
+    tg.save(model, tmp_path / "llama.safetensors")
+    loaded = tg.load(tmp_path / "llama.safetensors").eval()
+    assert list(loaded.state_dict()) == list(net.state_dict()) and type(loaded.layers) is nn.ModuleList
+    assert loaded.code.count("torch._assert(") == model.code.count("torch._assert(") > 0  # branch guards
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loaded(input_ids=ids)["last_hidden_state"], net(input_ids=ids).last_hidden_state,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hf.HAS_TRANSFORMERS, reason="transformers is a test extra (requirements-dev.txt)")
 def test_huggingface_attention_dropout_stays_opaque():
     """With attention dropout, BERT's self-attention reads self.training: it stays one layer, warned."""
     net = hf.tiny_bert(vocab_size=64, hidden_size=16, num_hidden_layers=1, intermediate_size=32,

@@ -445,10 +445,10 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
         try:
             model = Model(model_inputs, outputs, name=name or type(module).__name__)
         except GraphBuildError as exc:
-            raise GraphBuildError(
-                f"tg.from_module: {type(module).__name__}.forward: {exc} A model's outputs must be tensors "
-                "(in a tuple, list or dict); pass settings that drop the others, e.g. "
-                "{'use_cache': False} in the inputs dict of a HuggingFace model.") from None
+            hint = (" A model's outputs must be tensors (in a tuple, list or dict); pass settings that drop the "
+                    "others, e.g. {'use_cache': False} in the inputs dict of a HuggingFace model."
+                    if "`outputs`" in str(exc) else "")
+            raise GraphBuildError(f"tg.from_module: {type(module).__name__}.forward: {exc}{hint}") from None
     types, kinds = mirror_hierarchy(model, module, plan.leaves)
     # The levels of summary/plot depth: modules that ran (an nn.ModuleDict never does itself).
     model.meta["torchgraph"]["scope_types"] = {p: t for p, t in types.items() if p in plan.called}

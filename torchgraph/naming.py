@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import GraphBuildError
 
-__all__ = ["name", "user_name", "snake_case", "tensor_name", "remember_variable_names", "fixed_paths",
+__all__ = ["SUBMODULE_NAMES", "name", "user_name", "snake_case", "tensor_name", "remember_variable_names", "fixed_paths",
            "fixed_path"]
 
 _USER_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -181,6 +181,12 @@ def snake_case(class_name: str) -> str:
     return s if not s[0].isdigit() else f"layer_{s}"
 
 
+#: Reserved names a top-level submodule may still take: the Model property of that name yields to
+#: the submodule (``model.layers`` of ``tg.from_module(LlamaModel)`` is its ModuleList, as on the
+#: original; ``_yields_to_submodule`` in model.py).
+SUBMODULE_NAMES = frozenset({"inputs", "outputs", "layers"})
+
+
 def assign_layer_names(modules: list[nn.Module], reserved: set[str],
                        scopes: dict[int, str] | None = None) -> dict[int, str]:
     """Names for ``modules`` (in first-call order): fixed paths (tg.from_module), user names, then
@@ -194,11 +200,23 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str],
     for m in modules:
         n = fixed_path(m)
         if n is not None:
+            top = n.split(".")[0]
+            if top in reserved and top not in SUBMODULE_NAMES:
+                raise GraphBuildError(
+                    f"The submodule '{n}' ({type(m).__name__}) sits under '{top}', the name "
+                    "of an attribute every tg.Model needs (an nn.Module, GraphModule or training attribute). "
+                    f"Expected a top-level submodule name that is not one; received '{top}'. Rename that "
+                    f"attribute of the module (e.g. self.{top}_ = ...) before recording it.")
             names[id(m)] = n
             taken.add(n)
     prefixes = {".".join(s.split(".")[:i]) for s in scopes.values() if s
                 for i in range(1, s.count(".") + 2)}
-    for p in sorted(prefixes):
+    # A fixed path's scope is its module path (tg.from_module): the container is the user's own
+    # submodule (LlamaModel.layers), which the model keeps under that name, so only scopes of
+    # layers named here can be refused.
+    named_here = {".".join(s.split(".")[:i]) for m in modules if id(m) not in names
+                  for s in [scopes.get(id(m), "")] if s for i in range(1, s.count(".") + 2)}
+    for p in sorted(named_here):
         if p.split(".")[0] in reserved:
             raise GraphBuildError(
                 f"tg.scope: the scope name '{p.split('.')[0]}' is reserved (an nn.Module/GraphModule "

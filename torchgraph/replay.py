@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .errors import GraphBuildError
+from .sizes import record_int_op
 from .untrusted import BuildLimitError
 
 __all__ = ["Ref", "replay", "get_attr", "input_shape", "spec_dim"]
@@ -170,6 +172,20 @@ def _replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: A
             raise _as_value_error(exc, f"{name}: rebuilding the model") from None
 
 
+# NOTE: [Guard conditions] A branch on a dynamic size (`if q_length == 1:`) is recorded as
+# `torch._assert(operator.not_(q_length == 1), ...)` (sizes.guard). Called again on a dynamic size,
+# operator.not_ and operator.truth would ask for its bool, i.e. guard it anew and answer a plain bool:
+# the rebuilt model would lose the recorded assertion (a safe file even refused to load). So they
+# are recorded as they were first recorded.
+_GUARD_CONDITIONS = (operator.not_, operator.truth)
+
+
+def _is_dynamic_size(args: tuple) -> bool:
+    from .symbolic import SymbolicInt
+
+    return len(args) == 1 and isinstance(args[0], SymbolicInt)
+
+
 def _resolve(o, env: dict, where: str):
     """``o`` with a node reference replaced by that node's value in ``env`` (defined before its use)."""
     if isinstance(o, Ref):
@@ -199,6 +215,8 @@ def _replay_nodes(nodes: list[tuple], env: dict, symbolic: tuple, untrusted: boo
         try:
             if op == "call_module":
                 out = call_function(target, *args, **kwargs) if call_function else target(*args, **kwargs)
+            elif op == "call_function" and target in _GUARD_CONDITIONS and _is_dynamic_size(args):
+                out = record_int_op(target, args)  # NOTE: [Guard conditions]
             elif op == "call_function":
                 out = target(*args, **kwargs)
             else:

@@ -1,4 +1,4 @@
-"""Random-init HuggingFace ``transformers`` models (BERT, GPT-2) at tiny sizes; never downloads weights.
+"""Random-init HuggingFace ``transformers`` models (BERT, GPT-2, Llama) at tiny sizes; never downloads weights.
 
 ``transformers`` is imported inside the factories only: importing it costs seconds. ``HAS_TRANSFORMERS`` says
 whether it is installed (requirements-dev.txt pins it).
@@ -8,7 +8,7 @@ import importlib.util
 
 import torch.nn as nn
 
-__all__ = ["HAS_TRANSFORMERS", "tiny_bert", "tiny_gpt2"]
+__all__ = ["HAS_TRANSFORMERS", "tiny_bert", "tiny_gpt2", "tiny_llama"]
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -43,3 +43,16 @@ def tiny_gpt2(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128, a
                         n_positions=n_positions, attn_implementation=attn_implementation, use_cache=use_cache,
                         **config_kwargs)
     return GPT2Model(config)
+
+
+def tiny_llama(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, use_cache=False, **config_kwargs) -> nn.Module:
+    """``LlamaModel(LlamaConfig(...))``, random init (grouped-query attention, rotary embeddings, RMSNorm);
+    call with ``input_ids``. Its decoder blocks are ``self.layers``, the name of a tg.Model property."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                         num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+                         use_cache=use_cache, **config_kwargs)
+    return LlamaModel(config)
