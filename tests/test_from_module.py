@@ -452,7 +452,7 @@ def test_branches_on_a_dynamic_length_keep_their_guards_through_save_and_load(tm
     rebuilt = [tg.load(tmp_path / "m.safetensors"), tg.model_from_json(model.to_json())]
     rebuilt[1].load_state_dict(model.state_dict())
     guards = model.code.count("torch._assert(")
-    assert guards >= 2
+    assert guards == 2  # one per branch (the recording in the other mode used to add each again)
     x = torch.randn(2, 5, 4)
     for m in [model, *rebuilt]:
         assert m.code.count("torch._assert(") == guards

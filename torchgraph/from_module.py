@@ -36,6 +36,7 @@ from .naming import ILLEGAL_NAMES, fixed_paths
 from .scopes import _CALL_IMPL_CODE, looking_through
 from .symbolic import Input, SymbolicTensor
 from .tracing import RecordingMode, tracing_flags
+from .trees import tree_leaves
 
 __all__ = ["from_module", "record_module", "is_leaf_module", "as_model"]
 
@@ -267,20 +268,36 @@ def plan_paths(plan: _Plan, tensor_keys: dict[int, str] | None = None) -> dict[i
     return paths
 
 
+def _input_effects(args, kwargs) -> dict:
+    """The effect records (guards, mutations) on the symbolic inputs, to undo what a recording
+    that is thrown away left on them (each guard would otherwise be in the graph once per try)."""
+    values = [leaf._tg_value for _, leaf in tree_leaves((args, kwargs)) if isinstance(leaf, SymbolicTensor)]
+    return {id(v): (v, list(v.effects) if v.effects is not None else None) for v in values}
+
+
+def _restore_effects(saved: dict) -> None:
+    for value, effects in saved.values():
+        value.effects = None if effects is None else list(effects)
+
+
 def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes, paths: dict):
     root_mode = module.training
+    before = _input_effects(args, kwargs)
     while True:
+        _restore_effects(before)
         paths.update(plan_paths(plan, tensor_keys))  # a fallback is a layer: messages name it by its path
         outputs = _record_once(module, args, kwargs, plan)
         if outputs is None:
             continue  # a submodule fell back to one layer: record again
         _check_fallbacks_recorded(records_in_order(outputs), plan)
+        kept = _input_effects(args, kwargs)
         # NOTE: [Train and eval] A looked-through forward may read self.training (F.dropout(...,
         # training=self.training), `if self.training:`): recorded once, the graph would behave like
         # that mode only. So record in the other mode too and compare, scope by scope.
         module.train(not root_mode)
         other = _record_once(module, args, kwargs, plan)
         _set_modes(module, modes)
+        _restore_effects(kept)
         if other is None:
             continue
         first = signature(records_in_order(outputs), plan.paths, tensor_keys)
