@@ -6,6 +6,7 @@ nn.ModuleList loops, tied weights, parameters read directly by forward). The com
 """
 
 import copy
+import json
 import math
 import warnings
 
@@ -459,6 +460,47 @@ def test_branches_on_a_dynamic_length_keep_their_guards_through_save_and_load(tm
         torch.testing.assert_close(m(x), net(x), rtol=0, atol=0)
         with pytest.raises(AssertionError, match=r"the model was built where `if x.size\(1\) == 1:"):
             m(torch.randn(2, 1, 4))
+
+
+class _WithEmptyContainers(nn.Module):
+    """HF ConvNext's first stage: `self.downsampling_layer = nn.ModuleList()` stays empty; likewise
+    optional heads kept in an empty nn.ModuleDict."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Module(), nn.Module()])
+        for i, stage in enumerate(self.stages):
+            stage.downsampling_layer = nn.ModuleList() if i == 0 else nn.ModuleList([nn.Linear(4, 4)])
+            stage.block = nn.Linear(4, 4)
+        self.heads = nn.ModuleDict()
+
+    def forward(self, x):
+        for stage in self.stages:
+            for layer in stage.downsampling_layer:
+                x = layer(x)
+            x = stage.block(x).relu()
+        return x
+
+
+def test_empty_containers_survive_save_and_load(tmp_path):
+    """The file used to be refused on load ("container 'stages.0.downsampling_layer' holds nothing")."""
+    torch.manual_seed(0)
+    net = _WithEmptyContainers()
+    model = tg.from_module(net, tg.Input(shape=(4,)))
+    tg.save(model, tmp_path / "m.safetensors")
+    loaded = tg.load(tmp_path / "m.safetensors")
+    assert type(loaded.stages[0].downsampling_layer) is nn.ModuleList and len(loaded.stages[0].downsampling_layer) == 0
+    assert type(loaded.heads) is nn.ModuleDict and list(loaded.state_dict()) == list(net.state_dict())
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+
+
+def test_a_container_over_an_attribute_or_without_parent_is_refused():
+    config = tg.from_module(_WithEmptyContainers(), tg.Input(shape=(4,))).get_config()
+    for bad in ("training", "nowhere.list", "stages.0.block.inner"):
+        crafted = dict(config, containers={**config["containers"], bad: "ModuleList"})
+        with pytest.raises(ValueError, match=f"container '{bad}'"):
+            tg.model_from_json(json.dumps(crafted))
 
 
 def test_result_saves_loads_exports_optimizes_and_trains(tmp_path):

@@ -241,9 +241,15 @@ def restore_hierarchy(model, config: dict, layers: dict, tensors: dict, non_pers
         _require(isinstance(kinds, dict) and all(isinstance(k, str) and v in CONTAINER_TYPES for k, v in kinds.items()),
                  f"from_config: 'containers' must map module paths to one of {sorted(CONTAINER_TYPES)}.")
         for path in sorted(kinds, key=lambda p: p.count(".")):
+            check_path(path, "from_config: a 'containers' path")
             parent_path, _, field = path.rpartition(".")
-            _require(_has_path(model, path), f"from_config: container '{path}' holds nothing.")
-            set_container(model.get_submodule(parent_path) if parent_path else model, field, kinds[path])
+            _require(_has_path(model, parent_path), f"from_config: container '{path}' has no parent.")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            # An empty container of the original module (HF ConvNext's first `downsampling_layer =
+            # nn.ModuleList()`) holds no layer or tensor, so nothing above made it: make it here.
+            _require(_has_path(model, path) or ((not parent_path or is_container(parent)) and not hasattr(parent, field)),
+                     f"from_config: container '{path}' would be placed inside a layer or over an attribute.")
+            set_container(parent, field, kinds[path])
         model.meta["torchgraph"]["containers"] = dict(kinds)
     order = config.get("state_order")
     if order is not None:
