@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .mode_dropout import is_mode_dropout, mode_entry, same_call
 from .symbolic import SymbolicInt, SymbolicTensor, Value
 from .trees import tree_leaves
 
@@ -62,8 +63,13 @@ def records_in_order(outputs) -> list:
     return sorted(records.values(), key=lambda r: r.seq)
 
 
-def signature(records: list, paths: dict[int, str], tensor_keys: dict[int, str]) -> dict[str, list]:
-    """Per scope, what each record does, in a form comparable between two recordings."""
+def signature(records: list, paths: dict[int, str], tensor_keys: dict[int, str],
+              modes: dict[str, bool] | None = None) -> dict[str, list]:
+    """Per scope, what each record does, in a form comparable between two recordings.
+
+    ``modes`` (module path -> its mode in that recording) sets a functional dropout's ``training``
+    apart, to tell one that follows the mode (NOTE: [Mode-following dropout as a layer]).
+    """
     where: dict[int, tuple[str, int]] = {}
     per_scope: dict[str, list] = {}
 
@@ -96,13 +102,24 @@ def signature(records: list, paths: dict[int, str], tensor_keys: dict[int, str])
         target = paths.get(id(r.target), id(r.target)) if r.op == "call_module" else (
             r.target if isinstance(r.target, str) else id(r.target))
         entries = per_scope.setdefault(r.scope, [])
-        entries.append((r.op, target, key(r.args), key(r.kwargs)))
+        if modes is not None and r.scope in modes and is_mode_dropout(r):
+            kwargs = {k: v for k, v in r.kwargs.items() if k != "training"}
+            entries.append((r.op, target, key(r.args), key(kwargs), mode_entry(r, modes[r.scope])))
+        else:
+            entries.append((r.op, target, key(r.args), key(r.kwargs)))
         where[id(r)] = (r.scope, len(entries) - 1)
     return per_scope
 
 
 def differing_scopes(first: dict, second: dict) -> list[str]:
-    differing = [s for s in set(first) | set(second) if first.get(s) != second.get(s)]
+    """Scopes whose records differ between two signatures (a dropout that follows the mode does not)."""
+    differing = [s for s in set(first) | set(second) if not _same(first.get(s), second.get(s))]
     # Innermost first: a parent often differs only because a child's operations did.
     return [s for s in differing if not any(o != s and o.startswith(s + ".") for o in differing)
             or s == ""]
+
+
+def _same(first: list | None, second: list | None) -> bool:
+    if first is None or second is None or len(first) != len(second):
+        return first == second
+    return all(same_call(a, b) for a, b in zip(first, second))

@@ -15,7 +15,8 @@ Design constraints:
   stays one opaque layer, with a warning that names it and says why. Detected: errors while
   recording it (data-dependent control flow, iterating a dynamic dim...), forward hooks, state it
   changes outside any recorded operation, and operations that differ between train and eval mode
-  (``F.dropout(x, training=self.training)``: the forward is recorded in both modes and compared).
+  (``if self.training:``: the forward is recorded in both modes and compared; a functional dropout
+  that follows the mode becomes a dropout layer, see ``mode_dropout.py``).
 - The original module is left as it was (modes, buffers).
 """
 
@@ -32,6 +33,7 @@ from .dims import new_build
 from .errors import GraphBuildError
 from .fidelity import changed_state, differing_scopes, records_in_order, signature, snapshot_state
 from .hierarchy import mirror_hierarchy
+from .mode_dropout import record_as_layers
 from .naming import ILLEGAL_NAMES, fixed_paths
 from .scopes import _CALL_IMPL_CODE, looking_through
 from .symbolic import Input, SymbolicTensor
@@ -82,6 +84,7 @@ class _Plan:
         self.leaves: set[int] = set()         # kept as layers: leaves, given leaf_modules, fallbacks
         self.fallbacks: dict[int, str] = {}   # id -> why it stays opaque (one warning each)
         self.errors: dict[int, BaseException] = {}
+        self.mode_layers: dict[int, str] = {}  # id -> path of the layers that stand for F.dropout & co.
         self.called: set[str] = set()       # looked-through module paths that ran in the last recording
         wanted_types = tuple(x for x in leaf_modules if isinstance(x, type))
         wanted_paths = {x for x in leaf_modules if isinstance(x, str)}
@@ -265,6 +268,7 @@ def plan_paths(plan: _Plan, tensor_keys: dict[int, str] | None = None) -> dict[i
     """``id -> name`` for :func:`naming.fixed_paths`: layers by module path, tensors by state_dict key."""
     paths = dict(tensor_keys or _tensor_keys(plan.root))
     paths.update({i: plan.paths[i] for i in plan.leaves})
+    paths.update(plan.mode_layers)
     return paths
 
 
@@ -293,19 +297,24 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
         kept = _input_effects(args, kwargs)
         # NOTE: [Train and eval] A looked-through forward may read self.training (F.dropout(...,
         # training=self.training), `if self.training:`): recorded once, the graph would behave like
-        # that mode only. So record in the other mode too and compare, scope by scope.
+        # that mode only. So record in the other mode too and compare, scope by scope; a dropout
+        # whose flag was the mode both times becomes a layer (NOTE: [Mode-following dropout as a layer]).
+        first_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
         module.train(not root_mode)
         other = _record_once(module, args, kwargs, plan)
+        second_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
         _set_modes(module, modes)
         _restore_effects(kept)
         if other is None:
             continue
-        first = signature(records_in_order(outputs), plan.paths, tensor_keys)
-        second = signature(records_in_order(other), plan.paths, tensor_keys)
+        records = records_in_order(outputs)
+        first = signature(records, plan.paths, tensor_keys, first_modes)
+        second = signature(records_in_order(other), plan.paths, tensor_keys, second_modes)
         scopes = differing_scopes(first, second)
-        if not scopes:
-            return outputs
         by_path = {p: plan.modules[i] for i, p in plan.paths.items()}
+        if not scopes:
+            record_as_layers(records, first, second, by_path, first_modes, plan.mode_layers)
+            return outputs
         for s in scopes:
             if s == "" or s not in by_path:
                 raise GraphBuildError(

@@ -1,4 +1,4 @@
-"""Random-init HuggingFace ``transformers`` models (BERT, GPT-2, Llama) at tiny sizes; never downloads weights.
+"""Random-init HuggingFace ``transformers`` models (BERT, GPT-2, Llama, OPT, Falcon) at tiny sizes; never downloads weights.
 
 ``transformers`` is imported inside the factories only: importing it costs seconds. ``HAS_TRANSFORMERS`` says
 whether it is installed (requirements-dev.txt pins it).
@@ -8,7 +8,7 @@ import importlib.util
 
 import torch.nn as nn
 
-__all__ = ["HAS_TRANSFORMERS", "tiny_bert", "tiny_gpt2", "tiny_llama"]
+__all__ = ["HAS_TRANSFORMERS", "tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_opt", "tiny_falcon"]
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -56,3 +56,28 @@ def tiny_llama(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_
                          num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
                          use_cache=use_cache, **config_kwargs)
     return LlamaModel(config)
+
+
+def tiny_opt(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, dropout=0.1, use_cache=False, **config_kwargs) -> nn.Module:
+    """``OPTModel(OPTConfig(...))``, random init; call with ``input_ids``. Its decoder layers call
+    ``nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)`` (``dropout`` > 0 here)."""
+    from transformers import OPTConfig, OPTModel
+
+    config = OPTConfig(vocab_size=vocab_size, hidden_size=hidden_size, ffn_dim=ffn_dim,
+                       num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                       max_position_embeddings=max_position_embeddings, dropout=dropout, use_cache=use_cache,
+                       **config_kwargs)
+    return OPTModel(config)
+
+
+def tiny_falcon(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, hidden_dropout=0.1,
+                use_cache=False, **config_kwargs) -> nn.Module:
+    """``FalconModel(FalconConfig(...))``, random init; call with ``input_ids``. Its decoder layers call a
+    ``dropout_add(x, residual, prob, training)`` helper with ``training=self.training``."""
+    from transformers import FalconConfig, FalconModel
+
+    config = FalconConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                          num_attention_heads=num_attention_heads, hidden_dropout=hidden_dropout,
+                          use_cache=use_cache, **config_kwargs)
+    return FalconModel(config)
