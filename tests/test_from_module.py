@@ -204,13 +204,13 @@ class Counter(nn.Module):
         return self.fc(x)
 
 
-class FunctionalDropout(nn.Module):
+class ModeBranch(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        return F.dropout(self.fc(x), 0.5, self.training)  # reads the mode
+        return self.fc(x) * (0.5 if self.training else 1.0)  # reads the mode (F.dropout & co. follow it)
 
 
 class Hooked(nn.Module):
@@ -225,7 +225,7 @@ class Hooked(nn.Module):
 class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c, self.d = DataDependent(), Counter(), FunctionalDropout(), Hooked()
+        self.a, self.b, self.c, self.d = DataDependent(), Counter(), ModeBranch(), Hooked()
         self.features = []
         self.d.register_forward_hook(lambda module, args, out: self.features.append(out))
         self.head = nn.Linear(4, 2)
@@ -245,7 +245,7 @@ def test_unrecordable_submodules_stay_opaque_with_one_warning_each():
     assert len(messages) == 4
     reasons = {"'a' (DataDependent)": "needs the data of a symbolic tensor",
                "'b' (Counter)": "changes its own tensor 'calls' in place",
-               "'c' (FunctionalDropout)": "different operations in train and eval mode",
+               "'c' (ModeBranch)": "different operations in train and eval mode",
                "'d' (Hooked)": "hooks"}
     for who, why in reasons.items():
         assert any(who in m and why in m and "leaf_modules=[" in m for m in messages), (who, messages)
@@ -291,12 +291,12 @@ def test_root_that_cannot_be_recorded_fails_clearly():
     with pytest.raises(tg.GraphBuildError, match="needs the data of a symbolic tensor"):
         tg.from_module(DataDependent(), (4,))
     with pytest.raises(tg.GraphBuildError, match="different operations in train and eval mode"):
-        tg.from_module(RootDropout(), (4,))
+        tg.from_module(RootModeBranch(), (4,))
 
 
-class RootDropout(nn.Module):
+class RootModeBranch(nn.Module):
     def forward(self, x):
-        return F.dropout(x, 0.5, self.training)
+        return x + 1 if self.training else x - 1
 
 
 def test_hook_changing_an_output_is_a_clear_error():
@@ -570,7 +570,7 @@ def test_from_module_doc_blocks_run_on_their_own(tmp_path, monkeypatch, capsys):
     text = page.read_text()
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     for i, block in enumerate(blocks):
         if "transformers" in block:
             pytest.importorskip("transformers")
