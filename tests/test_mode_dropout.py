@@ -107,6 +107,15 @@ def test_eval_turns_dropout_off_and_a_submodule_follows_its_own_mode():
     torch.testing.assert_close(_run(model, x, 4), _run(net, x, 4), rtol=0, atol=0)
 
 
+def test_a_submodule_in_the_other_mode_when_recorded_follows_its_mode_too():
+    torch.manual_seed(0)
+    net = Net().train()
+    net.blocks[0].eval()  # each module is recorded in its own mode and in the opposite one
+    model = _record(net, (8,))
+    assert not model.blocks[0].dropout.training and model.blocks[1].dropout.training
+    _assert_equivalent(model, net, {"x": torch.randn(5, 8)})
+
+
 def test_dropout_with_a_constant_training_flag_stays_as_recorded():
     torch.manual_seed(0)
     net = Net(mc_dropout=True)

@@ -285,7 +285,6 @@ def _restore_effects(saved: dict) -> None:
 
 
 def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes, paths: dict):
-    root_mode = module.training
     before = _input_effects(args, kwargs)
     while True:
         _restore_effects(before)
@@ -297,10 +296,11 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
         kept = _input_effects(args, kwargs)
         # NOTE: [Train and eval] A looked-through forward may read self.training (F.dropout(...,
         # training=self.training), `if self.training:`): recorded once, the graph would behave like
-        # that mode only. So record in the other mode too and compare, scope by scope; a dropout
-        # whose flag was the mode both times becomes a layer (NOTE: [Mode-following dropout as a layer]).
+        # that mode only. So record with every module in its other mode too and compare, scope by
+        # scope; a dropout whose flag was the mode both times becomes a layer (NOTE: [Mode-following
+        # dropout as a layer]).
         first_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
-        module.train(not root_mode)
+        _set_modes(module, {m: not mode for m, mode in modes.items()})
         other = _record_once(module, args, kwargs, plan)
         second_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
         _set_modes(module, modes)
