@@ -68,25 +68,33 @@ def inference_variants(n_in: int, n_out: int, act: str, dtype=torch.float32) -> 
     return variants
 
 
-def inference_main(reps: int, dtype) -> None:
-    cases = {layer: inference_variants(*shape, "gelu" if layer == "fc1" else "none", dtype)
-             for layer, shape in INFERENCE_SHAPES.items()}
-    names = list(next(iter(cases.values())))
-    times = {layer: {name: [] for name in names} for layer in cases}
+def _interleaved(cases: dict, reps: int, calls: int) -> dict:
+    """``{case: {variant: [seconds per call, one per repetition]}}``: each variant of ``cases``
+    (``{case: {variant: fn}}``) run once, then ``reps`` interleaved repetitions of ``calls`` calls each,
+    without autograd."""
+    times = {case: {name: [] for name in fns} for case, fns in cases.items()}
     with torch.no_grad():
         for fns in cases.values():
             for fn in fns.values():
                 fn()
         for _ in range(reps):  # interleaved
-            for layer, fns in cases.items():
+            for case, fns in cases.items():
                 for name, fn in fns.items():
                     start = time.perf_counter()
-                    for _ in range(5):
+                    for _ in range(calls):
                         fn()
-                    times[layer][name].append((time.perf_counter() - start) / 5 * 1e3)
+                    times[case][name].append((time.perf_counter() - start) / calls)
+    return times
+
+
+def inference_main(reps: int, dtype) -> None:
+    cases = {layer: inference_variants(*shape, "gelu" if layer == "fc1" else "none", dtype)
+             for layer, shape in INFERENCE_SHAPES.items()}
+    names = list(next(iter(cases.values())))
+    times = _interleaved(cases, reps, calls=5)
     print(f"{'layer':<6} " + " ".join(f"{n:>16}" for n in names) + "   (ms, medians)")
     for layer, samples in times.items():
-        print(f"{layer:<6} " + " ".join(f"{statistics.median(samples[n]):16.3f}" for n in names))
+        print(f"{layer:<6} " + " ".join(f"{statistics.median(samples[n]) * 1e3:16.3f}" for n in names))
 
 
 SMALL_ROWS = (8, 64)
@@ -102,21 +110,10 @@ def small_main(reps: int) -> None:
                 "F.linear+relu_": (lambda x=x, w=w, b=b: torch.nn.functional.linear(x, w, b).relu_()),
                 "oneDNN fused": (lambda x=x, w=w, b=b: torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")),
             }
-    times = {case: {name: [] for name in fns} for case, fns in cases.items()}
-    with torch.no_grad():
-        for fns in cases.values():
-            for fn in fns.values():
-                fn()
-        for _ in range(reps):  # interleaved
-            for case, fns in cases.items():
-                for name, fn in fns.items():
-                    start = time.perf_counter()
-                    for _ in range(20):
-                        fn()
-                    times[case][name].append((time.perf_counter() - start) / 20 * 1e6)
+    times = _interleaved(cases, reps, calls=20)
     print(f"{'rows':>5} {'features':>8} {'MACs':>10} {'F.linear+relu_ us':>18} {'oneDNN fused us':>16} {'oneDNN/F.linear':>16}")
     for (rows, n), samples in times.items():
-        eager, onednn = (statistics.median(samples[k]) for k in ("F.linear+relu_", "oneDNN fused"))
+        eager, onednn = (statistics.median(samples[k]) * 1e6 for k in ("F.linear+relu_", "oneDNN fused"))
         print(f"{rows:>5} {n:>8} {rows * n * n:>10} {eager:>18.1f} {onednn:>16.1f} {onednn / eager:>16.2f}")
 
 
@@ -138,22 +135,13 @@ def main() -> None:
     if args.inference:
         inference_main(args.reps, torch.bfloat16 if args.bf16 else torch.float32)
         return
-    cases = {(layer, kind): pair for layer, shape in SHAPES.items() for kind, pair in products(*shape).items()}
-    times = {key: ([], []) for key in cases}
-    with torch.no_grad():
-        for mkl, dnn in cases.values():
-            mkl(), dnn()
-        for _ in range(args.reps):  # interleaved
-            for key, fns in cases.items():
-                for fn, samples in zip(fns, times[key]):
-                    start = time.perf_counter()
-                    for _ in range(5):
-                        fn()
-                    samples.append((time.perf_counter() - start) / 5 * 1e3)
+    cases = {(layer, kind): dict(zip(("MKL", "oneDNN"), pair))
+             for layer, shape in SHAPES.items() for kind, pair in products(*shape).items()}
+    times = _interleaved(cases, args.reps, calls=5)
     totals: dict = {}
     print(f"{'layer':<6} {'product':<12} {'MKL':>8} {'oneDNN':>8} {'MKL/oneDNN':>11}")
-    for (layer, kind), (mkl, dnn) in times.items():
-        a, b = statistics.median(mkl), statistics.median(dnn)
+    for (layer, kind), samples in times.items():
+        a, b = (statistics.median(samples[name]) * 1e3 for name in ("MKL", "oneDNN"))
         total = totals.setdefault(kind, [0.0, 0.0])
         total[0], total[1] = total[0] + a, total[1] + b
         print(f"{layer:<6} {kind:<12} {a:8.3f} {b:8.3f} {a / b:10.2f}x")
