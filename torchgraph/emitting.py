@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import GraphBuildError
-from .naming import ILLEGAL_NAMES, fixed_path, tensor_name
+from .naming import ILLEGAL_NAMES, first_free_name, fixed_path, tensor_name
 from .symbolic import Record, Value
 from .training import TrainingMixin
 from .trees import tree_map
@@ -96,13 +96,8 @@ class GraphEmitter:
                     "another name with tg.name(tensor, ...).")
             return given
         base = given or ("parameter" if isinstance(t, nn.Parameter) else "constant")
-        k = 0
-        while True:
-            candidate = base if k == 0 else f"{base}_{k}"
-            if candidate not in self.taken and candidate not in RESERVED_NAMES and candidate not in ILLEGAL_NAMES \
-                    and candidate not in _INSTANCE_ATTRIBUTES:
-                return candidate
-            k += 1
+        return first_free_name(base, lambda c: c in self.taken or c in RESERVED_NAMES or c in ILLEGAL_NAMES
+                               or c in _INSTANCE_ATTRIBUTES)[0]
 
     def arg(self, o):
         if isinstance(o, Value):

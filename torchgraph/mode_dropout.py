@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .emitting import RESERVED_NAMES
-from .naming import snake_case
+from .naming import first_free_name, snake_case
 
 __all__ = ["MODE_DROPOUTS", "is_mode_dropout", "mode_entry", "follows_mode_in_both", "same_call",
            "record_as_layers"]
@@ -94,7 +94,6 @@ def record_as_layers(first: list, first_entries: dict, second_entries: dict, own
     each path's mode to leave the new layers in, and ``names`` gets ``id(layer) -> module path``.
     """
     records = _by_scope(first)
-    reserved = set(RESERVED_NAMES) | set(dir(nn.Module))
     taken: dict[str, set] = {}
     for scope, entries in first_entries.items():
         others = second_entries.get(scope, [])
@@ -107,9 +106,11 @@ def record_as_layers(first: list, first_entries: dict, second_entries: dict, own
             layer.train(modes.get(scope, True))
             if scope not in taken:
                 owner = owners[scope]
-                taken[scope] = {*owner._modules, *owner._parameters, *owner._buffers, *reserved}
+                taken[scope] = {*owner._modules, *owner._parameters, *owner._buffers, *RESERVED_NAMES}
             used = taken[scope]
-            names[id(layer)] = (scope + "." if scope else "") + _free_name(snake_case(layer_type.__name__), used)
+            name, _ = first_free_name(snake_case(layer_type.__name__), used.__contains__)
+            used.add(name)
+            names[id(layer)] = (scope + "." if scope else "") + name
             record.op, record.target, record.kwargs = "call_module", layer, {}
 
 
@@ -120,11 +121,3 @@ def _by_scope(records: list) -> dict[str, list]:
         if r.op != "placeholder":
             out.setdefault(r.scope, []).append(r)
     return out
-
-
-def _free_name(base: str, used: set) -> str:
-    k = 0
-    while (name := base if k == 0 else f"{base}_{k}") in used:
-        k += 1
-    used.add(name)
-    return name

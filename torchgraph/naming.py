@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import GraphBuildError
 
-__all__ = ["SUBMODULE_NAMES", "name", "user_name", "snake_case", "tensor_name", "remember_variable_names", "fixed_paths",
+__all__ = ["SUBMODULE_NAMES", "first_free_name", "name", "user_name", "snake_case", "tensor_name", "remember_variable_names", "fixed_paths",
            "fixed_path"]
 
 _USER_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -187,6 +187,15 @@ def snake_case(class_name: str) -> str:
 SUBMODULE_NAMES = frozenset({"inputs", "outputs", "layers"})
 
 
+def first_free_name(base: str, is_taken, start: int = 0) -> tuple[str, int]:
+    """``base``, else ``base_1``, ``base_2``... (from counter ``start``): the first that
+    ``is_taken`` refuses not, and its counter."""
+    k = start
+    while is_taken(name := base if k == 0 else f"{base}_{k}"):
+        k += 1
+    return name, k
+
+
 def assign_layer_names(modules: list[nn.Module], reserved: set[str],
                        scopes: dict[int, str] | None = None) -> dict[int, str]:
     """Names for ``modules`` (in first-call order): fixed paths (tg.from_module), user names, then
@@ -214,12 +223,10 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str],
     # A fixed path's scope is its module path (tg.from_module): the container is the user's own
     # submodule (LlamaModel.layers), which the model keeps under that name, so only scopes of
     # layers named here can be refused.
-    named_here = {".".join(s.split(".")[:i]) for m in modules if id(m) not in names
-                  for s in [scopes.get(id(m), "")] if s for i in range(1, s.count(".") + 2)}
-    for p in sorted(named_here):
-        if p.split(".")[0] in reserved:
+    for top in sorted({scopes[id(m)].split(".")[0] for m in modules if id(m) not in names and scopes.get(id(m))}):
+        if top in reserved:
             raise GraphBuildError(
-                f"tg.scope: the scope name '{p.split('.')[0]}' is reserved (an nn.Module/GraphModule "
+                f"tg.scope: the scope name '{top}' is reserved (an nn.Module/GraphModule "
                 "attribute or an input name). Choose another scope name.")
     taken |= prefixes
     for m in modules:
@@ -254,13 +261,8 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str],
             continue
         prefix = scopes.get(id(m), "")
         base = (prefix + "." if prefix else "") + snake_case(type(m).__name__)
-        k = counters.get(base, 0)
-        while True:
-            candidate = base if k == 0 else f"{base}_{k}"
-            k += 1
-            if candidate not in taken and candidate not in ILLEGAL_NAMES:
-                break
-        counters[base] = k
+        candidate, k = first_free_name(base, lambda c: c in taken or c in ILLEGAL_NAMES, counters.get(base, 0))
+        counters[base] = k + 1
         names[id(m)] = candidate
         taken.add(candidate)
         _GIVEN_NAMES[m] = candidate
