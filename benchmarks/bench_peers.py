@@ -161,14 +161,15 @@ def _patched(patches: list):
             setattr(module, name, value)
 
 
-class _Ablated:
-    """Calls a ``tg.optimize`` result with one optimisation switched off (``ABLATIONS``)."""
+class _CalledUnder:
+    """Calls ``fn`` inside ``context()`` each time: a compiled module under the inductor config it was
+    compiled with, a ``tg.optimize`` result with one optimisation switched off (``ABLATIONS``)."""
 
-    def __init__(self, fn, patches: list):
-        self.fn, self.patches = fn, patches
+    def __init__(self, fn, context):
+        self.fn, self.context = fn, context
 
     def __call__(self, x):
-        with _patched(self.patches):
+        with self.context():
             return self.fn(x)
 
 
@@ -180,7 +181,7 @@ def _ablated_variants(model, names: list) -> tuple[dict, dict]:
         with _patched(patches):
             ablated = tg.optimize(model)
         first[f"tg.optimize -{name}"] = time.perf_counter() - start
-        fns[f"tg.optimize -{name}"] = _Ablated(ablated, patches)
+        fns[f"tg.optimize -{name}"] = _CalledUnder(ablated, lambda patches=patches: _patched(patches))
     return fns, first
 
 
@@ -222,7 +223,7 @@ def bench(name: str, args) -> list[tuple]:
                 with inductor_config.patch(freezing=freezing):
                     compiled = torch.compile(eager)
                     first[label] = _timed_first_call(compiled, x)
-                fns[label] = _Frozen(compiled, inductor_config, freezing)
+                fns[label] = _CalledUnder(compiled, lambda freezing=freezing: inductor_config.patch(freezing=freezing))
         if args.onnx or args.openvino:
             more, more_first = _onnx_variants(model, x, args, tmp)
             fns.update(more)
@@ -231,15 +232,7 @@ def bench(name: str, args) -> list[tuple]:
         outputs = {k: fn(x) for k, fn in fns.items()}
         for fn in fns.values():
             fn(x)
-        times = {k: [] for k in fns}
-        for _ in range(args.reps):  # interleaved: every variant sees the same machine state
-            for k, fn in fns.items():
-                for _ in range(args.warm):  # untimed: this variant's weights back in the caches
-                    fn(x)
-                start = time.perf_counter()
-                for _ in range(args.iters):
-                    fn(x)
-                times[k].append((time.perf_counter() - start) / args.iters)
+        times = _interleaved({k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["eager"]
     rows = []
@@ -284,15 +277,7 @@ def bench_community(name: str, args) -> list[tuple]:
     with torch.inference_mode():
         ref = fns["eager"]()
         outputs = {k: fn() for k, fn in fns.items()}
-        times = {k: [] for k in fns}
-        for _ in range(args.reps):
-            for k, fn in fns.items():
-                for _ in range(args.warm):
-                    fn()
-                start = time.perf_counter()
-                for _ in range(args.iters):
-                    fn()
-                times[k].append((time.perf_counter() - start) / args.iters)
+        times = _interleaved(fns, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["eager"]
     classifier = ref.dim() == 2
@@ -300,19 +285,24 @@ def bench_community(name: str, args) -> list[tuple]:
              _accuracy(outputs[k], ref, classifier)) for k in fns]
 
 
+def _interleaved(fns: dict, args) -> dict:
+    """``{variant: [seconds per call, one per repetition]}`` for zero-argument ``fns``: ``args.reps``
+    repetitions, every variant in turn (the same machine state for all), each ``args.warm`` untimed
+    calls (this variant's weights back in the caches) then ``args.iters`` timed ones."""
+    times = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for k, fn in fns.items():
+            for _ in range(args.warm):
+                fn()
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                fn()
+            times[k].append((time.perf_counter() - start) / args.iters)
+    return times
+
+
 def _first(out):
     return out[0] if isinstance(out, (list, tuple)) else out
-
-
-class _Frozen:
-    """Calls a compiled function under the inductor config it was compiled with."""
-
-    def __init__(self, fn, config, freezing: bool):
-        self.fn, self.config, self.freezing = fn, config, freezing
-
-    def __call__(self, x):
-        with self.config.patch(freezing=self.freezing):
-            return self.fn(x)
 
 
 def _print(rows: list[tuple], markdown: bool) -> None:
