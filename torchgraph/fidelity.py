@@ -112,11 +112,19 @@ def signature(records: list, paths: dict[int, str], tensor_keys: dict[int, str],
 
 
 def differing_scopes(first: dict, second: dict) -> list[str]:
-    """Scopes whose records differ between two signatures (a dropout that follows the mode does not)."""
+    """The innermost scopes whose records differ between two signatures (a dropout that follows the
+    mode does not differ), sorted; ``""`` (the root) only when no other scope differs."""
     differing = [s for s in set(first) | set(second) if not _same(first.get(s), second.get(s))]
-    # Innermost first: a parent often differs only because a child's operations did.
-    return [s for s in differing if not any(o != s and o.startswith(s + ".") for o in differing)
-            or s == ""]
+    # NOTE: [Innermost first] A parent often differs only because a child's operations did: its
+    # records name the child's values by their place in the child's records, which moves when the
+    # child records a different number of operations in each mode (`h * 0.5 if self.training else h`).
+    # So only the innermost differing scopes are returned (the root too: "" is above every scope);
+    # once they are opaque layers, the next recording tells whether their parents differ themselves.
+    return sorted(s for s in differing if not any(o != s and _inside(o, s) for o in differing))
+
+
+def _inside(scope: str, parent: str) -> bool:
+    return parent == "" or scope.startswith(parent + ".")
 
 
 def _same(first: list | None, second: list | None) -> bool:
