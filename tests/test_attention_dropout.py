@@ -216,3 +216,19 @@ def test_an_attention_module_kept_as_one_layer_saves_once_registered(tmp_path):
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     for mode in (True, False):
         _assert_same(_outputs(loaded.train(mode), {"input_ids": ids}), _outputs(net.train(mode), {"input_ids": ids}))
+
+
+@pytest.mark.skipif(not hf.HAS_TRANSFORMERS, reason="transformers is pinned in requirements-dev.txt")
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_transformers_eager_and_sdpa_attention_of_a_bert_layer(attn_implementation):
+    """Eager attention calls F.dropout(weights, p=0.0 in eval, training=module.training): an nn.Dropout
+    with the train p. (A whole eager BertModel stops at its mask's torch.finfo of a recorded dtype.)"""
+    torch.manual_seed(0)
+    bert = hf.tiny_bert(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        attn_implementation=attn_implementation)
+    layer = bert.encoder.layer[0]
+    model = _record(layer, {"hidden_states": tg.Input(shape=(None, 32), name="hidden_states")})
+    added = "dropout_1" if attn_implementation == "eager" else "scaled_dot_product_attention"
+    added_layer = model.attention.self.get_submodule(added)
+    assert getattr(added_layer, "p", getattr(added_layer, "dropout_p", None)) == 0.1
+    _assert_equivalent(model, layer, {"hidden_states": torch.randn(2, 7, 32)})
