@@ -232,3 +232,20 @@ def test_transformers_eager_and_sdpa_attention_of_a_bert_layer(attn_implementati
     added_layer = model.attention.self.get_submodule(added)
     assert getattr(added_layer, "p", getattr(added_layer, "dropout_p", None)) == 0.1
     _assert_equivalent(model, layer, {"hidden_states": torch.randn(2, 7, 32)})
+
+
+def test_the_layer_in_a_symbolic_model_keeps_following_the_mode_when_optimized_for_training():
+    """tg.optimize(inference=False) inlines custom modules by tracing them; this one stays a call (a
+    trace would freeze its training flag), so the optimized model still turns dropout off in eval."""
+    q = tg.Input(shape=(2, 5, 4), name="q")
+    model = tg.Model(q, SDPA(dropout_p=0.5)(q, q, q))  # positional only: a call the inliner would try
+    fast = tg.optimize(model.train(), inference=False)
+    assert _attention_layers(fast) == {"scaled_dot_product_attention": 0.5}
+    x = torch.randn(3, 2, 5, 4)
+    fast.eval()
+    torch.testing.assert_close(fast(x), F.scaled_dot_product_attention(x, x, x), rtol=0, atol=0)
+    fast.train()
+    torch.manual_seed(0)
+    expected = F.scaled_dot_product_attention(x, x, x, dropout_p=0.5)
+    torch.manual_seed(0)
+    torch.testing.assert_close(fast(x), expected, rtol=0, atol=0)

@@ -44,8 +44,9 @@ SDPA draws its dropout inside the call, so there is no ``F.dropout`` to turn int
 Options weighed:
 
 - the attention written out (``softmax(q @ k.T * scale + mask)``, ``nn.Dropout``, ``@ v``): not
-  exact in eval mode (SDPA's fused kernel rounds differently), slower, and in train mode other
-  random numbers than eager's SDPA under the same seed.
+  bit-exact in either mode (it rounds differently from SDPA's kernels: up to 2e-7 on a small float32
+  case here, where CPU SDPA happens to draw its dropout mask as ``F.dropout`` does; CUDA's fused
+  kernels draw their own), slower, and it hides the attention from the attention passes.
 - ``get_attr`` of the mode, or a function taking it: rejected as for dropout above.
 - ``nn.MultiheadAttention``: it owns projections; not this computation.
 - a stateless layer holding ``dropout_p`` whose forward is the very call eager makes,
