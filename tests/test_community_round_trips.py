@@ -2,9 +2,9 @@
 tests/roundtrip.py: get_config/from_config and tg.save/tg.load with bit-identical outputs, and
 tg.export_onnx with verification -- or fails at get_config with a message that says how to fix it.
 
-The models are the registry's, at their test sizes and in its default configuration (dropout on:
-attention modules that read ``self.training`` stay opaque layers, registered here the way
-docs/config_and_saving.md shows for third-party modules built from a config object).
+The models are the registry's, at their test sizes and in its default configuration (dropout on: the
+transformers attention modules' mode-following attention dropout is recorded as
+``tg.layers.ScaledDotProductAttention`` layers, so they round-trip without registering anything).
 """
 
 import warnings
@@ -13,22 +13,8 @@ import pytest
 import torch
 
 import torchgraph as tg
-from community_models import ARCHITECTURES, hf
+from community_models import ARCHITECTURES
 from roundtrip import assert_round_trips
-
-if hf.HAS_TRANSFORMERS:
-    from transformers import BertConfig, GPT2Config
-    from transformers.models.bert.modeling_bert import BertSelfAttention
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-
-    # The attention modules stay one layer each (attention dropout reads self.training): storable once
-    # their config class is a value type (to_dict/from_dict by default) and the module a layer.
-    tg.register_value_type(BertConfig)
-    tg.register_value_type(GPT2Config)
-    tg.register_layer(BertSelfAttention, get_config=lambda m: {"config": m.config, "is_causal": m.is_causal,
-                                                               "layer_idx": m.layer_idx})
-    tg.register_layer(GPT2Attention, get_config=lambda m: {"config": m.config, "layer_idx": m.layer_idx,
-                                                           "is_cross_attention": m.is_cross_attention})
 
 # A sequence length the recording keeps dynamic (a named dim, "seq"); the others take a fixed length:
 # nanoGPT compares it (`assert t <= block_size`), transformers' mask helpers too (docs/from_module.md).

@@ -570,7 +570,7 @@ def test_from_module_doc_blocks_run_on_their_own(tmp_path, monkeypatch, capsys):
     text = page.read_text()
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     for i, block in enumerate(blocks):
         if "transformers" in block:
             pytest.importorskip("transformers")
@@ -606,3 +606,68 @@ def test_copies_and_pickles_keep_the_module_tree():
         assert other.lm_head.weight is other.transformer.wte.weight
         assert {n.meta.get("tg_scope") for n in other.graph.nodes} == {n.meta.get("tg_scope") for n in model.graph.nodes}
         torch.testing.assert_close(other(idx), expected, rtol=0, atol=0)
+
+
+class HalvedInTraining(nn.Module):
+    """Records one operation more in train mode than in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h * 0.5 if self.training else h
+
+
+class Pair(nn.Module):
+    def __init__(self, inner: nn.Module, other: nn.Module, relu: bool = True):
+        super().__init__()
+        self.inner, self.other, self.relu = inner, other, relu
+
+    def forward(self, x):
+        h = self.other(self.inner(x))
+        return h.relu() if self.relu else h  # without relu the root reads the grandchild's output
+
+
+def _opaque_and_layers(net):
+    with pytest.warns(UserWarning) as caught:
+        model = tg.from_module(net, (4,))
+    opaque = sorted(str(w.message).split("'")[1] for w in caught if "stays one opaque layer" in str(w.message))
+    return model, opaque, [n.target for n in model.graph.nodes if n.op == "call_module"]
+
+
+@pytest.mark.parametrize("case", ["child", "siblings", "grandchild"])
+def test_a_submodule_recording_more_operations_in_one_mode_stays_opaque_alone(case):
+    """A mode-dependent number of records moves the child's values in its parents' records: only the
+    innermost differing module becomes opaque, its parents (the root too) are recorded through."""
+    torch.manual_seed(0)
+    if case == "child":
+        net, expected = Pair(HalvedInTraining(), nn.Linear(4, 4)), ["inner"]
+        layers = ["inner", "other"]
+    elif case == "siblings":
+        net, expected = Pair(HalvedInTraining(), HalvedInTraining()), ["inner", "other"]
+        layers = ["inner", "other"]
+    else:
+        net = Pair(nn.Linear(4, 4), Pair(nn.Linear(4, 4), HalvedInTraining(), relu=False))
+        expected = ["other.other"]
+        layers = ["inner", "other.inner", "other.other"]
+    model, opaque, called = _opaque_and_layers(net)
+    assert opaque == expected and called == layers
+    x = torch.randn(3, 4)
+    for mode in (True, False):
+        torch.testing.assert_close(model.train(mode)(x), net.train(mode)(x), rtol=0, atol=0)
+
+
+def test_a_root_differing_itself_still_fails_after_its_children_fall_back():
+    """The root reads the mode too: once the child is opaque, the root still differs, and that is an error."""
+
+    class RootAndChild(Pair):
+        def forward(self, x):
+            h = self.other(self.inner(x))
+            return h + 1 if self.training else h - 1
+
+    with pytest.raises(tg.GraphBuildError, match="RootAndChild.forward records different operations"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tg.from_module(RootAndChild(HalvedInTraining(), nn.Linear(4, 4)), (4,))

@@ -212,17 +212,3 @@ def test_llama_whose_blocks_are_self_layers(tmp_path, one_thread):
     ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(loaded(input_ids=ids)["last_hidden_state"], net(input_ids=ids).last_hidden_state,
                                rtol=0, atol=0)
-
-
-@pytest.mark.skipif(not hf.HAS_TRANSFORMERS, reason="transformers is a test extra (requirements-dev.txt)")
-def test_huggingface_attention_dropout_stays_opaque():
-    """With attention dropout, BERT's self-attention reads self.training: it stays one layer, warned."""
-    net = hf.tiny_bert(vocab_size=64, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
-                       max_position_embeddings=16, attention_probs_dropout_prob=0.1)
-    with pytest.warns(UserWarning, match=r"'encoder.layer.0.attention.self' \(BertSelfAttention\) stays one "
-                                         r"opaque layer: its forward records different operations in train"):
-        model = tg.from_module(net, {"input_ids": tg.Input(shape=(8,), dtype=torch.long, name="input_ids")})
-    ids = torch.randint(0, 64, (2, 8))
-    net.eval(), model.eval()
-    torch.testing.assert_close(model(input_ids=ids)["last_hidden_state"], net(input_ids=ids)["last_hidden_state"],
-                               rtol=0, atol=0)

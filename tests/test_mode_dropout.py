@@ -234,3 +234,68 @@ def test_transformers_decoder_layers_are_recorded_through(make, tmp_path):
     lines = []
     model.summary(print_fn=lines.append)
     assert "(Dropout)" in "\n".join(lines)
+
+
+def _eager_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0):
+    """transformers' eager_attention_forward (BERT, GPT-2, ViT...): `dropout` is 0.0 in eval mode."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class EagerSelfAttention(nn.Module):
+    """Written as transformers' attention modules call their eager attention function."""
+
+    def __init__(self, attention_forward, dropout_prob: float, width: int = 8, heads: int = 2):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.heads = heads
+        self.dropout_prob = dropout_prob
+        self.attention_forward = attention_forward
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        out, _ = self.attention_forward(self, q, k, v, None, dropout=0.0 if not self.training else self.dropout_prob)
+        return out.flatten(2)
+
+
+class EagerEncoder(nn.Module):
+    def __init__(self, attention_forward, dropout_prob: float):
+        super().__init__()
+        self.layers = nn.ModuleList(EagerSelfAttention(attention_forward, dropout_prob) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _attention_forwards():
+    forwards = [pytest.param(_eager_attention_forward, id="as-written")]
+    if hf.HAS_TRANSFORMERS:
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        forwards.append(pytest.param(eager_attention_forward, id="transformers-bert"))
+    return forwards
+
+
+@pytest.mark.parametrize("attention_forward", _attention_forwards())
+@pytest.mark.parametrize("dropout_prob", [0.1, 0.0])
+def test_dropout_whose_p_is_zero_in_eval_mode_follows_the_mode(attention_forward, dropout_prob):
+    """`F.dropout(w, p=0.0 if not training else p, training=self.training)`: the eval recording's p
+    changes nothing (no dropout when not training), so the layer takes the train recording's p."""
+    torch.manual_seed(0)
+    net = EagerEncoder(attention_forward, dropout_prob).eval()  # recorded with p = 0.0 first
+    model = _record(net, (None, 8))
+    assert {name: m.p for name, m in model.named_modules() if isinstance(m, nn.Dropout)} == {
+        f"layers.{i}.dropout": dropout_prob for i in (0, 1)}
+    _assert_equivalent(model, net, {"x": torch.randn(3, 5, 8)})
+    x = torch.randn(3, 5, 8)
+    model.train()
+    assert torch.equal(_run(model, x, 0), _run(model, x, 1)) == (dropout_prob == 0.0)

@@ -26,7 +26,7 @@ from .symbolic import Dim, Input, SymbolicInt, SymbolicTensor
 from .saving import load, save
 from .scopes import scope
 from .summary import summary
-from . import applications, callbacks, ops, saving
+from . import applications, callbacks, layers, ops, saving
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "clone_model",
     "export_onnx",
     "from_module",
+    "layers",
     "load",
     "model_from_json",
     "register_layer",

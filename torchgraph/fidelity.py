@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .mode_dropout import is_mode_dropout, mode_entry, same_call
+from .mode_dropout import mode_parts, same_call
 from .symbolic import SymbolicInt, SymbolicTensor, Value
 from .trees import tree_leaves
 
@@ -68,7 +68,8 @@ def signature(records: list, paths: dict[int, str], tensor_keys: dict[int, str],
     """Per scope, what each record does, in a form comparable between two recordings.
 
     ``modes`` (module path -> its mode in that recording) sets a functional dropout's ``training``
-    apart, to tell one that follows the mode (NOTE: [Mode-following dropout as a layer]).
+    and ``p`` and SDPA's ``dropout_p`` apart, to tell a call that follows the mode (NOTE:
+    [Mode-following dropout as a layer]).
     """
     where: dict[int, tuple[str, int]] = {}
     per_scope: dict[str, list] = {}
@@ -102,9 +103,10 @@ def signature(records: list, paths: dict[int, str], tensor_keys: dict[int, str],
         target = paths.get(id(r.target), id(r.target)) if r.op == "call_module" else (
             r.target if isinstance(r.target, str) else id(r.target))
         entries = per_scope.setdefault(r.scope, [])
-        if modes is not None and r.scope in modes and is_mode_dropout(r):
-            kwargs = {k: v for k, v in r.kwargs.items() if k != "training"}
-            entries.append((r.op, target, key(r.args), key(kwargs), mode_entry(r, modes[r.scope])))
+        parts = mode_parts(r, modes[r.scope]) if modes is not None and r.scope in modes else None
+        if parts is not None:
+            args, kwargs, mode = parts
+            entries.append((r.op, target, key(args), key(kwargs), mode))
         else:
             entries.append((r.op, target, key(r.args), key(r.kwargs)))
         where[id(r)] = (r.scope, len(entries) - 1)
@@ -112,11 +114,19 @@ def signature(records: list, paths: dict[int, str], tensor_keys: dict[int, str],
 
 
 def differing_scopes(first: dict, second: dict) -> list[str]:
-    """Scopes whose records differ between two signatures (a dropout that follows the mode does not)."""
+    """The innermost scopes whose records differ between two signatures (a dropout that follows the
+    mode does not differ), sorted; ``""`` (the root) only when no other scope differs."""
     differing = [s for s in set(first) | set(second) if not _same(first.get(s), second.get(s))]
-    # Innermost first: a parent often differs only because a child's operations did.
-    return [s for s in differing if not any(o != s and o.startswith(s + ".") for o in differing)
-            or s == ""]
+    # NOTE: [Innermost first] A parent often differs only because a child's operations did: its
+    # records name the child's values by their place in the child's records, which moves when the
+    # child records a different number of operations in each mode (`h * 0.5 if self.training else h`).
+    # So only the innermost differing scopes are returned (the root too: "" is above every scope);
+    # once they are opaque layers, the next recording tells whether their parents differ themselves.
+    return sorted(s for s in differing if not any(o != s and _inside(o, s) for o in differing))
+
+
+def _inside(scope: str, parent: str) -> bool:
+    return parent == "" or scope.startswith(parent + ".")
 
 
 def _same(first: list | None, second: list | None) -> bool:

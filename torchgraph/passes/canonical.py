@@ -3,7 +3,8 @@
 ``nn.ReLU()(x)`` and ``F.relu(x)`` compute the same thing; torchvision writes the first (one shared
 ``nn.ReLU(inplace=True)`` per block), hand-written code the second. Rewriting modules into functions
 before matching lets every fusion pass look for one spelling. In inference, ``nn.Dropout`` and
-``nn.Identity`` disappear.
+``nn.Identity`` disappear, and ``tg.layers.ScaledDotProductAttention`` becomes the
+``F.scaled_dot_product_attention`` call it makes in eval mode (no dropout), which the attention passes match.
 
 In-place activations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.relu_()``) become
 out-of-place only where that changes nothing observable: their input is an intermediate value (not a
@@ -18,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import ScaledDotProductAttention
 from .common import module_of, set_spec
 
 __all__ = ["canonicalize"]
@@ -61,6 +63,10 @@ def canonicalize(root: nn.Module, graph: fx.Graph, inference: bool) -> int:
     for node in list(graph.nodes):
         if node.op == "call_module":
             module = module_of(root, node)
+            if inference and type(module) is ScaledDotProductAttention:  # no dropout in inference
+                _replace(graph, node, F.scaled_dot_product_attention, node.args, dict(node.kwargs))
+                count += 1
+                continue
             if len(node.args) != 1 or node.kwargs:
                 continue
             x = node.args[0]

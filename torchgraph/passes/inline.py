@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.func import functional_call
 
+from ..layers import ScaledDotProductAttention
 from ..model import ValueSpec
 from ..probing import to_meta
 from ..symbolic import dim_for_probes
@@ -43,11 +44,13 @@ _SHAPE_PRESERVING = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.GELU
 
 
 def is_torch_layer(module: nn.Module) -> bool:
-    """A layer from ``torch.nn`` itself (not a container): passes know it by type, so it stays a
-    ``call_module``. ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` are among them."""
+    """A layer from ``torch.nn`` itself (not a container), or one of ``torchgraph.layers``: passes
+    know it by type, so it stays a ``call_module``. ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` are among them. (Tracing ``ScaledDotProductAttention`` would also
+    freeze its ``self.training`` into the graph.)"""
     cls = type(module)
-    return cls.__module__.startswith("torch.nn.") and not isinstance(module, _CONTAINERS) \
-        and not isinstance(module, fx.GraphModule)
+    return (cls.__module__.startswith("torch.nn.") and not isinstance(module, _CONTAINERS)
+            and not isinstance(module, fx.GraphModule)) or isinstance(module, ScaledDotProductAttention)
 
 
 class _InliningTracer(fx.Tracer):
