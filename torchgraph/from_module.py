@@ -38,6 +38,7 @@ from .naming import ILLEGAL_NAMES, fixed_paths
 from .scopes import _CALL_IMPL_CODE, looking_through
 from .symbolic import Input, SymbolicTensor
 from .tracing import RecordingMode, tracing_flags
+from .type_info import hold_during_build
 from .trees import tree_leaves
 
 __all__ = ["from_module", "record_module", "is_leaf_module", "as_model"]
@@ -189,6 +190,7 @@ def _tensor_keys(module: nn.Module) -> dict[int, str]:
 def _call(module: nn.Module, args: tuple, kwargs: dict, plan: "_Plan"):
     leaves = [plan.modules[i] for i in plan.leaves]
     plan.called = set()
+    hold_during_build()  # NOTE: [finfo of a stand-in] in type_info.py (given Inputs may be of an ended build)
     with looking_through(plan.transparent(), leaves, plan.called), tracing_flags(), RecordingMode(plan.state_ids):
         return module(*args, **kwargs)
 

@@ -197,7 +197,9 @@ class SymbolicInt(torch.Tensor):
 
     @staticmethod
     def __new__(cls, value: Value):
-        self = torch.Tensor._make_wrapper_subclass(cls, (), dtype=torch.int64, device="meta")
+        # A float (torch.finfo(x.dtype).min, see type_info.py) is a float64 0-d tensor to torch's parser.
+        dtype = torch.float64 if isinstance(value.probes[0], float) else torch.int64
+        self = torch.Tensor._make_wrapper_subclass(cls, (), dtype=dtype, device="meta")
         self._tg_value = value
         self._tg_origin = value
         self._tg_shadow = None
@@ -367,8 +369,10 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
         ((None, None), torch.int64)
     """
     from .scope_replay import remove_idle_modes
+    from .type_info import hold_during_build
 
     remove_idle_modes()  # a safe point (NOTE: [Module scopes])
+    hold_during_build()  # torch.finfo(x.dtype) is recorded until the build ends (NOTE: [finfo of a stand-in])
     if isinstance(shape, int):
         shape = (shape,)
     if not isinstance(shape, (tuple, list)):

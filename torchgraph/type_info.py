@@ -1,0 +1,232 @@
+"""``torch.finfo(x.dtype).min`` in a build: recorded, so that it follows the model's dtype.
+
+HuggingFace (and much other code) builds attention masks from the smallest number of the compute dtype:
+``(1.0 - mask) * torch.finfo(x.dtype).min``, ``scores.masked_fill(~mask, torch.finfo(q.dtype).min)``.
+At the top level of a build ``x.dtype`` is a stand-in (NOTE: [Device and dtype stand-ins] in
+``symbolic.py``), which ``torch.finfo`` refuses. Here ``torch.finfo`` / ``torch.iinfo`` of a stand-in
+give a :class:`SymbolicTypeInfo`, whose ``.min`` (``.max``, ``.eps``...) is a symbolic number recorded as
+``finfo_value(getattr(x, "dtype"), "min")``: when the model runs it is the plain Python float of the
+dtype the model computes in, exactly what eager code gets.
+
+Design constraints (see NOTE: [finfo of a stand-in]):
+
+- Exact against eager in every dtype: never the build dtype's constant (float32's min overflows
+  bfloat16 to -inf, and fully masked rows then give NaN where eager gives finite values), and a
+  Python float when the model runs (a 0-d tensor promotes differently).
+- ``torch.finfo`` is a type that ``__torch_function__`` never sees, so it is replaced while, and only
+  while, a build in some thread has read ``x.dtype``; the replacement answers real dtypes with the real
+  ``torch.finfo`` object, so other threads see no difference.
+- :func:`finfo_value` and :func:`iinfo_value` may be named by a config (an untrusted file): they take a
+  real dtype and one attribute from a fixed list, and nothing else.
+
+Example:
+    >>> import torch, torchgraph as tg
+    >>> x = tg.Input(shape=(4,))
+    >>> y = x * torch.finfo(x.dtype).min
+    >>> model = tg.Model(x, y)
+    >>> model.to(torch.bfloat16)(torch.ones(1, 4, dtype=torch.bfloat16)).isinf().any().item()
+    False
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .errors import GraphBuildError
+
+__all__ = ["FINFO_ATTRIBUTES", "IINFO_ATTRIBUTES", "SymbolicTypeInfo", "finfo_value", "iinfo_value",
+           "hold_during_build", "release_build"]
+
+FINFO_ATTRIBUTES = ("bits", "eps", "max", "min", "tiny", "smallest_normal", "resolution")
+IINFO_ATTRIBUTES = ("bits", "max", "min")
+
+_REAL = {"finfo": torch.finfo, "iinfo": torch.iinfo}
+
+
+def _value(kind: str, dtype, attribute: str):
+    """``torch.<kind>(dtype).<attribute>`` of a real dtype; a stand-in is recorded instead."""
+    from .symbolic import SymbolicDtype, _StandIn
+
+    allowed = FINFO_ATTRIBUTES if kind == "finfo" else IINFO_ATTRIBUTES
+    if not isinstance(attribute, str) or attribute not in allowed:
+        raise ValueError(f"torchgraph.{kind}_value: unknown attribute {attribute!r:.80}. Expected one of "
+                         f"{', '.join(allowed)}; received {type(attribute).__name__} {attribute!r:.80}.")
+    if isinstance(dtype, SymbolicDtype):
+        return _record(kind, dtype, attribute)
+    if isinstance(dtype, _StandIn):
+        dtype = dtype.value  # a device stand-in: refused below
+    floating = isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)
+    integral = isinstance(dtype, torch.dtype) and not floating and dtype != torch.bool
+    if not (floating if kind == "finfo" else integral):
+        expected = "a floating point (or complex) dtype" if kind == "finfo" else "an integer dtype"
+        raise TypeError(f"torchgraph.{kind}_value: torch.{kind} of {dtype!r:.80}. Expected {expected}; "
+                        f"received {type(dtype).__name__} {dtype!r:.80}. Use torch."
+                        f"{'iinfo' if kind == 'finfo' else 'finfo'} for that dtype.")
+    return getattr(_REAL[kind](dtype), attribute)
+
+
+def finfo_value(dtype: torch.dtype, attribute: str) -> float | int:
+    """``getattr(torch.finfo(dtype), attribute)``: what a recorded ``torch.finfo(x.dtype).min`` computes.
+
+    Args:
+        dtype (torch.dtype): a floating point dtype (the model's ``x.dtype`` when it runs).
+        attribute (str): one of ``bits``, ``eps``, ``max``, ``min``, ``tiny``, ``smallest_normal``,
+            ``resolution``.
+
+    Returns:
+        float | int: a plain Python number, as ``torch.finfo`` gives it (``bits`` is an int).
+
+    Example:
+        >>> import torch
+        >>> finfo_value(torch.bfloat16, "min") == torch.finfo(torch.bfloat16).min
+        True
+    """
+    return _value("finfo", dtype, attribute)
+
+
+def iinfo_value(dtype: torch.dtype, attribute: str) -> int:
+    """``getattr(torch.iinfo(dtype), attribute)``: what a recorded ``torch.iinfo(x.dtype).max`` computes.
+
+    Args:
+        dtype (torch.dtype): an integer dtype.
+        attribute (str): one of ``bits``, ``max``, ``min``.
+
+    Returns:
+        int: a plain Python int.
+
+    Example:
+        >>> import torch
+        >>> iinfo_value(torch.int8, "max")
+        127
+    """
+    return _value("iinfo", dtype, attribute)
+
+
+_FUNCTIONS = {"finfo": finfo_value, "iinfo": iinfo_value}
+
+
+def _record(kind: str, standin, attribute: str):
+    """The recorded ``<kind>_value(getattr(x, "dtype"), attribute)``: a symbolic number."""
+    from .sizes import standin_value
+    from .symbolic import Record, SymbolicInt, Value
+
+    number = _value(kind, standin.value, attribute)  # the build dtype's, for the probes; checks the dtype
+    record = Record("call_function", _FUNCTIONS[kind], (standin_value(standin), attribute))
+    out = SymbolicInt(Value(record, (), (number, number)))
+    record.out = out._tg_value
+    return out
+
+
+class SymbolicTypeInfo:
+    """``torch.finfo(x.dtype)`` (or ``torch.iinfo``) of a dtype stand-in: its attributes are recorded.
+
+    ``.min``, ``.max``, ``.eps``... are symbolic numbers (NOTE: [finfo of a stand-in]); they can be
+    used in Python arithmetic (``info.max - 1000``) and passed to torch functions (``torch.where(m, 0.0,
+    info.min)``, ``t.masked_fill(m, info.min)``, ``t * info.min``), which record them.
+    """
+
+    __slots__ = ("_kind", "_standin")
+
+    def __init__(self, kind: str, standin):
+        _value(kind, standin.value, "bits")  # torch.finfo(torch.long) fails here, as it does in eager
+        self._kind = kind
+        self._standin = standin
+
+    def __getattr__(self, name: str):
+        allowed = FINFO_ATTRIBUTES if self._kind == "finfo" else IINFO_ATTRIBUTES
+        if name in allowed:
+            return _record(self._kind, self._standin, name)
+        if name == "dtype":
+            raise GraphBuildError(
+                f"torch.{self._kind}(x.dtype).dtype: the dtype's name depends on the dtype the model runs in, "
+                "so it cannot be a fixed string in a recorded model. Expected one of its numbers ("
+                f"{', '.join(allowed)}); use x.dtype itself to compare or to pass on.")
+        raise AttributeError(f"torch.{self._kind}(x.dtype) has no attribute {name!r}; torchgraph records "
+                             f"{', '.join(allowed)}.")
+
+    def __repr__(self) -> str:
+        return f"{self._kind}(dtype={self._standin.value}, recorded)"
+
+
+# NOTE: [finfo of a stand-in] torch.finfo and torch.iinfo are types implemented in C; calling one
+# never reaches __torch_function__ or a TorchFunctionMode, and its argument parser accepts only a
+# real torch.dtype (a final type, so a stand-in cannot be one). Its result is only a bag of numbers,
+# so it is intercepted where it is looked up: `torch.finfo` is replaced by _InfoType's class, which
+# gives a SymbolicTypeInfo for a dtype stand-in and the real torch.finfo object for anything else
+# (isinstance(obj, torch.finfo) stays true for those through the metaclass). The replacement is in
+# place only while a build in some thread holds it: a build takes a hold the first time it reads
+# `x.dtype` of a symbolic tensor (recording.py) and gives it back when it ends (dims.new_build:
+# tg.Model(), a failed tg.from_module, a replayed config), so processes that never build, or build
+# without reading a dtype, never see it, and torch.compile's own handling of torch.finfo
+# (torch._dynamo) sees the real type outside builds. Code that bound finfo at import time (`from torch
+# import finfo`) bypasses it: that finfo of a stand-in still raises TypeError.
+# The attribute read is recorded as `finfo_value(getattr(x, "dtype"), "min")` (a SymbolicInt whose two
+# probes are the build dtype's number, so probing computes with a Python float, as eager does); when the
+# model runs it returns a Python float of the dtype the model then computes in. So type promotion is
+# eager's (a Python float never changes a tensor's dtype; a 0-d float32 tensor would not either, but a
+# 0-d tensor multiplied with an int mask is what promotes differently), and bfloat16's min is
+# bfloat16's, not float32's rounded to -inf.
+
+
+class _InfoMeta(type):
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, _REAL[cls._kind])
+
+    def __subclasscheck__(cls, sub):
+        return issubclass(sub, _REAL[cls._kind])
+
+    def __getattr__(cls, name):
+        return getattr(_REAL[cls.__dict__["_kind"]], name)
+
+
+def _make_info_type(kind: str) -> type:
+    def __new__(cls, *args, **kwargs):
+        from .symbolic import SymbolicDtype
+
+        dtype = args[0] if args else kwargs.get("type")
+        if isinstance(dtype, SymbolicDtype) and len(args) + len(kwargs) == 1:
+            return SymbolicTypeInfo(kind, dtype)
+        return _REAL[kind](*args, **kwargs)
+
+    info_type = _InfoMeta(kind, (), {"__new__": __new__, "_kind": kind, "__module__": "torch",
+                                     "__doc__": _REAL[kind].__doc__})
+    return info_type
+
+
+_REPLACEMENTS = {"finfo": _make_info_type("finfo"), "iinfo": _make_info_type("iinfo")}
+
+
+class _Holds(threading.local):
+    def __init__(self):
+        self.held = False
+
+
+_HOLDS = _Holds()
+_LOCK = threading.Lock()
+_COUNT = 0
+
+
+def hold_during_build() -> None:
+    """This thread's build reads ``x.dtype``: replace ``torch.finfo``/``torch.iinfo`` until it ends."""
+    global _COUNT
+    if _HOLDS.held:
+        return
+    with _LOCK:
+        _HOLDS.held = True
+        _COUNT += 1
+        if _COUNT == 1:
+            torch.finfo, torch.iinfo = _REPLACEMENTS["finfo"], _REPLACEMENTS["iinfo"]
+
+
+def release_build() -> None:
+    """This thread's build ended: put the real ``torch.finfo``/``torch.iinfo`` back if no build holds them."""
+    global _COUNT
+    if not _HOLDS.held:
+        return
+    with _LOCK:
+        _HOLDS.held = False
+        _COUNT -= 1
+        if _COUNT == 0:
+            torch.finfo, torch.iinfo = _REAL["finfo"], _REAL["iinfo"]
