@@ -38,6 +38,7 @@ from .symbolic import (Record, SymbolicDevice, SymbolicDtype, SymbolicInt, Symbo
 from .targets import (_DUNDER_OPS, _METADATA, _NEEDS_DATA, VIEW_OPS, _is_property, _is_tensor_method, _resolvable,
                       func_name, is_inplace, setitem)
 from .trees import map_with_paths, tree_leaves, tree_map
+from .type_info import hold_during_build
 
 __all__ = ["close_finished_scopes", "dispatch", "in_layer_call", "link_args"]
 
@@ -162,6 +163,8 @@ def _answer_metadata(func, name: str, args, kwargs):
     if name in ("dim", "ndimension", "ndim"):
         return len(v.dims)
     if name in _STANDINS:  # NOTE: [Device and dtype stand-ins] in symbolic.py
+        if name == "dtype":
+            hold_during_build()  # values of a finished build read again (NOTE: [finfo of a stand-in])
         return _STANDINS[name](v, v.dtype if name == "dtype" else torch.device("cpu"))
     if name in ("numel", "nelement"):
         return SymbolicShape(_symbolic_size(x, i) for i in range(len(v.dims))).numel()

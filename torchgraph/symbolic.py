@@ -211,7 +211,12 @@ class SymbolicInt(torch.Tensor):
     __torch_dispatch__ = SymbolicTensor.__torch_dispatch__
 
     def __repr__(self) -> str:
+        from .type_info import dtype_source
+
         p0 = self._tg_value.probes[0]
+        dtype = dtype_source(self._tg_value)
+        if dtype is not None:  # torch.finfo(x.dtype).min (type_info.py)
+            return f"{'SymbolicBool' if isinstance(p0, bool) else 'SymbolicFloat'}(follows the dtype; {p0!r} in {dtype})"
         return "SymbolicBool(dynamic)" if isinstance(p0, bool) else "SymbolicInt(dynamic)"
 
     __str__ = __repr__
@@ -256,9 +261,10 @@ class SymbolicInt(torch.Tensor):
         return guard(self)
 
     def _refuse(self, what: str):
-        from .messages import dynamic_size_as_number
+        from .messages import dtype_number_as_number, dynamic_size_as_number
+        from .type_info import dtype_source
 
-        raise dynamic_size_as_number(what)
+        raise dtype_number_as_number(what) if dtype_source(self._tg_value) is not None else dynamic_size_as_number(what)
 
     def __int__(self): self._refuse("in int()")
     def __index__(self): self._refuse("as a Python int (range(), slicing a real tensor, a list index)")

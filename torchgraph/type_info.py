@@ -36,8 +36,8 @@ import torch
 
 from .errors import GraphBuildError
 
-__all__ = ["FINFO_ATTRIBUTES", "IINFO_ATTRIBUTES", "SymbolicTypeInfo", "finfo_value", "iinfo_value",
-           "hold_during_build", "release_build"]
+__all__ = ["FINFO_ATTRIBUTES", "IINFO_ATTRIBUTES", "SymbolicTypeInfo", "dtype_source", "finfo_value",
+           "iinfo_value", "hold_during_build", "release_build"]
 
 FINFO_ATTRIBUTES = ("bits", "eps", "max", "min", "tiny", "smallest_normal", "resolution")
 IINFO_ATTRIBUTES = ("bits", "max", "min")
@@ -55,6 +55,8 @@ def _value(kind: str, dtype, attribute: str):
                          f"{', '.join(allowed)}; received {type(attribute).__name__} {attribute!r:.80}.")
     if isinstance(dtype, SymbolicDtype):
         return _record(kind, dtype, attribute)
+    if isinstance(dtype, torch.fx.Proxy):  # torch.fx retracing a model (unpickling, symbolic_trace)
+        return dtype.tracer.create_proxy("call_function", _FUNCTIONS[kind], (dtype, attribute), {})
     if isinstance(dtype, _StandIn):
         dtype = dtype.value  # a device stand-in: refused below
     floating = isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)
@@ -105,6 +107,23 @@ def iinfo_value(dtype: torch.dtype, attribute: str) -> int:
 
 
 _FUNCTIONS = {"finfo": finfo_value, "iinfo": iinfo_value}
+
+
+def dtype_source(value):
+    """The build dtype whose number a recorded number (a :class:`~torchgraph.symbolic.Value`) is computed
+    from (``torch.finfo(x.dtype).min - 1``), or None."""
+    from .symbolic import Value
+
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or v.dims is not None:
+            continue
+        seen.add(id(v))
+        if v.record.target in (finfo_value, iinfo_value):
+            return v.record.args[0].probes[0]
+        stack.extend(a for a in (*v.record.args, *v.record.kwargs.values()) if isinstance(a, Value))
+    return None
 
 
 def _record(kind: str, standin, attribute: str):
@@ -198,9 +217,34 @@ def _make_info_type(kind: str) -> type:
 _REPLACEMENTS = {"finfo": _make_info_type("finfo"), "iinfo": _make_info_type("iinfo")}
 
 
+class _Hold:
+    """One thread's hold on the replacement; dropped when its build ends, or when the thread ends."""
+
+    def __init__(self):
+        global _COUNT
+        self.dropped = False
+        with _LOCK:
+            _COUNT += 1
+            if _COUNT == 1:
+                torch.finfo, torch.iinfo = _REPLACEMENTS["finfo"], _REPLACEMENTS["iinfo"]
+
+    def drop(self) -> None:
+        global _COUNT
+        with _LOCK:
+            if self.dropped:
+                return
+            self.dropped = True
+            _COUNT -= 1
+            if _COUNT == 0:
+                torch.finfo, torch.iinfo = _REAL["finfo"], _REAL["iinfo"]
+
+    def __del__(self):  # the thread ended in the middle of a build
+        self.drop()
+
+
 class _Holds(threading.local):
     def __init__(self):
-        self.held = False
+        self.hold: _Hold | None = None
 
 
 _HOLDS = _Holds()
@@ -209,24 +253,13 @@ _COUNT = 0
 
 
 def hold_during_build() -> None:
-    """This thread's build reads ``x.dtype``: replace ``torch.finfo``/``torch.iinfo`` until it ends."""
-    global _COUNT
-    if _HOLDS.held:
-        return
-    with _LOCK:
-        _HOLDS.held = True
-        _COUNT += 1
-        if _COUNT == 1:
-            torch.finfo, torch.iinfo = _REPLACEMENTS["finfo"], _REPLACEMENTS["iinfo"]
+    """This thread builds: replace ``torch.finfo``/``torch.iinfo`` until its build ends (NOTE: [finfo of a stand-in])."""
+    if _HOLDS.hold is None:
+        _HOLDS.hold = _Hold()
 
 
 def release_build() -> None:
-    """This thread's build ended: put the real ``torch.finfo``/``torch.iinfo`` back if no build holds them."""
-    global _COUNT
-    if not _HOLDS.held:
-        return
-    with _LOCK:
-        _HOLDS.held = False
-        _COUNT -= 1
-        if _COUNT == 0:
-            torch.finfo, torch.iinfo = _REAL["finfo"], _REAL["iinfo"]
+    """This thread's build ended: put the real ``torch.finfo``/``torch.iinfo`` back if no other build holds them."""
+    hold, _HOLDS.hold = _HOLDS.hold, None
+    if hold is not None:
+        hold.drop()
