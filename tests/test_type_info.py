@@ -98,7 +98,7 @@ def test_finfo_in_a_tg_input_build():
     def compute(x, m, ids):
         h = linear(x)
         low = torch.finfo(h.dtype).min
-        return (h + (1.0 - m) * low, h.masked_fill(m == 0, low), torch.where(m == 0, 0.0, low) + h,
+        return (h + (1.0 - m) * low, m * low, h.masked_fill(m == 0, low), torch.where(m == 0, 0.0, low) + h,
                 (torch.finfo(h.dtype).max - 1000) * h / torch.finfo(h.dtype).max,
                 h * torch.finfo(h.dtype).eps, torch.full((2,), -low, device=h.device),
                 ids.clamp(max=torch.iinfo(ids.dtype).max // 2 ** 60))

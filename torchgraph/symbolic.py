@@ -288,9 +288,12 @@ class _StandIn:
     ``x.dtype`` into the model instead of a constant. So ``torch.zeros(n, dtype=x.dtype,
     device=x.device)`` follows the model's inputs after ``model.to(...)``, exactly like the same code
     in an eager module. Calls made by torch's own code (``nn.Linear(..., device=x.device)`` creating
-    its parameters) run for real with the build-time value. Known limits, as with torch.fx proxies:
-    ``isinstance(x.dtype, torch.dtype)`` is False and ``torch.finfo(x.dtype)`` raises (use
-    ``torch.finfo(x.dtype.value)``). Inside a module's forward, ``x.device``/``x.dtype`` are real.
+    its parameters) run for real with the build-time value. ``torch.finfo(x.dtype).min`` (and
+    ``torch.iinfo``) is recorded too, so a mask built from it follows the model's dtype (NOTE: [finfo
+    of a stand-in] in ``type_info.py``). Known limits, as with torch.fx proxies: ``isinstance(x.dtype,
+    torch.dtype)`` is False, and a comparison (``if x.dtype == torch.float16:``) answers for the build
+    dtype (use ``x.dtype.value`` for the build-time dtype itself). Inside a module's forward,
+    ``x.device``/``x.dtype`` are real.
     """
 
     __slots__ = ("_tg_tensor", "value", "_tg_value")

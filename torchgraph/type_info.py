@@ -20,10 +20,12 @@ Design constraints (see NOTE: [finfo of a stand-in]):
   real dtype and one attribute from a fixed list, and nothing else.
 
 Example:
-    >>> import torch, torchgraph as tg
+    >>> import torch, torch.nn as nn, torchgraph as tg
     >>> x = tg.Input(shape=(4,))
-    >>> y = x * torch.finfo(x.dtype).min
-    >>> model = tg.Model(x, y)
+    >>> h = nn.Linear(4, 4)(x)
+    >>> model = tg.Model(x, h.masked_fill(h > 0, torch.finfo(h.dtype).min))
+    >>> "finfo_value(getattr_1, 'min')" in model.code
+    True
     >>> model.to(torch.bfloat16)(torch.ones(1, 4, dtype=torch.bfloat16)).isinf().any().item()
     False
 """
@@ -169,24 +171,29 @@ class SymbolicTypeInfo:
         return f"{self._kind}(dtype={self._standin.value}, recorded)"
 
 
-# NOTE: [finfo of a stand-in] torch.finfo and torch.iinfo are types implemented in C; calling one
-# never reaches __torch_function__ or a TorchFunctionMode, and its argument parser accepts only a
-# real torch.dtype (a final type, so a stand-in cannot be one). Its result is only a bag of numbers,
-# so it is intercepted where it is looked up: `torch.finfo` is replaced by _InfoType's class, which
-# gives a SymbolicTypeInfo for a dtype stand-in and the real torch.finfo object for anything else
-# (isinstance(obj, torch.finfo) stays true for those through the metaclass). The replacement is in
-# place only while a build in some thread holds it: a build takes a hold the first time it reads
-# `x.dtype` of a symbolic tensor (recording.py) and gives it back when it ends (dims.new_build:
-# tg.Model(), a failed tg.from_module, a replayed config), so processes that never build, or build
-# without reading a dtype, never see it, and torch.compile's own handling of torch.finfo
-# (torch._dynamo) sees the real type outside builds. Code that bound finfo at import time (`from torch
-# import finfo`) bypasses it: that finfo of a stand-in still raises TypeError.
-# The attribute read is recorded as `finfo_value(getattr(x, "dtype"), "min")` (a SymbolicInt whose two
-# probes are the build dtype's number, so probing computes with a Python float, as eager does); when the
-# model runs it returns a Python float of the dtype the model then computes in. So type promotion is
-# eager's (a Python float never changes a tensor's dtype; a 0-d float32 tensor would not either, but a
-# 0-d tensor multiplied with an int mask is what promotes differently), and bfloat16's min is
-# bfloat16's, not float32's rounded to -inf.
+# NOTE: [finfo of a stand-in] torch.finfo and torch.iinfo are types implemented in C: calling one
+# never reaches __torch_function__ or a TorchFunctionMode, and its argument parser accepts only a real
+# torch.dtype (a final type, so a stand-in cannot be one). Their result is only a bag of numbers, so the
+# call is intercepted where it is looked up: `torch.finfo` is replaced by a class made here whose
+# __new__ gives a SymbolicTypeInfo for a dtype stand-in and torch's own finfo object for anything else
+# (isinstance(obj, torch.finfo) stays true through the metaclass).
+# When: Python looks `torch.finfo` up before it evaluates `x.dtype`, so the replacement must already be
+# in place when the first finfo of a build runs. A build takes a hold at tg.Input(), when tg.from_module
+# records, and when it reads `x.dtype` of a symbolic tensor (a value of a finished build used again), and
+# gives it back when it ends (dims.new_build: tg.Model(), a failed tg.from_module, a replayed config) or
+# when its thread ends. torch's own types are back as soon as no thread holds one, so a process that
+# does not build never sees the replacement. Meanwhile other threads get torch's objects for real
+# dtypes; only torch.compile(fullgraph=True) of code calling torch.finfo fails then (dynamo knows
+# torch's type, not ours; without fullgraph it breaks the graph there and stays correct). Code that
+# bound finfo at import time (`from torch import finfo`) bypasses the replacement: its finfo of a
+# stand-in raises torch's TypeError, as before.
+# What: the attribute read is recorded as `finfo_value(getattr(x, "dtype"), "min")`, a SymbolicInt whose
+# two probes are the build dtype's number (so probes compute with a Python float, as eager code does),
+# and which a model computes from the dtype it then runs in. It is a Python float there, never a 0-d
+# tensor: under type promotion they differ (int_mask * m is float32 with a Python float, bfloat16 with
+# a 0-d bfloat16 tensor). Python arithmetic on it (`m - 1000`) is recorded like arithmetic on sizes; a
+# plain number (float(m), torch.tensor(m) outside tg.from_module) is refused, since it would not follow
+# model.to(dtype). torch.onnx export runs finfo_value on the real dtype: a constant, as in eager export.
 
 
 class _InfoMeta(type):
