@@ -15,9 +15,9 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from community_models.hf import tiny_bert, tiny_bloom, tiny_deberta_v2, tiny_t5
 
 import torchgraph as tg
-from community_models.hf import tiny_bert, tiny_bloom, tiny_deberta_v2, tiny_t5
 from torchgraph import type_info
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -120,7 +120,7 @@ def test_finfo_number_used_as_a_plain_number_is_refused():
     with pytest.raises(tg.GraphBuildError, match=r"number of a dtype .* depends on the dtype"):
         float(low)
     with pytest.raises(tg.GraphBuildError, match="dtype's name depends on the dtype"):
-        torch.finfo(x.dtype).dtype
+        _ = torch.finfo(x.dtype).dtype
     with pytest.raises(TypeError, match="Expected an integer dtype; received dtype torch.float32"):
         torch.iinfo(x.dtype)
     tg.Model(x, x * 2)

@@ -38,8 +38,8 @@ from .naming import ILLEGAL_NAMES, fixed_paths
 from .scopes import _CALL_IMPL_CODE, looking_through
 from .symbolic import Input, SymbolicTensor
 from .tracing import RecordingMode, tracing_flags
-from .type_info import hold_during_build
 from .trees import tree_leaves
+from .type_info import hold_during_build
 
 __all__ = ["from_module", "record_module", "is_leaf_module", "as_model"]
 

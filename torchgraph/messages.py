@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["below_torch_function", "called_from_torch", "describe_call", "describe_module", "dtype_number_as_number",
-           "dynamic_number_output", "dynamic_size_as_number", "function_failure", "inner_failure", "input_reshaped_in_place", "layer_hint",
-           "module_failure", "precheck", "replay_mismatch", "tensor_shape", "untracked_output", "user_frame",
+           "dynamic_number_output", "dynamic_size_as_number", "function_failure", "inner_failure",
+           "input_reshaped_in_place", "layer_hint", "module_failure", "precheck", "replay_mismatch", "tensor_shape", "untracked_output", "user_frame",
            "user_location"]
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))

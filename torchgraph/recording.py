@@ -163,8 +163,6 @@ def _answer_metadata(func, name: str, args, kwargs):
     if name in ("dim", "ndimension", "ndim"):
         return len(v.dims)
     if name in _STANDINS:  # NOTE: [Device and dtype stand-ins] in symbolic.py
-        if name == "dtype":
-            hold_during_build()  # values of a finished build read again (NOTE: [finfo of a stand-in])
         return _STANDINS[name](v, v.dtype if name == "dtype" else torch.device("cpu"))
     if name in ("numel", "nelement"):
         return SymbolicShape(_symbolic_size(x, i) for i in range(len(v.dims))).numel()
@@ -242,6 +240,7 @@ def _probe_outputs(func, args, kwargs):
 
 
 def _record_top_level(func, name: str, args, kwargs):
+    hold_during_build()  # values of a finished build used again (NOTE: [finfo of a stand-in])
     if name in _METADATA:
         return _answer_metadata(func, name, args, kwargs)
     if name in _NEEDS_DATA:

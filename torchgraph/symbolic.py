@@ -216,7 +216,8 @@ class SymbolicInt(torch.Tensor):
         p0 = self._tg_value.probes[0]
         dtype = dtype_source(self._tg_value)
         if dtype is not None:  # torch.finfo(x.dtype).min (type_info.py)
-            return f"{'SymbolicBool' if isinstance(p0, bool) else 'SymbolicFloat'}(follows the dtype; {p0!r} in {dtype})"
+            kind = "SymbolicBool" if isinstance(p0, bool) else "SymbolicFloat"
+            return f"{kind}(follows the dtype; {p0!r} in {dtype})"
         return "SymbolicBool(dynamic)" if isinstance(p0, bool) else "SymbolicInt(dynamic)"
 
     __str__ = __repr__
@@ -264,7 +265,9 @@ class SymbolicInt(torch.Tensor):
         from .messages import dtype_number_as_number, dynamic_size_as_number
         from .type_info import dtype_source
 
-        raise dtype_number_as_number(what) if dtype_source(self._tg_value) is not None else dynamic_size_as_number(what)
+        if dtype_source(self._tg_value) is not None:  # torch.finfo(x.dtype).min (type_info.py)
+            raise dtype_number_as_number(what)
+        raise dynamic_size_as_number(what)
 
     def __int__(self): self._refuse("in int()")
     def __index__(self): self._refuse("as a Python int (range(), slicing a real tensor, a list index)")

@@ -39,7 +39,7 @@ import torch
 from .errors import GraphBuildError
 
 __all__ = ["FINFO_ATTRIBUTES", "IINFO_ATTRIBUTES", "SymbolicTypeInfo", "dtype_source", "finfo_value",
-           "iinfo_value", "hold_during_build", "release_build"]
+           "hold_during_build", "iinfo_value", "release_build"]
 
 FINFO_ATTRIBUTES = ("bits", "eps", "max", "min", "tiny", "smallest_normal", "resolution")
 IINFO_ATTRIBUTES = ("bits", "max", "min")
@@ -179,14 +179,17 @@ class SymbolicTypeInfo:
 # (isinstance(obj, torch.finfo) stays true through the metaclass).
 # When: Python looks `torch.finfo` up before it evaluates `x.dtype`, so the replacement must already be
 # in place when the first finfo of a build runs. A build takes a hold at tg.Input(), when tg.from_module
-# records, and when it reads `x.dtype` of a symbolic tensor (a value of a finished build used again), and
+# records, and at each operation recorded at the top level (a value of a finished build used again), and
 # gives it back when it ends (dims.new_build: tg.Model(), a failed tg.from_module, a replayed config) or
 # when its thread ends. torch's own types are back as soon as no thread holds one, so a process that
 # does not build never sees the replacement. Meanwhile other threads get torch's objects for real
 # dtypes; only torch.compile(fullgraph=True) of code calling torch.finfo fails then (dynamo knows
 # torch's type, not ours; without fullgraph it breaks the graph there and stays correct). Code that
 # bound finfo at import time (`from torch import finfo`) bypasses the replacement: its finfo of a
-# stand-in raises torch's TypeError, as before.
+# stand-in raises torch's TypeError, as before; so does a torch.finfo(h.dtype) that is the first use of
+# a finished build's value `h` after its tg.Model() (any recorded operation or tg.Input before it takes
+# the hold again). A process-wide replacement would avoid that but break torch.compile(fullgraph=True)
+# of every model that calls torch.finfo (HuggingFace's) for the rest of the process.
 # What: the attribute read is recorded as `finfo_value(getattr(x, "dtype"), "min")`, a SymbolicInt whose
 # two probes are the build dtype's number (so probes compute with a Python float, as eager code does),
 # and which a model computes from the dtype it then runs in. It is a Python float there, never a 0-d
@@ -255,7 +258,7 @@ class _Holds(threading.local):
 
 
 _HOLDS = _Holds()
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # reentrant: a _Hold's __del__ may run inside a locked section
 _COUNT = 0
 
 
