@@ -39,7 +39,6 @@ from .scopes import _CALL_IMPL_CODE, looking_through
 from .symbolic import Input, SymbolicTensor
 from .tracing import RecordingMode, tracing_flags
 from .trees import tree_leaves
-from .type_info import hold_during_build
 
 __all__ = ["from_module", "record_module", "is_leaf_module", "as_model"]
 
@@ -190,7 +189,6 @@ def _tensor_keys(module: nn.Module) -> dict[int, str]:
 def _call(module: nn.Module, args: tuple, kwargs: dict, plan: "_Plan"):
     leaves = [plan.modules[i] for i in plan.leaves]
     plan.called = set()
-    hold_during_build()  # NOTE: [finfo of a stand-in] in type_info.py (given Inputs may be of an ended build)
     with looking_through(plan.transparent(), leaves, plan.called), tracing_flags(), RecordingMode(plan.state_ids):
         return module(*args, **kwargs)
 
