@@ -6,10 +6,15 @@ there, and the softmax of that row NaN where eager's is finite.
 """
 
 import copy
+import gc
 import json
+import pathlib
 import pickle
 import struct
+import subprocess
+import sys
 import threading
+import types
 import warnings
 
 import pytest
@@ -132,11 +137,13 @@ def test_torch_finfo_is_torchs_own_outside_builds_and_in_other_threads():
     x = tg.Input(shape=(4,))
     assert torch.finfo is not real  # a build is in progress
     seen = []
-    worker = threading.Thread(target=lambda: seen.append(torch.finfo(torch.bfloat16)))
+    worker = threading.Thread(target=lambda: seen.extend([torch.finfo, torch.finfo(torch.bfloat16)]))
     worker.start()
     worker.join()
-    assert type(seen[0]) is real and seen[0].min == real(torch.bfloat16).min
-    assert isinstance(seen[0], torch.finfo) and torch.finfo().eps == real().eps
+    assert seen[0] is real  # another thread never sees the replacement
+    assert type(seen[1]) is real and seen[1].min == real(torch.bfloat16).min
+    assert type(torch.finfo(torch.bfloat16)) is real
+    assert isinstance(seen[1], torch.finfo) and torch.finfo().eps == real().eps
     tg.Model(x, x * torch.finfo(x.dtype).tiny)
     assert torch.finfo is real and torch.iinfo is type_info._REAL["iinfo"]
 
@@ -146,10 +153,23 @@ def test_torch_finfo_is_torchs_own_outside_builds_and_in_other_threads():
     worker = threading.Thread(target=build_and_exit)
     worker.start()
     worker.join()
-    import gc
-
     gc.collect()
-    assert torch.finfo is real
+    assert torch.finfo is real and type(torch) is types.ModuleType
+
+
+def test_torch_dynamo_imported_during_a_build_keeps_torchs_finfo():
+    """torch._dynamo (imported lazily, often during a recording) records torch's own finfo as a constant
+    type, so torch.compile of code calling torch.finfo works after the build."""
+    code = ("import torch, torchgraph as tg\n"
+            "x = tg.Input(shape=(4,))\n"
+            "assert 'torch._dynamo' not in __import__('sys').modules\n"
+            "import torch._dynamo.utils as utils\n"
+            "assert torch.finfo not in utils.common_constant_types\n"
+            "tg.Model(x, x * torch.finfo(x.dtype).min)\n"
+            "assert torch.finfo in utils.common_constant_types and torch.iinfo in utils.common_constant_types\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_saving_pickling_summary_and_onnx(tmp_path):

@@ -32,7 +32,10 @@ Example:
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+import types
 
 import torch
 
@@ -174,22 +177,25 @@ class SymbolicTypeInfo:
 # NOTE: [finfo of a stand-in] torch.finfo and torch.iinfo are types implemented in C: calling one
 # never reaches __torch_function__ or a TorchFunctionMode, and its argument parser accepts only a real
 # torch.dtype (a final type, so a stand-in cannot be one). Their result is only a bag of numbers, so the
-# call is intercepted where it is looked up: `torch.finfo` is replaced by a class made here whose
-# __new__ gives a SymbolicTypeInfo for a dtype stand-in and torch's own finfo object for anything else
-# (isinstance(obj, torch.finfo) stays true through the metaclass).
+# call is intercepted where it is looked up: while some thread builds, the `torch` module's class is
+# _TorchDuringBuilds, whose `finfo` property gives that thread's model code a class made here (its
+# __new__ gives a SymbolicTypeInfo for a dtype stand-in and torch's own finfo object for anything else;
+# isinstance(obj, torch.finfo) stays true through the metaclass), and everyone else torch's type: other
+# threads, and torch's own code (torch._dynamo, imported lazily, often first during a tg.from_module
+# recording, copies torch.finfo into its tables of constant types at import; a replacement caught there
+# would break torch.compile of finfo for the rest of the process).
 # When: Python looks `torch.finfo` up before it evaluates `x.dtype`, so the replacement must already be
 # in place when the first finfo of a build runs. A build takes a hold at tg.Input(), when tg.from_module
-# records, and at each operation recorded at the top level (a value of a finished build used again), and
-# gives it back when it ends (dims.new_build: tg.Model(), a failed tg.from_module, a replayed config) or
-# when its thread ends. torch's own types are back as soon as no thread holds one, so a process that
-# does not build never sees the replacement. Meanwhile other threads get torch's objects for real
-# dtypes; only torch.compile(fullgraph=True) of code calling torch.finfo fails then (dynamo knows
-# torch's type, not ours; without fullgraph it breaks the graph there and stays correct). Code that
-# bound finfo at import time (`from torch import finfo`) bypasses the replacement: its finfo of a
-# stand-in raises torch's TypeError, as before; so does a torch.finfo(h.dtype) that is the first use of
-# a finished build's value `h` after its tg.Model() (any recorded operation or tg.Input before it takes
-# the hold again). A process-wide replacement would avoid that but break torch.compile(fullgraph=True)
-# of every model that calls torch.finfo (HuggingFace's) for the rest of the process.
+# records (RecordingMode), and at each operation recorded at the top level (a value of a finished build
+# used again), and gives it back when it ends (dims.new_build: tg.Model(), a failed tg.from_module, a
+# replayed config) or when its thread ends. The module's class is torch's own again as soon as no
+# thread holds one, so a process that does not build never sees the replacement. Limits: code that
+# bound finfo at import time (`from torch import finfo`) bypasses it (its finfo of a stand-in raises
+# torch's TypeError, as before), and so does a torch.finfo(h.dtype) that is the first use of a finished
+# build's value `h` after its tg.Model() (any recorded operation or tg.Input before it takes the hold
+# again); torch.compile of code calling torch.finfo fails in the building thread during a build (its
+# guards read the replacement). A process-wide replacement would avoid the second but break
+# torch.compile(fullgraph=True) of every model that calls torch.finfo (HuggingFace's) for good.
 # What: the attribute read is recorded as `finfo_value(getattr(x, "dtype"), "min")`, a SymbolicInt whose
 # two probes are the build dtype's number (so probes compute with a Python float, as eager code does),
 # and which a model computes from the dtype it then runs in. It is a Python float there, never a 0-d
@@ -227,6 +233,25 @@ def _make_info_type(kind: str) -> type:
 _REPLACEMENTS = {"finfo": _make_info_type("finfo"), "iinfo": _make_info_type("iinfo")}
 
 
+class _TorchDuringBuilds(types.ModuleType):
+    """The class of the ``torch`` module while a build holds the replacement (NOTE: [finfo of a stand-in])."""
+
+    finfo = property(lambda self: _lookup("finfo"))
+    iinfo = property(lambda self: _lookup("iinfo"))
+
+
+_TORCH_MODULE_CLASS = type(torch)
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _lookup(kind: str):
+    """``torch.finfo`` as the code looking it up sees it: the replacement only for a building thread's
+    model code; torch's own code (torch._dynamo's tables of constant types) gets torch's type."""
+    if _HOLDS.hold is not None and not sys._getframe(2).f_code.co_filename.startswith(_TORCH_DIR):
+        return _REPLACEMENTS[kind]
+    return _REAL[kind]
+
+
 class _Hold:
     """One thread's hold on the replacement; dropped when its build ends, or when the thread ends."""
 
@@ -236,7 +261,7 @@ class _Hold:
         with _LOCK:
             _COUNT += 1
             if _COUNT == 1:
-                torch.finfo, torch.iinfo = _REPLACEMENTS["finfo"], _REPLACEMENTS["iinfo"]
+                torch.__class__ = _TorchDuringBuilds
 
     def drop(self) -> None:
         global _COUNT
@@ -246,7 +271,7 @@ class _Hold:
             self.dropped = True
             _COUNT -= 1
             if _COUNT == 0:
-                torch.finfo, torch.iinfo = _REAL["finfo"], _REAL["iinfo"]
+                torch.__class__ = _TORCH_MODULE_CLASS
 
     def __del__(self):  # the thread ended in the middle of a build
         self.drop()
