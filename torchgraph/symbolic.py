@@ -216,7 +216,7 @@ class SymbolicInt(torch.Tensor):
         p0 = self._tg_value.probes[0]
         dtype = dtype_source(self._tg_value)
         if dtype is not None:  # torch.finfo(x.dtype).min (type_info.py)
-            kind = "SymbolicBool" if isinstance(p0, bool) else "SymbolicFloat"
+            kind = "SymbolicBool" if isinstance(p0, bool) else "SymbolicFloat" if isinstance(p0, float) else "SymbolicInt"
             return f"{kind}(follows the dtype; {p0!r} in {dtype})"
         return "SymbolicBool(dynamic)" if isinstance(p0, bool) else "SymbolicInt(dynamic)"
 

@@ -14,8 +14,9 @@ Design constraints (see NOTE: [finfo of a stand-in]):
   bfloat16 to -inf, and fully masked rows then give NaN where eager gives finite values), and a
   Python float when the model runs (a 0-d tensor promotes differently).
 - ``torch.finfo`` is a type that ``__torch_function__`` never sees, so it is replaced while, and only
-  while, a build in some thread has read ``x.dtype``; the replacement answers real dtypes with the real
-  ``torch.finfo`` object, so other threads see no difference.
+  while, a thread builds (from ``tg.Input`` or a ``tg.from_module`` recording to ``tg.Model``), and
+  only for that thread's code outside torch; the replacement answers real dtypes with torch's own
+  ``torch.finfo`` object.
 - :func:`finfo_value` and :func:`iinfo_value` may be named by a config (an untrusted file): they take a
   real dtype and one attribute from a fixed list, and nothing else.
 
@@ -159,6 +160,8 @@ class SymbolicTypeInfo:
         self._standin = standin
 
     def __getattr__(self, name: str):
+        if name.startswith("_"):  # copy/pickle probing an object without its slots set
+            raise AttributeError(name)
         allowed = FINFO_ATTRIBUTES if self._kind == "finfo" else IINFO_ATTRIBUTES
         if name in allowed:
             return _record(self._kind, self._standin, name)
