@@ -116,6 +116,9 @@ def _build_table() -> None:
     table["torch._assert"] = torch._assert  # guards recorded by `assert n <= 512` (sizes.py)
     from .targets import setitem
     table["torchgraph.setitem"] = setitem
+    from .type_info import finfo_value, iinfo_value
+    table["torchgraph.finfo_value"] = finfo_value  # torch.finfo(x.dtype).min (type_info.py): checks its arguments
+    table["torchgraph.iinfo_value"] = iinfo_value
     for ns_name, ns in _NAMESPACES:
         public = {a: getattr(ns, a, None) for a in dir(ns) if not a.startswith("_")}
         for attr, obj in public.items():

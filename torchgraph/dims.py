@@ -141,7 +141,10 @@ _BUILD = _Build()
 
 def new_build() -> None:
     """Start a new build in this thread: later dims get probe sizes as if nothing was built before."""
+    from .type_info import release_build
+
     _BUILD.reset()
+    release_build()  # NOTE: [finfo of a stand-in] in type_info.py
 
 
 @functools.lru_cache(maxsize=256)

@@ -12,9 +12,9 @@ import sys
 import torch
 import torch.nn as nn
 
-__all__ = ["below_torch_function", "called_from_torch", "describe_call", "describe_module", "dynamic_number_output",
-           "dynamic_size_as_number", "function_failure", "inner_failure", "input_reshaped_in_place", "layer_hint",
-           "module_failure", "precheck", "replay_mismatch", "tensor_shape", "untracked_output", "user_frame",
+__all__ = ["below_torch_function", "called_from_torch", "describe_call", "describe_module", "dtype_number_as_number",
+           "dynamic_number_output", "dynamic_size_as_number", "function_failure", "inner_failure",
+           "input_reshaped_in_place", "layer_hint", "module_failure", "precheck", "replay_mismatch", "tensor_shape", "untracked_output", "user_frame",
            "user_location"]
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -399,6 +399,19 @@ def dynamic_size_as_number(what: str):
     )
 
 
+def dtype_number_as_number(what: str):
+    from .errors import GraphBuildError
+
+    return GraphBuildError(
+        f"A number of a dtype (torch.finfo(x.dtype).min and the like) was used {what} (at {user_location()}): "
+        "it depends on the dtype the model runs in (float32's min is not bfloat16's), so it cannot become a "
+        "fixed number of a recorded model. Expected it passed to torch where the model computes with it "
+        "(t * m, t.masked_fill(mask, m), torch.where(mask, 0.0, m), torch.full(size, m, device=x.device)), or "
+        "in Python arithmetic on it (m - 1000). Code that needs it as a plain number belongs inside an "
+        "nn.Module's forward, where dtypes are real."
+    )
+
+
 def below_torch_function(func, args):
     """The error for an operation that reached a symbolic tensor below the torch function layer."""
     from .errors import GraphBuildError
@@ -407,6 +420,11 @@ def below_torch_function(func, args):
     name = str(func)
     if args and isinstance(args[0], SymbolicInt) and ("_local_scalar_dense" in name or "item" in name
                                                       or "detach" in name):
+        from .type_info import dtype_source
+
+        if dtype_source(args[0]._tg_value) is not None:
+            return dtype_number_as_number("where torch takes a plain number (outside tg.from_module, "
+                                          "torch.full(size, m) without device=x.device, torch.tensor(m))")
         return dynamic_size_as_number(
             "where torch takes a single number (torch.arange(n), t.narrow(0, 0, n) or torch.tensor(n), "
             "with t a real tensor)")

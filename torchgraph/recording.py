@@ -38,6 +38,7 @@ from .symbolic import (Record, SymbolicDevice, SymbolicDtype, SymbolicInt, Symbo
 from .targets import (_DUNDER_OPS, _METADATA, _NEEDS_DATA, VIEW_OPS, _is_property, _is_tensor_method, _resolvable,
                       func_name, is_inplace, setitem)
 from .trees import map_with_paths, tree_leaves, tree_map
+from .type_info import hold_during_build
 
 __all__ = ["close_finished_scopes", "dispatch", "in_layer_call", "link_args"]
 
@@ -239,6 +240,7 @@ def _probe_outputs(func, args, kwargs):
 
 
 def _record_top_level(func, name: str, args, kwargs):
+    hold_during_build()  # values of a finished build used again (NOTE: [finfo of a stand-in])
     if name in _METADATA:
         return _answer_metadata(func, name, args, kwargs)
     if name in _NEEDS_DATA:

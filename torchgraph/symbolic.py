@@ -197,7 +197,9 @@ class SymbolicInt(torch.Tensor):
 
     @staticmethod
     def __new__(cls, value: Value):
-        self = torch.Tensor._make_wrapper_subclass(cls, (), dtype=torch.int64, device="meta")
+        # A float (torch.finfo(x.dtype).min, see type_info.py) is a float64 0-d tensor to torch's parser.
+        dtype = torch.float64 if isinstance(value.probes[0], float) else torch.int64
+        self = torch.Tensor._make_wrapper_subclass(cls, (), dtype=dtype, device="meta")
         self._tg_value = value
         self._tg_origin = value
         self._tg_shadow = None
@@ -209,7 +211,13 @@ class SymbolicInt(torch.Tensor):
     __torch_dispatch__ = SymbolicTensor.__torch_dispatch__
 
     def __repr__(self) -> str:
+        from .type_info import dtype_source
+
         p0 = self._tg_value.probes[0]
+        dtype = dtype_source(self._tg_value)
+        if dtype is not None:  # torch.finfo(x.dtype).min (type_info.py)
+            kind = "SymbolicBool" if isinstance(p0, bool) else "SymbolicFloat" if isinstance(p0, float) else "SymbolicInt"
+            return f"{kind}(follows the dtype; {p0!r} in {dtype})"
         return "SymbolicBool(dynamic)" if isinstance(p0, bool) else "SymbolicInt(dynamic)"
 
     __str__ = __repr__
@@ -254,8 +262,11 @@ class SymbolicInt(torch.Tensor):
         return guard(self)
 
     def _refuse(self, what: str):
-        from .messages import dynamic_size_as_number
+        from .messages import dtype_number_as_number, dynamic_size_as_number
+        from .type_info import dtype_source
 
+        if dtype_source(self._tg_value) is not None:  # torch.finfo(x.dtype).min (type_info.py)
+            raise dtype_number_as_number(what)
         raise dynamic_size_as_number(what)
 
     def __int__(self): self._refuse("in int()")
@@ -280,9 +291,12 @@ class _StandIn:
     ``x.dtype`` into the model instead of a constant. So ``torch.zeros(n, dtype=x.dtype,
     device=x.device)`` follows the model's inputs after ``model.to(...)``, exactly like the same code
     in an eager module. Calls made by torch's own code (``nn.Linear(..., device=x.device)`` creating
-    its parameters) run for real with the build-time value. Known limits, as with torch.fx proxies:
-    ``isinstance(x.dtype, torch.dtype)`` is False and ``torch.finfo(x.dtype)`` raises (use
-    ``torch.finfo(x.dtype.value)``). Inside a module's forward, ``x.device``/``x.dtype`` are real.
+    its parameters) run for real with the build-time value. ``torch.finfo(x.dtype).min`` (and
+    ``torch.iinfo``) is recorded too, so a mask built from it follows the model's dtype (NOTE: [finfo
+    of a stand-in] in ``type_info.py``). Known limits, as with torch.fx proxies: ``isinstance(x.dtype,
+    torch.dtype)`` is False, and a comparison (``if x.dtype == torch.float16:``) answers for the build
+    dtype (use ``x.dtype.value`` for the build-time dtype itself). Inside a module's forward,
+    ``x.device``/``x.dtype`` are real.
     """
 
     __slots__ = ("_tg_tensor", "value", "_tg_value")
@@ -367,8 +381,10 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
         ((None, None), torch.int64)
     """
     from .scope_replay import remove_idle_modes
+    from .type_info import hold_during_build
 
     remove_idle_modes()  # a safe point (NOTE: [Module scopes])
+    hold_during_build()  # torch.finfo(x.dtype) is recorded until the build ends (NOTE: [finfo of a stand-in])
     if isinstance(shape, int):
         shape = (shape,)
     if not isinstance(shape, (tuple, list)):

@@ -19,6 +19,7 @@ from .mode_stack import remove_mode
 from .symbolic import SymbolicInt, SymbolicTensor, _StandIn
 from .targets import _METADATA, func_name, is_inplace
 from .trees import tree_leaves
+from .type_info import hold_during_build
 
 __all__ = ["RecordingMode", "tracing_flags"]
 
@@ -60,6 +61,12 @@ class RecordingMode(TorchFunctionMode):
     def __init__(self, state_ids: set[int] = frozenset()):
         super().__init__()
         self.state_ids = state_ids
+
+    def __enter__(self):
+        # torch.finfo(x.dtype) never reaches a mode either; the given tg.Inputs may be values of a build
+        # that ended (NOTE: [finfo of a stand-in] in type_info.py).
+        hold_during_build()
+        return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
