@@ -570,7 +570,7 @@ def test_from_module_doc_blocks_run_on_their_own(tmp_path, monkeypatch, capsys):
     text = page.read_text()
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     for i, block in enumerate(blocks):
         if "transformers" in block:
             pytest.importorskip("transformers")
@@ -671,3 +671,22 @@ def test_a_root_differing_itself_still_fails_after_its_children_fall_back():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tg.from_module(RootAndChild(HalvedInTraining(), nn.Linear(4, 4)), (4,))
+
+
+def test_zero_dim_float_constant_in_a_looked_through_forward():
+    """A 0-d float tensor made in a forward (DeBERTa-v2's ``torch.tensor(head_dim, dtype=torch.float)``)
+    is compared between the train and eval recordings by its bytes; a 0-d tensor cannot be viewed as
+    bytes directly (that raised a RuntimeError and failed the build)."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) / torch.sqrt(torch.tensor(4, dtype=torch.float))
+
+    net = nn.Sequential(Scaled(), nn.ReLU()).eval()
+    model = tg.from_module(net, (4,))
+    assert [n.target for n in model.graph.nodes if n.op == "call_module"] == ["0.fc", "1"]
+    x = torch.randn(3, 4)
+    assert torch.equal(model(x), net(x))
