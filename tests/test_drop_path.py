@@ -40,6 +40,7 @@ def test_timm_vit_blocks_with_drop_path():
     model = _record(net, (5, 16))
     assert _drop_path_calls(model) == ["1.drop_path1", "1.drop_path2", "2.drop_path1", "2.drop_path2"]
     assert model.get_submodule("1.drop_path1") is net[1].drop_path1
+    assert not any(m._forward_hooks for m in net.modules())  # the recording's hooks are gone
     assert {"1.attn.qkv", "1.mlp.fc1", "2.norm2"} <= {n.target for n in model.graph.nodes}
     _assert_equivalent(model, net, {"x": torch.randn(4, 5, 16)})
 
