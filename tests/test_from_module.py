@@ -272,14 +272,17 @@ class RarelyActive(nn.Module):
         return x  # the input object itself: the call would vanish from a graph
 
 
-def test_data_dependent_module_returning_its_input_is_a_clear_error():
-    """A fallback module that hands back its input object cannot be a recorded call: said, not skipped."""
+def test_data_dependent_module_returning_its_input_is_a_call():
+    """A fallback module that hands back its input object on the probe data is still a call of the graph
+    (NOTE: [Returned inputs]): the model runs it, so it computes on data that takes the other branch."""
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4), RarelyActive(), nn.Linear(4, 2))
-    with pytest.raises(tg.GraphBuildError, match=r"'1' \(RarelyActive\) must stay one layer.*returned its input "
-                                                 r"object unchanged"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tg.from_module(net, (4,))
+    with pytest.warns(UserWarning, match=r"'1' \(RarelyActive\) stays one opaque layer"):
+        model = tg.from_module(net, (4,))
+    assert [n.target for n in model.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
+    for scale in (1.0, 1e10):
+        x = torch.randn(3, 4) * scale
+        torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
 
 
 def test_root_that_cannot_be_recorded_fails_clearly():
@@ -570,7 +573,7 @@ def test_from_module_doc_blocks_run_on_their_own(tmp_path, monkeypatch, capsys):
     text = page.read_text()
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 7
+    assert len(blocks) == 8
     for i, block in enumerate(blocks):
         if "transformers" in block:
             pytest.importorskip("transformers")

@@ -35,6 +35,7 @@ from .fidelity import changed_state, differing_scopes, records_in_order, signatu
 from .hierarchy import mirror_hierarchy
 from .mode_dropout import record_as_layers
 from .naming import ILLEGAL_NAMES, fixed_paths
+from .returned_inputs import linking_returned_inputs
 from .scopes import _CALL_IMPL_CODE, looking_through
 from .symbolic import Input, SymbolicTensor
 from .tracing import RecordingMode, tracing_flags
@@ -189,7 +190,8 @@ def _tensor_keys(module: nn.Module) -> dict[int, str]:
 def _call(module: nn.Module, args: tuple, kwargs: dict, plan: "_Plan"):
     leaves = [plan.modules[i] for i in plan.leaves]
     plan.called = set()
-    with looking_through(plan.transparent(), leaves, plan.called), tracing_flags(), RecordingMode(plan.state_ids):
+    with looking_through(plan.transparent(), leaves, plan.called), tracing_flags(), RecordingMode(plan.state_ids), \
+            linking_returned_inputs(leaves):  # NOTE: [Returned inputs]
         return module(*args, **kwargs)
 
 
@@ -292,7 +294,6 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
         outputs = _record_once(module, args, kwargs, plan)
         if outputs is None:
             continue  # a submodule fell back to one layer: record again
-        _check_fallbacks_recorded(records_in_order(outputs), plan)
         kept = _input_effects(args, kwargs)
         # NOTE: [Train and eval] A looked-through forward may read self.training (F.dropout(...,
         # training=self.training), `if self.training:`): recorded once, the graph would behave like
@@ -325,23 +326,6 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
                     "tg.Model layers can be any nn.Module.")
             plan.fall_back(by_path[s], "its forward records different operations in train and eval mode "
                            "(it reads self.training, or makes random tensors), which a graph cannot follow")
-
-
-def _check_fallbacks_recorded(records: list, plan: _Plan) -> None:
-    """Each submodule that fell back for data-dependent code must be a call in the graph.
-
-    NOTE: [Lost calls] A fallback module is probed with random data; if its forward then returns its
-    input object unchanged (`if x.mean() > 0: ... else: return x`), the interrupted call hands the
-    caller its own input, and the recorded call is unreachable: the graph would skip the module.
-    """
-    called = {id(r.target) for r in records if r.op == "call_module"}
-    for i in plan.errors:
-        if i not in called:
-            raise GraphBuildError(
-                f"tg.from_module: {plan.describe(plan.modules[i])} must stay one layer (its forward depends on "
-                "the data), but on the data used to probe it, it returned its input object unchanged, so its "
-                "call cannot be recorded. Make that branch compute something (`return x.clone()`), or "
-                "wrap the whole module as one layer of a tg.Model.")
 
 
 def _record_once(module, args, kwargs, plan: _Plan):

@@ -174,6 +174,7 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
 
     scope = start_replay(module, log, restore, attrs, mode, call_kwargs, opener, run0.prefix)
     scope.other_log = log1
+    scope.record = record
     scope.input_dims = {i: (shadow, run0.roots[i].dims) for i, shadow in run0.inputs.items()}
     return scope
 
@@ -182,7 +183,8 @@ def _check_no_lost_call(module, run0: ShadowRun, out0, bufs, saved, attrs) -> No
     """NOTE: [Lost calls] A module probed with real data (its forward reads the data) that returns
     its input object unchanged on that data (`if x.sum() > 0: return x`) hands the interrupted
     original call its own input back: the caller never sees the recorded call, and the model would
-    skip the module whatever the data at run time. (tg.from_module reports its own leaves.)"""
+    skip the module whatever the data at run time. (tg.from_module links such outputs to the call
+    instead: NOTE: [Returned inputs] in returned_inputs.py; no hook can be added here.)"""
     for path, leaf in tree_leaves(out0):
         if isinstance(leaf, SymbolicTensor) and id(leaf) in run0.inputs:
             undo_buffers(bufs, saved)

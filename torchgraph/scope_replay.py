@@ -137,7 +137,7 @@ class Scope:
     """One module call being recorded: its log (from run 0) and how far the original forward is."""
 
     __slots__ = ("module", "log", "other_log", "input_dims", "cursor", "restore", "mode", "owner", "thread",
-                 "attrs", "sentinel", "closed")
+                 "attrs", "sentinel", "closed", "record")
 
     def __init__(self, module, log, restore, attrs):
         self.module = module
@@ -154,6 +154,7 @@ class Scope:
         self.thread = threading.get_ident()
         self.sentinel = _dead   # a weak reference: the sentinel must die with the module call
         self.closed = False
+        self.record = None      # the call_module record (set by module_scopes.open_scope)
 
     def on_stack(self) -> bool:
         sentinel = self.sentinel()

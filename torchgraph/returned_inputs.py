@@ -1,0 +1,111 @@
+"""Layer calls that return their input object: still a call in the graph, whose output the caller uses.
+
+NOTE: [Returned inputs] A layer's forward may hand back the very object it was given: stochastic depth
+when not training (timm's ``DropPath``, torchvision's ``StochasticDepth``, HuggingFace's
+``XxxDropPath``: ``if drop_prob == 0. or not training: return x``), or a data-dependent branch on the
+data it was probed with (``if x.mean() > 0: ... else: return x``). The call is recorded on the first
+operation its forward makes on a symbolic tensor (NOTE: [Module scopes] in module_scopes.py), and
+``return x`` is no operation: the caller got its own symbolic input back, so the layer vanished from
+the recording (no operation at all: drop path in eval mode), or its recorded call was unreachable
+(the data-dependent branch). The graph would then skip the layer whatever the mode or the data.
+
+So while ``tg.from_module`` records, each layer it keeps opaque gets a forward hook for the recording
+only (except torch.nn's own layers without submodules, which compute their outputs, or are
+``nn.Identity``, which a graph may drop exactly). When the call returns one of its symbolic inputs, the hook
+records the call if nothing did yet (shadow runs on the probes, as for any layer call) and returns,
+at that output's place, a new symbolic tensor linked to the call's output. At run time the graph
+calls the real module, which returns its input in eval mode and the dropped path in train mode,
+exactly as eager. Aliasing stays eager's: the output value has the input's base, so an in-place op
+on it (``result += input`` in torchvision's MBConv) is ordered as a change of the input, and at run
+time it is the same tensor object again.
+
+Outside ``tg.from_module`` (``layer(x)`` in hand-written symbolic code) no hook can be added before
+the call (torch picks its hook-free fast path before the forward runs), so there a data-dependent
+layer that returns its input still raises (``_check_no_lost_call`` in module_scopes.py). Under
+``tg.from_module`` that check is not needed: the layers it keeps are exactly the hooked ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+
+import torch.nn as nn
+
+from .scope_replay import STATE, find_scope
+from .symbolic import SymbolicTensor
+from .trees import tree_leaves
+
+__all__ = ["linking_returned_inputs"]
+
+_CALL_IMPL_CODE = nn.Module._call_impl.__code__
+
+
+def _needs_hook(module: nn.Module) -> bool:
+    """torch.nn's own layers without submodules compute their outputs (or are nn.Identity, exact to skip)."""
+    return bool(module._modules) or not type(module).__module__.startswith("torch.nn.modules.")
+
+
+@contextlib.contextmanager
+def linking_returned_inputs(layers):
+    """While active, a call of one of ``layers`` that returns a symbolic input returns a linked output instead."""
+    handles = [m.register_forward_hook(_link_returned_inputs, with_kwargs=True)
+               for m in layers if _needs_hook(m)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _link_returned_inputs(module, args, kwargs, output):
+    if STATE.run is not None:
+        return None  # inside a shadow run of an outer layer: its own recording covers this call
+    inputs = {id(leaf) for _, leaf in tree_leaves((args, kwargs))
+              if isinstance(leaf, SymbolicTensor) and leaf._tg_value is not None}
+    returned = [path for path, leaf in tree_leaves(output) if id(leaf) in inputs]
+    if not returned:
+        return None
+    from .module_scopes import open_scope
+    from .recording import _find_module_call
+
+    frame = sys._getframe(1)  # torch calls hooks from a closure inside nn.Module._call_impl
+    while frame is not None and frame.f_code is not _CALL_IMPL_CODE:
+        frame = frame.f_back
+    if frame is None or frame.f_locals.get("self") is not module:
+        return None
+    if _find_module_call(2)[0] is not frame:
+        return None  # called inside another layer's forward: part of that layer's call
+    scope = find_scope(frame)
+    if scope is None:  # its forward made no operation on a symbolic tensor: record the call now
+        scope = open_scope(frame)
+    return _replace(output, {path: SymbolicTensor(_at(scope.record.out, path)) for path in returned})
+
+
+def _at(obj, path: tuple):
+    for key in path:
+        obj = obj[key]
+    return obj
+
+
+def _replace(obj, replacements: dict, path: tuple = ()):
+    """``obj`` with the leaves at ``replacements``' paths replaced, containers keeping their types."""
+    if path in replacements:
+        return replacements[path]
+    if not any(p[:len(path)] == path for p in replacements):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        items = [_replace(o, replacements, path + (i,)) for i, o in enumerate(obj)]
+        if hasattr(obj, "_fields"):
+            return type(obj)(*items)
+        return type(obj)(items)
+    new = {k: _replace(v, replacements, path + (k,)) for k, v in obj.items()}
+    return _copy_with(obj, new.items())
+
+
+def _copy_with(obj, items):
+    out = copy.copy(obj)
+    for key, value in items:
+        out[key] = value
+    return out
