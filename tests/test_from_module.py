@@ -693,3 +693,30 @@ def test_zero_dim_float_constant_in_a_looked_through_forward():
     assert [n.target for n in model.graph.nodes if n.op == "call_module"] == ["0.fc", "1"]
     x = torch.randn(3, 4)
     assert torch.equal(model(x), net(x))
+
+
+def test_sequential_root_saves_and_loads(tmp_path):
+    """A model recorded from an nn.Sequential has top-level layers named "0", "1", ... (as the
+    original's state_dict keys): tg.save wrote them, and tg.load refused the file ("expected a Python
+    identifier"), so what the user saved could not be read back."""
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.ParameterList([nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))])
+
+        def forward(self, x):
+            return x * self.w[0] + self.w[1]
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Scale(), nn.Linear(4, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.GELU()),
+                        nn.Linear(8, 2)).eval()
+    model = tg.from_module(net, (4,))
+    tg.save(model, tmp_path / "sequential.safetensors")
+    loaded = tg.load(tmp_path / "sequential.safetensors")
+    x = torch.randn(3, 4)
+    assert torch.equal(loaded(x), net(x))
+    assert list(loaded.state_dict()) == list(net.state_dict())
+    assert isinstance(loaded.get_submodule("3"), nn.Sequential)
+    rebuilt = tg.Model.from_config(model.get_config())
+    rebuilt.load_state_dict(net.state_dict())
+    assert torch.equal(rebuilt(x), net(x))

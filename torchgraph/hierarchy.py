@@ -199,10 +199,14 @@ def _require(ok: bool, message: str) -> None:
 
 
 def check_path(name: Any, where: str) -> str:
-    """A layer or constant name: an identifier, or a module path such as ``layer1.0.conv1``."""
+    """A layer or constant name: an identifier, an index, or a module path such as ``layer1.0.conv1``.
+
+    An index alone (``"0"``) is the name of a top-level layer of a model recorded from an
+    ``nn.Sequential`` (``tg.from_module(nn.Sequential(...), ...)``): its code reads ``getattr(self, "0")``.
+    """
     parts = name.split(".") if isinstance(name, str) and len(name) <= 1000 else [None]
     _require(all(isinstance(p, str) and (p.isdigit() or (p.isidentifier() and not keyword.iskeyword(p)))
-                 for p in parts) and (parts[0].isidentifier() if len(parts) == 1 else True),
+                 for p in parts),
              f"{where}: expected a Python identifier or a module path (identifiers and indices joined by "
              f"dots); received {name!r:.80}.")
     return name

@@ -132,7 +132,7 @@ def _replay(inputs: list[tuple], input_kind: str, nodes: list[tuple], outputs: A
     for layer_name, layer in layers.items():
         if user_name(layer) is not None:  # named with tg.name (in clone_function): keeps its name
             continue
-        if "." in layer_name:  # a module path: not a tg.name
+        if "." in layer_name or layer_name.isdigit():  # a module path ("0" of a Sequential): not a tg.name
             paths[id(layer)] = layer_name
         else:
             set_name(layer, layer_name)
