@@ -219,3 +219,49 @@ def test_huggingface_swin_with_default_drop_path_rate(tmp_path):
                        r"transformers.models.swin.modeling_swin.SwinDropPath: its constructor arguments are "
                        r"unknown. Decorate the class with @tg.register_layer"):
         tg.save(model, tmp_path / "m.safetensors")
+
+
+def test_hand_written_build_keeps_a_drop_path_already_in_eval_mode():
+    """``y = drop_path(h)`` in hand-written symbolic code with a DropPath in eval mode: its forward
+    returns its input without an operation, and the graph skipped the layer (silently: model.train()
+    then never dropped a path). The call is now a layer of the graph, and the hook that finds it is
+    installed only while the thread builds."""
+    from torch.nn.modules.module import _global_forward_hooks
+
+    torch.manual_seed(0)
+    linear, drop = nn.Linear(16, 16), dp.DropPath(0.5).eval()
+    x = tg.Input(shape=(16,))
+    assert len(_global_forward_hooks) == 1  # the build's hook
+    h = linear(x)
+    model = tg.Model(x, h + drop(h))
+    assert not _global_forward_hooks  # gone with the build: other module calls take torch's fast path
+    assert [n.target for n in model.graph.nodes if n.op == "call_module"] == ["linear", "drop_path"]
+    assert model.drop_path is drop
+
+    def eager(t):
+        u = linear(t)
+        return u + drop(u)
+
+    data = torch.randn(8, 16)
+    model.train(), drop.train()
+    torch.manual_seed(1)
+    expected = eager(data)
+    torch.manual_seed(1)
+    assert torch.equal(model(data), expected)
+    model.eval()
+    assert torch.equal(model(data), linear(data) * 2)
+
+
+def test_hand_written_build_hook_ignores_other_threads():
+    """While one thread builds, another thread's module calls are left alone (and pay only the check)."""
+    import threading
+
+    x = tg.Input(shape=(4,))
+    seen = []
+    drop = dp.DropPath(0.5).eval()
+    worker = threading.Thread(target=lambda: seen.append(drop(torch.ones(2, 4))))
+    worker.start()
+    worker.join()
+    assert torch.equal(seen[0], torch.ones(2, 4))
+    model = tg.Model(x, nn.Linear(4, 4)(x))
+    assert [n.op for n in model.graph.nodes].count("call_module") == 1

@@ -19,10 +19,14 @@ exactly as eager. Aliasing stays eager's: the output value has the input's base,
 on it (``result += input`` in torchvision's MBConv) is ordered as a change of the input, and at run
 time it is the same tensor object again.
 
-Outside ``tg.from_module`` (``layer(x)`` in hand-written symbolic code) no hook can be added before
-the call (torch picks its hook-free fast path before the forward runs), so there a data-dependent
-layer that returns its input still raises (``_check_no_lost_call`` in module_scopes.py). Under
-``tg.from_module`` that check is not needed: the layers it keeps are exactly the hooked ones.
+In hand-written symbolic code (``y = drop_path(x)`` with a ``DropPath`` already in eval mode) the
+layer's call is not known before its forward runs, and torch picks its hook-free fast path before
+that, so a per-layer hook cannot be added then. There a process-wide forward hook
+(``register_module_forward_hook``) does the same while, and only while, some thread builds (the
+build hold of NOTE: [finfo of a stand-in] in type_info.py: from ``tg.Input`` to ``tg.Model``); it
+acts only in the building thread, and leaves ``tg.from_module``'s recording to the hooks above (a
+module it looks through may return its input and is no layer). A data-dependent layer probed with
+real data that returns its input still raises there (``_check_no_lost_call`` in module_scopes.py).
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+import threading
 
 import torch.nn as nn
+from torch.nn.modules.module import register_module_forward_hook
 
 from .scope_replay import STATE, find_scope
 from .symbolic import SymbolicTensor
 from .trees import tree_leaves
 
-__all__ = ["linking_returned_inputs"]
+__all__ = ["linking_returned_inputs", "watch_builds", "unwatch_builds"]
 
 _CALL_IMPL_CODE = nn.Module._call_impl.__code__
 
@@ -47,16 +53,50 @@ def _needs_hook(module: nn.Module) -> bool:
     return bool(module._modules) or not type(module).__module__.startswith("torch.nn.modules.")
 
 
+class _Recording(threading.local):
+    from_module = False  # this thread's tg.from_module recording hooks its own layers
+
+
+_RECORDING = _Recording()
+_WATCH = None  # the process-wide hook's handle while some thread builds
+
+
 @contextlib.contextmanager
 def linking_returned_inputs(layers):
     """While active, a call of one of ``layers`` that returns a symbolic input returns a linked output instead."""
     handles = [m.register_forward_hook(_link_returned_inputs, with_kwargs=True)
                for m in layers if _needs_hook(m)]
+    outer, _RECORDING.from_module = _RECORDING.from_module, True
     try:
         yield
     finally:
+        _RECORDING.from_module = outer
         for handle in handles:
             handle.remove()
+
+
+def watch_builds() -> None:
+    """Some thread started building: hook every layer call (NOTE: [Returned inputs]). Called under the
+    build hold's lock when the first hold is taken."""
+    global _WATCH
+    if _WATCH is None:
+        _WATCH = register_module_forward_hook(_link_in_hand_written_builds, with_kwargs=True)
+
+
+def unwatch_builds() -> None:
+    """No thread builds any more: remove the process-wide hook (layer calls take torch's fast path again)."""
+    global _WATCH
+    if _WATCH is not None:
+        _WATCH.remove()
+        _WATCH = None
+
+
+def _link_in_hand_written_builds(module, args, kwargs, output):
+    from .type_info import building
+
+    if _RECORDING.from_module or not building() or not _needs_hook(module):
+        return None
+    return _link_returned_inputs(module, args, kwargs, output)
 
 
 def _link_returned_inputs(module, args, kwargs, output):

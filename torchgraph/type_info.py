@@ -41,9 +41,10 @@ import types
 import torch
 
 from .errors import GraphBuildError
+from .returned_inputs import unwatch_builds, watch_builds
 
-__all__ = ["FINFO_ATTRIBUTES", "IINFO_ATTRIBUTES", "SymbolicTypeInfo", "dtype_source", "finfo_value",
-           "hold_during_build", "iinfo_value", "release_build"]
+__all__ = ["FINFO_ATTRIBUTES", "IINFO_ATTRIBUTES", "SymbolicTypeInfo", "building", "dtype_source",
+           "finfo_value", "hold_during_build", "iinfo_value", "release_build"]
 
 FINFO_ATTRIBUTES = ("bits", "eps", "max", "min", "tiny", "smallest_normal", "resolution")
 IINFO_ATTRIBUTES = ("bits", "max", "min")
@@ -265,6 +266,7 @@ class _Hold:
             _COUNT += 1
             if _COUNT == 1:
                 torch.__class__ = _TorchDuringBuilds
+                watch_builds()  # NOTE: [Returned inputs] in returned_inputs.py
 
     def drop(self) -> None:
         global _COUNT
@@ -275,6 +277,7 @@ class _Hold:
             _COUNT -= 1
             if _COUNT == 0:
                 torch.__class__ = _TORCH_MODULE_CLASS
+                unwatch_builds()
 
     def __del__(self):  # the thread ended in the middle of a build
         self.drop()
@@ -288,6 +291,11 @@ class _Holds(threading.local):
 _HOLDS = _Holds()
 _LOCK = threading.RLock()  # reentrant: a _Hold's __del__ may run inside a locked section
 _COUNT = 0
+
+
+def building() -> bool:
+    """Whether this thread holds the build hold (it is building a model)."""
+    return _HOLDS.hold is not None
 
 
 def hold_during_build() -> None:
