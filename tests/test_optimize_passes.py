@@ -266,7 +266,7 @@ def test_small_linear_decision_is_shape_based_and_forcible(monkeypatch, threshol
     calls = []
     real_linear = F.linear
     monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(1) or real_linear(*a, **k))
-    x, w, b = torch.randn(80, 8), torch.randn(6, 8), torch.randn(6)  # rows >= MKL_PACKED_MAX_ROWS
+    x, w, b = torch.randn(300, 8), torch.randn(6, 8), torch.randn(6)  # rows >= MKL_PACKED_MAX_ROWS
     with torch.no_grad():
         y = fused.linear_act(x, w, b, "relu")
     torch.testing.assert_close(y, torch.relu(real_linear(x, w, b)))

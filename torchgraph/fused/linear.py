@@ -36,9 +36,19 @@ ONEDNN_LINEAR_MIN_MACS = 1 << 23
 # oneDNN's fused linear (fc1's GELU applied after it) and 2-18% faster than F.linear. Inside the
 # model it was not: the GPT stack ran 0.96-1.19x eager with every large linear on MKL, 1.12-1.27x
 # with the GELU linears left on oneDNN and 1.19-1.24x with all on oneDNN (three interleaved runs),
-# so linears from 8M multiply-adds up stay on oneDNN's fused op.
+# so linears of 1024 rows stay on oneDNN's fused op.
+#
+# NOTE: [MKL for a few hundred rows] ViT-S at batch 1 runs its linears on 197 rows (the tokens of
+# one image), where torch.compile with freezing calls MKL's prepacked GEMM. On those four shapes
+# (384 -> 1152, 384 -> 384, 384 -> 1536 + GELU, 1536 -> 384), MKL's packed GEMM with its bias
+# (then the activation in place) took 0.80, 0.87, 0.96 and 0.81x the time of oneDNN's fused linear
+# from a reordered weight (1 thread, thread CPU time, 25 interleaved repetitions, medians; the
+# 2-thread wall-clock minima agreed: 0.77, 0.78, 0.94, 0.23-1.0x on a loaded VM), and ViT-S as a whole
+# ran faster with it (docs/optimize.md, "Where ViT-S's gap goes"). So float32 inference linears with
+# fewer than MKL_PACKED_MAX_ROWS rows run MKL: the weight-bound heads above and these
+# compute-bound token GEMMs alike; 1024 rows (the GPT and encoder benchmarks) stay on oneDNN.
 #: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM ...
-MKL_PACKED_MAX_ROWS = 64
+MKL_PACKED_MAX_ROWS = 256
 #: ... when their weight has at least this many elements: on smaller ones F.linear was faster
 #: (8 rows, 2 threads: 32 -> 10 features 3.9 vs 5.5 us, 128 -> 128 8.3 vs 9.1 us, a tie at 256 -> 256,
 #: then packed ahead: 512 -> 512 34 vs 25 us).
@@ -65,7 +75,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         small = x.numel() * weight.shape[0] < ONEDNN_LINEAR_MIN_MACS  # NOTE: [Small linears]
         if not _needs_grad(x, weight, bias):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            few_rows = (x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS  # NOTE: [Few rows]
+            # NOTE: [Few rows], NOTE: [MKL for a few hundred rows]
+            few_rows = (x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS
                         and weight.numel() >= MKL_PACKED_MIN_WEIGHT)
             packed = _mkl_packed_weight(weight, rows) if few_rows else None
             if packed is not None:
