@@ -42,11 +42,13 @@ ONEDNN_LINEAR_MIN_MACS = 1 << 23
 # one image), where torch.compile with freezing calls MKL's prepacked GEMM. On those four shapes
 # (384 -> 1152, 384 -> 384, 384 -> 1536 + GELU, 1536 -> 384), MKL's packed GEMM with its bias
 # (then the activation in place) took 0.80, 0.87, 0.96 and 0.81x the time of oneDNN's fused linear
-# from a reordered weight (1 thread, thread CPU time, 25 interleaved repetitions, medians; the
-# 2-thread wall-clock minima agreed: 0.77, 0.78, 0.94, 0.23-1.0x on a loaded VM), and ViT-S as a whole
-# ran faster with it (docs/optimize.md, "Where ViT-S's gap goes"). So float32 inference linears with
-# fewer than MKL_PACKED_MAX_ROWS rows run MKL: the weight-bound heads above and these
-# compute-bound token GEMMs alike; 1024 rows (the GPT and encoder benchmarks) stay on oneDNN.
+# from a reordered weight (1 thread, thread CPU time, 25 interleaved repetitions, medians), and
+# 0.77, 0.92, 0.99 and 0.95x with 2 threads (process CPU time, OMP_WAIT_POLICY=PASSIVE: the VM was
+# too loaded for wall-clock figures). In ViT-S's profile the GEMMs went from 84.5-164 to 63-140 ms
+# per forward (1 thread, three loaded runs), level with inductor's (63-137 ms). At 1024 rows (the
+# GPT and encoder benchmarks) the whole model did not gain from MKL (NOTE: [MKL GEMMs in
+# inference]; again 0.93-1.03x in four in-model runs here), so those stay on oneDNN, and so do
+# the unmeasured 256-1023 rows; heads with few rows were on MKL already (NOTE: [Few rows]).
 #: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM ...
 MKL_PACKED_MAX_ROWS = 256
 #: ... when their weight has at least this many elements: on smaller ones F.linear was faster
