@@ -43,8 +43,9 @@ ONEDNN_LINEAR_MIN_MACS = 1 << 23
 # (384 -> 1152, 384 -> 384, 384 -> 1536 + GELU, 1536 -> 384), MKL's packed GEMM with its bias
 # (then the activation in place) took 0.80, 0.87, 0.96 and 0.81x the time of oneDNN's fused linear
 # from a reordered weight (1 thread, thread CPU time, 25 interleaved repetitions, medians), and
-# 0.77, 0.92, 0.99 and 0.95x with 2 threads (process CPU time, OMP_WAIT_POLICY=PASSIVE: the VM was
-# too loaded for wall-clock figures). In ViT-S's profile the GEMMs went from 84.5-164 to 63-140 ms
+# 0.77-0.93, 0.82-1.01, 0.96-1.00 and 0.91-0.96x with 2 threads (process CPU time with
+# OMP_WAIT_POLICY=PASSIVE, three runs, one of them `python benchmarks/bench_gemm.py --inference
+# --vit --cpu-time`: the VM was too loaded for wall-clock figures). In ViT-S's profile the GEMMs went from 84.5-164 to 63-140 ms
 # per forward (1 thread, three loaded runs), level with inductor's (63-137 ms). At 1024 rows (the
 # GPT and encoder benchmarks) the whole model did not gain from MKL (NOTE: [MKL GEMMs in
 # inference]; again 0.93-1.03x in four in-model runs here), so those stay on oneDNN, and so do
