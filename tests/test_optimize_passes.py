@@ -291,6 +291,24 @@ def test_few_rows_use_mkl_packed_weights(monkeypatch, act):
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not (fused.weights._HAS_MKL_PACKED and fused._common._HAS_ONEDNN),
+                    reason="needs MKL's packed GEMM and oneDNN")
+def test_token_rows_below_the_limit_run_mkl_and_above_onednn(monkeypatch):
+    """ViT-S's linears (197 token rows at batch 1) run MKL's packed GEMM (NOTE: [MKL for a few
+    hundred rows]); from MKL_PACKED_MAX_ROWS rows on, oneDNN's fused linear. Same values either way."""
+    monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
+    limit = fused.linear.MKL_PACKED_MAX_ROWS
+    w, b = torch.randn(512, 384) * 0.05, torch.randn(512)
+    for rows, kernel in ((197, "mkl::_mkl_linear"), (limit - 1, "mkl::_mkl_linear"),
+                         (limit, "mkldnn::_linear_pointwise")):
+        x = torch.randn(1, rows, 384)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            y = fused.linear_act(x, w, b, "gelu")
+        names = [event.name for event in prof.events()]
+        assert kernel in names and not {"mkl::_mkl_linear", "mkldnn::_linear_pointwise"} - {kernel} & set(names)
+        torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.skipif(not fused._common._HAS_ONEDNN, reason="needs oneDNN")
 @pytest.mark.parametrize("act", ["none", "gelu"])
 def test_large_linears_run_from_weights_reordered_once(monkeypatch, act):
