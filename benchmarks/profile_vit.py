@@ -12,9 +12,13 @@ bias + residual add + LayerNorm; ``_1``: class token, position add and the first
 torch version may number them differently (they then land in "other").
 
 The profiler's times are wall-clock times: on a loaded machine use ``--threads 1`` and compare the
-columns of one run, not runs with each other.
+columns of one run, not runs with each other. With ``--minima`` it prints instead, per variant, the
+sum over one forward's top-level op calls of each call's *fastest* time over the rounds (a call is
+its op name and its position in the forward): on a machine loaded by others, some rounds of each
+call run undisturbed, so this estimates the quiet machine's time (Python between the ops excluded)
+where medians of whole forwards are noise; use 25 rounds or more, with 2 threads.
 
-Usage: python benchmarks/profile_vit.py [--threads 1] [--rounds 8]
+Usage: python benchmarks/profile_vit.py [--threads 1] [--rounds 8] [--minima]
 """
 
 from __future__ import annotations
@@ -51,10 +55,27 @@ def _group(name: str) -> str:
     return next((group for group, pattern in GROUPS if re.search(pattern, name)), OTHER)
 
 
+def _wrapper(event) -> bool:
+    return event.name.startswith(("Torch-Compiled Region", "## Call CompiledFxGraph"))
+
+
+def _keep_minima(minima: dict, events) -> None:
+    """Per top-level call (name, position) of the profiled forwards, its fastest time in ms."""
+    seen = collections.Counter()
+    for event in events:
+        parent = event.cpu_parent
+        if _wrapper(event) or (parent is not None and not _wrapper(parent)):
+            continue
+        key = (event.name, seen[event.name])
+        seen[event.name] += 1
+        minima[key] = min(minima.get(key, float("inf")), event.cpu_time_total / 1e3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--minima", action="store_true", help="sum of per-call minima (loaded machines)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     build, shape, batch, _ = bench_peers._models()["vit_s"]
@@ -76,6 +97,7 @@ def main() -> None:
             compiled, lambda: inductor_config.patch(freezing=True, **{"cpp.enable_kernel_profile": True})),
     }
     table = collections.defaultdict(collections.Counter)
+    minima = {label: {} for label in fns}
     with torch.inference_mode():
         for fn in fns.values():
             fn(x)
@@ -86,6 +108,15 @@ def main() -> None:
                     fn(x)
                 for event in prof.key_averages():
                     table[_group(event.key)][label] += event.self_cpu_time_total / 1e3 / (2 * args.rounds)
+                _keep_minima(minima[label], prof.events())
+    if args.minima:
+        for label, calls in minima.items():
+            by_group = collections.Counter()
+            for (name, _), ms in calls.items():
+                by_group[_group(name)] += ms / 2  # two forwards per round
+            print(f"{label:30s} {sum(by_group.values()):7.2f} ms  (" + ", ".join(
+                f"{group.split(' (')[0]} {ms:.2f}" for group, ms in by_group.most_common()) + ")")
+        return
     print(f"| op group ({args.threads} thread(s), ms per forward) | " + " | ".join(fns) + " |")
     print("|---" * (len(fns) + 1) + "|")
     for group in [g for g, _ in GROUPS] + [OTHER]:
