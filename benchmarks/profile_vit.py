@@ -40,12 +40,12 @@ import torchgraph as tg
 
 #: (group, pattern on the profiler's event name); the first match wins.
 GROUPS = [
-    ("GEMM (qkv, proj, fc1, fc2, head)", r"aten::addmm|mkldnn::_linear_pointwise|mkl::_mkl_linear|aten::mm$"),
-    ("attention (SDPA, q/k/v prep)", r"aten::_scaled_dot_product_flash|qkv_attention|cpp_fused__scaled_dot"),
+    ("GEMM (qkv, proj, fc1, fc2, head)", r"aten::addmm|aten::linear$|mkldnn::_linear_pointwise|mkl::_mkl_linear|aten::mm$"),
+    ("attention (SDPA, q/k/v prep)", r"scaled_dot_product|qkv_attention|cpp_fused__scaled_dot"),
     ("GELU (+bias)", r"aten::gelu|cpp_fused_.*_4$"),
     ("residual add + LayerNorm (+bias)",
-     r"aten::native_layer_norm|add_layer_norm|aten::add$|cpp_fused_.*_[35678]$|cpp_fused_.*_9$"),
-    ("patch embed conv, class token", r"convolution|cpp_fused_.*_[01]$|aten::cat"),
+     r"aten::native_layer_norm|aten::layer_norm|add_layer_norm|aten::add$|cpp_fused_.*_[35678]$|cpp_fused_.*_9$"),
+    ("patch embed conv, class token", r"convolution|aten::conv2d|cpp_fused_.*_[01]$|aten::cat"),
     ("layout copies", r"aten::copy_|aten::clone"),
 ]
 OTHER = "other (Python, views, allocation, dispatch)"
