@@ -16,14 +16,19 @@ three ways: ``F.linear`` (MKL ``addmm``) then the activation, MKL's prepacked GE
 (``mkl._mkl_linear``, what inductor's freezing uses for float32) then the activation, and oneDNN's
 fused ``_linear_pointwise``, from the plain weight and from the weight reordered once for it (what
 ``tg.optimize`` runs, NOTE: [Packed linear weights]); the encoder's feed-forward shapes (256 -> 2048
--> 256) are added.
+-> 256) are added. With ``--vit`` the shapes are ViT-S's at batch 1 instead (197 token rows, d=384:
+qkv 384->1152, proj 384->384, fc1 384->1536 + GELU, fc2 1536->384), where MKL's packed GEMM is what
+``tg.optimize`` runs (NOTE: [MKL for a few hundred rows]). ``--cpu-time`` times process CPU time
+instead of wall-clock time, for a machine loaded by others (run it with ``OMP_WAIT_POLICY=PASSIVE``
+so that waiting threads sleep instead of spinning).
 
 With ``--small`` it times the small linears of NOTE: [Small linears] in ``torchgraph/fused/linear.py``
 (8 and 64 rows, 16 to 1024 features in and out): ``F.linear`` then an in-place ReLU against oneDNN's
 fused ``_linear_pointwise`` with the ReLU in its epilogue, and prints oneDNN time / F.linear time
 beside the multiply-adds per call (rows x in x out; ``ONEDNN_LINEAR_MIN_MACS`` is the cut).
 
-Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference [--bf16] | --small]
+Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference [--bf16] [--vit] | --small]
+       [--cpu-time]
 """
 
 from __future__ import annotations
@@ -49,10 +54,13 @@ def products(n_in: int, n_out: int) -> dict:
 
 
 INFERENCE_SHAPES = dict(SHAPES, ff1=(256, 2048), ff2=(2048, 256))
+VIT_SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}
+VIT_ROWS = 197
+_clock = time.perf_counter
 
 
-def inference_variants(n_in: int, n_out: int, act: str, dtype=torch.float32) -> dict:
-    x, w, b = (t.to(dtype) for t in (torch.randn(ROWS, n_in), torch.randn(n_out, n_in) * n_in ** -0.5,
+def inference_variants(n_in: int, n_out: int, act: str, dtype=torch.float32, rows: int = ROWS) -> dict:
+    x, w, b = (t.to(dtype) for t in (torch.randn(rows, n_in), torch.randn(n_out, n_in) * n_in ** -0.5,
                                       torch.randn(n_out)))
     reordered = torch.ops.mkldnn._reorder_linear_weight(w)  # what tg.optimize runs (fused/weights.py)
     activation = torch.nn.functional.gelu if act == "gelu" else (lambda y: y)
@@ -63,8 +71,8 @@ def inference_variants(n_in: int, n_out: int, act: str, dtype=torch.float32) -> 
                                                                        "none" if act == "gelu" else ""),
     }
     if dtype == torch.float32:  # MKL's packed GEMM is float32 only
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, ROWS)
-        variants["MKL packed"] = lambda: activation(torch.ops.mkl._mkl_linear(x, packed, w, b, ROWS))
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+        variants["MKL packed"] = lambda: activation(torch.ops.mkl._mkl_linear(x, packed, w, b, rows))
     return variants
 
 
@@ -80,16 +88,16 @@ def _interleaved(cases: dict, reps: int, calls: int) -> dict:
         for _ in range(reps):  # interleaved
             for case, fns in cases.items():
                 for name, fn in fns.items():
-                    start = time.perf_counter()
+                    start = _clock()
                     for _ in range(calls):
                         fn()
-                    times[case][name].append((time.perf_counter() - start) / calls)
+                    times[case][name].append((_clock() - start) / calls)
     return times
 
 
-def inference_main(reps: int, dtype) -> None:
-    cases = {layer: inference_variants(*shape, "gelu" if layer == "fc1" else "none", dtype)
-             for layer, shape in INFERENCE_SHAPES.items()}
+def inference_main(reps: int, dtype, shapes: dict = INFERENCE_SHAPES, rows: int = ROWS) -> None:
+    cases = {layer: inference_variants(*shape, "gelu" if layer == "fc1" else "none", dtype, rows)
+             for layer, shape in shapes.items()}
     names = list(next(iter(cases.values())))
     times = _interleaved(cases, reps, calls=5)
     print(f"{'layer':<6} " + " ".join(f"{n:>16}" for n in names) + "   (ms, medians)")
@@ -124,16 +132,22 @@ def main() -> None:
     parser.add_argument("--inference", action="store_true", help="inference forward: F.linear, MKL packed, oneDNN")
     parser.add_argument("--bf16", action="store_true", help="with --inference: bfloat16 tensors (no MKL column)")
     parser.add_argument("--small", action="store_true", help="small linears: F.linear + ReLU vs oneDNN fused")
+    parser.add_argument("--vit", action="store_true", help="with --inference: ViT-S's shapes, 197 rows")
+    parser.add_argument("--cpu-time", action="store_true", help="process CPU time instead of wall-clock time")
     args = parser.parse_args()
+    global _clock
+    _clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.small:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         small_main(args.reps)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROWS} rows; ms")
+    rows = VIT_ROWS if args.vit and args.inference else ROWS
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rows} rows; ms")
     if args.inference:
-        inference_main(args.reps, torch.bfloat16 if args.bf16 else torch.float32)
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        inference_main(args.reps, dtype, *((VIT_SHAPES, VIT_ROWS) if args.vit else ()))
         return
     cases = {(layer, kind): dict(zip(("MKL", "oneDNN"), pair))
              for layer, shape in SHAPES.items() for kind, pair in products(*shape).items()}

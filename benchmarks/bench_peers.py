@@ -140,6 +140,8 @@ ABLATIONS = {
                       [(passes, "fuse_conv_add", _no_pass)]),
     "few-rows-mkl": ("MKL's packed GEMM for linears with few rows (NOTE: [Few rows])",
                      [(fused_linear, "MKL_PACKED_MAX_ROWS", 0)]),
+    "mkl-token-rows": ("MKL's packed GEMM for linears of 64-255 rows, ViT-S's tokens (NOTE: [MKL for a few "
+                       "hundred rows]); oneDNN there, as before", [(fused_linear, "MKL_PACKED_MAX_ROWS", 64)]),
     "linear-reorder": ("linear weights reordered once for oneDNN (NOTE: [Packed linear weights])",
                        [(fused_weights, "_HAS_LINEAR_REORDER", False)]),
     "written-attention": ("softmax(q @ k^T * s) @ v written as SDPA (passes.write_attention_as_sdpa)",

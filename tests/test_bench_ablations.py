@@ -101,3 +101,22 @@ def test_runtime_ablations_take_the_other_path(model):
     assert "mkldnn::_convolution_pointwise" not in no_few_rows
     assert no_few_rows.count("mkl::_mkl_linear") == full.count("mkl::_mkl_linear") - 1 >= 3
     assert fused.conv.CONV_GEMM_MAX_ROWS > 0 and fused.linear.MKL_PACKED_MAX_ROWS > 0  # restored
+
+
+@needs_fast_paths
+def test_token_rows_ablation_moves_only_those_linears_to_onednn():
+    """ViT-S's linears (a few hundred token rows) run MKL's packed GEMM; ``-mkl-token-rows`` puts
+    them back on oneDNN and leaves the few-rows head on MKL."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Flatten(), nn.Linear(100 * 256, 300)).eval()
+    x_sym = tg.Input(shape=(100, 256))
+    graph_model = tg.Model(x_sym, net(x_sym)).eval()
+    fns, _ = bench_peers._ablated_variants(graph_model, ["mkl-token-rows"])
+    x = torch.randn(2, 100, 256)  # 200 token rows, then a 2-row head
+    full = _ops_run(tg.optimize(graph_model), x)
+    ablated = _ops_run(fns["tg.optimize -mkl-token-rows"], x)
+    assert full.count("mkl::_mkl_linear") == 2 and "mkldnn::_linear_pointwise" not in full
+    assert ablated.count("mkl::_mkl_linear") == 1 and ablated.count("mkldnn::_linear_pointwise") == 1
+    with torch.inference_mode():
+        torch.testing.assert_close(fns["tg.optimize -mkl-token-rows"](x), net(x), rtol=1e-4, atol=1e-4)
+    assert fused.linear.MKL_PACKED_MAX_ROWS == 256  # restored

@@ -266,7 +266,7 @@ def test_small_linear_decision_is_shape_based_and_forcible(monkeypatch, threshol
     calls = []
     real_linear = F.linear
     monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(1) or real_linear(*a, **k))
-    x, w, b = torch.randn(80, 8), torch.randn(6, 8), torch.randn(6)  # rows >= MKL_PACKED_MAX_ROWS
+    x, w, b = torch.randn(300, 8), torch.randn(6, 8), torch.randn(6)  # rows >= MKL_PACKED_MAX_ROWS
     with torch.no_grad():
         y = fused.linear_act(x, w, b, "relu")
     torch.testing.assert_close(y, torch.relu(real_linear(x, w, b)))
@@ -289,6 +289,24 @@ def test_few_rows_use_mkl_packed_weights(monkeypatch, act):
         w.mul_(2)  # bumps the version: the packed copy is rebuilt
         torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._common._activation(F.linear(x, w, b), act),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not (fused.weights._HAS_MKL_PACKED and fused._common._HAS_ONEDNN),
+                    reason="needs MKL's packed GEMM and oneDNN")
+def test_token_rows_below_the_limit_run_mkl_and_above_onednn(monkeypatch):
+    """ViT-S's linears (197 token rows at batch 1) run MKL's packed GEMM (NOTE: [MKL for a few
+    hundred rows]); from MKL_PACKED_MAX_ROWS rows on, oneDNN's fused linear. Same values either way."""
+    monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
+    limit = fused.linear.MKL_PACKED_MAX_ROWS
+    w, b = torch.randn(512, 384) * 0.05, torch.randn(512)
+    for rows, kernel in ((197, "mkl::_mkl_linear"), (limit - 1, "mkl::_mkl_linear"),
+                         (limit, "mkldnn::_linear_pointwise")):
+        x = torch.randn(1, rows, 384)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            y = fused.linear_act(x, w, b, "gelu")
+        names = [event.name for event in prof.events()]
+        assert kernel in names and not {"mkl::_mkl_linear", "mkldnn::_linear_pointwise"} - {kernel} & set(names)
+        torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not fused._common._HAS_ONEDNN, reason="needs oneDNN")

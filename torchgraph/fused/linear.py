@@ -36,9 +36,27 @@ ONEDNN_LINEAR_MIN_MACS = 1 << 23
 # oneDNN's fused linear (fc1's GELU applied after it) and 2-18% faster than F.linear. Inside the
 # model it was not: the GPT stack ran 0.96-1.19x eager with every large linear on MKL, 1.12-1.27x
 # with the GELU linears left on oneDNN and 1.19-1.24x with all on oneDNN (three interleaved runs),
-# so linears from 8M multiply-adds up stay on oneDNN's fused op.
+# so linears of 1024 rows stay on oneDNN's fused op.
+#
+# NOTE: [MKL for a few hundred rows] ViT-S at batch 1 runs its linears on 197 rows (the tokens of
+# one image), where torch.compile with freezing calls MKL's prepacked GEMM. On those four shapes
+# (384 -> 1152, 384 -> 384, 384 -> 1536 + GELU, 1536 -> 384), MKL's packed GEMM with its bias
+# (then the activation in place) took 0.80, 0.87, 0.96 and 0.81x the time of oneDNN's fused linear
+# from a reordered weight (1 thread, thread CPU time, 25 interleaved repetitions, medians), and
+# 0.77-0.93, 0.82-1.01, 0.96-1.00 and 0.91-0.96x with 2 threads (process CPU time with
+# OMP_WAIT_POLICY=PASSIVE, three runs, one of them `python benchmarks/bench_gemm.py --inference
+# --vit --cpu-time`: the VM was too loaded for wall-clock figures). In ViT-S's profile the GEMMs went from 84.5-164 to 63-140 ms
+# per forward (1 thread, three loaded runs), level with inductor's (63-137 ms). At 1024 rows (the
+# GPT and encoder benchmarks) the whole model did not gain from MKL (NOTE: [MKL GEMMs in
+# inference]; again 0.93-1.03x in four in-model runs here), so those stay on oneDNN, and so do
+# the unmeasured 256-1023 rows; heads with few rows were on MKL already (NOTE: [Few rows]).
+#
+# NOTE: [Bias after MKL's GEMM] Given the bias, mkl._mkl_linear writes it into the output before
+# the GEMM (beta = 1). Adding it afterwards in place was faster on ViT-S's four shapes (197 rows,
+# 2 threads, fastest of 300 interleaved wall-clock calls on the loaded VM): 791 vs 829, 276 vs 302,
+# 997 vs 1036 and 1085 vs 1106 us (the bias-free GEMM alone: 658, 236, 945, 987 us).
 #: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM ...
-MKL_PACKED_MAX_ROWS = 64
+MKL_PACKED_MAX_ROWS = 256
 #: ... when their weight has at least this many elements: on smaller ones F.linear was faster
 #: (8 rows, 2 threads: 32 -> 10 features 3.9 vs 5.5 us, 128 -> 128 8.3 vs 9.1 us, a tie at 256 -> 256,
 #: then packed ahead: 512 -> 512 34 vs 25 us).
@@ -65,11 +83,14 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         small = x.numel() * weight.shape[0] < ONEDNN_LINEAR_MIN_MACS  # NOTE: [Small linears]
         if not _needs_grad(x, weight, bias):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            few_rows = (x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS  # NOTE: [Few rows]
+            # NOTE: [Few rows], NOTE: [MKL for a few hundred rows]
+            few_rows = (x.dtype == torch.float32 and 0 < rows < MKL_PACKED_MAX_ROWS
                         and weight.numel() >= MKL_PACKED_MIN_WEIGHT)
             packed = _mkl_packed_weight(weight, rows) if few_rows else None
-            if packed is not None:
-                y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed[0], weight, bias, rows)
+            if packed is not None:  # NOTE: [Bias after MKL's GEMM]
+                y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed[0], weight, None, rows)
+                if bias is not None:
+                    y.add_(bias)
                 return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
             if small:
                 return _activation_(F.linear(x, weight, bias), act)
