@@ -235,6 +235,9 @@ def test_hand_written_build_keeps_a_drop_path_already_in_eval_mode():
     h = linear(x)
     model = tg.Model(x, h + drop(h))
     assert not _global_forward_hooks  # gone with the build: other module calls take torch's fast path
+    # ... and no stale with_kwargs mark of it (torch.compile then warns of global hooks for good)
+    from torch.nn.modules import module as module_hooks
+    assert not getattr(module_hooks, "_global_forward_hooks_with_kwargs", {})
     assert [n.target for n in model.graph.nodes if n.op == "call_module"] == ["linear", "drop_path"]
     assert model.drop_path is drop
 

@@ -37,6 +37,7 @@ import sys
 import threading
 
 import torch.nn as nn
+import torch.nn.modules.module as module_hooks
 from torch.nn.modules.module import register_module_forward_hook
 
 from .scope_replay import STATE, find_scope
@@ -88,6 +89,10 @@ def unwatch_builds() -> None:
     global _WATCH
     if _WATCH is not None:
         _WATCH.remove()
+        # NOTE: [Global hooks with kwargs] torch's handle removes the hook but not its with_kwargs
+        # mark (torch 2.11-2.14: _global_forward_hooks_with_kwargs is not among the handle's dicts);
+        # a stale mark makes torch.compile warn about global hooks for the rest of the process.
+        getattr(module_hooks, "_global_forward_hooks_with_kwargs", {}).pop(_WATCH.id, None)
         _WATCH = None
 
 
