@@ -83,7 +83,7 @@ def signature(records: list, paths: dict[int, str], tensor_keys: dict[int, str],
             if known is not None:
                 return ("tensor", known)
             data = o.detach()
-            digest = (hashlib.sha1(data.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            digest = (hashlib.sha1(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()  # reshape: 0-d too
                       if data.device.type == "cpu" and data.numel() <= 1 << 20 and not data.is_complex()
                       and data.dtype != torch.bfloat16 else None)
             return ("constant", tuple(data.shape), data.dtype, digest)
