@@ -130,6 +130,20 @@ def test_call_time_input_checks():
         model(good["image"])
 
 
+def test_cast_of_a_model_without_parameters_sets_its_input_dtype():
+    """model.half() / .to(bf16) of a parameterless model takes inputs of that dtype, as its code run eagerly does."""
+    x = tg.Input(shape=(4,))
+    model = tg.Model(x, torch.relu(x) * 2)
+    data = torch.randn(2, 4)
+    model.to(torch.bfloat16).cpu()                     # the device move keeps the cast
+    out = model(data.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, torch.relu(data.bfloat16()) * 2)
+    assert model.half()(data.half()).dtype == torch.float16
+    model.float()
+    with pytest.raises(ValueError, match="input 'input_1' expects dtype float32; received float16"):
+        model(data.half())
+
+
 # ------------------------------------------------------------------ issue 11: errors that point at the mistake
 
 class _Block(nn.Module):

@@ -14,7 +14,7 @@ import itertools
 import torch
 import torch.fx as fx
 
-__all__ = ["check_call", "input_checks"]
+__all__ = ["cast_float_dtype", "check_call", "input_checks"]
 
 
 def _dim_key(dim):
@@ -34,13 +34,42 @@ def _label(dim, i: int) -> str:
     return "the batch dim" if i == 0 and tuple(dim.probes) == (2, 3) else f"dim {i}"
 
 
+def cast_float_dtype(fn) -> torch.dtype | None:
+    """The floating dtype that ``model._apply(fn)`` casts to (``model.half()``, ``.to(torch.bfloat16)``), else None.
+
+    NOTE: [Cast without parameters] A model's floating inputs may come in the build dtype or in its
+    parameters' dtype (``model.to(torch.bfloat16)``, then bf16 inputs). A model without floating
+    parameters or buffers has no parameter to read that cast from, so ``Model._apply`` asks ``fn``
+    what it does to a float32 and a float64 tensor and remembers the answer: after ``model.half()``
+    such a model takes float16 inputs, as the same code run eagerly would. A device move keeps each
+    dtype (nothing to remember), and an ``fn`` that fails on a CPU tensor (a move to a device this
+    process lacks) tells nothing either.
+
+    Example:
+        >>> import torch
+        >>> cast_float_dtype(lambda t: t.half() if t.is_floating_point() else t)
+        torch.float16
+        >>> cast_float_dtype(lambda t: t.cpu()) is None   # a device move: each dtype kept
+        True
+    """
+    try:
+        probes = [fn(torch.zeros((), dtype=dtype)) for dtype in (torch.float32, torch.float64)]
+    except Exception:  # noqa: BLE001 - an fn that cannot run here says nothing about dtypes
+        return None
+    dtypes = {p.dtype if isinstance(p, torch.Tensor) else None for p in probes}
+    if len(dtypes) != 1:  # each kept its own dtype: a device move, not a cast
+        return None
+    dtype = dtypes.pop()
+    return dtype if dtype is not None and dtype.is_floating_point else None
+
+
 def input_checks(model) -> tuple:
     """``(static checks per input, shared dim groups, bounds)`` from the placeholders' specs."""
     from .value_spec import ValueSpec
 
     per_input = []
     float_dtype = next((p.dtype for p in itertools.chain(model.parameters(), model.buffers())
-                        if p.dtype.is_floating_point), None)
+                        if p.dtype.is_floating_point), model.__dict__.get("_tg_float_dtype"))
     occurrences: dict = {}
     bounds = []
     for node in model.graph.nodes:

@@ -30,7 +30,7 @@ from .dims import new_build
 from .emitting import RESERVED_NAMES, GraphEmitter, record_out_spec
 from .errors import GraphBuildError
 from .hierarchy import order_by_graph
-from .input_checks import check_call, input_checks
+from .input_checks import cast_float_dtype, check_call, input_checks
 from .naming import assign_layer_names, check_identifier
 from .recording import close_finished_scopes
 from .symbolic import SymbolicTensor, Value
@@ -250,6 +250,9 @@ class Model(TrainingMixin, fx.GraphModule):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self.__dict__.pop("_tg_checks", None)  # dtypes may have changed (model.double(), .to(...))
+        cast = cast_float_dtype(fn)
+        if cast is not None:
+            self._tg_float_dtype = cast
         return out
 
     # NOTE: [Fast layer lookup] The generated forward reads each layer as `self.<name>`. For a
