@@ -24,9 +24,9 @@ import pytest
 
 from torchgraph import layer_config
 
-MODULES = ["torchgraph"] + sorted(
-    f"torchgraph.{m.name}" for m in pkgutil.iter_modules(importlib.import_module("torchgraph").__path__)
-    if not m.name.startswith("_"))
+MODULES = ["torchgraph"] + sorted(  # every public module, in subpackages too (passes, fused, training, ...)
+    m.name for m in pkgutil.walk_packages(importlib.import_module("torchgraph").__path__, "torchgraph.")
+    if not any(part.startswith("_") for part in m.name.split(".")))
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", flags=re.S | re.M)

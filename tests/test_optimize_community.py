@@ -15,14 +15,12 @@ from torchgraph import fused, ops
 from torchgraph.passes import bfloat16_supported
 from torchgraph.symbolic import SymbolicTensor
 
-# Modules that stay one call, with the reason (docs/optimize.md, "Known limits").
+# Modules that stay one call, with the reason (docs/optimize.md, "Known limits"). Modules torch.fx cannot
+# trace (HuggingFace's BertModel, nanoGPT's manual CausalSelfAttention) are recorded instead.
 OPAQUE = {
-    "nanogpt_manual_attention": {"CausalSelfAttention"},  # slices a buffer by a traced size, math.sqrt
     "with_data_dependent_block": {"DataDependent"},  # `if x.sum() > 0:`
     "transformer_classifier": {"TransformerEncoder"},  # called with src_key_padding_mask
     "transformer_classifier_prenorm": {"TransformerEncoder"},
-    "hf_bert": {"BertModel"},  # HF forward: control flow on configs and shapes torch.fx cannot trace
-    "hf_gpt2": {"GPT2Model"},
 }
 # What each architecture must fuse into (at least).
 FUSED = {
@@ -36,6 +34,9 @@ FUSED = {
     "nanogpt_manual_attention": {ops.add_layer_norm, fused.linear_act},
     "unet": {fused.conv2d_act},
     "siamese": {fused.conv2d_act, fused.linear_act},
+    # recorded by tg.from_module where torch.fx cannot trace them (NOTE: [Recorded inlining])
+    "hf_bert": {ops.add_layer_norm, fused.linear_act, torch._C._nn.scaled_dot_product_attention},
+    "hf_gpt2": {ops.add_layer_norm, torch._C._nn.scaled_dot_product_attention},
 }
 
 

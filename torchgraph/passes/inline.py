@@ -10,8 +10,10 @@ each call of a container or custom module by the graph of its ``forward``, down 
 * anything else is traced with ``torch.fx`` (``_InliningTracer``), with the arguments the call does
   not pass as graph values baked in (``targets=None``) and ``assert`` s kept as ``torch._assert``.
   A submodule whose forward cannot be traced (data-dependent control flow, ``math.sqrt`` of a
-  traced size, ...) stays one opaque ``call_module``, exactly as before, and so does the whole
-  module when its own forward cannot be.
+  traced size, ...) stays one opaque ``call_module``, exactly as before;
+* a module whose own forward fx cannot trace (HuggingFace's ``BertModel``) is recorded by
+  ``tg.from_module`` instead (NOTE: [Recorded inlining] in ``inline_recorded.py``), and stays one
+  opaque call if that fails too.
 
 Every inlined node gets a ``tg_spec`` by running the inlined graph on the two meta probes of the
 call's inputs (:class:`ProbeInterpreter`); the result must have the probe shapes the call had, or the
@@ -33,6 +35,7 @@ from torch.func import functional_call
 from ..layers import ScaledDotProductAttention
 from ..model import ValueSpec
 from ..probing import to_meta
+from .inline_recorded import record_for_inlining
 from ..symbolic import dim_for_probes
 
 __all__ = ["ProbeInterpreter", "inline_modules", "is_torch_layer"]
@@ -259,46 +262,82 @@ def _splice(root: nn.Module, graph: fx.Graph, node: fx.Node, sub: fx.GraphModule
         node.replace_all_uses_with(result)
     else:  # a tuple/list/dict result: its getitem users read the inlined values directly
         for user in list(node.users):
-            user.replace_all_uses_with(result[user.args[1]])
+            user.replace_all_uses_with(_item(result, user.args[1]))
             graph.erase_node(user)
     graph.erase_node(node)
+
+
+def _item(result, key):
+    """``result[key]``; an int key of a dict result is a position (a recorded HuggingFace
+    ``ModelOutput`` is a dict of its fields that are not None, in order, as ``output[0]`` counts)."""
+    if isinstance(result, dict) and isinstance(key, int):
+        return list(result.values())[key]
+    return result[key]
 
 
 def _structured_users_ok(node: fx.Node, sub: fx.GraphModule) -> bool:
     out = next(n for n in reversed(sub.graph.nodes) if n.op == "output").args[0]
     if isinstance(out, fx.Node):
         return True
-    return all(u.op == "call_function" and getattr(u.target, "__name__", "") == "getitem"
-               and len(u.args) == 2 and isinstance(u.args[1], (int, str)) for u in node.users)
+    for user in node.users:
+        if not (user.op == "call_function" and getattr(user.target, "__name__", "") == "getitem"
+                and len(user.args) == 2 and isinstance(user.args[1], (int, str))):
+            return False
+        key = user.args[1]
+        if isinstance(out, dict) and isinstance(key, int) and not -len(out) <= key < len(out):
+            return False
+        if isinstance(out, dict) and isinstance(key, str) and key not in out:
+            return False
+        if not isinstance(out, dict) and (not isinstance(key, int) or not -len(out) <= key < len(out)):
+            return False
+    return True
 
 
 def inline_modules(root: nn.Module, graph: fx.Graph) -> int:
     """Replace calls of containers, ``tg.Model`` s and custom modules by their traced graphs (down
-    to ``torch.nn`` layers). Returns how many calls were inlined."""
+    to ``torch.nn`` layers). Returns how many calls were inlined.
+
+    A spliced graph may bring calls of its own (a submodule fx left opaque inside a traced parent,
+    a nested ``tg.Model``): they are tried in turn, until no new call is left."""
     count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_module":
-            continue
-        module = root.get_submodule(node.target)
-        if is_torch_layer(module):
-            continue
-        if node.kwargs:
-            continue
-        sub = _trace(module, node.args)
-        if sub is None:
-            continue
+    tried: set[fx.Node] = set()
+    while True:
+        pending = [n for n in graph.nodes if n.op == "call_module" and n not in tried]
+        if not pending:
+            return count
+        for node in pending:
+            tried.add(node)
+            count += _inline_call(root, graph, node)
+
+
+def _inline_call(root: nn.Module, graph: fx.Graph, node: fx.Node) -> bool:
+    """Inline one ``call_module`` node if its module can be traced or recorded and checks out."""
+    module = root.get_submodule(node.target)
+    if is_torch_layer(module):
+        return False
+    sub = None if node.kwargs else _trace(module, node.args)
+    recorded = None
+    if sub is None and not isinstance(module, fx.GraphModule):
+        recorded = record_for_inlining(module, node)  # NOTE: [Recorded inlining]
+    if recorded is not None:
+        sub, args = recorded
+    elif sub is None:
+        return False
+    else:
         args = _arguments(node, sub)
-        if args is None or not _structured_users_ok(node, sub):
-            continue
-        inputs = [a.meta.get("tg_spec") if isinstance(a, fx.Node) else a for a in args]
-        if any(isinstance(a, fx.Node) and not isinstance(s, ValueSpec) for a, s in zip(args, inputs)):
-            continue
-        specs = _probe_specs(sub, inputs)
-        if specs is None or not _same_output(node, sub, specs):
-            continue
-        _splice(root, graph, node, sub, args, specs)
-        count += 1
-    return count
+    if args is None or not _structured_users_ok(node, sub):
+        return False
+    inputs = [a.meta.get("tg_spec") if isinstance(a, fx.Node) else a for a in args]
+    if any(isinstance(a, fx.Node) and not isinstance(s, ValueSpec) for a, s in zip(args, inputs)):
+        return False
+    specs = _probe_specs(sub, inputs)
+    if specs is None or not _same_output(node, sub, specs):
+        return False
+    if recorded is not None:  # the recording takes the module's place, with the same submodules
+        parent, _, name = node.target.rpartition(".")
+        setattr(root.get_submodule(parent), name, sub)
+    _splice(root, graph, node, sub, args, specs)
+    return True
 
 
 def _same_output(node: fx.Node, sub: fx.GraphModule, specs: dict) -> bool:
@@ -309,4 +348,10 @@ def _same_output(node: fx.Node, sub: fx.GraphModule, specs: dict) -> bool:
         spec = specs.get(out)
         return isinstance(recorded, ValueSpec) and spec is not None and spec.probes == recorded.probes \
             and spec.dtype == recorded.dtype
-    return True  # structured outputs: each getitem user keeps its own recorded spec
+    for user in node.users:  # structured outputs: each item as its getitem user recorded it
+        item, recorded = _item(out, user.args[1]), user.meta.get("tg_spec")
+        if isinstance(item, fx.Node) and isinstance(recorded, ValueSpec):
+            spec = specs.get(item)
+            if spec is None or spec.probes != recorded.probes or spec.dtype != recorded.dtype:
+                return False
+    return True
