@@ -31,7 +31,7 @@ FUSED = {
     "vit": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "vit_manual_attention": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "nanogpt": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
-    "nanogpt_manual_attention": {ops.add_layer_norm, fused.linear_act},
+    "nanogpt_manual_attention": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "unet": {fused.conv2d_act},
     "siamese": {fused.conv2d_act, fused.linear_act},
     # recorded by tg.from_module where torch.fx cannot trace them (NOTE: [Recorded inlining])

@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from ..layers import ScaledDotProductAttention
+from ..dims import DynamicDim
 from ..model import ValueSpec
 from ..probing import to_meta
 from .inline_recorded import record_for_inlining
@@ -201,10 +202,11 @@ def _meta_of(spec, k: int):
     return None
 
 
-def _spec_of(p0, p1) -> ValueSpec | None:
-    """The ``tg_spec`` of a value seen as ``p0`` and ``p1`` at the two probes."""
+def _spec_of(p0, p1, dims: list) -> ValueSpec | None:
+    """The ``tg_spec`` of a value seen as ``p0`` and ``p1`` at the two probes (a dynamic dim found
+    among ``dims``, the call's input dims, keeps its name and bounds)."""
     if isinstance(p0, torch.Tensor) and isinstance(p1, torch.Tensor):
-        shape = tuple(dim_for_probes(a, b) for a, b in zip(p0.shape, p1.shape))
+        shape = tuple(dim_for_probes(a, b, dims) for a, b in zip(p0.shape, p1.shape))
         return ValueSpec(shape, p0.dtype, (tuple(p0.shape), tuple(p1.shape)))
     if isinstance(p0, int) and isinstance(p1, int) and not isinstance(p0, bool):
         return ValueSpec(None, None, (p0, p1))
@@ -223,7 +225,9 @@ def _probe_specs(sub: fx.GraphModule, inputs: list) -> dict[fx.Node, ValueSpec |
         except Exception:  # noqa: BLE001 - the graph cannot run on meta: keep the module opaque
             return None
         runs.append(interpreter.values)
-    return {n: _spec_of(runs[0][n], runs[1][n]) for n in sub.graph.nodes}
+    dims = [d for s in inputs if isinstance(s, ValueSpec) for d in (s.dims or s.shape or ())
+            if isinstance(d, DynamicDim)]
+    return {n: _spec_of(runs[0][n], runs[1][n], dims) for n in sub.graph.nodes}
 
 
 def _arguments(node: fx.Node, sub: fx.GraphModule) -> list | None:

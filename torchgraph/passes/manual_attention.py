@@ -10,8 +10,13 @@ timm's ``Attention`` with ``fused_attn=False`` (and much hand-written code) spel
 
 which is ``F.scaled_dot_product_attention(q, k, v, scale=scale)`` up to rounding; SDPA never writes
 the ``(B, H, T, T)`` scores to memory, and :func:`fuse_qkv_attention` can then fuse the whole block.
-Only that chain matches: a mask, dropout, another reader of the scores or probabilities, or a
-scale that is not a Python number leaves the code as written.
+nanoGPT's non-flash path adds a causal mask from a buffer before the softmax::
+
+    att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))   # bias = tril(ones(N, N))
+
+which is ``is_causal=True`` (NOTE: [Causal mask from a buffer]). Only those chains match: another
+mask, dropout, another reader of the scores or probabilities, or a scale that is not a Python number
+leaves the code as written.
 """
 
 from __future__ import annotations
@@ -87,8 +92,78 @@ def _transposed_key(node) -> fx.Node | None:
     return k if _rank(k) == 4 and len(node.args) == 3 and dims == {2, 3} else None
 
 
-def _match(node: fx.Node) -> dict | None:
-    """``softmax(scale * q @ k^T) @ v`` ending at ``node``: its q, k, v, scale and nodes."""
+# NOTE: [Causal mask from a buffer] nanoGPT registers ``bias = torch.tril(torch.ones(N, N)).view(1,
+# 1, N, N)`` and fills the scores with -inf where ``bias[:, :, :T, :T] == 0``. With as many keys as
+# queries (T each), that is exactly SDPA's ``is_causal=True`` (a lower-triangular mask aligned at the
+# top left), and every row keeps its diagonal, so no row is fully masked. The match reads the
+# buffer's values when tg.optimize runs (the optimized copy owns its buffers) and requires a tril of
+# ones, a slice from 0 of the same length on both dims, and probe shapes that show T queries and T
+# keys. Eager fails when T exceeds N (the sliced mask no longer fits the scores); SDPA would not, so
+# a dynamic T keeps that failure as a ``torch._assert`` of ``T <= N`` (T is the slice's end, a
+# value of the graph already: reading q's size would give q a second user and stop the qkv fusion).
+_EQ_FUNCTIONS = {operator.eq, torch.eq}
+
+
+def _slice_to(index) -> object:
+    """The end of ``slice(None or 0, end)`` (a node or an int), else None."""
+    if not isinstance(index, slice) or index.start not in (None, 0) or index.step not in (None, 1):
+        return None
+    return index.stop
+
+
+def _causal_buffer_rows(root: nn.Module, mask) -> tuple[int, object] | None:
+    """``buffer[:, :, :T, :T] == 0`` (or ``buffer[:T, :T] == 0``) of a ``tril(ones(N, N))`` buffer:
+    ``(N, T)``, T a node or an int."""
+    if not _is_call(mask, _EQ_FUNCTIONS, "eq") or len(mask.args) != 2 or mask.kwargs or mask.args[1] != 0:
+        return None
+    sliced = mask.args[0]
+    if not (isinstance(sliced, fx.Node) and sliced.op == "call_function" and sliced.target is operator.getitem):
+        return None
+    buffer_node, index = sliced.args
+    if not (isinstance(buffer_node, fx.Node) and buffer_node.op == "get_attr" and isinstance(index, tuple)):
+        return None
+    owner, _, name = buffer_node.target.rpartition(".")
+    try:
+        buffer = getattr(root.get_submodule(owner), name)
+    except AttributeError:
+        return None
+    if not isinstance(buffer, torch.Tensor) or buffer.dim() != len(index) or buffer.dim() < 2:
+        return None
+    rows_end, cols_end = _slice_to(index[-2]), _slice_to(index[-1])
+    same_end = rows_end is cols_end if isinstance(rows_end, fx.Node) else \
+        (isinstance(rows_end, int) and rows_end == cols_end)
+    if any(i != slice(None) for i in index[:-2]) or not same_end:
+        return None
+    n = buffer.shape[-1]
+    if buffer.shape[-2] != n or any(d != 1 for d in buffer.shape[:-2]):
+        return None
+    square = buffer.reshape(n, n)
+    if not torch.equal(square != 0, torch.ones(n, n, dtype=torch.bool, device=square.device).tril()):
+        return None
+    return n, rows_end
+
+
+def _causal_masked(root: nn.Module, node) -> tuple[fx.Node, tuple] | None:
+    """``scores.masked_fill(causal mask, -inf)``: ``(scores, (N, T))``."""
+    if not _is_call(node, {torch.masked_fill}, "masked_fill") or node.kwargs or len(node.args) != 3:
+        return None
+    scores, mask, value = node.args
+    if not (isinstance(value, float) and value == float("-inf")) or not isinstance(scores, fx.Node):
+        return None
+    causal = _causal_buffer_rows(root, mask)
+    if causal is None or single_user(mask) is not node:
+        return None
+    probes = [getattr(t.meta.get("tg_spec"), "probes", None) for t in (scores, mask)]
+    if probes[0] is None or probes[1] is None:
+        return None
+    for score_shape, mask_shape in zip(*probes):  # T queries, T keys, the mask T x T
+        if len(score_shape) != 4 or score_shape[2] != score_shape[3] or tuple(mask_shape[-2:]) != score_shape[2:]:
+            return None
+    return scores, causal
+
+
+def _match(root: nn.Module, node: fx.Node) -> dict | None:
+    """``softmax(scale * q @ k^T [+ causal mask]) @ v`` ending at ``node``: its q, k, v, scale and nodes."""
     operands = _matmul_operands(node)
     if operands is None:
         return None
@@ -96,7 +171,13 @@ def _match(node: fx.Node) -> dict | None:
     scores = _softmax_input(probabilities)
     if scores is None or single_user(probabilities) is not node or single_user(scores) is not probabilities:
         return None
-    chain, scale = [probabilities, scores], 1.0
+    chain, scale, causal = [probabilities, scores], 1.0, None
+    masked = _causal_masked(root, scores)
+    if masked is not None:  # the mask's own nodes go with dead-code elimination
+        scores, causal = masked
+        if single_user(scores) is not chain[-1]:
+            return None
+        chain.append(scores)
     scaled = _scaled(scores)
     if scaled is not None:  # (q @ k^T) * scale
         scores, scale = scaled
@@ -120,21 +201,30 @@ def _match(node: fx.Node) -> dict | None:
     for qs, ks, vs in zip(*(t.meta["tg_spec"].probes for t in (q, k, v))):  # no broadcasting, as SDPA wants
         if not (qs[:2] == ks[:2] == vs[:2] and ks[2] == vs[2] and qs[3] == ks[3]):
             return None
-    return {"q": q, "k": k, "v": v, "scale": scale, "erase": chain}
+    return {"q": q, "k": k, "v": v, "scale": scale, "causal": causal, "erase": chain}
 
 
 def write_attention_as_sdpa(root: nn.Module, graph: fx.Graph) -> int:
-    """``softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v`` (4-D, no mask, no dropout, the
-    scores and probabilities read by the chain alone) -> ``F.scaled_dot_product_attention(q, k, v,
-    scale=scale)``. Returns how many were rewritten."""
+    """``softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v`` (4-D, no mask or nanoGPT's causal
+    buffer mask, no dropout, the scores and probabilities read by the chain alone) ->
+    ``F.scaled_dot_product_attention(q, k, v, scale=scale[, is_causal=True])``. Returns how many were
+    rewritten."""
     count = 0
     for node in list(graph.nodes):
-        match = _match(node) if node.op in ("call_function", "call_method") else None
+        match = _match(root, node) if node.op in ("call_function", "call_method") else None
         if match is None:
             continue
+        options = {"scale": match["scale"]}
         with graph.inserting_before(node):
+            if match["causal"] is not None:  # NOTE: [Causal mask from a buffer]
+                rows, length = match["causal"]
+                if isinstance(length, fx.Node):  # a static length fitted at build time already
+                    fits = graph.call_function(operator.le, (length, rows))
+                    graph.call_function(torch._assert, (fits, f"attention: the causal mask buffer has {rows} "
+                                                              "rows; the sequence is longer"))
+                options["is_causal"] = True
             new = graph.call_function(F.scaled_dot_product_attention, (match["q"], match["k"], match["v"]),
-                                      {"scale": match["scale"]})
+                                      options)
         new._rename("sdpa")
         set_spec(new, node.meta.get("tg_spec"))
         node.replace_all_uses_with(new)
