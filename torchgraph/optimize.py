@@ -133,6 +133,10 @@ def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: 
     if inference:
         passes.expand_transformer_layers(root, graph)
         passes.fold_batchnorm(root, graph)
+    passes.write_gelu_as_function(root, graph)  # HuggingFace's spellings (passes/written_layers.py)
+    if inference:
+        passes.linear_from_addmm(root, graph)
+    passes.sink_activation_through_view(root, graph)
     passes.fuse_linear_act(root, graph)
     passes.fuse_conv_act(root, graph, channels_last=inference and channels_last)
     _unshare(root, set(shared))

@@ -266,17 +266,9 @@ def _splice(root: nn.Module, graph: fx.Graph, node: fx.Node, sub: fx.GraphModule
         node.replace_all_uses_with(result)
     else:  # a tuple/list/dict result: its getitem users read the inlined values directly
         for user in list(node.users):
-            user.replace_all_uses_with(_item(result, user.args[1]))
+            user.replace_all_uses_with(result[user.args[1]])
             graph.erase_node(user)
     graph.erase_node(node)
-
-
-def _item(result, key):
-    """``result[key]``; an int key of a dict result is a position (a recorded HuggingFace
-    ``ModelOutput`` is a dict of its fields that are not None, in order, as ``output[0]`` counts)."""
-    if isinstance(result, dict) and isinstance(key, int):
-        return list(result.values())[key]
-    return result[key]
 
 
 def _structured_users_ok(node: fx.Node, sub: fx.GraphModule) -> bool:
@@ -288,9 +280,7 @@ def _structured_users_ok(node: fx.Node, sub: fx.GraphModule) -> bool:
                 and len(user.args) == 2 and isinstance(user.args[1], (int, str))):
             return False
         key = user.args[1]
-        if isinstance(out, dict) and isinstance(key, int) and not -len(out) <= key < len(out):
-            return False
-        if isinstance(out, dict) and isinstance(key, str) and key not in out:
+        if isinstance(out, dict) and key not in out:  # (a recorded ModelOutput is read by field name)
             return False
         if not isinstance(out, dict) and (not isinstance(key, int) or not -len(out) <= key < len(out)):
             return False
@@ -353,7 +343,7 @@ def _same_output(node: fx.Node, sub: fx.GraphModule, specs: dict) -> bool:
         return isinstance(recorded, ValueSpec) and spec is not None and spec.probes == recorded.probes \
             and spec.dtype == recorded.dtype
     for user in node.users:  # structured outputs: each item as its getitem user recorded it
-        item, recorded = _item(out, user.args[1]), user.meta.get("tg_spec")
+        item, recorded = out[user.args[1]], user.meta.get("tg_spec")
         if isinstance(item, fx.Node) and isinstance(recorded, ValueSpec):
             spec = specs.get(item)
             if spec is None or spec.probes != recorded.probes or spec.dtype != recorded.dtype:

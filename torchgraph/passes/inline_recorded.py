@@ -13,7 +13,11 @@ the hierarchy and shares the parameters), so it takes the module's place in the 
 is spliced like any nested ``tg.Model``; the caller's original model is never touched (optimize
 works on a copy). Anything the recording cannot do (a forward that is not recordable, an argument
 that is not a batch-first tensor, a ``*args`` signature) leaves the call opaque, exactly as before;
-the recording's warnings about opaque sublayers are silenced (those stay opaque calls inside).
+the recording's warnings about opaque sublayers are silenced (those stay opaque calls inside). A
+HuggingFace forward with a ``use_cache`` argument the call leaves out is recorded with
+``use_cache=False``: its cache is an object, not a tensor a graph can output, and no other output
+depends on it; a caller that reads the cache field finds no such field in the recording, and the
+call stays opaque.
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ def record_for_inlining(module: nn.Module, node: fx.Node) -> tuple[fx.GraphModul
             return None
     if not values:
         return None
+    if "use_cache" in signature.parameters and "use_cache" not in bound.arguments:
+        inputs["use_cache"] = False  # HuggingFace: a cache object is no tensor output (NOTE above)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
