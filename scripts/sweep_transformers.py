@@ -53,6 +53,8 @@ def cases() -> dict:
         "phi": (lambda: T.PhiModel(T.PhiConfig(resid_pdrop=0.0, embd_pdrop=0.0, **decoder)), *text),
         "gptj": (lambda: T.GPTJModel(T.GPTJConfig(vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
                                                   n_positions=64, use_cache=False)), *text),
+        "gpt2": (lambda: T.GPT2Model(T.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                  use_cache=False)), *text),
         "opt": (lambda: T.OPTModel(T.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                                num_attention_heads=4, max_position_embeddings=64, dropout=0.0,
                                                attention_dropout=0.0, use_cache=False)), *text),

@@ -101,6 +101,28 @@ def test_unrecordable_module_stays_one_call():
     torch.testing.assert_close(fast(data), module(data))
 
 
+def test_recording_attempts_leave_no_build_behind():
+    """A failed recording inside tg.optimize ends its build (no process-wide hold left), and tg.optimize
+    called in the middle of the user's own build leaves that build alone (the call stays opaque)."""
+    from torchgraph.type_info import building
+
+    class DataDependent(nn.Module):
+        def forward(self, x, mask=None):
+            return x * 2 if x.sum() > 0 else x - 1
+
+    x = tg.Input(shape=(4,))
+    tg.optimize(tg.Model(x, DataDependent()(x, mask=None)))
+    assert not building()
+    pool = MaskedAttentionPool()
+    model = _masked_model(pool)
+    h = tg.Input(shape=(8,))                      # the user's build is under way
+    fast = tg.optimize(model)
+    assert any(isinstance(m, MaskedAttentionPool) for m in _called(fast))
+    out = tg.Model(h, nn.Linear(8, 2)(h))(torch.randn(3, 8))  # and finishes as usual
+    assert out.shape == (3, 2) and not building()
+    assert not any(isinstance(m, MaskedAttentionPool) for m in _called(tg.optimize(model)))
+
+
 def test_huggingface_bert_used_as_a_layer_is_inlined():
     """A HuggingFace BertModel (random init) used as one layer, its ModelOutput read by field name and
     by position: tg.optimize records it, fuses its linears, LayerNorms and attention, and matches eager."""

@@ -83,13 +83,32 @@ def record_for_inlining(module: nn.Module, node: fx.Node) -> tuple[fx.GraphModul
         >>> [n.op for n in recorded.graph.nodes], args == list(call.args)
         (['placeholder', 'call_module', 'call_method', 'output'], True)
     """
-    from ..from_module import from_module
+    from ..dims import new_build
+    from ..type_info import building
 
+    if building():  # NOTE: [Recording inside optimize]
+        return None
     try:
         signature = inspect.signature(module.forward)
         bound = signature.bind(*node.args, **node.kwargs)
     except (TypeError, ValueError):
         return None
+    try:
+        return _record(module, node, signature, bound)
+    finally:
+        new_build()
+
+
+# NOTE: [Recording inside optimize] A recording is a build: its tg.Inputs start one (probe sizes,
+# the finfo replacement and the returned-input hook of type_info.py) and tg.Model ends it. Inside
+# tg.optimize that build must end whatever happens, or the process would keep the build hold (every
+# nn.Module call in it would pass through the hook), so each attempt ends with new_build(). And a
+# thread in the middle of its own build (tg.Inputs made, tg.Model not called yet) is left alone:
+# the recording would reset that build's dims, so there the call stays opaque.
+def _record(module: nn.Module, node: fx.Node, signature, bound) -> tuple[fx.GraphModule, list] | None:
+    """The recording itself: one tg.Input per graph value, plain values as settings."""
+    from ..from_module import from_module
+
     inputs: dict = {}
     values: dict[str, fx.Node] = {}
     dims: dict = {}
