@@ -70,6 +70,15 @@ __all__ = ["open_scope"]
 # and removed at the next tg.Input / tg.Model.)
 
 
+# NOTE: [Same draws in every run] A layer that draws random numbers on no input (LayerDrop's
+# `torch.rand([]) < p`, NOTE: [Random draws in a forward] in tracing.py) must take the same branch in
+# both shadow runs and in the original call, or the build would depend on the generator's state (and
+# fail now and then: "did different operations when it was called again"). Both shadow runs start
+# from the same CPU generator state, the original call replays run 0's draws from the log, and the
+# state is put back afterwards: recording draws nothing from the user's generator. At run time the
+# layer is called for real and draws as eager does.
+
+
 def _shadow_of(o, ctx: ProbeContext, memo: dict, run: ShadowRun):
     if isinstance(o, SymbolicTensor):
         shadow = memo.get(id(o))
@@ -126,22 +135,28 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
 
     changed: dict = {}
     real = False
+    rng = torch.get_rng_state()  # NOTE: [Same draws in every run]
     while True:
         log: list = []
         log1: list = []  # only for error messages: which dims of run 0's shapes are dynamic
         k = 0
         try:
+            torch.set_rng_state(rng)
             run0, out0 = shadow_run(0, real, log)
             changed = undo_buffers(bufs, saved)
             k = 1
+            torch.set_rng_state(rng)
             _, out1 = shadow_run(1, real, log1)
             undo_buffers(bufs, saved)
+            torch.set_rng_state(rng)
             break
         except GraphBuildError:
+            torch.set_rng_state(rng)
             undo_buffers(bufs, saved)
             restore_attributes(attrs)
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the layer's context below
+            torch.set_rng_state(rng)
             undo_buffers(bufs, saved)
             if not real and is_meta_limitation(exc):
                 real = True  # NOTE: documented fallback: probe this module with small real tensors

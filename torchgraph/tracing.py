@@ -58,9 +58,10 @@ class RecordingMode(TorchFunctionMode):
     (``.shape``, ``.dtype``...), torchgraph's own calls (probes) and everything else run as usual.
     """
 
-    def __init__(self, state_ids: set[int] = frozenset()):
+    def __init__(self, state_ids: set[int] = frozenset(), forwards: bool = False):
         super().__init__()
         self.state_ids = state_ids
+        self.forwards = forwards  # recording a module's forward (not replaying a config)
 
     def __enter__(self):
         # torch.finfo(x.dtype) never reaches a mode either; the given tg.Inputs may be values of a build
@@ -83,6 +84,8 @@ class RecordingMode(TorchFunctionMode):
                     leaf._base is not None and id(leaf._base) in self.state_ids)):
                 state = True
         name = func_name(func)
+        if self.forwards and not symbolic and name in _RANDOM and not _in_layer_call():
+            _refuse_random_draw(name, args)
         if is_inplace(name, kwargs) or name == "__setitem__":
             target = args[0] if args else None
             if symbolic and isinstance(target, torch.Tensor) and not isinstance(target, SymbolicTensor) \
@@ -106,6 +109,36 @@ class RecordingMode(TorchFunctionMode):
             finally:
                 remove_mode(self)
         return func(*args, **kwargs)
+
+
+# NOTE: [Random draws in a forward] `torch.rand([])` in a recorded forward (HuggingFace's LayerDrop:
+# `if self.training and self.layerdrop > 0: if torch.rand([]) < self.layerdrop: skip the layer`), or
+# `torch.empty(n).bernoulli_(p)`, takes no symbolic input, so it would run once while recording and its
+# numbers would be baked into the graph: the recorded model would skip (or keep) the same layers at
+# every call and draw nothing from the generator, while the module draws anew at every call -- a
+# silent difference in train mode, found on BART with encoder_layerdrop=0.1 (Wav2Vec2's default
+# layerdrop is 0.1). Such a draw fails the recording of the module that makes it, which then stays
+# one opaque layer (exact: it draws at run time), or, at the top level, the build, with this message.
+# Draws on symbolic tensors (`x.new_empty(shape).bernoulli_(p)`, `F.dropout(x)`) are recorded as
+# operations, and layers (nn.Dropout, an opaque module) draw for real when the model runs.
+_RANDOM = frozenset({
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
+    "normal", "poisson", "bernoulli_", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
+    "log_normal_", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "rrelu", "rrelu_",
+})
+
+
+def _refuse_random_draw(name: str, args) -> None:
+    shape = next((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), None)
+    what = f"'{name}'" + (f" on a tensor of shape {shape}" if shape is not None else "")
+    raise GraphBuildError(
+        f"{what} draws random numbers that depend on no input of the model (NOTE: [Random draws in a "
+        "forward]). Expected random calls on the inputs' values (x.new_empty(...).bernoulli_(p), "
+        "F.dropout(x)); received a draw that a recording would run once and bake into the graph as a "
+        "constant, while the module draws anew at every call. The module that makes it stays one opaque "
+        "layer; at the top level, use the module as one layer of a tg.Model (x = tg.Input(...); "
+        "tg.Model(x, module(x))) or give it settings that avoid the draw (LayerDrop 0).")
 
 
 def _in_layer_call() -> bool:
