@@ -271,6 +271,30 @@ def test_hand_written_model_with_a_timm_drop_path_saves(tmp_path):
     assert type(tg.clone_model(model).get_submodule("drop_path")) is DropPath
 
 
+def test_optimize_drops_the_layer_in_inference_and_keeps_it_for_training(tmp_path):
+    torch.manual_seed(0)
+    net = dp.drop_path_vit(depth=2, drop_path_rate=0.5)
+    model = _record(net, (5, 16))
+    loaded = tg.load(tg.save(model, tmp_path / "m.safetensors") or tmp_path / "m.safetensors")
+    x = torch.randn(4, 5, 16)
+    for m in (model, loaded):  # the original's timm DropPath and the torchgraph layer alike
+        fast = tg.optimize(m.eval())
+        assert not any("drop_path" in str(n.target) for n in fast.graph.nodes)
+        torch.testing.assert_close(fast(x), net.eval()(x), rtol=1e-5, atol=1e-5)
+        # for training: still a call, so it keeps following the mode (a trace would freeze it)
+        trainable = tg.optimize(m.train(), inference=False)
+        assert [n.target for n in trainable.graph.nodes if "drop_path" in str(n.target)] == \
+            ["1.drop_path1", "1.drop_path2", "2.drop_path1", "2.drop_path2"]
+        torch.manual_seed(1)
+        first = trainable.eval()(x)
+        torch.manual_seed(2)
+        assert torch.equal(trainable(x), first)  # eval: no mask drawn
+        torch.manual_seed(1)
+        expected = net.train()(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(trainable.train()(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def _crafted(tmp_path, kwargs):
     """A saved hand-written model whose DropPath entry has ``kwargs``."""
     x = tg.Input(shape=(4,))
