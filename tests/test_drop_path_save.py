@@ -327,3 +327,32 @@ def test_a_crafted_file_with_bad_drop_path_arguments_fails_clearly(kwargs, match
     with pytest.raises(ValueError, match=r"layer 'drop_path': torchgraph.layers.DropPath could not be built from "
                        r"its config: .*" + match):
         tg.load(path)
+
+
+class _BlockWithOurLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h + self.drop_path(h)
+
+
+def test_from_module_keeps_the_torchgraph_layer_as_a_layer_without_a_warning():
+    """tg.layers are leaves of tg.from_module like torch.nn's layers; the call follows the mode."""
+    for mode in (True, False):
+        net = _BlockWithOurLayer().train(mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = tg.from_module(net, (8,))
+        assert [n.target for n in model.graph.nodes if n.op == "call_module"] == ["fc", "drop_path"]
+        x = torch.randn(16, 8)
+        for training in (False, True):
+            net.train(training)
+            model.train(training)
+            torch.manual_seed(0)
+            expected = net(x)
+            torch.manual_seed(0)
+            _same(model(x), expected)
