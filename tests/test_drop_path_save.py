@@ -138,6 +138,15 @@ class _DropsInEvalToo(dp.DropPath):
         return dp.drop_path(x, self.drop_prob, True)
 
 
+class _InPlace(dp.DropPath):
+    """Without scaling, ``x.mul_(mask)`` returns the same values as ``x * mask``, but changes the caller's ``x``."""
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        return x.mul_(x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.drop_prob))
+
+
 class _ElementDropout(nn.Module):
     def __init__(self, p):
         super().__init__()
@@ -154,7 +163,7 @@ class _WithBuffer(dp.DropPath):
 
 
 @pytest.mark.parametrize("look_alike", [_ExtraScale(0.3), _PerChannelMask(0.3), _PerChannelMask(0.01),
-                                        _FixedRate(0.3), _DropsInEvalToo(0.3), _ElementDropout(0.3),
+                                        _FixedRate(0.3), _DropsInEvalToo(0.3), _InPlace(0.3), _ElementDropout(0.3),
                                         _WithBuffer(0.3)], ids=lambda m: type(m).__name__ + str(m.extra_repr()))
 def test_look_alikes_are_not_recognised_and_cannot_be_saved(look_alike, tmp_path):
     """A module that merely looks like a drop path keeps the old clear save error (with a hint)."""

@@ -13,7 +13,8 @@ would be a guess, so the module is *run*:
   torch.nn's table, with a drop probability attribute (``drop_prob``, ``p``, ``drop_rate``) in [0, 1];
 - in eval mode it returns its input object itself, on tensors of two ranks;
 - in train mode, under fixed seeds (``torch.random.fork_rng``: the caller's random state is left as
-  it was), it gives exactly the candidate layer's output (same values, shape and dtype) on those
+  it was), it leaves its input unchanged (no ``x.mul_(mask)``: the caller would see it) and gives
+  exactly the candidate layer's output (same values, shape and dtype) on those
   tensors, at its own probability and, on a shallow copy with the attribute set to 0.5, at 0.5 (at a
   small probability few samples are dropped, which would let a different mask shape or an extra scale
   pass unseen). The candidates are the spellings of ``tg.layers.DropPath`` (``noise``, ``mode``,
@@ -117,13 +118,25 @@ def _recognise(module: nn.Module, name: str):
     probe.training = True
     for p in (probability, _CHECK_PROBABILITY):
         setattr(probe, name, p)
-        expected = [_seeded(probe, x, seed) for x in inputs for seed in _SEEDS]
+        expected = [_seeded_copy(probe, x, seed, p) for x in inputs for seed in _SEEDS]
+        if any(e is None for e in expected):
+            return None
         candidates = [c for c in candidates
                       if all(_identical(_seeded(DropPath(p, **c), x, seed), e)
                              for (x, seed), e in zip(itertools.product(inputs, _SEEDS), expected))]
         if not candidates:
             return None
     return DropPath(probability, **candidates[0])
+
+
+def _seeded_copy(probe: nn.Module, x: torch.Tensor, seed: int, p: float):
+    """The probe's output on a copy of ``x``; None if it changed its input in place (``x.mul_(mask)``: the
+    caller's tensor would change too, which the layer never does)."""
+    given = x.clone()
+    out = _seeded(probe, given, seed)
+    if not torch.equal(given, x) or (p > 0 and out is given):
+        return None
+    return out
 
 
 def _seeded(layer: nn.Module, x: torch.Tensor, seed: int):
