@@ -4,7 +4,9 @@ A sweep for finding where torchgraph fails on code it did not write: each archit
 downloaded weights) is recorded with ``tg.from_module``, compared with eager, saved and loaded
 (safetensors), optimized in float32 and bfloat16. One line per model: ``OK`` with the count of layers that
 stayed opaque and the errors (max abs against eager; bf16 relative), or ``FAIL`` with the step and the
-message. Needs ``transformers`` (requirements-dev.txt). Takes 2-4 minutes on 2 cores.
+message. Needs ``transformers`` (requirements-dev.txt). Takes 2-4 minutes on 2 cores. Swin and Segformer
+(``drop_path_rate=0.1`` by default) keep one drop path layer each ("opaque layers 1"), saved as
+``tg.layers.DropPath`` (NOTE: [Drop path at save time] in torchgraph/drop_paths.py).
 
 Usage: python scripts/sweep_transformers.py [NAME ...]
 """
@@ -18,7 +20,9 @@ import warnings
 
 import torch
 
-import torchgraph as tg
+# the torchgraph of this checkout (not an installed one: `pip install -e` of another worktree would win)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torchgraph as tg  # noqa: E402
 
 
 def _text(cache: bool = True) -> dict:

@@ -51,8 +51,8 @@ def is_leaf_module(module: nn.Module) -> bool:
     """Whether ``tg.from_module`` keeps ``module`` as one layer by default.
 
     Leaves: modules whose ``forward`` is torch's own (``nn.Conv2d``, ``nn.LSTM``, ``nn.MultiheadAttention``,
-    ``nn.TransformerEncoderLayer``, and subclasses that do not override ``forward``), except the
-    containers (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``); and nested ``tg.Model`` s.
+    ``nn.TransformerEncoderLayer``, subclasses that do not override ``forward``) but the containers
+    (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``); ``tg.layers``; nested ``tg.Model`` s.
     Everything else is looked through.
 
     Example:
@@ -67,7 +67,7 @@ def is_leaf_module(module: nn.Module) -> bool:
     forward = getattr(type(module), "forward", None)
     if forward in _CONTAINER_FORWARDS:
         return False
-    return (getattr(forward, "__module__", "") or "").startswith("torch.nn.")
+    return (getattr(forward, "__module__", "") or "").startswith(("torch.nn.", "torchgraph.layers"))
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -298,6 +298,11 @@ def layer_to_config(module: nn.Module, where: str) -> dict:
         key = f"torch.nn.{c.__name__}"
         args, kwargs = builtin_arguments(module)
     else:
+        from .drop_paths import as_drop_path, drop_probability_attribute
+
+        drop_path = as_drop_path(module)  # NOTE: [Drop path at save time] in drop_paths.py
+        if drop_path is not None:
+            return layer_to_config(drop_path, where)
         qual = f"{c.__module__}.{c.__qualname__}"
         if c.__module__.startswith("torch."):
             hint = (f"torch.nn.{c.__name__} is not in torchgraph's table of built-in layers; wrap it in a "
@@ -305,6 +310,11 @@ def layer_to_config(module: nn.Module, where: str) -> dict:
         else:
             hint = ("Decorate the class with @tg.register_layer (it records each instance's constructor "
                     "arguments), or give it get_config() and register it.")
+            probability = drop_probability_attribute(module)
+            if probability is not None:
+                hint += (f" (It has a drop probability '{probability}', but it does not compute exactly like "
+                         "timm's, torchvision's or HuggingFace's stochastic depth, tg.layers.DropPath, so it "
+                         "is not saved as one.)")
         raise ValueError(f"{where}: get_config cannot describe a {qual}: its constructor arguments are "
                          f"unknown. {hint}")
 

@@ -2,9 +2,10 @@
 
 ``nn.ReLU()(x)`` and ``F.relu(x)`` compute the same thing; torchvision writes the first (one shared
 ``nn.ReLU(inplace=True)`` per block), hand-written code the second. Rewriting modules into functions
-before matching lets every fusion pass look for one spelling. In inference, ``nn.Dropout`` and
-``nn.Identity`` disappear, and ``tg.layers.ScaledDotProductAttention`` becomes the
-``F.scaled_dot_product_attention`` call it makes in eval mode (no dropout), which the attention passes match.
+before matching lets every fusion pass look for one spelling. In inference, ``nn.Dropout``, drop
+paths (``tg.layers.DropPath``, timm's ``DropPath``...: the identity in eval mode) and ``nn.Identity``
+disappear, and ``tg.layers.ScaledDotProductAttention`` becomes the ``F.scaled_dot_product_attention``
+call it makes in eval mode (no dropout), which the attention passes match.
 
 In-place activations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.relu_()``) become
 out-of-place only where that changes nothing observable: their input is an intermediate value (not a
@@ -19,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..drop_paths import is_drop_path
 from ..layers import ScaledDotProductAttention
 from .common import module_of, set_spec
 
@@ -70,7 +72,8 @@ def canonicalize(root: nn.Module, graph: fx.Graph, inference: bool) -> int:
             if len(node.args) != 1 or node.kwargs:
                 continue
             x = node.args[0]
-            if isinstance(module, nn.Identity) or (inference and type(module) in _DROPOUTS):
+            dropping = type(module) in _DROPOUTS or is_drop_path(module)
+            if isinstance(module, nn.Identity) or (inference and dropping):
                 node.replace_all_uses_with(x)
                 graph.erase_node(node)
                 count += 1

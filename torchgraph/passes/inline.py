@@ -32,6 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.func import functional_call
 
+from ..drop_paths import is_drop_path
 from ..layers import ScaledDotProductAttention
 from ..dims import DynamicDim
 from ..model import ValueSpec
@@ -50,11 +51,13 @@ _SHAPE_PRESERVING = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.GELU
 def is_torch_layer(module: nn.Module) -> bool:
     """A layer from ``torch.nn`` itself (not a container), or one of ``torchgraph.layers``: passes
     know it by type, so it stays a ``call_module``. ``nn.MultiheadAttention`` and
-    ``nn.TransformerEncoderLayer`` are among them. (Tracing ``ScaledDotProductAttention`` would also
-    freeze its ``self.training`` into the graph.)"""
+    ``nn.TransformerEncoderLayer`` are among them, and so are drop paths (``tg.layers.DropPath``, and
+    timm's ``DropPath`` and the like, recognised by running them: ``drop_paths.py``). (Tracing
+    ``ScaledDotProductAttention`` or a drop path would also freeze its ``self.training`` into the graph.)"""
     cls = type(module)
     return (cls.__module__.startswith("torch.nn.") and not isinstance(module, _CONTAINERS)
-            and not isinstance(module, fx.GraphModule)) or isinstance(module, ScaledDotProductAttention)
+            and not isinstance(module, fx.GraphModule)) or isinstance(module, ScaledDotProductAttention) \
+        or is_drop_path(module)
 
 
 class _InliningTracer(fx.Tracer):
