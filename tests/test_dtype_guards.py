@@ -39,9 +39,10 @@ def test_equality_branch_matches_eager_in_build_dtype_and_raises_after_half():
     layer = _linear()
     assert torch.equal(model(_inputs()), layer(_inputs()) * 2)
     model.half()
-    with pytest.raises(RuntimeError, match=r"`if h.dtype == torch.float16:` \(test_dtype_guards.py:\d+\) was False "
-                                           r"when the model was built, with the dtype torch.float32; the model "
-                                           r"now runs with the dtype torch.float16, which gives True") as info:
+    with pytest.raises(RuntimeError, match=r"`if h.dtype == torch.float16:` \(test_dtype_guards.py:\d+\) branched on the "
+                                           r"dtype when the model was built: it was torch.float32, not equal to "
+                                           r"torch.float16; the model now runs with the dtype torch.float16, equal "
+                                           r"to torch.float16, so that line would take the other branch") as info:
         model(_inputs(torch.float16))
     assert "tg.from_module(module.half(), ...)" in str(info.value)  # the fix
 
@@ -67,7 +68,7 @@ def test_membership_and_inequality_branches():
     assert torch.equal(model(_inputs()), _linear()(_inputs()) + 1)
     for dtype in (torch.float16, torch.bfloat16):
         with pytest.raises(RuntimeError, match=rf"`upcast = h.dtype in \(torch.float16, torch.bfloat16\)` .* now "
-                                               rf"runs with the dtype {dtype}, which gives True"):
+                                               rf"runs with the dtype {dtype}, equal to {dtype}"):
             _float16_branch_model()  # an unrelated build in between changes nothing
             tg.Model(x, h).to(dtype)(_inputs(dtype))
 
@@ -79,9 +80,9 @@ def test_device_type_branch_raises_on_another_device():
     h = h - 1 if h.device.type == "cpu" else h
     model = tg.Model(x, h)
     assert torch.equal(model(_inputs()), _linear()(_inputs()) - 1)
-    with pytest.raises(RuntimeError, match=r"`h = h - 1 if h.device.type == \"cpu\" else h` .* was True when the "
-                                           r"model was built, with the device.type 'cpu'; the model now runs with "
-                                           r"the device.type 'meta', which gives False"):
+    with pytest.raises(RuntimeError, match=r"`h = h - 1 if h.device.type == \"cpu\" else h` .* branched on the "
+                                           r"device.type when the model was built: it was 'cpu', equal to 'cpu'; "
+                                           r"the model now runs with the device.type 'meta', not equal to 'cpu'"):
         model.to("meta")(_inputs().to("meta"))
 
 
@@ -207,6 +208,41 @@ class T5LikeFF(nn.Module):
         return hidden_states
 
 
+class ViTLikeEmbedding(nn.Module):
+    """transformers' ViTModel.forward: casts its input to the weights' dtype when they differ."""
+
+    def __init__(self, literal: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 4)
+        self.literal = literal
+
+    def forward(self, pixel_values):
+        if self.literal:
+            if pixel_values.dtype != torch.float32:
+                pixel_values = pixel_values.float()
+            return self.proj(pixel_values.to(self.proj.weight.dtype))
+        expected_dtype = self.proj.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        return self.proj(pixel_values)
+
+
+def test_comparison_with_a_parameters_dtype_follows_the_parameter():
+    """`x.dtype != self.proj.weight.dtype` is checked against the weight's dtype when the model runs:
+    exact after .to(torch.bfloat16), as eager is; the literal `!= torch.float32` raises there."""
+    module = ViTLikeEmbedding()
+    model = tg.from_module(module, (4,))
+    assert "proj_weight = self.proj.weight" in model.code and "proj_weight.dtype" in model.code
+    assert list(model.state_dict()) == list(module.state_dict())
+    module.to(torch.bfloat16), model.to(torch.bfloat16)
+    assert torch.equal(model(_inputs(torch.bfloat16)), module(_inputs(torch.bfloat16)))
+    literal = tg.from_module(ViTLikeEmbedding(literal=True), (4,)).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"`if pixel_values.dtype != torch.float32:` .* it was torch.float32, equal "
+                                           r"to torch.float32; the model now runs with the dtype torch.bfloat16"):
+        literal(_inputs(torch.bfloat16))
+
+
 @pytest.mark.parametrize("make", [BartLikeEncoderLayer, T5LikeFF], ids=["bart", "t5"])
 def test_from_module_float16_clamp_is_exact_in_float32_and_raises_after_half(make):
     """HF's float16-only clamps recorded in float32: exact in float32/bfloat16, a clear error after .half()."""
@@ -218,8 +254,9 @@ def test_from_module_float16_clamp_is_exact_in_float32_and_raises_after_half(mak
     assert torch.equal(model(_inputs(torch.bfloat16)), module(_inputs(torch.bfloat16)))
     model.half()
     with pytest.raises(RuntimeError, match=r"`(if )?hidden_states.dtype == torch.float16.*` \(test_dtype_guards.py:"
-                                           r"\d+\) was False when the model was built.*now runs with the dtype "
-                                           r"torch.float16, which gives True"):
+                                           r"\d+\) branched on the dtype when the model was built: it was "
+                                           r"torch.float32, not equal to torch.float16; the model now runs with "
+                                           r"the dtype torch.float16, equal to torch.float16"):
         model(_inputs(torch.float16))
 
 
@@ -240,7 +277,8 @@ def test_save_load_keeps_the_check(tmp_path):
     tg.save(model, path)
     loaded = tg.load(path)
     assert torch.equal(loaded(_inputs()), model(_inputs()))
-    with pytest.raises(RuntimeError, match=r"`if h.dtype == torch.float16:` .* was False when the model was built"):
+    with pytest.raises(RuntimeError, match=r"`if h.dtype == torch.float16:` .* it was torch.float32, not equal to "
+                                           r"torch.float16; the model now runs with the dtype torch.float16"):
         loaded.half()(_inputs(torch.float16))
 
 
@@ -308,5 +346,5 @@ def test_transformers_bart_encoder_checks_its_float16_clamp():
         assert torch.equal(model(input_ids=ids)["last_hidden_state"], encoder(input_ids=ids).last_hidden_state)
     model.half()
     with pytest.raises(RuntimeError, match=r"`if hidden_states.dtype == torch.float16 and .*` \(modeling_bart.py:\d+\) "
-                                           r"was False when the model was built"):
+                                           r"branched on the dtype when the model was built"):
         model(input_ids=ids)

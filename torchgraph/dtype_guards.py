@@ -38,10 +38,14 @@ from __future__ import annotations
 
 import linecache
 import os
+import re
 import sys
 
 import torch
 import torch.fx
+
+from .sizes import standin_value
+from .symbolic import Record, Value, _StandIn
 
 __all__ = ["ATTRIBUTES", "GuardedStr", "check_branch", "guard_attribute", "guard_comparison", "guard_hash"]
 
@@ -51,6 +55,7 @@ ATTRIBUTES = {
     torch.device: ("type", "index"),
 }
 _OPERAND_TYPES = (torch.dtype, torch.device, str, int, float, bool, type(None))
+_EXACT_OPERAND_TYPES = frozenset(_OPERAND_TYPES)
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -100,16 +105,11 @@ def _describe(frame, what: str) -> str:
 
 
 def _real(o):
-    from .symbolic import _StandIn
-
     return o.value if isinstance(o, _StandIn) else o
 
 
-def _record(standin, attribute, operand, answer: bool, frame) -> None:
+def _record(standin, attribute, operand, answer: bool, frame, follow_parameters: bool = True) -> None:
     """Record ``check_branch`` for a stand-in read by model code (once per tensor and question)."""
-    from .sizes import standin_value
-    from .symbolic import Record, _StandIn
-
     if isinstance(operand, _StandIn) and attribute is None and operand._tg_tensor is standin._tg_tensor:
         return  # x.dtype == x.dtype
     if not isinstance(_real(operand), _OPERAND_TYPES):
@@ -117,12 +117,47 @@ def _record(standin, attribute, operand, answer: bool, frame) -> None:
     kind = "dtype" if standin._attr == "dtype" else "device"
     shown = standin.value if attribute is None else getattr(standin.value, attribute)
     what = f"the {kind}{'' if attribute is None else '.' + attribute}"
-    message = (f"torchgraph: {_describe(frame, 'a comparison of ' + what)} was {answer} when the model was "
-               f"built, with {what} {shown!r}")
-    operand_arg = standin_value(operand) if isinstance(operand, _StandIn) else operand
+    message = (f"torchgraph: {_describe(frame, 'a comparison of ' + what)} branched on {what} when the model was "
+               f"built: it was {shown!r}, {'equal' if answer else 'not equal'} to {_real(operand)!r}")
+    if isinstance(operand, _StandIn):
+        operand_arg = standin_value(operand)
+    elif isinstance(operand, torch.dtype) and attribute is None and follow_parameters:
+        operand_arg = _parameter_dtype(frame, operand)  # NOTE: [Dtypes of parameters]
+    else:
+        operand_arg = operand
     record = Record("call_function", check_branch,
                     (standin_value(standin), attribute, operand_arg, answer, message))
     _add(record, [standin] + ([operand] if isinstance(operand, _StandIn) else []))
+
+
+# NOTE: [Dtypes of parameters] transformers' ViT and DeiT begin with `expected_dtype =
+# self.embeddings.patch_embeddings.projection.weight.dtype; if pixel_values.dtype != expected_dtype:`.
+# A parameter's dtype is a real torch.dtype, indistinguishable from the literal `torch.float32`, yet after
+# `model.to(torch.bfloat16)` (or tg.optimize(..., dtype=torch.bfloat16)) eager compares with bfloat16,
+# not float32. So a real dtype that model code compares with, that is not written as a literal on that
+# line (`torch.float32`, `torch.float`), and that is the dtype of a parameter or buffer of the module
+# whose code compares (`self`), is recorded as that parameter's `getattr(weight, "dtype")`: the check
+# then follows the parameters as eager code does. A literal dtype, or a variable with no such
+# parameter (`dt = torch.float32` at the top level), stays a constant.
+
+def _parameter_dtype(frame, dtype: torch.dtype):
+    """``getattr(p, "dtype")`` (a recorded value) of a parameter or buffer of ``self`` with ``dtype``, or ``dtype``."""
+    module = frame.f_locals.get("self")
+    if not isinstance(module, torch.nn.Module) or _written_in(frame, dtype):
+        return dtype
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.dtype == dtype and type(tensor) in (torch.Tensor, torch.nn.Parameter):
+            record = Record("call_function", getattr, (tensor, "dtype"))
+            record.out = Value(record, (), (dtype, dtype))
+            return record.out
+    return dtype
+
+
+def _written_in(frame, dtype: torch.dtype) -> bool:
+    """Whether the frame's source line names ``dtype`` literally (``torch.float32`` or ``torch.float``)."""
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    names = [name for name in dir(torch) if getattr(torch, name, None) is dtype]  # float32 and float
+    return any(re.search(rf"\btorch\.{name}\b", line) for name in names)
 
 
 def _add(record, standins) -> None:
@@ -138,8 +173,6 @@ def _add(record, standins) -> None:
 
 def _key(record) -> tuple:
     """What a check asks, without its message: identical checks on one tensor are recorded once."""
-    from .symbolic import Value
-
     read, attribute, operand, answer, _ = record.args
     if isinstance(operand, Value):  # another stand-in's getattr(y, "dtype")
         operand = ("stand-in", operand.record.args[1], id(operand.record.args[0]))
@@ -161,7 +194,7 @@ def guard_hash(standin) -> int:
     """``hash(standin)``: model code looking a dtype up in a dict or set is checked to run with that dtype."""
     frame = _model_frame()
     if frame is not None:
-        _record(standin, None, standin.value, True, frame)
+        _record(standin, None, standin.value, True, frame, follow_parameters=False)
     return hash(standin.value)
 
 
@@ -226,41 +259,43 @@ def check_branch(actual, attribute: str | None, operand, answer: bool, message: 
         >>> check_branch(torch.float32, None, torch.float16, False, "built in float32")
         >>> check_branch(torch.device("cpu"), "type", "cpu", True, "built on the CPU")
     """
-    from .symbolic import _StandIn
-
+    kind = type(actual)
+    if kind in ATTRIBUTES and type(operand) in _EXACT_OPERAND_TYPES and type(answer) is bool and (
+            attribute is None or attribute in ATTRIBUTES[kind]) and type(message) is str:  # the model runs
+        read = actual if attribute is None else getattr(actual, attribute)
+        if (read == operand) == answer:
+            return None
+        _raise(kind, read, attribute, operand, answer, message)
     if isinstance(actual, torch.fx.Proxy) or isinstance(operand, torch.fx.Proxy):  # torch.fx retracing
         tracer = (actual if isinstance(actual, torch.fx.Proxy) else operand).tracer
         return tracer.create_proxy("call_function", check_branch, (actual, attribute, operand, answer, message), {})
     kind = type(_real(actual))
     if kind not in ATTRIBUTES or not (attribute is None or attribute in ATTRIBUTES[kind]) or not isinstance(
             answer, bool) or not isinstance(message, str) or not isinstance(_real(operand), _OPERAND_TYPES) or (
-            isinstance(operand, _StandIn) and not isinstance(actual, _StandIn)):
+            isinstance(operand, _StandIn) and not isinstance(actual, _StandIn)) or not isinstance(actual, _StandIn):
         raise TypeError(
             "torchgraph.check_branch: invalid arguments. Expected a torch.dtype or torch.device read from the "
             f"model, an attribute in {ATTRIBUTES.get(kind, ())} or None, a plain operand, a bool and a message; "
             f"received {type(actual).__name__}, {attribute!r:.40}, {type(operand).__name__}, {answer!r:.20}, "
             f"{type(message).__name__}. Check that the file was written by tg.save.")
-    if isinstance(actual, _StandIn):  # a config replayed (tg.load, from_config)
-        _replayed(actual, attribute, operand, answer, message)
-        return None
-    read = actual if attribute is None else getattr(actual, attribute)
-    if (read == operand) == answer:
-        return None
+    _replayed(actual, attribute, operand, answer, message)  # a config replayed (tg.load, from_config)
+    return None
+
+
+def _raise(kind, read, attribute, operand, answer: bool, message: str):
     what = f"the {'dtype' if kind is torch.dtype else 'device'}{'' if attribute is None else '.' + attribute}"
     raise RuntimeError(
-        f"{message}; the model now runs with {what} {read!r}, which gives {not answer}. The recorded model "
-        f"follows the build's branch, so it would silently compute something other than eager PyTorch. "
-        f"Expected {what} to give {answer} as at build time; received {read!r}. Fix: build the model in the "
-        "dtype and on the device it will run with (tg.Input(..., dtype=torch.float16), "
-        "tg.from_module(module.half(), ...)), compute the branch inside an nn.Module's forward (it runs "
-        "eagerly), or pass the dtype to torch functions (x.to(...)) instead of comparing it.")
+        f"{message}; the model now runs with {what} {read!r}, {'not ' if answer else ''}equal to {operand!r}, so "
+        "that line would take the other branch. The recorded model follows the build's branch, so it would "
+        f"silently compute something other than eager PyTorch. Expected {what} to be {'' if answer else 'not '}"
+        f"equal to {operand!r} as at build time; received {read!r}. Fix: build the model in the dtype and on the "
+        "device it will run with (tg.Input(..., dtype=torch.float16), tg.from_module(module.half(), ...)), "
+        "compute the branch inside an nn.Module's forward (it runs eagerly), or pass the dtype to torch "
+        "functions (x.to(...)) instead of comparing it.")
 
 
 def _replayed(standin, attribute, operand, answer, message) -> None:
     """A check read back from a config: recorded again as it was (its message already names the line)."""
-    from .sizes import standin_value
-    from .symbolic import Record, _StandIn
-
     operand_arg = standin_value(operand) if isinstance(operand, _StandIn) else operand
     record = Record("call_function", check_branch, (standin_value(standin), attribute, operand_arg, answer, message))
     _add(record, [standin] + ([operand] if isinstance(operand, _StandIn) else []))
