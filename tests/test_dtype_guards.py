@@ -329,6 +329,17 @@ def test_clone_optimize_compile_and_training_keep_the_check():
     assert torch.equal(torch.compile(model, backend="eager")(_inputs()), model(_inputs()))
 
 
+def test_optimize_bfloat16_of_a_float16_branch_runs_as_eager():
+    """tg.optimize(dtype=torch.bfloat16) computes in bfloat16: `== torch.float16` is still False, so it runs."""
+    from torchgraph.passes.precision import bfloat16_supported
+
+    if not bfloat16_supported()[0]:
+        pytest.skip(f"tg.optimize(dtype=torch.bfloat16) needs CPU bfloat16 support: {bfloat16_supported()[1]}")
+    optimized = tg.optimize(_float16_branch_model().eval(), dtype=torch.bfloat16)
+    expected = _linear().to(torch.bfloat16)(_inputs(torch.bfloat16)).float() * 2
+    torch.testing.assert_close(optimized(_inputs()), expected, rtol=2e-2, atol=2e-1)
+
+
 def test_transformers_bart_encoder_checks_its_float16_clamp():
     """transformers' BART encoder (random init) recorded in float32: exact in float32 and bfloat16, raises in float16."""
     transformers = pytest.importorskip("transformers")

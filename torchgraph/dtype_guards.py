@@ -79,13 +79,15 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 # Not checked: comparisons made by torch's or torchgraph's own code (the innermost frame outside the
 # stand-ins is theirs): a layer created with `dtype=x.dtype`, `torch.autocast(device_type=...)`.
 # A check costs a getattr, a comparison and a Python call per model call; identical checks on one
-# tensor are recorded once (HuggingFace compares each layer's hidden states, so a 12-layer model has
-# about a dozen). Known limits: `x.dtype is torch.float16` cannot be intercepted (always False, as with
-# torch.fx proxies); a real dtype compared with a stand-in (`x.dtype != self.weight.dtype`) is checked
-# against the weight's build dtype, so after `model.to(torch.float16)` it raises although eager would
-# agree (loud, never silent: build the model in the dtype it runs in); `self.weight.dtype` of a real
-# parameter is a real dtype and cannot be checked at all (T5LayerNorm). torch.onnx export and
-# torch.compile run check_branch on the real dtype at export / trace time (a constant check).
+# tensor are recorded once (HuggingFace compares each layer's hidden states: T5's 2-layer encoder of
+# scripts/sweep_transformers.py has 7 checks, ViT 1, LLaMA and BERT none). A real dtype compared with a stand-in that is a parameter's dtype follows that
+# parameter (NOTE: [Dtypes of parameters]). Known limits: `x.dtype is torch.float16` cannot be
+# intercepted (always False, as with torch.fx proxies); top-level code (no `self` module) comparing with
+# `layer.weight.dtype` is checked against the weight's build dtype, so after `model.to(torch.float16)`
+# it raises although eager would agree (loud, never silent); a branch on a real parameter's dtype alone
+# (`if self.weight.dtype in [...]`, T5LayerNorm) involves no stand-in and cannot be checked at all.
+# torch.onnx export and torch.compile run check_branch on the real dtype at export / trace time (a
+# constant check: the exported graph has no node for it, as for torch._assert of size guards).
 
 
 def _model_frame():
