@@ -119,6 +119,8 @@ def _build_table() -> None:
     from .type_info import finfo_value, iinfo_value
     table["torchgraph.finfo_value"] = finfo_value  # torch.finfo(x.dtype).min (type_info.py): checks its arguments
     table["torchgraph.iinfo_value"] = iinfo_value
+    from .dtype_guards import check_branch
+    table["torchgraph.check_branch"] = check_branch  # `if x.dtype == torch.float16:` (dtype_guards.py): checks its arguments
     for ns_name, ns in _NAMESPACES:
         public = {a: getattr(ns, a, None) for a in dir(ns) if not a.startswith("_")}
         for attr, obj in public.items():

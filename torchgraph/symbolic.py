@@ -293,9 +293,13 @@ class _StandIn:
     in an eager module. Calls made by torch's own code (``nn.Linear(..., device=x.device)`` creating
     its parameters) run for real with the build-time value. ``torch.finfo(x.dtype).min`` (and
     ``torch.iinfo``) is recorded too, so a mask built from it follows the model's dtype (NOTE: [finfo
-    of a stand-in] in ``type_info.py``). Known limits, as with torch.fx proxies: ``isinstance(x.dtype,
-    torch.dtype)`` is False, and a comparison (``if x.dtype == torch.float16:``) answers for the build
-    dtype (use ``x.dtype.value`` for the build-time dtype itself). Inside a module's forward,
+    of a stand-in] in ``type_info.py``). A comparison that model code makes (``if x.dtype ==
+    torch.float16:``, ``x.dtype in (...)``, ``x.device.type == "cpu"``, a dict lookup by dtype) answers
+    for the build value, and records a check that the model runs with a dtype or device that gives the
+    same answer, so after ``model.to(torch.float16)`` a model built in float32 raises rather than silently
+    keep float32's branch (NOTE: [Dtype guards] in ``dtype_guards.py``). Known limits, as with torch.fx
+    proxies: ``isinstance(x.dtype, torch.dtype)`` is False and ``x.dtype is torch.float16`` is always
+    False (use ``x.dtype.value`` for the build-time dtype itself). Inside a module's forward,
     ``x.device``/``x.dtype`` are real.
     """
 
@@ -308,13 +312,17 @@ class _StandIn:
         self._tg_value = None            # the recorded getattr, made when first passed to torch
 
     def __eq__(self, other):
-        return self.value == (other.value if isinstance(other, _StandIn) else other)
+        from .dtype_guards import guard_comparison
+
+        return guard_comparison(self, other)  # NOTE: [Dtype guards] in dtype_guards.py
 
     def __ne__(self, other):
         return not self == other
 
     def __hash__(self):
-        return hash(self.value)
+        from .dtype_guards import guard_hash
+
+        return guard_hash(self)
 
     def __repr__(self):
         return repr(self.value)
@@ -325,7 +333,9 @@ class _StandIn:
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return getattr(self.value, name)
+        from .dtype_guards import guard_attribute
+
+        return guard_attribute(self, name)
 
     def __reduce_ex__(self, protocol):
         return (_real_value, (self.value,))
