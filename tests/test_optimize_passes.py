@@ -342,7 +342,7 @@ def test_bfloat16_export_warning_free_structure():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast = tg.optimize(tg.Model(x, nn.Linear(8, 3)(x)))
-    assert fast.meta[OPTIMIZE_META] == {"dtype": "float32"}
+    assert fast.meta[OPTIMIZE_META] == {"dtype": "float32", "inference": True}
 
 
 # ---------------------------------------------------------------------------- attention spellings

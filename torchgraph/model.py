@@ -247,6 +247,18 @@ class Model(TrainingMixin, fx.GraphModule):
             check_call(self, checks, args, kwargs)
         return super().__call__(*args, **kwargs)
 
+    def train(self, mode: bool = True):
+        # NOTE: [Inference-only models] tg.optimize(model) (inference=True) folds BatchNorm into the
+        # convolutions, removes dropout and bakes eval-mode branches: in train mode such a model
+        # would compute something else than the original, silently. It refuses train mode instead.
+        if mode and self.meta.get("torchgraph.optimize", {}).get("inference"):
+            raise RuntimeError(
+                f"{self._get_name()}.train(): this model was made by tg.optimize(..., inference=True) and "
+                "computes only what the original computes in eval mode (BatchNorm folded, dropout "
+                "removed). Expected eval mode; received train(True). Optimize for training with "
+                "tg.optimize(model, inference=False), or train the original model.")
+        return super().train(mode)
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self.__dict__.pop("_tg_checks", None)  # dtypes may have changed (model.double(), .to(...))

@@ -86,7 +86,9 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
 
     Returns:
         tg.Model: a new model with the same inputs, outputs, names and ``state_dict`` keys (minus
-        folded BatchNorm layers), in eval mode for ``inference=True``, else in ``model``'s mode.
+        folded BatchNorm layers), in eval mode for ``inference=True`` (it refuses ``.train()``:
+        BatchNorm is folded, dropout removed), else in ``model``'s mode, following
+        ``.train()``/``.eval()`` like the original.
 
     Raises:
         TypeError: ``model`` is not a ``tg.Model``.
@@ -116,6 +118,8 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     with torch.inference_mode(False):
         result = _rewrite(model, inference, channels_last, compute_dtype)
     result.meta[OPTIMIZE_META] = {"dtype": str(compute_dtype or torch.float32).replace("torch.", "")}
+    if inference:
+        result.meta[OPTIMIZE_META]["inference"] = True  # NOTE: [Inference-only models] in model.py
     return result
 
 

@@ -107,7 +107,9 @@ class _InliningTracer(fx.Tracer):
 def _trace(module: nn.Module, args: tuple = ()) -> fx.GraphModule | None:
     """``module``'s forward as a graph, for a call with positional ``args``: arguments that are not
     graph values (constants, and the defaults of parameters the call leaves out) are baked in, so
-    ``if targets is not None`` takes the branch the call takes."""
+    ``if targets is not None`` takes the branch the call takes. None when fx cannot trace it, or
+    when the module is in train mode and its forward differs between modes (NOTE: [Traced in both
+    modes])."""
     if isinstance(module, fx.GraphModule):
         return module
     try:
@@ -116,6 +118,28 @@ def _trace(module: nn.Module, args: tuple = ()) -> fx.GraphModule | None:
         return None
     bound.apply_defaults()
     concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}
+    traced = _trace_once(module, concrete)
+    if traced is None or not module.training:
+        return traced
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        in_eval = _trace_once(module, concrete)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return traced if in_eval is not None and in_eval.code == traced.code else None
+
+
+# NOTE: [Traced in both modes] torch.fx runs the forward once, so `if self.training:` and
+# `F.dropout(x, p, self.training)` are answered for the mode the module is in and baked into the
+# graph. tg.optimize(inference=True) wants the eval graph (it puts the copy in eval first), but
+# with inference=False the optimized model is trained and then evaluated: a graph traced in train
+# mode would keep scaling, dropping or skipping after model.eval(), silently. So a module in train
+# mode is traced in eval mode too, and inlined only when both graphs are the same code; otherwise
+# tg.from_module's recording takes over (it records both modes and follows them: NOTE: [Recorded
+# inlining]), or the module stays one call, which follows the mode by itself.
+def _trace_once(module: nn.Module, concrete: dict) -> fx.GraphModule | None:
     tracer = _InliningTracer()
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
