@@ -222,3 +222,11 @@ def test_numpy_round_trip_says_what_happened_and_as_tensor_works():
     model = tg.Model(x, layer(x) * 2)
     inp = torch.randn(3, 5)
     torch.testing.assert_close(model(inp), torch.tanh(inp) * 2)
+
+
+def test_input_dtype_that_does_not_match_the_layer_is_named():
+    """A float32 input into a bfloat16 layer: the message says which dtype the layer expects and the fix."""
+    conv = nn.Conv2d(3, 4, 3).to(torch.bfloat16)
+    with pytest.raises(tg.GraphBuildError, match=r"Expected a bfloat16 input \(the layer's weights are bfloat16\); "
+                                                 r"received float32\. Fix: cast the input"):
+        conv(tg.Input(shape=(3, 8, 8)))

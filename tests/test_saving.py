@@ -527,3 +527,18 @@ def test_save_refuses_non_models():
     """Only tg.Model instances can be saved."""
     with pytest.raises(TypeError, match="tg.Model"):
         tg.save(nn.Linear(2, 2), "x.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_cast_after_building_saves_and_loads(tmp_path, dtype):
+    """Built in float32, then model.to(bf16/f16): the file loads (its inputs are stored in the cast dtype,
+    NOTE: [Inputs of a cast model]) and the loaded model gives the same outputs."""
+    x = tg.Input(shape=(3, 8, 8))
+    h = nn.Conv2d(3, 4, 3)(x)
+    model = tg.Model(x, nn.Linear(4, 2)(nn.LayerNorm(4)(h.mean(dim=(2, 3))))).to(dtype)
+    tg.save(model, tmp_path / "m.safetensors")
+    loaded = tg.load(tmp_path / "m.safetensors")
+    data = torch.randn(2, 3, 8, 8, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(loaded(data), model(data))
+    assert next(n for n in loaded.graph.nodes if n.op == "placeholder").meta["tg_spec"].dtype == dtype

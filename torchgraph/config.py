@@ -26,6 +26,7 @@ Design constraints:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from typing import Any
 
@@ -101,6 +102,7 @@ def get_config(model) -> dict:
         # fx may rename a placeholder ("input" -> "input_1"); the input's name is its target.
         return o.target if o.op == "placeholder" else o.name
 
+    cast = _cast_float_dtype(model)
     inputs, layers, constants, nodes = [], [], [], []
     seen_layers: set[str] = set()
     seen_constants: set[str] = set()
@@ -109,7 +111,7 @@ def get_config(model) -> dict:
         scope = node.meta.get("tg_scope")  # tg.scope / tg.from_module module path (summary depth)
         where = f"{model_name}: node '{node.name}'"
         if node.op == "placeholder":
-            inputs.append(_input_entry(node, where))
+            inputs.append(_input_entry(node, where, cast))
             continue
         if node.op == "output":
             outputs = encode_value(node.args[0], where, node_name)
@@ -180,12 +182,28 @@ def get_config(model) -> dict:
     return config
 
 
-def _input_entry(node: fx.Node, where: str) -> dict:
+def _cast_float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype a float32 build was cast to (``model.to(torch.bfloat16)``, ``.half()``), else None.
+
+    NOTE: [Inputs of a cast model] A config stores each input's dtype, and tg.load rebuilds the graph
+    on inputs of that dtype with the saved weights in place. A model built in float32 and then cast
+    to bfloat16 takes bfloat16 inputs (its float32 build dtype no longer fits its weights: the first
+    convolution would fail, and the file could not be loaded). So a float32 input of a model whose
+    floating parameters (or, without any, its remembered cast: NOTE: [Cast without parameters]) are
+    another floating dtype is stored in that dtype.
+    """
+    state = itertools.chain(model.parameters(), model.buffers())
+    dtype = next((t.dtype for t in state if t.dtype.is_floating_point), model.__dict__.get("_tg_float_dtype"))
+    return dtype if dtype is not None and dtype != torch.float32 else None
+
+
+def _input_entry(node: fx.Node, where: str, cast: torch.dtype | None = None) -> dict:
     """``{"name", "shape", "dtype"}``; a bounded dynamic dim is ``{"dim": name, "min": .., "max": ..}``."""
     spec = node.meta.get("tg_spec")
     shape = [{"dim": d.name, "min": d.min, "max": d.max} if not isinstance(d, (int, str, type(None))) else d
              for d in input_shape(spec)]
-    return {"name": node.target, "shape": shape, "dtype": dtype_name(spec.dtype, where)}
+    dtype = cast if cast is not None and spec.dtype == torch.float32 else spec.dtype
+    return {"name": node.target, "shape": shape, "dtype": dtype_name(dtype, where)}
 
 
 def _constant_entry(name: str, t: torch.Tensor, where: str, persistent: bool = True) -> dict:

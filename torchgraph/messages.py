@@ -126,6 +126,11 @@ def layer_hint(module: nn.Module, shape: tuple, dtype) -> str | None:
     """The hint for ``module`` called on a tensor with ``shape`` (ints, dynamic dims) and ``dtype``."""
     ndim = len(shape)
     last = shape[-1] if ndim else None
+    weight = next((p for p in module.parameters(recurse=False) if p.dtype.is_floating_point), None)
+    if weight is not None and dtype is not None and dtype.is_floating_point and dtype != weight.dtype:
+        have, want = str(dtype).replace("torch.", ""), str(weight.dtype).replace("torch.", "")
+        return (f"Expected a {want} input (the layer's weights are {want}); received {have}. Fix: cast the "
+                f"input (x.to(torch.{want})) or the layer (layer.to(torch.{have})).")
     if isinstance(module, nn.Linear) and isinstance(last, int) and last != module.in_features:
         return _linear_hint(module, tuple(shape), last)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,

@@ -279,8 +279,9 @@ class _Hold:
                 torch.__class__ = _TORCH_MODULE_CLASS
                 unwatch_builds()
 
-    def __del__(self):  # the thread ended in the middle of a build
-        self.drop()
+    def __del__(self, _finalizing=sys.is_finalizing):  # the thread ended in the middle of a build
+        if not _finalizing():  # at interpreter exit this module's globals may already be gone
+            self.drop()
 
 
 class _Holds(threading.local):
