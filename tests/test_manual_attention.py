@@ -32,7 +32,8 @@ class ScaledAfter(nn.Module):
         super().__init__()
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.heads, self.divide, self.extra = heads, divide, extra
-        self.register_buffer("mask", torch.tril(torch.ones(8, 8)).view(1, 1, 8, 8))
+        # not nanoGPT's causal tril (that one becomes SDPA(is_causal=True): tests/test_causal_manual_attention.py)
+        self.register_buffer("mask", torch.triu(torch.ones(8, 8)).view(1, 1, 8, 8))
 
     def forward(self, x):
         B, T, C = x.shape
