@@ -1,0 +1,95 @@
+"""Read each submodule once per forward: generated code that shares the walks of ``get_attr`` paths.
+
+fx writes a ``get_attr`` node as the whole attribute path from ``self``
+(``getattr(getattr(self.net.features, "1").conv, "0").weight``), and each step below ``self`` goes
+through ``nn.Module.__getattr__`` (a missed attribute lookup, then three dict probes: ~1 us). An
+optimized convolution stack reads a weight and a bias per layer, each from the top.
+:class:`SharedWalkCodeGen` writes the same reads, in the same order and with the same
+``getattr`` semantics, but binds every module on the way to a local the first time it is reached,
+so later reads start from the deepest module already read:
+
+    features_1_conv_0_weight = getattr(getattr(self.net.features, "1").conv, "0").weight
+    features_1_conv_0_bias = getattr(getattr(self.net.features, "1").conv, "0").bias
+
+becomes (each on its one line, so fx's line-to-node map still holds)
+
+    _net = self.net; _net_features = _net.features; ...; features_1_conv_0_weight = _net_features_1_conv_0.weight
+    features_1_conv_0_bias = _net_features_1_conv_0.bias
+
+Nothing is cached across calls: a layer or parameter replaced between two calls is read as
+before, so ``state_dict``, ``load_state_dict(assign=True)`` and the module hierarchy behave exactly
+as they do for fx's own code.
+
+Example:
+    >>> import torch, torch.nn as nn, torch.fx as fx
+    >>> net = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+    >>> graph = fx.Graph()
+    >>> x = graph.placeholder("x")
+    >>> w, b = graph.get_attr("0.0.weight"), graph.get_attr("0.0.bias")
+    >>> _ = graph.output(graph.call_function(torch.nn.functional.linear, (x, w, b)))
+    >>> share_attribute_walks(graph)
+    2
+    >>> gm = fx.GraphModule(net, graph)
+    >>> "_0_0.bias" in gm.code
+    True
+    >>> torch.equal(gm(torch.ones(1, 2)), net(torch.ones(1, 2)))
+    True
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch.fx.graph import CodeGen, _format_target
+
+__all__ = ["SharedWalkCodeGen", "share_attribute_walks"]
+
+
+class SharedWalkCodeGen(CodeGen):
+    """fx's code generator, with ``get_attr`` reads that share their module walks (module docstring)."""
+
+    def _gen_python_code(self, nodes, root_module: str, namespace, **kwargs):
+        reads = {f"{node.name} = {_format_target(root_module, node.target)}": node
+                 for node in nodes if node.op == "get_attr" and "." in node.target}
+        previous = self._body_transformer
+
+        def transform(body: list) -> list:
+            body = previous(body) if previous is not None else body
+            bound: dict[str, str] = {}  # module path -> local name
+            out = []
+            for line in body:
+                node = reads.get(line)
+                out.append(line if node is None else _shared_read(node, root_module, namespace, bound))
+            return out
+
+        self._body_transformer = transform
+        try:
+            return super()._gen_python_code(nodes, root_module, namespace, **kwargs)
+        finally:
+            self._body_transformer = previous
+
+
+def _shared_read(node: fx.Node, root_module: str, namespace, bound: dict) -> str:
+    """``node``'s read as one line: bind the modules on its path not bound yet, then read from the
+    deepest. ``namespace`` (fx's, holding every node's name by now) keeps the locals unique."""
+    *path, attr = node.target.split(".")
+    statements = []
+    base = root_module
+    for depth in range(1, len(path) + 1):
+        prefix = ".".join(path[:depth])
+        local = bound.get(prefix)
+        if local is None:
+            local = bound[prefix] = namespace.create_name("_" + prefix.replace(".", "_"), None)
+            statements.append(f"{local} = {_format_target(base, path[depth - 1])}")
+        base = local
+    name = node.name  # the line fx wrote starts with this name, created in the same namespace
+    statements.append(f"{name} = {_format_target(base, attr)}")
+    return "; ".join(statements)
+
+
+def share_attribute_walks(graph: fx.Graph) -> int:
+    """Make ``graph`` generate :class:`SharedWalkCodeGen`'s code; returns how many ``get_attr``
+    nodes read below a submodule. Only a graph with fx's default code generator is changed
+    (another one, e.g. pytree inputs, keeps its own)."""
+    if type(graph._codegen) is CodeGen:
+        graph.set_codegen(SharedWalkCodeGen())
+    return sum(1 for node in graph.nodes if node.op == "get_attr" and "." in node.target)
