@@ -1,6 +1,6 @@
-"""Read each submodule once per forward: generated code that shares the walks of ``get_attr`` paths.
+"""Read each submodule once per forward: generated code that shares the walks of attribute paths.
 
-fx writes a ``get_attr`` node as the whole attribute path from ``self``
+fx writes a ``get_attr`` node (and a ``call_module`` node's module) as the whole attribute path from ``self``
 (``getattr(getattr(self.net.features, "1").conv, "0").weight``), and each step below ``self`` goes
 through ``nn.Module.__getattr__`` (a missed attribute lookup, then three dict probes: ~1 us). An
 optimized convolution stack reads a weight and a bias per layer, each from the top.
@@ -48,8 +48,9 @@ class SharedWalkCodeGen(CodeGen):
     """fx's code generator, with ``get_attr`` reads that share their module walks (module docstring)."""
 
     def _gen_python_code(self, nodes, root_module: str, namespace, **kwargs):
-        reads = {f"{node.name} = {_format_target(root_module, node.target)}": node
-                 for node in nodes if node.op == "get_attr" and "." in node.target}
+        # the lines fx writes for them: "name = <path>" (get_attr), "name = <path>(args)" (call_module)
+        reads = {node.name: (node, _format_target(root_module, node.target)) for node in nodes
+                 if node.op in ("get_attr", "call_module") and "." in node.target}
         previous = self._body_transformer
 
         def transform(body: list) -> list:
@@ -57,8 +58,11 @@ class SharedWalkCodeGen(CodeGen):
             bound: dict[str, str] = {}  # module path -> local name
             out = []
             for line in body:
-                node = reads.get(line)
-                out.append(line if node is None else _shared_read(node, root_module, namespace, bound))
+                name, _, rest = line.partition(" = ")
+                node, path = reads.get(name, (None, None))
+                if node is not None and (rest == path if node.op == "get_attr" else rest.startswith(path + "(")):
+                    line = _shared_read(node, root_module, namespace, bound) + rest[len(path):]
+                out.append(line)
             return out
 
         self._body_transformer = transform
@@ -69,8 +73,8 @@ class SharedWalkCodeGen(CodeGen):
 
 
 def _shared_read(node: fx.Node, root_module: str, namespace, bound: dict) -> str:
-    """``node``'s read as one line: bind the modules on its path not bound yet, then read from the
-    deepest. ``namespace`` (fx's, holding every node's name by now) keeps the locals unique."""
+    """``node``'s read (``name = <expression>``) as one line: bind the modules on its path not bound
+    yet, then read from the deepest. ``namespace`` (fx's, holding every node's name by now) keeps the locals unique."""
     *path, attr = node.target.split(".")
     statements = []
     base = root_module
@@ -87,9 +91,9 @@ def _shared_read(node: fx.Node, root_module: str, namespace, bound: dict) -> str
 
 
 def share_attribute_walks(graph: fx.Graph) -> int:
-    """Make ``graph`` generate :class:`SharedWalkCodeGen`'s code; returns how many ``get_attr``
-    nodes read below a submodule. Only a graph with fx's default code generator is changed
+    """Make ``graph`` generate :class:`SharedWalkCodeGen`'s code; returns how many ``get_attr`` and
+    ``call_module`` nodes read below a submodule. Only a graph with fx's default code generator is changed
     (another one, e.g. pytree inputs, keeps its own)."""
     if type(graph._codegen) is CodeGen:
         graph.set_codegen(SharedWalkCodeGen())
-    return sum(1 for node in graph.nodes if node.op == "get_attr" and "." in node.target)
+    return sum(1 for node in graph.nodes if node.op in ("get_attr", "call_module") and "." in node.target)
