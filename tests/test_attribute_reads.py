@@ -28,6 +28,11 @@ def mobilenet():
     return net, tg.Model(x, net(x)).eval()
 
 
+class _Zero(nn.Module):
+    def forward(self, weight):
+        return weight * 0
+
+
 def _plain(model: tg.Model) -> tg.Model:
     """The same model with fx's own code generator."""
     model = copy.deepcopy(model)
@@ -56,7 +61,7 @@ def test_each_module_is_walked_once_with_the_same_values(mobilenet, inference):
 
 def test_changes_between_calls_are_seen(mobilenet):
     """Nothing is cached across calls: a parameter replaced by assignment or by
-    ``load_state_dict(assign=True)``, or a layer replaced, is read by the next call."""
+    ``load_state_dict(assign=True)``, a layer replaced or a parametrization added is read by the next call."""
     _, model = mobilenet
     fast = tg.optimize(model)
     x = torch.randn(2, 3, 32, 32)
@@ -73,6 +78,9 @@ def test_changes_between_calls_are_seen(mobilenet):
         replacement = nn.Linear(head.weight.shape[1], head.weight.shape[0])
         replacement.weight.data.zero_()
         setattr(classifier, "1", replacement)
+        torch.testing.assert_close(fast(x), replacement.bias.expand(2, -1))
+        replacement.weight.data.normal_()
+        torch.nn.utils.parametrize.register_parametrization(replacement, "weight", _Zero())  # a class property
         torch.testing.assert_close(fast(x), replacement.bias.expand(2, -1))
 
 
