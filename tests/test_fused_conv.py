@@ -380,18 +380,18 @@ def test_a_plan_does_not_outlive_its_weight_or_a_dtype_change():
     layer = nn.Conv2d(16, 16, 3, padding=1, groups=16)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
 
-    def call(x):
+    def call(layer, x):
         return fused.conv2d_act(x, layer.weight, layer.bias, [1, 1], [1, 1], [1, 1], 16, "none", channels_last=True)
 
     with torch.no_grad():
-        call(x)
+        call(layer, x)
         assert id(layer.weight) in fused.conv._PLANS
         layer.double()
         with pytest.raises(RuntimeError):
             layer(x)  # eager
         with pytest.raises(RuntimeError):
-            call(x)
-        torch.testing.assert_close(call(x.double()), layer(x.double()))
+            call(layer, x)
+        torch.testing.assert_close(call(layer, x.double()), layer(x.double()))
     key = id(layer.weight)
     del layer
     assert key not in fused.conv._PLANS
