@@ -126,8 +126,12 @@ def _onnx_variants(model: tg.Model, x: torch.Tensor, args, tmp: str) -> tuple[di
     return fns, first
 
 
-def _no_pass(root, graph) -> int:
+def _no_pass(*args) -> int:
     return 0
+
+
+def _no_plan(*args, **kwargs) -> None:
+    return None
 
 
 #: ``--ablate`` name -> (what it switches off, the (module, attribute, value) patches that do it).
@@ -136,6 +140,10 @@ def _no_pass(root, graph) -> int:
 ABLATIONS = {
     "conv-gemm": ("convolutions on few pixels run as one GEMM (NOTE: [Convolutions on few pixels])",
                   [(fused_conv, "CONV_GEMM_MAX_ROWS", 0), (fused_conv, "CONV_IM2COL_MAX_ROWS", 0)]),
+    "conv-plans": ("per-layer plans of the fused convolutions (NOTE: [Per-layer plans]): decide per call",
+                   [(fused_conv, "_new_plan", _no_plan)]),
+    "shared-walks": ("generated code that reads each submodule once per forward (passes.share_attribute_walks)",
+                     [(passes, "share_attribute_walks", _no_pass)]),
     "conv-residual": ("the residual add in the convolution's epilogue (passes.fuse_conv_add)",
                       [(passes, "fuse_conv_add", _no_pass)]),
     "few-rows-mkl": ("MKL's packed GEMM for linears with few rows (NOTE: [Few rows])",

@@ -120,3 +120,27 @@ def test_token_rows_ablation_moves_only_those_linears_to_onednn():
     with torch.inference_mode():
         torch.testing.assert_close(fns["tg.optimize -mkl-token-rows"](x), net(x), rtol=1e-4, atol=1e-4)
     assert fused.linear.MKL_PACKED_MAX_ROWS == 256  # restored
+
+
+@needs_fast_paths
+def test_overhead_ablations_switch_off_plans_and_walks(model):
+    """``-conv-plans`` leaves every fused convolution deciding per call (no plan is stored for its
+    weights); ``-shared-walks`` leaves fx's own code generator. Values are unchanged."""
+    net, graph_model = model
+    fns, _ = bench_peers._ablated_variants(graph_model, ["conv-plans", "shared-walks"])
+    fast = tg.optimize(graph_model)
+    assert type(fns["tg.optimize -shared-walks"].fn.graph._codegen) is torch.fx.graph.CodeGen
+    assert type(fast.graph._codegen) is not torch.fx.graph.CodeGen
+    x = torch.randn(2, 64, 2, 2)
+    with torch.inference_mode():
+        want = net(x)
+        for fn in (*fns.values(), fast):
+            torch.testing.assert_close(fn(x), want, rtol=1e-4, atol=1e-4)
+
+    def planned(module) -> list:
+        plans = fused.conv._PLANS.keys() | fused.conv._ADD_PLANS.keys()
+        return [id(p) in plans for p in module.parameters() if p.dim() == 4]
+
+    assert planned(fast) and all(planned(fast))
+    assert planned(fns["tg.optimize -conv-plans"].fn) and not any(planned(fns["tg.optimize -conv-plans"].fn))
+    assert fused.conv._new_plan is not bench_peers._no_plan  # restored

@@ -311,3 +311,111 @@ def test_in_place_activations_equal_the_functions(act):
     expected = fused._common._activation(y.clone(), act)
     out = fused._common._activation_(y, act)
     assert torch.equal(out, expected) and (act == "none" or out.data_ptr() == y.data_ptr())
+
+
+needs_onednn = pytest.mark.skipif(not fused._common._HAS_ONEDNN, reason="needs oneDNN")
+
+
+def _counting_planner(monkeypatch, residual: bool = False) -> list:
+    """Records every plan conv2d_act (or with ``residual``, conv2d_add_act) makes (NOTE: [Per-layer plans])."""
+    made = []
+    real = fused.conv._new_plan
+
+    def counting(plans, *args, **kwargs):
+        plan = real(plans, *args, **kwargs)
+        if (plans is fused.conv._ADD_PLANS) == residual:
+            made.append(plan is not None)
+        return plan
+
+    monkeypatch.setattr(fused.conv, "_new_plan", counting)
+    return made
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["onednn", "gemm"])
+def test_a_layer_is_planned_once_and_again_when_its_premises_change(monkeypatch, kind):
+    """The first call decides the path and the weights it reads; later calls reuse the plan, and a
+    changed weight (in place, as load_state_dict or an optimizer step does), input shape, dtype,
+    gradient need or limit is seen by the next call: values always equal F.conv2d's."""
+    if kind == "gemm" and not fused.weights._HAS_MKL_PACKED:
+        pytest.skip("needs MKL's packed GEMM")
+    made = _counting_planner(monkeypatch)
+    n, groups, w = (2, 1, torch.randn(8, 16, 1, 1)) if kind == "gemm" else (2, 16, torch.randn(16, 1, 3, 3))
+    pad = 0 if kind == "gemm" else 1
+    w, b = nn.Parameter(w), nn.Parameter(torch.randn(w.shape[0]))
+    x = torch.randn(n, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+
+    def conv(x):
+        return fused.conv2d_act(x, w, b, [1, 1], [pad, pad], [1, 1], groups, "relu", channels_last=True)
+
+    def expected(x):
+        return F.relu(F.conv2d(x, w, b, 1, pad, 1, groups))
+
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(conv(x), expected(x), atol=1e-4, rtol=1e-4)
+        assert made == [True]
+        w.mul_(-1)
+        torch.testing.assert_close(conv(x), expected(x), atol=1e-4, rtol=1e-4)
+        bigger = torch.randn(3, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(conv(bigger), expected(bigger), atol=1e-4, rtol=1e-4)
+        assert made == [True] * 3
+        monkeypatch.setattr(fused.conv, "CONV_GEMM_MAX_ROWS", 0)
+        torch.testing.assert_close(conv(bigger), expected(bigger), atol=1e-4, rtol=1e-4)
+        assert len(made) == 4
+    y = conv(x)  # gradients needed: the standard path, no plan
+    assert y.requires_grad and len(made) == 4
+    y.sum().backward()
+    assert w.grad is not None
+    with torch.no_grad():
+        w64, b64 = w.detach().double(), b.detach().double()
+        y = fused.conv2d_act(x.double(), w64, b64, [1, 1], [pad, pad], [1, 1], groups, "relu", channels_last=True)
+        torch.testing.assert_close(y, F.relu(F.conv2d(x.double(), w64, b64, 1, pad, 1, groups)))
+
+
+@needs_onednn
+def test_a_plan_does_not_outlive_its_weight_or_a_dtype_change():
+    """`.double()` changes a parameter in place (same object, same version): the next float32 call
+    fails as eager does instead of reading the stale float32 copy; a collected weight drops its plan."""
+    layer = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+
+    def call(layer, x):
+        return fused.conv2d_act(x, layer.weight, layer.bias, [1, 1], [1, 1], [1, 1], 16, "none", channels_last=True)
+
+    with torch.no_grad():
+        call(layer, x)
+        assert id(layer.weight) in fused.conv._PLANS
+        layer.double()
+        with pytest.raises(RuntimeError):
+            layer(x)  # eager
+        with pytest.raises(RuntimeError):
+            call(layer, x)
+        torch.testing.assert_close(call(layer, x.double()), layer(x.double()))
+    key = id(layer.weight)
+    del layer
+    assert key not in fused.conv._PLANS
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_residual_plans_check_the_residual_on_every_call(monkeypatch, act):
+    """conv2d_add_act reuses its plan only for a residual of the planned shape, dtype and device that
+    needs no gradient; a broadcasting residual takes the standard path, as eager broadcasts."""
+    made = _counting_planner(monkeypatch, residual=True)
+    w, b = torch.randn(16, 16, 1, 1), torch.randn(16)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+
+    def call(r):
+        return fused.conv2d_add_act(x, r, w, b, [1, 1], [0, 0], [1, 1], 1, act, channels_last=True)
+
+    with torch.no_grad():
+        for residual in (r, r, r.contiguous(), torch.randn(1, 16, 1, 1), r):
+            torch.testing.assert_close(call(residual), _reference(x, w, b, 1, 0, act, residual), atol=1e-4, rtol=1e-4)
+        assert made == [True]
+    residual = r.clone().requires_grad_()
+    y = call(residual)
+    assert y.requires_grad
+    y.sum().backward()
+    torch.testing.assert_close(residual.grad, torch.ones_like(r) if act == "none" else (y > 0).float())

@@ -191,6 +191,7 @@ def _unshare(root: nn.Module, shared: set) -> None:
 def _rebuild(root: Model, graph: fx.Graph) -> Model:
     graph.eliminate_dead_code()
     graph.lint()
+    passes.share_attribute_walks(graph)
     name = root._get_name()
     result = Model(root, graph, class_name=name)
     result.meta = copy.deepcopy(root.meta)

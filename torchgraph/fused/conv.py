@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -71,30 +73,143 @@ def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """The convolution as one GEMM on NHWC rows (float32: MKL with prepacked filters; bfloat16:
     oneDNN's matmul, filters reordered for it); answers in channels_last. None when the filters
     are not cached in that form (see :func:`_mkl_packed_weight`, :func:`_cached_beside`)."""
+    packed = _gemm_filters(x, weight, rows)
+    return None if packed is None else _run_gemm(x, packed, weight.shape[-2:], bias, stride, padding, rows)
+
+
+def _gemm_filters(x: torch.Tensor, weight: torch.Tensor, rows: int):
+    """The filters in the form :func:`_run_gemm` reads, or None where they cannot be cached."""
     if x.dtype == torch.float32:
-        packed = _mkl_packed_weight(weight, rows, _filters_as_rows)
-    else:
-        packed = None if weight.is_inference() else _onednn_linear_weight(weight, _filters_as_rows)
-    if packed is None:
-        return None
+        return _mkl_packed_weight(weight, rows, _filters_as_rows)
+    return None if weight.is_inference() else _onednn_linear_weight(weight, _filters_as_rows)
+
+
+def _run_gemm(x: torch.Tensor, packed, kernel_size, bias: torch.Tensor | None, stride, padding,
+              rows: int) -> torch.Tensor:
     n, c, h, w = x.shape
-    kh, kw = weight.shape[-2:]
-    nhwc = x.permute(0, 2, 3, 1)  # a view for a channels_last input
-    if any(padding):
-        ph, pw = padding
-        padded = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)
-        padded[:, ph:ph + h, pw:pw + w] = nhwc
-        nhwc = padded
-    if kh == kw == 1:
-        cols = nhwc[:, ::stride[0], ::stride[1]]
-    else:  # im2col: (n, ho, wo, kh, kw, c)
-        cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
-    ho, wo = cols.shape[1], cols.shape[2]
-    if x.dtype == torch.float32:
-        y = torch.ops.mkl._mkl_linear(cols.reshape(rows, -1), *packed, bias, rows)
+    kh, kw = kernel_size
+    # NOTE: a stride-1 1x1 convolution on a channels_last input (most of them inside a stack)
+    # reads the input's memory as the (rows, C) matrix as it is, and the GEMM's (rows, C_out)
+    # answer is the channels_last output: one as_strided view each way instead of permute +
+    # reshape + view + permute (~2 us each).
+    if kh == kw == 1 and stride[0] == stride[1] == 1 and not any(padding) \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        cols = x.as_strided((rows, c), (c, 1))
+        ho, wo = h, w
     else:
-        y = torch.ops.mkldnn._linear_pointwise(cols.reshape(rows, -1), packed, bias, "none", [], "")
-    return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+        nhwc = x.permute(0, 2, 3, 1)  # a view for a channels_last input
+        if any(padding):
+            ph, pw = padding
+            padded = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)
+            padded[:, ph:ph + h, pw:pw + w] = nhwc
+            nhwc = padded
+        if kh == kw == 1:
+            cols = nhwc[:, ::stride[0], ::stride[1]]
+        else:  # im2col: (n, ho, wo, kh, kw, c)
+            cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
+        ho, wo = cols.shape[1], cols.shape[2]
+        cols = cols.reshape(rows, -1)
+    if x.dtype == torch.float32:
+        y = torch.ops.mkl._mkl_linear(cols, *packed, bias, rows)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(cols, packed, bias, "none", [], "")
+    out = y.shape[1]  # y: a new dense (rows, C_out) matrix, i.e. NHWC
+    return y.as_strided((n, out, ho, wo), (ho * wo * out, 1, wo * out, out))
+
+
+# NOTE: [Per-layer plans] Which kernel a fused convolution runs (the MKL GEMM, oneDNN's fused op)
+# and the weights it reads depend on the input's shape, dtype and device, the layer's arguments,
+# the limits above and the weight (object and version); in a model's steady state they are the
+# same on every call. Deciding them per call (use_onednn, the GEMM rule, two weight-cache
+# lookups) cost ~4 us of Python around a ~45 us depthwise kernel (timeit, 1 thread), on each of
+# MobileNetV2's 52 convolutions. So the first oneDNN-path call of a layer stores its decision in
+# a _ConvPlan keyed by the weight, and later calls only check that it still holds (the same
+# weight object and version, bias object, input type, shape, dtype and device, arguments and
+# limits; no gradient needed; not traced) before running the kernel. Anything else plans again
+# (a layer shared at two input shapes replans on each switch: the old per-call cost); a weight
+# that is garbage-collected drops its plan; inference-mode weights (no version counter) are never planned.
+class _ConvPlan:
+    """One layer's decision: the GEMM (``rows`` > 0) or oneDNN's convolution, and the weight it reads."""
+
+    __slots__ = ("weight", "version", "bias", "shape", "dtype", "key", "rows", "packed", "kernel_size",
+                 "out_shape", "stride", "padding", "onednn_args", "act", "channels_last", "__weakref__")
+
+    def holds(self, x: torch.Tensor, weight: torch.Tensor, bias, key: tuple) -> bool:
+        # NOTE: ordered and written for speed (~1 us in all). `.to()`/`.double()` change a
+        # parameter's dtype and device in place, keeping its object and version: hence the
+        # weight's own checks (a bias of another dtype or device makes the kernel raise).
+        dtype = self.dtype
+        return (self.weight() is weight and weight._version == self.version and bias is self.bias
+                and x.dtype is dtype and x.shape == self.shape and key == self.key and x.is_cpu
+                and weight.dtype is dtype and weight.is_cpu and (bias is None or bias.dtype is dtype)
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                      or (bias is not None and bias.requires_grad)))
+                and not torch.compiler.is_compiling() and not torch._C._is_tracing())
+
+    def takes_residual(self, residual: torch.Tensor) -> bool:
+        return (residual.shape == self.out_shape and residual.dtype is self.dtype and residual.is_cpu
+                and not (torch.is_grad_enabled() and residual.requires_grad))
+
+    def run(self, x: torch.Tensor, bias) -> torch.Tensor:
+        """:func:`conv2d_act`'s oneDNN path."""
+        if self.rows:
+            y = _activation_(_run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding,
+                                       self.rows), self.act)
+        else:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)  # a no-op inside a conv stack
+            y = torch.ops.mkldnn._convolution_pointwise(x, self.packed, bias, *self.onednn_args)
+        # oneDNN answers in channels_last; F.conv2d (the next layer, outside a channels_last stack)
+        # is slow on that layout.
+        return y if self.channels_last else y.contiguous()
+
+    def run_add(self, x: torch.Tensor, residual: torch.Tensor, bias) -> torch.Tensor:
+        """:func:`conv2d_add_act`'s oneDNN path (planned only channels_last or as a GEMM)."""
+        if self.rows:
+            y = _run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding, self.rows)
+            y = _activation_(y.add_(residual), self.act)  # y is new: nobody else holds it
+            return y if self.channels_last else y.contiguous()
+        padding, stride, dilation, groups = self.onednn_args[:4]
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x.contiguous(memory_format=torch.channels_last), residual.contiguous(memory_format=torch.channels_last),
+            self.packed, bias, padding, stride, dilation, groups, "add", 1.0,
+            "relu" if self.act == "relu" else None, [], "")  # the binary op refuses "none"
+
+
+_PLANS: dict[int, _ConvPlan] = {}
+_ADD_PLANS: dict[int, _ConvPlan] = {}
+
+
+def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tuple,
+              residual: bool) -> _ConvPlan | None:
+    """Plan a layer that the caller found on the oneDNN path (``use_onednn``, a 4-D input);
+    None where the plain path applies or nothing can be cached."""
+    if weight.is_inference():
+        return None
+    stride, padding, dilation, groups, _, channels_last = key[:6]
+    rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
+    packed = _gemm_filters(x, weight, rows) if rows else None
+    if packed is None:
+        rows = 0
+        if residual and not channels_last:
+            return None
+        if not (channels_last or (groups == 1 and weight.shape[1] >= 16 and weight.shape[-1] > 1)):
+            return None
+        shape = x.shape  # channels_last does not change the shape oneDNN packs for
+        packed = _packed_weight(weight, padding, stride, dilation, groups, shape)
+    plan = _ConvPlan()
+    plan.weight, plan.version, plan.bias = weakref.ref(weight), weight._version, bias
+    plan.shape, plan.dtype, plan.key = x.shape, x.dtype, key
+    plan.rows, plan.packed, plan.kernel_size = rows, packed, tuple(weight.shape[-2:])
+    act = key[4]
+    plan.stride, plan.padding, plan.act, plan.channels_last = stride, padding, act, channels_last
+    plan.onednn_args = (padding, stride, dilation, groups, *ONEDNN_ACTIVATIONS[act])
+    plan.out_shape = torch.Size(_output_shape(x, weight, stride, padding, dilation))
+    ident = id(weight)
+    if ident not in plans:
+        weakref.finalize(weight, plans.pop, ident, None)
+    plans[ident] = plan
+    return plan
 
 
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list,
@@ -131,8 +246,16 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         args = (x, weight, bias, stride, padding, dilation, groups, act)
         kwargs = {"channels_last": True} if channels_last else {}
         return x.tracer.create_proxy("call_function", conv2d_act, args, kwargs)
+    key = (stride, padding, dilation, groups, act, channels_last, CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS,
+           CONV_IM2COL_MAX_WIDTH)
+    plan = _PLANS.get(id(weight))
+    if plan is not None and type(x) is torch.Tensor and plan.holds(x, weight, bias, key):  # noqa: E721
+        return plan.run(x, bias)
     onednn = use_onednn(x, weight, bias)
     if onednn and x.dim() == 4:
+        plan = _new_plan(_PLANS, x, weight, bias, key, residual=False)
+        if plan is not None:
+            return plan.run(x, bias)
         rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
         y = _conv_gemm(x, weight, bias, stride, padding, rows) if rows else None
         if y is not None:
@@ -201,11 +324,20 @@ def conv2d_add_act(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
         return x.tracer.create_proxy("call_function", conv2d_add_act, args, kwargs)
     if act not in RESIDUAL_ACTIVATIONS:
         raise ValueError(f"conv2d_add_act: act must be one of {RESIDUAL_ACTIVATIONS}; received {act!r}.")
+    key = (stride, padding, dilation, groups, act, channels_last, CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS,
+           CONV_IM2COL_MAX_WIDTH)
+    plan = _ADD_PLANS.get(id(weight))
+    if (plan is not None and type(x) is torch.Tensor and type(residual) is torch.Tensor  # noqa: E721
+            and plan.holds(x, weight, bias, key) and plan.takes_residual(residual)):
+        return plan.run_add(x, residual, bias)
     # The fused paths need the residual in the output's shape; a broadcasting one (a direct call;
     # tg.optimize never writes one) takes the standard path, which broadcasts as eager does.
     if (use_onednn(x, weight, bias, residual) and x.dim() == 4 and type(residual) is torch.Tensor  # noqa: E721
             and not _needs_grad(residual)
             and tuple(residual.shape) == _output_shape(x, weight, stride, padding, dilation)):
+        plan = _new_plan(_ADD_PLANS, x, weight, bias, key, residual=True)
+        if plan is not None:
+            return plan.run_add(x, residual, bias)
         rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
         y = _conv_gemm(x, weight, bias, stride, padding, rows) if rows else None
         if y is not None:

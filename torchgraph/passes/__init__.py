@@ -6,6 +6,7 @@ and returns how many patterns it rewrote. Every node a pass creates carries a ``
 """
 
 from .attention import fuse_qkv_attention
+from .attribute_reads import share_attribute_walks
 from .batchnorm import fold_batchnorm
 from .canonical import canonicalize
 from .epilogue import fuse_conv_act, fuse_linear_act
@@ -19,5 +20,6 @@ from .written_layers import linear_from_addmm, sink_activation_through_view, wri
 
 __all__ = ["bfloat16_supported", "canonicalize", "compute_in", "expand_transformer_layers", "fold_batchnorm",
            "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_linear_act", "fuse_qkv_attention",
-           "inline_modules", "keep_layout_local", "linear_from_addmm", "sink_activation_through_view",
-           "use_inference_max_pool", "write_attention_as_sdpa", "write_gelu_as_function"]
+           "inline_modules", "keep_layout_local", "linear_from_addmm", "share_attribute_walks",
+           "sink_activation_through_view", "use_inference_max_pool", "write_attention_as_sdpa",
+           "write_gelu_as_function"]
