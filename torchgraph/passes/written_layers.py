@@ -76,15 +76,25 @@ def _half_x_times(node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     return None
 
 
-def _tanh_gelu(node: fx.Node) -> tuple[fx.Node, list] | None:
-    """``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`` ending at ``node``: ``(x, chain)``."""
+def _gelu_outline(node: fx.Node, unary: str) -> tuple | None:
+    """``(0.5 * x) * (1 + unary(...))`` ending at ``node``, its inner nodes read by the chain alone:
+    ``(x, the 0.5 * x node, the 1 + ... node, the unary node)``."""
     found = _half_x_times(node)
     if found is None:
         return None
     x, one_plus, half = found
-    t = _with_constant(one_plus, "add", 1.0)
-    if not _is(t, "tanh") or len(t.args) != 1 or not _only_user(one_plus, node) or not _only_user(t, one_plus):
+    f = _with_constant(one_plus, "add", 1.0)
+    if not _is(f, unary) or len(f.args) != 1 or not _only_user(one_plus, node) or not _only_user(f, one_plus):
         return None
+    return x, half, one_plus, f
+
+
+def _tanh_gelu(node: fx.Node) -> tuple[fx.Node, list] | None:
+    """``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`` ending at ``node``: ``(x, chain)``."""
+    outline = _gelu_outline(node, "tanh")
+    if outline is None:
+        return None
+    x, half, one_plus, t = outline
     inner = _with_constant(t.args[0], "mul", math.sqrt(2.0 / math.pi))
     pair = _pair(inner, "add") if inner is not None and _only_user(t.args[0], t) else None
     if pair is None or not _only_user(inner, t.args[0]):
@@ -100,13 +110,10 @@ def _tanh_gelu(node: fx.Node) -> tuple[fx.Node, list] | None:
 
 def _erf_gelu(node: fx.Node) -> tuple[fx.Node, list] | None:
     """``0.5 * x * (1 + erf(x / sqrt(2)))`` (or ``x * 0.5 * ...``, ``erf(x * (1 / sqrt(2)))``): ``(x, chain)``."""
-    found = _half_x_times(node)
-    if found is None:
+    outline = _gelu_outline(node, "erf")
+    if outline is None:
         return None
-    x, one_plus, half = found
-    e = _with_constant(one_plus, "add", 1.0)
-    if not _is(e, "erf") or len(e.args) != 1 or not _only_user(one_plus, node) or not _only_user(e, one_plus):
-        return None
+    x, half, one_plus, e = outline
     scaled = e.args[0]
     inner = _with_constant(scaled, "div", math.sqrt(2.0), commutes=False) or \
         _with_constant(scaled, "mul", 1.0 / math.sqrt(2.0))
