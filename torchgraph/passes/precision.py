@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .common import set_spec
+from .. import fused
+from .common import module_of, set_spec
 
 __all__ = ["bfloat16_supported", "compute_in"]
 
@@ -53,6 +55,7 @@ def compute_in(root: nn.Module, graph: fx.Graph, dtype: torch.dtype) -> int:
                 setattr(module, name, value.to(dtype))
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     casts = _cast_outputs(graph, output, dtype)
+    casts |= _cast_upcast_inputs(root, graph, dtype)
     for node in list(graph.nodes):
         if node in casts:
             continue
@@ -90,3 +93,51 @@ def _cast_outputs(graph: fx.Graph, output: fx.Node, dtype: torch.dtype) -> set[f
 
     output.args = (fx.node.map_aggregate(output.args[0], cast_back),)
     return set(casts.values())
+
+
+# NOTE: [Float32 islands] Code written for mixed precision upcasts where it needs float32 and casts
+# back where the model's own dtype is expected: LLaMA's RMSNorm ends with `hidden.to(input_dtype)`,
+# T5's layer norm with `if self.weight.dtype in (float16, bfloat16): hidden = hidden.to(weight.dtype)`.
+# The second is a branch on a real parameter's dtype, answered in float32 when the model was built,
+# so in a graph computed in bfloat16 T5's float32 island never ends: `weight * hidden` is float32 and
+# the next linear, whose weight is bfloat16, fails ("expected m1 and m2 to have the same dtype").
+# Eager T5 in bfloat16 casts that value to bfloat16 before the linear; so does the graph: a value
+# reached from an explicit float32 cast (`.float()`, `.to(torch.float32)`) through operations that
+# keep its dtype is cast to the compute dtype where it enters a linear or convolution. Any other
+# `.to()`/`.type_as()` ends an island; a cast of a value that is already bfloat16 costs nothing.
+_TO_DTYPE = {"to", "type", "type_as", "float", "half", "bfloat16", "double"}
+_WEIGHTED_FUNCTIONS = {fused.linear_act, fused.conv2d_act, fused.conv2d_add_act, F.linear, F.conv2d}
+
+
+def _is_float32_cast(node: fx.Node) -> bool:
+    if node.op != "call_method" or node.target not in _TO_DTYPE:
+        return False
+    if node.target == "float":
+        return True
+    wanted = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, torch.dtype)]
+    return node.target in ("to", "type") and wanted == [torch.float32]
+
+
+def _cast_upcast_inputs(root: nn.Module, graph: fx.Graph, dtype: torch.dtype) -> set[fx.Node]:
+    """Cast values of float32 islands to ``dtype`` where they enter a linear or convolution."""
+    island: set[fx.Node] = set()
+    casts: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        if _is_float32_cast(node):
+            island.add(node)
+            continue
+        if node.op == "call_method" and node.target in _TO_DTYPE:
+            continue  # another cast ends the island
+        weighted = (node.op == "call_function" and node.target in _WEIGHTED_FUNCTIONS) or \
+            isinstance(module_of(root, node), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        x = node.args[0] if node.args else None
+        if weighted and isinstance(x, fx.Node) and x in island:
+            with graph.inserting_before(node):
+                cast = graph.call_method("to", (x, dtype))
+            set_spec(cast, _spec_with_dtype(x.meta.get("tg_spec"), dtype))
+            node.replace_input_with(x, cast)
+            casts.add(cast)
+            continue
+        if any(isinstance(a, fx.Node) and a in island for a in node.all_input_nodes):
+            island.add(node)
+    return casts
