@@ -26,7 +26,6 @@ Design constraints:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 from typing import Any
 
@@ -39,6 +38,7 @@ from .config_entries import MAX_DIM, MAX_INPUT_DIMS, check_config_size, check_na
 from .config_functions import check_method_name, function_name, resolve_function, untrusted_method
 from .config_values import decode_value, dtype_name, encode_value
 from .hierarchy import check_path, is_persistent, restore_hierarchy, unreferenced_state
+from .input_checks import model_float_dtype
 from .layer_config import MODEL_CLASS, layer_from_config, layer_to_config, registered_model_class, \
     model_class_key
 from .replay import Ref, get_attr, input_shape, replay
@@ -192,8 +192,7 @@ def _cast_float_dtype(model: nn.Module) -> torch.dtype | None:
     floating parameters (or, without any, its remembered cast: NOTE: [Cast without parameters]) are
     another floating dtype is stored in that dtype.
     """
-    state = itertools.chain(model.parameters(), model.buffers())
-    dtype = next((t.dtype for t in state if t.dtype.is_floating_point), model.__dict__.get("_tg_float_dtype"))
+    dtype = model_float_dtype(model)
     return dtype if dtype is not None and dtype != torch.float32 else None
 
 

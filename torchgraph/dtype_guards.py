@@ -44,6 +44,7 @@ import sys
 import torch
 import torch.fx
 
+from .messages import frame_line
 from .sizes import standin_value
 from .symbolic import Record, Value, _StandIn
 
@@ -101,8 +102,7 @@ def _model_frame():
 
 
 def _describe(frame, what: str) -> str:
-    where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
-    source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    where, source = frame_line(frame)
     return f"`{source}` ({where})" if source else f"{what} at {where}"
 
 

@@ -14,7 +14,7 @@ import itertools
 import torch
 import torch.fx as fx
 
-__all__ = ["cast_float_dtype", "check_call", "input_checks"]
+__all__ = ["cast_float_dtype", "check_call", "input_checks", "model_float_dtype"]
 
 
 def _dim_key(dim):
@@ -63,13 +63,19 @@ def cast_float_dtype(fn) -> torch.dtype | None:
     return dtype if dtype is not None and dtype.is_floating_point else None
 
 
+def model_float_dtype(model) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter or buffer; without any, the floating dtype it
+    was last cast to (NOTE: [Cast without parameters]); else None."""
+    state = itertools.chain(model.parameters(), model.buffers())
+    return next((t.dtype for t in state if t.dtype.is_floating_point), model.__dict__.get("_tg_float_dtype"))
+
+
 def input_checks(model) -> tuple:
     """``(static checks per input, shared dim groups, bounds)`` from the placeholders' specs."""
     from .value_spec import ValueSpec
 
     per_input = []
-    float_dtype = next((p.dtype for p in itertools.chain(model.parameters(), model.buffers())
-                        if p.dtype.is_floating_point), model.__dict__.get("_tg_float_dtype"))
+    float_dtype = model_float_dtype(model)
     occurrences: dict = {}
     bounds = []
     for node in model.graph.nodes:

@@ -6,6 +6,7 @@ Shapes are shown with dynamic dims as ``None`` (or their name), never as the pro
 
 from __future__ import annotations
 
+import linecache
 import os
 import sys
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["below_torch_function", "called_from_torch", "describe_call", "describe_module", "dtype_number_as_number",
-           "dynamic_number_output", "dynamic_size_as_number", "function_failure", "inner_failure",
+           "dynamic_number_output", "dynamic_size_as_number", "frame_line", "function_failure", "inner_failure",
            "input_reshaped_in_place", "layer_hint", "module_failure", "precheck", "replay_mismatch", "tensor_shape", "untracked_output", "user_frame",
            "user_location"]
 
@@ -32,10 +33,17 @@ def user_frame():
     return None
 
 
+def frame_line(frame) -> tuple[str, str]:
+    """``("file.py:12", the stripped source line)`` of ``frame`` (``"<unknown>"`` and ``""`` for None)."""
+    if frame is None:
+        return "<unknown>", ""
+    where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+    return where, linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+
+
 def user_location() -> str:
     """``"file.py:12"`` of the innermost frame outside torch and torchgraph (the user's line)."""
-    f = user_frame()
-    return "<unknown>" if f is None else f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+    return frame_line(user_frame())[0]
 
 
 def called_from_torch() -> bool:

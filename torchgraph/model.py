@@ -40,7 +40,11 @@ from .training import TrainingMixin
 from .trees import tree_leaves, tree_map
 from .value_spec import ValueSpec
 
-__all__ = ["Model", "ValueSpec"]
+__all__ = ["Model", "OPTIMIZE_META", "ValueSpec"]
+
+#: ``model.meta`` key under which a ``tg.optimize`` result records what it chose (NOTE: [Inference-only
+#: models]: the Model reads it; tg.optimize, in optimize.py, writes it).
+OPTIMIZE_META = "torchgraph.optimize"
 
 # NOTE: [Names kept in model.py] Other modules imported these from here before model.py was split;
 # code written against that (other branches, user code) keeps working. New code imports them from
@@ -251,7 +255,7 @@ class Model(TrainingMixin, fx.GraphModule):
         # NOTE: [Inference-only models] tg.optimize(model) (inference=True) folds BatchNorm into the
         # convolutions, removes dropout and bakes eval-mode branches: in train mode such a model
         # would compute something else than the original, silently. It refuses train mode instead.
-        if mode and self.meta.get("torchgraph.optimize", {}).get("inference"):
+        if mode and self.meta.get(OPTIMIZE_META, {}).get("inference"):
             raise RuntimeError(
                 f"{self._get_name()}.train(): this model was made by tg.optimize(..., inference=True) and "
                 "computes only what the original computes in eval mode (BatchNorm folded, dropout "

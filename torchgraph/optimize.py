@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import passes
-from .model import Model
+from .model import OPTIMIZE_META, Model
 
 __all__ = ["OPTIMIZE_META", "optimize"]
 
@@ -156,10 +156,6 @@ def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: 
     if compute_dtype is not None:
         passes.compute_in(root, graph, compute_dtype)
     return _rebuild(root, graph)
-
-
-#: ``model.meta`` key under which a ``tg.optimize`` result records what it chose.
-OPTIMIZE_META = "torchgraph.optimize"
 
 
 def _compute_dtype(dtype, inference: bool) -> torch.dtype | None:

@@ -8,7 +8,6 @@ condition is a *guard* (see NOTE: [Guards]).
 
 from __future__ import annotations
 
-import linecache
 import operator
 
 import torch
@@ -69,13 +68,11 @@ def _tensor_sources(value: Value) -> list[Value]:
 # it when the dim's bounds already imply it).
 
 def guard(condition: SymbolicInt) -> bool:
-    from .messages import user_frame
+    from .messages import frame_line, user_frame
 
     value = condition._tg_value
     answers = [bool(p) for p in value.probes]
-    frame = user_frame()
-    where = "<unknown>" if frame is None else f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
-    source = "" if frame is None else linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    where, source = frame_line(user_frame())
     shown = f"`{source}`" if source else "a condition"
     if answers[0] != answers[1]:
         raise GraphBuildError(

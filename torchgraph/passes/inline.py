@@ -32,13 +32,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.func import functional_call
 
+from ..dims import DynamicDim
 from ..drop_paths import is_drop_path
 from ..layers import ScaledDotProductAttention
-from ..dims import DynamicDim
 from ..model import ValueSpec
 from ..probing import to_meta
-from .inline_recorded import record_for_inlining
 from ..symbolic import dim_for_probes
+from .inline_recorded import record_for_inlining
 
 __all__ = ["ProbeInterpreter", "inline_modules", "is_torch_layer"]
 
@@ -355,8 +355,7 @@ def _inline_call(root: nn.Module, graph: fx.Graph, node: fx.Node) -> bool:
     if specs is None or not _same_output(node, sub, specs):
         return False
     if recorded is not None:  # the recording takes the module's place, with the same submodules
-        parent, _, name = node.target.rpartition(".")
-        setattr(root.get_submodule(parent), name, sub)
+        root.set_submodule(node.target, sub)
     _splice(root, graph, node, sub, args, specs)
     return True
 

@@ -221,8 +221,7 @@ def linear_from_addmm(root: nn.Module, graph: fx.Graph) -> int:
         linear.weight = nn.Parameter(owner.weight.detach().t().contiguous(), owner.weight.requires_grad)
         linear.bias = owner.bias
         linear.train(owner.training)
-        parent, _, name = path.rpartition(".")
-        setattr(root.get_submodule(parent), name, linear)
+        root.set_submodule(path, linear)
         with graph.inserting_before(node):
             new = graph.call_module(path, (x,))
         set_spec(new, node.meta.get("tg_spec"))
