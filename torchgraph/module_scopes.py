@@ -148,15 +148,12 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
             torch.set_rng_state(rng)
             _, out1 = shadow_run(1, real, log1)
             undo_buffers(bufs, saved)
-            torch.set_rng_state(rng)
             break
         except GraphBuildError:
-            torch.set_rng_state(rng)
             undo_buffers(bufs, saved)
             restore_attributes(attrs)
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the layer's context below
-            torch.set_rng_state(rng)
             undo_buffers(bufs, saved)
             if not real and is_meta_limitation(exc):
                 real = True  # NOTE: documented fallback: probe this module with small real tensors
@@ -165,6 +162,8 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
             undo_buffers(bufs, saved)
             restore_attributes(attrs)
             raise GraphBuildError(messages.module_failure(module, call_args, call_kwargs, exc, inner)) from None
+        finally:
+            torch.set_rng_state(rng)  # the runs drew nothing from the user's generator
 
     record = Record("call_module", module, link_args(call_args), link_args(call_kwargs))
     record.needs_real_data = real

@@ -72,8 +72,9 @@ def canonicalize(root: nn.Module, graph: fx.Graph, inference: bool) -> int:
             if len(node.args) != 1 or node.kwargs:
                 continue
             x = node.args[0]
-            dropping = type(module) in _DROPOUTS or is_drop_path(module)
-            if isinstance(module, nn.Identity) or (inference and dropping):
+            # (is_drop_path runs the module: asked only in inference, where a drop path vanishes)
+            dropped = inference and (type(module) in _DROPOUTS or is_drop_path(module))
+            if isinstance(module, nn.Identity) or dropped:
                 node.replace_all_uses_with(x)
                 graph.erase_node(node)
                 count += 1

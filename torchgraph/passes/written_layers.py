@@ -165,7 +165,17 @@ def write_gelu_as_function(root: nn.Module, graph: fx.Graph) -> int:
 # (a shape mismatch) rather than silently loading untransposed weights. Only a module holding exactly
 # a 2-D weight and a 1-D bias, read by this addmm alone, with addmm's default beta and alpha, is
 # replaced; training mode (inference=False) keeps the addmm, so gradients reach the original weight.
-def _addmm_owner(root: nn.Module, graph: fx.Graph, node: fx.Node) -> tuple[str, nn.Module] | None:
+def _readers_by_owner(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """Module path -> the nodes that call that module or read one of its attributes."""
+    readers: dict[str, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            owner = n.target.rpartition(".")[0] if n.op == "get_attr" else n.target
+            readers.setdefault(owner, []).append(n)
+    return readers
+
+
+def _addmm_owner(root: nn.Module, node: fx.Node, readers: dict) -> tuple[str, nn.Module] | None:
     if not (node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3 and not node.kwargs):
         return None
     bias, x, weight = node.args
@@ -184,9 +194,9 @@ def _addmm_owner(root: nn.Module, graph: fx.Graph, node: fx.Node) -> tuple[str, 
     spec = x.meta.get("tg_spec")
     if getattr(spec, "dtype", None) is None or len(spec.probes[0]) != 2:
         return None
-    readers = [n for n in graph.nodes if (n.op == "get_attr" and n.target.startswith(f"{path}."))
-               or (n.op == "call_module" and n.target == path)]
-    if sorted(readers, key=id) != sorted([bias, weight], key=id) or len(bias.users) != 1 or len(weight.users) != 1:
+    # the owner has no submodules, so its readers are its own attributes' get_attrs and its calls
+    if sorted(readers.get(path, []), key=id) != sorted([bias, weight], key=id) or len(bias.users) != 1 \
+            or len(weight.users) != 1:
         return None
     return path, owner
 
@@ -211,8 +221,9 @@ def linear_from_addmm(root: nn.Module, graph: fx.Graph) -> int:
         (1, 'Linear')
     """
     count = 0
+    readers = _readers_by_owner(graph)  # a rewrite below changes only its own owner's readers
     for node in list(graph.nodes):
-        found = _addmm_owner(root, graph, node)
+        found = _addmm_owner(root, node, readers)
         if found is None:
             continue
         path, owner = found
