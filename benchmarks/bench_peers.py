@@ -58,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torchgraph as tg  # noqa: E402
 from torchgraph import passes  # noqa: E402
+from torchgraph.fused import cpu_profile  # noqa: E402
 from torchgraph.fused import conv as fused_conv  # noqa: E402
 from torchgraph.fused import linear as fused_linear  # noqa: E402
 from torchgraph.fused import weights as fused_weights  # noqa: E402
@@ -138,7 +139,8 @@ def _no_plan(*args, **kwargs) -> None:
 #: Passes are patched while ``tg.optimize`` runs; the fused calls read their limits per call, so
 #: the patches also hold around every call of the ablated model.
 ABLATIONS = {
-    "conv-gemm": ("convolutions on few pixels run as one GEMM (NOTE: [Convolutions on few pixels])",
+    "conv-gemm": ("convolutions on few pixels run as one GEMM, MKL's on Intel CPUs, oneDNN's elsewhere "
+                  "(NOTE: [Convolutions on few pixels])",
                   [(fused_conv, "CONV_GEMM_MAX_ROWS", 0), (fused_conv, "CONV_IM2COL_MAX_ROWS", 0)]),
     "conv-plans": ("per-layer plans of the fused convolutions (NOTE: [Per-layer plans]): decide per call",
                    [(fused_conv, "_new_plan", _no_plan)]),
@@ -146,7 +148,7 @@ ABLATIONS = {
                      [(passes, "share_attribute_walks", _no_pass)]),
     "conv-residual": ("the residual add in the convolution's epilogue (passes.fuse_conv_add)",
                       [(passes, "fuse_conv_add", _no_pass)]),
-    "few-rows-mkl": ("MKL's packed GEMM for linears with few rows (NOTE: [Few rows])",
+    "few-rows-mkl": ("MKL's packed GEMM for linears with few rows (NOTE: [Few rows]; Intel CPUs only)",
                      [(fused_linear, "MKL_PACKED_MAX_ROWS", 0)]),
     "mkl-token-rows": ("MKL's packed GEMM for linears of 64-255 rows, ViT-S's tokens (NOTE: [MKL for a few "
                        "hundred rows]); oneDNN there, as before", [(fused_linear, "MKL_PACKED_MAX_ROWS", 64)]),
@@ -355,8 +357,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     _, why = bfloat16_supported()
-    print(f"torch {torch.__version__}, {args.threads} threads, bf16: {why}, load average at start "
-          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} ({os.cpu_count()} CPUs)")
+    vendor = cpu_profile.cpu_vendor() or "unknown vendor"
+    routes = "MKL and oneDNN" if cpu_profile.MKL_GEMMS_FAST else "oneDNN only"
+    print(f"torch {torch.__version__}, {args.threads} threads, bf16: {why}, CPU: {vendor} (GEMMs placed on "
+          f"{routes}), load average at start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} ({os.cpu_count()} CPUs)")
     rows = []
     runs = [(name, bench) for name in (args.only or ([] if args.community else list(_models())))]
     if args.community:

@@ -22,3 +22,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def mkl_routes(monkeypatch):
+    """tg.optimize's float32 routes through MKL as on an Intel CPU, whatever CPU runs the test: few-row
+    linears and few-pixel convolutions on MKL's packed GEMM, oneDNN from 8M multiply-adds (NOTE: [MKL on
+    other vendors' CPUs] in torchgraph/fused/cpu_profile.py)."""
+    from torchgraph import fused
+
+    if not (fused._common._HAS_ONEDNN and fused.weights._HAS_MKL_PACKED):
+        pytest.skip("needs oneDNN and MKL's packed GEMM")
+    monkeypatch.setattr(fused.linear, "MKL_PACKED_MAX_ROWS", 256)
+    monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 1 << 23)
+    monkeypatch.setattr(fused.conv, "_MKL_CONV_GEMMS", True)
+
+
+@pytest.fixture
+def onednn_routes(monkeypatch):
+    """tg.optimize's float32 routes as on a CPU of another vendor (AMD): every GEMM it places on oneDNN,
+    from 1M multiply-adds (NOTE: [MKL on other vendors' CPUs])."""
+    from torchgraph import fused
+
+    if not fused._common._HAS_ONEDNN:
+        pytest.skip("needs oneDNN")
+    monkeypatch.setattr(fused.linear, "MKL_PACKED_MAX_ROWS", 0)
+    monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 1 << 20)
+    monkeypatch.setattr(fused.conv, "_MKL_CONV_GEMMS", False)

@@ -19,8 +19,7 @@ import bench_peers  # noqa: E402
 from community_models.vit import Attention  # noqa: E402
 from handwritten import Bottleneck, randomize_batchnorm  # noqa: E402
 
-needs_fast_paths = pytest.mark.skipif(not (fused._common._HAS_ONEDNN and fused.weights._HAS_MKL_PACKED),
-                                      reason="needs oneDNN and MKL's packed GEMM")
+needs_fast_paths = pytest.mark.usefixtures("mkl_routes")  # MKL's routes, as on an Intel CPU
 
 
 class _Net(nn.Module):

@@ -17,8 +17,15 @@ from torchgraph import fused, ops
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from handwritten import Bottleneck, InvertedResidual, randomize_batchnorm  # noqa: E402
 
-needs_gemm = pytest.mark.skipif(not (fused._common._HAS_ONEDNN and fused.weights._HAS_MKL_PACKED),
-                                reason="needs oneDNN and MKL's packed GEMM")
+needs_gemm = pytest.mark.skipif(not fused._common._HAS_ONEDNN, reason="needs oneDNN")
+
+
+@pytest.fixture(params=["mkl", "onednn"])
+def gemm_library(request) -> str:
+    """Runs the test with float32 GEMMs on MKL's packed GEMM (Intel CPUs) and on oneDNN's matmul
+    (other CPUs: NOTE: [MKL on other vendors' CPUs])."""
+    request.getfixturevalue("mkl_routes" if request.param == "mkl" else "onednn_routes")
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -31,16 +38,17 @@ def _reference(x, w, b, stride, padding, act, residual=None):
     return fused._common._activation(y if residual is None else y + residual, act)
 
 
-def _gemm_calls(monkeypatch) -> list:
-    """Records the row counts of every MKL GEMM call."""
+def _gemm_calls(monkeypatch, library: str) -> list:
+    """Records the row counts of every GEMM call of ``library`` ("mkl" or "onednn")."""
     calls = []
-    real = torch.ops.mkl._mkl_linear
+    ops_, name = (torch.ops.mkl, "_mkl_linear") if library == "mkl" else (torch.ops.mkldnn, "_linear_pointwise")
+    real = getattr(ops_, name)
 
-    def counting(a, packed, matrix, bias, rows):
-        calls.append(rows)
-        return real(a, packed, matrix, bias, rows)
+    def counting(a, *args):
+        calls.append(a.shape[0])
+        return real(a, *args)
 
-    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", counting)
+    monkeypatch.setattr(ops_, name, counting)
     return calls
 
 
@@ -59,15 +67,15 @@ CASES = [  # (batch, in, out, size, kernel, stride, padding)
 @pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}_{c[4]}x{c[4]}_s{c[5]}_p{c[6]}_{c[3]}px" for c in CASES])
 @pytest.mark.parametrize("act", ["none", "relu", "hardswish"])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_few_pixel_convolutions_run_as_one_gemm(monkeypatch, case, act, channels_last):
-    """A convolution with few output pixels runs as one MKL GEMM on NHWC rows: same values as
-    F.conv2d, answering in channels_last inside a stack and contiguous outside one."""
+def test_few_pixel_convolutions_run_as_one_gemm(monkeypatch, gemm_library, case, act, channels_last):
+    """A convolution with few output pixels runs as one GEMM (MKL or oneDNN) on NHWC rows: same
+    values as F.conv2d, answering in channels_last inside a stack and contiguous outside one."""
     n, cin, cout, size, k, stride, pad = case
     x = torch.randn(n, cin, size, size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(cout, cin, k, k), torch.randn(cout)
-    calls = _gemm_calls(monkeypatch)
+    calls = _gemm_calls(monkeypatch, gemm_library)
     with torch.no_grad():
         y = fused.conv2d_act(x, w, b, [stride] * 2, [pad] * 2, [1, 1], 1, act, channels_last=channels_last)
     expected = _reference(x, w, b, stride, pad, act)
@@ -96,16 +104,20 @@ def test_few_pixel_bfloat16_convolutions_run_as_one_onednn_matmul(monkeypatch, c
 
 
 @needs_gemm
-def test_gemm_weights_are_cached_and_follow_changes(monkeypatch):
-    """The GEMM's packed filters are cached per (weight, rows) and rebuilt when the weight changes
-    (load_state_dict, an optimizer step)."""
+def test_gemm_weights_are_cached_and_follow_changes(monkeypatch, gemm_library):
+    """The GEMM's packed filters are cached (MKL's per (weight, rows), oneDNN's per weight) and
+    rebuilt when the weight changes (load_state_dict, an optimizer step)."""
     monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
+    monkeypatch.setattr(fused.weights, "_ONEDNN_LINEAR", {})
     x = torch.randn(2, 16, 2, 2).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(8, 16, 3, 3), torch.randn(8)
     args = ([1, 1], [1, 1], [1, 1], 1, "relu")
     with torch.no_grad():
         fused.conv2d_act(x, w, b, *args, channels_last=True)
-        assert list(fused.weights._MKL_PACKED) == [id(w)] and list(fused.weights._MKL_PACKED[id(w)][2]) == [8]
+        if gemm_library == "mkl":
+            assert list(fused.weights._MKL_PACKED) == [id(w)] and list(fused.weights._MKL_PACKED[id(w)][2]) == [8]
+        else:
+            assert list(fused.weights._ONEDNN_LINEAR) == [id(w)] and not fused.weights._MKL_PACKED
         w.mul_(-1)
         y = fused.conv2d_act(x, w, b, *args, channels_last=True)
     torch.testing.assert_close(y, _reference(x, w, b, 1, 1, "relu"), atol=1e-4, rtol=1e-4)
@@ -121,9 +133,6 @@ def test_gemm_decision_follows_the_measured_limits():
         w = torch.empty(out, c // groups, k, k, device="meta")
         return fused.conv._conv_gemm_rows(x, w, [stride] * 2, [pad] * 2, [dilation] * 2, groups)
 
-    if not fused.weights._HAS_MKL_PACKED:
-        assert rows(1, 8, 2, 1) == 0
-        return
     assert rows(8, 8, 4, 1) == 128 == fused.CONV_GEMM_MAX_ROWS
     assert rows(9, 8, 4, 1) == 0
     assert rows(8, 8, 4, 3, pad=1) == 128  # ResNet-50's layer3 at batch 8, 64x64
@@ -263,6 +272,7 @@ def test_optimized_inside_inference_mode_keeps_cached_weights(monkeypatch, origi
     parameters, so the packed-weight caches work (NOTE: [Inference-mode builds]) and values match."""
     monkeypatch.setattr(fused.weights, "_PACKED", {})
     monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
+    monkeypatch.setattr(fused.weights, "_ONEDNN_LINEAR", {})
 
     def build():
         x = tg.Input(shape=(16, 8, 8))
@@ -280,10 +290,11 @@ def test_optimized_inside_inference_mode_keeps_cached_weights(monkeypatch, origi
     assert not any(p.is_inference() for p in fast.parameters())
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     if fused._common._HAS_ONEDNN:
-        assert fused.weights._PACKED or fused.weights._MKL_PACKED  # packed once and cached, not per call
+        # packed once and cached, not per call
+        assert fused.weights._PACKED or fused.weights._MKL_PACKED or fused.weights._ONEDNN_LINEAR
 
 
-@needs_gemm
+@pytest.mark.usefixtures("mkl_routes")
 def test_packed_copies_are_bounded_per_weight(monkeypatch):
     """A weight is packed for at most MKL_PACKED_ROW_COUNTS row counts (a decoding loop changes its
     row count every step); other row counts run the other paths with the same values, and
@@ -337,8 +348,6 @@ def test_a_layer_is_planned_once_and_again_when_its_premises_change(monkeypatch,
     """The first call decides the path and the weights it reads; later calls reuse the plan, and a
     changed weight (in place, as load_state_dict or an optimizer step does), input shape, dtype,
     gradient need or limit is seen by the next call: values always equal F.conv2d's."""
-    if kind == "gemm" and not fused.weights._HAS_MKL_PACKED:
-        pytest.skip("needs MKL's packed GEMM")
     made = _counting_planner(monkeypatch)
     n, groups, w = (2, 1, torch.randn(8, 16, 1, 1)) if kind == "gemm" else (2, 16, torch.randn(16, 1, 3, 3))
     pad = 0 if kind == "gemm" else 1

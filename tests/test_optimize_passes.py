@@ -273,7 +273,7 @@ def test_small_linear_decision_is_shape_based_and_forcible(monkeypatch, threshol
     assert bool(calls) is not expect_onednn
 
 
-@pytest.mark.skipif(not fused.weights._HAS_MKL_PACKED, reason="needs MKL's packed GEMM")
+@pytest.mark.usefixtures("mkl_routes")
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "hardswish"])
 def test_few_rows_use_mkl_packed_weights(monkeypatch, act):
     """Fewer rows than MKL_PACKED_MAX_ROWS (a classifier head at a small batch) run MKL's prepacked
@@ -291,8 +291,7 @@ def test_few_rows_use_mkl_packed_weights(monkeypatch, act):
                                    atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not (fused.weights._HAS_MKL_PACKED and fused._common._HAS_ONEDNN),
-                    reason="needs MKL's packed GEMM and oneDNN")
+@pytest.mark.usefixtures("mkl_routes")
 def test_token_rows_below_the_limit_run_mkl_and_above_onednn(monkeypatch):
     """ViT-S's linears (197 token rows at batch 1) run MKL's packed GEMM (NOTE: [MKL for a few
     hundred rows]); from MKL_PACKED_MAX_ROWS rows on, oneDNN's fused linear. Same values either way."""
@@ -328,6 +327,38 @@ def test_large_linears_run_from_weights_reordered_once(monkeypatch, act):
         torch.testing.assert_close(fused.linear_act(x, frozen, b, act),
                                    fused._common._activation(F.linear(x, frozen, b), act), atol=1e-4, rtol=1e-4)
     assert list(fused.weights._ONEDNN_LINEAR) == [id(w)]
+
+
+@pytest.mark.usefixtures("onednn_routes")
+def test_on_other_vendors_cpus_every_placed_gemm_runs_on_onednn(monkeypatch):
+    """On a CPU where MKL is slow (AMD: NOTE: [MKL on other vendors' CPUs]) a few-row head and ViT's
+    token rows run oneDNN's fused linear from the reordered weight, never MKL; a tiny linear stays
+    F.linear. Same values either way."""
+    monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
+    w, b = torch.randn(512, 384) * 0.05, torch.randn(512)
+    for rows in (8, 197):  # 8 rows: 1.6M multiply-adds
+        x = torch.randn(1, rows, 384)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            y = fused.linear_act(x, w, b, "gelu")
+        names = {event.name for event in prof.events()}
+        assert "mkldnn::_linear_pointwise" in names and "mkl::_mkl_linear" not in names
+        torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)), atol=1e-4, rtol=1e-4)
+    assert not fused.weights._MKL_PACKED
+    tiny = torch.randn(8, 64)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fused.linear_act(tiny, torch.randn(10, 64), None, "relu")  # 8 x 64 x 10 multiply-adds
+    assert "mkldnn::_linear_pointwise" not in {event.name for event in prof.events()}
+
+
+def test_this_cpu_decides_the_gemm_routes():
+    """MKL's routes are the default on Intel CPUs only; the vendor is read from the CPU."""
+    from torchgraph.fused import cpu_profile
+
+    vendor = cpu_profile.cpu_vendor()
+    assert vendor in {"GenuineIntel", "AuthenticAMD", ""} or vendor.isprintable()
+    assert cpu_profile.MKL_GEMMS_FAST == (vendor == "GenuineIntel" and torch.backends.mkl.is_available())
+    assert (fused.linear.MKL_PACKED_MAX_ROWS > 0) == cpu_profile.MKL_GEMMS_FAST
+    assert fused.conv._MKL_CONV_GEMMS == (cpu_profile.MKL_GEMMS_FAST and fused.weights._HAS_MKL_PACKED)
 
 
 def test_default_threshold_keeps_gpt_sized_linears_on_onednn():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ._common import ONEDNN_ACTIVATIONS, _ONEDNN_DTYPES, _activation, _activation_, _epilogue, _needs_grad, use_onednn
+from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _HAS_MKL_PACKED, _filters_as_rows, _mkl_packed_weight, _onednn_linear_weight, _packed_weight
 
 __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "conv2d_act",
@@ -32,6 +33,9 @@ __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH"
 # limits below. The GEMM answers in NHWC, i.e. channels_last strides, like oneDNN. In
 # bfloat16 (AMX) the same GEMM through oneDNN's matmul took 0.35-0.55x the convolution's time at 32
 # rows and 0.85-1.03x at 128 rows (2 threads), so bfloat16 takes the same limits.
+# Float32 runs the GEMM on MKL on Intel CPUs, on oneDNN's matmul elsewhere (NOTE: [MKL on other
+# vendors' CPUs] in cpu_profile.py).
+_MKL_CONV_GEMMS = _HAS_MKL_PACKED and MKL_GEMMS_FAST
 #: 1x1 convolutions with at most this many output pixels (N x H_out x W_out) run as an MKL GEMM.
 CONV_GEMM_MAX_ROWS = 128
 #: Larger kernels run as im2col + MKL GEMM when their output is at most this wide ...
@@ -65,13 +69,13 @@ def _conv_gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, dila
         limit = CONV_IM2COL_MAX_ROWS if wo <= CONV_IM2COL_MAX_WIDTH else 0
     if rows <= 0 or rows > limit or ho <= 0:
         return 0
-    return rows if (_HAS_MKL_PACKED if x.dtype == torch.float32 else x.dtype in _ONEDNN_DTYPES) else 0
+    return rows if x.dtype in _ONEDNN_DTYPES else 0  # float32 on MKL or oneDNN, bfloat16 on oneDNN
 
 
 def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
                rows: int) -> torch.Tensor | None:
-    """The convolution as one GEMM on NHWC rows (float32: MKL with prepacked filters; bfloat16:
-    oneDNN's matmul, filters reordered for it); answers in channels_last. None when the filters
+    """The convolution as one GEMM on NHWC rows (float32 on an Intel CPU: MKL with prepacked filters;
+    otherwise oneDNN's matmul, filters reordered for it); answers in channels_last. None when the filters
     are not cached in that form (see :func:`_mkl_packed_weight`, :func:`_cached_beside`)."""
     packed = _gemm_filters(x, weight, rows)
     return None if packed is None else _run_gemm(x, packed, weight.shape[-2:], bias, stride, padding, rows)
@@ -79,7 +83,7 @@ def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _gemm_filters(x: torch.Tensor, weight: torch.Tensor, rows: int):
     """The filters in the form :func:`_run_gemm` reads, or None where they cannot be cached."""
-    if x.dtype == torch.float32:
+    if _MKL_CONV_GEMMS and x.dtype == torch.float32:
         return _mkl_packed_weight(weight, rows, _filters_as_rows)
     return None if weight.is_inference() else _onednn_linear_weight(weight, _filters_as_rows)
 
@@ -109,7 +113,7 @@ def _run_gemm(x: torch.Tensor, packed, kernel_size, bias: torch.Tensor | None, s
             cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
         ho, wo = cols.shape[1], cols.shape[2]
         cols = cols.reshape(rows, -1)
-    if x.dtype == torch.float32:
+    if isinstance(packed, tuple):  # MKL's (packed, matrix), from _gemm_filters
         y = torch.ops.mkl._mkl_linear(cols, *packed, bias, rows)
     else:
         y = torch.ops.mkldnn._linear_pointwise(cols, packed, bias, "none", [], "")

@@ -9,6 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _extension, ops
 from ._common import ONEDNN_ACTIVATIONS, _activation, _activation_, _epilogue, _needs_grad, use_onednn
+from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _mkl_packed_weight, _onednn_linear_weight
 
 __all__ = ["MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
@@ -21,9 +22,10 @@ __all__ = ["MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MA
 # ONEDNN_LINEAR_MIN_MACS multiply-adds per call (rows x in x out), inference runs F.linear and an
 # in-place activation instead, and training F.linear and the activation with eager autograd (no
 # custom-op or autograd.Function overhead): the decision is made per call from the shapes, so it
-# follows the batch the model runs at, and tests can move it.
+# follows the batch the model runs at, and tests can move it. Where MKL is slow (NOTE: [MKL on other
+# vendors' CPUs] in cpu_profile.py) oneDNN's cost per call was ~13 us and the cut is 1M.
 #: Smallest linear (rows x in_features x out_features) that runs on oneDNN in inference.
-ONEDNN_LINEAR_MIN_MACS = 1 << 23
+ONEDNN_LINEAR_MIN_MACS = 1 << 23 if MKL_GEMMS_FAST else 1 << 20
 
 # NOTE: [Few rows] With few rows (a classifier head at batch 1-32, a decoder step), a linear layer
 # is bound by reading its weight, and MKL's prepacked GEMM (the one inductor uses for float32
@@ -55,8 +57,9 @@ ONEDNN_LINEAR_MIN_MACS = 1 << 23
 # the GEMM (beta = 1). Adding it afterwards in place was faster on ViT-S's four shapes (197 rows,
 # 2 threads, fastest of 300 interleaved wall-clock calls on the loaded VM): 791 vs 829, 276 vs 302,
 # 997 vs 1036 and 1085 vs 1106 us (the bias-free GEMM alone: 658, 236, 945, 987 us).
-#: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM ...
-MKL_PACKED_MAX_ROWS = 256
+#: Float32 inference linears with fewer rows than this run MKL's prepacked GEMM (on Intel CPUs only:
+#: NOTE: [MKL on other vendors' CPUs]) ...
+MKL_PACKED_MAX_ROWS = 256 if MKL_GEMMS_FAST else 0
 #: ... when their weight has at least this many elements: on smaller ones F.linear was faster
 #: (8 rows, 2 threads: 32 -> 10 features 3.9 vs 5.5 us, 128 -> 128 8.3 vs 9.1 us, a tie at 256 -> 256,
 #: then packed ahead: 512 -> 512 34 vs 25 us).
