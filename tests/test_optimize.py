@@ -480,11 +480,14 @@ def test_attention_kernel_or_sdpa_follows_the_measurements(monkeypatch):
 @pytest.mark.parametrize("x_shape", [(5, 8), (2, 3, 8)])
 @pytest.mark.parametrize("needs_grad", ["all", "weight"])
 @pytest.mark.parametrize("loss", ["weighted", "sum"])
-def test_linear_act_training_path_matches(act, x_shape, needs_grad, loss, monkeypatch):
+@pytest.mark.parametrize("weight_grad_on_mkl", [True, False])
+def test_linear_act_training_path_matches(act, x_shape, needs_grad, loss, weight_grad_on_mkl, monkeypatch):
     """With gradients needed, float32 CPU linear_act runs _TrainableLinearAct (above the small-linear
     threshold, lowered here); values and the gradients of x, weight and bias equal
-    act(F.linear(x, w, b)). (``loss="sum"`` hands the backward a stride-0 gradient.)"""
+    act(F.linear(x, w, b)), with the weight gradient on MKL (Intel CPUs) or oneDNN (others).
+    (``loss="sum"`` hands the backward a stride-0 gradient.)"""
     monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 0)
+    monkeypatch.setattr(fused.linear, "MKL_GEMMS_FAST", weight_grad_on_mkl)
     if act != "none" and not ops._use_kernel(torch.ones(1)):
         pytest.skip("the trainable path needs the bias_act kernels for an activation")
     tensors = [torch.randn(x_shape), torch.randn(6, 8), torch.randn(6)]
