@@ -185,7 +185,8 @@ def _unshare(root: nn.Module, shared: set) -> None:
 
 
 def _rebuild(root: Model, graph: fx.Graph) -> Model:
-    graph.eliminate_dead_code()
+    # an in-place op whose result nobody reads still changes its target (`y[:, :4].relu_()`)
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or passes.has_effect(root, node))
     graph.lint()
     passes.share_attribute_walks(graph)
     name = root._get_name()

@@ -7,13 +7,17 @@ paths (``tg.layers.DropPath``, timm's ``DropPath``...: the identity in eval mode
 disappear, and ``tg.layers.ScaledDotProductAttention`` becomes the ``F.scaled_dot_product_attention``
 call it makes in eval mode (no dropout), which the attention passes match.
 
-In-place activations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.relu_()``) become
-out-of-place only where that changes nothing observable: their input is an intermediate value (not a
-model input, whose caller would see it change) used by the activation alone (nobody else could see
-the mutation). Otherwise they stay as written.
+In-place activations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.relu_()``) and
+in-place arithmetic (``out += identity``, ``x.add_(y)``, ``x.mul_(2)``) become out-of-place only where
+that changes nothing observable: their target is fresh memory made inside the model (not a model
+input, whose caller would see it change, nor a view of another value: NOTE: [Aliases and in-place
+ops] in aliasing.py) used by the in-place op alone (nobody else could see the change). Otherwise
+they stay as written.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -22,7 +26,8 @@ import torch.nn.functional as F
 
 from ..drop_paths import is_drop_path
 from ..layers import ScaledDotProductAttention
-from .common import module_of, set_spec
+from .aliasing import is_fresh
+from .common import module_of, same_shape, set_spec
 
 __all__ = ["canonicalize"]
 
@@ -44,9 +49,27 @@ _INPLACE_TORCH = {torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid, torch.
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
-def _private(value) -> bool:
-    """Whether mutating ``value`` in place is unobservable once its only user is done with it."""
-    return isinstance(value, fx.Node) and value.op != "placeholder" and len(value.users) == 1
+# in-place arithmetic -> the out-of-place function: `out += identity` (torchvision's residual add)
+_INPLACE_ARITHMETIC = {"add_": torch.add, "sub_": torch.sub, "mul_": torch.mul, "div_": torch.div}
+_INPLACE_OPERATORS = {operator.iadd: torch.add, operator.isub: torch.sub, operator.imul: torch.mul,
+                      operator.itruediv: torch.div}
+
+
+def _private(root: nn.Module, value) -> bool:
+    """Whether changing ``value`` in place is unobservable once its only user is done with it: fresh
+    memory (no input's, no view of another value) used by that op alone."""
+    return isinstance(value, fx.Node) and is_fresh(root, value) and len(value.users) == 1
+
+
+def _same_result_out_of_place(target: fx.Node, other) -> bool:
+    """Whether ``target op other`` out of place has ``target``'s shape and dtype, as the in-place op
+    keeps them: a Python number on a floating tensor, or a tensor of the same spec."""
+    spec = target.meta.get("tg_spec")
+    if spec is None or not hasattr(spec, "dtype"):
+        return False
+    if isinstance(other, (int, float)) and not isinstance(other, bool):
+        return spec.dtype.is_floating_point
+    return isinstance(other, fx.Node) and same_shape(target, other)
 
 
 def _replace(graph: fx.Graph, node: fx.Node, target, args: tuple, kwargs: dict) -> None:
@@ -80,22 +103,36 @@ def canonicalize(root: nn.Module, graph: fx.Graph, inference: bool) -> int:
                 count += 1
                 continue
             entry = _ACTIVATION_MODULES.get(type(module))
-            if entry is None or (getattr(module, "inplace", False) and not _private(x)):
+            if entry is None or (getattr(module, "inplace", False) and not _private(root, x)):
                 continue
             function, attrs = entry
             _replace(graph, node, function, (x,), {a: getattr(module, a) for a in attrs})
             count += 1
         elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
-            if node.kwargs.get("inplace") is True and len(node.args) == 1 and _private(node.args[0]):
+            if node.kwargs.get("inplace") is True and len(node.args) == 1 and _private(root, node.args[0]):
                 kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
                 _replace(graph, node, node.target, node.args, kwargs)
                 count += 1
         elif node.op == "call_function" and node.target in _INPLACE_TORCH:
-            if len(node.args) == 1 and not node.kwargs and _private(node.args[0]):
+            if len(node.args) == 1 and not node.kwargs and _private(root, node.args[0]):
                 _replace(graph, node, _INPLACE_TORCH[node.target], node.args, {})
                 count += 1
         elif node.op == "call_method" and node.target in _INPLACE_METHODS:
-            if len(node.args) == 1 and not node.kwargs and _private(node.args[0]):
+            if len(node.args) == 1 and not node.kwargs and _private(root, node.args[0]):
                 _replace(graph, node, _INPLACE_METHODS[node.target], node.args, {})
                 count += 1
+        elif _in_place_arithmetic(node):
+            target, other = node.args
+            if _private(root, target) and _same_result_out_of_place(target, other):
+                function = _INPLACE_ARITHMETIC.get(node.target) or _INPLACE_OPERATORS[node.target]
+                _replace(graph, node, function, (target, other), dict(node.kwargs))
+                count += 1
     return count
+
+
+def _in_place_arithmetic(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        found = node.target in _INPLACE_ARITHMETIC
+    else:
+        found = node.op == "call_function" and node.target in _INPLACE_OPERATORS and not node.kwargs
+    return found and len(node.args) == 2 and set(node.kwargs) <= {"alpha"}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import dis
 import inspect
+import operator
 
 import torch
 import torch.fx as fx
@@ -60,12 +61,34 @@ def is_torch_layer(module: nn.Module) -> bool:
         or is_drop_path(module)
 
 
+# NOTE: [Augmented assignment in fx traces] fx's Proxy has no `__iadd__`, so Python runs `x += y` as
+# `x = x + y` and the trace records an out-of-place add: the tensor `x` named (a block's input, a
+# value the caller reads again) is no longer changed, silently. The inlining tracer's proxies
+# record `operator.iadd(x, y)` instead, which changes a tensor in place at run time as the forward
+# did (and adds numbers, for sizes); passes.canonicalize turns it out-of-place where nobody else
+# sees the tensor (torchvision's `out += identity`).
+class _AugmentedProxy(fx.Proxy):
+    pass
+
+
+for _name, _op in (("__iadd__", operator.iadd), ("__isub__", operator.isub), ("__imul__", operator.imul),
+                   ("__itruediv__", operator.itruediv), ("__ifloordiv__", operator.ifloordiv),
+                   ("__imod__", operator.imod), ("__ipow__", operator.ipow), ("__iand__", operator.iand),
+                   ("__ior__", operator.ior), ("__ixor__", operator.ixor), ("__ilshift__", operator.ilshift),
+                   ("__irshift__", operator.irshift), ("__imatmul__", operator.imatmul)):
+    setattr(_AugmentedProxy, _name,
+            lambda self, other, _op=_op: self.tracer.create_proxy("call_function", _op, (self, other), {}))
+
+
 class _InliningTracer(fx.Tracer):
     """Traces through every module except torch's layers; a submodule it cannot trace stays a leaf."""
 
     def __init__(self):
         super().__init__()
         self.opaque: set[int] = set()
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AugmentedProxy(node, self)  # NOTE: [Augmented assignment in fx traces]
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         """``assert cond`` on a traced value becomes a ``torch._assert`` node, checked at run time,

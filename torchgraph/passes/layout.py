@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import fused, ops
+from .aliasing import in_place_hazards
 from .common import module_of, set_spec
 
 __all__ = ["keep_layout_local", "use_inference_max_pool"]
@@ -72,15 +73,46 @@ def _global_pool(root: nn.Module, node: fx.Node) -> bool:
     return isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1), [1, 1])
 
 
-def keep_layout_local(root: nn.Module, graph: fx.Graph) -> int:
-    """Insert ``.contiguous()`` between channels_last producers and consumers that may need the
-    default layout. Returns how many were inserted."""
+def _channels_last_values(root: nn.Module, graph: fx.Graph) -> set[fx.Node]:
     channels_last: set[fx.Node] = set()
     for node in graph.nodes:
         if _channels_last_conv(node):
             channels_last.add(node)
         elif _preserves_layout(root, node) and any(a in channels_last for a in node.all_input_nodes):
             channels_last.add(node)
+    return channels_last
+
+
+# NOTE: [Copies of changed values] `.contiguous()` reads a channels_last value into a copy: where the
+# value, or a view of it, is changed in place (`y.view(n, -1).add_(1); return y`, `y[:, :4].relu_()`),
+# a copy would not see the change, or would change instead of it. So the convolutions whose
+# channels_last values may share memory with a value changed in place (aliasing.in_place_hazards)
+# answer in the default layout, as written.
+def _answer_contiguous_where_changed(root: nn.Module, graph: fx.Graph, channels_last: set[fx.Node]) -> bool:
+    """Switch off channels_last for the convolutions behind values at risk; whether any was."""
+    hazards = in_place_hazards(root, graph)
+    stack = [node for node in channels_last if node in hazards]
+    seen: set[fx.Node] = set()
+    switched = False
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _channels_last_conv(node):
+            node.update_kwarg("channels_last", False)
+            switched = True
+        else:
+            stack.extend(a for a in node.all_input_nodes if a in channels_last)
+    return switched
+
+
+def keep_layout_local(root: nn.Module, graph: fx.Graph) -> int:
+    """Insert ``.contiguous()`` between channels_last producers and consumers that may need the
+    default layout. Returns how many were inserted."""
+    channels_last = _channels_last_values(root, graph)
+    if _answer_contiguous_where_changed(root, graph, channels_last):
+        channels_last = _channels_last_values(root, graph)
     count = 0
     for node in list(channels_last):
         outside = [u for u in node.users

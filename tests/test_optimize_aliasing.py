@@ -1,0 +1,161 @@
+"""tg.optimize and in-place ops: rewrites leave values changed in place (or through views) as eager
+changes them, and in-place ops on fresh values (torchvision's ``out += identity``) fuse like the
+out-of-place spelling (NOTE: [Aliases and in-place ops], NOTE: [Copies of changed values])."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchgraph as tg
+from torchgraph import fused
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from handwritten import Bottleneck, randomize_batchnorm  # noqa: E402
+
+
+class ReluOnAView(nn.Module):
+    """An in-place activation on a slice changes the convolution's output through the view."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.act(y[:, :4])  # result unused: only the change through the view matters
+        return y * 2
+
+
+class AddThroughAView(nn.Module):
+    """The convolution's output changed through a flattened view, then returned itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.view(y.shape[0], -1).add_(1.0)
+        return y
+
+
+class ViewReadAfterChange(nn.Module):
+    """A view taken before the output changes in place sees the change (a copy would not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        flat = y.flatten(1)
+        y.mul_(3.0)
+        return flat
+
+
+class BroadcastInPlace(nn.Module):
+    """``out += bias`` with a broadcast bias keeps ``out``'s shape; out of place would too, but the
+    rewrite is only made for operands of one shape: this stays as written."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bias = nn.Parameter(torch.randn(8, 1, 1))
+
+    def forward(self, x):
+        out = self.conv(x)
+        out += self.bias
+        return torch.relu(out)
+
+
+MODULES = [ReluOnAView, AddThroughAView, ViewReadAfterChange, BroadcastInPlace]
+
+
+def _built(net: nn.Module, how: str) -> tg.Model:
+    if how == "from_module":
+        return tg.from_module(net, (3, 8, 8)).eval()
+    x = tg.Input(shape=(3, 8, 8))
+    return tg.Model(x, net(x)).eval()
+
+
+@pytest.mark.parametrize("how", ["from_module", "tg.Model"])
+@pytest.mark.parametrize("cls", MODULES, ids=[c.__name__ for c in MODULES])
+def test_values_changed_in_place_stay_as_eager_changes_them(cls, how):
+    torch.manual_seed(0)
+    net = cls().eval()
+    model = _built(net, how)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = net(x)
+        for fast in (tg.optimize(model), tg.optimize(model, channels_last=False)):
+            torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_input_changed_in_place_is_changed_for_the_caller():
+    """``x += conv(x)`` changes the caller's tensor in eager; the optimized model does too."""
+    class AddIntoInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            x += self.conv(x)
+            return torch.relu(x)
+
+    torch.manual_seed(0)
+    net = AddIntoInput().eval()
+    x = tg.Input(shape=(4, 8, 8))
+    fast = tg.optimize(tg.Model(x, net(x)).eval())
+    data = torch.randn(2, 4, 8, 8)
+    mine, theirs = data.clone(), data.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(mine), net(theirs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(mine, data)
+
+
+@pytest.mark.skipif(not fused._common._HAS_ONEDNN, reason="the residual fusion needs oneDNN")
+def test_torchvision_residual_spelled_in_place_fuses_like_the_out_of_place_one():
+    """torchvision's Bottleneck (``out += identity``, one ``nn.ReLU(inplace=True)``) recorded by
+    tg.from_module fuses its residual into the last convolution with no layout copies inside the
+    stack, as the hand-written graph does; values equal eager's."""
+    torch.manual_seed(0)
+    net = randomize_batchnorm(nn.Sequential(Bottleneck(64, 16), Bottleneck(64, 16))).eval()
+    x_sym = tg.Input(shape=(64, 8, 8))
+    for model in (tg.from_module(net, (64, 8, 8)), tg.Model(x_sym, net(x_sym))):
+        fast = tg.optimize(model.eval())
+        calls = [n.target for n in fast.graph.nodes if n.op in ("call_function", "call_method")]
+        assert calls.count(fused.conv2d_add_act) == 2
+        assert calls.count("contiguous") <= 1  # at most where the stack's output leaves it
+        assert "add_" not in calls
+        x = torch.randn(2, 64, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+def test_in_place_ops_whose_results_nobody_reads_still_run():
+    """Dead-code elimination keeps an in-place op whose result is unused (it changes its target)."""
+    class Accumulate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            z = y[:, :2]
+            z.mul_(0.0)
+            return y + 1
+
+    torch.manual_seed(0)
+    net = Accumulate().eval()
+    fast = tg.optimize(tg.from_module(net, (4,)).eval())
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x))
+    assert any(n.op == "call_method" and n.target == "mul_" for n in fast.graph.nodes)
