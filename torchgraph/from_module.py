@@ -274,16 +274,26 @@ def plan_paths(plan: _Plan, tensor_keys: dict[int, str] | None = None) -> dict[i
     return paths
 
 
-def _input_effects(args, kwargs) -> dict:
-    """The effect records (guards, mutations) on the symbolic inputs, to undo what a recording
-    that is thrown away left on them (each guard would otherwise be in the graph once per try)."""
-    values = [leaf._tg_value for _, leaf in tree_leaves((args, kwargs)) if isinstance(leaf, SymbolicTensor)]
-    return {id(v): (v, list(v.effects) if v.effects is not None else None) for v in values}
+def _input_effects(args, kwargs, also: tuple = ()) -> tuple:
+    """The symbolic inputs' values and the effect records (guards, mutations) on them and on
+    ``also``'s values, to undo what a recording that is thrown away left on them: each guard would
+    otherwise be in the graph once per try, and an input changed in place (``x += ...`` in the
+    top-level forward) would enter the next recording as its changed value."""
+    leaves = [leaf for _, leaf in tree_leaves((args, kwargs)) if isinstance(leaf, SymbolicTensor)]
+    values = {}
+    for v in [leaf._tg_value for leaf in leaves] + [v for saved in also for v in saved[1].values()]:
+        for value in (v, v.base):
+            values[id(value)] = value
+    effects = {i: (v, list(v.effects) if v.effects is not None else None) for i, v in values.items()}
+    return [(leaf, leaf._tg_value) for leaf in leaves], {i: v for i, (v, _) in effects.items()}, effects
 
 
-def _restore_effects(saved: dict) -> None:
-    for value, effects in saved.values():
-        value.effects = None if effects is None else list(effects)
+def _restore_effects(saved: tuple) -> None:
+    assigned, _, effects = saved
+    for leaf, value in assigned:
+        leaf._tg_value = value
+    for value, recorded in effects.values():
+        value.effects = None if recorded is None else list(recorded)
 
 
 def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes, paths: dict):
@@ -294,7 +304,7 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
         outputs = _record_once(module, args, kwargs, plan)
         if outputs is None:
             continue  # a submodule fell back to one layer: record again
-        kept = _input_effects(args, kwargs)
+        kept = _input_effects(args, kwargs, also=(before,))
         # NOTE: [Train and eval] A looked-through forward may read self.training (F.dropout(...,
         # training=self.training), `if self.training:`): recorded once, the graph would behave like
         # that mode only. So record with every module in its other mode too and compare, scope by
@@ -302,6 +312,7 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
         # dropout as a layer]).
         first_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
         _set_modes(module, {m: not mode for m, mode in modes.items()})
+        _restore_effects(before)  # the other mode starts from the same inputs
         other = _record_once(module, args, kwargs, plan)
         second_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
         _set_modes(module, modes)
