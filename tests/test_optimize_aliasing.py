@@ -74,7 +74,23 @@ class BroadcastInPlace(nn.Module):
         return torch.relu(out)
 
 
-MODULES = [ReluOnAView, AddThroughAView, ViewReadAfterChange, BroadcastInPlace]
+class NegateChannelsAfterBatchNorm(nn.Module):
+    """Half the channels of a folded conv + BatchNorm negated through ``narrow``, then read twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)
+        self.bn.running_mean.uniform_(-1, 1)
+        self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        h.narrow(1, 0, 4).mul_(-1.0)
+        h = torch.relu(h)
+        return self.conv2(h) + h
+
+
+MODULES = [ReluOnAView, AddThroughAView, ViewReadAfterChange, BroadcastInPlace, NegateChannelsAfterBatchNorm]
 
 
 def _built(net: nn.Module, how: str) -> tg.Model:
