@@ -73,12 +73,12 @@ def _conv_gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, dila
 
 
 def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
-               rows: int) -> torch.Tensor | None:
+               rows: int, act: str = "none") -> torch.Tensor | None:
     """The convolution as one GEMM on NHWC rows (float32 on an Intel CPU: MKL with prepacked filters;
     otherwise oneDNN's matmul, filters reordered for it); answers in channels_last. None when the filters
     are not cached in that form (see :func:`_mkl_packed_weight`, :func:`_cached_beside`)."""
     packed = _gemm_filters(x, weight, rows)
-    return None if packed is None else _run_gemm(x, packed, weight.shape[-2:], bias, stride, padding, rows)
+    return None if packed is None else _run_gemm(x, packed, weight.shape[-2:], bias, stride, padding, rows, act)
 
 
 def _gemm_filters(x: torch.Tensor, weight: torch.Tensor, rows: int):
@@ -89,7 +89,7 @@ def _gemm_filters(x: torch.Tensor, weight: torch.Tensor, rows: int):
 
 
 def _run_gemm(x: torch.Tensor, packed, kernel_size, bias: torch.Tensor | None, stride, padding,
-              rows: int) -> torch.Tensor:
+              rows: int, act: str = "none") -> torch.Tensor:
     n, c, h, w = x.shape
     kh, kw = kernel_size
     # NOTE: a stride-1 1x1 convolution on a channels_last input (most of them inside a stack)
@@ -114,9 +114,9 @@ def _run_gemm(x: torch.Tensor, packed, kernel_size, bias: torch.Tensor | None, s
         ho, wo = cols.shape[1], cols.shape[2]
         cols = cols.reshape(rows, -1)
     if isinstance(packed, tuple):  # MKL's (packed, matrix), from _gemm_filters
-        y = torch.ops.mkl._mkl_linear(cols, *packed, bias, rows)
-    else:
-        y = torch.ops.mkldnn._linear_pointwise(cols, packed, bias, "none", [], "")
+        y = _activation_(torch.ops.mkl._mkl_linear(cols, *packed, bias, rows), act)
+    else:  # the activation in oneDNN's epilogue
+        y = torch.ops.mkldnn._linear_pointwise(cols, packed, bias, *ONEDNN_ACTIVATIONS[act])
     out = y.shape[1]  # y: a new dense (rows, C_out) matrix, i.e. NHWC
     return y.as_strided((n, out, ho, wo), (ho * wo * out, 1, wo * out, out))
 
@@ -157,8 +157,7 @@ class _ConvPlan:
     def run(self, x: torch.Tensor, bias) -> torch.Tensor:
         """:func:`conv2d_act`'s oneDNN path."""
         if self.rows:
-            y = _activation_(_run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding,
-                                       self.rows), self.act)
+            y = _run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding, self.rows, self.act)
         else:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)  # a no-op inside a conv stack
@@ -261,9 +260,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         if plan is not None:
             return plan.run(x, bias)
         rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
-        y = _conv_gemm(x, weight, bias, stride, padding, rows) if rows else None
+        y = _conv_gemm(x, weight, bias, stride, padding, rows, act) if rows else None
         if y is not None:
-            y = _activation_(y, act)
             return y if channels_last else y.contiguous()
     if onednn and x.dim() == 4 and (
             channels_last or (groups == 1 and weight.shape[1] >= 16 and weight.shape[-1] > 1)):
