@@ -32,6 +32,7 @@ import torch.nn as nn
 from .dims import new_build
 from .errors import GraphBuildError
 from .fidelity import changed_state, differing_scopes, records_in_order, signature, snapshot_state
+from .generator_states import GeneratorStates, restore, snapshot, watching_draws
 from .hierarchy import mirror_hierarchy
 from .mode_dropout import record_as_layers
 from .naming import ILLEGAL_NAMES, fixed_paths
@@ -190,8 +191,11 @@ def _tensor_keys(module: nn.Module) -> dict[int, str]:
 def _call(module: nn.Module, args: tuple, kwargs: dict, plan: "_Plan"):
     leaves = [plan.modules[i] for i in plan.leaves]
     plan.called = set()
-    with looking_through(plan.transparent(), leaves, plan.called), tracing_flags(), RecordingMode(plan.state_ids, forwards=True), \
-            linking_returned_inputs(leaves):  # NOTE: [Returned inputs]
+    transparent = plan.transparent()
+    with looking_through(transparent, leaves, plan.called), tracing_flags(), \
+            RecordingMode(plan.state_ids, forwards=True), \
+            linking_returned_inputs(leaves), \
+            watching_draws(list(transparent), leaves):  # NOTE: [Returned inputs], [Draws outside torch]
         return module(*args, **kwargs)
 
 
@@ -251,12 +255,14 @@ def record_module(module: nn.Module, args: tuple, kwargs: dict, leaf_modules=(),
     plan = plan or _Plan(module, list(leaf_modules or ()))
     tensor_keys = _tensor_keys(module)
     modes = {m: m.training for m in module.modules()}
+    generators = snapshot(module.modules())  # NOTE: [Same draws in every run] in module_scopes.py
     try:
         paths = plan_paths(plan, tensor_keys)
         with fixed_paths(paths):
-            outputs = _record_until_faithful(module, args, kwargs, plan, tensor_keys, modes, paths)
+            outputs = _record_until_faithful(module, args, kwargs, plan, tensor_keys, modes, paths, generators)
     finally:
         _set_modes(module, modes)
+        restore(generators)  # recording drew nothing from the user's generators
     for i, why in plan.fallbacks.items():
         m = plan.modules[i]
         warnings.warn(
@@ -296,11 +302,13 @@ def _restore_effects(saved: tuple) -> None:
         value.effects = None if recorded is None else list(recorded)
 
 
-def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes, paths: dict):
+def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes, paths: dict,
+                          generators: GeneratorStates):
     before = _input_effects(args, kwargs)
     while True:
         _restore_effects(before)
         paths.update(plan_paths(plan, tensor_keys))  # a fallback is a layer: messages name it by its path
+        restore(generators)  # every recording starts from the same draws
         outputs = _record_once(module, args, kwargs, plan)
         if outputs is None:
             continue  # a submodule fell back to one layer: record again
@@ -313,6 +321,7 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
         first_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
         _set_modes(module, {m: not mode for m, mode in modes.items()})
         _restore_effects(before)  # the other mode starts from the same inputs
+        restore(generators)  # and the same draws
         other = _record_once(module, args, kwargs, plan)
         second_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
         _set_modes(module, modes)
