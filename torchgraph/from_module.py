@@ -46,6 +46,7 @@ __all__ = ["from_module", "record_module", "is_leaf_module", "as_model"]
 
 # nn.Sequential runs its children; ModuleList/ModuleDict are never called (nn.Module's own forward).
 _CONTAINER_FORWARDS = {nn.Sequential.forward, nn.Module.forward}
+_AGAIN = object()  # what _call returns when the recording must be made again
 
 
 def is_leaf_module(module: nn.Module) -> bool:
@@ -88,6 +89,7 @@ class _Plan:
         self.errors: dict[int, BaseException] = {}
         self.mode_layers: dict[int, str] = {}  # id -> path of the layers that stand for F.dropout & co.
         self.called: set[str] = set()       # looked-through module paths that ran in the last recording
+        self.watch_each_call = False        # looked-through code drew from numpy or random: find where
         wanted_types = tuple(x for x in leaf_modules if isinstance(x, type))
         wanted_paths = {x for x in leaf_modules if isinstance(x, str)}
         wanted_ids = {id(x) for x in leaf_modules if isinstance(x, nn.Module)}
@@ -195,8 +197,12 @@ def _call(module: nn.Module, args: tuple, kwargs: dict, plan: "_Plan"):
     with looking_through(transparent, leaves, plan.called), tracing_flags(), \
             RecordingMode(plan.state_ids, forwards=True), \
             linking_returned_inputs(leaves), \
-            watching_draws(list(transparent), leaves):  # NOTE: [Returned inputs], [Draws outside torch]
-        return module(*args, **kwargs)
+            watching_draws(list(transparent), leaves, plan.watch_each_call) as draws:  # NOTE: [Returned inputs]
+        outputs = module(*args, **kwargs)
+    if draws.outside_torch:  # NOTE: [Draws outside torch]: record again, each call checking its own draws
+        plan.watch_each_call = True
+        return _AGAIN
+    return outputs
 
 
 def _culprits(exc: BaseException, plan: _Plan) -> list[nn.Module]:
@@ -380,6 +386,8 @@ def _record_once(module, args, kwargs, plan: _Plan):
         culprit = candidates[-1]
         plan.fall_back(culprit, f"recording its forward failed ({_first_sentence(exc)})", exc)
         del changed
+        return None
+    if outputs is _AGAIN:
         return None
     changed = changed_state(snapshot)
     if changed:

@@ -23,11 +23,12 @@ import torch.nn as nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .errors import GraphBuildError
+from .returned_inputs import _RECORDING
 from .scope_replay import STATE
 from .symbolic import SymbolicTensor
 from .trees import tree_leaves
 
-__all__ = ["GeneratorStates", "snapshot", "restore", "drawn_from", "note_call_start", "call_start",
+__all__ = ["GeneratorStates", "snapshot", "snapshot_for", "restore", "drawn_from", "note_call_start", "call_start",
            "forget_call_starts", "watch_call_starts", "unwatch_call_starts", "watching_draws"]
 
 _CALL_IMPL_CODE = nn.Module._call_impl.__code__
@@ -38,25 +39,28 @@ _CALL_IMPL_CODE = nn.Module._call_impl.__code__
 # (HuggingFace Wav2Vec2's SpecAugment: `np.random.rand()`, `np.random.choice`), Python's `random`
 # (`random.uniform(0, 1) < self.layerdrop`), or a numpy/Python generator object stored on the module
 # or one of its submodules would be recorded once, its draws baked into the graph as constants,
-# while the module draws anew at every call. So each looked-through call compares these generators'
-# states before and after (watching_draws); a change makes the module one opaque layer (it draws at
-# run time, exactly as eager under the same seeds), and the root module's build fails. A layer's
-# own draws are put back when its call returns, so its caller sees none.
+# while the module draws anew at every call. So a recording compares these generators' states
+# before and after (watching_draws; reading numpy's takes ~30 us, too slow for every call); after a
+# change it is made again with each looked-through call comparing its own, and the innermost call
+# that drew raises: that module stays one opaque layer (it draws at run time, exactly as eager
+# under the same seeds), or, for the root module, the build fails. A layer's own draws are put back
+# when its call returns, so its callers see none.
 # Not seen: a generator made inside the forward. `np.random.default_rng()` without a seed draws from
 # the operating system's entropy; eager gives different numbers at every call and no seed
 # reproduces them, so a recording cannot be compared with eager either; such a module must be kept
 # as a layer by hand (leaf_modules=[...]). `np.random.default_rng(seed)` with a fixed seed draws
 # the same numbers at every call, which a recording reproduces exactly.
 _OWNED_TYPES = (np.random.Generator, np.random.RandomState, random.Random)
+_TORCH_LAYERS = "torch.nn.modules."
 
 
 class GeneratorStates(NamedTuple):
-    """The states of torch's CPU generator, numpy's global generator, Python's ``random`` and
-    ``owned``: ``(generator, state)`` for generator objects stored on the modules snapshotted."""
+    """The states of torch's CPU generator, numpy's global generator, Python's ``random`` (None when
+    not taken) and ``owned``: ``(generator, state)`` for generator objects stored on the modules."""
 
     torch: torch.Tensor
-    numpy: tuple
-    python: tuple
+    numpy: tuple | None
+    python: tuple | None
     owned: tuple = ()
 
 
@@ -75,11 +79,22 @@ def snapshot(modules=()) -> GeneratorStates:
     return GeneratorStates(torch.get_rng_state(), np.random.get_state(), random.getstate(), owned)
 
 
+def snapshot_for(module: nn.Module) -> GeneratorStates:
+    """The states a call of ``module`` may draw from: torch's only when every module in it is torch.nn's
+    own (torch's layers never draw from numpy or Python; numpy's state takes ~30 us to read)."""
+    modules = list(module.modules())
+    if all(type(m).__module__.startswith(_TORCH_LAYERS) for m in modules):
+        return GeneratorStates(torch.get_rng_state(), None, None)
+    return snapshot(modules)
+
+
 def restore(states: GeneratorStates) -> None:
     """Put the generators back in ``states`` (from :func:`snapshot`)."""
     torch.set_rng_state(states.torch)
-    np.random.set_state(states.numpy)
-    random.setstate(states.python)
+    if states.numpy is not None:
+        np.random.set_state(states.numpy)
+    if states.python is not None:
+        random.setstate(states.python)
     for generator, state in states.owned:
         if isinstance(generator, np.random.Generator):
             generator.bit_generator.state = state
@@ -147,7 +162,7 @@ _WATCH = None
 
 def note_call_start(module: nn.Module, args: tuple, states: GeneratorStates | None = None) -> None:
     """Remember the generators' states at the start of ``module(*args)`` (from a forward pre-hook)."""
-    _STARTS.by_call[(id(module), id(args))] = (module, args, states or snapshot(module.modules()))
+    _STARTS.by_call[(id(module), id(args))] = (module, args, states or snapshot_for(module))
 
 
 def call_start(module: nn.Module, args: tuple) -> GeneratorStates | None:
@@ -178,22 +193,38 @@ def unwatch_call_starts() -> None:
 
 
 def _note_in_hand_written_builds(module, args):
-    from .returned_inputs import _RECORDING
+    if STATE.run is not None or _RECORDING.from_module or _torch_leaf(module):
+        return None  # shadow runs need no start; tg.from_module notes its own layers' starts (watching_draws)
     from .type_info import building
 
-    if _RECORDING.from_module or STATE.run is not None or not building():
-        return None  # tg.from_module notes its own layers' starts (watching_draws); shadow runs need none
-    if not args or any(isinstance(leaf, SymbolicTensor) and leaf._tg_value is not None
-                       for _, leaf in tree_leaves(args)):
+    if building() and (not args or any(isinstance(leaf, SymbolicTensor) and leaf._tg_value is not None
+                                       for _, leaf in tree_leaves(args))):
         note_call_start(module, args)  # a layer called on linked symbolic tensors (or on keywords only)
     return None
 
 
+class _Draws:
+    """What :func:`watching_draws` saw: ``outside_torch`` lists the generators drawn from by
+    looked-through code during the whole recording (checked at its end, when not checked call by call)."""
+
+    def __init__(self):
+        self.outside_torch: list[str] = []
+
+
 @contextlib.contextmanager
-def watching_draws(transparent: list[nn.Module], layers: list[nn.Module]):
-    """While tg.from_module records: a looked-through module whose call drew from a generator outside
-    torch raises (it must stay one layer: NOTE: [Draws outside torch]); the layers' calls note the
-    states they start from and put them back when they return (their draws are run time's)."""
+def watching_draws(transparent: list[nn.Module], layers: list[nn.Module], each_call: bool = False):
+    """While tg.from_module records: the layers' calls note the states they start from and put them
+    back when they return (their draws are run time's). Looked-through code that drew from a generator
+    outside torch (NOTE: [Draws outside torch]) is found at the end of the recording (the generators'
+    states are read ~30 us each, too slow for every call); with ``each_call``, each looked-through call
+    checks its own draws and raises, so that the module that drew stays one layer.
+
+    Example (what tg.from_module does):
+        >>> with watching_draws([module], []) as draws:  # doctest: +SKIP
+        ...     module(x)
+        >>> draws.outside_torch  # doctest: +SKIP
+        ['np.random']
+    """
     starts: dict[tuple[int, int], GeneratorStates] = {}
     layer_ids = {id(m) for m in layers}
 
@@ -201,9 +232,9 @@ def watching_draws(transparent: list[nn.Module], layers: list[nn.Module]):
         if STATE.run is None and not _inside_layer(layer_ids, module):
             # A layer runs its submodules' forwards too; a looked-through call checks its own generators
             # (each looked-through submodule checks its own).
-            owners = module.modules() if id(module) in layer_ids else (module,)
-            states = starts[(id(module), id(args))] = snapshot(owners)
-            if id(module) in layer_ids:
+            layer = id(module) in layer_ids
+            states = starts[(id(module), id(args))] = snapshot_for(module) if layer else snapshot((module,))
+            if layer:
                 note_call_start(module, args, states)
 
     def after(module, args, output):
@@ -218,14 +249,26 @@ def watching_draws(transparent: list[nn.Module], layers: list[nn.Module]):
             raise GraphBuildError(_draw_outside_torch(module, drawn))
 
     handles = []
-    for m in [*transparent, *layers]:
+    # torch.nn's own modules (nn.Sequential looked through, nn.Linear as a layer) draw from torch only.
+    for m in [*transparent, *layers] if each_call else layers:
+        if type(m).__module__.startswith(_TORCH_LAYERS) and (id(m) not in layer_ids or not m._modules):
+            continue
         handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    draws = _Draws()
+    whole = None if each_call else snapshot(transparent)
     try:
-        yield
+        yield draws
+        if whole is not None:
+            draws.outside_torch = drawn_from(whole)
     finally:
         for handle in handles:
             handle.remove()
         forget_call_starts()
+
+
+def _torch_leaf(module: nn.Module) -> bool:
+    """torch.nn's own layers without submodules draw only from torch, on their inputs."""
+    return not module._modules and type(module).__module__.startswith(_TORCH_LAYERS)
 
 
 def _inside_layer(layer_ids: set[int], module: nn.Module) -> bool:

@@ -144,7 +144,7 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
 
     changed: dict = {}
     real = False
-    now = generator_states.snapshot(module.modules())  # NOTE: [Same draws in every run]
+    now = generator_states.snapshot_for(module)  # NOTE: [Same draws in every run]
     start = generator_states.call_start(module, call_args) or now
     while True:
         log: list = []
