@@ -32,6 +32,7 @@ import torch.nn as nn
 from .dims import new_build
 from .errors import GraphBuildError
 from .fidelity import changed_state, differing_scopes, records_in_order, signature, snapshot_state
+from .generator_states import GeneratorStates, restore, snapshot, watching_draws
 from .hierarchy import mirror_hierarchy
 from .mode_dropout import record_as_layers
 from .naming import ILLEGAL_NAMES, fixed_paths
@@ -45,6 +46,7 @@ __all__ = ["from_module", "record_module", "is_leaf_module", "as_model"]
 
 # nn.Sequential runs its children; ModuleList/ModuleDict are never called (nn.Module's own forward).
 _CONTAINER_FORWARDS = {nn.Sequential.forward, nn.Module.forward}
+_AGAIN = object()  # what _call returns when the recording must be made again
 
 
 def is_leaf_module(module: nn.Module) -> bool:
@@ -87,6 +89,7 @@ class _Plan:
         self.errors: dict[int, BaseException] = {}
         self.mode_layers: dict[int, str] = {}  # id -> path of the layers that stand for F.dropout & co.
         self.called: set[str] = set()       # looked-through module paths that ran in the last recording
+        self.watch_each_call = False        # looked-through code drew from numpy or random: find where
         wanted_types = tuple(x for x in leaf_modules if isinstance(x, type))
         wanted_paths = {x for x in leaf_modules if isinstance(x, str)}
         wanted_ids = {id(x) for x in leaf_modules if isinstance(x, nn.Module)}
@@ -190,9 +193,16 @@ def _tensor_keys(module: nn.Module) -> dict[int, str]:
 def _call(module: nn.Module, args: tuple, kwargs: dict, plan: "_Plan"):
     leaves = [plan.modules[i] for i in plan.leaves]
     plan.called = set()
-    with looking_through(plan.transparent(), leaves, plan.called), tracing_flags(), RecordingMode(plan.state_ids, forwards=True), \
-            linking_returned_inputs(leaves):  # NOTE: [Returned inputs]
-        return module(*args, **kwargs)
+    transparent = plan.transparent()
+    with looking_through(transparent, leaves, plan.called), tracing_flags(), \
+            RecordingMode(plan.state_ids, forwards=True), \
+            linking_returned_inputs(leaves), \
+            watching_draws(list(transparent), leaves, plan.watch_each_call) as draws:  # NOTE: [Returned inputs]
+        outputs = module(*args, **kwargs)
+    if draws.outside_torch:  # NOTE: [Draws outside torch]: record again, each call checking its own draws
+        plan.watch_each_call = True
+        return _AGAIN
+    return outputs
 
 
 def _culprits(exc: BaseException, plan: _Plan) -> list[nn.Module]:
@@ -251,12 +261,14 @@ def record_module(module: nn.Module, args: tuple, kwargs: dict, leaf_modules=(),
     plan = plan or _Plan(module, list(leaf_modules or ()))
     tensor_keys = _tensor_keys(module)
     modes = {m: m.training for m in module.modules()}
+    generators = snapshot(module.modules())  # NOTE: [Same draws in every run] in module_scopes.py
     try:
         paths = plan_paths(plan, tensor_keys)
         with fixed_paths(paths):
-            outputs = _record_until_faithful(module, args, kwargs, plan, tensor_keys, modes, paths)
+            outputs = _record_until_faithful(module, args, kwargs, plan, tensor_keys, modes, paths, generators)
     finally:
         _set_modes(module, modes)
+        restore(generators)  # recording drew nothing from the user's generators
     for i, why in plan.fallbacks.items():
         m = plan.modules[i]
         warnings.warn(
@@ -296,11 +308,13 @@ def _restore_effects(saved: tuple) -> None:
         value.effects = None if recorded is None else list(recorded)
 
 
-def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes, paths: dict):
+def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes, paths: dict,
+                          generators: GeneratorStates):
     before = _input_effects(args, kwargs)
     while True:
         _restore_effects(before)
         paths.update(plan_paths(plan, tensor_keys))  # a fallback is a layer: messages name it by its path
+        restore(generators)  # every recording starts from the same draws
         outputs = _record_once(module, args, kwargs, plan)
         if outputs is None:
             continue  # a submodule fell back to one layer: record again
@@ -313,6 +327,7 @@ def _record_until_faithful(module, args, kwargs, plan: _Plan, tensor_keys, modes
         first_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
         _set_modes(module, {m: not mode for m, mode in modes.items()})
         _restore_effects(before)  # the other mode starts from the same inputs
+        restore(generators)  # and the same draws
         other = _record_once(module, args, kwargs, plan)
         second_modes = {p: plan.modules[i].training for i, p in plan.paths.items()}
         _set_modes(module, modes)
@@ -371,6 +386,8 @@ def _record_once(module, args, kwargs, plan: _Plan):
         culprit = candidates[-1]
         plan.fall_back(culprit, f"recording its forward failed ({_first_sentence(exc)})", exc)
         del changed
+        return None
+    if outputs is _AGAIN:
         return None
     changed = changed_state(snapshot)
     if changed:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import messages
+from . import generator_states, messages
 from .errors import GraphBuildError
 from .mode_stack import push_mode, remove_mode
 from .probing import ProbeContext, is_meta_limitation, to_meta
@@ -71,12 +71,21 @@ __all__ = ["open_scope"]
 
 
 # NOTE: [Same draws in every run] A layer that draws random numbers on no input (LayerDrop's
-# `torch.rand([]) < p`, NOTE: [Random draws in a forward] in tracing.py) must take the same branch in
-# both shadow runs and in the original call, or the build would depend on the generator's state (and
-# fail now and then: "did different operations when it was called again"). Both shadow runs start
-# from the same CPU generator state, the original call replays run 0's draws from the log, and the
-# state is put back afterwards: recording draws nothing from the user's generator. At run time the
-# layer is called for real and draws as eager does.
+# `torch.rand([]) < p`, NOTE: [Random draws in a forward] in tracing.py; SpecAugment's
+# `np.random.rand()`, NOTE: [Draws outside torch] in generator_states.py) must take the same branches
+# in both shadow runs and in the original call, or the build would depend on the generators' state
+# (and fail now and then: "did different operations when it was called again"). So:
+# - both shadow runs start from the states of torch's CPU generator, numpy's global generator,
+#   Python's `random` and the generator objects stored on the layer's modules that the original call
+#   started from (NOTE: [Generator states at a call's start] in generator_states.py): the original
+#   call may have drawn before it first touched its inputs, which is when its scope opens;
+# - real probe data comes from a generator of its own (NOTE: [Probe data draws from its own
+#   generator] in probing.py), so it never shifts the forward's draws;
+# - the states at the scope's opening are put back after the shadow runs: the original call goes on
+#   where it was, its torch draws replayed from run 0's log, its other draws made again from the
+#   same states as run 0's.
+# tg.from_module puts every generator back when its recording ends: a build draws nothing from the
+# user's generators. At run time the layer is called for real and draws as eager does.
 
 
 def _shadow_of(o, ctx: ProbeContext, memo: dict, run: ShadowRun):
@@ -135,17 +144,18 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
 
     changed: dict = {}
     real = False
-    rng = torch.get_rng_state()  # NOTE: [Same draws in every run]
+    now = generator_states.snapshot_for(module)  # NOTE: [Same draws in every run]
+    start = generator_states.call_start(module, call_args) or now
     while True:
         log: list = []
         log1: list = []  # only for error messages: which dims of run 0's shapes are dynamic
         k = 0
         try:
-            torch.set_rng_state(rng)
+            generator_states.restore(start)
             run0, out0 = shadow_run(0, real, log)
             changed = undo_buffers(bufs, saved)
             k = 1
-            torch.set_rng_state(rng)
+            generator_states.restore(start)
             _, out1 = shadow_run(1, real, log1)
             undo_buffers(bufs, saved)
             break
@@ -163,7 +173,7 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
             restore_attributes(attrs)
             raise GraphBuildError(messages.module_failure(module, call_args, call_kwargs, exc, inner)) from None
         finally:
-            torch.set_rng_state(rng)  # the runs drew nothing from the user's generator
+            generator_states.restore(now)  # the runs drew nothing from the user's generators
 
     record = Record("call_module", module, link_args(call_args), link_args(call_kwargs))
     record.needs_real_data = real

@@ -7,6 +7,8 @@ leaves of an argument tree into probe ``k`` and runs the operation. Meta results
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 
@@ -47,8 +49,22 @@ def real_probe(value: Value, k: int) -> torch.Tensor:
         return value.record.target
     p = value.probes[k]
     if p.dtype.is_floating_point or p.dtype.is_complex:
-        return torch.randn(p.shape, dtype=p.dtype)
+        return torch.randn(p.shape, dtype=p.dtype, generator=_PROBE_DATA.generator)
     return torch.zeros(p.shape, dtype=p.dtype)
+
+
+class _ProbeData(threading.local):
+    """NOTE: [Probe data draws from its own generator] Real probes are made while a forward runs, in
+    between its own draws; drawn from torch's generator, they would shift the forward's draws by an
+    amount that depends on the probe's size, and shadow runs on probe 0 and probe 1 would take
+    different branches (NOTE: [Same draws in every run] in module_scopes.py). They also leave the
+    user's generator alone."""
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(0)
+
+
+_PROBE_DATA = _ProbeData()
 
 
 _CACHE: dict = {}

@@ -12,8 +12,8 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import (dims, messages, mode_stack, module_scopes, probing, recording, restoring, scope_replay, shadow_runs,
-               sizes, symbolic, targets)
+from . import (dims, generator_states, messages, mode_stack, module_scopes, probing, recording, restoring,
+               scope_replay, shadow_runs, sizes, symbolic, targets)
 from .errors import GraphBuildError
 from .mode_stack import remove_mode
 from .symbolic import SymbolicInt, SymbolicTensor, _StandIn
@@ -120,7 +120,9 @@ class RecordingMode(TorchFunctionMode):
 # layerdrop is 0.1). Such a draw fails the recording of the module that makes it, which then stays
 # one opaque layer (exact: it draws at run time), or, at the top level, the build, with this message.
 # Draws on symbolic tensors (`x.new_empty(shape).bernoulli_(p)`, `F.dropout(x)`) are recorded as
-# operations, and layers (nn.Dropout, an opaque module) draw for real when the model runs.
+# operations, and layers (nn.Dropout, an opaque module) draw for real when the model runs. Draws from
+# numpy or Python's `random`, which no mode sees, are caught by their generators' states (NOTE: [Draws
+# outside torch] in generator_states.py); a layer's runs all draw alike (NOTE: [Same draws in every run]).
 _RANDOM = frozenset({
     "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
     "normal", "poisson", "bernoulli_", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
@@ -160,6 +162,6 @@ _TORCH_WRAPPERS = {torch.overrides.__file__, torch.nn.functional.__file__, torch
 # The files of the recording machinery: the torch calls they make (probes, buffer snapshots, a ScopeMode
 # passing a call on) are never recorded. A module of that machinery moved or split must stay listed.
 _INTERNALS = {m.__file__ for m in (probing, recording, module_scopes, mode_stack, scope_replay, shadow_runs,
-                                    restoring, sizes, dims, symbolic, messages, targets)}
+                                    restoring, sizes, dims, symbolic, messages, targets, generator_states)}
 _UNROUTED = _METADATA | {"__iter__", "data_ptr", "untyped_storage", "numpy", "__array__", "backward",
                          "__reduce_ex__", "__deepcopy__", "__getstate__", "__setstate__", "__get__"}

@@ -41,6 +41,7 @@ import types
 import torch
 
 from .errors import GraphBuildError
+from .generator_states import forget_call_starts, unwatch_call_starts, watch_call_starts
 from .returned_inputs import unwatch_builds, watch_builds
 
 __all__ = ["FINFO_ATTRIBUTES", "IINFO_ATTRIBUTES", "SymbolicTypeInfo", "building", "dtype_source",
@@ -267,6 +268,7 @@ class _Hold:
             if _COUNT == 1:
                 torch.__class__ = _TorchDuringBuilds
                 watch_builds()  # NOTE: [Returned inputs] in returned_inputs.py
+                watch_call_starts()  # NOTE: [Generator states at a call's start] in generator_states.py
 
     def drop(self) -> None:
         global _COUNT
@@ -278,6 +280,7 @@ class _Hold:
             if _COUNT == 0:
                 torch.__class__ = _TORCH_MODULE_CLASS
                 unwatch_builds()
+                unwatch_call_starts()
 
     def __del__(self, _finalizing=sys.is_finalizing):  # the thread ended in the middle of a build
         if not _finalizing():  # at interpreter exit this module's globals may already be gone
@@ -308,5 +311,6 @@ def hold_during_build() -> None:
 def release_build() -> None:
     """This thread's build ended: put the real ``torch.finfo``/``torch.iinfo`` back if no other build holds them."""
     hold, _HOLDS.hold = _HOLDS.hold, None
+    forget_call_starts()  # this thread's layer calls that opened no scope
     if hold is not None:
         hold.drop()
