@@ -333,3 +333,27 @@ def test_wav2vec2_with_spec_augment_and_layerdrop_matches_eager():
             model = tg.from_module(net, {"input_values": (400,)})
         assert _same_generator_states(before, _generator_states()), seed
         _equal_to_eager(net, model, x, output=lambda out: out["logits"], seeds=range(3))
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_optimize_draws_nothing_from_the_users_generators(inference):
+    """tg.optimize runs a module it cannot run on meta tensors (a branch on the data) on real probe
+    data: that data and the module's own draws (its dropout, in train mode) leave torch's generator as
+    it was, so the user's next random numbers do not depend on whether tg.optimize ran."""
+    class DataBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.dropout = nn.Linear(8, 8), nn.Dropout(0.5)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.dropout(self.linear(x))
+            return self.linear(x) * 2
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), DataBranch(), nn.Linear(8, 2))
+    x = tg.Input(shape=(8,))
+    model = tg.Model(x, net(x)).train()
+    before = torch.get_rng_state()
+    tg.optimize(model, inference=inference)
+    assert torch.equal(torch.get_rng_state(), before)

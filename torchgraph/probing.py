@@ -67,6 +67,11 @@ class _ProbeData(threading.local):
 _PROBE_DATA = _ProbeData()
 
 
+def probe_generator() -> torch.Generator:
+    """This thread's generator for probe data (NOTE: [Probe data draws from its own generator])."""
+    return _PROBE_DATA.generator
+
+
 _CACHE: dict = {}
 _CACHE_LIMIT = 50_000
 

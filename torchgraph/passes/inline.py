@@ -33,11 +33,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.func import functional_call
 
+from .. import generator_states
 from ..dims import DynamicDim
 from ..drop_paths import is_drop_path
 from ..layers import ScaledDotProductAttention
 from ..model import ValueSpec
-from ..probing import to_meta
+from ..probing import probe_generator, to_meta
 from ..symbolic import dim_for_probes
 from .inline_recorded import record_for_inlining
 
@@ -227,20 +228,23 @@ def _rnn_shapes(rnn: nn.RNNBase, x: torch.Tensor, hx=None):
 def _real(t):
     if not isinstance(t, torch.Tensor):
         return t
-    if t.dtype.is_floating_point:
-        return torch.randn(t.shape, dtype=t.dtype)
+    if t.dtype.is_floating_point:  # NOTE: [Probe data draws from its own generator] in probing.py
+        return torch.randn(t.shape, dtype=t.dtype, generator=probe_generator())
     return torch.zeros(t.shape, dtype=t.dtype)
 
 
 def _run_on_real_data(module: nn.Module, args, kwargs):
     """A module whose forward cannot run on meta tensors (data-dependent control flow, nested
-    tensors): run it on random data of the probe shapes, leaving its state as it was."""
+    tensors): run it on random data of the probe shapes, leaving its state, and the random
+    generators its forward may draw from, as they were (tg.optimize draws nothing of the user's)."""
     state = {k: v.clone() for k, v in module.state_dict().items()}
+    generators = generator_states.snapshot_for(module)
     try:
         with torch.no_grad():
             out = module(*fx.node.map_aggregate(args, _real), **fx.node.map_aggregate(kwargs, _real))
     finally:
         module.load_state_dict(state)
+        generator_states.restore(generators)
     return fx.node.map_aggregate(out, lambda t: to_meta(t) if isinstance(t, torch.Tensor) else t)
 
 
