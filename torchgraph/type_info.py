@@ -40,6 +40,7 @@ import types
 
 import torch
 
+from .builds import Build, building_now, current_build, end_build
 from .errors import GraphBuildError
 from .returned_inputs import unwatch_builds, watch_builds
 
@@ -251,13 +252,13 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 def _lookup(kind: str):
     """``torch.finfo`` as the code looking it up sees it: the replacement only for a building thread's
     model code; torch's own code (torch._dynamo's tables of constant types) gets torch's type."""
-    if _HOLDS.hold is not None and not sys._getframe(2).f_code.co_filename.startswith(_TORCH_DIR):
+    if building_now() is not None and not sys._getframe(2).f_code.co_filename.startswith(_TORCH_DIR):
         return _REPLACEMENTS[kind]
     return _REAL[kind]
 
 
 class _Hold:
-    """One thread's hold on the replacement; dropped when its build ends, or when the thread ends."""
+    """One build's hold on the replacement; dropped when the build ends, or when its thread ends."""
 
     def __init__(self):
         global _COUNT
@@ -284,29 +285,24 @@ class _Hold:
             self.drop()
 
 
-class _Holds(threading.local):
-    def __init__(self):
-        self.hold: _Hold | None = None
-
-
-_HOLDS = _Holds()
 _LOCK = threading.RLock()  # reentrant: a _Hold's __del__ may run inside a locked section
 _COUNT = 0
 
 
 def building() -> bool:
     """Whether this thread holds the build hold (it is building a model)."""
-    return _HOLDS.hold is not None
+    return building_now() is not None
 
 
-def hold_during_build() -> None:
-    """This thread builds: replace ``torch.finfo``/``torch.iinfo`` until its build ends (NOTE: [finfo of a stand-in])."""
-    if _HOLDS.hold is None:
-        _HOLDS.hold = _Hold()
+def hold_during_build() -> Build:
+    """This thread builds: replace ``torch.finfo``/``torch.iinfo`` until its build ends (NOTE: [finfo of a
+    stand-in]; when that is: NOTE: [End of a build] in builds.py). Returns the build."""
+    build = current_build()
+    if build.hold is None:
+        build.hold = _Hold()
+    return build
 
 
 def release_build() -> None:
     """This thread's build ended: put the real ``torch.finfo``/``torch.iinfo`` back if no other build holds them."""
-    hold, _HOLDS.hold = _HOLDS.hold, None
-    if hold is not None:
-        hold.drop()
+    end_build()
