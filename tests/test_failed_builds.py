@@ -296,6 +296,22 @@ def test_torch_compile_of_finfo_code_works_after_failed_builds():
     torch.testing.assert_close(compiled(t), masked(t), rtol=0, atol=0)
 
 
+def test_torch_compile_of_finfo_code_works_during_a_build():
+    """A build in progress (a notebook's tg.Input still in a variable) does not break torch.compile of
+    code calling torch.finfo in that thread: torch._dynamo's guards see torch's own finfo."""
+    x = _input((None, 4))
+
+    def masked(t):
+        return t.masked_fill(t > 0, torch.finfo(t.dtype).min)
+
+    t = torch.tensor([[-1.0, 2.0], [3.0, -4.0]])
+    assert type_info.building()
+    compiled = torch.compile(masked, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(t), masked(t), rtol=0, atol=0)
+    model = tg.Model(x, masked(x))  # and the build still records torch.finfo(x.dtype)
+    assert "finfo_value" in model.code
+
+
 def test_an_eager_huggingface_model_runs_as_before_failed_builds():
     """A random-init transformers BERT gives bit-identical outputs before and after the failures."""
     torch.manual_seed(0)
