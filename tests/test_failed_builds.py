@@ -28,6 +28,7 @@ from community_models.hf import tiny_bert
 import torchgraph as tg
 from torchgraph import naming, returned_inputs, type_info
 from torchgraph.scope_replay import STATE
+from torchgraph.untrusted import guarded
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -64,6 +65,8 @@ def process_state() -> dict:
         "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
         "trace and profile": (sys.gettrace(), sys.getprofile(), threading._trace_hook, threading._profile_hook),
         "warnings filters": list(warnings.filters),
+        "build-local settings": (getattr(naming._FIXED, "paths", None), returned_inputs._RECORDING.from_module,
+                                 guarded()),
         "layer and tensor names": (len(naming._USER_NAMES), len(naming._GIVEN_NAMES), len(naming._TENSOR_NAMES),
                                    len(naming._VARIABLE_NAMES)),
     }
@@ -114,9 +117,10 @@ class _Raises(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)  # in train mode: the shadow runs update its running statistics
 
     def forward(self, x):
-        h = self.fc(x) + torch.arange(4.0)
+        h = self.bn(self.fc(x).transpose(1, 2)).transpose(1, 2) + torch.arange(4.0)
         if h.shape[-1] == 4:
             raise RuntimeError("a bug in the user's forward")
         return h
@@ -189,6 +193,11 @@ def _abandoned_input():
     return x
 
 
+def buffer_values(module: nn.Module) -> dict:
+    """``module``'s buffers (BatchNorm's running statistics and counter) as plain lists."""
+    return {name: b.tolist() for name, b in module.named_buffers()}
+
+
 def fail(build, error) -> None:
     """Run a build that must fail; nothing of it (its exception, its traceback's frames) is kept."""
     try:
@@ -203,7 +212,8 @@ def fail(build, error) -> None:
 # What a thread that is not building has, whatever it built before.
 NOT_BUILDING = {"torch function modes": [], "torch dispatch modes": 0, "torch module class": "module",
                 "torch.finfo is torch's": True, "torch.iinfo is torch's": True, "build hold": (False, 0),
-                "global module hooks": (0, 0, 0, 0), "returned-inputs hook": False, "open module scopes": (0, False)}
+                "global module hooks": (0, 0, 0, 0), "returned-inputs hook": False, "open module scopes": (0, False),
+                "build-local settings": (None, False, False)}
 
 
 def assert_unchanged(before: dict) -> None:
@@ -223,9 +233,11 @@ def _warm():
 @pytest.mark.parametrize("case", FAILED_BUILDS)
 def test_a_failed_build_leaves_the_process_as_it_was(case):
     """After the failed build, every piece of process state is what it was before."""
+    buffers = buffer_values(_RAISES)
     before = process_state()
     fail(*FAILED_BUILDS[case])
     assert_unchanged(before)
+    assert buffer_values(_RAISES) == buffers
 
 
 def test_an_abandoned_input_leaves_nothing_once_collected():
@@ -312,6 +324,26 @@ def test_torch_compile_of_finfo_code_works_during_a_build():
     assert "finfo_value" in model.code
 
 
+def test_torch_compile_of_a_huggingface_model_during_a_build():
+    """transformers builds its masks with torch.finfo(dtype).min: a random-init BERT compiles (fullgraph)
+    and gives eager's outputs while the thread has a build in progress."""
+    torch.manual_seed(0)
+    bert = tiny_bert(attn_implementation="eager").eval()
+    ids = torch.randint(0, 512, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    x = _input((None, 4))
+    assert type_info.building()
+    compiled = torch.compile(bert, backend="eager", fullgraph=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
+        got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(got, expected)
+    del x
+
+
 def test_an_eager_huggingface_model_runs_as_before_failed_builds():
     """A random-init transformers BERT gives bit-identical outputs before and after the failures."""
     torch.manual_seed(0)
@@ -337,15 +369,17 @@ def test_a_failed_replay_kept_by_its_traceback_is_closed_by_the_next_build():
         def __init__(self):
             super().__init__()
             self.calls = 0
+            self.bn = nn.BatchNorm1d(4)  # in train mode: its running statistics change in every run
 
         def forward(self, x):
-            h = x * 2 + torch.arange(4.0)  # a tensor made from sizes: replayed under a ScopeMode
+            h = self.bn(x) * 2 + torch.arange(4.0)  # a tensor made from sizes: replayed under a ScopeMode
             self.calls += 1
             if self.calls == 3:  # shadow runs 1 and 2 pass, the original call raises
                 raise RuntimeError("third call")
             return h
 
     layer = ThirdCallFails()
+    buffers = buffer_values(layer)
     before = process_state()
     x = _input((4,))
     with pytest.raises(RuntimeError, match="third call") as kept:
@@ -355,5 +389,6 @@ def test_a_failed_replay_kept_by_its_traceback_is_closed_by_the_next_build():
     gc.collect()
     assert process_state()["torch function modes"] == before["torch function modes"]
     assert process_state()["open module scopes"] == before["open module scopes"]
+    assert buffer_values(layer) == buffers  # what the build changed is put back
     del kept
     assert_unchanged(before)

@@ -176,9 +176,10 @@ def _choose_probes(key: str, low: int, high: int | None, parity: int | None, wha
     pairs = _candidate_pairs(low, high, parity)
     if pairs:
         start = zlib.crc32(key.encode()) % len(pairs)
+        taken = _build_dims().by_probes
         for i in range(len(pairs)):
             pair = pairs[(start + i) % len(pairs)]
-            if pair not in _build_dims().by_probes:
+            if pair not in taken:
                 return pair
     raise GraphBuildError(
         f"tg.Input: cannot choose two distinct probe sizes for {what} within min={low}, max={high} "
