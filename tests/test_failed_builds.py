@@ -324,6 +324,21 @@ def test_torch_compile_of_finfo_code_works_during_a_build():
     assert "finfo_value" in model.code
 
 
+def test_finfo_in_model_code_of_a_python_c_script_is_recorded():
+    """Code run with ``python -c`` is also ``<string>``: a forward defined there still records torch.finfo
+    (only a string that torch._dynamo evaluates counts as torch's)."""
+    code = ("import torch, torch.nn as nn, torchgraph as tg\n"
+            "class M(nn.Module):\n"
+            "    def forward(self, x):\n"
+            "        return x.masked_fill(x > 0, torch.finfo(x.dtype).min)\n"
+            "assert 'finfo_value' in tg.from_module(M(), (4,)).code\n"
+            "x = tg.Input(shape=(4,))\n"
+            "assert 'finfo_value' in tg.Model(x, M()(x) + torch.finfo(x.dtype).tiny).code\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(pathlib.Path(tg.__file__).parent.parent)})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_torch_compile_of_a_huggingface_model_during_a_build():
     """transformers builds its masks with torch.finfo(dtype).min: a random-init BERT compiles (fullgraph)
     and gives eager's outputs while the thread has a build in progress."""

@@ -201,8 +201,9 @@ class SymbolicTypeInfo:
 # build's value `h` after its tg.Model() (any recorded operation or tg.Input before it takes the hold
 # again). A process-wide replacement would avoid the second but break torch.compile(fullgraph=True)
 # of every model that calls torch.finfo (HuggingFace's) for good. torch.compile in the building thread
-# during a build works: torch._dynamo reads `torch.finfo` from its own code, and its guards from code
-# it compiles from a string (`<string>`), which counts as the code that runs it.
+# during a build works: torch._dynamo reads `torch.finfo` from its own code, and its guards from a
+# string it evaluates, which counts as the code that evaluates it (only such a string: a function
+# defined in `python -c` code, also `<string>`, is model code).
 # What: the attribute read is recorded as `finfo_value(getattr(x, "dtype"), "min")`, a SymbolicInt whose
 # two probes are the build dtype's number (so probes compute with a Python float, as eager code does),
 # and which a model computes from the dtype it then runs in. It is a Python float there, never a 0-d
@@ -257,8 +258,9 @@ def _lookup(kind: str):
     if building_now() is None:
         return _REAL[kind]
     frame = sys._getframe(2)
-    while frame.f_code.co_filename == "<string>" and frame.f_back is not None:
-        frame = frame.f_back  # eval'd code is its caller's: torch._dynamo builds its guards that way
+    code = frame.f_code
+    if code.co_filename == "<string>" and code.co_name == "<module>" and frame.f_back is not None:
+        frame = frame.f_back  # a string eval'd by its caller: torch._dynamo builds its guards that way
     return _REAL[kind] if frame.f_code.co_filename.startswith(_TORCH_DIR) else _REPLACEMENTS[kind]
 
 
