@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 
@@ -70,9 +71,9 @@ class Build:
         self.ended = False
         me = weakref.ref(self)  # a weak one: a build left by its thread must still die (and drop its hold)
 
-        def forget(ref, me=me):
+        def forget(ref, me=me, finalizing=sys.is_finalizing):
             build = me()
-            if build is not None:
+            if build is not None and not finalizing():  # at exit type_info's globals may be gone
                 build.records.discard(ref)
                 if not build.records:
                     build.end()
