@@ -339,40 +339,41 @@ def test_finfo_in_model_code_of_a_python_c_script_is_recorded():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_torch_compile_of_a_huggingface_model_during_a_build():
-    """transformers builds its masks with torch.finfo(dtype).min: a random-init BERT compiles (fullgraph)
-    and gives eager's outputs while the thread has a build in progress."""
+def _bert():
+    """A random-init transformers BERT (eager attention: masks from torch.finfo(dtype).min) and a call of it
+    on a batch with padding: ``run(bert)`` gives the last hidden state."""
     torch.manual_seed(0)
     bert = tiny_bert(attn_implementation="eager").eval()
     ids = torch.randint(0, 512, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, 5:] = 0
-    with torch.no_grad():
-        expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def run(model):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    return bert, run
+
+
+def test_torch_compile_of_a_huggingface_model_during_a_build():
+    """transformers builds its masks with torch.finfo(dtype).min: a random-init BERT compiles (fullgraph)
+    and gives eager's outputs while the thread has a build in progress."""
+    bert, run = _bert()
+    expected = run(bert)
     x = _input((None, 4))
     assert type_info.building()
-    compiled = torch.compile(bert, backend="eager", fullgraph=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
-        got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert torch.equal(got, expected)
+    assert torch.equal(run(torch.compile(bert, backend="eager", fullgraph=True)), expected)
     del x
 
 
 def test_an_eager_huggingface_model_runs_as_before_failed_builds():
     """A random-init transformers BERT gives bit-identical outputs before and after the failures."""
-    torch.manual_seed(0)
-    bert = tiny_bert(attn_implementation="eager").eval()
-    ids = torch.randint(0, 512, (2, 9))
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, 5:] = 0
-    with torch.no_grad():
-        before = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    bert, run = _bert()
+    before = run(bert)
     for build, error in FAILED_BUILDS.values():
         fail(build, error)
-    with torch.no_grad():
-        after = bert(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert torch.equal(before, after)
+    assert torch.equal(run(bert), before)
     assert torch.finfo is type_info._REAL["finfo"]
 
 
