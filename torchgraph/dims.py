@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import threading
 import zlib
 
+from .builds import current_build, end_build
 from .errors import GraphBuildError
 
 __all__ = ["BATCH", "Dim", "DynamicDim", "anonymous_dim", "declared_dim", "dim_for_probes", "new_build"]
@@ -107,8 +107,9 @@ BATCH = DynamicDim(None, (2, 3))
 # Probe sizes used to come from a process-wide counter, so the same code built differently the
 # second time (a table of 128 positions overrun), a rejected config shifted every later model, and
 # two threads could hand out the same pair. Now:
-#   * A *build* is per thread: it starts fresh after each tg.Model() call (and at new_build()), so
-#     nothing earlier in the process or in another thread can change a build's probe sizes.
+#   * A *build* is per thread: it starts fresh after each tg.Model() call (and at new_build(), and
+#     once no value of it is left: NOTE: [End of a build] in builds.py), so nothing earlier in the
+#     process or in another thread can change a build's probe sizes.
 #   * A dim's pair is a deterministic function of what declares it: its name and bounds for a named
 #     dim; for an anonymous one (a None), the source line of the tg.Input call, how many Inputs that
 #     line made in this build, and the dim's position. Inside one build a pair already taken is
@@ -124,27 +125,28 @@ BATCH = DynamicDim(None, (2, 3))
 _DEFAULT_LOW, _DEFAULT_HIGH, _MIN_GAP = 34, 127, 33
 
 
-class _Build(threading.local):
-    """The dims of the build in progress in this thread."""
+class _BuildDims:
+    """The dims of one build (kept on its :class:`~torchgraph.builds.Build`, one per thread at a time)."""
+
+    __slots__ = ("named", "by_probes", "site_counts")
 
     def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
         self.named: dict[str, DynamicDim] = {}
         self.by_probes: dict[tuple[int, int], DynamicDim] = {BATCH.probes: BATCH}
         self.site_counts: dict[str, int] = {}
 
 
-_BUILD = _Build()
+def _build_dims() -> _BuildDims:
+    """The dims of this thread's build in progress (fresh after a build ended: NOTE: [End of a build])."""
+    build = current_build()
+    if build.dims is None:
+        build.dims = _BuildDims()
+    return build.dims
 
 
 def new_build() -> None:
     """Start a new build in this thread: later dims get probe sizes as if nothing was built before."""
-    from .type_info import release_build
-
-    _BUILD.reset()
-    release_build()  # NOTE: [finfo of a stand-in] in type_info.py
+    end_build()  # and the build hold: NOTE: [finfo of a stand-in] in type_info.py
 
 
 @functools.lru_cache(maxsize=256)
@@ -174,9 +176,10 @@ def _choose_probes(key: str, low: int, high: int | None, parity: int | None, wha
     pairs = _candidate_pairs(low, high, parity)
     if pairs:
         start = zlib.crc32(key.encode()) % len(pairs)
+        taken = _build_dims().by_probes
         for i in range(len(pairs)):
             pair = pairs[(start + i) % len(pairs)]
-            if pair not in _BUILD.by_probes:
+            if pair not in taken:
                 return pair
     raise GraphBuildError(
         f"tg.Input: cannot choose two distinct probe sizes for {what} within min={low}, max={high} "
@@ -186,7 +189,7 @@ def _choose_probes(key: str, low: int, high: int | None, parity: int | None, wha
 
 
 def _register(dim: DynamicDim) -> DynamicDim:
-    _BUILD.by_probes.setdefault(dim.probes, dim)
+    _build_dims().by_probes.setdefault(dim.probes, dim)
     return dim
 
 
@@ -196,7 +199,7 @@ def declared_dim(spec) -> DynamicDim | int:
         spec = Dim(spec)
     if spec.max is not None and spec.min == spec.max:
         return spec.min  # a dim with one possible size is static
-    existing = _BUILD.named.get(spec.name) if spec.name is not None else None
+    existing = _build_dims().named.get(spec.name) if spec.name is not None else None
     if existing is not None:
         return _with_bounds(existing, spec)
     what = f"dim {spec.name!r}"
@@ -204,7 +207,7 @@ def declared_dim(spec) -> DynamicDim | int:
     probes = _choose_probes(key, spec.min, spec.max, 1, what)
     dim = _register(DynamicDim(spec.name, probes, spec.min, spec.max))
     if spec.name is not None:
-        _BUILD.named[spec.name] = dim
+        _build_dims().named[spec.name] = dim
     return dim
 
 
@@ -245,8 +248,9 @@ def input_site() -> str:
         f = f.f_back
     where = "?" if f is None else (
         f"{os.path.basename(f.f_code.co_filename)}:{f.f_code.co_name}:{f.f_lineno}")
-    n = _BUILD.site_counts.get(where, 0)
-    _BUILD.site_counts[where] = n + 1
+    counts = _build_dims().site_counts
+    n = counts.get(where, 0)
+    counts[where] = n + 1
     return f"{where}#{n}"
 
 
@@ -259,7 +263,7 @@ def dim_for_probes(p0: int, p1: int, candidates=()) -> int | DynamicDim:
     """
     if p0 == p1:
         return p0
-    dim = _BUILD.by_probes.get((p0, p1))
+    dim = _build_dims().by_probes.get((p0, p1))
     if dim is not None:
         return dim
     if not isinstance(candidates, (list, tuple)):

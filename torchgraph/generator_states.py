@@ -193,8 +193,10 @@ def unwatch_call_starts() -> None:
 
 
 def _note_in_hand_written_builds(module, args):
-    if STATE.run is not None or _RECORDING.from_module or _torch_leaf(module):
-        return None  # shadow runs need no start; tg.from_module notes its own layers' starts (watching_draws)
+    if STATE.run is not None or _RECORDING.from_module or _torch_leaf(module) or torch.compiler.is_compiling():
+        # shadow runs need no start; tg.from_module notes its own layers' starts (watching_draws);
+        # torch.compile of a model in a thread that is building traces its calls (no build's layers)
+        return None
     from .type_info import building
 
     if building() and (not args or any(isinstance(leaf, SymbolicTensor) and leaf._tg_value is not None

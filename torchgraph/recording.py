@@ -240,7 +240,15 @@ def _probe_outputs(func, args, kwargs):
 
 
 def _record_top_level(func, name: str, args, kwargs):
-    hold_during_build()  # values of a finished build used again (NOTE: [finfo of a stand-in])
+    build = hold_during_build()  # values of a finished build used again (NOTE: [finfo of a stand-in])
+    pin = build.pin()  # NOTE: [End of a build] in builds.py
+    try:
+        return _record_operation(func, name, args, kwargs)
+    finally:
+        build.unpin(pin)
+
+
+def _record_operation(func, name: str, args, kwargs):
     if name in _METADATA:
         return _answer_metadata(func, name, args, kwargs)
     if name in _NEEDS_DATA:

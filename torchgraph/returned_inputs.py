@@ -23,7 +23,8 @@ In hand-written symbolic code (``y = drop_path(x)`` with a ``DropPath`` already 
 layer's call is not known before its forward runs, and torch picks its hook-free fast path before
 that, so a per-layer hook cannot be added then. There a process-wide forward hook
 (``register_module_forward_hook``) does the same while, and only while, some thread builds (the
-build hold of NOTE: [finfo of a stand-in] in type_info.py: from ``tg.Input`` to ``tg.Model``); it
+build hold of NOTE: [finfo of a stand-in] in type_info.py: from ``tg.Input`` to ``tg.Model``, or
+until no value of the build is left, NOTE: [End of a build] in builds.py); it
 acts only in the building thread, and leaves ``tg.from_module``'s recording to the hooks above (a
 module it looks through may return its input and is no layer). A data-dependent layer probed with
 real data that returns its input still raises there (``_check_no_lost_call`` in module_scopes.py).

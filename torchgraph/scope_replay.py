@@ -108,7 +108,16 @@ class ScopeMode(TorchFunctionMode):
 
 
 def remove_idle_modes() -> None:
-    """Remove scope modes that could not remove themselves (call only outside torch functions)."""
+    """Close scopes whose module call raised, and remove scope modes that could not remove themselves
+    (call only outside torch functions: at tg.Input, tg.Model)."""
+    for scope in [s for s in STATE.scopes if not s.on_stack()]:
+        # NOTE: [Scopes of a call that raised] A module call whose forward raised during its replay
+        # (its own bug, or "did different operations when it was called again") never returns: its
+        # frame, and the sentinel that closes its scope, live as long as the exception's traceback
+        # does (sys.last_traceback in a REPL, until the next error). Such a scope is no longer on
+        # the stack; closing it here puts back the module's buffers and attributes and takes its
+        # ScopeMode off at the next build step rather than whenever the traceback dies.
+        scope.close()
     n = torch._C._len_torch_function_stack()
     if not n:
         return

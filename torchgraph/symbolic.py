@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .builds import track_record
 from .dims import BATCH, Dim, DynamicDim, anonymous_dim, declared_dim, dim_for_probes, input_site
 from .errors import GraphBuildError
 from .scopes import current_scope
@@ -62,6 +63,7 @@ class Record:
         self.effect = None
         self.scope = current_scope()  # "encoder.block1": tg.scope names / tg.from_module module path
         self.needs_real_data = False  # probed with real data (the meta device could not run it)
+        track_record(self)  # a build lasts while its records do (NOTE: [End of a build] in builds.py)
 
 
 class Value:
@@ -394,7 +396,16 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
     from .type_info import hold_during_build
 
     remove_idle_modes()  # a safe point (NOTE: [Module scopes])
-    hold_during_build()  # torch.finfo(x.dtype) is recorded until the build ends (NOTE: [finfo of a stand-in])
+    build = hold_during_build()  # torch.finfo(x.dtype) is recorded until the build ends (NOTE: [finfo of a stand-in])
+    pin = build.pin()  # a failed first tg.Input leaves no build behind (NOTE: [End of a build] in builds.py)
+    try:
+        return _placeholder(shape, dtype, name)
+    finally:
+        build.unpin(pin)
+
+
+def _placeholder(shape, dtype: torch.dtype, name: str | None) -> SymbolicTensor:
+    """tg.Input's symbolic tensor (its arguments checked)."""
     if isinstance(shape, int):
         shape = (shape,)
     if not isinstance(shape, (tuple, list)):

@@ -40,6 +40,7 @@ import types
 
 import torch
 
+from .builds import Build, building_now, current_build, end_build
 from .errors import GraphBuildError
 from .generator_states import forget_call_starts, unwatch_call_starts, watch_call_starts
 from .returned_inputs import unwatch_builds, watch_builds
@@ -193,14 +194,17 @@ class SymbolicTypeInfo:
 # in place when the first finfo of a build runs. A build takes a hold at tg.Input(), when tg.from_module
 # records (RecordingMode), and at each operation recorded at the top level (a value of a finished build
 # used again), and gives it back when it ends (dims.new_build: tg.Model(), a failed tg.from_module, a
-# replayed config) or when its thread ends. The module's class is torch's own again as soon as no
+# replayed config), when no value of it is left (a failed or abandoned build: NOTE: [End of a build]
+# in builds.py) or when its thread ends. The module's class is torch's own again as soon as no
 # thread holds one, so a process that does not build never sees the replacement. Limits: code that
 # bound finfo at import time (`from torch import finfo`) bypasses it (its finfo of a stand-in raises
 # torch's TypeError, as before), and so does a torch.finfo(h.dtype) that is the first use of a finished
 # build's value `h` after its tg.Model() (any recorded operation or tg.Input before it takes the hold
-# again); torch.compile of code calling torch.finfo fails in the building thread during a build (its
-# guards read the replacement). A process-wide replacement would avoid the second but break
-# torch.compile(fullgraph=True) of every model that calls torch.finfo (HuggingFace's) for good.
+# again). A process-wide replacement would avoid the second but break torch.compile(fullgraph=True)
+# of every model that calls torch.finfo (HuggingFace's) for good. torch.compile in the building thread
+# during a build works: torch._dynamo reads `torch.finfo` from its own code, and its guards from a
+# string it evaluates, which counts as the code that evaluates it (only such a string: a function
+# defined in `python -c` code, also `<string>`, is model code).
 # What: the attribute read is recorded as `finfo_value(getattr(x, "dtype"), "min")`, a SymbolicInt whose
 # two probes are the build dtype's number (so probes compute with a Python float, as eager code does),
 # and which a model computes from the dtype it then runs in. It is a Python float there, never a 0-d
@@ -252,13 +256,17 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 def _lookup(kind: str):
     """``torch.finfo`` as the code looking it up sees it: the replacement only for a building thread's
     model code; torch's own code (torch._dynamo's tables of constant types) gets torch's type."""
-    if _HOLDS.hold is not None and not sys._getframe(2).f_code.co_filename.startswith(_TORCH_DIR):
-        return _REPLACEMENTS[kind]
-    return _REAL[kind]
+    if building_now() is None:
+        return _REAL[kind]
+    frame = sys._getframe(2)
+    code = frame.f_code
+    if code.co_filename == "<string>" and code.co_name == "<module>" and frame.f_back is not None:
+        frame = frame.f_back  # a string eval'd by its caller: torch._dynamo builds its guards that way
+    return _REAL[kind] if frame.f_code.co_filename.startswith(_TORCH_DIR) else _REPLACEMENTS[kind]
 
 
 class _Hold:
-    """One thread's hold on the replacement; dropped when its build ends, or when the thread ends."""
+    """One build's hold on the replacement; dropped when the build ends, or when its thread ends."""
 
     def __init__(self):
         global _COUNT
@@ -287,30 +295,25 @@ class _Hold:
             self.drop()
 
 
-class _Holds(threading.local):
-    def __init__(self):
-        self.hold: _Hold | None = None
-
-
-_HOLDS = _Holds()
 _LOCK = threading.RLock()  # reentrant: a _Hold's __del__ may run inside a locked section
 _COUNT = 0
 
 
 def building() -> bool:
     """Whether this thread holds the build hold (it is building a model)."""
-    return _HOLDS.hold is not None
+    return building_now() is not None
 
 
-def hold_during_build() -> None:
-    """This thread builds: replace ``torch.finfo``/``torch.iinfo`` until its build ends (NOTE: [finfo of a stand-in])."""
-    if _HOLDS.hold is None:
-        _HOLDS.hold = _Hold()
+def hold_during_build() -> Build:
+    """This thread builds: replace ``torch.finfo``/``torch.iinfo`` until its build ends (NOTE: [finfo of a
+    stand-in]; when that is: NOTE: [End of a build] in builds.py). Returns the build."""
+    build = current_build()
+    if build.hold is None:
+        build.hold = _Hold()
+    return build
 
 
 def release_build() -> None:
     """This thread's build ended: put the real ``torch.finfo``/``torch.iinfo`` back if no other build holds them."""
-    hold, _HOLDS.hold = _HOLDS.hold, None
     forget_call_starts()  # this thread's layer calls that opened no scope
-    if hold is not None:
-        hold.drop()
+    end_build()
