@@ -23,9 +23,10 @@ __all__ = ["MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MA
 # in-place activation instead, and training F.linear and the activation with eager autograd (no
 # custom-op or autograd.Function overhead): the decision is made per call from the shapes, so it
 # follows the batch the model runs at, and tests can move it. Where MKL is slow (NOTE: [MKL on other
-# vendors' CPUs] in cpu_profile.py) oneDNN's cost per call was ~13 us and the cut is 1M.
+# vendors' CPUs] in cpu_profile.py) oneDNN's cost per call was ~13 us and the cut is 1M (without MKL,
+# F.linear runs another BLAS: unmeasured, the cut stays 8M).
 #: Smallest linear (rows x in_features x out_features) that runs on oneDNN in inference.
-ONEDNN_LINEAR_MIN_MACS = 1 << 23 if MKL_GEMMS_FAST else 1 << 20
+ONEDNN_LINEAR_MIN_MACS = 1 << 20 if torch.backends.mkl.is_available() and not MKL_GEMMS_FAST else 1 << 23
 
 # NOTE: [Few rows] With few rows (a classifier head at batch 1-32, a decoder step), a linear layer
 # is bound by reading its weight, and MKL's prepacked GEMM (the one inductor uses for float32
