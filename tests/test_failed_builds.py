@@ -219,7 +219,11 @@ NOT_BUILDING = {"torch function modes": [], "torch dispatch modes": 0, "torch mo
 def assert_unchanged(before: dict) -> None:
     """The process state is ``before``, and that of a thread that is not building."""
     after = process_state()
-    assert {k: v for k, v in after.items() if before[k] != v} == {}
+    # Names live in weak dictionaries: a build may release a module an earlier test left in a cache
+    # (fewer names, not a leak); only names the failed build added would be one.
+    names = "layer and tensor names"
+    assert all(a <= b for a, b in zip(after[names], before[names])), (before[names], after[names])
+    assert {k: v for k, v in after.items() if k != names and before[k] != v} == {}
     assert {k: after[k] for k in NOT_BUILDING if after[k] != NOT_BUILDING[k]} == {}
 
 
