@@ -90,7 +90,38 @@ class NegateChannelsAfterBatchNorm(nn.Module):
         return self.conv2(h) + h
 
 
-MODULES = [ReluOnAView, AddThroughAView, ViewReadAfterChange, BroadcastInPlace, NegateChannelsAfterBatchNorm]
+class NormalizeAfterChange(nn.Module):
+    """A residual sum changed in place before its LayerNorm: the add + LayerNorm fusion (which runs
+    the norm at the add) normalized the sum before the change (found by test_optimize_inplace_fuzz)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.ln = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        t = self.lin(x) + x
+        t.mul_(2.0)
+        return self.ln(t)
+
+
+class ConvInputChangedBeforeItsResidualAdd(nn.Module):
+    """The convolution's input changed in place between the convolution and its residual add: the
+    conv + add fusion (which runs the convolution at the add) convolved the changed input (found by
+    test_optimize_inplace_fuzz)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        r = x * 1.0
+        y = self.conv(r)
+        r.mul_(-2.0)
+        return y + r
+
+
+MODULES = [ReluOnAView, AddThroughAView, ViewReadAfterChange, BroadcastInPlace, NegateChannelsAfterBatchNorm,
+           NormalizeAfterChange, ConvInputChangedBeforeItsResidualAdd]
 
 
 def _built(net: nn.Module, how: str) -> tg.Model:
@@ -109,7 +140,8 @@ def test_values_changed_in_place_stay_as_eager_changes_them(cls, how):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         want = net(x)
-        for fast in (tg.optimize(model), tg.optimize(model, channels_last=False)):
+        for fast in (tg.optimize(model), tg.optimize(model, channels_last=False),
+                     tg.optimize(model, inference=False).eval()):
             torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
 
 
