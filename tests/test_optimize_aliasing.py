@@ -124,10 +124,10 @@ MODULES = [ReluOnAView, AddThroughAView, ViewReadAfterChange, BroadcastInPlace, 
            NormalizeAfterChange, ConvInputChangedBeforeItsResidualAdd]
 
 
-def _built(net: nn.Module, how: str) -> tg.Model:
+def _built_from(net: nn.Module, how: str, shape: tuple = (3, 8, 8)) -> tg.Model:
     if how == "from_module":
-        return tg.from_module(net, (3, 8, 8)).eval()
-    x = tg.Input(shape=(3, 8, 8))
+        return tg.from_module(net, shape).eval()
+    x = tg.Input(shape=shape)
     return tg.Model(x, net(x)).eval()
 
 
@@ -136,7 +136,7 @@ def _built(net: nn.Module, how: str) -> tg.Model:
 def test_values_changed_in_place_stay_as_eager_changes_them(cls, how):
     torch.manual_seed(0)
     net = cls().eval()
-    model = _built(net, how)
+    model = _built_from(net, how)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         want = net(x)
@@ -213,3 +213,31 @@ def test_in_place_ops_whose_results_nobody_reads_still_run():
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x))
     assert any(n.op == "call_method" and n.target == "mul_" for n in fast.graph.nodes)
+
+
+@pytest.mark.parametrize("how", ["from_module", "tg.Model"])
+def test_attention_written_out_keeps_a_key_changed_after_the_scores(how):
+    """``scores = q @ k^T; k.mul_(-3); softmax(scores) @ v``: the SDPA rewrite (which computes the
+    scores at the last matmul) read the changed key; the chain now stays as written."""
+    class KeyChangedAfterScores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def heads(self, t):
+            return t.view(t.shape[0], t.shape[1], 2, 4).transpose(1, 2)
+
+        def forward(self, x):
+            q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+            scores = q @ k.transpose(-2, -1) * 0.5
+            k.mul_(-3.0)
+            y = torch.softmax(scores, dim=-1) @ v
+            return (y + k).transpose(1, 2).reshape(x.shape[0], x.shape[1], 8)
+
+    torch.manual_seed(0)
+    net = KeyChangedAfterScores().eval()
+    model = _built_from(net, how, (5, 8))
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        for fast in (tg.optimize(model), tg.optimize(model, inference=False).eval()):
+            torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-5)

@@ -56,7 +56,7 @@ def fuse_conv_add(root: nn.Module, graph: fx.Graph) -> int:
     ``fused.conv2d_act`` without activation used by the add alone -> ``fused.conv2d_add_act(x, r, ...,
     act)``: the residual is added in the convolution's epilogue (NOTE: [Residual in the convolution]
     in ``fused/conv.py``). For inference with channels_last convolutions: run after :func:`fuse_add_relu`.
-    A convolution whose input may change in place stays as written (NOTE: [Fusions move work])."""
+    A convolution whose input may change in place stays as written (NOTE: [Fusions move work] in aliasing.py)."""
     count = 0
     hazards = in_place_hazards(root, graph)
     for node in list(graph.nodes):
@@ -146,14 +146,10 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-# NOTE: [Fusions move work] A fused call runs where the first op it replaces ran, or the last: the
-# other ops move. `s = a + b; s.mul_(2); y = layer_norm(s)` fused at the add normalizes `s` before the
-# change; `y = conv(r); r.mul_(2); y + r` fused at the add convolves `r` after it. So the moved op
-# must not read a value that may change in place (aliasing.in_place_hazards); such ops stay as written.
 def fuse_add_layer_norm(root: nn.Module, graph: fx.Graph) -> int:
     """``s = a + b; y = layer_norm(s)`` -> ``y, s = ops.add_layer_norm(a, b, w, bias, eps)``: the pre-LN
     transformer's residual stream. ``s`` keeps its other users (the next residual add); a sum that may
-    change in place stays as written (NOTE: [Fusions move work])."""
+    change in place stays as written (NOTE: [Fusions move work] in aliasing.py)."""
     count = 0
     hazards = in_place_hazards(root, graph)
     for node in list(graph.nodes):
