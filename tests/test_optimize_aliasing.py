@@ -90,13 +90,44 @@ class NegateChannelsAfterBatchNorm(nn.Module):
         return self.conv2(h) + h
 
 
-MODULES = [ReluOnAView, AddThroughAView, ViewReadAfterChange, BroadcastInPlace, NegateChannelsAfterBatchNorm]
+class NormalizeAfterChange(nn.Module):
+    """A residual sum changed in place before its LayerNorm: the add + LayerNorm fusion (which runs
+    the norm at the add) normalized the sum before the change (found by test_optimize_inplace_fuzz)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.ln = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        t = self.lin(x) + x
+        t.mul_(2.0)
+        return self.ln(t)
 
 
-def _built(net: nn.Module, how: str) -> tg.Model:
+class ConvInputChangedBeforeItsResidualAdd(nn.Module):
+    """The convolution's input changed in place between the convolution and its residual add: the
+    conv + add fusion (which runs the convolution at the add) convolved the changed input (found by
+    test_optimize_inplace_fuzz)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        r = x * 1.0
+        y = self.conv(r)
+        r.mul_(-2.0)
+        return y + r
+
+
+MODULES = [ReluOnAView, AddThroughAView, ViewReadAfterChange, BroadcastInPlace, NegateChannelsAfterBatchNorm,
+           NormalizeAfterChange, ConvInputChangedBeforeItsResidualAdd]
+
+
+def _built_from(net: nn.Module, how: str, shape: tuple = (3, 8, 8)) -> tg.Model:
     if how == "from_module":
-        return tg.from_module(net, (3, 8, 8)).eval()
-    x = tg.Input(shape=(3, 8, 8))
+        return tg.from_module(net, shape).eval()
+    x = tg.Input(shape=shape)
     return tg.Model(x, net(x)).eval()
 
 
@@ -105,11 +136,12 @@ def _built(net: nn.Module, how: str) -> tg.Model:
 def test_values_changed_in_place_stay_as_eager_changes_them(cls, how):
     torch.manual_seed(0)
     net = cls().eval()
-    model = _built(net, how)
+    model = _built_from(net, how)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         want = net(x)
-        for fast in (tg.optimize(model), tg.optimize(model, channels_last=False)):
+        for fast in (tg.optimize(model), tg.optimize(model, channels_last=False),
+                     tg.optimize(model, inference=False).eval()):
             torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
 
 
@@ -181,3 +213,56 @@ def test_in_place_ops_whose_results_nobody_reads_still_run():
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x))
     assert any(n.op == "call_method" and n.target == "mul_" for n in fast.graph.nodes)
+
+
+@pytest.mark.parametrize("how", ["from_module", "tg.Model"])
+def test_attention_written_out_keeps_a_key_changed_after_the_scores(how):
+    """``scores = q @ k^T; k.mul_(-3); softmax(scores) @ v``: the SDPA rewrite (which computes the
+    scores at the last matmul) read the changed key; the chain now stays as written."""
+    class KeyChangedAfterScores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def heads(self, t):
+            return t.view(t.shape[0], t.shape[1], 2, 4).transpose(1, 2)
+
+        def forward(self, x):
+            q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+            scores = q @ k.transpose(-2, -1) * 0.5
+            k.mul_(-3.0)
+            y = torch.softmax(scores, dim=-1) @ v
+            return (y + k).transpose(1, 2).reshape(x.shape[0], x.shape[1], 8)
+
+    torch.manual_seed(0)
+    net = KeyChangedAfterScores().eval()
+    model = _built_from(net, how, (5, 8))
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        for fast in (tg.optimize(model), tg.optimize(model, inference=False).eval()):
+            torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not tg.passes.bfloat16_supported()[0], reason="needs a CPU with bfloat16 instructions")
+@pytest.mark.parametrize("how", ["from_module", "tg.Model"])
+def test_a_model_input_changed_in_place_in_bfloat16_is_changed_for_the_caller(how):
+    """``x[:, :2] += ...`` in a graph computed in bfloat16 changed the bfloat16 copy of the input only;
+    the caller's tensor now gets the change too (NOTE: [Inputs changed in a bfloat16 graph])."""
+    class AddIntoHalfTheInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            x[:, :2] += self.conv(x)[:, :2]
+            return torch.relu(x)
+
+    torch.manual_seed(0)
+    net = AddIntoHalfTheInput().eval()
+    fast = tg.optimize(_built_from(net, how, (4, 8, 8)), dtype=torch.bfloat16)
+    data = torch.randn(2, 4, 8, 8)
+    mine, theirs = data.clone(), data.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(mine), net(theirs), atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(mine, theirs, atol=5e-2, rtol=2e-2)
+    assert not torch.allclose(mine[:, :2], data[:, :2], atol=5e-2)

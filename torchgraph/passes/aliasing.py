@@ -36,6 +36,11 @@ __all__ = ["has_effect", "in_place_hazards", "is_fresh", "mutated_values"]
 # (which return their input), and modules and functions whose code the graph does not show. The
 # values that may share memory with a value changed in place are found by walking from it through
 # every edge that is not fresh, in both directions; the passes leave those values as written.
+# NOTE: [Fusions move work] A fused call runs where the first op it replaces ran, or the last: the
+# other ops move. `s = a + b; s.mul_(2); y = layer_norm(s)` fused at the add normalizes `s` before the
+# change; `y = conv(r); r.mul_(2); y + r` fused at the add convolves `r` after it; attention written
+# out and fused at its last matmul reads a key changed after the scores. So a fusion leaves the ops
+# as written where a moved op reads a value that may change in place (in_place_hazards).
 _MAY_RETURN_INPUT = frozenset({
     "to", "type", "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool", "cpu", "cuda",
     "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import fused
+from .aliasing import in_place_hazards
 from .common import set_spec, single_user
 
 __all__ = ["fuse_qkv_attention"]
@@ -188,11 +189,13 @@ def _match(node: fx.Node) -> dict | None:
 
 def fuse_qkv_attention(root: nn.Module, graph: fx.Graph) -> int:
     """Self-attention written as chunk -> head split -> SDPA -> head merge ->
-    ``fused.qkv_attention(qkv, heads, causal, scale)`` (one kernel, forward and backward)."""
+    ``fused.qkv_attention(qkv, heads, causal, scale)`` (one kernel, forward and backward). A ``qkv``
+    that may change in place stays as written (NOTE: [Fusions move work] in aliasing.py)."""
     count = 0
+    hazards = in_place_hazards(root, graph)
     for node in list(graph.nodes):
         match = _match(node) if node.op == "call_function" else None
-        if match is None:
+        if match is None or match["qkv"] in hazards:
             continue
         merge = match["merge"]
         with graph.inserting_before(merge):

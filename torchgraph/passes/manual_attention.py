@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .aliasing import in_place_hazards
 from .common import set_spec, single_user
 
 __all__ = ["write_attention_as_sdpa"]
@@ -208,11 +209,13 @@ def write_attention_as_sdpa(root: nn.Module, graph: fx.Graph) -> int:
     """``softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v`` (4-D, no mask or nanoGPT's causal
     buffer mask, no dropout, the scores and probabilities read by the chain alone) ->
     ``F.scaled_dot_product_attention(q, k, v, scale=scale[, is_causal=True])``. Returns how many were
-    rewritten."""
+    rewritten. A query or key that may change in place keeps the chain as written (the scores would
+    move to the last matmul: NOTE: [Fusions move work] in aliasing.py)."""
     count = 0
+    hazards = in_place_hazards(root, graph)
     for node in list(graph.nodes):
         match = _match(root, node) if node.op in ("call_function", "call_method") else None
-        if match is None:
+        if match is None or match["q"] in hazards or match["k"] in hazards:
             continue
         options = {"scale": match["scale"]}
         with graph.inserting_before(node):

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import fused
+from .aliasing import in_place_hazards
 from .common import module_of, set_spec
 
 __all__ = ["bfloat16_supported", "compute_in"]
@@ -54,6 +55,7 @@ def compute_in(root: nn.Module, graph: fx.Graph, dtype: torch.dtype) -> int:
             if type(value) is torch.Tensor and value.is_floating_point():  # noqa: E721
                 setattr(module, name, value.to(dtype))
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    changed = in_place_hazards(root, graph)
     casts = _cast_outputs(graph, output, dtype)
     casts |= _cast_upcast_inputs(root, graph, dtype)
     for node in list(graph.nodes):
@@ -66,6 +68,9 @@ def compute_in(root: nn.Module, graph: fx.Graph, dtype: torch.dtype) -> int:
             set_spec(cast, _spec_with_dtype(spec, dtype))
             node.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
             casts.add(cast)
+            if node in changed:  # NOTE: [Inputs changed in a bfloat16 graph]
+                with graph.inserting_before(output):
+                    graph.call_method("copy_", (node, cast))
         elif node.op in ("call_module", "call_function", "call_method"):
             if isinstance(spec, tuple):
                 node.meta["tg_spec"] = tuple(_spec_with_dtype(s, dtype) for s in spec)
@@ -74,6 +79,10 @@ def compute_in(root: nn.Module, graph: fx.Graph, dtype: torch.dtype) -> int:
     return len(casts)
 
 
+# NOTE: [Inputs changed in a bfloat16 graph] The graph changes the bfloat16 copy of an input, not
+# the caller's tensor: `x += conv(x)` changed nothing the caller sees. So an input that may change in
+# place (aliasing.in_place_hazards) gets the copy written back as the graph ends (`x.copy_(x_bf16)`):
+# the caller sees the change, and the input rounded to bfloat16 where the model left it unchanged.
 def _cast_outputs(graph: fx.Graph, output: fx.Node, dtype: torch.dtype) -> set[fx.Node]:
     """Each floating output, cast back to its recorded dtype (the new cast nodes)."""
     casts: dict[fx.Node, fx.Node] = {}

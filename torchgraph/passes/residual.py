@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import fused, ops
+from .aliasing import in_place_hazards
 from .common import activation_of, attr_node, is_plain_add, module_of, same_shape, set_spec, single_user
 
 __all__ = ["fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_add"]
@@ -54,8 +55,10 @@ def fuse_conv_add(root: nn.Module, graph: fx.Graph) -> int:
     """``ops.add_relu(conv, r)`` and ``conv + r`` (same shapes), where ``conv`` is a channels_last
     ``fused.conv2d_act`` without activation used by the add alone -> ``fused.conv2d_add_act(x, r, ...,
     act)``: the residual is added in the convolution's epilogue (NOTE: [Residual in the convolution]
-    in ``fused/conv.py``). For inference with channels_last convolutions: run after :func:`fuse_add_relu`."""
+    in ``fused/conv.py``). For inference with channels_last convolutions: run after :func:`fuse_add_relu`.
+    A convolution whose input may change in place stays as written (NOTE: [Fusions move work] in aliasing.py)."""
     count = 0
+    hazards = in_place_hazards(root, graph)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is ops.add_relu and len(node.args) == 2 and not node.kwargs:
             act = "relu"
@@ -65,7 +68,7 @@ def fuse_conv_add(root: nn.Module, graph: fx.Graph) -> int:
             continue
         a, b = node.args
         conv, residual = (a, b) if _fusable_conv(a, b) else (b, a) if _fusable_conv(b, a) else (None, None)
-        if conv is None:
+        if conv is None or conv.args[0] in hazards:
             continue
         x, weight, bias, stride, padding, dilation, groups, _ = conv.args
         args = (x, residual, weight, bias, stride, padding, dilation, groups, act)
@@ -145,10 +148,12 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
 
 def fuse_add_layer_norm(root: nn.Module, graph: fx.Graph) -> int:
     """``s = a + b; y = layer_norm(s)`` -> ``y, s = ops.add_layer_norm(a, b, w, bias, eps)``: the pre-LN
-    transformer's residual stream. ``s`` keeps its other users (the next residual add)."""
+    transformer's residual stream. ``s`` keeps its other users (the next residual add); a sum that may
+    change in place stays as written (NOTE: [Fusions move work] in aliasing.py)."""
     count = 0
+    hazards = in_place_hazards(root, graph)
     for node in list(graph.nodes):
-        if not is_plain_add(node) or not same_shape(*node.args):
+        if not is_plain_add(node) or not same_shape(*node.args) or node in hazards:
             continue
         found = _layer_norm_user(root, node, graph)
         if found is None:
