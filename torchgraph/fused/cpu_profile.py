@@ -22,7 +22,7 @@ __all__ = ["MKL_GEMMS_FAST", "cpu_vendor"]
 # ~180 GFLOP/s where oneDNN's ran at ~430: 1024x256 @ 256x1024 took 3055 us in F.linear vs 1213 us
 # in oneDNN from a reordered weight, 197x384 @ 384x1152 903 vs 386 us (MKL's packed GEMM the same
 # 903), 8x1280 @ 1280x1000 240-257 vs 77 us. oneDNN's fixed cost per call was ~13 us there (45 us on
-# the Intel machine), so it already won from ~1M multiply-adds (64x256x256: 49 vs 33 us; 8x256x256:
+# the Intel machine), so it already won from ~1-2M multiply-adds (64x256x256: 49 vs 33 us; 8x256x256:
 # 13.5 vs 17 us, still MKL's). In whole models, with MKL's GEMMs for few rows and few pixels taken
 # out: ViT-S b1 0.96x -> 1.97x eager, ResNet-50 b8 64x64 0.94x -> 1.40x. So MKL's routes (and the
 # higher oneDNN cut for small linears, ONEDNN_LINEAR_MIN_MACS) apply on Intel CPUs only; elsewhere

@@ -23,10 +23,13 @@ __all__ = ["MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MA
 # in-place activation instead, and training F.linear and the activation with eager autograd (no
 # custom-op or autograd.Function overhead): the decision is made per call from the shapes, so it
 # follows the batch the model runs at, and tests can move it. Where MKL is slow (NOTE: [MKL on other
-# vendors' CPUs] in cpu_profile.py) oneDNN's cost per call was ~13 us and the cut is 1M (without MKL,
-# F.linear runs another BLAS: unmeasured, the cut stays 8M).
+# vendors' CPUs] in cpu_profile.py) oneDNN's cost per call was ~13 us and the cut is 2M (without MKL,
+# F.linear runs another BLAS: unmeasured, the cut stays 8M). At 1M it was a tie alone (64 x 16 -> 1024:
+# 21-22 vs 24-27 us; 128 x 128 -> 64: 18 vs 15 us) but 6% slower inside the community MLP (interleaved,
+# two processes: 922-931 vs 862-878 us eager; 817-830 us with that linear on F.linear); from 2M it won
+# (8 x 512 -> 512: 26 vs 49 us).
 #: Smallest linear (rows x in_features x out_features) that runs on oneDNN in inference.
-ONEDNN_LINEAR_MIN_MACS = 1 << 20 if torch.backends.mkl.is_available() and not MKL_GEMMS_FAST else 1 << 23
+ONEDNN_LINEAR_MIN_MACS = 1 << 21 if torch.backends.mkl.is_available() and not MKL_GEMMS_FAST else 1 << 23
 
 # NOTE: [Few rows] With few rows (a classifier head at batch 1-32, a decoder step), a linear layer
 # is bound by reading its weight, and MKL's prepacked GEMM (the one inductor uses for float32
