@@ -293,15 +293,15 @@ def _input_effects(args, kwargs, also: tuple = ()) -> tuple:
     top-level forward) would enter the next recording as its changed value."""
     leaves = [leaf for _, leaf in tree_leaves((args, kwargs)) if isinstance(leaf, SymbolicTensor)]
     values = {}
-    for v in [leaf._tg_value for leaf in leaves] + [v for saved in also for v in saved[1].values()]:
+    for v in [leaf._tg_value for leaf in leaves] + [v for saved in also for v, _ in saved[1].values()]:
         for value in (v, v.base):
             values[id(value)] = value
     effects = {i: (v, list(v.effects) if v.effects is not None else None) for i, v in values.items()}
-    return [(leaf, leaf._tg_value) for leaf in leaves], {i: v for i, (v, _) in effects.items()}, effects
+    return [(leaf, leaf._tg_value) for leaf in leaves], effects
 
 
 def _restore_effects(saved: tuple) -> None:
-    assigned, _, effects = saved
+    assigned, effects = saved
     for leaf, value in assigned:
         leaf._tg_value = value
     for value, recorded in effects.values():

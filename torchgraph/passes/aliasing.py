@@ -107,8 +107,10 @@ def in_place_hazards(root: nn.Module, graph: fx.Graph) -> set[fx.Node]:
     """Every node whose value may share memory with a value changed in place somewhere in ``graph``
     (the changed values and in-place ops included)."""
     hazards: set[fx.Node] = set()
-    stack = [value for node in graph.nodes for value in mutated_values(root, node)]
-    stack += [node for node in graph.nodes if _in_place(root, node) or node.meta.get("tg_effect") == "mutation"]
+    stack: list[fx.Node] = []
+    for node in graph.nodes:
+        if _in_place(root, node) or node.meta.get("tg_effect") == "mutation":
+            stack += [node, *mutated_values(root, node)]
     while stack:
         node = stack.pop()
         if node in hazards:
