@@ -32,9 +32,10 @@ TORCH_LIBRARY(torchgraph, m) {
   // Multi-head attention straight from a packed projection: qkv is
   // [B, T, 3 * E] (q | k | v, heads side by side in each), out is [B, T, E]
   // (heads side by side), probs the softmax [B, heads, T, T] kept for the
-  // backward. scale defaults to 1 / sqrt(E / heads). -> (out, probs)
+  // backward. scale defaults to 1 / sqrt(E / heads). onednn: run the float32
+  // CPU forward's products on oneDNN (same results up to rounding). -> (out, probs)
   m.def(
-      "qkv_attention(Tensor qkv, int heads, bool causal, float? scale=None) "
+      "qkv_attention(Tensor qkv, int heads, bool causal, float? scale=None, bool onednn=False) "
       "-> (Tensor, Tensor)");
   // -> grad of qkv
   m.def(

@@ -36,12 +36,13 @@ def mkl_routes(monkeypatch):
     monkeypatch.setattr(fused.linear, "MKL_PACKED_MAX_ROWS", 256)
     monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 1 << 23)
     monkeypatch.setattr(fused.conv, "_MKL_CONV_GEMMS", True)
+    monkeypatch.setattr(fused.attention, "_ONEDNN_ATTENTION", False)
 
 
 @pytest.fixture
 def onednn_routes(monkeypatch):
     """tg.optimize's float32 routes as on a CPU of another vendor (AMD): every GEMM it places on oneDNN,
-    from 2M multiply-adds (NOTE: [MKL on other vendors' CPUs])."""
+    from 2M multiply-adds, attention's products included (NOTE: [MKL on other vendors' CPUs])."""
     from torchgraph import fused
 
     if not fused._common._HAS_ONEDNN:
@@ -49,3 +50,4 @@ def onednn_routes(monkeypatch):
     monkeypatch.setattr(fused.linear, "MKL_PACKED_MAX_ROWS", 0)
     monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 1 << 21)
     monkeypatch.setattr(fused.conv, "_MKL_CONV_GEMMS", False)
+    monkeypatch.setattr(fused.attention, "_ONEDNN_ATTENTION", True)

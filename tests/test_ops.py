@@ -713,14 +713,16 @@ def qkv_input(b, t, heads, d, dtype=torch.float32, requires_grad=False):
 
 
 @needs_c_ops
+@pytest.mark.parametrize("onednn", [False, True], ids=["blas", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("scale", [None, 0.3])
 @pytest.mark.parametrize("b, t, heads, d", QKV_CASES)
-def test_qkv_attention_matches_reference(dtype, causal, scale, b, t, heads, d):
-    """The kernel's out, probs and grad of qkv match reference_qkv_attention."""
+def test_qkv_attention_matches_reference(dtype, causal, scale, b, t, heads, d, onednn):
+    """The kernel's out, probs and grad of qkv match reference_qkv_attention, with its products on
+    BLAS and on oneDNN (NOTE: [Attention GEMMs on oneDNN])."""
     qkv = qkv_input(b, t, heads, d, dtype, requires_grad=True)
-    out, probs = torch.ops.torchgraph.qkv_attention.default(qkv, heads, causal, scale)
+    out, probs = torch.ops.torchgraph.qkv_attention.default(qkv, heads, causal, scale, onednn)
     (qkv_ref,) = leaf_copies(qkv)
     expected, expected_probs = ops.reference_qkv_attention(qkv_ref, heads, causal, scale)
     assert out.shape == (b, t, heads * d) and out.dtype == dtype
@@ -733,9 +735,27 @@ def test_qkv_attention_matches_reference(dtype, causal, scale, b, t, heads, d):
     # Both sides compute the bfloat16 gradient in float32 and round it to bfloat16 once, so they
     # differ by at most one bf16 ulp (measured: 0.0156 on entries of magnitude ~2.3, i.e. 2^-6):
     # TOLERANCES[bfloat16] (atol 1e-2 + rtol 1.6e-2) covers that without loosening.
-    got = grads(ops.qkv_attention(qkv, heads, causal, scale), (qkv,))
+    got = grads(ops.qkv_attention(qkv, heads, causal, scale, onednn=onednn), (qkv,))
     want = grads(expected, (qkv_ref,))
     assert_close(got[0], want[0], dtype)
+
+
+@needs_c_ops
+@pytest.mark.parametrize("causal", [False, True])
+def test_qkv_attention_onednn_bfloat16_as_accurate_as_sdpa(causal):
+    """bfloat16 on oneDNN keeps the scores in float32 (NOTE: [Attention GEMMs on oneDNN]): on a peaky
+    softmax (scores with std ~16) its error against float64 attention on the same rounded inputs is
+    SDPA's bfloat16 kernel's (rounding the scores to bfloat16 first made it ~6x larger on average
+    and ~25x at the worst entry)."""
+    heads = 4
+    qkv = (qkv_input(8, 128, heads, 64) * 4).bfloat16()
+    exact, _ = ops.reference_qkv_attention(qkv.double(), heads, causal)
+    ours, _ = torch.ops.torchgraph.qkv_attention.default(qkv, heads, causal, None, True)
+    q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).flatten(2)
+    ours_err, sdpa_err = (ours.double() - exact).abs(), (sdpa.double() - exact).abs()
+    assert ours_err.mean() <= 1.5 * sdpa_err.mean()
+    assert ours_err.max() <= 2.5 * sdpa_err.max()
 
 
 @needs_c_ops
@@ -750,9 +770,10 @@ def test_qkv_attention_default_scale_is_inverse_sqrt_head_dim(causal):
 
 
 @needs_c_ops
+@pytest.mark.parametrize("onednn", [False, True], ids=["blas", "onednn"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded_grad"])
-def test_qkv_attention_non_contiguous_inputs(causal, layout):
+def test_qkv_attention_non_contiguous_inputs(causal, layout, onednn):
     """Transposed and sliced qkv, and a stride-0 grad_out (from .sum()), give the reference's
     values and gradients."""
     b, t, heads, d = 2, 67, 3, 4
@@ -766,7 +787,7 @@ def test_qkv_attention_non_contiguous_inputs(causal, layout):
     if layout != "expanded_grad":
         assert not qkv.is_contiguous()
     qkv.requires_grad_()
-    out = ops.qkv_attention(qkv, heads, causal)
+    out = ops.qkv_attention(qkv, heads, causal, onednn=onednn)
     (qkv_ref,) = leaf_copies(qkv)
     expected, _ = ops.reference_qkv_attention(qkv_ref, heads, causal)
     assert "torchgraph_qkv_attention" in type(out.grad_fn).__name__
@@ -788,6 +809,7 @@ def test_qkv_attention_opcheck(dtype, causal):
     qkv = qkv_input(2, 5, 3, 2, dtype, requires_grad=True)
     torch.library.opcheck(op, (qkv, 3, causal, None))
     torch.library.opcheck(op, (qkv, 3, causal, 0.5))
+    torch.library.opcheck(op, (qkv, 3, causal, 0.5, True))
 
 
 @needs_c_ops

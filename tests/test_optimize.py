@@ -453,9 +453,11 @@ def test_dynamic_sequence_length_attention(monkeypatch):
     assert calls == ([20] if ops._use_kernel(torch.ones(1)) else [])
 
 
+@pytest.mark.usefixtures("mkl_routes")
 def test_attention_kernel_or_sdpa_follows_the_measurements(monkeypatch):
-    """NOTE: [Kernel or SDPA]: heads of >= 64 take the kernel when causal or up to 128 positions;
-    smaller heads only on small problems; the choice never changes the values."""
+    """NOTE: [Kernel or SDPA], with the kernel's products on BLAS (Intel CPUs): heads of >= 64 take the
+    kernel when causal or up to 128 positions; smaller heads only on small problems; the choice never
+    changes the values."""
     pick = fused.attention._kernel_beats_sdpa
     assert pick((8, 128, 3 * 256), 4, False) and pick((8, 128, 3 * 256), 4, True)
     assert not pick((1, 197, 3 * 384), 6, False) and pick((1, 197, 3 * 384), 6, True)
@@ -463,13 +465,42 @@ def test_attention_kernel_or_sdpa_follows_the_measurements(monkeypatch):
     assert pick((4, 64, 3 * 128), 4, False)
     calls = []
     kernel = ops.qkv_attention
-    monkeypatch.setattr(ops, "qkv_attention", lambda qkv, *a: calls.append(1) or kernel(qkv, *a))
+    monkeypatch.setattr(ops, "qkv_attention", lambda qkv, *a, **k: calls.append(1) or kernel(qkv, *a, **k))
     qkv = torch.randn(2, 40, 3 * 64)
     with torch.no_grad():
         for heads in (1, 4):  # heads of 64 and of 16, non-causal, 40 positions: both kernel-sized
             torch.testing.assert_close(fused.qkv_attention(qkv, heads), fused.attention._sdpa_qkv_attention(qkv, heads, False, None),
                                        atol=1e-5, rtol=1e-5)
     assert len(calls) == (2 if ops._use_kernel(qkv) else 0)
+
+
+@pytest.mark.parametrize("routes", ["mkl_routes", "onednn_routes"])
+def test_attention_on_onednn_takes_every_short_sequence(routes, request, monkeypatch):
+    """Where the kernel's products run on oneDNN (CPUs other than Intel), float32 and bfloat16
+    attention take the kernel with onednn=True for every sequence up to QKV_ATTENTION_MAX_SEQ,
+    shapes SDPA won with BLAS included (ViT-S's 197 non-causal positions, heads of 32); with BLAS
+    (Intel), bfloat16 stays on SDPA (NOTE: [bfloat16 attention]). Values equal SDPA's either way."""
+    request.getfixturevalue(routes)
+    calls = []
+    kernel = ops.qkv_attention
+    monkeypatch.setattr(ops, "qkv_attention",
+                        lambda qkv, *a, **k: calls.append((qkv.dtype, k.get("onednn"))) or kernel(qkv, *a, **k))
+    on_onednn = routes == "onednn_routes"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for shape, heads in (((1, 197, 3 * 384), 6), ((2, 128, 3 * 256), 8)):
+            for dtype in (torch.float32, torch.bfloat16):
+                calls.clear()
+                qkv = torch.randn(shape).to(dtype)
+                expected = fused.attention._sdpa_qkv_attention(qkv, heads, False, None)
+                tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(fused.qkv_attention(qkv, heads), expected, **tol)
+                if not ops._use_kernel(qkv):
+                    assert calls == []
+                elif on_onednn:
+                    assert calls == [(dtype, True)]
+                else:
+                    assert calls == ([] if dtype == torch.bfloat16 or shape[1] == 197 else [(dtype, False)])
 
 
 # ---------------------------------------------------------------------------- linear_act training

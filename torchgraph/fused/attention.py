@@ -7,12 +7,18 @@ import torch.fx
 import torch.nn.functional as F
 
 from .. import ops
+from ._common import _HAS_ONEDNN, _ONEDNN_DTYPES
+from .cpu_profile import MKL_GEMMS_FAST
 
 __all__ = ["QKV_ATTENTION_MAX_SEQ", "qkv_attention"]
 
 #: Longest sequence for which :func:`qkv_attention` runs torchgraph's kernel (it keeps the
 #: ``B * heads * T * T`` attention weights for the backward; longer ones run SDPA's flash kernel).
 QKV_ATTENTION_MAX_SEQ = 512
+
+# Whether the kernel's float32 forward runs its products on oneDNN (NOTE: [Attention GEMMs on oneDNN]
+# in csrc/cpu/qkv_attention.cpp): where MKL's GEMMs are slow, as the linears (cpu_profile.py).
+_ONEDNN_ATTENTION = _HAS_ONEDNN and not MKL_GEMMS_FAST
 
 
 def _sdpa_qkv_attention(qkv, heads: int, causal: bool, scale) -> torch.Tensor:
@@ -27,7 +33,8 @@ def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,
     """Multi-head attention from a packed ``q | k | v`` projection ``(B, T, 3E)`` -> ``(B, T, E)``.
 
     :func:`torchgraph.ops.qkv_attention` (heads read in place, no split/merge copies) for eager
-    float32/float64 CPU tensors with ``T <= QKV_ATTENTION_MAX_SEQ``; measured by ``benchmarks/bench_kernels.py``
+    float32/float64 CPU tensors with ``T <= QKV_ATTENTION_MAX_SEQ`` (and bfloat16 where its products run
+    on oneDNN: NOTE: [Kernel or SDPA]); measured by ``benchmarks/bench_kernels.py``
     (2 threads, B=8, T=128, E=256, 4 heads, causal) it was 1.25-1.75x faster forward and
     1.40-1.43x faster forward + backward than the split + ``F.scaled_dot_product_attention`` +
     merge it replaces. Everywhere else (CUDA, long sequences, traced programs, missing kernels) it
@@ -41,18 +48,25 @@ def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,
     """
     if isinstance(qkv, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         return qkv.tracer.create_proxy("call_function", qkv_attention, (qkv, heads, causal, scale), {})
-    # NOTE: [bfloat16 attention] The kernel computes bfloat16 attention in float32 through sgemm
-    # (converting its inputs); SDPA's flash kernel runs bf16 natively and took 1.8-4.9 ms per GPT
-    # block call against 10-15 ms for the kernel (1 thread, loaded VM), so bf16 goes to SDPA.
+    # NOTE: [bfloat16 attention] With BLAS products the kernel computes bfloat16 attention in float32
+    # through sgemm (converting its inputs); SDPA's flash kernel runs bf16 natively and took 1.8-4.9 ms
+    # per GPT block call against 10-15 ms for the kernel (1 thread, loaded VM), so there bf16 goes to
+    # SDPA. On oneDNN the kernel runs P V in bf16 and took ViT-S's attention from 5.7 ms (SDPA, 12
+    # calls) to 3.7 ms, as accurate as SDPA (AMD EPYC, 2 threads).
     if (type(qkv) is torch.Tensor and qkv.device.type == "cpu" and qkv.dim() == 3  # noqa: E721
             and qkv.shape[1] <= QKV_ATTENTION_MAX_SEQ and not torch.compiler.is_compiling()
-            and qkv.dtype != torch.bfloat16 and _kernel_beats_sdpa(qkv.shape, heads, causal)
             and ops._use_kernel(qkv)):
-        return ops.qkv_attention(qkv, heads, causal, scale)
+        onednn = _ONEDNN_ATTENTION and qkv.dtype in _ONEDNN_DTYPES
+        if onednn or (qkv.dtype != torch.bfloat16 and _kernel_beats_sdpa(qkv.shape, heads, causal)):
+            return ops.qkv_attention(qkv, heads, causal, scale, onednn=onednn)
     return _sdpa_qkv_attention(qkv, heads, causal, scale)
 
 
-# NOTE: [Kernel or SDPA] Measured here (2 threads, interleaved medians, float32) against split +
+# NOTE: [Kernel or SDPA] With its products on oneDNN (float32 where MKL is slow) the kernel beat split +
+# SDPA + merge on every shape measured (AMD EPYC, 2 threads, medians, ms): 8 x 128 x 4 heads of 64 causal
+# 0.53 vs 1.14, non-causal 0.54 vs 1.13; 16 heads of 32 1.78 vs 3.16; 8 heads of 32 causal 0.79 vs 1.53;
+# ViT-S (1 x 197 x 6 heads of 64) 0.27 vs 0.46; 8 x 32 0.09 vs 0.13. With per-head BLAS calls, measured
+# on an Intel CPU (2 threads, interleaved medians, float32) against split +
 # SDPA (flash) + merge, torchgraph's attention kernel won with head dims >= 64 when causal or up to
 # 128 positions (8 x 128 x 4 heads of 64: 0.96 vs 1.05 ms; causal 0.83 vs 1.13; heads of 128:
 # 1.18-1.45 vs 1.95 ms) and on small problems, and lost with heads of 32 on larger ones (16 heads of

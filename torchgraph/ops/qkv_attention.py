@@ -45,9 +45,11 @@ def _check_qkv_attention_backward(grad_out, qkv, out, probs, heads: int) -> None
 
 
 def reference_qkv_attention(
-    qkv: torch.Tensor, heads: int, causal: bool, scale: float | None = None
+    qkv: torch.Tensor, heads: int, causal: bool, scale: float | None = None, onednn: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch ``torch.ops.torchgraph.qkv_attention``: ``(out, probs)`` by explicit softmax.
+
+    ``onednn`` (which GEMM library the CPU kernel uses) does not change the result and is ignored.
 
     ``qkv`` is ``(B, T, 3 * E)``: queries, keys and values side by side, each ``heads`` heads of
     ``E // heads`` features. ``out`` is ``(B, T, E)`` (heads side by side again), ``probs`` the
@@ -70,7 +72,7 @@ def reference_qkv_attention(
 
 
 def qkv_attention(
-    qkv: torch.Tensor, heads: int, causal: bool = False, scale: float | None = None
+    qkv: torch.Tensor, heads: int, causal: bool = False, scale: float | None = None, *, onednn: bool = False
 ) -> torch.Tensor:
     """Multi-head attention straight from a packed ``q | k | v`` projection.
 
@@ -95,6 +97,10 @@ def qkv_attention(
         heads: Number of heads; ``E`` must be a multiple of it.
         causal: Mask future keys (``is_causal=True`` in SDPA).
         scale: Score scale; defaults to ``1 / sqrt(E / heads)``.
+        onednn: Run the float32 CPU kernel's two products as batched oneDNN matmuls (NOTE:
+            [Attention GEMMs on oneDNN] in csrc/cpu/qkv_attention.cpp) instead of per-head BLAS
+            calls: faster where MKL is slow (:data:`torchgraph.fused.cpu_profile.MKL_GEMMS_FAST`).
+            The same results up to float rounding; ignored by the backward and other dtypes.
 
     Returns:
         ``(B, T, E)``. Differentiable with respect to ``qkv``.
@@ -103,14 +109,14 @@ def qkv_attention(
         RuntimeError: If ``qkv`` is not 3-D or its last dim is not ``3 * heads * head_dim``.
     """
     if use_kernel(qkv) and (not isinstance(qkv, torch.Tensor) or qkv.device.type in ("cpu", "meta")):
-        return torch.ops.torchgraph.qkv_attention.default(qkv, heads, causal, scale)[0]
+        return torch.ops.torchgraph.qkv_attention.default(qkv, heads, causal, scale, onednn)[0]
     return reference_qkv_attention(qkv, heads, causal, scale)[0]
 
 # NOTE: [Registration needs _C] in torchgraph/ops/__init__.py.
 if _extension.HAS_C_OPS:
 
     @torch.library.register_fake("torchgraph::qkv_attention")
-    def _qkv_attention_fake(qkv, heads, causal, scale=None):
+    def _qkv_attention_fake(qkv, heads, causal, scale=None, onednn=False):
         _check_qkv_attention(qkv, heads, kernel=True)
         b, t, width = qkv.shape
         probs_dtype = torch.float32 if qkv.dtype == torch.bfloat16 else qkv.dtype
@@ -122,7 +128,7 @@ if _extension.HAS_C_OPS:
         return qkv.new_empty(qkv.shape)
 
     def _qkv_attention_setup_context(ctx, inputs, output):
-        qkv, heads, causal, scale = inputs
+        qkv, heads, causal, scale = inputs[:4]
         out, probs = output
         ctx.mark_non_differentiable(probs)
         ctx.save_for_backward(qkv, out, probs)
@@ -131,11 +137,11 @@ if _extension.HAS_C_OPS:
     def _qkv_attention_backward(ctx, grad_out, _grad_probs):
         qkv, out, probs = ctx.saved_tensors
         if grad_out is None:
-            return None, None, None, None
+            return None, None, None, None, None
         grad_qkv = torch.ops.torchgraph.qkv_attention_backward.default(
             grad_out, qkv, out, probs, ctx.heads, ctx.causal, ctx.scale
         )
-        return grad_qkv, None, None, None
+        return grad_qkv, None, None, None, None
 
     torch.library.register_autograd(
         "torchgraph::qkv_attention", _qkv_attention_backward, setup_context=_qkv_attention_setup_context
