@@ -13,6 +13,7 @@ Example:
 from .clone import clone_model
 from .config import model_from_json
 from .config_values import register_value_type
+from .cpu_memory import retain_freed_memory
 from .errors import GraphBuildError
 from .export import export_onnx
 from .from_module import from_module
@@ -43,6 +44,7 @@ __all__ = [
     "model_from_json",
     "register_layer",
     "register_value_type",
+    "retain_freed_memory",
     "save",
     "scope",
     "summary",
