@@ -43,6 +43,8 @@ import torch.nn as nn
 import torch.nn.modules.module as module_hooks
 from torch.nn.modules.module import register_module_forward_hook
 
+from .builds import note_failure
+from .errors import GraphBuildError
 from .scope_replay import STATE, find_scope
 from .symbolic import SymbolicTensor
 from .trees import tree_leaves
@@ -112,7 +114,11 @@ def _link_in_hand_written_builds(module, args, kwargs, output):
 
     if _RECORDING.from_module or not building() or not _needs_hook(module):
         return None
-    return _link_returned_inputs(module, args, kwargs, output)
+    try:
+        return _link_returned_inputs(module, args, kwargs, output)
+    except GraphBuildError as exc:
+        note_failure(exc)  # an interactive session's failed build (NOTE: [End of a build] in builds.py)
+        raise
 
 
 def _link_returned_inputs(module, args, kwargs, output):
