@@ -2,7 +2,8 @@
 
 Its forward draws random numbers to choose what it computes, so it is one opaque layer that draws at
 every call, as in eager. A build that happens to skip every layer (the layer hands back its input)
-still records the call (NOTE: [Lost calls] in module_scopes.py), whatever the user's generator state.
+still records the call (NOTE: [Lost calls] in module_scopes.py), whatever the user's generator state;
+test_core_limits.py checks the same for a forward that branches on the data.
 """
 
 import pytest
@@ -67,22 +68,6 @@ def test_layer_drop_builds_the_same_model_whatever_the_generator_state(seed):
     model = _build(block)
     assert model.code == _build(block).code
     _assert_matches_eager(model, block)
-
-
-def test_data_dependent_pass_through_is_one_layer_on_every_branch():
-    """The same case without random numbers: on build-time data the forward returns its input."""
-
-    class PassThroughUnlessHuge(nn.Module):
-        def forward(self, x):
-            if x.abs().sum() > 1e9:
-                return x * 0
-            return x
-
-    gate = PassThroughUnlessHuge()
-    x = tg.Input(shape=(4,))
-    model = tg.Model(x, gate(x + 1))
-    for data in (torch.ones(2, 4), torch.full((2, 4), 1e10)):
-        torch.testing.assert_close(model(data), gate(data + 1))
 
 
 def test_from_module_of_a_layer_drop_root_says_to_use_it_as_one_layer():
