@@ -117,3 +117,39 @@ def test_is_contiguous_after_batch_norm_matches_eager():
     v = tg.Input(shape=(4, 5, 6))
     y = nn.BatchNorm2d(4)(v.transpose(2, 3))
     assert y.is_contiguous() == nn.BatchNorm2d(4)(torch.randn(2, 4, 5, 6).transpose(2, 3)).is_contiguous()
+
+
+class _AttentionWithoutContiguous(nn.Module):
+    """nanoGPT's attention without `.contiguous()`: on CPU, SDPA's output follows the query's layout."""
+
+    def __init__(self, embed: int = 16, heads: int = 4):
+        super().__init__()
+        self.qkv = nn.Linear(embed, 3 * embed)
+        self.heads = heads
+
+    def forward(self, x):
+        batch, time, embed = x.shape
+        q, k, v = (t.view(batch, time, self.heads, embed // self.heads).transpose(1, 2)
+                   for t in self.qkv(x).split(embed, dim=2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y.transpose(1, 2).view(batch, time, embed)
+
+
+def test_attention_output_viewed_without_contiguous_builds():
+    """`sdpa(q, k, v).transpose(1, 2).view(B, T, C)` runs in eager on CPU, so it builds and matches."""
+    torch.manual_seed(0)
+    module = _AttentionWithoutContiguous()
+    model = tg.from_module(module, (tg.Dim("seq", max=32), 16))
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(model(x), module(x))
+
+
+def test_attention_with_dropout_then_view_fails_at_build_as_in_eager():
+    """With dropout SDPA takes the math path (a contiguous output): eager refuses the view, so does the build."""
+    q = tg.Input(shape=(6, 4, 8)).transpose(1, 2)
+    y = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        torch.nn.functional.scaled_dot_product_attention(
+            *(torch.randn(2, 6, 4, 8).transpose(1, 2),) * 3, dropout_p=0.5).transpose(1, 2).view(2, 6, 32)
+    with pytest.raises(GraphBuildError, match="'view' cannot be applied"):
+        y.transpose(1, 2).view(y.shape[0], 6, 32)

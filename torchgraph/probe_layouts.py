@@ -12,7 +12,12 @@ the CPU kernels, for the inputs people give them (a transposed or permuted tenso
   input (or, for a convolution, weight) channels-last on CPU; their meta kernels return a
   contiguous tensor, so a ``.view`` that eager refuses was built;
 - ``log_sigmoid``, ``rrelu`` and ``max_pool1d`` (without indices or autograd) return a contiguous
-  tensor on CPU; their meta kernels keep the input's layout.
+  tensor on CPU; their meta kernels keep the input's layout;
+- ``scaled_dot_product_attention`` on CPU's flash kernel (4-D inputs with a unit last-dim stride, one
+  head dim, no dropout) lays its output out like the query: for ``q = x.view(B, T, nh, hs).transpose(1,
+  2)``, ``y.transpose(1, 2)`` is contiguous and ``.view(B, T, C)`` works in eager; the meta kernel
+  returns a contiguous (B, nh, T, hs) tensor. (CUDA's flash and efficient kernels answer the same way
+  for that layout.)
 
 :func:`match_cpu_layout` re-lays each such meta output out the way the CPU kernel would (tests/
 test_recording_strides.py compares every case with eager). Shapes and values are unaffected: only
@@ -27,6 +32,8 @@ from torch._prims_common import suggest_memory_format
 
 __all__ = ["match_cpu_layout"]
 
+
+# A rule answers the output's layout on CPU: a memory format, a dim order, or None (meta's is right).
 
 def _suggested(args, kwargs, out):
     """Dense in the input's suggested memory format (channels-last stays channels-last)."""
@@ -52,6 +59,25 @@ def _contiguous(args, kwargs, out):
     return torch.contiguous_format
 
 
+def _attention(args, kwargs, out):
+    """The query's dim order where CPU's flash kernel runs (sdp_utils_cpp's checks), else as meta says."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p")
+    given = dict(zip(names, args), **kwargs)
+    q, k, v = given.get("query"), given.get("key"), given.get("value")
+    if given.get("dropout_p", 0.0) or not torch.backends.cuda.flash_sdp_enabled():
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v)):
+        return None
+    if not q.size(-1) == k.size(-1) == v.size(-1):
+        return None
+    return _dim_order(q)
+
+
+def _dim_order(t: torch.Tensor) -> tuple:
+    """``t``'s dims from outermost to innermost in memory (ties kept in dim order)."""
+    return tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+
+
 def _max_pool1d(args, kwargs, out):
     # NOTE: on CPU, without autograd, max_pool1d has its own kernel (contiguous output); with autograd
     # it goes through max_pool2d_with_indices, whose meta kernel matches.
@@ -75,6 +101,7 @@ _RULES = {
     F.rrelu: _contiguous,
     torch.max_pool1d: _max_pool1d,
     F.max_pool1d: _max_pool1d,
+    F.scaled_dot_product_attention: _attention,
 }
 for _conv in (torch.conv1d, torch.conv2d, torch.conv3d,
               torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d):
@@ -95,7 +122,12 @@ def match_cpu_layout(func, args: tuple, kwargs: dict, out):
     if rule is None or not isinstance(out, torch.Tensor) or out.device.type != "meta" \
             or not args or not isinstance(args[0], torch.Tensor):
         return out
-    fmt = rule(args, kwargs, out)
-    if fmt is None or out.is_contiguous(memory_format=fmt):
+    layout = rule(args, kwargs, out)  # a memory format, a dim order (outermost first) or None
+    if layout is None:
         return out
-    return out.contiguous(memory_format=fmt)
+    if isinstance(layout, torch.memory_format):
+        return out if out.is_contiguous(memory_format=layout) else out.contiguous(memory_format=layout)
+    if _dim_order(out) == layout:
+        return out
+    inverse = tuple(layout.index(d) for d in range(out.dim()))
+    return out.permute(layout).contiguous().permute(inverse)  # dense, its dims in that order
