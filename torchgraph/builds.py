@@ -47,9 +47,11 @@ __all__ = ["Build", "building_now", "current_build", "end_build", "note_failure"
 # die at a garbage collection, not at the `del` (Python's gc runs on its own as objects are made;
 # gc.collect() forces it). An exception's traceback keeps the frames it passed, and their symbolic
 # tensors: in an interactive session sys.last_traceback keeps a failed build's values, and so the
-# build, alive until the next error replaces it (or `del sys.last_traceback, sys.last_value`, and
-# sys.last_exc on Python 3.12+). Meanwhile the build is in progress as if the user still held it:
-# torch.compile works in that thread all the same (NOTE: [finfo of a stand-in] in type_info.py).
+# build, alive until the next tg.Input (below) or the next error replaces it (or `del
+# sys.last_traceback, sys.last_value`, and sys.last_exc on Python 3.12+). Meanwhile the build is in
+# progress as if the user still held it: torch.finfo and torch.compile work in that thread all the
+# same (NOTE: [finfo of a stand-in] in type_info.py), though torch.compile(module) warns about a
+# global module hook (the build's returned-inputs hook, NOTE: [Returned inputs]).
 # Records made without the hold (a loaded model's `model.outputs`, rebuilt on demand) are not
 # watched: they live as long as their model. Rebuilt during a build they are, and an abandoned build
 # then lasts as long as that model.
