@@ -424,8 +424,9 @@ def test_looked_through_blocks_under_a_model_property_name(name):
 
 @pytest.mark.parametrize("name", ["graph", "code", "meta", "optimizer"])
 def test_blocks_under_an_attribute_every_model_needs_fail_clearly(name):
-    with pytest.raises(tg.GraphBuildError, match=rf"submodule '{name}.0.fc' \(Linear\) sits under '{name}'.*"
-                                                 rf"Rename that attribute.*self.{name}_ = ") as info:
+    with pytest.raises(tg.GraphBuildError, match=rf"Top has a submodule '{name}' \(ModuleList\), the name of "
+                                                 rf"an attribute every tg.Model needs.*Rename that attribute.*"
+                                                 rf"self.{name}_ = ") as info:
         tg.from_module(_blocks_under(name), tg.Input(shape=(4,)))
     assert "use_cache" not in str(info.value)  # the outputs hint only follows an outputs error
 

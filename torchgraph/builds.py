@@ -27,7 +27,8 @@ import sys
 import threading
 import weakref
 
-__all__ = ["Build", "building_now", "current_build", "end_build", "track_record"]
+__all__ = ["Build", "building_now", "current_build", "end_build", "note_failure", "supersede_failed_build",
+           "track_record"]
 
 # NOTE: [End of a build]
 # A build can finish only while some value of it is alive: tg.Model needs its inputs and outputs.
@@ -46,12 +47,21 @@ __all__ = ["Build", "building_now", "current_build", "end_build", "track_record"
 # die at a garbage collection, not at the `del` (Python's gc runs on its own as objects are made;
 # gc.collect() forces it). An exception's traceback keeps the frames it passed, and their symbolic
 # tensors: in an interactive session sys.last_traceback keeps a failed build's values, and so the
-# build, alive until the next error replaces it (or `del sys.last_traceback, sys.last_value`, and
-# sys.last_exc on Python 3.12+). Meanwhile the build is in progress as if the user still held it:
-# torch.compile works in that thread all the same (NOTE: [finfo of a stand-in] in type_info.py).
+# build, alive until the next tg.Input (below) or the next error replaces it (or `del
+# sys.last_traceback, sys.last_value`, and sys.last_exc on Python 3.12+). Meanwhile the build is in
+# progress as if the user still held it: torch.finfo and torch.compile work in that thread all the
+# same (NOTE: [finfo of a stand-in] in type_info.py), though torch.compile(module) warns about a
+# global module hook (the build's returned-inputs hook, NOTE: [Returned inputs]).
 # Records made without the hold (a loaded model's `model.outputs`, rebuilt on demand) are not
 # watched: they live as long as their model. Rebuilt during a build they are, and an abandoned build
 # then lasts as long as that model.
+# The one exception: an interactive session (the Python REPL, IPython/Jupyter) keeps the last uncaught
+# exception in sys.last_value/last_exc and its traceback, so a build whose step failed there stays in
+# progress, and the next tg.Input joined it: a dim re-declared with other bounds (tg.Dim("seq",
+# max=64) after max=8) was refused as declared twice, and probe sizes depended on the failed build.
+# So tg.Input first ends this thread's build if its last failure is the session's last exception
+# (supersede_failed_build): the user saw the error at the prompt and starts anew. Values of the
+# failed build that the user still holds stay usable, as values of a finished build are.
 # The callback may run in any thread (wherever the gc runs); it only marks the build ended and drops
 # the hold under the hold's lock; the owning thread starts a new Build when it next needs one. A step
 # of a build (tg.Input, an operation recorded at the top level) pins it meanwhile, so that a build
@@ -62,13 +72,14 @@ __all__ = ["Build", "building_now", "current_build", "end_build", "track_record"
 class Build:
     """One build's state in its thread: its dims (dims.py), its hold (type_info.py), its live records."""
 
-    __slots__ = ("dims", "hold", "records", "ended", "_forget", "__weakref__")
+    __slots__ = ("dims", "hold", "records", "ended", "failure", "_forget", "__weakref__")
 
     def __init__(self):
         self.dims = None  # dims.py's state of this build, made when first needed
         self.hold = None  # type_info.py's hold on torch.finfo's replacement, while held
         self.records: set[weakref.ref] = set()
         self.ended = False
+        self.failure = None  # id() of the last error a step raised (an exception cannot be weakly referenced)
         me = weakref.ref(self)  # a weak one: a build left by its thread must still die (and drop its hold)
 
         def forget(ref, me=me, finalizing=sys.is_finalizing):
@@ -131,6 +142,24 @@ def end_build() -> None:
     build, _CURRENT.build = _CURRENT.build, None
     if build is not None:
         build.end()
+
+
+def note_failure(exc: BaseException) -> None:
+    """A step of this thread's build raised ``exc`` (it may still be caught and the build go on)."""
+    build = _CURRENT.build
+    if build is not None and not build.ended:
+        build.failure = id(exc)
+
+
+def supersede_failed_build() -> None:
+    """Called by tg.Input: end this thread's build if its last failure is the interactive session's
+    last uncaught exception (NOTE: [End of a build])."""
+    build = _CURRENT.build
+    if build is None or build.ended or build.failure is None:
+        return
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if last is not None and id(last) == build.failure:
+        end_build()
 
 
 def track_record(record) -> None:

@@ -25,9 +25,15 @@ from .value_spec import ValueSpec
 
 __all__ = ["RESERVED_NAMES", "GraphEmitter", "record_out_spec"]
 
-# GraphModule and nn.Module attributes a layer must not shadow.
-RESERVED_NAMES = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("__")) | {"meta", "inputs",
-                                                                                        "outputs", "layers"} \
+# tg.Model's own attributes (model.py; tests/test_module_names.py checks that the list is complete).
+_MODEL_ATTRIBUTES = frozenset({
+    "meta", "inputs", "outputs", "layers", "input_names", "output_names", "get_layer", "get_output", "summary",
+    "get_config", "from_config", "to_json", "_construct", "_drop_layer_mirrors", "_input_names",
+    "_repr_mimebundle_", "_repr_svg_"})
+
+# GraphModule, nn.Module and tg.Model attributes a layer must not shadow (nor be shadowed by: a layer
+# named `summary` would be called as Model.summary by the generated forward).
+RESERVED_NAMES = frozenset(n for n in dir(fx.GraphModule) if not n.startswith("__")) | _MODEL_ATTRIBUTES \
     | frozenset(n for n in dir(TrainingMixin) if not n.startswith("__"))
 
 

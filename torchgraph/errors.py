@@ -1,6 +1,6 @@
 """The one library-specific exception."""
 
-__all__ = ["GraphBuildError"]
+__all__ = ["GraphBuildError", "RandomDrawError"]
 
 
 class GraphBuildError(ValueError):
@@ -19,3 +19,9 @@ class GraphBuildError(ValueError):
         ...     print("in_features=64" in str(e))
         True
     """
+
+
+class RandomDrawError(GraphBuildError):
+    """A forward draws random numbers that no input's values carry (``torch.rand(()) < p``,
+    ``random.random()``): a recording would bake them into the graph. The module that draws stays
+    one opaque layer; at the top level of ``tg.from_module`` the build fails with this error."""

@@ -30,12 +30,13 @@ import torch
 import torch.nn as nn
 
 from .dims import new_build
-from .errors import GraphBuildError
+from .errors import GraphBuildError, RandomDrawError
 from .fidelity import changed_state, differing_scopes, records_in_order, signature, snapshot_state
 from .generator_states import GeneratorStates, restore, snapshot, watching_draws
+from .emitting import RESERVED_NAMES
 from .hierarchy import mirror_hierarchy
 from .mode_dropout import record_as_layers
-from .naming import ILLEGAL_NAMES, fixed_paths
+from .naming import ILLEGAL_NAMES, SUBMODULE_NAMES, fixed_paths, reserved_attribute
 from .returned_inputs import linking_returned_inputs
 from .scopes import _CALL_IMPL_CODE, looking_through
 from .symbolic import Input, SymbolicTensor
@@ -378,11 +379,15 @@ def _record_once(module, args, kwargs, plan: _Plan):
             if isinstance(exc, GraphBuildError) and any(id(m) in plan.leaves for m in stack):
                 raise  # a layer's own error (a shape mismatch): it names the layer
             where = _code_location(exc)
+            fix = ("Use the module as one layer of a tg.Model (x = tg.Input(...); tg.Model(x, module(x))): a "
+                   "layer runs its own forward at every call, drawing anew as in eager, in train and eval mode."
+                   if isinstance(exc, RandomDrawError) else
+                   "Give it inputs that avoid that code (a fixed sequence length, settings in the inputs dict), "
+                   "or use the module as one layer of a tg.Model.")
             raise GraphBuildError(
                 f"tg.from_module: {type(module).__name__}.forward itself (not a submodule, which could stay "
                 f"one layer) cannot be recorded{' at ' + where if where else ''}: {_first_sentence(exc)} "
-                "Give it inputs that avoid that code (a fixed sequence length, settings in the inputs dict), "
-                "or use the module as one layer of a tg.Model.") from exc
+                f"{fix}") from exc
         culprit = candidates[-1]
         plan.fall_back(culprit, f"recording its forward failed ({_first_sentence(exc)})", exc)
         del changed
@@ -469,6 +474,7 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
             "tg.Model (x = tg.Input(...); tg.Model(x, module(x))).")
     if leaf_modules is not None and not isinstance(leaf_modules, (list, tuple, set)):
         leaf_modules = [leaf_modules]
+    _check_own_names(module)
     args, kwargs, settings = _make_inputs(module, inputs)
     try:
         outputs, plan = record_module(module, args, {**kwargs, **settings}, leaf_modules or ())
@@ -493,6 +499,16 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
     model.meta["torchgraph"]["containers"] = kinds
     model.training = module.training
     return model
+
+
+def _check_own_names(module: nn.Module) -> None:
+    """The model holds the module's own submodules, parameters and buffers under their names: none may
+    be a tg.Model attribute (except the submodule names the Model yields, NOTE in model.py)."""
+    who = type(module).__name__
+    for kind, names in (("submodule", module._modules), ("parameter", module._parameters), ("buffer", module._buffers)):
+        for name, obj in names.items():
+            if name in RESERVED_NAMES and not (kind == "submodule" and name in SUBMODULE_NAMES):
+                raise reserved_attribute(f"tg.from_module: {who} has a {kind} '{name}' ({type(obj).__name__})", name)
 
 
 def as_model(module_or_model, inputs: tuple, who: str, leaf_modules=None):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from .errors import GraphBuildError
+from .errors import GraphBuildError, RandomDrawError
 from .returned_inputs import _RECORDING
 from .scope_replay import STATE
 from .symbolic import SymbolicTensor
@@ -248,7 +248,7 @@ def watching_draws(transparent: list[nn.Module], layers: list[nn.Module], each_c
             return
         drawn = drawn_from(states)
         if drawn:
-            raise GraphBuildError(_draw_outside_torch(module, drawn))
+            raise RandomDrawError(_draw_outside_torch(module, drawn))
 
     handles = []
     # torch.nn's own modules (nn.Sequential looked through, nn.Linear as a layer) draw from torch only.

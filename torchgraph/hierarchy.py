@@ -86,6 +86,7 @@ def mirror_hierarchy(model: nn.Module, module: nn.Module, leaves: set[int]) -> t
     kinds: dict[str, str] = {}
     leaf_paths: list[str] = []
     own: set[str] = set()
+    placed: list[tuple[nn.Module, nn.Module]] = []
     for path, orig in module.named_modules(remove_duplicate=False):
         if any(path.startswith(p + ".") for p in leaf_paths):
             continue
@@ -115,6 +116,9 @@ def mirror_hierarchy(model: nn.Module, module: nn.Module, leaves: set[int]) -> t
             if path == "":
                 own.add(name)
         target._non_persistent_buffers_set = {n for n in orig._non_persistent_buffers_set if n in target._buffers}
+        placed.append((target, orig))
+    # In the original order, once every child is in place (an unused child comes after the used ones).
+    for target, orig in placed:
         for attr in ("_parameters", "_buffers", "_modules"):
             mine, theirs = getattr(target, attr), getattr(orig, attr)
             ordered = {k: mine[k] for k in theirs if k in mine}

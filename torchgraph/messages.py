@@ -298,9 +298,9 @@ def untracked_output(module: nn.Module, path: tuple, left_torch: bool) -> str:
 
 def lost_call(module: nn.Module, path: tuple) -> str:
     where = f" (output {list(path)})" if path else ""
-    return (f"{describe_module(module)}: its forward depends on the data (it was probed with small real "
-            f"tensors), and on that data it returned its input object unchanged{where}, so the call cannot "
-            "be recorded: the model would skip the layer whatever the data. Expected a forward that "
+    return (f"{describe_module(module)}: its forward depends on the data or on random draws (it was "
+            f"probed with small real tensors), and on that data it returned its input object unchanged{where}, "
+            "so the call cannot be recorded: the model would skip the layer whatever the data. Expected a forward that "
             "computes its outputs. Make that branch compute something (`return x.clone()`), or make the "
             f"condition depend on shapes only. (at {user_location()})")
 

@@ -31,7 +31,7 @@ from .emitting import RESERVED_NAMES, GraphEmitter, record_out_spec
 from .errors import GraphBuildError
 from .hierarchy import order_by_graph
 from .input_checks import cast_float_dtype, check_call, input_checks
-from .naming import assign_layer_names, check_identifier
+from .naming import SUBMODULE_NAMES, assign_layer_names, check_identifier
 from .recording import close_finished_scopes
 from .symbolic import SymbolicTensor, Value
 from .symbolic_handles import constant_value  # noqa: F401 - NOTE: [Names kept in model.py]
@@ -296,7 +296,12 @@ class Model(TrainingMixin, fx.GraphModule):
     def add_module(self, name, module):  # register_module() calls add_module()
         if isinstance(self.__dict__.get(name), nn.Module):
             del self.__dict__[name]  # the mirror of a layer that was removed without delattr
-        super().add_module(name, module)
+        if name in SUBMODULE_NAMES and name not in self._modules and isinstance(module, nn.Module):
+            # The Model property of that name yields to the submodule (_yields_to_submodule), which
+            # nn.Module.add_module would refuse as an existing attribute (an unused `self.layers`).
+            self._modules[name] = module
+        else:
+            super().add_module(name, module)
         if module is not None:
             self.__dict__[name] = module
 

@@ -19,6 +19,7 @@ from .errors import GraphBuildError
 from .mode_stack import push_mode, remove_mode
 from .probing import ProbeContext, is_meta_limitation, to_meta
 from .restoring import attribute_snapshot, buffer_snapshot, restore_attributes, undo_buffers
+from .returned_inputs import links_returned_inputs
 from .scope_replay import STATE, Scope, ScopeMode, start_replay
 from .scope_replay import find_scope, remove_idle_modes, replay, skip_metadata  # noqa: F401 - kept here: NOTE below
 from .scopes import recorded_leaf
@@ -182,7 +183,7 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
         record.effect = "mutation"
         for value in run0.mutated.values():
             value.base.add_effect(record)
-    if real and not recorded_leaf(module):
+    if real and not recorded_leaf(module) and not links_returned_inputs(module):
         _check_no_lost_call(module, run0, out0, bufs, saved, attrs)
     _link_outputs(module, record, run0, out0, out1)
 
@@ -204,11 +205,14 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
 
 
 def _check_no_lost_call(module, run0: ShadowRun, out0, bufs, saved, attrs) -> None:
-    """NOTE: [Lost calls] A module probed with real data (its forward reads the data) that returns
-    its input object unchanged on that data (`if x.sum() > 0: return x`) hands the interrupted
-    original call its own input back: the caller never sees the recorded call, and the model would
-    skip the module whatever the data at run time. (tg.from_module links such outputs to the call
-    instead: NOTE: [Returned inputs] in returned_inputs.py; no hook can be added here.)"""
+    """NOTE: [Lost calls] A module probed with real data (its forward reads the data, or draws random
+    numbers to choose its branch) that returns its input object unchanged on that data (`if x.sum() >
+    0: return x`, a LayerDrop that skipped every layer) hands the interrupted original call its own
+    input back: the caller never sees the recorded call, and the model would skip the module whatever
+    the data at run time. That happens only where no hook links such outputs to the call (NOTE:
+    [Returned inputs] in returned_inputs.py): tg.from_module's opaque layers and the layers of a
+    hand-written build are linked, so their call stays in the graph and decides at run time, as in
+    eager."""
     for path, leaf in tree_leaves(out0):
         if isinstance(leaf, SymbolicTensor) and id(leaf) in run0.inputs:
             undo_buffers(bufs, saved)

@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .errors import GraphBuildError
 
 __all__ = ["SUBMODULE_NAMES", "first_free_name", "name", "user_name", "snake_case", "tensor_name", "remember_variable_names", "fixed_paths",
-           "fixed_path"]
+           "fixed_path", "reserved_attribute"]
 
 _USER_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 # Names given automatically by the first model a layer joined: a layer keeps its name in later
@@ -187,6 +187,14 @@ def snake_case(class_name: str) -> str:
 SUBMODULE_NAMES = frozenset({"inputs", "outputs", "layers"})
 
 
+def reserved_attribute(what: str, name: str) -> GraphBuildError:
+    """The error for a module's own attribute ``name`` that a tg.Model cannot hold under that name."""
+    return GraphBuildError(
+        f"{what}, the name of an attribute every tg.Model needs (an nn.Module, GraphModule, tg.Model or "
+        f"training attribute). Expected a top-level submodule, parameter or buffer name that is not one; "
+        f"received '{name}'. Rename that attribute of the module (e.g. self.{name}_ = ...) before recording it.")
+
+
 def first_free_name(base: str, is_taken, start: int = 0) -> tuple[str, int]:
     """``base``, else ``base_1``, ``base_2``... (from counter ``start``): the first that
     ``is_taken`` refuses not, and its counter."""
@@ -211,11 +219,7 @@ def assign_layer_names(modules: list[nn.Module], reserved: set[str],
         if n is not None:
             top = n.split(".")[0]
             if top in reserved and top not in SUBMODULE_NAMES:
-                raise GraphBuildError(
-                    f"The submodule '{n}' ({type(m).__name__}) sits under '{top}', the name "
-                    "of an attribute every tg.Model needs (an nn.Module, GraphModule or training attribute). "
-                    f"Expected a top-level submodule name that is not one; received '{top}'. Rename that "
-                    f"attribute of the module (e.g. self.{top}_ = ...) before recording it.")
+                raise reserved_attribute(f"The submodule '{n}' ({type(m).__name__}) sits under '{top}'", top)
             names[id(m)] = n
             taken.add(n)
     prefixes = {".".join(s.split(".")[:i]) for s in scopes.values() if s

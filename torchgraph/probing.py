@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .errors import GraphBuildError
+from .probe_layouts import match_cpu_layout
 from .targets import func_name, is_inplace
 from .symbolic import SymbolicInt, SymbolicTensor, Value, _StandIn
 from .trees import tree_map
@@ -130,6 +131,11 @@ def _rnn_on_meta(name: str, u_args: tuple):
 _RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 
 
+def _on_meta(func, u_args, u_kwargs):
+    """``func`` on meta probes, its output laid out as the CPU kernel lays it (NOTE: [Meta strides])."""
+    return match_cpu_layout(func, u_args, u_kwargs, func(*u_args, **u_kwargs))
+
+
 def run_on_probes(func, args, kwargs, unwrap, cacheable: bool):
     """``func`` on unwrapped (meta or real) arguments, memoised for meta when safe."""
     u_args = tree_map(unwrap, args)
@@ -144,11 +150,11 @@ def run_on_probes(func, args, kwargs, unwrap, cacheable: bool):
     try:
         key = (func, _key(u_args), _key(u_kwargs))
     except TypeError:  # an unhashable argument: no memo
-        return func(*u_args, **u_kwargs), u_args, u_kwargs
+        return _on_meta(func, u_args, u_kwargs), u_args, u_kwargs
     hit = _CACHE.get(key)
     if hit is not None:
         return _rebuild(hit), u_args, u_kwargs
-    out = func(*u_args, **u_kwargs)
+    out = _on_meta(func, u_args, u_kwargs)
     if len(_CACHE) > _CACHE_LIMIT:
         _CACHE.clear()
     try:

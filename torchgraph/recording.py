@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import messages
+from .builds import note_failure
 from .errors import GraphBuildError
 from .module_scopes import open_scope
 from .naming import remember_variable_names
@@ -111,29 +112,33 @@ def close_finished_scopes() -> None:
 # --------------------------------------------------------------------------------------------
 
 def dispatch(func, args: tuple, kwargs: dict):
-    run = STATE.run
-    name = func_name(func)
-    if run is not None:  # in a shadow run (NOTE: [Call kinds] in scope_replay.py)
-        kind = call_kind(name, args, kwargs)
-        if kind == "op":
-            return run.execute(func, args, kwargs)
-        return run.const(func, name, args, kwargs) if kind == "const" else func(*args, **kwargs)
-    frame, in_forward, _ = _find_module_call()
-    if frame is not None:
-        if not in_forward:
-            # In the module call's hooks: answer like a shadow run on probe 0, unrecorded.
-            return ShadowRun(ProbeContext(0, False), None).execute(func, args, kwargs)
-        kind = call_kind(name, args, kwargs)  # NOTE: [Call kinds] in scope_replay.py
-        if kind == "real":  # a data read or an in-place change of a buffer: as in the shadow runs
-            return func(*args, **kwargs)
-        scope = find_scope(frame)
-        if scope is None:
-            scope = open_scope(frame, None if name in _METADATA else (kind, name, args, kwargs))
-        if name in _METADATA:
-            skip_metadata(scope, name)
-            return ShadowRun(ProbeContext(0, False), None).execute(func, args, kwargs)
-        return replay(scope, kind, name, args, kwargs)
-    return _record_top_level(func, name, args, kwargs)
+    try:  # no helper frame: _find_module_call and messages read the stack from here
+        run = STATE.run
+        name = func_name(func)
+        if run is not None:  # in a shadow run (NOTE: [Call kinds] in scope_replay.py)
+            kind = call_kind(name, args, kwargs)
+            if kind == "op":
+                return run.execute(func, args, kwargs)
+            return run.const(func, name, args, kwargs) if kind == "const" else func(*args, **kwargs)
+        frame, in_forward, _ = _find_module_call()
+        if frame is not None:
+            if not in_forward:
+                # In the module call's hooks: answer like a shadow run on probe 0, unrecorded.
+                return ShadowRun(ProbeContext(0, False), None).execute(func, args, kwargs)
+            kind = call_kind(name, args, kwargs)  # NOTE: [Call kinds] in scope_replay.py
+            if kind == "real":  # a data read or an in-place change of a buffer: as in the shadow runs
+                return func(*args, **kwargs)
+            scope = find_scope(frame)
+            if scope is None:
+                scope = open_scope(frame, None if name in _METADATA else (kind, name, args, kwargs))
+            if name in _METADATA:
+                skip_metadata(scope, name)
+                return ShadowRun(ProbeContext(0, False), None).execute(func, args, kwargs)
+            return replay(scope, kind, name, args, kwargs)
+        return _record_top_level(func, name, args, kwargs)
+    except GraphBuildError as exc:
+        note_failure(exc)  # an interactive session's failed build (NOTE: [End of a build] in builds.py)
+        raise
 
 
 def _symbolic_size(x: SymbolicTensor, dim: int):

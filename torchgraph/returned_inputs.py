@@ -26,8 +26,10 @@ that, so a per-layer hook cannot be added then. There a process-wide forward hoo
 build hold of NOTE: [finfo of a stand-in] in type_info.py: from ``tg.Input`` to ``tg.Model``, or
 until no value of the build is left, NOTE: [End of a build] in builds.py); it
 acts only in the building thread, and leaves ``tg.from_module``'s recording to the hooks above (a
-module it looks through may return its input and is no layer). A data-dependent layer probed with
-real data that returns its input still raises there (``_check_no_lost_call`` in module_scopes.py).
+module it looks through may return its input and is no layer). A layer probed with real data (its
+forward reads the data, or draws random numbers to choose a branch: a LayerDrop that skipped every
+layer) that returns its input is linked the same way, so it stays a call that decides at run time
+(:func:`links_returned_inputs`; NOTE: [Lost calls] in module_scopes.py).
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ import torch.nn as nn
 import torch.nn.modules.module as module_hooks
 from torch.nn.modules.module import register_module_forward_hook
 
+from .builds import note_failure
+from .errors import GraphBuildError
 from .scope_replay import STATE, find_scope
 from .symbolic import SymbolicTensor
 from .trees import tree_leaves
 
-__all__ = ["linking_returned_inputs", "watch_builds", "unwatch_builds"]
+__all__ = ["linking_returned_inputs", "links_returned_inputs", "watch_builds", "unwatch_builds"]
 
 _CALL_IMPL_CODE = nn.Module._call_impl.__code__
 
@@ -97,12 +101,24 @@ def unwatch_builds() -> None:
         _WATCH = None
 
 
+def links_returned_inputs(module: nn.Module) -> bool:
+    """Whether this thread's hand-written build links the output of a ``module`` call that returns one
+    of its symbolic inputs to the call (the process-wide hook below), so the call stays in the graph."""
+    from .type_info import building
+
+    return _WATCH is not None and not _RECORDING.from_module and building() and _needs_hook(module)
+
+
 def _link_in_hand_written_builds(module, args, kwargs, output):
     from .type_info import building
 
     if _RECORDING.from_module or not building() or not _needs_hook(module):
         return None
-    return _link_returned_inputs(module, args, kwargs, output)
+    try:
+        return _link_returned_inputs(module, args, kwargs, output)
+    except GraphBuildError as exc:
+        note_failure(exc)  # an interactive session's failed build (NOTE: [End of a build] in builds.py)
+        raise
 
 
 def _link_returned_inputs(module, args, kwargs, output):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .builds import track_record
+from .builds import supersede_failed_build, track_record
 from .dims import BATCH, Dim, DynamicDim, anonymous_dim, declared_dim, dim_for_probes, input_site
 from .errors import GraphBuildError
 from .scopes import current_scope
@@ -396,6 +396,7 @@ def Input(shape, dtype: torch.dtype = torch.float32, name: str | None = None) ->
     from .type_info import hold_during_build
 
     remove_idle_modes()  # a safe point (NOTE: [Module scopes])
+    supersede_failed_build()  # an interactive session's failed build (NOTE: [End of a build] in builds.py)
     build = hold_during_build()  # torch.finfo(x.dtype) is recorded until the build ends (NOTE: [finfo of a stand-in])
     pin = build.pin()  # a failed first tg.Input leaves no build behind (NOTE: [End of a build] in builds.py)
     try:

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import (dims, generator_states, messages, mode_stack, module_scopes, probing, recording, restoring,
                scope_replay, shadow_runs, sizes, symbolic, targets)
-from .errors import GraphBuildError
+from .errors import GraphBuildError, RandomDrawError
 from .mode_stack import remove_mode
 from .symbolic import SymbolicInt, SymbolicTensor, _StandIn
 from .targets import _METADATA, func_name, is_inplace
@@ -134,7 +134,7 @@ _RANDOM = frozenset({
 def _refuse_random_draw(name: str, args) -> None:
     shape = next((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), None)
     what = f"'{name}'" + (f" on a tensor of shape {shape}" if shape is not None else "")
-    raise GraphBuildError(
+    raise RandomDrawError(
         f"{what} draws random numbers that depend on no input of the model (NOTE: [Random draws in a "
         "forward]). Expected random calls on the inputs' values (x.new_empty(...).bernoulli_(p), "
         "F.dropout(x)); received a draw that a recording would run once and bake into the graph as a "
