@@ -147,7 +147,8 @@ def _no_plan(*args, **kwargs) -> None:
 ABLATIONS = {
     "conv-gemm": ("convolutions on few pixels run as one GEMM, MKL's on Intel CPUs, oneDNN's elsewhere "
                   "(NOTE: [Convolutions on few pixels])",
-                  [(fused_conv, "CONV_GEMM_MAX_ROWS", 0), (fused_conv, "CONV_IM2COL_MAX_ROWS", 0)]),
+                  [(fused_conv, "CONV_GEMM_MAX_ROWS", 0), (fused_conv, "CONV_IM2COL_MAX_ROWS", 0),
+                   (fused_conv, "ONEDNN_F32_CONV_GEMM_MAX_ROWS", 0)]),
     "conv-plans": ("per-layer plans of the fused convolutions (NOTE: [Per-layer plans]): decide per call",
                    [(fused_conv, "_new_plan", _no_plan)]),
     "shared-walks": ("generated code that reads each submodule once per forward (passes.share_attribute_walks)",

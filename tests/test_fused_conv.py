@@ -69,7 +69,10 @@ CASES = [  # (batch, in, out, size, kernel, stride, padding)
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_few_pixel_convolutions_run_as_one_gemm(monkeypatch, gemm_library, case, act, channels_last):
     """A convolution with few output pixels runs as one GEMM (MKL or oneDNN) on NHWC rows: same
-    values as F.conv2d, answering in channels_last inside a stack and contiguous outside one."""
+    values as F.conv2d, answering in channels_last inside a stack and contiguous outside one. (On
+    oneDNN float32 im2col GEMMs are limited to maps 2 wide; widened here so the 3- and 4-wide cases
+    check the path.)"""
+    monkeypatch.setattr(fused.conv, "ONEDNN_F32_IM2COL_MAX_WIDTH", 4)
     n, cin, cout, size, k, stride, pad = case
     x = torch.randn(n, cin, size, size)
     if channels_last:
@@ -123,15 +126,19 @@ def test_gemm_weights_are_cached_and_follow_changes(monkeypatch, gemm_library):
     torch.testing.assert_close(y, _reference(x, w, b, 1, 1, "relu"), atol=1e-4, rtol=1e-4)
 
 
+def _gemm_rows(n, c, size, k, stride=1, pad=0, dilation=1, groups=1, dtype=torch.float32, out=8):
+    x = torch.empty(n, c, size, size, device="meta", dtype=dtype)
+    w = torch.empty(out, c // groups, k, k, device="meta")
+    return fused.conv._conv_gemm_rows(x, w, [stride] * 2, [pad] * 2, [dilation] * 2, groups)
+
+
+@pytest.mark.usefixtures("mkl_routes")
 def test_gemm_decision_follows_the_measured_limits():
-    """1x1 convolutions up to CONV_GEMM_MAX_ROWS output pixels, larger kernels on maps at most
-    CONV_IM2COL_MAX_WIDTH wide with at most CONV_IM2COL_MAX_ROWS pixels; never grouped or dilated
-    convolutions, nor dtypes other than float32 and (where oneDNN runs it) bfloat16 (NOTE:
-    [Convolutions on few pixels])."""
-    def rows(n, c, size, k, stride=1, pad=0, dilation=1, groups=1, dtype=torch.float32, out=8):
-        x = torch.empty(n, c, size, size, device="meta", dtype=dtype)
-        w = torch.empty(out, c // groups, k, k, device="meta")
-        return fused.conv._conv_gemm_rows(x, w, [stride] * 2, [pad] * 2, [dilation] * 2, groups)
+    """With float32 GEMMs on MKL (Intel CPUs): 1x1 convolutions up to CONV_GEMM_MAX_ROWS output
+    pixels, larger kernels on maps at most CONV_IM2COL_MAX_WIDTH wide with at most CONV_IM2COL_MAX_ROWS
+    pixels; never grouped or dilated convolutions, nor dtypes other than float32 and (where oneDNN runs
+    it) bfloat16 (NOTE: [Convolutions on few pixels])."""
+    rows = _gemm_rows
 
     assert rows(8, 8, 4, 1) == 128 == fused.CONV_GEMM_MAX_ROWS
     assert rows(9, 8, 4, 1) == 0
@@ -145,6 +152,21 @@ def test_gemm_decision_follows_the_measured_limits():
     assert rows(1, 8, 2, 1, dtype=torch.bfloat16) == (4 if torch.bfloat16 in fused._common._ONEDNN_DTYPES else 0)
     assert rows(1, 8, 2, 1, dtype=torch.float16) == 0
     assert rows(1, 8, 2, 1, stride=2) == 1
+
+
+@pytest.mark.usefixtures("onednn_routes")
+def test_float32_gemm_limits_where_mkl_is_slow():
+    """With float32 GEMMs on oneDNN's matmul (NOTE: [Float32 convolution GEMMs on oneDNN]): every 1x1
+    convolution, and larger kernels only on maps at most ONEDNN_F32_IM2COL_MAX_WIDTH (2) wide;
+    bfloat16 keeps the limits measured for it."""
+    rows = _gemm_rows
+    assert rows(8, 8, 32, 1) == 8192 and rows(1, 16, 112, 1) == 12544  # MobileNetV2's expansions
+    assert rows(1, 8, 56, 1, stride=2) == 784  # ResNet-50's downsample at b1 224x224
+    assert rows(8, 8, 4, 3, pad=1) == 0  # 4 wide: the fused convolution was 1.28-1.40x faster
+    assert rows(8, 8, 2, 3, pad=1) == 32 and rows(40, 8, 2, 3, pad=1) == 0  # 2 wide, CONV_IM2COL_MAX_ROWS
+    if torch.bfloat16 in fused._common._ONEDNN_DTYPES:
+        assert rows(8, 8, 4, 1, dtype=torch.bfloat16) == 128 and rows(9, 8, 4, 1, dtype=torch.bfloat16) == 0
+        assert rows(8, 8, 4, 3, pad=1, dtype=torch.bfloat16) == 128
 
 
 @pytest.mark.parametrize("size", [2, 16], ids=["gemm", "onednn"])

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from ._common import ONEDNN_ACTIVATIONS, use_onednn
 from .attention import QKV_ATTENTION_MAX_SEQ, qkv_attention
-from .conv import (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, RESIDUAL_ACTIVATIONS, conv2d_act,
-                   conv2d_add_act)
+from .conv import (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
+                   ONEDNN_F32_IM2COL_MAX_WIDTH, RESIDUAL_ACTIVATIONS, conv2d_act, conv2d_add_act)
 from .linear import MKL_PACKED_MAX_ROWS, MKL_PACKED_MIN_WEIGHT, ONEDNN_LINEAR_MIN_MACS, linear_act
 from .weights import MKL_PACKED_ROW_COUNTS
 
@@ -40,6 +40,7 @@ from .weights import MKL_PACKED_ROW_COUNTS
 # fused.weights, fused.attention): to move one (as tests do), set it there; the names here are
 # for reading.
 __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "MKL_PACKED_MAX_ROWS",
-           "MKL_PACKED_MIN_WEIGHT", "MKL_PACKED_ROW_COUNTS", "ONEDNN_ACTIVATIONS", "ONEDNN_LINEAR_MIN_MACS",
+           "MKL_PACKED_MIN_WEIGHT", "MKL_PACKED_ROW_COUNTS", "ONEDNN_ACTIVATIONS", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
+           "ONEDNN_F32_IM2COL_MAX_WIDTH", "ONEDNN_LINEAR_MIN_MACS",
            "QKV_ATTENTION_MAX_SEQ", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act", "linear_act",
            "qkv_attention", "use_onednn"]

@@ -13,8 +13,8 @@ from ._common import ONEDNN_ACTIVATIONS, _ONEDNN_DTYPES, _activation, _activatio
 from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _HAS_MKL_PACKED, _filters_as_rows, _mkl_packed_weight, _onednn_linear_weight, _packed_weight
 
-__all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "conv2d_act",
-           "conv2d_add_act"]
+__all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
+           "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act"]
 
 # NOTE: [Convolutions on few pixels] A convolution whose output has few pixels (ResNet-50's last
 # stage: 2x2 maps at batch 8 and 64x64 input, 7x7 at batch 1 and 224x224) reads its whole weight for
@@ -43,6 +43,28 @@ CONV_IM2COL_MAX_WIDTH = 4
 #: ... and has at most this many output pixels.
 CONV_IM2COL_MAX_ROWS = 128
 
+# NOTE: [Float32 convolution GEMMs on oneDNN] The limits above were measured against MKL's GEMM
+# (Intel, float32) and oneDNN's bfloat16 matmul (AMX). Where float32 GEMMs run on oneDNN's matmul
+# (CPUs where MKL is slow), the AMD EPYC (2 threads, each ResNet-50/MobileNetV2 convolution alone,
+# `conv2d_act` channels_last, medians) gave: 1x1 convolutions as a GEMM at 0.84-0.98x the fused
+# convolution's time at every size from 32 to 12,544 output pixels (a few at 1.02-1.14x: MobileNetV2
+# b1's 576 -> 96 and 960 -> 160/320 at 49-196 pixels), 3x3 ones on 4-wide maps 1.28-1.40x slower
+# (ResNet-50's layer3 at b8 64x64, inside the old limit) and on 2-wide maps 0.77-0.93x. In whole models
+# (interleaved, quiet, freed memory retained) every 1x1 convolution as a GEMM plus 3x3 ones on maps at
+# most 2 wide took ResNet-50 b8 64x64 1.063x faster than the old limits, b1 224x224 1.013x, MobileNetV2
+# b8 1.076x, b1 1.050x; in bfloat16 the same change lost (ResNet-50 0.961x, 0.970x), so bfloat16 keeps
+# the limits above.
+#: Float32 1x1 convolutions run as a oneDNN GEMM up to this many output pixels where MKL is slow (no limit).
+ONEDNN_F32_CONV_GEMM_MAX_ROWS = 1 << 62
+#: Float32 im2col GEMMs where MKL is slow: output at most this wide (and CONV_IM2COL_MAX_ROWS pixels).
+ONEDNN_F32_IM2COL_MAX_WIDTH = 2
+
+
+def _limits() -> tuple:
+    """What the GEMM decision reads, part of each plan's key (tests and benchmarks move them)."""
+    return (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
+            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS)
+
 
 def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple:
     """The convolution's output shape ``(N, C_out, H_out, W_out)`` for a 4-D input."""
@@ -63,10 +85,12 @@ def _conv_gemm_rows(x: torch.Tensor, weight: torch.Tensor, stride, padding, dila
     ho = (h + 2 * padding[0] - kh) // stride[0] + 1
     wo = (w + 2 * padding[1] - kw) // stride[1] + 1
     rows = n * ho * wo
+    float32_on_onednn = x.dtype == torch.float32 and not _MKL_CONV_GEMMS  # [Float32 convolution GEMMs on oneDNN]
     if kh == 1 and kw == 1 and not padding[0] and not padding[1]:
-        limit = CONV_GEMM_MAX_ROWS
+        limit = ONEDNN_F32_CONV_GEMM_MAX_ROWS if float32_on_onednn else CONV_GEMM_MAX_ROWS
     else:
-        limit = CONV_IM2COL_MAX_ROWS if wo <= CONV_IM2COL_MAX_WIDTH else 0
+        width = ONEDNN_F32_IM2COL_MAX_WIDTH if float32_on_onednn else CONV_IM2COL_MAX_WIDTH
+        limit = CONV_IM2COL_MAX_ROWS if wo <= width else 0
     if rows <= 0 or rows > limit or ho <= 0:
         return 0
     return rows if x.dtype in _ONEDNN_DTYPES else 0  # float32 on MKL or oneDNN, bfloat16 on oneDNN
@@ -249,8 +273,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         args = (x, weight, bias, stride, padding, dilation, groups, act)
         kwargs = {"channels_last": True} if channels_last else {}
         return x.tracer.create_proxy("call_function", conv2d_act, args, kwargs)
-    key = (stride, padding, dilation, groups, act, channels_last, CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS,
-           CONV_IM2COL_MAX_WIDTH)
+    key = (stride, padding, dilation, groups, act, channels_last, *_limits())
     plan = _PLANS.get(id(weight))
     if plan is not None and type(x) is torch.Tensor and plan.holds(x, weight, bias, key):  # noqa: E721
         return plan.run(x, bias)
@@ -326,8 +349,7 @@ def conv2d_add_act(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
         return x.tracer.create_proxy("call_function", conv2d_add_act, args, kwargs)
     if act not in RESIDUAL_ACTIVATIONS:
         raise ValueError(f"conv2d_add_act: act must be one of {RESIDUAL_ACTIVATIONS}; received {act!r}.")
-    key = (stride, padding, dilation, groups, act, channels_last, CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS,
-           CONV_IM2COL_MAX_WIDTH)
+    key = (stride, padding, dilation, groups, act, channels_last, *_limits())
     plan = _ADD_PLANS.get(id(weight))
     if (plan is not None and type(x) is torch.Tensor and type(residual) is torch.Tensor  # noqa: E721
             and plan.holds(x, weight, bias, key) and plan.takes_residual(residual)):
