@@ -741,6 +741,42 @@ def test_qkv_attention_matches_reference(dtype, causal, scale, b, t, heads, d, o
 
 
 @needs_c_ops
+def test_qkv_attention_onednn_workspace_reused_across_shapes_and_threads():
+    """The oneDNN forward's per-thread workspace (NOTE: [Attention workspace]) holds the intermediates
+    of one call at a time: calls of growing, shrinking and over-the-cap sizes, float32 and bfloat16,
+    and two threads at once all give the reference's values."""
+    import threading
+
+    def check(b, t, heads, d, dtype, causal):
+        qkv = qkv_input(b, t, heads, d, dtype)
+        out, probs = torch.ops.torchgraph.qkv_attention.default(qkv, heads, causal, None, True)
+        expected, expected_probs = ops.reference_qkv_attention(qkv, heads, causal)
+        assert_close(out, expected, dtype)
+        assert_close(probs, expected_probs, torch.float32)
+
+    shapes = [(2, 33, 3, 8), (8, 128, 4, 64), (1, 5, 1, 4), (4, 512, 16, 64), (2, 65, 2, 16)]  # 4 x 512: 32 MiB (f32), 58 (bf16)
+    for dtype in (torch.float32, torch.bfloat16):
+        for causal in (False, True):
+            for shape in shapes:
+                check(*shape, dtype, causal)
+    errors = []
+
+    def worker(shape):
+        try:
+            for _ in range(3):
+                check(*shape, torch.float32, True)
+        except AssertionError as error:  # surfaced below: pytest does not see a thread's failure
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(shape,)) for shape in ((8, 128, 4, 64), (2, 97, 3, 32))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+@needs_c_ops
 @pytest.mark.parametrize("causal", [False, True])
 def test_qkv_attention_onednn_bfloat16_as_accurate_as_sdpa(causal):
     """bfloat16 on oneDNN keeps the scores in float32 (NOTE: [Attention GEMMs on oneDNN]): on a peaky

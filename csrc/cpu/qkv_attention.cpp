@@ -32,10 +32,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../common.h"
@@ -177,19 +180,70 @@ void forward_kernel(const T* qkv, T* out, T* probs, const Geometry& g, T scale) 
 // std ~16). O = P V runs in bfloat16 (AVX512-BF16/AMX, float accumulation in
 // oneDNN) on P rounded to bfloat16, as SDPA's flash kernel does; probs, kept
 // for the backward, stay float32.
+//
+// NOTE: [Attention workspace] Those intermediates (the heads copied apart, P
+// rounded to bfloat16, the merged heads before their copy into out) live in a
+// per-thread buffer kept between calls, up to kWorkspaceMaxBytes: allocated
+// afresh, glibc gave their megabytes back to the OS after each call and the
+// next call page-faulted them in again (GPT's 8 x 128 x 4 heads of 64: 1.27-
+// 1.69 ms a call against 0.56-0.61 ms with freed memory kept, i.e. slower than
+// the sgemm kernel's 0.78-1.01; NOTE: [Page faults from freed memory] in
+// torchgraph/cpu_memory.py). Larger problems allocate as before, so the buffer
+// never pins more than that per thread.
+constexpr int64_t kWorkspaceMaxBytes = int64_t{32} << 20;
+
+class Workspace {
+ public:
+  explicit Workspace(int64_t bytes) {
+    if (bytes > kWorkspaceMaxBytes) return;
+    thread_local std::unique_ptr<void, decltype(&std::free)> kept(nullptr, &std::free);
+    thread_local int64_t kept_bytes = 0;
+    if (kept_bytes < bytes) {
+      kept.reset(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+      TORCH_CHECK(kept != nullptr, "qkv_attention: could not allocate a ", bytes, "-byte workspace");
+      kept_bytes = bytes;
+    }
+    base_ = static_cast<char*>(kept.get());
+  }
+
+  // A tensor of these sizes in the buffer (not owning it), or a fresh one beyond the cap.
+  at::Tensor take(at::IntArrayRef sizes, at::ScalarType dtype) {
+    const auto options = at::TensorOptions().dtype(dtype);
+    if (base_ == nullptr) return at::empty(sizes, options);
+    at::Tensor t = at::from_blob(base_ + used_, sizes, options);
+    used_ += (t.nbytes() + 63) / 64 * 64;
+    return t;
+  }
+
+  static int64_t bytes_for(std::initializer_list<std::pair<int64_t, at::ScalarType>> parts) {
+    int64_t total = 0;
+    for (const auto& [numel, dtype] : parts) total += (numel * c10::elementSize(dtype) + 63) / 64 * 64;
+    return total;
+  }
+
+ private:
+  char* base_ = nullptr;
+  int64_t used_ = 0;
+};
+
 template <typename T>
 void forward_onednn(const at::Tensor& x, const at::Tensor& out, const at::Tensor& probs,
                     const Geometry& g, float scale) {
 #if AT_MKLDNN_ENABLED()
-  const int64_t bh = g.batch * g.heads, T_ = g.seq, D = g.head_dim;
+  const int64_t bh = g.batch * g.heads, T_ = g.seq, D = g.head_dim, heads_numel = bh * T_ * D;
+  const bool rounded = !std::is_same_v<T, float>;
+  const at::ScalarType dtype = x.scalar_type();
+  Workspace workspace(Workspace::bytes_for({{2 * heads_numel, at::kFloat}, {heads_numel, dtype},
+                                            {rounded ? bh * T_ * T_ : 0, dtype}, {heads_numel, dtype}}));
   const at::Tensor parts = x.view({g.batch, T_, 3, g.heads, D}).permute({2, 0, 3, 1, 4});
-  const at::Tensor qk = at::empty({2, bh, T_, D}, x.options().dtype(at::kFloat));
+  const at::Tensor qk = workspace.take({2, bh, T_, D}, at::kFloat);
   qk.view({2, g.batch, g.heads, T_, D}).copy_(parts.narrow(0, 0, 2));
-  const at::Tensor v = parts[2].contiguous().view({bh, T_, D});
+  const at::Tensor v = workspace.take({bh, T_, D}, dtype);
+  v.view({g.batch, g.heads, T_, D}).copy_(parts[2]);
   const at::Tensor scores = probs.view({bh, T_, T_});
   at::native::mkldnn_matmul(qk[0], qk[1].transpose(1, 2), scores, 0.f, scale);
   // The second product reads P in v's dtype: probs itself for float, a rounded copy for bfloat16.
-  const at::Tensor p_rounded = std::is_same_v<T, float> ? scores : at::empty({bh, T_, T_}, x.options());
+  const at::Tensor p_rounded = rounded ? workspace.take({bh, T_, T_}, dtype) : scores;
   float* p = scores.mutable_data_ptr<float>();
   T* pr = p_rounded.mutable_data_ptr<T>();
   at::parallel_for(0, bh * T_, 16, [&](int64_t begin, int64_t end) {
@@ -200,7 +254,7 @@ void forward_onednn(const at::Tensor& x, const at::Tensor& out, const at::Tensor
       }
     }
   });
-  const at::Tensor merged = at::empty({bh, T_, D}, x.options());
+  const at::Tensor merged = workspace.take({bh, T_, D}, dtype);
   at::native::mkldnn_matmul(p_rounded, v, merged, 0.f, 1.f);
   out.view({g.batch, T_, g.heads, D}).copy_(merged.view({g.batch, g.heads, T_, D}).transpose(1, 2));
 #else
