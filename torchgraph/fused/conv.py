@@ -50,10 +50,10 @@ CONV_IM2COL_MAX_ROWS = 128
 # convolution's time at every size from 32 to 12,544 output pixels (a few at 1.02-1.14x: MobileNetV2
 # b1's 576 -> 96 and 960 -> 160/320 at 49-196 pixels), 3x3 ones on 4-wide maps 1.28-1.40x slower
 # (ResNet-50's layer3 at b8 64x64, inside the old limit) and on 2-wide maps 0.77-0.93x. In whole models
-# (interleaved, quiet, freed memory retained) every 1x1 convolution as a GEMM plus 3x3 ones on maps at
-# most 2 wide took ResNet-50 b8 64x64 1.063x faster than the old limits, b1 224x224 1.013x, MobileNetV2
-# b8 1.076x, b1 1.050x; in bfloat16 the same change lost (ResNet-50 0.961x, 0.970x), so bfloat16 keeps
-# the limits above.
+# (interleaved, quiet, freed memory retained, two processes) every 1x1 convolution as a GEMM plus 3x3
+# ones on maps at most 2 wide ran faster than the old limits: ResNet-50 b8 64x64 1.014-1.063x, b1
+# 224x224 1.013-1.016x, MobileNetV2 b8 1.005-1.076x, b1 1.050-1.062x; in bfloat16 the same change lost
+# (ResNet-50 0.961x, 0.970x), so bfloat16 keeps the limits above.
 #: Float32 1x1 convolutions run as a oneDNN GEMM up to this many output pixels where MKL is slow (no limit).
 ONEDNN_F32_CONV_GEMM_MAX_ROWS = 1 << 62
 #: Float32 im2col GEMMs where MKL is slow: output at most this wide (and CONV_IM2COL_MAX_ROWS pixels).
