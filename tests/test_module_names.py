@@ -121,3 +121,35 @@ def test_reserved_names_cover_every_model_attribute():
     missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert missing.stdout.strip() == "[]", missing.stdout
     assert "meta" in RESERVED_NAMES and "summary" in RESERVED_NAMES
+
+
+class Add(nn.Module):
+    def forward(self, x):
+        return x + 1
+
+
+class Pop(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class Build(nn.Module):
+    def forward(self, x):
+        return x - 1
+
+
+def test_sequential_layers_named_like_its_methods_do_not_shadow_them():
+    """NOTE: [Subclass attributes]: layers of classes Add, Pop and Build in a tg.Sequential were named
+    `add`, `pop` and `build`, and `model.add(layer)` then called the Add layer. They are named
+    `add_1`..., the methods work, and the model computes what the layers do."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 4)
+    model = tg.Sequential([tg.Input((4,)), linear, Add(), Pop(), Build()])
+    assert [name for name, _ in model.named_children()] == ["linear", "add_1", "pop_1", "build_1"]
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(model(x), (linear(x) + 1) * 2 - 1)
+    model.add(nn.ReLU())
+    torch.testing.assert_close(model(x), torch.relu((linear(x) + 1) * 2 - 1))
+    assert isinstance(model.pop(), nn.ReLU)
+    unbuilt = tg.Sequential([Add(), Pop()])  # named before it is built, the same way
+    assert [name for name, _ in unbuilt.named_children()] == ["add_1", "pop_1"]

@@ -53,6 +53,24 @@ _RESERVED = RESERVED_NAMES
 _symbolic = symbolic_handles
 
 
+def own_attribute_names(cls: type) -> frozenset:
+    """Names a tg.Model subclass defines itself (tg.Sequential's ``add``, ``pop``, ``build``...).
+
+    NOTE: [Subclass attributes] An automatic layer name must not shadow them either: a layer of class
+    ``Add`` in a ``tg.Sequential`` was named ``add``, and ``model.add(layer)`` then called the layer.
+    Read from the class definitions only (not ``dir``, which also lists what other libraries add to
+    nn.Module at run time), so names do not depend on what the process imported. Names given
+    explicitly (configs, ``tg.name``) are left to RESERVED_NAMES' check, so saved models load as saved.
+
+    Example:
+        >>> import torchgraph as tg
+        >>> sorted({"add", "pop", "build"} & own_attribute_names(tg.Sequential))
+        ['add', 'build', 'pop']
+    """
+    return frozenset(name for klass in cls.__mro__ if isinstance(klass, type) and issubclass(klass, Model)
+                     and klass is not Model for name in vars(klass) if not name.startswith("__"))
+
+
 def _structure(obj):
     """Flatten a tensor, list/tuple or dict of symbolic tensors: ``(kind, keys, tensors)``."""
     if isinstance(obj, dict):
@@ -161,7 +179,8 @@ class Model(TrainingMixin, fx.GraphModule):
             if r.op == "call_module" and id(r.target) not in first_scopes:
                 first_scopes[id(r.target)] = r.scope
                 modules.append(r.target)
-        layer_names = assign_layer_names(modules, set(RESERVED_NAMES) | set(input_names), first_scopes)
+        reserved = set(RESERVED_NAMES) | own_attribute_names(type(self)) | set(input_names)
+        layer_names = assign_layer_names(modules, reserved, first_scopes)
 
         prefixes = {n.rsplit(".", k)[0] for n in layer_names.values() for k in range(1, n.count(".") + 1)}
         em = GraphEmitter(set(layer_names.values()) | prefixes | set(input_names))
