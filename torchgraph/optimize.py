@@ -66,6 +66,10 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     attention).
     Gradients match the original's.
 
+    Serving on Linux: call :func:`torchgraph.retain_freed_memory` once at start-up, or repeated
+    forwards (eager's and this model's alike) may spend a third of their time page-faulting freed
+    activations back in, depending on the process's history (NOTE: [Page faults from freed memory]).
+
     Args:
         model (tg.Model): the model to optimize (not modified).
         inference (bool): rewrite for inference (``True``) or keep the model trainable (``False``).
