@@ -231,7 +231,7 @@ void forward_onednn(const at::Tensor& x, const at::Tensor& out, const at::Tensor
                     const Geometry& g, float scale) {
 #if AT_MKLDNN_ENABLED()
   const int64_t bh = g.batch * g.heads, T_ = g.seq, D = g.head_dim, heads_numel = bh * T_ * D;
-  const bool rounded = !std::is_same_v<T, float>;
+  constexpr bool rounded = !std::is_same_v<T, float>;
   const at::ScalarType dtype = x.scalar_type();
   Workspace workspace(Workspace::bytes_for({{2 * heads_numel, at::kFloat}, {heads_numel, dtype},
                                             {rounded ? bh * T_ * T_ : 0, dtype}, {heads_numel, dtype}}));
@@ -249,7 +249,7 @@ void forward_onednn(const at::Tensor& x, const at::Tensor& out, const at::Tensor
   at::parallel_for(0, bh * T_, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       softmax_row(p + row * T_, g.causal ? row % T_ + 1 : T_, T_);
-      if constexpr (!std::is_same_v<T, float>) {
+      if constexpr (rounded) {
         at::vec::convert(p + row * T_, pr + row * T_, T_);
       }
     }
