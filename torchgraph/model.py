@@ -53,8 +53,9 @@ _RESERVED = RESERVED_NAMES
 _symbolic = symbolic_handles
 
 
-def own_attribute_names(cls: type) -> frozenset:
-    """Names a tg.Model subclass defines itself (tg.Sequential's ``add``, ``pop``, ``build``...).
+def reserved_layer_names(cls: type) -> set:
+    """Names an automatic layer name of a ``cls`` model must not take: RESERVED_NAMES and the attributes a
+    tg.Model subclass defines itself (tg.Sequential's ``add``, ``pop``, ``build``...).
 
     NOTE: [Subclass attributes] An automatic layer name must not shadow them either: a layer of class
     ``Add`` in a ``tg.Sequential`` was named ``add``, and ``model.add(layer)`` then called the layer.
@@ -64,11 +65,12 @@ def own_attribute_names(cls: type) -> frozenset:
 
     Example:
         >>> import torchgraph as tg
-        >>> sorted({"add", "pop", "build"} & own_attribute_names(tg.Sequential))
-        ['add', 'build', 'pop']
+        >>> sorted({"add", "pop", "build", "summary", "linear"} & reserved_layer_names(tg.Sequential))
+        ['add', 'build', 'pop', 'summary']
     """
-    return frozenset(name for klass in cls.__mro__ if isinstance(klass, type) and issubclass(klass, Model)
-                     and klass is not Model for name in vars(klass) if not name.startswith("__"))
+    own = {name for klass in cls.__mro__ if isinstance(klass, type) and issubclass(klass, Model)
+           and klass is not Model for name in vars(klass) if not name.startswith("__")}
+    return set(RESERVED_NAMES) | own
 
 
 def _structure(obj):
@@ -179,8 +181,7 @@ class Model(TrainingMixin, fx.GraphModule):
             if r.op == "call_module" and id(r.target) not in first_scopes:
                 first_scopes[id(r.target)] = r.scope
                 modules.append(r.target)
-        reserved = set(RESERVED_NAMES) | own_attribute_names(type(self)) | set(input_names)
-        layer_names = assign_layer_names(modules, reserved, first_scopes)
+        layer_names = assign_layer_names(modules, reserved_layer_names(type(self)) | set(input_names), first_scopes)
 
         prefixes = {n.rsplit(".", k)[0] for n in layer_names.values() for k in range(1, n.count(".") + 1)}
         em = GraphEmitter(set(layer_names.values()) | prefixes | set(input_names))

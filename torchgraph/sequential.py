@@ -36,8 +36,7 @@ import torch.nn as nn
 
 from . import naming
 from .errors import GraphBuildError
-from .emitting import RESERVED_NAMES
-from .model import Model, own_attribute_names
+from .model import Model, reserved_layer_names
 from .naming import assign_layer_names
 from .symbolic import Input, SymbolicTensor
 from .symbolic_handles import symbolic_handles
@@ -175,7 +174,7 @@ class Sequential(Model):
         modules = [s for s in steps if isinstance(s, nn.Module)]
         for key in list(self._modules):
             delattr(self, key)
-        names = assign_layer_names(list(dict.fromkeys(modules)), set(RESERVED_NAMES) | own_attribute_names(type(self)))
+        names = assign_layer_names(list(dict.fromkeys(modules)), reserved_layer_names(type(self)))
         for m in dict.fromkeys(modules):
             self.add_module(names[id(m)], m)
         self.__dict__["_tg_pending"] = list(steps)
@@ -199,8 +198,7 @@ class Sequential(Model):
     def _apply_step(self, step, h: SymbolicTensor, index: int, previous: list[nn.Module]) -> SymbolicTensor:
         """``step(h)``; errors name the step by position and (future) layer name."""
         if isinstance(step, nn.Module):
-            names = assign_layer_names(list(dict.fromkeys(previous + [step])),
-                                       set(RESERVED_NAMES) | own_attribute_names(type(self)))
+            names = assign_layer_names(list(dict.fromkeys(previous + [step])), reserved_layer_names(type(self)))
             what = f"layer {index} '{names[id(step)]}' ({type(step).__name__})"
         else:
             what = f"step {index} ({getattr(step, '__qualname__', type(step).__name__)})"
