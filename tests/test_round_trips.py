@@ -108,3 +108,25 @@ def test_an_undescribable_model_fails_at_get_config_with_the_fix(tmp_path):
     x = tg.Input(shape=(4,))
     error = assert_round_trips(tg.Model(x, Opaque()(x)), torch.randn(2, 4), folder=str(tmp_path))
     assert "register_layer" in str(error)
+
+
+class _RotaryEmbedding(nn.Module):
+    """HF LLaMA's rotary embedding, cut down: reads the input's device, then moves a buffer to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8), persistent=False)
+
+    def forward(self, x, position_ids):
+        device = x.device
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=device, dtype=torch.float32)
+        return x * torch.cat((freqs, freqs), dim=-1).cos()
+
+
+def test_a_device_read_keeps_its_place_in_the_rebuilt_code(tmp_path):
+    """`x.device` read before a buffer is: the rebuilt graph reads them in the same order, so its code equals
+    the original's (NOTE: [Stand-ins replayed in place]; the buffer came first before, and HF LLaMA failed)."""
+    x, positions = tg.Input((5, 8), name="x"), tg.Input((5,), dtype=torch.long, name="position_ids")
+    model = tg.from_module(_RotaryEmbedding(), {"x": x, "position_ids": positions})
+    inputs = {"x": torch.randn(2, 5, 8), "position_ids": torch.arange(5).expand(2, 5)}
+    assert assert_round_trips(model, inputs, folder=str(tmp_path)) is None

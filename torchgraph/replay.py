@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .errors import GraphBuildError
-from .sizes import record_int_op
+from .sizes import record_int_op, standin_value
 from .untrusted import BuildLimitError
 
 __all__ = ["Ref", "replay", "get_attr", "input_shape", "spec_dim"]
@@ -198,6 +198,7 @@ def _resolve(o, env: dict, where: str):
 def _replay_nodes(nodes: list[tuple], env: dict, symbolic: tuple, untrusted: bool, name: str,
                   call_function: Callable | None) -> None:
     """Call each node's layer or function on the values in ``env`` (replay's loop)."""
+    from .symbolic import _StandIn
     from .symbolic_handles import constant_value
     from .trees import tree_map
 
@@ -229,7 +230,16 @@ def _replay_nodes(nodes: list[tuple], env: dict, symbolic: tuple, untrusted: boo
             if not untrusted:
                 raise
             raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from None
+        if isinstance(out, _StandIn):
+            standin_value(out)  # NOTE: [Stand-ins replayed in place]
         env[node_name] = out
+
+
+# NOTE: [Stand-ins replayed in place] A device or dtype read (`x.device`) gives a stand-in whose
+# `getattr` record is made when it is first passed to torch, and records are emitted in creation order.
+# The config holds that node where the original recording made it: replayed lazily, a later get_attr
+# node's record (made when replayed) came first, so HF LLaMA's rebuilt code read `rotary_emb.inv_freq`
+# before `embed_tokens.device` and no longer equalled the original's. The record is made here instead.
 
 
 def _call_method(method: str, args: tuple, kwargs: dict, where: str):
