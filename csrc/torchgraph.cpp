@@ -42,6 +42,14 @@ TORCH_LIBRARY(torchgraph, m) {
       "qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor probs, int heads, "
       "bool causal, float? scale) -> Tensor");
 
+  // F.scaled_dot_product_attention's forward (no dropout, equal heads): query
+  // [B, H, T, D], key [B, H, S, D], value [B, H, S, Dv] -> [B, H, T, Dv];
+  // attn_mask bool (True: attend) or additive, broadcast to [B, H, T, S].
+  // Inference only: no backward (the attention weights are not kept).
+  m.def(
+      "attention_inference(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "bool is_causal=False, float? scale=None) -> Tensor");
+
   // max_pool2d without the indices output (inference only, no backward).
   m.def(
       "max_pool2d_inference(Tensor x, int[2] kernel_size, int[2] stride=[], "

@@ -403,11 +403,12 @@ def test_attention_fused_for_training_with_same_gradients():
     ids=["attn_mask", "enable_gqa", "chunk4", "chunk_dim1"],
 )
 def test_attention_variants_not_fused(kwargs):
-    """Masks, grouped-query attention and other chunkings are left alone (and still match)."""
+    """Masks, grouped-query attention and other chunkings are not fused into qkv_attention (and still
+    match): the SDPA call stays, as fused.scaled_dot_product_attention with the same arguments."""
     model = _attention_model(**kwargs)
     fast = _check_outputs(model, torch.randn(2, 6, 12))
     assert not _attention_nodes(fast)
-    assert torch._C._nn.scaled_dot_product_attention in _fused_targets(fast)
+    assert fused.scaled_dot_product_attention in _fused_targets(fast)
 
 
 @pytest.mark.parametrize("reuse", ["q", "split", "heads", "sdpa", "back"])

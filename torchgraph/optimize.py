@@ -59,7 +59,10 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     - self-attention written as ``qkv.chunk(3, -1)`` or ``qkv.split(E, 2)`` (nanoGPT) or
       ``reshape/permute/unbind`` (timm), head split, ``F.scaled_dot_product_attention`` and head
       merge becomes :func:`torchgraph.fused.qkv_attention` (one kernel that reads the
-      heads in place, for short sequences on the CPU; SDPA elsewhere).
+      heads in place, for short sequences on the CPU; SDPA elsewhere);
+    - every other ``F.scaled_dot_product_attention`` call (HF LLaMA's, masked, cross-attention)
+      becomes :func:`torchgraph.fused.scaled_dot_product_attention`: SDPA's forward with its
+      products on oneDNN where that is faster (CPUs whose MKL GEMMs are slow), SDPA elsewhere.
 
     With ``inference=False`` the model stays trainable: no folding, no inference-only max-pool, the
     same layouts; only fusions with a backward (bias + activation, add + ReLU, add + LayerNorm,
@@ -150,6 +153,8 @@ def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: 
     _unshare(root, set(shared))
     passes.write_attention_as_sdpa(root, graph)
     passes.fuse_qkv_attention(root, graph)
+    if inference:
+        passes.use_inference_attention(root, graph)
     passes.fuse_add_layer_norm(root, graph)
     passes.fuse_add_relu(root, graph)
     if inference:

@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "onednn_matmul.h"
 #include "vec_utils.h"
 
 // The Fortran BLAS entry points of the BLAS that libtorch_cpu links (MKL in
@@ -55,17 +56,6 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
-
-// oneDNN's matmul as ATen runs it for bmm: result = beta * result + alpha *
-// mat1 @ mat2 on 3-D float/bfloat16 tensors of any strides. Not in the
-// wheel's headers, so declared here; weak, so that a torch built without it
-// still loads this library (the kernel then stays on BLAS).
-#if AT_MKLDNN_ENABLED()
-namespace at::native {
-TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result,
-                             float beta, float alpha) __attribute__((weak));
-}  // namespace at::native
-#endif
 
 namespace torchgraph::cpu {
 namespace {
@@ -105,20 +95,6 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
     }
   }
   naive_gemm<T>(ta, tb, im, in, ik, alpha, a, ilda, b, ildb, beta, c, ildc);
-}
-
-// Row i of a score block: softmax over its first n entries, zeros after
-// (masked keys), up to `width`.
-template <typename T>
-void softmax_row(T* row, int64_t n, int64_t width) {
-  using Vec = Vectorized<T>;
-  const T max = at::vec::reduce_all<T>(
-      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, row, n);
-  at::vec::map([max](const Vec& x) { return (x - Vec(max)).exp(); }, row, row, n);
-  const T sum = at::vec::reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, row, n);
-  const T inv = T(1) / sum;
-  at::vec::map([inv](const Vec& x) { return x * Vec(inv); }, row, row, n);
-  std::fill(row + n, row + width, T(0));
 }
 
 struct Geometry {
@@ -179,53 +155,8 @@ void forward_kernel(const T* qkv, T* out, T* probs, const Geometry& g, T scale) 
 // accurate than SDPA's bfloat16 flash kernel on peaky softmaxes (scores with
 // std ~16). O = P V runs in bfloat16 (AVX512-BF16/AMX, float accumulation in
 // oneDNN) on P rounded to bfloat16, as SDPA's flash kernel does; probs, kept
-// for the backward, stay float32.
-//
-// NOTE: [Attention workspace] Those intermediates (the heads copied apart, P
-// rounded to bfloat16, the merged heads before their copy into out) live in a
-// per-thread buffer kept between calls, up to kWorkspaceMaxBytes: allocated
-// afresh, glibc gave their megabytes back to the OS after each call and the
-// next call page-faulted them in again (GPT's 8 x 128 x 4 heads of 64: 1.27-
-// 1.69 ms a call against 0.56-0.61 ms with freed memory kept, i.e. slower than
-// the sgemm kernel's 0.78-1.01; NOTE: [Page faults from freed memory] in
-// torchgraph/cpu_memory.py). Larger problems allocate as before, so the buffer
-// never pins more than that per thread.
-constexpr int64_t kWorkspaceMaxBytes = int64_t{32} << 20;
-
-class Workspace {
- public:
-  explicit Workspace(int64_t bytes) {
-    if (bytes > kWorkspaceMaxBytes) return;
-    thread_local std::unique_ptr<void, decltype(&std::free)> kept(nullptr, &std::free);
-    thread_local int64_t kept_bytes = 0;
-    if (kept_bytes < bytes) {
-      kept.reset(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-      TORCH_CHECK(kept != nullptr, "qkv_attention: could not allocate a ", bytes, "-byte workspace");
-      kept_bytes = bytes;
-    }
-    base_ = static_cast<char*>(kept.get());
-  }
-
-  // A tensor of these sizes in the buffer (not owning it), or a fresh one beyond the cap.
-  at::Tensor take(at::IntArrayRef sizes, at::ScalarType dtype) {
-    const auto options = at::TensorOptions().dtype(dtype);
-    if (base_ == nullptr) return at::empty(sizes, options);
-    at::Tensor t = at::from_blob(base_ + used_, sizes, options);
-    used_ += (t.nbytes() + 63) / 64 * 64;
-    return t;
-  }
-
-  static int64_t bytes_for(std::initializer_list<std::pair<int64_t, at::ScalarType>> parts) {
-    int64_t total = 0;
-    for (const auto& [numel, dtype] : parts) total += (numel * c10::elementSize(dtype) + 63) / 64 * 64;
-    return total;
-  }
-
- private:
-  char* base_ = nullptr;
-  int64_t used_ = 0;
-};
-
+// for the backward, stay float32. The intermediates live in a per-thread
+// workspace (NOTE: [Attention workspace] in onednn_matmul.h).
 template <typename T>
 void forward_onednn(const at::Tensor& x, const at::Tensor& out, const at::Tensor& probs,
                     const Geometry& g, float scale) {
@@ -259,14 +190,6 @@ void forward_onednn(const at::Tensor& x, const at::Tensor& out, const at::Tensor
   out.view({g.batch, T_, g.heads, D}).copy_(merged.view({g.batch, g.heads, T_, D}).transpose(1, 2));
 #else
   TORCH_INTERNAL_ASSERT(false, "forward_onednn: torch was built without oneDNN");
-#endif
-}
-
-bool onednn_available() {
-#if AT_MKLDNN_ENABLED()
-  return &at::native::mkldnn_matmul != nullptr;
-#else
-  return false;
 #endif
 }
 

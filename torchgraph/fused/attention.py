@@ -1,4 +1,5 @@
-"""Self-attention from a packed ``q | k | v`` projection: :func:`qkv_attention`."""
+"""Attention: self-attention from a packed ``q | k | v`` projection (:func:`qkv_attention`) and
+SDPA for inference (:func:`scaled_dot_product_attention`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .. import ops
 from ._common import _HAS_ONEDNN, _ONEDNN_DTYPES
 from .cpu_profile import MKL_GEMMS_FAST
 
-__all__ = ["QKV_ATTENTION_MAX_SEQ", "qkv_attention"]
+__all__ = ["ATTENTION_INFERENCE_MAX_SEQ", "QKV_ATTENTION_MAX_SEQ", "qkv_attention", "scaled_dot_product_attention"]
 
 #: Longest sequence for which :func:`qkv_attention` runs torchgraph's kernel (it keeps the
 #: ``B * heads * T * T`` attention weights for the backward; longer ones run SDPA's flash kernel).
@@ -78,3 +79,64 @@ def _kernel_beats_sdpa(shape, heads: int, causal: bool) -> bool:
     if head_dim >= 64:
         return causal or seq <= 128
     return batch * heads * seq * seq < 1 << 20
+
+
+#: Longest query or key sequence for which :func:`scaled_dot_product_attention` runs
+#: ``ops.attention_inference`` (it holds all ``B * H * T * S`` scores at once; SDPA's flash kernel does not).
+ATTENTION_INFERENCE_MAX_SEQ = 512
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """``F.scaled_dot_product_attention`` with the same arguments and values, faster for CPU inference.
+
+    Runs :func:`torchgraph.ops.attention_inference` (both products as batched oneDNN matmuls) where it
+    applies: eager float32/bfloat16 CPU tensors, no gradient wanted, no dropout, keys and values with the
+    query's batch and head counts, sequences up to ``ATTENTION_INFERENCE_MAX_SEQ``, and a CPU whose MKL
+    GEMMs are slower than oneDNN's (:data:`torchgraph.fused.cpu_profile.MKL_GEMMS_FAST`). Measured
+    against SDPA (2 threads, AMD EPYC, medians): 8 x 4 heads x 128 x 64 causal 0.47 vs 1.06 ms, with a
+    boolean mask 0.54 vs 1.10; ViT-S's 197 x 6 heads 0.27 vs 0.45. Everywhere else it calls
+    ``F.scaled_dot_product_attention``. ``tg.optimize`` calls it for the SDPA calls that
+    :func:`qkv_attention` does not take (HF LLaMA's, BERT's masked attention, cross-attention).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+        >>> with torch.no_grad():
+        ...     out = scaled_dot_product_attention(q, k, v, is_causal=True)
+        >>> torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
+        True
+    """
+    if isinstance(query, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
+        return query.tracer.create_proxy(
+            "call_function", scaled_dot_product_attention, (query, key, value),
+            dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa))
+    if _ONEDNN_ATTENTION and dropout_p == 0.0 and _takes(query, key, value, attn_mask, is_causal):
+        return ops.attention_inference(query, key, value, attn_mask, is_causal, scale)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _takes(query, key, value, attn_mask, is_causal) -> bool:
+    """Whether ``ops.attention_inference`` computes this call (else SDPA does)."""
+    tensors = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
+    if any(type(t) is not torch.Tensor for t in tensors) or torch.compiler.is_compiling():  # noqa: E721
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or query.device.type != "cpu":
+        return False
+    if not torch.backends.cuda.flash_sdp_enabled():  # the output layout follows the flash kernel's
+        return False
+    if query.dtype not in _ONEDNN_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    b, h, t, d = query.shape
+    s = key.shape[2]
+    if key.shape != (b, h, s, d) or value.shape[:3] != (b, h, s) or 0 in query.shape or 0 in value.shape or s == 0:
+        return False
+    if t > ATTENTION_INFERENCE_MAX_SEQ or s > ATTENTION_INFERENCE_MAX_SEQ or not ops._use_kernel(query):
+        return False
+    if attn_mask is not None and (is_causal or attn_mask.dim() > 4 or attn_mask.device.type != "cpu"
+                                  or attn_mask.dtype not in (torch.bool, *_ONEDNN_DTYPES)):
+        return False
+    return True

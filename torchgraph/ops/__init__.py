@@ -34,6 +34,7 @@ from ._common import ACTIVATION_FNS as _ACTIVATION_FNS  # noqa: F401  (tests and
 from ._common import KERNEL_DEVICES as _KERNEL_DEVICES  # noqa: F401
 from ._common import use_kernel as _use_kernel  # noqa: F401
 from .add_layer_norm import add_layer_norm, reference_add_layer_norm
+from .attention_inference import attention_inference, reference_attention_inference
 from .add_relu import add_relu, reference_add_relu
 from .bias_act import bias_act, reference_bias_act
 from .max_pool2d_inference import max_pool2d_inference, reference_max_pool2d_inference
@@ -44,11 +45,13 @@ __all__ = [
     "REFERENCES",
     "add_layer_norm",
     "add_relu",
+    "attention_inference",
     "bias_act",
     "max_pool2d_inference",
     "qkv_attention",
     "reference_add_layer_norm",
     "reference_add_relu",
+    "reference_attention_inference",
     "reference_bias_act",
     "reference_for",
     "reference_max_pool2d_inference",
@@ -60,11 +63,12 @@ REFERENCES: dict[str, Callable] = {
     "torchgraph::bias_act": reference_bias_act,
     "torchgraph::add_relu": reference_add_relu,
     "torchgraph::add_layer_norm": reference_add_layer_norm,
+    "torchgraph::attention_inference": reference_attention_inference,
     "torchgraph::max_pool2d_inference": reference_max_pool2d_inference,
     "torchgraph::qkv_attention": reference_qkv_attention,
 }
 
-_WRAPPERS = {bias_act, add_relu, add_layer_norm, max_pool2d_inference, qkv_attention}
+_WRAPPERS = {bias_act, add_relu, add_layer_norm, attention_inference, max_pool2d_inference, qkv_attention}
 
 
 def reference_for(target) -> Callable | None:

@@ -6,7 +6,7 @@ and returns how many patterns it rewrote. Every node a pass creates carries a ``
 """
 
 from .aliasing import has_effect, in_place_hazards
-from .attention import fuse_qkv_attention
+from .attention import fuse_qkv_attention, use_inference_attention
 from .attribute_reads import share_attribute_walks
 from .batchnorm import fold_batchnorm
 from .canonical import canonicalize
@@ -22,5 +22,5 @@ from .written_layers import linear_from_addmm, sink_activation_through_view, wri
 __all__ = ["bfloat16_supported", "has_effect", "in_place_hazards", "canonicalize", "compute_in", "expand_transformer_layers", "fold_batchnorm",
            "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_linear_act", "fuse_qkv_attention",
            "inline_modules", "keep_layout_local", "linear_from_addmm", "share_attribute_walks",
-           "sink_activation_through_view", "use_inference_max_pool", "write_attention_as_sdpa",
+           "sink_activation_through_view", "use_inference_attention", "use_inference_max_pool", "write_attention_as_sdpa",
            "write_gelu_as_function"]

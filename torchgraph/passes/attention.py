@@ -26,7 +26,7 @@ from .. import fused
 from .aliasing import in_place_hazards
 from .common import set_spec, single_user
 
-__all__ = ["fuse_qkv_attention"]
+__all__ = ["fuse_qkv_attention", "use_inference_attention"]
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -208,4 +208,17 @@ def fuse_qkv_attention(root: nn.Module, graph: fx.Graph) -> int:
         for old in match["erase"]:
             graph.erase_node(old)
         count += 1
+    return count
+
+
+def use_inference_attention(root: nn.Module, graph: fx.Graph) -> int:
+    """Every ``F.scaled_dot_product_attention`` call :func:`fuse_qkv_attention` left (HF LLaMA's after its
+    rotary embeddings, masked attention, cross-attention) -> ``fused.scaled_dot_product_attention`` with the
+    same arguments, which runs ``ops.attention_inference`` where that applies and is faster, else SDPA
+    itself. Inference only (the kernel has no backward). Returns how many calls were rewritten."""
+    count = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and _sdpa_arguments(node) is not None:
+            node.target = fused.scaled_dot_product_attention
+            count += 1
     return count
