@@ -53,7 +53,7 @@ def test_registry_lists_every_family_at_both_sizes():
                 "nanogpt_manual_attention", "transformer_classifier", "unet", "lstm_encoder", "siamese",
                 "with_data_dependent_block"}
     assert expected <= ARCHITECTURES.keys()
-    assert cm.HAS_TRANSFORMERS == ({"hf_bert", "hf_gpt2"} <= ARCHITECTURES.keys())
+    assert cm.HAS_TRANSFORMERS == ({"hf_bert", "hf_gpt2", "hf_llama"} <= ARCHITECTURES.keys())
 
 
 def test_registry_docstring_example_runs():

@@ -20,8 +20,9 @@ from roundtrip import assert_round_trips
 # nanoGPT compares it (`assert t <= block_size`), transformers' mask helpers too (docs/from_module.md).
 DYNAMIC_SEQUENCE = {"transformer_classifier", "transformer_classifier_prenorm", "lstm_encoder"}
 # The legacy exporter traces sizes: it fixes nn.MultiheadAttention's reshapes to the example length,
-# which verification catches (onnxruntime fails at other lengths). Those go through the dynamo one.
-DYNAMO = {"transformer_classifier", "transformer_classifier_prenorm"}
+# which verification catches (onnxruntime fails at other lengths). Those go through the dynamo one, as
+# does HF LLaMA: transformers' mask helpers call torch.diff, which the legacy exporter has no translation for.
+DYNAMO = {"transformer_classifier", "transformer_classifier_prenorm", "hf_llama"}
 # The allowed other outcome: a clear error at get_config (a custom layer nobody registered).
 CONFIG_ERRORS = {"with_data_dependent_block": r"layer 'block'.*DataDependent.*@tg\.register_layer"}
 

@@ -35,8 +35,9 @@ FUSED = {
     "unet": {fused.conv2d_act},
     "siamese": {fused.conv2d_act, fused.linear_act},
     # recorded by tg.from_module where torch.fx cannot trace them (NOTE: [Recorded inlining])
-    "hf_bert": {ops.add_layer_norm, fused.linear_act, torch._C._nn.scaled_dot_product_attention},
-    "hf_gpt2": {ops.add_layer_norm, fused.linear_act, torch._C._nn.scaled_dot_product_attention},
+    "hf_bert": {ops.add_layer_norm, fused.linear_act, fused.scaled_dot_product_attention},
+    "hf_gpt2": {ops.add_layer_norm, fused.linear_act, fused.scaled_dot_product_attention},
+    "hf_llama": {fused.linear_act, fused.scaled_dot_product_attention},
 }
 
 

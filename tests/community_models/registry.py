@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .encoder import TransformerClassifier
-from .hf import HAS_TRANSFORMERS, tiny_bert, tiny_gpt2
+from .hf import HAS_TRANSFORMERS, tiny_bert, tiny_gpt2, tiny_llama
 from .mobilenet import mobilenet_v2, mobilenet_v3_small
 from .nanogpt import GPT, GPTConfig
 from .resnet import resnet18, resnet50
@@ -223,6 +223,12 @@ def _registry(size: str) -> dict[str, Architecture]:
             Architecture("hf_gpt2", "HuggingFace transformers GPT2Model, random init (sdpa attention)",
                          lambda: tiny_gpt2(vocab_size=vocab, n_embd=d_model, n_layer=depth, n_head=4,
                                            n_positions=2 * seq),
+                         (_tokens(vocab),), ((BATCH, SEQ, d_model),), batch, seq),
+            Architecture("hf_llama", "HuggingFace transformers LlamaModel, random init (sdpa attention, "
+                         "grouped-query heads, rotary embeddings, RMSNorm, SwiGLU)",
+                         lambda: tiny_llama(vocab_size=vocab, hidden_size=d_model, intermediate_size=ffn * 2 // 3,
+                                            num_hidden_layers=depth, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=2 * seq),
                          (_tokens(vocab),), ((BATCH, SEQ, d_model),), batch, seq),
         ]
     return {arch.name: arch for arch in archs}
