@@ -165,6 +165,8 @@ ABLATIONS = {
                           [(passes, "write_attention_as_sdpa", _no_pass)]),
     "qkv-attention": ("the fused attention call (passes.fuse_qkv_attention)",
                       [(passes, "fuse_qkv_attention", _no_pass)]),
+    "sdpa-kernel": ("SDPA calls qkv_attention does not take run ops.attention_inference where MKL is slow "
+                    "(passes.use_inference_attention)", [(passes, "use_inference_attention", _no_pass)]),
 }
 
 
@@ -187,9 +189,9 @@ class _CalledUnder:
     def __init__(self, fn, context):
         self.fn, self.context = fn, context
 
-    def __call__(self, x):
+    def __call__(self, *inputs):
         with self.context():
-            return self.fn(x)
+            return self.fn(*inputs)
 
 
 def _ablated_variants(model, names: list) -> tuple[dict, dict]:
@@ -274,7 +276,7 @@ def _leaves(out) -> list:
 
 def bench_community(name: str, args) -> list[tuple]:
     """One community architecture (tests/community_models, benchmark size): eager, tg.Model and
-    tg.optimize (float32 and bf16) only, for the "never slower" rows."""
+    tg.optimize (float32 and bf16, and the ``--ablate`` variants) only, for the "never slower" rows."""
     from community_models import BENCHMARK_ARCHITECTURES
 
     arch = BENCHMARK_ARCHITECTURES[name]
@@ -293,6 +295,9 @@ def bench_community(name: str, args) -> list[tuple]:
     data = arch.make_inputs()
     fns = {"eager": lambda: _leaves(eager(*data))[0], "tg.Model": lambda: _first(model(*data)),
            "tg.optimize": lambda: _first(fast(*data)), "tg.optimize bf16": lambda: _first(fast_bf16(*data))}
+    ablated, ablated_first = _ablated_variants(model, args.ablate)
+    fns.update({k: (lambda fn=fn: _first(fn(*data))) for k, fn in ablated.items()})
+    first.update(ablated_first)
     with torch.inference_mode():
         ref = fns["eager"]()
         outputs = {k: fn() for k, fn in fns.items()}

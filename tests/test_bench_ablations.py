@@ -143,3 +143,25 @@ def test_overhead_ablations_switch_off_plans_and_walks(model):
     assert planned(fast) and all(planned(fast))
     assert planned(fns["tg.optimize -conv-plans"].fn) and not any(planned(fns["tg.optimize -conv-plans"].fn))
     assert fused.conv._new_plan is not bench_peers._no_plan  # restored
+
+
+def test_sdpa_kernel_ablation_keeps_sdpa_itself():
+    """``--ablate sdpa-kernel``: a masked SDPA call stays F.scaled_dot_product_attention instead of
+    fused.scaled_dot_product_attention (ops.attention_inference), with the same outputs."""
+    torch.manual_seed(0)
+
+    class MaskedAttention(nn.Module):
+        def forward(self, x, keep):
+            heads = x.view(x.shape[0], x.shape[1], 2, -1).transpose(1, 2)
+            out = nn.functional.scaled_dot_product_attention(heads, heads, heads, attn_mask=keep[:, None, None, :])
+            return out.transpose(1, 2).flatten(2)
+
+    x, keep = tg.Input(shape=(5, 8)), tg.Input(shape=(5,), dtype=torch.bool)
+    graph_model = tg.Model([x, keep], MaskedAttention()(x, keep))
+    fns, _ = bench_peers._ablated_variants(graph_model, ["sdpa-kernel"])
+    ablated = fns["tg.optimize -sdpa-kernel"]
+    assert fused.scaled_dot_product_attention in _targets(tg.optimize(graph_model))
+    assert fused.scaled_dot_product_attention not in _targets(ablated.fn)
+    data = torch.randn(3, 5, 8), torch.rand(3, 5) > 0.3
+    with torch.inference_mode():
+        torch.testing.assert_close(ablated(*data), graph_model(*data))
