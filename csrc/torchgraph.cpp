@@ -50,6 +50,11 @@ TORCH_LIBRARY(torchgraph, m) {
       "attention_inference(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
       "bool is_causal=False, float? scale=None) -> Tensor");
 
+  // RMSNorm as LLaMA writes it: weight * (x * rsqrt(mean(x^2, -1) + eps)),
+  // the normalisation in float32 rounded to x's dtype, then the product in
+  // x's dtype. Inference only: no backward.
+  m.def("rms_norm_inference(Tensor x, Tensor weight, float eps) -> Tensor");
+
   // max_pool2d without the indices output (inference only, no backward).
   m.def(
       "max_pool2d_inference(Tensor x, int[2] kernel_size, int[2] stride=[], "

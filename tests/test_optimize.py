@@ -343,7 +343,8 @@ def _assert_fully_fused(model, count):
     assert len(nodes) == count
     assert all(n.name.startswith("attention") for n in nodes)
     assert not any(n.op == "call_method" and n.target == "chunk" for n in model.graph.nodes)
-    assert not {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention} & \
+    assert not {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
+                fused.scaled_dot_product_attention} & \
         _fused_targets(model)
 
 

@@ -37,7 +37,7 @@ FUSED = {
     # recorded by tg.from_module where torch.fx cannot trace them (NOTE: [Recorded inlining])
     "hf_bert": {ops.add_layer_norm, fused.linear_act, fused.scaled_dot_product_attention},
     "hf_gpt2": {ops.add_layer_norm, fused.linear_act, fused.scaled_dot_product_attention},
-    "hf_llama": {fused.linear_act, fused.scaled_dot_product_attention},
+    "hf_llama": {fused.linear_act, fused.scaled_dot_product_attention, ops.rms_norm_inference},
 }
 
 

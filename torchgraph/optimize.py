@@ -62,7 +62,8 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
       heads in place, for short sequences on the CPU; SDPA elsewhere);
     - every other ``F.scaled_dot_product_attention`` call (HF LLaMA's, masked, cross-attention)
       becomes :func:`torchgraph.fused.scaled_dot_product_attention`: SDPA's forward with its
-      products on oneDNN where that is faster (CPUs whose MKL GEMMs are slow), SDPA elsewhere.
+      products on oneDNN where that is faster (CPUs whose MKL GEMMs are slow), SDPA elsewhere;
+    - RMSNorm written as HF ``LlamaRMSNorm`` writes it becomes :func:`torchgraph.ops.rms_norm_inference`.
 
     With ``inference=False`` the model stays trainable: no folding, no inference-only max-pool, the
     same layouts; only fusions with a backward (bias + activation, add + ReLU, add + LayerNorm,
@@ -155,6 +156,7 @@ def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: 
     passes.fuse_qkv_attention(root, graph)
     if inference:
         passes.use_inference_attention(root, graph)
+        passes.fuse_rms_norm(root, graph)
     passes.fuse_add_layer_norm(root, graph)
     passes.fuse_add_relu(root, graph)
     if inference:

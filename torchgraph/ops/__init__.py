@@ -39,6 +39,7 @@ from .add_relu import add_relu, reference_add_relu
 from .bias_act import bias_act, reference_bias_act
 from .max_pool2d_inference import max_pool2d_inference, reference_max_pool2d_inference
 from .qkv_attention import qkv_attention, reference_qkv_attention
+from .rms_norm_inference import reference_rms_norm_inference, rms_norm_inference
 
 __all__ = [
     "ACTIVATIONS",
@@ -56,6 +57,8 @@ __all__ = [
     "reference_for",
     "reference_max_pool2d_inference",
     "reference_qkv_attention",
+    "reference_rms_norm_inference",
+    "rms_norm_inference",
 ]
 
 #: Qualified op name -> pure-PyTorch reference with the op's signature and outputs.
@@ -66,9 +69,11 @@ REFERENCES: dict[str, Callable] = {
     "torchgraph::attention_inference": reference_attention_inference,
     "torchgraph::max_pool2d_inference": reference_max_pool2d_inference,
     "torchgraph::qkv_attention": reference_qkv_attention,
+    "torchgraph::rms_norm_inference": reference_rms_norm_inference,
 }
 
-_WRAPPERS = {bias_act, add_relu, add_layer_norm, attention_inference, max_pool2d_inference, qkv_attention}
+_WRAPPERS = {bias_act, add_relu, add_layer_norm, attention_inference, max_pool2d_inference, qkv_attention,
+             rms_norm_inference}
 
 
 def reference_for(target) -> Callable | None:

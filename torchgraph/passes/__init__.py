@@ -16,11 +16,12 @@ from .layout import keep_layout_local, use_inference_max_pool
 from .manual_attention import write_attention_as_sdpa
 from .precision import bfloat16_supported, compute_in
 from .residual import fuse_add_layer_norm, fuse_add_relu, fuse_conv_add
+from .rms_norm import fuse_rms_norm
 from .transformer import expand_transformer_layers
 from .written_layers import linear_from_addmm, sink_activation_through_view, write_gelu_as_function
 
 __all__ = ["bfloat16_supported", "has_effect", "in_place_hazards", "canonicalize", "compute_in", "expand_transformer_layers", "fold_batchnorm",
-           "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_linear_act", "fuse_qkv_attention",
+           "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_linear_act", "fuse_qkv_attention", "fuse_rms_norm",
            "inline_modules", "keep_layout_local", "linear_from_addmm", "share_attribute_walks",
            "sink_activation_through_view", "use_inference_attention", "use_inference_max_pool", "write_attention_as_sdpa",
            "write_gelu_as_function"]

@@ -1,0 +1,93 @@
+"""``rms_norm_inference``: RMSNorm as LLaMA's code writes it, in one pass over each row."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from ._common import is_tensor
+
+__all__ = ["reference_rms_norm_inference", "rms_norm_inference"]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_rms_norm_inference(x, weight) -> None:
+    """The twin of ``check_rms_norm_inference`` in csrc/cpu/rms_norm_inference.cpp (same messages)."""
+    if not is_tensor(x, weight):
+        return
+    op = "rms_norm_inference"
+    torch._check(x.dtype in _DTYPES, lambda: f"{op}: x must be float32 or bfloat16, got {x.dtype}")
+    torch._check(x.dim() >= 1 and x.shape[-1] > 0,
+                 lambda: f"{op}: x must have a non-empty last dim, got shape {list(x.shape)}")
+    torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
+                 lambda: f"{op}: weight must have shape [{x.shape[-1]}] (x's last dim), got {list(weight.shape)}")
+    torch._check(weight.dtype == x.dtype,
+                 lambda: f"{op}: weight dtype must equal x dtype {x.dtype}, got {weight.dtype}")
+
+
+def reference_rms_norm_inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Pure-PyTorch :func:`rms_norm_inference`: HF ``LlamaRMSNorm.forward``, op for op."""
+    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+        _check_rms_norm_inference(x, weight)
+    hidden = x.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(x.dtype)
+
+
+def rms_norm_inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as HF ``LlamaRMSNorm`` computes it: ``weight * (x * rsqrt(mean(x**2, -1) + eps)).to(x.dtype)``
+    with the normalisation in float32, in one pass over each row.
+
+    The written-out form is seven elementwise ops and two casts per norm; ``tg.optimize`` rewrites it
+    to this op (inference only: it has no backward). float32 and bfloat16 CPU tensors run the kernel, the
+    rest the reference.
+
+    Example:
+        >>> x, weight = torch.randn(2, 5, 8), torch.rand(8)
+        >>> variance = x.pow(2).mean(-1, keepdim=True)
+        >>> torch.allclose(rms_norm_inference(x, weight, 1e-6), weight * (x * torch.rsqrt(variance + 1e-6)),
+        ...                atol=1e-6)
+        True
+
+    Args:
+        x: ``(..., C)``, float32 or bfloat16.
+        weight: ``(C,)``, x's dtype.
+        eps: Added to the mean of squares.
+
+    Returns:
+        ``x``'s shape and dtype.
+
+    Raises:
+        RuntimeError: On other shapes or dtypes, or if gradients are requested.
+    """
+    if (_extension.HAS_C_OPS and isinstance(x, torch.Tensor) and x.device.type in ("cpu", "meta")
+            and x.dtype in _DTYPES):
+        return torch.ops.torchgraph.rms_norm_inference.default(x, weight, eps)
+    return reference_rms_norm_inference(x, weight, eps)
+
+
+# NOTE: [Registration needs _C] in torchgraph/ops/__init__.py.
+if _extension.HAS_C_OPS:
+
+    @torch.library.register_fake("torchgraph::rms_norm_inference")
+    def _rms_norm_inference_fake(x, weight, eps):
+        _check_rms_norm_inference(x, weight)
+        return x.new_empty(x.shape)
+
+    def _rms_norm_inference_setup_context(ctx, inputs, output):
+        pass
+
+    def _rms_norm_inference_backward(ctx, grad):
+        raise RuntimeError(
+            "rms_norm_inference has no backward. Where gradients are required, use the RMSNorm as written "
+            "(tg.optimize(model, inference=False) keeps it), or run inference under torch.no_grad()."
+        )
+
+    # NOTE: as for max_pool2d_inference, a backward that raises instead of PyTorch's generic warning.
+    torch.library.register_autograd(
+        "torchgraph::rms_norm_inference",
+        _rms_norm_inference_backward,
+        setup_context=_rms_norm_inference_setup_context,
+    )
