@@ -167,6 +167,8 @@ ABLATIONS = {
                       [(passes, "fuse_qkv_attention", _no_pass)]),
     "sdpa-kernel": ("SDPA calls qkv_attention does not take run ops.attention_inference where MKL is slow "
                     "(passes.use_inference_attention)", [(passes, "use_inference_attention", _no_pass)]),
+    "rms-norm": ("RMSNorm written the HF LLaMA way as one op (passes.fuse_rms_norm)",
+                 [(passes, "fuse_rms_norm", _no_pass)]),
 }
 
 
