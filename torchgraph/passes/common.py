@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["activation_of", "call_count", "is_module", "module_of", "same_shape", "set_spec",
+__all__ = ["activation_of", "call_count", "is_module", "module_of", "parameter_of", "same_shape", "set_spec",
            "single_user", "attr_node", "is_plain_add"]
 
 
@@ -18,6 +18,16 @@ def module_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
     if node.op != "call_module":
         return None
     return root.get_submodule(node.target)
+
+
+def parameter_of(root: nn.Module, node) -> nn.Parameter | None:
+    """The parameter a ``get_attr`` node reads, else None (a buffer, a constant, another op)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    try:
+        return root.get_parameter(node.target)
+    except AttributeError:
+        return None
 
 
 def is_module(root: nn.Module, node, cls) -> bool:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import fused, ops
 from .aliasing import in_place_hazards
-from .common import activation_of, attr_node, is_plain_add, module_of, same_shape, set_spec, single_user
+from .common import activation_of, attr_node, is_plain_add, module_of, parameter_of, same_shape, set_spec, single_user
 
 __all__ = ["fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_add"]
 
@@ -104,18 +104,12 @@ def _functional_layer_norm(root: nn.Module, user: fx.Node, node: fx.Node) -> tup
         owner = shape.args[0] if shape.op == "call_function" and shape.target is getattr else None
         if owner is not weight or shape.args[1] != "shape" or weight is None:
             return None
-        shape = tuple(root.get_parameter(weight.target).shape) if _is_parameter(root, weight) else None
+        param = parameter_of(root, weight)
+        shape = tuple(param.shape) if param is not None else None
     if not isinstance(shape, (tuple, list, torch.Size)) or list(shape) != [last]:
         return None
     return weight, bias, eps
 
-
-def _is_parameter(root: nn.Module, node: fx.Node) -> bool:
-    try:
-        root.get_parameter(node.target)
-    except AttributeError:
-        return False
-    return True
 
 
 def _layer_norm_user(root: nn.Module, node: fx.Node, graph: fx.Graph) -> tuple | None:

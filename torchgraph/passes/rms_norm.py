@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .. import ops
 from .aliasing import in_place_hazards
-from .common import set_spec, single_user
+from .common import parameter_of, set_spec, single_user
 
 __all__ = ["fuse_rms_norm"]
 
@@ -125,7 +125,7 @@ def fuse_rms_norm(root: nn.Module, graph: fx.Graph) -> int:
         match = _match(node) if node.op in ("call_function", "call_method") else None
         if match is None or match["x"] in hazards:
             continue
-        weight = root.get_parameter(match["weight"].target) if _is_parameter(root, match["weight"]) else None
+        weight = parameter_of(root, match["weight"])
         if weight is None or tuple(weight.shape) != (match["width"],):
             continue
         with graph.inserting_before(node):
@@ -138,10 +138,3 @@ def fuse_rms_norm(root: nn.Module, graph: fx.Graph) -> int:
         count += 1
     return count
 
-
-def _is_parameter(root: nn.Module, node: fx.Node) -> bool:
-    try:
-        root.get_parameter(node.target)
-    except AttributeError:
-        return False
-    return True
