@@ -11,7 +11,8 @@ from .. import ops
 from ._common import _HAS_ONEDNN, _ONEDNN_DTYPES
 from .cpu_profile import MKL_GEMMS_FAST
 
-__all__ = ["ATTENTION_INFERENCE_MAX_SEQ", "QKV_ATTENTION_MAX_SEQ", "qkv_attention", "scaled_dot_product_attention"]
+__all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "QKV_ATTENTION_MAX_SEQ", "qkv_attention",
+           "scaled_dot_product_attention"]
 
 #: Longest sequence for which :func:`qkv_attention` runs torchgraph's kernel (it keeps the
 #: ``B * heads * T * T`` attention weights for the backward; longer ones run SDPA's flash kernel).
@@ -84,6 +85,9 @@ def _kernel_beats_sdpa(shape, heads: int, causal: bool) -> bool:
 #: Longest query or key sequence for which :func:`scaled_dot_product_attention` runs
 #: ``ops.attention_inference`` (it holds all ``B * H * T * S`` scores at once; SDPA's flash kernel does not).
 ATTENTION_INFERENCE_MAX_SEQ = 512
+#: Most scores (``B * H * T * S`` float32 values: 64 MiB) for which it does: larger batches run SDPA, whose
+#: memory grows with ``T`` only, rather than allocate (and page-fault) a buffer that size per call.
+ATTENTION_INFERENCE_MAX_SCORES = 1 << 24
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -92,7 +96,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Runs :func:`torchgraph.ops.attention_inference` (both products as batched oneDNN matmuls) where it
     applies: eager float32/bfloat16 CPU tensors, no gradient wanted, no dropout, keys and values with the
-    query's batch and head counts, sequences up to ``ATTENTION_INFERENCE_MAX_SEQ``, and a CPU whose MKL
+    query's batch and head counts, sequences up to ``ATTENTION_INFERENCE_MAX_SEQ`` and at most
+    ``ATTENTION_INFERENCE_MAX_SCORES`` scores, and a CPU whose MKL
     GEMMs are slower than oneDNN's (:data:`torchgraph.fused.cpu_profile.MKL_GEMMS_FAST`). Measured
     against SDPA (2 threads, AMD EPYC, medians): 8 x 4 heads x 128 x 64 causal 0.47 vs 1.06 ms, with a
     boolean mask 0.54 vs 1.10; ViT-S's 197 x 6 heads 0.27 vs 0.45. Everywhere else it calls
@@ -134,7 +139,8 @@ def _takes(query, key, value, attn_mask, is_causal) -> bool:
     s = key.shape[2]
     if key.shape != (b, h, s, d) or value.shape[:3] != (b, h, s) or 0 in query.shape or 0 in value.shape or s == 0:
         return False
-    if t > ATTENTION_INFERENCE_MAX_SEQ or s > ATTENTION_INFERENCE_MAX_SEQ or not ops._use_kernel(query):
+    if t > ATTENTION_INFERENCE_MAX_SEQ or s > ATTENTION_INFERENCE_MAX_SEQ or b * h * t * s > \
+            ATTENTION_INFERENCE_MAX_SCORES or not ops._use_kernel(query):
         return False
     if attn_mask is not None and (is_causal or attn_mask.dim() > 4 or attn_mask.device.type != "cpu"
                                   or attn_mask.dtype not in (torch.bool, *_ONEDNN_DTYPES)):
