@@ -87,6 +87,22 @@ class LlamaRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
+class MetaRMSNorm(nn.Module):
+    """As Meta's reference code writes it (llama/model.py; Mistral's reference after it)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
 class ConstantDtypeRMSNorm(LlamaRMSNorm):
     """Casts back to a fixed float32, not to the input's dtype: left as written (in a bfloat16 graph the
     output would be float32, which the fused op, answering in its input's dtype, would not be)."""
@@ -131,8 +147,9 @@ def _norm_calls(model) -> int:
     return sum(1 for n in model.graph.nodes if n.op == "call_function" and n.target is ops.rms_norm_inference)
 
 
-def test_optimize_fuses_llama_rms_norm_and_matches_eager():
-    net, model = _model()
+@pytest.mark.parametrize("norm", [LlamaRMSNorm, MetaRMSNorm], ids=["hf", "meta"])
+def test_optimize_fuses_llama_rms_norm_and_matches_eager(norm):
+    net, model = _model(norm)
     fast = tg.optimize(model)
     assert _norm_calls(fast) == 2
     assert not any(n.op == "call_method" and n.target in ("pow", "mean") for n in fast.graph.nodes)
@@ -142,8 +159,9 @@ def test_optimize_fuses_llama_rms_norm_and_matches_eager():
 
 
 @pytest.mark.skipif(not passes.bfloat16_supported()[0], reason="this CPU has no bfloat16 instructions")
-def test_optimize_bfloat16_fuses_it_and_answers_in_the_callers_dtype():
-    net, model = _model()
+@pytest.mark.parametrize("norm", [LlamaRMSNorm, MetaRMSNorm], ids=["hf", "meta"])
+def test_optimize_bfloat16_fuses_it_and_answers_in_the_callers_dtype(norm):
+    net, model = _model(norm)
     fast = tg.optimize(model, dtype=torch.bfloat16)
     assert _norm_calls(fast) == 2
     x = 2 * torch.randn(3, 10, 64)

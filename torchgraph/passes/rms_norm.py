@@ -8,10 +8,14 @@ HF ``LlamaRMSNorm`` (and Mistral's, Qwen2's, and the copies in most LLaMA-style 
     hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
     return self.weight * hidden_states.to(input_dtype)
 
+and Meta's reference code (``llama/model.py``, and Mistral's after it), the same computation spelled
+``self._norm(x.float()).type_as(x) * self.weight`` with ``_norm(x) = x * torch.rsqrt(x.pow(2).mean(-1,
+keepdim=True) + self.eps)``.
+
 Recorded, that is ``to``, ``pow``, ``mean``, ``add``, ``rsqrt``, ``mul``, ``getattr(x, "dtype")``, ``to``
 and ``mul``: each a pass over the activations (in a bfloat16 graph also converting), ~110-140 us a norm at
 8 x 128 x 256 against ~20-40 us for the fused op. Matched node by node, with the cast back to the input's
-own dtype (``input_dtype`` read from it, so the output dtype follows the input as in eager; a constant
+own dtype (``input_dtype`` read from it, or ``type_as(x)``, so the output dtype follows the input as in eager; a constant
 dtype is left alone: with ``dtype=torch.bfloat16`` it would change the output's dtype). Inference only.
 """
 
@@ -41,19 +45,25 @@ def _call(node, name: str) -> bool:
 
 
 def _cast(node, dtype=None) -> tuple[fx.Node, object] | None:
-    """``x.to(d)`` / ``x.to(dtype=d)`` (``d`` equal to ``dtype`` when given): ``(x, d)``."""
-    if not _call(node, "to") or len(node.args) + len(node.kwargs) != 2:
+    """``x.to(d)`` / ``x.to(dtype=d)`` (``d`` equal to ``dtype`` when given), ``x.float()`` (d = float32) or
+    ``x.type_as(y)`` (d = y): ``(x, d)``."""
+    if _call(node, "float") and len(node.args) == 1 and not node.kwargs:
+        target = torch.float32
+    elif _call(node, "type_as") and len(node.args) == 2 and not node.kwargs:
+        target = node.args[1]
+    elif _call(node, "to") and len(node.args) + len(node.kwargs) == 2:
+        target = node.args[1] if len(node.args) == 2 else node.kwargs.get("dtype")
+    else:
         return None
-    target = node.args[1] if len(node.args) == 2 else node.kwargs.get("dtype")
     if target is None or (dtype is not None and target != dtype):
         return None
     return node.args[0], target
 
 
 def _is_dtype_of(node, x: fx.Node) -> bool:
-    """``getattr(x, "dtype")`` (``x.dtype``, recorded)."""
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is getattr \
-        and node.args == (x, "dtype")
+    """``getattr(x, "dtype")`` (``x.dtype``, recorded), or ``x`` itself (the target of ``type_as(x)``)."""
+    return node is x or (isinstance(node, fx.Node) and node.op == "call_function" and node.target is getattr
+                         and node.args == (x, "dtype"))
 
 
 def _other(node: fx.Node, one) -> object:
