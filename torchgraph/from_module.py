@@ -37,6 +37,7 @@ from .emitting import RESERVED_NAMES
 from .hierarchy import mirror_hierarchy
 from .mode_dropout import record_as_layers
 from .naming import ILLEGAL_NAMES, SUBMODULE_NAMES, fixed_paths, reserved_attribute
+from .restoring import attribute_snapshot, restore_attributes
 from .returned_inputs import linking_returned_inputs
 from .scopes import _CALL_IMPL_CODE, looking_through
 from .symbolic import Input, SymbolicTensor
@@ -195,15 +196,27 @@ def _call(module: nn.Module, args: tuple, kwargs: dict, plan: "_Plan"):
     leaves = [plan.modules[i] for i in plan.leaves]
     plan.called = set()
     transparent = plan.transparent()
-    with looking_through(transparent, leaves, plan.called), tracing_flags(), \
-            RecordingMode(plan.state_ids, forwards=True), \
-            linking_returned_inputs(leaves), \
-            watching_draws(list(transparent), leaves, plan.watch_each_call) as draws:  # NOTE: [Returned inputs]
-        outputs = module(*args, **kwargs)
+    attributes = attribute_snapshot(module)  # NOTE: [Attributes a recording sets]
+    try:
+        with looking_through(transparent, leaves, plan.called), tracing_flags(), \
+                RecordingMode(plan.state_ids, forwards=True), \
+                linking_returned_inputs(leaves), \
+                watching_draws(list(transparent), leaves, plan.watch_each_call) as draws:  # NOTE: [Returned inputs]
+            outputs = module(*args, **kwargs)
+    finally:
+        restore_attributes(attributes, tensors=True)
     if draws.outside_torch:  # NOTE: [Draws outside torch]: record again, each call checking its own draws
         plan.watch_each_call = True
         return _AGAIN
     return outputs
+
+
+# NOTE: [Attributes a recording sets] A forward may re-bind a tensor attribute (Meta's reference LLaMA:
+# `self.freqs_cis = self.freqs_cis.to(h.device)`). Recorded, that put a symbolic tensor on the user's
+# module: the recording in the other mode then read it instead of the constant (and failed, blaming
+# train/eval differences), and the user's own module kept the symbolic tensor after tg.from_module
+# returned. Each recording now puts back every tensor attribute the forward re-bound (the recorded graph
+# has the operations; the module stays as the user had it), as a layer call's scope does for its module.
 
 
 def _culprits(exc: BaseException, plan: _Plan) -> list[nn.Module]:

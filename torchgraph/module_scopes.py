@@ -155,10 +155,12 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
             generator_states.restore(start)
             run0, out0 = shadow_run(0, real, log)
             changed = undo_buffers(bufs, saved)
+            restore_attributes(attrs, tensors=True)  # NOTE: [Attributes between shadow runs]
             k = 1
             generator_states.restore(start)
             _, out1 = shadow_run(1, real, log1)
             undo_buffers(bufs, saved)
+            restore_attributes(attrs, tensors=True)
             break
         except GraphBuildError:
             undo_buffers(bufs, saved)

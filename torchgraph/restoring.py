@@ -51,13 +51,24 @@ def attribute_snapshot(module: nn.Module) -> list:
             if not type(m).__module__.startswith("torch.nn.modules.")]
 
 
-def restore_attributes(snapshot: list) -> None:
-    """Attributes the forward set to symbolic tensors (a cache of a tensor it made) go back.
+def restore_attributes(snapshot: list, *, tensors: bool = False) -> None:
+    """Attributes the forward set to symbolic tensors (a cache of a tensor it made) go back; with
+    ``tensors``, also those it set to any other tensor (after a shadow run: NOTE: [Attributes between
+    shadow runs]).
 
     A new attribute stays: using it outside the forward then says that a value computed inside a
     module's forward was used outside it.
     """
+    kinds = (SymbolicTensor, SymbolicInt, torch.Tensor) if tensors else (SymbolicTensor, SymbolicInt)
     for m, before in snapshot:
         for key, value in list(m.__dict__.items()):
-            if key in before and value is not before[key] and isinstance(value, (SymbolicTensor, SymbolicInt)):
+            if key in before and value is not before[key] and isinstance(value, kinds):
                 m.__dict__[key] = before[key]
+
+
+# NOTE: [Attributes between shadow runs] A forward may re-bind a tensor attribute to a tensor it makes:
+# Meta's reference LLaMA (llama/model.py) starts with `self.freqs_cis = self.freqs_cis.to(h.device)`.
+# A shadow run computes on probes, so the attribute then held a meta tensor made from the probe run,
+# the next run read that instead of the constant, and the build failed ("did different operations
+# when it was called again"). Each shadow run now starts from the attributes the call started with,
+# as each starts from the same buffers and generator states.

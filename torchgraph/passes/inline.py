@@ -165,11 +165,29 @@ def _trace(module: nn.Module, args: tuple = ()) -> fx.GraphModule | None:
 # inlining]), or the module stays one call, which follows the mode by itself.
 def _trace_once(module: nn.Module, concrete: dict) -> fx.GraphModule | None:
     tracer = _InliningTracer()
+    before = [(m, dict(m.__dict__)) for m in module.modules()]
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception:  # noqa: BLE001 - the module's own forward is not traceable: leave it opaque
         return None
+    finally:
+        _restore_attributes(before)
     return fx.GraphModule(tracer.root, graph)
+
+
+# NOTE: [Attributes a trace sets] torch.fx runs the forward with Proxies, so a forward that re-binds an
+# attribute (Meta's reference LLaMA: `self.freqs_cis = self.freqs_cis.to(h.device)`) left a Proxy on the
+# module. When the trace then failed (the same forward iterates `*xq.shape[:-1]`), the module stayed one
+# call of the optimized model, and that call read the Proxy: the optimized model raised fx's TraceError
+# at run time. Every attribute the trace re-bound is put back, and new ones holding Proxies removed.
+def _restore_attributes(before: list) -> None:
+    for m, attributes in before:
+        for key, value in list(m.__dict__.items()):
+            if key not in attributes:
+                if isinstance(value, fx.Proxy):
+                    del m.__dict__[key]
+            elif value is not attributes[key]:
+                m.__dict__[key] = attributes[key]
 
 
 # NOTE: [Probe interpretation] Specs of inlined nodes come from running the inlined graph on meta
