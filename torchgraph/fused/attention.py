@@ -11,8 +11,8 @@ from .. import ops
 from ._common import _HAS_ONEDNN, _ONEDNN_DTYPES
 from .cpu_profile import MKL_GEMMS_FAST
 
-__all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "QKV_ATTENTION_MAX_SEQ", "qkv_attention",
-           "scaled_dot_product_attention"]
+__all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "QKV_ATTENTION_MAX_SEQ",
+           "attention_with_additive_mask", "qkv_attention", "scaled_dot_product_attention"]
 
 #: Longest sequence for which :func:`qkv_attention` runs torchgraph's kernel (it keeps the
 #: ``B * heads * T * T`` attention weights for the backward; longer ones run SDPA's flash kernel).
@@ -146,3 +146,46 @@ def _takes(query, key, value, attn_mask, is_causal) -> bool:
                                   or attn_mask.dtype not in (torch.bool, *_ONEDNN_DTYPES)):
         return False
     return True
+
+
+def attention_with_additive_mask(query, key, value, mask, scale: float):
+    """``softmax(query @ key.transpose(-2, -1) * scale + mask, dim=-1) @ value``, attention written out
+    by hand with an additive mask (Meta's reference LLaMA, HF's eager attention), as
+    :func:`scaled_dot_product_attention` computes it (``ops.attention_inference`` where that applies).
+
+    NOTE: [Additive masks] SDPA and the written-out form differ in one case: a row of the mask that is
+    ``-inf`` at every key. Eager's softmax then gives NaN for that query, SDPA zeros. So a mask with such
+    a row (checked on the mask's own, unexpanded values, once per mask tensor) runs the written-out
+    form, with its NaN; HF's ``torch.finfo(dtype).min`` masks and causal masks never have one. Traced
+    programs (``torch.compile``, exporters) get SDPA.
+
+    Example:
+        >>> import torch
+        >>> q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+        >>> mask = torch.triu(torch.full((4, 4), float("-inf")), diagonal=1)
+        >>> written = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5 + mask, dim=-1) @ v
+        >>> torch.allclose(attention_with_additive_mask(q, k, v, mask, 8 ** -0.5), written, atol=1e-5)
+        True
+    """
+    if isinstance(query, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
+        return query.tracer.create_proxy("call_function", attention_with_additive_mask,
+                                         (query, key, value, mask, scale), {})
+    if _has_fully_masked_row(mask):
+        scores = torch.softmax(query @ key.transpose(-2, -1) * scale + mask, dim=-1, dtype=torch.float32)
+        return scores.to(query.dtype) @ value
+    return scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype), scale=scale)
+
+
+_LAST_MASK: list = [None, -1, False]  # the last mask checked, its version, the answer (layers share one mask)
+
+
+def _has_fully_masked_row(mask) -> bool:
+    """Whether some row of ``mask`` is ``-inf`` at every key (False for traced values: SDPA there)."""
+    if type(mask) is not torch.Tensor or torch.compiler.is_compiling():  # noqa: E721
+        return False
+    last, version, answer = _LAST_MASK
+    if mask is last and mask._version == version:
+        return answer
+    answer = bool(torch.isneginf(mask).all(dim=-1).any())
+    _LAST_MASK[:] = [mask, mask._version, answer]
+    return answer

@@ -14,9 +14,17 @@ nanoGPT's non-flash path adds a causal mask from a buffer before the softmax::
 
     att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))   # bias = tril(ones(N, N))
 
-which is ``is_causal=True`` (NOTE: [Causal mask from a buffer]). Only those chains match: another
-mask, dropout, another reader of the scores or probabilities, or a scale that is not a Python number
-leaves the code as written.
+which is ``is_causal=True`` (NOTE: [Causal mask from a buffer]). Meta's reference LLaMA and HF's eager
+attention add a float mask to the scores and run the softmax in float32::
+
+    scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim) + mask
+    scores = F.softmax(scores.float(), dim=-1).type_as(xq)      # HF: softmax(..., dtype=torch.float32)
+                                                                #     .to(query.dtype)
+
+which becomes :func:`torchgraph.fused.attention_with_additive_mask` (SDPA with ``attn_mask``, except
+for a mask with a row of ``-inf`` at every key: NOTE: [Additive masks]). Only those chains match: a
+boolean added to the scores, dropout, another reader of the scores or probabilities, a cast to
+another dtype than the query's, or a scale that is not a Python number leaves the code as written.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import fused
 from .aliasing import in_place_hazards
 from .common import set_spec, single_user
 
@@ -62,10 +71,54 @@ def _softmax_input(node) -> fx.Node | None:
         return None
     args = dict(zip(("input", "dim"), node.args), **node.kwargs)
     args.pop("_stacklevel", None)
-    if set(args) - {"input", "dim", "dtype"} or args.get("dtype") is not None:
-        return None
+    if set(args) - {"input", "dim", "dtype"} or args.get("dtype") not in (None, torch.float32):
+        return None  # dtype=torch.float32 (HF's eager attention): an upcast, as `.float()` before it
     x = args.get("input")
     return x if _rank(x) == 4 and args.get("dim") in (-1, 3) else None
+
+
+def _upcast(node) -> fx.Node | None:
+    """``x.float()`` / ``x.to(torch.float32)`` (Meta's ``F.softmax(scores.float(), dim=-1)``): ``x``."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.kwargs:
+        return None
+    if (node.target == "float" and len(node.args) == 1) or \
+            (node.target == "to" and len(node.args) == 2 and node.args[1] is torch.float32):
+        return node.args[0]
+    return None
+
+
+def _cast_back(node) -> tuple[fx.Node, object] | None:
+    """``p.type_as(t)`` / ``p.to(t.dtype)`` (the probabilities back to the query's dtype): ``(p, t or its
+    dtype read)``; the caller checks that ``t`` is the query."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.kwargs or len(node.args) != 2:
+        return None
+    if node.target == "type_as":
+        return node.args[0], node.args[1]
+    target = node.args[1]
+    if node.target == "to" and isinstance(target, fx.Node) and target.op == "call_function" \
+            and target.target is getattr and target.args[1:] == ("dtype",):
+        return node.args[0], target.args[0]
+    return None
+
+
+def _additive_mask(node) -> tuple[fx.Node, fx.Node] | None:
+    """``scores + mask`` (either order) with a floating ``mask`` that broadcasts to the 4-D scores:
+    ``(scores, mask)``. A boolean mask is no additive mask (``+`` would add ones)."""
+    if not _is_call(node, {operator.add, torch.add}, "add") or len(node.args) != 2 or node.kwargs:
+        return None
+    for scores, mask in (node.args, node.args[::-1]):
+        if not (isinstance(scores, fx.Node) and isinstance(mask, fx.Node)) or _rank(scores) != 4:
+            continue
+        spec = mask.meta.get("tg_spec")
+        if getattr(spec, "dtype", None) is None or not spec.dtype.is_floating_point:
+            continue
+        try:
+            if all(torch.broadcast_shapes(m, s) == tuple(s) for m, s in
+                   zip(spec.probes, scores.meta["tg_spec"].probes)):
+                return scores, mask
+        except (RuntimeError, KeyError, AttributeError):
+            continue
+    return None
 
 
 def _scaled(node) -> tuple[fx.Node, float] | None:
@@ -169,13 +222,33 @@ def _match(root: nn.Module, node: fx.Node) -> dict | None:
     if operands is None:
         return None
     probabilities, v = operands
+    chain, back = [], _cast_back(probabilities)
+    if back is not None:  # `.type_as(q)` / `.to(q.dtype)` after a float32 softmax
+        if single_user(probabilities) is not node:
+            return None
+        chain.append(probabilities)
+        probabilities, back = back
     scores = _softmax_input(probabilities)
-    if scores is None or single_user(probabilities) is not node or single_user(scores) is not probabilities:
+    if scores is None or single_user(probabilities) is not (chain[-1] if chain else node) \
+            or single_user(scores) is not probabilities:
         return None
-    chain, scale, causal = [probabilities, scores], 1.0, None
+    chain += [probabilities, scores]
+    scale, causal, mask = 1.0, None, None
+    upcast = _upcast(scores)
+    if upcast is not None:  # Meta's `F.softmax(scores.float(), dim=-1)`
+        scores = upcast
+        if single_user(scores) is not chain[-1]:
+            return None
+        chain.append(scores)
     masked = _causal_masked(root, scores)
+    added = _additive_mask(scores) if masked is None else None
     if masked is not None:  # the mask's own nodes go with dead-code elimination
         scores, causal = masked
+        if single_user(scores) is not chain[-1]:
+            return None
+        chain.append(scores)
+    elif added is not None:  # NOTE: [Additive masks]
+        scores, mask = added
         if single_user(scores) is not chain[-1]:
             return None
         chain.append(scores)
@@ -189,6 +262,7 @@ def _match(root: nn.Module, node: fx.Node) -> dict | None:
     if operands is None:
         return None
     q, key_t = operands
+    query = q  # what a cast back may name (the query as multiplied, before a scale is taken off it)
     k = _transposed_key(key_t)
     if k is None or single_user(key_t) is not scores:
         return None
@@ -197,18 +271,21 @@ def _match(root: nn.Module, node: fx.Node) -> dict | None:
     if scaled is not None and single_user(q) is scores:  # (q * scale) @ k^T
         chain.append(q)
         q, scale = scaled
+    if back is not None and back is not q and back is not query:
+        return None  # a cast to another tensor's dtype than the query's
     if not all(_rank(t) == 4 for t in (q, k, v)):
         return None
     for qs, ks, vs in zip(*(t.meta["tg_spec"].probes for t in (q, k, v))):  # no broadcasting, as SDPA wants
         if not (qs[:2] == ks[:2] == vs[:2] and ks[2] == vs[2] and qs[3] == ks[3]):
             return None
-    return {"q": q, "k": k, "v": v, "scale": scale, "causal": causal, "erase": chain}
+    return {"q": q, "k": k, "v": v, "scale": scale, "causal": causal, "mask": mask, "erase": chain}
 
 
 def write_attention_as_sdpa(root: nn.Module, graph: fx.Graph) -> int:
     """``softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v`` (4-D, no mask or nanoGPT's causal
     buffer mask, no dropout, the scores and probabilities read by the chain alone) ->
-    ``F.scaled_dot_product_attention(q, k, v, scale=scale[, is_causal=True])``. Returns how many were
+    ``F.scaled_dot_product_attention(q, k, v, scale=scale[, is_causal=True])``; with an additive float
+    mask (``+ mask``) -> ``fused.attention_with_additive_mask(q, k, v, mask, scale)``. Returns how many were
     rewritten. A query or key that may change in place keeps the chain as written (the scores would
     move to the last matmul: NOTE: [Fusions move work] in aliasing.py)."""
     count = 0
@@ -226,8 +303,12 @@ def write_attention_as_sdpa(root: nn.Module, graph: fx.Graph) -> int:
                     graph.call_function(torch._assert, (fits, f"attention: the causal mask buffer has {rows} "
                                                               "rows; the sequence is longer"))
                 options["is_causal"] = True
-            new = graph.call_function(F.scaled_dot_product_attention, (match["q"], match["k"], match["v"]),
-                                      options)
+            if match["mask"] is not None:  # NOTE: [Additive masks]
+                new = graph.call_function(fused.attention_with_additive_mask,
+                                          (match["q"], match["k"], match["v"], match["mask"], match["scale"]))
+            else:
+                new = graph.call_function(F.scaled_dot_product_attention,
+                                          (match["q"], match["k"], match["v"]), options)
         new._rename("sdpa")
         set_spec(new, node.meta.get("tg_spec"))
         node.replace_all_uses_with(new)
