@@ -183,6 +183,8 @@ def _has_fully_masked_row(mask) -> bool:
     """Whether some row of ``mask`` is ``-inf`` at every key (False for traced values: SDPA there)."""
     if type(mask) is not torch.Tensor or torch.compiler.is_compiling():  # noqa: E721
         return False
+    if mask.is_inference():  # no version counter to tell an in-place change: check every time
+        return bool(torch.isneginf(mask).all(dim=-1).any())
     last, version, answer = _LAST_MASK
     if mask is last and mask._version == version:
         return answer
