@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import torchgraph as tg
+from community_models.llama_meta import RMSNorm as MetaRMSNorm  # Meta's llama/model.py spelling
 import torchgraph._extension as extension
 import torchgraph.ops as ops
 from torchgraph import passes
@@ -85,22 +86,6 @@ class LlamaRMSNorm(nn.Module):
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
-
-
-class MetaRMSNorm(nn.Module):
-    """As Meta's reference code writes it (llama/model.py; Mistral's reference after it)."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def _norm(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, x):
-        output = self._norm(x.float()).type_as(x)
-        return output * self.weight
 
 
 class ConstantDtypeRMSNorm(LlamaRMSNorm):
