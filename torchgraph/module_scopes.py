@@ -142,6 +142,7 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
             if mode is not None:
                 remove_mode(mode)
             STATE.run = previous
+            restore_attributes(attrs, tensors=True)  # NOTE: [Attributes between shadow runs]
 
     changed: dict = {}
     real = False
@@ -155,12 +156,10 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
             generator_states.restore(start)
             run0, out0 = shadow_run(0, real, log)
             changed = undo_buffers(bufs, saved)
-            restore_attributes(attrs, tensors=True)  # NOTE: [Attributes between shadow runs]
             k = 1
             generator_states.restore(start)
             _, out1 = shadow_run(1, real, log1)
             undo_buffers(bufs, saved)
-            restore_attributes(attrs, tensors=True)
             break
         except GraphBuildError:
             undo_buffers(bufs, saved)

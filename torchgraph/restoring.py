@@ -70,5 +70,6 @@ def restore_attributes(snapshot: list, *, tensors: bool = False) -> None:
 # Meta's reference LLaMA (llama/model.py) starts with `self.freqs_cis = self.freqs_cis.to(h.device)`.
 # A shadow run computes on probes, so the attribute then held a meta tensor made from the probe run,
 # the next run read that instead of the constant, and the build failed ("did different operations
-# when it was called again"). Each shadow run now starts from the attributes the call started with,
-# as each starts from the same buffers and generator states.
+# when it was called again"). Each shadow run now puts the call's attributes back as it ends (also when it
+# fails, and for the re-runs that explain a failure), so every run starts from them, as each starts from
+# the same buffers and generator states.
