@@ -39,6 +39,7 @@ from ..drop_paths import is_drop_path
 from ..layers import ScaledDotProductAttention
 from ..model import ValueSpec
 from ..probing import probe_generator, to_meta
+from ..restoring import attribute_snapshot
 from ..symbolic import dim_for_probes
 from .inline_recorded import record_for_inlining
 
@@ -165,7 +166,7 @@ def _trace(module: nn.Module, args: tuple = ()) -> fx.GraphModule | None:
 # inlining]), or the module stays one call, which follows the mode by itself.
 def _trace_once(module: nn.Module, concrete: dict) -> fx.GraphModule | None:
     tracer = _InliningTracer()
-    before = [(m, dict(m.__dict__)) for m in module.modules()]
+    before = attribute_snapshot(module)  # torch.nn's own layers are leaves of the trace: their forwards do not run
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception:  # noqa: BLE001 - the module's own forward is not traceable: leave it opaque
