@@ -3,6 +3,8 @@ SDPA for inference (:func:`scaled_dot_product_attention`)."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -176,18 +178,20 @@ def attention_with_additive_mask(query, key, value, mask, scale: float):
     return scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype), scale=scale)
 
 
-_LAST_MASK: list = [None, -1, False]  # the last mask checked, its version, the answer (layers share one mask)
+# The last mask checked (a weak reference: a long sequence's mask is not kept alive after its forward), its
+# version and the answer: a model's layers share one mask per forward.
+_LAST_MASK: list = [lambda: None, -1, False]
 
 
 def _has_fully_masked_row(mask) -> bool:
     """Whether some row of ``mask`` is ``-inf`` at every key (False for traced values: SDPA there)."""
     if type(mask) is not torch.Tensor or torch.compiler.is_compiling():  # noqa: E721
         return False
-    if mask.is_inference():  # no version counter to tell an in-place change: check every time
-        return bool(torch.isneginf(mask).all(dim=-1).any())
+    cached = not mask.is_inference()  # an inference tensor has no version counter to tell an in-place change
     last, version, answer = _LAST_MASK
-    if mask is last and mask._version == version:
+    if cached and last() is mask and mask._version == version:
         return answer
     answer = bool(torch.isneginf(mask).all(dim=-1).any())
-    _LAST_MASK[:] = [mask, mask._version, answer]
+    if cached:
+        _LAST_MASK[:] = [weakref.ref(mask), mask._version, answer]
     return answer
