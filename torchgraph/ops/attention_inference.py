@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import is_tensor
+from ._common import is_tensor, no_backward
 
 __all__ = ["attention_inference", "reference_attention_inference"]
 
@@ -116,19 +116,8 @@ if _extension.HAS_C_OPS:
         _check_attention_inference(query, key, value, attn_mask, is_causal)
         return sdpa_output_layout(query, key, value)
 
-    def _attention_inference_setup_context(ctx, inputs, output):
-        pass
-
-    def _attention_inference_backward(ctx, grad):
-        raise RuntimeError(
-            "attention_inference has no backward: it does not keep the attention weights that a gradient "
-            "needs. Use torch.nn.functional.scaled_dot_product_attention where gradients are required "
-            "(torchgraph.fused.scaled_dot_product_attention does), or run inference under torch.no_grad()."
-        )
-
-    # NOTE: as for max_pool2d_inference, a backward that raises instead of PyTorch's generic warning.
-    torch.library.register_autograd(
-        "torchgraph::attention_inference",
-        _attention_inference_backward,
-        setup_context=_attention_inference_setup_context,
-    )
+    no_backward(  # NOTE: [No backward] in _common.py
+        "attention_inference",
+        ": it does not keep the attention weights that a gradient needs. Use "
+        "torch.nn.functional.scaled_dot_product_attention where gradients are required "
+        "(torchgraph.fused.scaled_dot_product_attention does), or run inference under torch.no_grad().")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import check_float_dtype, dense_format, is_tensor, pair, use_kernel
+from ._common import check_float_dtype, dense_format, is_tensor, no_backward, pair, use_kernel
 
 __all__ = ["max_pool2d_inference", "reference_max_pool2d_inference"]
 
@@ -147,20 +147,8 @@ if _extension.HAS_C_OPS:
             memory_format=dense_format(x),
         )
 
-    def _max_pool2d_inference_setup_context(ctx, inputs, output):
-        pass
-
-    def _max_pool2d_inference_backward(ctx, grad):
-        raise RuntimeError(
-            "max_pool2d_inference has no backward: it does not record the argmax indices "
-            "that a gradient needs. Use torch.nn.functional.max_pool2d where gradients are "
-            "required (e.g. training), or run inference under torch.no_grad()."
-        )
-
-    # NOTE: registering a backward that raises (rather than none) turns PyTorch's
-    # generic "no autograd formula" warning into an error that says what to do.
-    torch.library.register_autograd(
-        "torchgraph::max_pool2d_inference",
-        _max_pool2d_inference_backward,
-        setup_context=_max_pool2d_inference_setup_context,
-    )
+    no_backward(  # NOTE: [No backward] in _common.py
+        "max_pool2d_inference",
+        ": it does not record the argmax indices that a gradient needs. Use "
+        "torch.nn.functional.max_pool2d where gradients are required (e.g. training), or run "
+        "inference under torch.no_grad().")

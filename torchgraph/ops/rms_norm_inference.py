@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._common import is_tensor
+from ._common import is_tensor, no_backward
 
 __all__ = ["reference_rms_norm_inference", "rms_norm_inference"]
 
@@ -76,18 +76,7 @@ if _extension.HAS_C_OPS:
         _check_rms_norm_inference(x, weight)
         return x.new_empty(x.shape)
 
-    def _rms_norm_inference_setup_context(ctx, inputs, output):
-        pass
-
-    def _rms_norm_inference_backward(ctx, grad):
-        raise RuntimeError(
-            "rms_norm_inference has no backward. Where gradients are required, use the RMSNorm as written "
-            "(tg.optimize(model, inference=False) keeps it), or run inference under torch.no_grad()."
-        )
-
-    # NOTE: as for max_pool2d_inference, a backward that raises instead of PyTorch's generic warning.
-    torch.library.register_autograd(
-        "torchgraph::rms_norm_inference",
-        _rms_norm_inference_backward,
-        setup_context=_rms_norm_inference_setup_context,
-    )
+    no_backward(  # NOTE: [No backward] in _common.py
+        "rms_norm_inference",
+        ". Where gradients are required, use the RMSNorm as written (tg.optimize(model, inference=False) "
+        "keeps it), or run inference under torch.no_grad().")
