@@ -36,9 +36,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 #include "onednn_matmul.h"
