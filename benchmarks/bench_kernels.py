@@ -175,6 +175,50 @@ def make_cases(device: str) -> list[Case]:
         )
     )
 
+    # HF LLaMA's attention (rotary embeddings applied to q and k, so no packed projection) with the boolean
+    # causal-and-padding mask HF passes: SDPA against ops.attention_inference (what tg.optimize calls where
+    # MKL is slow; NOTE: [Attention GEMMs on oneDNN]). Forward only.
+    query, key = randn(8, 4, 128, 64), randn(8, 4, 128, 64)
+    value = randn(8, 128, 4, 64).transpose(1, 2)
+    keep = torch.ones(8, 1, 128, 128, dtype=torch.bool, device=device).tril()
+    keep[1::2, ..., 96:] = False  # odd samples padded at the end
+
+    def masked_attention_eager(q, k, v, keep):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    cases.append(
+        Case(
+            "attention_inference masked",
+            "(8, 4, 128, 64)",
+            lambda: masked_attention_eager(query, key, value, keep),
+            lambda: ops.attention_inference(query, key, value, keep),
+            masked_attention_eager,
+            (query, key, value, keep),
+            _nbytes(query, key, value, keep) + _nbytes(query),  # q, k, v and the mask in, the output written
+        )
+    )
+
+    # LLaMA's RMSNorm as HF writes it (float32 normalisation, cast back, weight product), float32 and bfloat16.
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden_in, norm_weight = randn(8, 128, 256, dtype=dtype), randn(256, dtype=dtype)
+
+        def rms_norm_eager(h, w):
+            hidden = h.to(torch.float32)
+            hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return w * hidden.to(h.dtype)
+
+        cases.append(
+            Case(
+                f"rms_norm_inference {str(dtype).replace('torch.', '')}",
+                "(8, 128, 256)",
+                lambda h=hidden_in, w=norm_weight: rms_norm_eager(h, w),
+                lambda h=hidden_in, w=norm_weight: ops.rms_norm_inference(h, w, 1e-6),
+                rms_norm_eager,
+                (hidden_in, norm_weight),
+                _nbytes(hidden_in) * 2,  # read the input, write the output
+            )
+        )
+
     # ResNet stem max-pool, k=3 s=2 p=1 (eager computes argmax indices too).
     for channels_last in (False, True):
         layout = "channels_last" if channels_last else "NCHW"

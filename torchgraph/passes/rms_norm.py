@@ -13,8 +13,9 @@ and Meta's reference code (``llama/model.py``, and Mistral's after it), the same
 keepdim=True) + self.eps)``.
 
 Recorded, that is ``to``, ``pow``, ``mean``, ``add``, ``rsqrt``, ``mul``, ``getattr(x, "dtype")``, ``to``
-and ``mul``: each a pass over the activations (in a bfloat16 graph also converting), ~110-140 us a norm at
-8 x 128 x 256 against ~20-40 us for the fused op. Matched node by node, with the cast back to the input's
+and ``mul``: each a pass over the activations (in a bfloat16 graph also converting): at 8 x 128 x 256, 52-56
+us float32 and 84-89 us bfloat16 against 17-26 and 37-38 us for the fused op (``benchmarks/bench_kernels.py``,
+its rms_norm_inference rows). Matched node by node, with the cast back to the input's
 own dtype (``input_dtype`` read from it, or ``type_as(x)``, so the output dtype follows the input as in eager; a constant
 dtype is left alone: with ``dtype=torch.bfloat16`` it would change the output's dtype). Inference only.
 """
