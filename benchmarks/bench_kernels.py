@@ -219,6 +219,25 @@ def make_cases(device: str) -> list[Case]:
             )
         )
 
+    # torch's own nn.RMSNorm (torchtitan's LLaMA): F.rms_norm against the op with torch's rounding.
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden_in, norm_weight = randn(8, 128, 256, dtype=dtype), randn(256, dtype=dtype)
+
+        def torch_rms_norm_eager(h, w):
+            return F.rms_norm(h, (256,), w, 1e-5)
+
+        cases.append(
+            Case(
+                f"rms_norm_inference F.rms_norm {str(dtype).replace('torch.', '')}",
+                "(8, 128, 256)",
+                lambda h=hidden_in, w=norm_weight: torch_rms_norm_eager(h, w),
+                lambda h=hidden_in, w=norm_weight: ops.rms_norm_inference(h, w, 1e-5, True),
+                torch_rms_norm_eager,
+                (hidden_in, norm_weight),
+                _nbytes(hidden_in) * 2,  # read the input, write the output
+            )
+        )
+
     # ResNet stem max-pool, k=3 s=2 p=1 (eager computes argmax indices too).
     for channels_last in (False, True):
         layout = "channels_last" if channels_last else "NCHW"

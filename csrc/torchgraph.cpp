@@ -52,8 +52,9 @@ TORCH_LIBRARY(torchgraph, m) {
 
   // RMSNorm as LLaMA writes it: weight * (x * rsqrt(mean(x^2, -1) + eps)),
   // the normalisation in float32 rounded to x's dtype, then the product in
-  // x's dtype. Inference only: no backward.
-  m.def("rms_norm_inference(Tensor x, Tensor weight, float eps) -> Tensor");
+  // x's dtype; weight_in_float32: the product in float32, rounded once (torch's
+  // nn.RMSNorm). No weight: the normalisation alone. Inference only: no backward.
+  m.def("rms_norm_inference(Tensor x, Tensor? weight, float eps, bool weight_in_float32=False) -> Tensor");
 
   // max_pool2d without the indices output (inference only, no backward).
   m.def(

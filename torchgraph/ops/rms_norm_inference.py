@@ -1,4 +1,4 @@
-"""``rms_norm_inference``: RMSNorm as LLaMA's code writes it, in one pass over each row."""
+"""``rms_norm_inference``: RMSNorm as LLaMA's code writes it (or torch's ``nn.RMSNorm``), in one pass over each row."""
 
 from __future__ import annotations
 
@@ -14,35 +14,46 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 def _check_rms_norm_inference(x, weight) -> None:
     """The twin of ``check_rms_norm_inference`` in csrc/cpu/rms_norm_inference.cpp (same messages)."""
-    if not is_tensor(x, weight):
+    if not is_tensor(x) or not (weight is None or is_tensor(weight)):
         return
     op = "rms_norm_inference"
     torch._check(x.dtype in _DTYPES, lambda: f"{op}: x must be float32 or bfloat16, got {x.dtype}")
     torch._check(x.dim() >= 1 and x.shape[-1] > 0,
                  lambda: f"{op}: x must have a non-empty last dim, got shape {list(x.shape)}")
+    if weight is None:
+        return
     torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
                  lambda: f"{op}: weight must have shape [{x.shape[-1]}] (x's last dim), got {list(weight.shape)}")
     torch._check(weight.dtype == x.dtype,
                  lambda: f"{op}: weight dtype must equal x dtype {x.dtype}, got {weight.dtype}")
 
 
-def reference_rms_norm_inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Pure-PyTorch :func:`rms_norm_inference`: HF ``LlamaRMSNorm.forward``, op for op."""
+def reference_rms_norm_inference(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                                 weight_in_float32: bool = False) -> torch.Tensor:
+    """Pure-PyTorch :func:`rms_norm_inference`: HF ``LlamaRMSNorm.forward`` op for op, or with
+    ``weight_in_float32`` the float32 computation of torch's ``F.rms_norm`` on CPU, rounded once."""
     if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
         _check_rms_norm_inference(x, weight)
     hidden = x.to(torch.float32)
     variance = hidden.pow(2).mean(-1, keepdim=True)
     hidden = hidden * torch.rsqrt(variance + eps)
+    if weight is None:
+        return hidden.to(x.dtype)
+    if weight_in_float32:
+        return (hidden * weight.to(torch.float32)).to(x.dtype)
     return weight * hidden.to(x.dtype)
 
 
-def rms_norm_inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_inference(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                       weight_in_float32: bool = False) -> torch.Tensor:
     """RMSNorm as HF ``LlamaRMSNorm`` computes it: ``weight * (x * rsqrt(mean(x**2, -1) + eps)).to(x.dtype)``
-    with the normalisation in float32, in one pass over each row.
+    with the normalisation in float32, in one pass over each row; with ``weight_in_float32``, as torch's
+    ``nn.RMSNorm`` / ``F.rms_norm`` compute it on CPU: ``(weight * x * rsqrt(...))`` all in float32,
+    rounded to ``x``'s dtype once (in float32 the two are the same).
 
-    The written-out form is seven elementwise ops and two casts per norm; ``tg.optimize`` rewrites it
-    to this op (inference only: it has no backward). float32 and bfloat16 CPU tensors run the kernel, the
-    rest the reference.
+    The written-out form is seven elementwise ops and two casts per norm, and torch's own ``F.rms_norm``
+    is composite on CPU; ``tg.optimize`` rewrites both to this op (inference only: it has no backward).
+    float32 and bfloat16 CPU tensors run the kernel, the rest the reference.
 
     Example:
         >>> x, weight = torch.randn(2, 5, 8), torch.rand(8)
@@ -53,8 +64,10 @@ def rms_norm_inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
     Args:
         x: ``(..., C)``, float32 or bfloat16.
-        weight: ``(C,)``, x's dtype.
+        weight: ``(C,)``, x's dtype, or None (no scale).
         eps: Added to the mean of squares.
+        weight_in_float32: Multiply by the weight before rounding to x's dtype (torch's rounding), not after
+            (HF's).
 
     Returns:
         ``x``'s shape and dtype.
@@ -64,15 +77,15 @@ def rms_norm_inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     """
     if (_extension.HAS_C_OPS and isinstance(x, torch.Tensor) and x.device.type in ("cpu", "meta")
             and x.dtype in _DTYPES):
-        return torch.ops.torchgraph.rms_norm_inference.default(x, weight, eps)
-    return reference_rms_norm_inference(x, weight, eps)
+        return torch.ops.torchgraph.rms_norm_inference.default(x, weight, eps, weight_in_float32)
+    return reference_rms_norm_inference(x, weight, eps, weight_in_float32)
 
 
 # NOTE: [Registration needs _C] in torchgraph/ops/__init__.py.
 if _extension.HAS_C_OPS:
 
     @torch.library.register_fake("torchgraph::rms_norm_inference")
-    def _rms_norm_inference_fake(x, weight, eps):
+    def _rms_norm_inference_fake(x, weight, eps, weight_in_float32=False):
         _check_rms_norm_inference(x, weight)
         return x.new_empty(x.shape)
 
