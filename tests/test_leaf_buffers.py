@@ -249,6 +249,55 @@ def test_llama_rotary_inv_freq_buffer(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Meta's and torchtitan's rotary embeddings: a complex64 table in a non-persistent buffer
+# ---------------------------------------------------------------------------------------------
+
+@tg.register_layer
+class ComplexRotaryQuery(nn.Module):
+    """``apply_rotary_emb`` of llama/model.py and torchtitan on a query, its ``freqs_cis`` a buffer."""
+
+    def __init__(self, dim=8, end=16, theta=10000.0):
+        super().__init__()
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+        freqs = torch.outer(torch.arange(end), freqs).float()
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(freqs), freqs), persistent=False)
+        self.wq = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        xq = self.wq(x)
+        xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+        freqs_cis = self.freqs_cis[: x.shape[1]]
+        return torch.view_as_real(xq_ * freqs_cis).flatten(2).type_as(x)
+
+
+class RotaryBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rotary = ComplexRotaryQuery()
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(self.rotary(x))
+
+
+def test_complex_rotary_table_buffer(tmp_path):
+    """The complex table is written into the file's config (real and imaginary parts) and comes back
+    exactly: a recording of Meta's or torchtitan's LLaMA could not be saved before."""
+    check_leaf_and_looked_through(RotaryBlock, [(10, 8)], [(torch.randn(2, 10, 8),)], tmp_path,
+                                  ComplexRotaryQuery)
+
+
+def test_complex_constant_of_the_wrong_length_is_refused():
+    model = tg.from_module(ComplexRotaryQuery(), (10, 8))
+    config = model.get_config()
+    entry = next(e for e in config["constants"] if e["dtype"] == "complex64")
+    assert len(entry["value"]) == 2 * 16 * 4  # 16 x 4 complex numbers, real and imaginary parts
+    entry["value"] = entry["value"][:-1]
+    with pytest.raises(ValueError, match="flat list of 128 numbers \\(real and imaginary parts"):
+        tg.Model.from_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
 # Running statistics: read in eval mode, updated in train mode
 # ---------------------------------------------------------------------------------------------
 

@@ -209,14 +209,20 @@ def _constant_entry(name: str, t: torch.Tensor, where: str, persistent: bool = T
     entry = {"name": name, "shape": list(t.shape), "dtype": dtype_name(t.dtype, where),
              "parameter": isinstance(t, nn.Parameter), "requires_grad": bool(t.requires_grad)}
     limit = INLINE_CONSTANT_LIMIT if persistent else NON_PERSISTENT_LIMIT
+    # NOTE: [Complex constants] a complex tensor is written as its real and imaginary parts, interleaved
+    # (torch.view_as_real), and counts as twice its elements: rotary tables (Meta's and torchtitan's
+    # non-persistent `freqs_cis`, complex64) are stored like any other buffer.
+    numbers = t.numel() * (2 if t.is_complex() else 1)
     if not persistent:
         entry["persistent"] = False  # not in the state_dict, so not in a file's weights: inline always
-        if t.numel() > limit or t.is_complex() or t.device.type == "meta":
-            raise ValueError(f"{where}: a non-persistent buffer of {t.numel()} elements (not part of the "
-                             f"state_dict, so not saved with the weights) cannot be stored in a config; at "
-                             f"most {limit} real elements can. Register it as a persistent buffer.")
-    if t.numel() <= limit and not t.is_complex() and t.device.type != "meta":
-        entry["value"] = [encode_value(v, where) for v in t.detach().reshape(-1).tolist()]
+        if numbers > limit or t.device.type == "meta":
+            raise ValueError(f"{where}: a non-persistent buffer of {t.numel()} {t.dtype} elements ({numbers} "
+                             f"numbers; not part of the state_dict, so not saved with the weights) cannot be "
+                             f"stored in a config; at most {limit} numbers can. Register it as a persistent "
+                             "buffer.")
+    if numbers <= limit and t.device.type != "meta":
+        flat = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+        entry["value"] = [encode_value(v, where) for v in flat.reshape(-1).tolist()]
     return entry
 
 

@@ -137,12 +137,18 @@ def constant_from_entry(entry: Any, where: str) -> tuple[str, torch.Tensor, bool
     numel = math.prod(shape)
     if "value" in entry:
         value = entry["value"]
-        require(isinstance(value, list) and len(value) == numel,
-                f"{where}: 'value' must be a flat list of {numel} numbers.")
+        numbers = numel * (2 if dtype.is_complex else 1)  # NOTE: [Complex constants] in config.py
+        require(isinstance(value, list) and len(value) == numbers,
+                f"{where}: 'value' must be a flat list of {numbers} numbers"
+                + (" (real and imaginary parts, interleaved)." if dtype.is_complex else "."))
         values = [decode_value(v, where) for v in value]
         require(all(isinstance(v, (int, float)) for v in values), f"{where}: 'value' must hold numbers.")
         try:
-            tensor = torch.tensor(values, dtype=dtype).reshape(shape)
+            if dtype.is_complex:
+                parts = torch.tensor(values, dtype=dtype.to_real()).reshape(*shape, 2)
+                tensor = torch.view_as_complex(parts)
+            else:
+                tensor = torch.tensor(values, dtype=dtype).reshape(shape)
         except (RuntimeError, TypeError, OverflowError) as exc:
             raise ValueError(f"{where}: 'value' does not fit dtype {dtype}: {exc}") from None
     else:
