@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from ..dims import DynamicDim
 from ..model import ValueSpec
+from ..naming import ILLEGAL_NAMES
 from ..symbolic import Dim, Input
 
 __all__ = ["record_for_inlining"]
@@ -116,10 +117,12 @@ def _record(module: nn.Module, node: fx.Node, signature, bound) -> tuple[fx.Grap
         if signature.parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             return None
         if isinstance(value, fx.Node):
-            placeholder = _input_like(value.meta.get("tg_spec"), name, dims)
+            # nn.Sequential's forward takes `input`, a builtin the generated code cannot use as a name
+            input_name = f"{name}_" if name in ILLEGAL_NAMES else name
+            placeholder = _input_like(value.meta.get("tg_spec"), input_name, dims)
             if placeholder is None:
                 return None
-            inputs[name], values[name] = placeholder, value
+            inputs[name], values[input_name] = placeholder, value
         elif isinstance(value, _SETTINGS):
             inputs[name] = value
         else:
