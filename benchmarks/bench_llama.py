@@ -29,26 +29,15 @@ from torchgraph import passes
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_peers import _no_pass, _patched  # noqa: E402
+from bench_peers import ABLATIONS, _no_pass, _patched  # noqa: E402
 from community_models import llama_meta, llama_titan  # noqa: E402
-from torchgraph.passes import inline  # noqa: E402
 
-
-def _trace_without_opaque_flag(module, concrete):
-    """passes.inline's trace, as if it had left no submodule opaque: the parent is not recorded."""
-    traced = _TRACE_ONCE(module, concrete)
-    if traced is not None:
-        traced.meta.pop("tg_left_opaque", None)
-    return traced
-
-
-_TRACE_ONCE = inline._trace_once
 SPELLINGS = {
     "meta": (lambda: llama_meta.Transformer(llama_meta.ModelArgs(**SIZES)),
              {"-written-attention": [(passes, "write_attention_as_sdpa", _no_pass)],
               "-rms-norm": [(passes, "fuse_rms_norm", _no_pass)]}),
     "titan": (lambda: llama_titan.Transformer(llama_titan.TransformerModelArgs(**SIZES)),
-              {"-record-parents": [(inline, "_trace_once", _trace_without_opaque_flag)],
+              {"-record-parents": ABLATIONS["record-parents"][1],
                "-rms-norm": [(passes, "fuse_rms_norm", _no_pass)]}),
 }
 SIZES = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=8192, max_seq_len=256)

@@ -72,6 +72,7 @@ from handwritten import (EncoderClassifier, HandGPT, TimmViT, TorchvisionMobileN
                          TorchvisionResNet, randomize_batchnorm)
 from torchgraph.applications import GPTBlock  # noqa: E402
 from torchgraph.passes import bfloat16_supported  # noqa: E402
+from torchgraph.passes import inline as passes_inline  # noqa: E402
 
 
 def _models() -> dict:
@@ -141,6 +142,17 @@ def _no_plan(*args, **kwargs) -> None:
     return None
 
 
+def _trace_without_opaque_flag(module, concrete):
+    """passes.inline's fx trace, as if it had left no submodule opaque: its parent is not recorded."""
+    traced = _TRACE_ONCE(module, concrete)
+    if traced is not None:
+        traced.meta.pop("tg_left_opaque", None)
+    return traced
+
+
+_TRACE_ONCE = passes_inline._trace_once
+
+
 #: ``--ablate`` name -> (what it switches off, the (module, attribute, value) patches that do it).
 #: Passes are patched while ``tg.optimize`` runs; the fused calls read their limits per call, so
 #: the patches also hold around every call of the ablated model.
@@ -167,8 +179,10 @@ ABLATIONS = {
                       [(passes, "fuse_qkv_attention", _no_pass)]),
     "sdpa-kernel": ("SDPA calls qkv_attention does not take run ops.attention_inference where MKL is slow "
                     "(passes.use_inference_attention)", [(passes, "use_inference_attention", _no_pass)]),
-    "rms-norm": ("RMSNorm written the HF LLaMA way as one op (passes.fuse_rms_norm)",
+    "rms-norm": ("RMSNorm written the HF LLaMA way, and torch's nn.RMSNorm, as one op (passes.fuse_rms_norm)",
                  [(passes, "fuse_rms_norm", _no_pass)]),
+    "record-parents": ("a module whose fx trace left a submodule opaque recorded whole (NOTE: [Parents of "
+                       "untraceable modules])", [(passes_inline, "_trace_once", _trace_without_opaque_flag)]),
 }
 
 

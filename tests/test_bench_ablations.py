@@ -165,3 +165,26 @@ def test_sdpa_kernel_ablation_keeps_sdpa_itself():
     data = torch.randn(3, 5, 8), torch.rand(3, 5) > 0.3
     with torch.inference_mode():
         torch.testing.assert_close(ablated(*data), graph_model(*data))
+
+
+def test_record_parents_ablation_leaves_the_untraceable_attention_one_call():
+    """``--ablate record-parents``: torchtitan's attention (fx cannot trace it, and it takes the rotary
+    buffer) stays one opaque call, as before parents were recorded; the full optimize inlines it."""
+    from community_models.llama_titan import Attention as TitanAttention
+    from community_models.llama_titan import Transformer, TransformerModelArgs
+
+    torch.manual_seed(0)
+    net = Transformer(TransformerModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64)).eval()
+    tokens = tg.Input(shape=(8,), dtype=torch.long)
+    graph_model = tg.Model(tokens, net(tokens))
+    fns, _ = bench_peers._ablated_variants(graph_model, ["record-parents"])
+    ablated = fns["tg.optimize -record-parents"]
+
+    def attention_calls(model):
+        return sum(n.op == "call_module" and isinstance(model.get_submodule(n.target), TitanAttention)
+                   for n in model.graph.nodes)
+
+    assert attention_calls(ablated.fn) == 1 and attention_calls(tg.optimize(graph_model)) == 0
+    data = torch.randint(0, 64, (2, 8))
+    with torch.inference_mode():
+        torch.testing.assert_close(ablated(data), net(data), atol=1e-5, rtol=1e-5)
