@@ -73,6 +73,7 @@ from handwritten import (EncoderClassifier, HandGPT, TimmViT, TorchvisionMobileN
 from torchgraph.applications import GPTBlock  # noqa: E402
 from torchgraph.passes import bfloat16_supported  # noqa: E402
 from torchgraph.passes import inline as passes_inline  # noqa: E402
+from torchgraph.passes import layout as passes_layout  # noqa: E402
 
 
 def _models() -> dict:
@@ -142,6 +143,10 @@ def _no_plan(*args, **kwargs) -> None:
     return None
 
 
+def _never(*args) -> bool:
+    return False
+
+
 def _trace_without_opaque_flag(module, concrete):
     """passes.inline's fx trace, as if it had left no submodule opaque: its parent is not recorded."""
     traced = _TRACE_ONCE(module, concrete)
@@ -183,6 +188,8 @@ ABLATIONS = {
                  [(passes, "fuse_rms_norm", _no_pass)]),
     "record-parents": ("a module whose fx trace left a submodule opaque recorded whole (NOTE: [Parents of "
                        "untraceable modules])", [(passes_inline, "_trace_once", _trace_without_opaque_flag)]),
+    "nhwc-permute": ("x.permute(0, 2, 3, 1) reading a channels_last conv's value without a copy (NOTE: [Channels-last "
+                     "into NHWC])", [(passes_layout, "_nhwc_permute", _never)]),
 }
 
 

@@ -19,15 +19,16 @@ import torch
 import torch.nn as nn
 
 import torchgraph as tg
-from community_models import ARCHITECTURES, HAS_TRANSFORMERS, encoder, mobilenet, nanogpt, resnet, small, unet, vit
+from community_models import (ARCHITECTURES, HAS_TRANSFORMERS, convnext, encoder, mobilenet, nanogpt, resnet, small,
+                              unet, vit)
 from roundtrip import assert_round_trips
 import test_architectures as architectures
 
 # Whole models (their forward is recorded op by op) and the unregistered block stay as they are.
 _NOT_LAYERS = {resnet.ResNet, mobilenet.MobileNetV2, mobilenet.MobileNetV3, vit.VisionTransformer, nanogpt.GPT,
                encoder.TransformerClassifier, unet.UNet, small.LSTMEncoder, small.SiameseNetwork,
-               small.WithDataDependentBlock, small.DataDependent}
-for _module in (resnet, mobilenet, vit, nanogpt, encoder, unet, small):
+               small.WithDataDependentBlock, small.DataDependent, convnext.ConvNeXt}
+for _module in (resnet, mobilenet, vit, nanogpt, encoder, unet, small, convnext):
     for _, _cls in inspect.getmembers(_module, inspect.isclass):
         if issubclass(_cls, nn.Module) and _cls.__module__ == _module.__name__ and _cls not in _NOT_LAYERS:
             tg.register_layer(_cls, name=f"community.{_module.__name__.rsplit('.', 1)[-1]}.{_cls.__qualname__}")

@@ -35,6 +35,7 @@ SPECS = {
     "resnet50": ("image", (3, None, None)),
     "mobilenet_v2": ("image", (3, None, None)),
     "mobilenet_v3_small": ("image", (3, None, None)),
+    "convnext": ("image", (3, None, None)),
     "unet": ("image", (3, None, None)),
     "vit": ("image", (3, 32, 32)),
     "vit_manual_attention": ("image", (3, 32, 32)),

@@ -188,3 +188,24 @@ def test_record_parents_ablation_leaves_the_untraceable_attention_one_call():
     data = torch.randint(0, 64, (2, 8))
     with torch.inference_mode():
         torch.testing.assert_close(ablated(data), net(data), atol=1e-5, rtol=1e-5)
+
+
+def test_nhwc_permute_ablation_copies_before_the_permute_again():
+    """``--ablate nhwc-permute``: ConvNeXt's ``x.permute(0, 2, 3, 1)`` of a channels_last conv value reads a
+    contiguous copy again (``.contiguous()`` first), as before; the full optimize reads the value itself."""
+    from community_models.convnext import convnext_atto
+
+    net = convnext_atto(num_classes=10, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), ls_init_value=0.5).eval()
+    x = tg.Input(shape=(3, 32, 32))
+    graph_model = tg.Model(x, net(x))
+    fns, _ = bench_peers._ablated_variants(graph_model, ["nhwc-permute"])
+    ablated = fns["tg.optimize -nhwc-permute"]
+
+    def copies_before_permutes(model):
+        return sum(n.op == "call_method" and n.target == "contiguous"
+                   and any(u.op == "call_method" and u.target == "permute" for u in n.users) for n in model.graph.nodes)
+
+    assert copies_before_permutes(ablated.fn) > 0 and copies_before_permutes(tg.optimize(graph_model)) == 0
+    data = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(ablated(data), net(data), atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ Block-level names that two families share (``Block``: timm ViT and nanoGPT) are 
 their module: ``community_models.vit.Block``, ``community_models.nanogpt.Block``.
 """
 
-from . import encoder, hf, llama_meta, mobilenet, nanogpt, registry, resnet, small, unet, vit
+from . import convnext, encoder, hf, llama_meta, llama_titan, mobilenet, nanogpt, registry, resnet, small, unet, vit
 from .encoder import TransformerClassifier
 from .hf import HAS_TRANSFORMERS, tiny_bert, tiny_gpt2
 from .mobilenet import (Conv2dNormActivation, InvertedResidual, InvertedResidualConfig, InvertedResidualV3,
@@ -23,7 +23,7 @@ from .vit import Attention, Mlp, PatchEmbed, VisionTransformer, vit_tiny
 
 __all__ = [
     # modules, one per family
-    "encoder", "hf", "llama_meta", "mobilenet", "nanogpt", "registry", "resnet", "small", "unet", "vit",
+    "convnext", "encoder", "hf", "llama_meta", "llama_titan", "mobilenet", "nanogpt", "registry", "resnet", "small", "unet", "vit",
     # registry
     "ARCHITECTURES", "BENCHMARK_ARCHITECTURES", "Architecture", "InputSpec", "tensor_leaves",
     # torchvision ResNet

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .convnext import convnext_atto
 from .encoder import TransformerClassifier
 from .hf import HAS_TRANSFORMERS, tiny_bert, tiny_gpt2, tiny_llama
 from .mobilenet import mobilenet_v2, mobilenet_v3_small
@@ -176,6 +177,11 @@ def _registry(size: str) -> dict[str, Architecture]:
                      (image,), ((BATCH, num_classes),), batch),
         Architecture("mobilenet_v3_small", "torchvision mobilenetv3.py (SE with F.hardsigmoid, Hardswish)",
                      lambda: mobilenet_v3_small(num_classes=num_classes, width_mult=0.5 if test else 1.0),
+                     (image,), ((BATCH, num_classes),), batch),
+        Architecture("convnext", "timm convnext.py (LayerNorm2d, permutes to channels-last, layer scale, drop path)",
+                     # layer scale 0.5 rather than timm's 1e-6 init, so that every block changes the output
+                     lambda: convnext_atto(num_classes=num_classes, ls_init_value=0.5, drop_path_rate=0.1,
+                                           **(dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)) if test else {})),
                      (image,), ((BATCH, num_classes),), batch),
         Architecture("vit", "timm vision_transformer.py (fused SDPA attention)",
                      lambda: vit_tiny(img_size=side, patch_size=8, num_classes=num_classes,
