@@ -19,16 +19,17 @@ import torch
 import torch.nn as nn
 
 import torchgraph as tg
-from community_models import (ARCHITECTURES, HAS_TRANSFORMERS, convnext, encoder, mobilenet, nanogpt, resnet, small,
-                              unet, vit)
+from community_models import (ARCHITECTURES, HAS_TRANSFORMERS, convnext, encoder, llama_titan, mobilenet, nanogpt,
+                              resnet, small, unet, vit)
 from roundtrip import assert_round_trips
 import test_architectures as architectures
 
 # Whole models (their forward is recorded op by op) and the unregistered block stay as they are.
 _NOT_LAYERS = {resnet.ResNet, mobilenet.MobileNetV2, mobilenet.MobileNetV3, vit.VisionTransformer, nanogpt.GPT,
                encoder.TransformerClassifier, unet.UNet, small.LSTMEncoder, small.SiameseNetwork,
-               small.WithDataDependentBlock, small.DataDependent, convnext.ConvNeXt}
-for _module in (resnet, mobilenet, vit, nanogpt, encoder, unet, small, convnext):
+               small.WithDataDependentBlock, small.DataDependent, convnext.ConvNeXt, llama_titan.Transformer,
+               llama_titan.TransformerModelArgs}
+for _module in (resnet, mobilenet, vit, nanogpt, encoder, unet, small, convnext, llama_titan):
     for _, _cls in inspect.getmembers(_module, inspect.isclass):
         if issubclass(_cls, nn.Module) and _cls.__module__ == _module.__name__ and _cls not in _NOT_LAYERS:
             tg.register_layer(_cls, name=f"community.{_module.__name__.rsplit('.', 1)[-1]}.{_cls.__qualname__}")
@@ -42,6 +43,9 @@ tg.register_value_type(mobilenet.InvertedResidualConfig, name="community.mobilen
                        from_config=lambda data: mobilenet.InvertedResidualConfig(**data))
 tg.register_value_type(nanogpt.GPTConfig, to_config=dataclasses.asdict,
                        from_config=lambda data: nanogpt.GPTConfig(**data), name="community.nanogpt.GPTConfig")
+tg.register_value_type(llama_titan.TransformerModelArgs, to_config=dataclasses.asdict,
+                       from_config=lambda data: llama_titan.TransformerModelArgs(**data),
+                       name="community.llama_titan.TransformerModelArgs")
 
 if HAS_TRANSFORMERS:  # whole HF models called as one layer each, registered as docs/config_and_saving.md shows
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model

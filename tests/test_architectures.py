@@ -25,7 +25,7 @@ T_SIZES = (1, 7, 32)
 
 def _token_dim(name: str):
     """The sequence dim of a model with a positional table: bounded by the table (block_size, max_len)."""
-    bounded = {"nanogpt": 32, "nanogpt_manual_attention": 32, "transformer_classifier": 32,
+    bounded = {"nanogpt": 32, "nanogpt_manual_attention": 32, "llama_titan": 32, "transformer_classifier": 32,
                "transformer_classifier_prenorm": 32, "hf_bert": 32, "hf_gpt2": 32}
     return tg.Dim("T", max=bounded[name]) if name in bounded else "T"
 
@@ -42,6 +42,7 @@ SPECS = {
     "siamese": ("image", (1, 32, 32)),
     "nanogpt": ("tokens", None),
     "nanogpt_manual_attention": ("tokens", None),
+    "llama_titan": ("tokens", None),
     "transformer_classifier": ("tokens", None),
     "transformer_classifier_prenorm": ("tokens", None),
     "lstm_encoder": ("tokens", None),

@@ -21,8 +21,9 @@ from roundtrip import assert_round_trips
 DYNAMIC_SEQUENCE = {"transformer_classifier", "transformer_classifier_prenorm", "lstm_encoder"}
 # The legacy exporter traces sizes: it fixes nn.MultiheadAttention's reshapes to the example length,
 # which verification catches (onnxruntime fails at other lengths). Those go through the dynamo one, as
-# does HF LLaMA: transformers' mask helpers call torch.diff, which the legacy exporter has no translation for.
-DYNAMO = {"transformer_classifier", "transformer_classifier_prenorm", "hf_llama"}
+# does HF LLaMA: transformers' mask helpers call torch.diff, which the legacy exporter has no translation for,
+# and torchtitan's LLaMA: its rotary embeddings are complex numbers (no legacy translation of view_as_complex).
+DYNAMO = {"transformer_classifier", "transformer_classifier_prenorm", "hf_llama", "llama_titan"}
 # The allowed other outcome: a clear error at get_config (a custom layer nobody registered).
 CONFIG_ERRORS = {"with_data_dependent_block": r"layer 'block'.*DataDependent.*@tg\.register_layer"}
 

@@ -184,3 +184,20 @@ def test_optimized_model_exports_to_onnx(tmp_path):
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), net(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_models_with_nn_rms_norm_export_to_onnx(exporter, tmp_path):
+    """The legacy exporter has no aten::rms_norm before opset 23: the export writes it in primitive ops
+    (NOTE: [rms_norm in ONNX] in torchgraph/export/references.py), with and without a weight."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    net = TitanBlock(eps=None).eval()
+    net.norm = nn.RMSNorm(64, elementwise_affine=False)
+    path = tmp_path / "norms.onnx"
+    tg.export_onnx(_wrap(net, (10, 64)), path, exporter=exporter)
+    x = torch.randn(2, 10, 64)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), net(x), atol=1e-5, rtol=1e-5)

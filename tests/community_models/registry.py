@@ -20,6 +20,8 @@ import torch.nn as nn
 
 from .convnext import convnext_atto
 from .encoder import TransformerClassifier
+from .llama_titan import Transformer as TitanTransformer
+from .llama_titan import TransformerModelArgs as TitanArgs
 from .hf import HAS_TRANSFORMERS, tiny_bert, tiny_gpt2, tiny_llama
 from .mobilenet import mobilenet_v2, mobilenet_v3_small
 from .nanogpt import GPT, GPTConfig
@@ -197,6 +199,11 @@ def _registry(size: str) -> dict[str, Architecture]:
         Architecture("nanogpt_manual_attention", "karpathy/nanoGPT model.py (manual attention, tril bias buffer)",
                      lambda: GPT(GPTConfig(**gpt_config, flash=False)),
                      (_tokens(vocab, "idx"),), ((BATCH, 1, vocab),), batch, seq),
+        Architecture("llama_titan", "torchtitan llama3/model.py (nn.RMSNorm, complex rotary buffer, repeat_kv, "
+                     "SDPA wrapper with sdpa_kernel)",
+                     lambda: TitanTransformer(TitanArgs(dim=d_model, n_layers=depth, n_heads=4, n_kv_heads=2,
+                                                        vocab_size=vocab, max_seq_len=2 * seq)),
+                     (_tokens(vocab, "tokens"),), ((BATCH, SEQ, vocab),), batch, seq),
         Architecture("transformer_classifier", "nn.TransformerEncoder tutorials, BERT-style post-norm",
                      lambda: TransformerClassifier(**encoder_config),
                      (_tokens(vocab), InputSpec("src_key_padding_mask", (None,), torch.bool, "padding_mask")),

@@ -17,8 +17,36 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
-__all__ = ["fused_op_references", "reference_model", "ReferenceMode"]
+__all__ = ["EXPORT_DECOMPOSITIONS", "fused_op_references", "reference_model", "ReferenceMode"]
+
+
+def rms_norm_in_primitives(input, normalized_shape, weight=None, eps=None):
+    """``F.rms_norm`` as torch computes it on CPU, in ops every ONNX opset has.
+
+    NOTE: [rms_norm in ONNX] The legacy exporter has no translation of ``aten::rms_norm`` before opset 23
+    ("Exporting the operator 'aten::rms_norm' to ONNX opset version 20 is not supported"), so any model with
+    torch's ``nn.RMSNorm`` (torchtitan's LLaMA) could not be exported. Written out: in float32 (float64 for
+    float64 inputs), ``eps=None`` that type's epsilon, the weight multiplied before the one rounding.
+
+    Example:
+        >>> x, w = torch.randn(2, 3, 8), torch.rand(8)
+        >>> torch.allclose(rms_norm_in_primitives(x, (8,), w, 1e-6), F.rms_norm(x, (8,), w, 1e-6), atol=1e-6)
+        True
+    """
+    dims = tuple(range(-len(normalized_shape), 0))
+    acc = torch.promote_types(input.dtype, torch.float32)
+    x = input.to(acc)
+    eps = torch.finfo(acc).eps if eps is None else eps
+    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    return y.to(input.dtype)
+
+
+#: torch functions the exporters cannot translate at every opset -> the same computation in primitive ops.
+EXPORT_DECOMPOSITIONS: dict = {F.rms_norm: rms_norm_in_primitives, torch.rms_norm: rms_norm_in_primitives}
 
 
 def fused_op_references() -> dict:
@@ -87,12 +115,15 @@ def reference_model(model: fx.GraphModule, references: dict | None = None) -> fx
 
 
 class ReferenceMode(torch.overrides.TorchFunctionMode):
-    """Calls each fused op's reference instead of the op: for fused ops called inside layers."""
+    """Calls each fused op's reference instead of the op (for fused ops called inside layers), and each
+    function of ``EXPORT_DECOMPOSITIONS`` in primitive ops."""
 
     def __init__(self, references: dict):
         super().__init__()
         self.references = references
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        ref = _reference_for(func, self.references) if self.references else None
+        ref = EXPORT_DECOMPOSITIONS.get(func)
+        if ref is None and self.references:
+            ref = _reference_for(func, self.references)
         return (ref or func)(*args, **(kwargs or {}))
