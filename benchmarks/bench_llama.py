@@ -5,7 +5,8 @@ with one rewrite switched off), interleaved, medians.
   out with an additive ``-inf`` mask; ablations: the masked-attention rewrite, the RMSNorm fusion.
 - ``titan``: tests/community_models/llama_titan.py (torchtitan's LLaMA 3): ``nn.RMSNorm``, SDPA behind a
   wrapper module; ablations: the RMSNorm fusion, recording the parents of untraceable modules (without it
-  the attention stays one opaque call: NOTE: [Parents of untraceable modules] in passes/inline.py).
+  the attention stays one opaque call: NOTE: [Parents of untraceable modules] in passes/inline.py), SDPA on
+  the unrepeated keys and values (passes.drop_repeated_kv).
 
 Neither is in the community registry (complex-number rotary embeddings), so ``bench_peers.py --community``
 does not run them. Sizes as the GPT stack's: 4 layers, d256, 4 heads on 2 key/value heads, vocabulary 8192,
@@ -38,6 +39,7 @@ SPELLINGS = {
               "-rms-norm": [(passes, "fuse_rms_norm", _no_pass)]}),
     "titan": (lambda: llama_titan.Transformer(llama_titan.TransformerModelArgs(**SIZES)),
               {"-record-parents": ABLATIONS["record-parents"][1],
+               "-grouped-heads": ABLATIONS["grouped-heads"][1],
                "-rms-norm": [(passes, "fuse_rms_norm", _no_pass)]}),
 }
 SIZES = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=8192, max_seq_len=256)

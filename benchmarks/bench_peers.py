@@ -188,6 +188,10 @@ ABLATIONS = {
                  [(passes, "fuse_rms_norm", _no_pass)]),
     "record-parents": ("a module whose fx trace left a submodule opaque recorded whole (NOTE: [Parents of "
                        "untraceable modules])", [(passes_inline, "_trace_once", _trace_without_opaque_flag)]),
+    "grouped-heads": ("SDPA on unrepeated keys and values (enable_gqa) instead of repeat_kv's copies "
+                      "(passes.drop_repeated_kv)", [(passes, "drop_repeated_kv", _no_pass)]),
+    "layer-scale": ("a layer scale after a linear folded into its weight (passes.fold_layer_scale)",
+                    [(passes, "fold_layer_scale", _no_pass)]),
     "nhwc-permute": ("x.permute(0, 2, 3, 1) reading a channels_last conv's value without a copy (NOTE: [Channels-last "
                      "into NHWC])", [(passes_layout, "_nhwc_permute", _never)]),
 }

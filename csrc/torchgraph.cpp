@@ -42,13 +42,14 @@ TORCH_LIBRARY(torchgraph, m) {
       "qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor probs, int heads, "
       "bool causal, float? scale) -> Tensor");
 
-  // F.scaled_dot_product_attention's forward (no dropout, equal heads): query
-  // [B, H, T, D], key [B, H, S, D], value [B, H, S, Dv] -> [B, H, T, Dv];
+  // F.scaled_dot_product_attention's forward (no dropout): query [B, H, T, D],
+  // key [B, H, S, D], value [B, H, S, Dv] -> [B, H, T, Dv] (enable_gqa: key and
+  // value with Hk heads, H a multiple of Hk, as SDPA's);
   // attn_mask bool (True: attend) or additive, broadcast to [B, H, T, S].
   // Inference only: no backward (the attention weights are not kept).
   m.def(
       "attention_inference(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
-      "bool is_causal=False, float? scale=None) -> Tensor");
+      "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor");
 
   // RMSNorm as LLaMA writes it: weight * (x * rsqrt(mean(x^2, -1) + eps)),
   // the normalisation in float32 rounded to x's dtype, then the product in

@@ -177,20 +177,20 @@ def test_fused_sdpa_runs_the_kernel_for_inference(kernel_calls):
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", ["grad", "dropout", "grouped_query", "too_long", "too_many_scores", "float64",
+@pytest.mark.parametrize("case", ["grad", "dropout", "grouped_query_grad", "too_long", "too_many_scores", "float64",
                                   "flash_disabled"])
 def test_fused_sdpa_calls_sdpa_where_the_kernel_does_not_apply(kernel_calls, monkeypatch, case):
-    """Gradients wanted, dropout, grouped-query heads, long sequences, more scores than the cap, other
+    """Gradients wanted (grouped-query heads too), dropout, long sequences, more scores than the cap, other
     dtypes, a torch whose flash kernel is switched off (its output layout differs): SDPA itself, with its
     values and gradients."""
     t = fused.attention.ATTENTION_INFERENCE_MAX_SEQ + 1 if case == "too_long" else 8
     if case == "too_many_scores":
         monkeypatch.setattr(fused.attention, "ATTENTION_INFERENCE_MAX_SCORES", 4 * t * t - 1)  # 1 x 4 heads
     dtype = torch.float64 if case == "float64" else torch.float32
-    q = torch.randn(1, 4, t, 8, dtype=dtype, requires_grad=case == "grad")
-    heads_kv = 2 if case == "grouped_query" else 4
+    q = torch.randn(1, 4, t, 8, dtype=dtype, requires_grad=case in ("grad", "grouped_query_grad"))
+    heads_kv = 2 if case == "grouped_query_grad" else 4
     k, v = torch.randn(1, heads_kv, t, 8, dtype=dtype), torch.randn(1, heads_kv, t, 8, dtype=dtype)
-    kwargs = dict(dropout_p=0.5 if case == "dropout" else 0.0, enable_gqa=case == "grouped_query")
+    kwargs = dict(dropout_p=0.5 if case == "dropout" else 0.0, enable_gqa=case == "grouped_query_grad")
     backends = [SDPBackend.MATH] if case == "flash_disabled" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(backends):
         generator_state = torch.get_rng_state()

@@ -63,7 +63,10 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     - every other ``F.scaled_dot_product_attention`` call (HF LLaMA's, masked, cross-attention)
       becomes :func:`torchgraph.fused.scaled_dot_product_attention`: SDPA's forward with its
       products on oneDNN where that is faster (CPUs whose MKL GEMMs are slow), SDPA elsewhere;
-    - RMSNorm written as HF ``LlamaRMSNorm`` writes it becomes :func:`torchgraph.ops.rms_norm_inference`.
+    - RMSNorm written as HF ``LlamaRMSNorm`` writes it, and torch's ``nn.RMSNorm`` / ``F.rms_norm``, become
+      :func:`torchgraph.ops.rms_norm_inference`;
+    - a layer scale after a linear layer (timm's ``LayerScale``, ConvNeXt's ``gamma``) is folded into its
+      weight (``passes.fold_layer_scale``).
 
     With ``inference=False`` the model stays trainable: no folding, no inference-only max-pool, the
     same layouts; only fusions with a backward (bias + activation, add + ReLU, add + LayerNorm,
@@ -145,6 +148,7 @@ def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: 
     if inference:
         passes.expand_transformer_layers(root, graph)
         passes.fold_batchnorm(root, graph)
+        passes.fold_layer_scale(root, graph)
     passes.write_gelu_as_function(root, graph)  # HuggingFace's spellings (passes/written_layers.py)
     if inference:
         passes.linear_from_addmm(root, graph)
@@ -156,6 +160,7 @@ def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: 
     passes.fuse_qkv_attention(root, graph)
     if inference:
         passes.use_inference_attention(root, graph)
+        passes.drop_repeated_kv(root, graph)
         passes.fuse_rms_norm(root, graph)
     passes.fuse_add_layer_norm(root, graph)
     passes.fuse_add_relu(root, graph)

@@ -46,7 +46,7 @@ namespace torchgraph::cpu {
 namespace {
 
 void check_attention_inference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& mask, bool causal) {
+                               const std::optional<at::Tensor>& mask, bool causal, bool gqa) {
   constexpr const char* op = "attention_inference";
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
               ": query, key and value must be 4-D (batch, heads, seq, head_dim), got shapes ", q.sizes(), ", ",
@@ -55,10 +55,14 @@ void check_attention_inference(const at::Tensor& q, const at::Tensor& k, const a
                   (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
               op, ": query, key and value must all be float32 or all bfloat16, got ", q.scalar_type(), ", ",
               k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) &&
-                  v.size(1) == q.size(1) && k.size(2) == v.size(2) && k.size(3) == q.size(3),
-              op, ": expected key [B, H, S, D] and value [B, H, S, Dv] for query [B, H, T, D] = ", q.sizes(),
-              ", got key ", k.sizes(), " and value ", v.sizes());
+  // grouped-query attention (enable_gqa): H query heads share Hk key/value heads, H a multiple of Hk
+  const int64_t Hk = k.size(1);
+  const bool heads_ok = gqa ? (Hk > 0 && v.size(1) == Hk && q.size(1) % Hk == 0) : (Hk == q.size(1) && v.size(1) == Hk);
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && heads_ok && k.size(3) == q.size(3) &&
+                  v.size(2) == k.size(2),
+              op, ": expected key [B, ", gqa ? "Hk" : "H", ", S, D] and value [B, ", gqa ? "Hk" : "H",
+              ", S, Dv] for query [B, H, T, D] = ", q.sizes(), gqa ? " (H a multiple of Hk)" : "", ", got key ",
+              k.sizes(), " and value ", v.sizes());
   TORCH_CHECK(q.numel() > 0 && k.numel() > 0 && v.numel() > 0, op, ": empty query, key or value (shapes ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes(), ")");
   if (mask.has_value()) {
@@ -120,16 +124,24 @@ at::Tensor additive_mask(const at::Tensor& mask, at::IntArrayRef scores_shape) {
 }
 
 #if AT_MKLDNN_ENABLED()
+// NOTE: [Grouped heads] With grouped-query attention (LLaMA 2 70B, LLaMA 3, Mistral, Qwen2: H query heads on Hk
+// key/value heads, query head h reading key/value head h / (H / Hk)), eager code repeats k and v to H heads
+// (`repeat_kv`, or SDPA's enable_gqa does). Here the query buffer [B * H, T, D] is contiguous with the
+// G = H / Hk heads of a group adjacent, so it is also [B * Hk, G * T, D]: each group's G query heads are one
+// matrix of G * T rows against its key/value head, and neither k nor v is repeated. The scores and P V come
+// out as [B * Hk, G * T, *], the same memory as [B * H, T, *].
 at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::optional<at::Tensor>& mask, bool causal, float scale) {
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), S = k.size(2), D = q.size(3), Dv = v.size(3);
-  const int64_t bh = B * H;
+  const int64_t Hk = k.size(1), G = H / Hk;  // G > 1: grouped heads (NOTE: [Grouped heads])
+  const int64_t bh = B * H, bhk = B * Hk;
   at::Tensor out = output_like_sdpa(q, k, v);
   const bool direct = out.is_contiguous() && out.scalar_type() == at::kFloat;  // P V written straight into out
-  Workspace ws(Workspace::bytes_for({{bh * T_ * D, at::kFloat}, {bh * S * D, at::kFloat}, {bh * S * Dv, at::kFloat},
-                                     {bh * T_ * S, at::kFloat}, {direct ? 0 : bh * T_ * Dv, at::kFloat}}));
-  const at::Tensor qf = batched(q, ws), kf = batched(k, ws), vf = batched(v, ws);
-  const at::Tensor scores = ws.take({bh, T_, S}, at::kFloat);
+  Workspace ws(Workspace::bytes_for({{bh * T_ * D, at::kFloat}, {bhk * S * D, at::kFloat},
+                                     {bhk * S * Dv, at::kFloat}, {bh * T_ * S, at::kFloat},
+                                     {direct ? 0 : bh * T_ * Dv, at::kFloat}}));
+  const at::Tensor qf = batched(q, ws).view({bhk, G * T_, D}), kf = batched(k, ws), vf = batched(v, ws);
+  const at::Tensor scores = ws.take({bhk, G * T_, S}, at::kFloat);
   at::native::mkldnn_matmul(qf, kf.transpose(1, 2), scores, 0.f, scale);
 
   const std::optional<at::Tensor> added =
@@ -149,7 +161,7 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       softmax_row(s, causal ? std::min(i + 1, S) : S, S);
     }
   });
-  const at::Tensor merged = direct ? out.view({bh, T_, Dv}) : ws.take({bh, T_, Dv}, at::kFloat);
+  const at::Tensor merged = direct ? out.view({bhk, G * T_, Dv}) : ws.take({bhk, G * T_, Dv}, at::kFloat);
   at::native::mkldnn_matmul(scores, vf, merged, 0.f, 1.f);
   if (!direct) out.copy_(merged.view({B, H, T_, Dv}));
   return out;
@@ -160,8 +172,8 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
 at::Tensor attention_inference_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                    const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                   std::optional<double> scale) {
-  check_attention_inference(query, key, value, attn_mask, is_causal);
+                                   std::optional<double> scale, bool enable_gqa) {
+  check_attention_inference(query, key, value, attn_mask, is_causal, enable_gqa);
   TORCH_CHECK(onednn_available(), "attention_inference: this torch has no oneDNN matmul (built without "
               "oneDNN); call F.scaled_dot_product_attention instead");
 #if AT_MKLDNN_ENABLED()

@@ -45,8 +45,15 @@ def rms_norm_in_primitives(input, normalized_shape, weight=None, eps=None):
     return y.to(input.dtype)
 
 
-#: torch functions the exporters cannot translate at every opset -> the same computation in primitive ops.
-EXPORT_DECOMPOSITIONS: dict = {F.rms_norm: rms_norm_in_primitives, torch.rms_norm: rms_norm_in_primitives}
+def _sdpa_with_repeated_heads(*args, **kwargs):
+    """``torchgraph.ops.sdpa_with_repeated_heads`` (SDPA's ``enable_gqa`` with the heads repeated first)."""
+    return importlib.import_module("torchgraph.ops.attention_inference").sdpa_with_repeated_heads(*args, **kwargs)
+
+
+#: torch functions the exporters cannot translate at every opset (or with every argument) -> the same
+#: computation in primitive ops.
+EXPORT_DECOMPOSITIONS: dict = {F.rms_norm: rms_norm_in_primitives, torch.rms_norm: rms_norm_in_primitives,
+                               F.scaled_dot_product_attention: _sdpa_with_repeated_heads}
 
 
 def fused_op_references() -> dict:

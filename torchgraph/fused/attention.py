@@ -98,7 +98,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Runs :func:`torchgraph.ops.attention_inference` (both products as batched oneDNN matmuls) where it
     applies: eager float32/bfloat16 CPU tensors, no gradient wanted, no dropout, keys and values with the
-    query's batch and head counts, sequences up to ``ATTENTION_INFERENCE_MAX_SEQ`` and at most
+    query's batch and head counts (or, with ``enable_gqa``, heads that divide the query's), sequences up to ``ATTENTION_INFERENCE_MAX_SEQ`` and at most
     ``ATTENTION_INFERENCE_MAX_SCORES`` scores, and a CPU whose MKL
     GEMMs are slower than oneDNN's (:data:`torchgraph.fused.cpu_profile.MKL_GEMMS_FAST`). Measured
     against SDPA (2 threads, AMD EPYC, medians): 8 x 4 heads x 128 x 64 causal 0.47 vs 1.06 ms, with a
@@ -118,13 +118,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return query.tracer.create_proxy(
             "call_function", scaled_dot_product_attention, (query, key, value),
             dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa))
-    if _ONEDNN_ATTENTION and dropout_p == 0.0 and _takes(query, key, value, attn_mask, is_causal):
-        return ops.attention_inference(query, key, value, attn_mask, is_causal, scale)
+    if _ONEDNN_ATTENTION and dropout_p == 0.0 and _takes(query, key, value, attn_mask, is_causal, enable_gqa):
+        return ops.attention_inference(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
-def _takes(query, key, value, attn_mask, is_causal) -> bool:
+def _takes(query, key, value, attn_mask, is_causal, enable_gqa: bool = False) -> bool:
     """Whether ``ops.attention_inference`` computes this call (else SDPA does)."""
     tensors = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
     if any(type(t) is not torch.Tensor for t in tensors) or torch.compiler.is_compiling():  # noqa: E721
@@ -138,8 +138,11 @@ def _takes(query, key, value, attn_mask, is_causal) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     b, h, t, d = query.shape
-    s = key.shape[2]
-    if key.shape != (b, h, s, d) or value.shape[:3] != (b, h, s) or 0 in query.shape or 0 in value.shape or s == 0:
+    s, kv_heads = key.shape[2], key.shape[1]
+    grouped = enable_gqa and kv_heads > 0 and h % kv_heads == 0  # grouped-query attention: H / Hk heads a key head
+    heads = kv_heads if grouped else h
+    if key.shape != (b, heads, s, d) or value.shape[:3] != (b, heads, s) or 0 in query.shape or 0 in value.shape \
+            or s == 0:
         return False
     if t > ATTENTION_INFERENCE_MAX_SEQ or s > ATTENTION_INFERENCE_MAX_SEQ or b * h * t * s > \
             ATTENTION_INFERENCE_MAX_SCORES or not ops._use_kernel(query):
