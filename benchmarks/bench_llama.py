@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -30,7 +29,7 @@ from torchgraph import passes
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_peers import ABLATIONS, _no_pass, _patched  # noqa: E402
+from bench_peers import ABLATIONS, _interleaved, _no_pass, _patched  # noqa: E402
 from community_models import llama_meta, llama_titan  # noqa: E402
 
 SPELLINGS = {
@@ -72,16 +71,12 @@ def _run(spelling: str, args) -> None:
             variants[f"tg.optimize {name}"] = tg.optimize(model)
     data = torch.randint(0, 8192, (8, 128), generator=torch.Generator().manual_seed(0))
     fns = {"eager": net, **variants}
-    times: dict = {k: [] for k in fns}
     with torch.inference_mode():
         ref = net(data)
         errors = {k: (fn(data) - ref).abs().max().item() for k, fn in fns.items()}
-        for _ in range(args.reps):
-            for k, fn in fns.items():
-                start = time.perf_counter()
-                for _ in range(args.iters):
-                    fn(data)
-                times[k].append((time.perf_counter() - start) / args.iters)
+        # interleaved in a rotating order, one untimed call each time (NOTE: [Rotated order] in bench_peers.py)
+        times = _interleaved({k: (lambda fn=fn: fn(data)) for k, fn in fns.items()}, argparse.Namespace(
+            reps=args.reps, iters=args.iters, warm=1))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{spelling}\n| variant | ms | speed-up | max abs err |\n|---|---|---|---|")
     for k in fns:

@@ -24,17 +24,10 @@ import torch.nn as nn
 
 from .. import fused
 from .aliasing import in_place_hazards
+from .attention import _SDPA_PARAMS, _is_head_transpose, _probes
 from .common import set_spec, single_user
 
 __all__ = ["drop_repeated_kv"]
-
-_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def _probes(node) -> tuple | None:
-    spec = node.meta.get("tg_spec") if isinstance(node, fx.Node) else None
-    probes = getattr(spec, "probes", None) if getattr(spec, "dtype", None) is not None else None
-    return probes if probes and all(isinstance(p, tuple) for p in probes) else None
 
 
 def _new_axis(node: fx.Node) -> tuple[fx.Node, int] | None:
@@ -68,7 +61,7 @@ def _repeat_source(node) -> tuple[fx.Node, int, int] | None:
         return None
     source, p = axis
     shapes = [_probes(n) for n in (source, unsqueezed, expanded, node)]
-    if any(s is None for s in shapes) or p < 1:
+    if any(s is None for s in shapes) or p < 1 or any(len(e) <= p for e in shapes[2]):
         return None
     reps = {e[p] for e in shapes[2]}
     if len(reps) != 1:
@@ -81,20 +74,11 @@ def _repeat_source(node) -> tuple[fx.Node, int, int] | None:
     return (source, p - 1, n_rep) if n_rep > 1 else None
 
 
-def _is_transpose_1_2(node) -> bool:
-    if not isinstance(node, fx.Node) or node.kwargs:
-        return False
-    if node.op == "call_method" and node.target == "transpose" or \
-            node.op == "call_function" and node.target is torch.transpose:
-        return tuple(sorted(node.args[1:])) == (1, 2)
-    return False
-
-
 def _unrepeated(node) -> tuple[object, int] | None:
     """For SDPA's key or value ``node``: ``(how to read it unrepeated, n_rep)``, where the first is the source
     node (HF: repeated on dim 1) or ``("transpose", source)`` (Meta, torchtitan: repeated on dim 2, then the
     head transpose), else None."""
-    if _is_transpose_1_2(node):
+    if _is_head_transpose(node):
         repeat = _repeat_source(node.args[0]) if single_user(node.args[0]) is node else None
         return (("transpose", repeat[0]), repeat[2]) if repeat is not None and repeat[1] == 2 else None
     repeat = _repeat_source(node)
