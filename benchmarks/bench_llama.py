@@ -13,6 +13,7 @@ does not run them. Sizes as the GPT stack's: 4 layers, d256, 4 heads on 2 key/va
 128 tokens, batch 8.
 
     python benchmarks/bench_llama.py [--spelling meta --spelling titan] [--threads 2] [--reps 11] [--iters 2]
+        [--large-blocks]
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions (median)")
     parser.add_argument("--iters", type=int, default=2, help="calls per repetition")
+    parser.add_argument("--large-blocks", action="store_true",
+                        help="keep blocks above glibc's 32 MiB cap too (the float32 logits: 33.5 MB)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tg.retain_freed_memory()
-    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    tg.retain_freed_memory(large_blocks=args.large_blocks)
+    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}"
+          f"{', blocks above 32 MiB kept' if args.large_blocks else ''}")
     for spelling in args.spelling or sorted(SPELLINGS):
         _run(spelling, args)
 

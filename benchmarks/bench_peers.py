@@ -27,7 +27,8 @@ The process keeps freed memory for reuse (``tg.retain_freed_memory()``, as prelo
 tcmalloc would), so that no variant pays for page faults that depend on what ran before it (NOTE:
 [Page faults from freed memory]: the GPT stack took 33-36 ms instead of 20-22 ms in tg.optimize, 49-54
 instead of 41-45 ms in eager, with glibc's defaults in some processes); ``--default-malloc`` keeps
-glibc's defaults.
+glibc's defaults, and ``--large-blocks`` keeps blocks above glibc's 32 MiB cap too (NOTE: [Blocks above
+glibc's cap]: LLM logits).
 
 Every variant's output is compared with eager float32 on the same input: max abs error, max error
 relative to the largest eager output, and (classifiers) top-1 agreement. Speed-up = eager time /
@@ -403,16 +404,20 @@ def main() -> None:
                              "'all' for every one): " + "; ".join(f"{k}: {v[0]}" for k, v in ABLATIONS.items()))
     parser.add_argument("--default-malloc", dest="retain", action="store_false",
                         help="keep glibc's malloc defaults (freed memory given back to the OS, page faults on reuse)")
+    parser.add_argument("--large-blocks", action="store_true",
+                        help="also keep blocks above glibc's 32 MiB cap (retain_freed_memory(large_blocks=True): "
+                             "a language model's logits)")
     args = parser.parse_args()
     args.ablate = list(ABLATIONS) if "all" in args.ablate else list(dict.fromkeys(args.ablate))
     torch.set_num_threads(args.threads)
-    retained = args.retain and tg.retain_freed_memory()
+    retained = args.retain and tg.retain_freed_memory(large_blocks=args.large_blocks)
     load = os.getloadavg()
     _, why = bfloat16_supported()
     vendor = cpu_profile.cpu_vendor() or "unknown vendor"
     routes = "MKL and oneDNN" if cpu_profile.MKL_GEMMS_FAST else "oneDNN only"
     print(f"torch {torch.__version__}, {args.threads} threads, bf16: {why}, CPU: {vendor} (GEMMs placed on "
-          f"{routes}), freed memory {'retained' if retained else 'given back (glibc defaults)'}, "
+          f"{routes}), freed memory {'retained' if retained else 'given back (glibc defaults)'}"
+          f"{' (blocks above 32 MiB too)' if retained and args.large_blocks else ''}, "
           f"load average at start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} ({os.cpu_count()} CPUs)")
     rows = []
     runs = [(name, bench) for name in (args.only or ([] if args.community else list(_models())))]

@@ -61,6 +61,40 @@ def test_retained_memory_is_reused_without_page_faults():
     assert measured["after"] <= measured["before"] / 8, measured
 
 
+_LARGE_BLOCKS = textwrap.dedent("""
+    import json, resource, sys, torch
+    import torchgraph as tg
+
+    logits = torch.randn(1024, 8192).bfloat16()  # a language model's logits; the float32 copy is 33.5 MB
+
+    def faults_per_call():
+        for _ in range(2):
+            logits.float()
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            logits.float()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10
+
+    tg.retain_freed_memory()
+    default = faults_per_call()
+    applied = tg.retain_freed_memory(large_blocks=True)
+    large = faults_per_call()
+    print(json.dumps({"default": default, "applied": applied, "large": large}))
+""")
+
+
+@on_glibc
+def test_large_blocks_above_glibcs_cap_are_kept_when_asked():
+    """A block above 32 MiB page-faults on every call with the default thresholds (glibc maps it afresh);
+    with large_blocks=True it comes from the heap and is reused (NOTE: [Blocks above glibc's cap])."""
+    result = subprocess.run([sys.executable, "-c", _LARGE_BLOCKS], capture_output=True, text=True, timeout=120,
+                            check=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["applied"] is True
+    assert measured["default"] > 4000, measured  # 33.5 MB = 8192 pages
+    assert measured["large"] <= measured["default"] / 8, measured
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"mmap_threshold": 0}, "mmap_threshold must be a positive int"),
     ({"trim_threshold": -1}, "trim_threshold must be a positive int"),
