@@ -98,7 +98,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Runs :func:`torchgraph.ops.attention_inference` (both products as batched oneDNN matmuls) where it
     applies: eager float32/bfloat16 CPU tensors, no gradient wanted, no dropout, keys and values with the
-    query's batch and head counts (or, with ``enable_gqa``, heads that divide the query's), sequences up to ``ATTENTION_INFERENCE_MAX_SEQ`` and at most
+    query's batch and head counts (or, with ``enable_gqa``, heads that divide the query's), sequences up to
+    ``ATTENTION_INFERENCE_MAX_SEQ`` and at most
     ``ATTENTION_INFERENCE_MAX_SCORES`` scores, and a CPU whose MKL
     GEMMs are slower than oneDNN's (:data:`torchgraph.fused.cpu_profile.MKL_GEMMS_FAST`). Measured
     against SDPA (2 threads, AMD EPYC, medians): 8 x 4 heads x 128 x 64 causal 0.47 vs 1.06 ms, with a
