@@ -54,6 +54,37 @@ def test_layer_scales_fold_into_the_linear_and_match_eager(make, shape):
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the original is untouched
 
 
+class InPlaceLayerScale(nn.Module):
+    """timm's ``LayerScale(dim, inplace=True)``: ``x.mul_(self.gamma)``."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.3)
+
+    def forward(self, x):
+        return x.mul_(self.gamma)
+
+
+class InPlaceScaledMlp(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.fc1, self.fc2, self.ls = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim), InPlaceLayerScale(dim)
+
+    def forward(self, x):
+        return x + self.ls(self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_an_in_place_layer_scale_on_a_fresh_value_folds_too():
+    """``fc2(h).mul_(gamma)`` changes a value nobody else reads: canonicalize makes it out of place (a
+    broadcast operand of the same dtype keeps the shape), then it folds."""
+    net = InPlaceScaledMlp().eval()
+    fast = _optimized(net, (5, 16))
+    assert _muls(fast) == 0
+    data = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(data), net(data), atol=1e-6, rtol=1e-5)
+
+
 def test_huggingface_convnext_layer_scale_folds():
     transformers = pytest.importorskip("transformers")
     config = transformers.ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], image_size=32)

@@ -63,13 +63,26 @@ def _private(root: nn.Module, value) -> bool:
 
 def _same_result_out_of_place(target: fx.Node, other) -> bool:
     """Whether ``target op other`` out of place has ``target``'s shape and dtype, as the in-place op
-    keeps them: a Python number on a floating tensor, or a tensor of the same spec."""
+    keeps them: a Python number on a floating tensor, a tensor of the same spec, or a tensor of the same dtype
+    that broadcasts to ``target``'s shape at both probes (timm's ``LayerScale(inplace=True)``:
+    ``x.mul_(gamma)``)."""
     spec = target.meta.get("tg_spec")
     if spec is None or not hasattr(spec, "dtype"):
         return False
     if isinstance(other, (int, float)) and not isinstance(other, bool):
         return spec.dtype.is_floating_point
-    return isinstance(other, fx.Node) and same_shape(target, other)
+    if not isinstance(other, fx.Node):
+        return False
+    if same_shape(target, other):
+        return True
+    other_spec = other.meta.get("tg_spec")
+    if getattr(other_spec, "dtype", None) is None or other_spec.dtype != spec.dtype:
+        return False
+    try:
+        return all(tuple(torch.broadcast_shapes(tuple(t), tuple(o))) == tuple(t)
+                   for t, o in zip(spec.probes, other_spec.probes))
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def _replace(graph: fx.Graph, node: fx.Node, target, args: tuple, kwargs: dict) -> None:
