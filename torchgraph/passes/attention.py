@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import fused
 from .aliasing import in_place_hazards
-from .common import set_spec, single_user
+from .common import permute_dims, set_spec, single_user
 
 __all__ = ["fuse_qkv_attention", "use_inference_attention"]
 
@@ -122,10 +122,7 @@ def _head_split(node) -> tuple[fx.Node, int, list, list] | None:
                 dict(zip(("input", "dim"), unbind.args), **unbind.kwargs).get("dim", 0) != 0:
             return None
         permute = unbind.args[0]
-        if not _method_or_function(permute, "permute", torch.permute) or single_user(permute) is not unbind:
-            return None
-        dims = permute.args[1:] if len(permute.args) > 2 else permute.args[1]
-        if tuple(dims) != (2, 0, 3, 1, 4):
+        if permute_dims(permute) != (2, 0, 3, 1, 4) or single_user(permute) is not unbind:
             return None
         reshape = permute.args[0]
         if not isinstance(reshape, fx.Node) or reshape.op != "call_method" or \

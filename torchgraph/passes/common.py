@@ -9,8 +9,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["activation_of", "call_count", "is_module", "module_of", "parameter_of", "same_shape", "set_spec",
-           "single_user", "attr_node", "is_plain_add"]
+__all__ = ["activation_of", "call_count", "is_module", "module_of", "parameter_of", "permute_dims", "same_shape",
+           "set_spec", "single_user", "attr_node", "is_plain_add"]
 
 
 def module_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
@@ -28,6 +28,17 @@ def parameter_of(root: nn.Module, node) -> nn.Parameter | None:
         return root.get_parameter(node.target)
     except AttributeError:
         return None
+
+
+def permute_dims(node) -> tuple | None:
+    """The dims of ``x.permute(*dims)``, ``x.permute(dims)`` or ``torch.permute(x, dims)`` (positional
+    arguments), else None."""
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) < 2 or not (
+            (node.op == "call_method" and node.target == "permute")
+            or (node.op == "call_function" and node.target is torch.permute)):
+        return None
+    dims = node.args[1:] if len(node.args) > 2 else node.args[1]
+    return tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
 
 
 def is_module(root: nn.Module, node, cls) -> bool:

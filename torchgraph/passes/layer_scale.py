@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .common import call_count, module_of, parameter_of, single_user
+from .common import call_count, module_of, parameter_of, permute_dims, single_user
 
 __all__ = ["fold_layer_scale"]
 
@@ -30,11 +30,8 @@ def _is_mul(node: fx.Node) -> bool:
 
 
 def _is_permute_to_nchw(node) -> bool:
-    """``x.permute(0, 3, 1, 2)`` (ConvNeXt's way back from channels-last)."""
-    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target != "permute" or node.kwargs:
-        return False
-    dims = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) == 2 else ()
-    return tuple(dims) == (0, 3, 1, 2)
+    """``x.permute(0, 3, 1, 2)`` (ConvNeXt's way back from channels-last; the method, as ConvNeXt writes it)."""
+    return isinstance(node, fx.Node) and node.op == "call_method" and permute_dims(node) == (0, 3, 1, 2)
 
 
 def _channel_view(node) -> fx.Node | None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import fused, ops
 from .aliasing import in_place_hazards
-from .common import module_of, set_spec
+from .common import module_of, permute_dims, set_spec
 
 __all__ = ["keep_layout_local", "use_inference_max_pool"]
 
@@ -117,11 +117,7 @@ def _answer_contiguous_where_changed(root: nn.Module, graph: fx.Graph, channels_
 # reshape or op accepts, and gives the same values; `.permute(0, 3, 1, 2)` back is channels_last again.
 def _nhwc_permute(node: fx.Node) -> bool:
     """``x.permute(0, 2, 3, 1)`` (or ``torch.permute``), whose result no model output is."""
-    dims = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) == 2 else None
-    is_permute = (node.op == "call_method" and node.target == "permute") or \
-        (node.op == "call_function" and node.target is torch.permute)
-    return is_permute and not node.kwargs and tuple(dims or ()) == (0, 2, 3, 1) \
-        and all(user.op != "output" for user in node.users)
+    return permute_dims(node) == (0, 2, 3, 1) and all(user.op != "output" for user in node.users)
 
 
 def keep_layout_local(root: nn.Module, graph: fx.Graph) -> int:
