@@ -22,27 +22,13 @@ import torch.nn.functional as F
 __all__ = ["EXPORT_DECOMPOSITIONS", "fused_op_references", "reference_model", "ReferenceMode"]
 
 
-def rms_norm_in_primitives(input, normalized_shape, weight=None, eps=None):
-    """``F.rms_norm`` as torch computes it on CPU, in ops every ONNX opset has.
+def _rms_norm_in_primitives(*args, **kwargs):
+    """``torchgraph.ops.rms_norm_in_primitives`` (``F.rms_norm`` as torch computes it on CPU, in plain ops).
 
     NOTE: [rms_norm in ONNX] The legacy exporter has no translation of ``aten::rms_norm`` before opset 23
     ("Exporting the operator 'aten::rms_norm' to ONNX opset version 20 is not supported"), so any model with
-    torch's ``nn.RMSNorm`` (torchtitan's LLaMA) could not be exported. Written out: in float32 (float64 for
-    float64 inputs), ``eps=None`` that type's epsilon, the weight multiplied before the one rounding.
-
-    Example:
-        >>> x, w = torch.randn(2, 3, 8), torch.rand(8)
-        >>> torch.allclose(rms_norm_in_primitives(x, (8,), w, 1e-6), F.rms_norm(x, (8,), w, 1e-6), atol=1e-6)
-        True
-    """
-    dims = tuple(range(-len(normalized_shape), 0))
-    acc = torch.promote_types(input.dtype, torch.float32)
-    x = input.to(acc)
-    eps = torch.finfo(acc).eps if eps is None else eps
-    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.to(acc)
-    return y.to(input.dtype)
+    torch's ``nn.RMSNorm`` (torchtitan's LLaMA) could not be exported."""
+    return importlib.import_module("torchgraph.ops.rms_norm_inference").rms_norm_in_primitives(*args, **kwargs)
 
 
 def _sdpa_with_repeated_heads(*args, **kwargs):
@@ -52,7 +38,7 @@ def _sdpa_with_repeated_heads(*args, **kwargs):
 
 #: torch functions the exporters cannot translate at every opset (or with every argument) -> the same
 #: computation in primitive ops.
-EXPORT_DECOMPOSITIONS: dict = {F.rms_norm: rms_norm_in_primitives, torch.rms_norm: rms_norm_in_primitives,
+EXPORT_DECOMPOSITIONS: dict = {F.rms_norm: _rms_norm_in_primitives, torch.rms_norm: _rms_norm_in_primitives,
                                F.scaled_dot_product_attention: _sdpa_with_repeated_heads}
 
 

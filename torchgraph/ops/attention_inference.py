@@ -87,8 +87,8 @@ def attention_inference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """``F.scaled_dot_product_attention`` for inference: the same values, its two products as oneDNN matmuls.
 
     For CPU float32/bfloat16 tensors with equal batch and head counts (or, with ``enable_gqa``, key/value
-    heads that divide the query heads, as SDPA's: NOTE: [Grouped heads] in the kernel) and no dropout. ``attn_mask`` is
-    SDPA's: boolean (True: attend) or added to the scores, broadcast to ``(B, H, T, S)``; a query row
+    heads that divide the query heads, as SDPA's: NOTE: [Grouped heads] in the kernel) and no dropout.
+    ``attn_mask`` is SDPA's: boolean (True: attend) or added to the scores, broadcast to ``(B, H, T, S)``; a query row
     whose keys are all masked gives zeros, as SDPA does. The output has SDPA's layout (NOTE: [SDPA's
     output layout] in csrc/cpu/attention_inference.cpp). bfloat16 computes the scores and softmax in
     float32 and ``P @ V`` in bfloat16 with float32 accumulation. No backward: use

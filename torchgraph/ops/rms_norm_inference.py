@@ -7,7 +7,7 @@ import torch
 from .. import _extension
 from ._common import is_tensor, no_backward
 
-__all__ = ["reference_rms_norm_inference", "rms_norm_inference"]
+__all__ = ["reference_rms_norm_inference", "rms_norm_in_primitives", "rms_norm_inference"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -28,19 +28,38 @@ def _check_rms_norm_inference(x, weight) -> None:
                  lambda: f"{op}: weight dtype must equal x dtype {x.dtype}, got {weight.dtype}")
 
 
+def rms_norm_in_primitives(input, normalized_shape, weight=None, eps=None):
+    """``F.rms_norm`` as torch computes it on CPU, in plain ops (every ONNX opset has them): in float32
+    (float64 for float64 inputs), ``eps=None`` that type's epsilon, the weight multiplied before the one
+    rounding to the input's dtype.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> x, w = torch.randn(2, 3, 8), torch.rand(8)
+        >>> torch.allclose(rms_norm_in_primitives(x, (8,), w, 1e-6), F.rms_norm(x, (8,), w, 1e-6), atol=1e-6)
+        True
+    """
+    dims = tuple(range(-len(normalized_shape), 0))
+    acc = torch.promote_types(input.dtype, torch.float32)
+    x = input.to(acc)
+    eps = torch.finfo(acc).eps if eps is None else eps
+    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    return y.to(input.dtype)
+
+
 def reference_rms_norm_inference(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
                                  weight_in_float32: bool = False) -> torch.Tensor:
     """Pure-PyTorch :func:`rms_norm_inference`: HF ``LlamaRMSNorm.forward`` op for op, or with
-    ``weight_in_float32`` the float32 computation of torch's ``F.rms_norm`` on CPU, rounded once."""
+    ``weight_in_float32`` (or no weight) torch's ``F.rms_norm`` on CPU (:func:`rms_norm_in_primitives`)."""
     if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
         _check_rms_norm_inference(x, weight)
+    if weight is None or weight_in_float32:
+        return rms_norm_in_primitives(x, (x.shape[-1],), weight, eps)
     hidden = x.to(torch.float32)
     variance = hidden.pow(2).mean(-1, keepdim=True)
     hidden = hidden * torch.rsqrt(variance + eps)
-    if weight is None:
-        return hidden.to(x.dtype)
-    if weight_in_float32:
-        return (hidden * weight.to(torch.float32)).to(x.dtype)
     return weight * hidden.to(x.dtype)
 
 
