@@ -57,6 +57,14 @@ TORCH_LIBRARY(torchgraph, m) {
   // nn.RMSNorm). No weight: the normalisation alone. Inference only: no backward.
   m.def("rms_norm_inference(Tensor x, Tensor? weight, float eps, bool weight_in_float32=False) -> Tensor");
 
+  // act(conv2d(x, weight, bias, stride, padding, groups=C)) for 3x3 depthwise
+  // filters: x [N, C, H, W] (read channels_last), weight [C, 1, 3, 3], bias [C];
+  // float32 or bfloat16; act: "none", "relu", "relu6", "silu", "hardswish".
+  // Answers in channels_last. Inference only: no backward.
+  m.def(
+      "depthwise_conv2d_inference(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "str act=\"none\") -> Tensor");
+
   // max_pool2d without the indices output (inference only, no backward).
   m.def(
       "max_pool2d_inference(Tensor x, int[2] kernel_size, int[2] stride=[], "

@@ -8,13 +8,14 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from .. import ops
+from .. import _extension, ops
+from ..ops.depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS, taps_last
 from ._common import ONEDNN_ACTIVATIONS, _ONEDNN_DTYPES, _activation, _activation_, _epilogue, _needs_grad, use_onednn
 from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _HAS_MKL_PACKED, _filters_as_rows, _mkl_packed_weight, _onednn_linear_weight, _packed_weight
 
-__all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
-           "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act"]
+__all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "DEPTHWISE_BF16_MAX_PIXELS",
+           "DEPTHWISE_KERNEL", "ONEDNN_F32_CONV_GEMM_MAX_ROWS", "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act"]
 
 # NOTE: [Convolutions on few pixels] A convolution whose output has few pixels (ResNet-50's last
 # stage: 2x2 maps at batch 8 and 64x64 input, 7x7 at batch 1 and 224x224) reads its whole weight for
@@ -60,10 +61,41 @@ ONEDNN_F32_CONV_GEMM_MAX_ROWS = 1 << 62
 ONEDNN_F32_IM2COL_MAX_WIDTH = 2
 
 
+# NOTE: [Depthwise convolutions] oneDNN's depthwise convolution (torch's
+# mkldnn::_convolution_pointwise) took 25-30 us a call inside MobileNetV2 even on 2x2 and 4x4 maps,
+# where the arithmetic is a few microseconds: MobileNetV2 b8 64x64 spent ~0.6 ms of its ~2.5 ms in
+# its 17 depthwise convolutions (2 threads, profiler, float32). On channels_last maps every tap of a
+# depthwise filter is a contiguous run of channels, so the kernel is nine vector FMAs an output
+# pixel with the weights in registers (ops.depthwise_conv2d_inference). Measured alone against the
+# planned oneDNN call (2 threads, medians of 7 x 200 calls, ReLU6, every MobileNetV2 shape at b8
+# 64x64 and b1 224x224): float32 1.12-1.5x faster on the 56x56 to 112x112 maps of batch 1 and
+# 1.2-5x on the rest; bfloat16 1.1-3.9x up to 2,048 output pixels but 0.64-0.87x on larger maps
+# (the widening and rounding of every load and store cost more than oneDNN's blocked bfloat16
+# kernel there), and 0.64x at 2,048 pixels with 144 channels (a pixel of 288 bytes straddles cache
+# lines). Hence float32 always, bfloat16 up to DEPTHWISE_BF16_MAX_PIXELS output pixels
+# (N x H_out x W_out); 3x3 filters, no dilation, channels_last plans only.
+#: Run 3x3 depthwise convolutions on torchgraph's kernel (benchmarks switch it off to compare).
+DEPTHWISE_KERNEL = True
+#: ... in bfloat16 up to this many output pixels.
+DEPTHWISE_BF16_MAX_PIXELS = 1024
+
+
 def _limits() -> tuple:
-    """What the GEMM decision reads, part of each plan's key (tests and benchmarks move them)."""
+    """What the GEMM and depthwise decisions read, part of each plan's key (tests and benchmarks move them)."""
     return (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
-            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS)
+            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, DEPTHWISE_KERNEL, DEPTHWISE_BF16_MAX_PIXELS)
+
+
+def _runs_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, act: str,
+                           channels_last: bool) -> bool:
+    """Whether a planned convolution runs on ops.depthwise_conv2d_inference ([Depthwise convolutions])."""
+    if not (DEPTHWISE_KERNEL and channels_last and _extension.HAS_C_OPS and act in DEPTHWISE_ACTIVATIONS):
+        return False
+    if groups != x.shape[1] or tuple(weight.shape) != (groups, 1, 3, 3) or tuple(dilation) != (1, 1):
+        return False
+    n, _, h, w = x.shape
+    pixels = n * ((h + 2 * padding[0] - 3) // stride[0] + 1) * ((w + 2 * padding[1] - 3) // stride[1] + 1)
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and pixels <= DEPTHWISE_BF16_MAX_PIXELS)
 
 
 def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple:
@@ -160,7 +192,7 @@ class _ConvPlan:
     """One layer's decision: the GEMM (``rows`` > 0) or oneDNN's convolution, and the weight it reads."""
 
     __slots__ = ("weight", "version", "bias", "shape", "dtype", "key", "rows", "packed", "kernel_size",
-                 "out_shape", "stride", "padding", "onednn_args", "act", "channels_last", "__weakref__")
+                 "out_shape", "stride", "padding", "onednn_args", "act", "channels_last", "depthwise", "__weakref__")
 
     def holds(self, x: torch.Tensor, weight: torch.Tensor, bias, key: tuple) -> bool:
         # NOTE: ordered and written for speed (~1 us in all). `.to()`/`.double()` change a
@@ -179,7 +211,10 @@ class _ConvPlan:
                 and not (torch.is_grad_enabled() and residual.requires_grad))
 
     def run(self, x: torch.Tensor, bias) -> torch.Tensor:
-        """:func:`conv2d_act`'s oneDNN path."""
+        """:func:`conv2d_act`'s oneDNN path (or the depthwise kernel: [Depthwise convolutions])."""
+        if self.depthwise is not None:  # planned channels_last only
+            return torch.ops.torchgraph.depthwise_conv2d_inference.default(x, self.depthwise, bias, self.stride,
+                                                                           self.padding, self.act)
         if self.rows:
             y = _run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding, self.rows, self.act)
         else:
@@ -213,10 +248,14 @@ def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tup
     None where the plain path applies or nothing can be cached."""
     if weight.is_inference():
         return None
-    stride, padding, dilation, groups, _, channels_last = key[:6]
-    rows = _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
+    stride, padding, dilation, groups, act, channels_last = key[:6]
+    depthwise = not residual and _runs_depthwise_kernel(x, weight, stride, padding, dilation, groups, act,
+                                                        channels_last)
+    rows = 0 if depthwise else _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
     packed = _gemm_filters(x, weight, rows) if rows else None
-    if packed is None:
+    if depthwise:
+        packed = None
+    elif packed is None:
         rows = 0
         if residual and not channels_last:
             return None
@@ -228,7 +267,7 @@ def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tup
     plan.weight, plan.version, plan.bias = weakref.ref(weight), weight._version, bias
     plan.shape, plan.dtype, plan.key = x.shape, x.dtype, key
     plan.rows, plan.packed, plan.kernel_size = rows, packed, tuple(weight.shape[-2:])
-    act = key[4]
+    plan.depthwise = taps_last(weight.detach()) if depthwise else None
     plan.stride, plan.padding, plan.act, plan.channels_last = stride, padding, act, channels_last
     plan.onednn_args = (padding, stride, dilation, groups, *ONEDNN_ACTIVATIONS[act])
     plan.out_shape = torch.Size(_output_shape(x, weight, stride, padding, dilation))

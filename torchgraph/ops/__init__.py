@@ -37,6 +37,7 @@ from .add_layer_norm import add_layer_norm, reference_add_layer_norm
 from .attention_inference import attention_inference, reference_attention_inference
 from .add_relu import add_relu, reference_add_relu
 from .bias_act import bias_act, reference_bias_act
+from .depthwise_conv2d_inference import depthwise_conv2d_inference, reference_depthwise_conv2d_inference
 from .max_pool2d_inference import max_pool2d_inference, reference_max_pool2d_inference
 from .qkv_attention import qkv_attention, reference_qkv_attention
 from .rms_norm_inference import reference_rms_norm_inference, rms_norm_inference
@@ -48,12 +49,14 @@ __all__ = [
     "add_relu",
     "attention_inference",
     "bias_act",
+    "depthwise_conv2d_inference",
     "max_pool2d_inference",
     "qkv_attention",
     "reference_add_layer_norm",
     "reference_add_relu",
     "reference_attention_inference",
     "reference_bias_act",
+    "reference_depthwise_conv2d_inference",
     "reference_for",
     "reference_max_pool2d_inference",
     "reference_qkv_attention",
@@ -67,13 +70,14 @@ REFERENCES: dict[str, Callable] = {
     "torchgraph::add_relu": reference_add_relu,
     "torchgraph::add_layer_norm": reference_add_layer_norm,
     "torchgraph::attention_inference": reference_attention_inference,
+    "torchgraph::depthwise_conv2d_inference": reference_depthwise_conv2d_inference,
     "torchgraph::max_pool2d_inference": reference_max_pool2d_inference,
     "torchgraph::qkv_attention": reference_qkv_attention,
     "torchgraph::rms_norm_inference": reference_rms_norm_inference,
 }
 
-_WRAPPERS = {bias_act, add_relu, add_layer_norm, attention_inference, max_pool2d_inference, qkv_attention,
-             rms_norm_inference}
+_WRAPPERS = {bias_act, add_relu, add_layer_norm, attention_inference, depthwise_conv2d_inference,
+             max_pool2d_inference, qkv_attention, rms_norm_inference}
 
 
 def reference_for(target) -> Callable | None:
