@@ -15,7 +15,8 @@ from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _HAS_MKL_PACKED, _filters_as_rows, _mkl_packed_weight, _onednn_linear_weight, _packed_weight
 
 __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "DEPTHWISE_BF16_MAX_PIXELS",
-           "DEPTHWISE_KERNEL", "ONEDNN_F32_CONV_GEMM_MAX_ROWS", "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act"]
+           "DEPTHWISE_KERNEL", "ONEDNN_F32_CONV_GEMM_MAX_ROWS", "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS",
+           "conv2d_act", "conv2d_add_act"]
 
 # NOTE: [Convolutions on few pixels] A convolution whose output has few pixels (ResNet-50's last
 # stage: 2x2 maps at batch 8 and 64x64 input, 7x7 at batch 1 and 224x224) reads its whole weight for

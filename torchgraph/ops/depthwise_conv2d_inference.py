@@ -38,7 +38,8 @@ def _check_depthwise_conv2d_inference(x, weight, bias, stride, padding, act) -> 
     torch._check(tuple(weight.shape) == (channels, 1, 3, 3),
                  lambda: f"{op}: weight must have shape [{channels}, 1, 3, 3] (one 3x3 filter per channel of x), "
                  f"got {list(weight.shape)}")
-    torch._check(weight.dtype == x.dtype, lambda: f"{op}: weight dtype must equal x dtype {x.dtype}, got {weight.dtype}")
+    torch._check(weight.dtype == x.dtype,
+                 lambda: f"{op}: weight dtype must equal x dtype {x.dtype}, got {weight.dtype}")
     if bias is not None:
         torch._check(tuple(bias.shape) == (channels,),
                      lambda: f"{op}: bias must have shape [{channels}], got {list(bias.shape)}")
