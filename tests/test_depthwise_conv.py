@@ -11,6 +11,7 @@ import torchgraph as tg
 import torchgraph._extension as extension
 import torchgraph.ops as ops
 from torchgraph.fused import conv as fused_conv
+from torchgraph.ops._common import ACTIVATION_FNS
 from torchgraph.ops.depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS, taps_last
 
 needs_c_ops = pytest.mark.skipif(not extension.HAS_C_OPS, reason="torchgraph._C is not built")
@@ -25,7 +26,7 @@ def _exact(x, weight, bias, stride, padding, act):
     """The convolution in float64: what both float32 and bfloat16 results are measured against."""
     y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding, 1,
                  x.shape[1])
-    return DEPTHWISE_ACTIVATIONS[act](y)
+    return ACTIVATION_FNS[act](y)
 
 
 @needs_c_ops
@@ -212,3 +213,27 @@ def test_optimize_runs_mobilenet_blocks_on_the_kernel_as_eager(activation, dtype
     tensors = {id(t) for t in itertools.chain(fast.parameters(), fast.buffers())}
     planned = [plan for ident, plan in fused_conv._PLANS.items() if ident in tensors and plan.depthwise is not None]
     assert len(planned) == 3  # one depthwise layer a block
+
+
+@needs_c_ops
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_torchvision_mobilenets_run_their_depthwise_layers_on_the_kernel(name):
+    """torchvision's MobileNetV2 and V3-small as torchvision writes them (tests/community_models): the 3x3
+    depthwise layers run on the kernel (V3's 5x5 ones keep oneDNN), outputs as eager's."""
+    from community_models import ARCHITECTURES
+
+    arch = ARCHITECTURES[name]
+    module = arch.make_model().eval()
+    (spec,) = arch.inputs
+    inputs = tg.Input(shape=spec.shape, name=spec.name)
+    fast = tg.optimize(tg.Model(inputs, module(inputs)))
+    (x,) = arch.make_inputs()
+    with torch.no_grad():
+        expected = module(x)
+        y = fast(x)
+    torch.testing.assert_close(y, expected, atol=1e-4 * max(1.0, expected.abs().max().item()), rtol=1e-4)
+    tensors = {id(t) for t in itertools.chain(fast.parameters(), fast.buffers())}
+    plans = [plan for ident, plan in fused_conv._PLANS.items() if ident in tensors]
+    depthwise_3x3 = [p for p in plans if p.onednn_args[3] > 1 and p.kernel_size == (3, 3)]
+    assert depthwise_3x3 and all(p.depthwise is not None for p in depthwise_3x3)
+    assert all(p.depthwise is None for p in plans if p.kernel_size == (5, 5))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops._common import ACTIVATION_FNS
 
 __all__ = ["ONEDNN_ACTIVATIONS", "use_onednn"]
 
@@ -32,18 +33,7 @@ ONEDNN_ACTIVATIONS = {
     "tanh": ("tanh", [], ""),
 }
 
-_ACTIVATION_FNS = {
-    "none": lambda y: y,
-    "relu": torch.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-    "silu": F.silu,
-    "relu6": F.relu6,
-    "hardswish": F.hardswish,
-    "hardsigmoid": F.hardsigmoid,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-}
+_ACTIVATION_FNS = {**ACTIVATION_FNS, "hardsigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # bfloat16 runs on oneDNN only where the CPU has bf16 instructions (AVX512-BF16 / AMX); elsewhere

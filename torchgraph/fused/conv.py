@@ -94,8 +94,8 @@ def _runs_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor, stride, paddin
         return False
     if groups != x.shape[1] or tuple(weight.shape) != (groups, 1, 3, 3) or tuple(dilation) != (1, 1):
         return False
-    n, _, h, w = x.shape
-    pixels = n * ((h + 2 * padding[0] - 3) // stride[0] + 1) * ((w + 2 * padding[1] - 3) // stride[1] + 1)
+    n, _, height, width = _output_shape(x, weight, stride, padding, dilation)
+    pixels = n * height * width
     return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and pixels <= DEPTHWISE_BF16_MAX_PIXELS)
 
 
@@ -254,9 +254,7 @@ def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tup
                                                         channels_last)
     rows = 0 if depthwise else _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
     packed = _gemm_filters(x, weight, rows) if rows else None
-    if depthwise:
-        packed = None
-    elif packed is None:
+    if packed is None and not depthwise:
         rows = 0
         if residual and not channels_last:
             return None

@@ -90,13 +90,16 @@ def dense_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-#: Activation name -> the plain PyTorch function (the references' epilogues).
+#: Activation name -> the plain PyTorch function (the references' epilogues; each op checks its own
+#: names: bias_act's ACTIVATIONS, depthwise_conv2d_inference's DEPTHWISE_ACTIVATIONS).
 ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "none": lambda z: z,
     "relu": torch.relu,
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
+    "relu6": F.relu6,
+    "hardswish": F.hardswish,
 }
 
 

@@ -8,19 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import is_tensor, no_backward, pair
+from ._common import ACTIVATION_FNS, is_tensor, no_backward, pair
 
 __all__ = ["DEPTHWISE_ACTIVATIONS", "depthwise_conv2d_inference", "reference_depthwise_conv2d_inference",
            "taps_last"]
 
-#: Activations the kernel applies after the bias.
-DEPTHWISE_ACTIVATIONS = {
-    "none": lambda y: y,
-    "relu": torch.relu,
-    "relu6": lambda y: F.hardtanh(y, 0.0, 6.0),
-    "silu": F.silu,
-    "hardswish": F.hardswish,
-}
+#: Activations the kernel applies after the bias (their PyTorch functions: ``ACTIVATION_FNS``).
+DEPTHWISE_ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -66,7 +60,7 @@ def reference_depthwise_conv2d_inference(x: torch.Tensor, weight: torch.Tensor, 
     if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
         _check_depthwise_conv2d_inference(x, weight, bias, stride, padding, act)
     y = F.conv2d(x, weight, bias, list(stride), list(padding), 1, x.shape[1])
-    return DEPTHWISE_ACTIVATIONS[act](y).contiguous(memory_format=torch.channels_last)
+    return ACTIVATION_FNS[act](y).contiguous(memory_format=torch.channels_last)
 
 
 def taps_last(weight: torch.Tensor) -> torch.Tensor:
