@@ -30,28 +30,32 @@ def _exact(x, weight, bias, stride, padding, act):
 
 
 @needs_c_ops
+@pytest.mark.parametrize("size", [3, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels", [1, 7, 16, 17, 32, 33, 48, 144])
-def test_kernel_matches_the_convolution(channels, dtype):
-    """Every channel-block shape (full and partial vectors), border and interior pixels, strides,
+def test_kernel_matches_the_convolution(channels, dtype, size):
+    """Every channel-block shape (full and partial vectors), 3x3 and 5x5 filters, border and interior
+    pixels, rows of 1 to 17 output pixels (groups of 8, 4 and 2, a last group shifted back), strides,
     paddings, activations, with and without bias, in either layout and weight form: float32 to its
     rounding, bfloat16 to one rounding of the float32 sum."""
-    for (h, w), stride, padding, act, channels_last, with_bias, taps in itertools.product(
-            [(1, 1), (2, 5), (7, 7), (9, 12)], [1, 2], [0, 1, 2], list(DEPTHWISE_ACTIVATIONS), [True, False],
-            [True, False], [True, False]):
-        if h + 2 * padding < 3 or w + 2 * padding < 3:
+    # the layout, bias and weight form vary from case to case (all eight combinations in turn)
+    forms = itertools.cycle(itertools.product([True, False], [True, False], [True, False]))
+    for (h, w), stride, padding, act in itertools.product(
+            [(1, 1), (2, 5), (7, 7), (9, 12), (3, 19)], [1, 2], [0, 1, 2], list(DEPTHWISE_ACTIVATIONS)):
+        if h + 2 * padding < size or w + 2 * padding < size:
             continue
+        channels_last, with_bias, taps = next(forms)
         x = (2 * torch.randn(2, channels, h, w)).to(dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(channels, 1, 3, 3).to(dtype)
+        weight = torch.randn(channels, 1, size, size).to(dtype)
         bias = torch.randn(channels).to(dtype) if with_bias else None
         with torch.no_grad():
             y = ops.depthwise_conv2d_inference(x, taps_last(weight) if taps else weight, bias, stride, padding, act)
         expected = _exact(x, weight, bias, stride, padding, act)
         assert y.shape == expected.shape and y.dtype == dtype
         assert y.is_contiguous(memory_format=torch.channels_last)
-        tolerance = 2e-6 if dtype == torch.float32 else 2.0 ** -8
+        tolerance = 2e-6 * size * size / 9 if dtype == torch.float32 else 2.0 ** -8  # float32: K*K roundings
         error = ((y.double() - expected).abs() / (1 + expected.abs())).max().item()
         assert error <= tolerance, (h, w, stride, padding, act, channels_last, with_bias, taps, error)
 
@@ -90,8 +94,10 @@ def test_backward_raises_with_the_fix():
     ((torch.randn(1, 8, 4, 4).double(), torch.randn(8, 1, 3, 3).double(), None, [1, 1], [1, 1], "none"),
      "x must be float32 or bfloat16"),
     ((torch.randn(8, 4, 4), torch.randn(8, 1, 3, 3), None, [1, 1], [1, 1], "none"), "x must be 4-D"),
-    ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 5, 5), None, [1, 1], [1, 1], "none"),
-     r"weight must have shape \[8, 1, 3, 3\] \(one 3x3 filter per channel of x\)"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 7, 7), None, [1, 1], [3, 3], "none"),
+     r"weight must have shape \[8, 1, 3, 3\] or \[8, 1, 5, 5\] \(one 3x3 or 5x5 filter per channel of x\)"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 3, 5), None, [1, 1], [1, 1], "none"),
+     r"weight must have shape \[8, 1, 3, 3\] or \[8, 1, 5, 5\]"),
     ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 3, 3).bfloat16(), None, [1, 1], [1, 1], "none"),
      "weight dtype must equal x dtype"),
     ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 3, 3), torch.randn(4), [1, 1], [1, 1], "none"),
@@ -100,6 +106,8 @@ def test_backward_raises_with_the_fix():
      "stride must be two positive ints"),
     ((torch.randn(1, 8, 1, 4), torch.randn(8, 1, 3, 3), None, [1, 1], [0, 0], "none"),
      "the padded input 1x4 is smaller than the 3x3 filter"),
+    ((torch.randn(1, 8, 3, 6), torch.randn(8, 1, 5, 5), None, [1, 1], [0, 0], "none"),
+     "the padded input 3x6 is smaller than the 5x5 filter"),
     ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 3, 3), None, [1, 1], [1, 1], "gelu"),
      "act must be one of none, relu, relu6, silu, hardswish, got 'gelu'"),
 ])
@@ -119,17 +127,21 @@ def _planned(weight):
 
 
 @needs_c_ops
-@pytest.mark.parametrize("dtype, size, uses_kernel", [
-    (torch.float32, 8, True), (torch.float32, 40, True),
-    (torch.bfloat16, 8, True), (torch.bfloat16, 40, False),  # 2 x 40 x 40 pixels: above the bfloat16 limit
+@pytest.mark.parametrize("dtype, size, kernel, uses_kernel", [
+    (torch.float32, 8, 3, True), (torch.float32, 40, 3, True), (torch.float32, 8, 5, True),
+    (torch.float32, 40, 5, True),
+    (torch.bfloat16, 8, 3, True), (torch.bfloat16, 40, 3, False),  # 2 x 40 x 40 pixels: above the bfloat16 limit
+    (torch.bfloat16, 8, 5, False),  # bfloat16 5x5: oneDNN's
 ])
-def test_conv2d_act_plans_depthwise_layers_on_the_kernel(dtype, size, uses_kernel):
-    conv = nn.Conv2d(32, 32, 3, padding=1, groups=32).to(dtype)
+def test_conv2d_act_plans_depthwise_layers_on_the_kernel(dtype, size, kernel, uses_kernel):
+    conv = nn.Conv2d(32, 32, kernel, padding=kernel // 2, groups=32).to(dtype)
     x = torch.randn(2, 32, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
+    padding = [kernel // 2] * 2
     with torch.no_grad():
         expected = F.relu6(conv(x))
-        y = fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 32, "relu6", channels_last=True)
-        again = fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 32, "relu6",
+        y = fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], padding, [1, 1], 32, "relu6",
+                                  channels_last=True)
+        again = fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], padding, [1, 1], 32, "relu6",
                                       channels_last=True)
     assert _planned(conv.weight) is uses_kernel
     assert torch.equal(y, again) and y.is_contiguous(memory_format=torch.channels_last)
@@ -140,7 +152,7 @@ def test_conv2d_act_plans_depthwise_layers_on_the_kernel(dtype, size, uses_kerne
 @needs_c_ops
 def test_the_switch_and_other_filters_keep_onednn(monkeypatch):
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-    layers = {"5x5": nn.Conv2d(16, 16, 5, padding=2, groups=16), "dilated": nn.Conv2d(16, 16, 3, padding=2,
+    layers = {"7x7": nn.Conv2d(16, 16, 7, padding=3, groups=16), "dilated": nn.Conv2d(16, 16, 3, padding=2,
                                                                                      dilation=2, groups=16),
               "grouped": nn.Conv2d(16, 16, 3, padding=1, groups=4), "switched off": nn.Conv2d(16, 16, 3, padding=1,
                                                                                              groups=16)}
@@ -218,8 +230,8 @@ def test_optimize_runs_mobilenet_blocks_on_the_kernel_as_eager(activation, dtype
 @needs_c_ops
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
 def test_torchvision_mobilenets_run_their_depthwise_layers_on_the_kernel(name):
-    """torchvision's MobileNetV2 and V3-small as torchvision writes them (tests/community_models): the 3x3
-    depthwise layers run on the kernel (V3's 5x5 ones keep oneDNN), outputs as eager's."""
+    """torchvision's MobileNetV2 and V3-small as torchvision writes them (tests/community_models): their 3x3
+    and 5x5 (V3) depthwise layers run on the kernel in float32, outputs as eager's."""
     from community_models import ARCHITECTURES
 
     arch = ARCHITECTURES[name]
@@ -234,6 +246,7 @@ def test_torchvision_mobilenets_run_their_depthwise_layers_on_the_kernel(name):
     torch.testing.assert_close(y, expected, atol=1e-4 * max(1.0, expected.abs().max().item()), rtol=1e-4)
     tensors = {id(t) for t in itertools.chain(fast.parameters(), fast.buffers())}
     plans = [plan for ident, plan in fused_conv._PLANS.items() if ident in tensors]
-    depthwise_3x3 = [p for p in plans if p.onednn_args[3] > 1 and p.kernel_size == (3, 3)]
-    assert depthwise_3x3 and all(p.depthwise is not None for p in depthwise_3x3)
-    assert all(p.depthwise is None for p in plans if p.kernel_size == (5, 5))
+    depthwise = [p for p in plans if p.onednn_args[3] > 1]
+    sizes = {p.kernel_size for p in depthwise}
+    assert sizes == ({(3, 3)} if name == "mobilenet_v2" else {(3, 3), (5, 5)})
+    assert all(p.depthwise is not None for p in depthwise)

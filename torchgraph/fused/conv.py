@@ -66,18 +66,21 @@ ONEDNN_F32_IM2COL_MAX_WIDTH = 2
 # mkldnn::_convolution_pointwise) took 25-30 us a call inside MobileNetV2 even on 2x2 and 4x4 maps,
 # where the arithmetic is a few microseconds: MobileNetV2 b8 64x64 spent ~0.6 ms of its ~2.5 ms in
 # its 17 depthwise convolutions (2 threads, profiler, float32). On channels_last maps every tap of a
-# depthwise filter is a contiguous run of channels, so the kernel is nine vector FMAs an output
-# pixel with the weights in registers (ops.depthwise_conv2d_inference). Measured alone against the
-# planned oneDNN call (2 threads, medians of 7 x 200 calls, ReLU6, every MobileNetV2 shape at b8
-# 64x64 and b1 224x224): float32 1.12-1.5x faster on the 56x56 to 112x112 maps of batch 1 and
-# 1.2-5x on the rest; bfloat16 1.1-3.9x up to 2,048 output pixels but 0.64-0.87x on larger maps
-# (the widening and rounding of every load and store cost more than oneDNN's blocked bfloat16
-# kernel there), and 0.64x at 2,048 pixels with 144 channels (a pixel of 288 bytes straddles cache
-# lines). Hence float32 always, bfloat16 up to DEPTHWISE_BF16_MAX_PIXELS output pixels
-# (N x H_out x W_out); 3x3 filters, no dilation, channels_last plans only.
-#: Run 3x3 depthwise convolutions on torchgraph's kernel (benchmarks switch it off to compare).
+# depthwise filter is a contiguous run of channels, so the kernel is K*K vector FMAs an output
+# pixel (ops.depthwise_conv2d_inference). Measured alone against the planned oneDNN call (2
+# threads, medians of 7 x 200 calls, ReLU6, every MobileNetV2 shape at b8 64x64 and b1 224x224):
+# float32 1.12-1.5x faster on the 56x56 to 112x112 maps of batch 1 and 1.2-5x on the rest;
+# bfloat16 1.1-3.9x up to 2,048 output pixels but 0.64-0.87x on larger maps (the widening and
+# rounding of every load and store cost more than oneDNN's blocked bfloat16 kernel there), and
+# 0.64x at 2,048 pixels with 144 channels (a pixel of 288 bytes straddles cache lines). 5x5
+# filters (EfficientNet, MobileNetV3), 1 thread, the best of 7 x 100 calls, SiLU, on their shapes
+# at b1 224x224 and b8 64x64: float32 0.93-1.57x oneDNN's speed (1.06-1.57x on every map up to
+# 512 pixels, 0.93-1.17x on the larger ones), bfloat16 0.69-1.38x, slower on most maps of 196 or
+# more pixels. Hence float32 always, bfloat16 only 3x3 filters up to DEPTHWISE_BF16_MAX_PIXELS
+# output pixels (N x H_out x W_out); no dilation, channels_last plans only.
+#: Run 3x3 and 5x5 depthwise convolutions on torchgraph's kernel (benchmarks switch it off to compare).
 DEPTHWISE_KERNEL = True
-#: ... in bfloat16 up to this many output pixels.
+#: ... in bfloat16 up to this many output pixels (3x3 filters only).
 DEPTHWISE_BF16_MAX_PIXELS = 1024
 
 
@@ -92,11 +95,13 @@ def _runs_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor, stride, paddin
     """Whether a planned convolution runs on ops.depthwise_conv2d_inference ([Depthwise convolutions])."""
     if not (DEPTHWISE_KERNEL and channels_last and _extension.HAS_C_OPS and act in DEPTHWISE_ACTIVATIONS):
         return False
-    if groups != x.shape[1] or tuple(weight.shape) != (groups, 1, 3, 3) or tuple(dilation) != (1, 1):
+    if groups != x.shape[1] or tuple(weight.shape) not in ((groups, 1, 3, 3), (groups, 1, 5, 5)) \
+            or tuple(dilation) != (1, 1):
         return False
+    if x.dtype == torch.float32:
+        return True
     n, _, height, width = _output_shape(x, weight, stride, padding, dilation)
-    pixels = n * height * width
-    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and pixels <= DEPTHWISE_BF16_MAX_PIXELS)
+    return x.dtype == torch.bfloat16 and weight.shape[-1] == 3 and n * height * width <= DEPTHWISE_BF16_MAX_PIXELS
 
 
 def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple:

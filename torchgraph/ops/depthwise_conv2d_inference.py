@@ -1,4 +1,5 @@
-"""``depthwise_conv2d_inference``: a 3x3 depthwise convolution with its bias and activation, on channels_last maps."""
+"""``depthwise_conv2d_inference``: a 3x3 or 5x5 depthwise convolution with its bias and activation, on channels_last
+maps."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def _check_depthwise_conv2d_inference(x, weight, bias, stride, padding, act) -> 
     torch._check(x.dim() == 4 and x.shape[1] > 0 and x.shape[2] > 0 and x.shape[3] > 0,
                  lambda: f"{op}: x must be 4-D (N, C, H, W) with non-zero C, H, W, got shape {list(x.shape)}")
     channels = x.shape[1]
-    torch._check(tuple(weight.shape) == (channels, 1, 3, 3),
-                 lambda: f"{op}: weight must have shape [{channels}, 1, 3, 3] (one 3x3 filter per channel of x), "
-                 f"got {list(weight.shape)}")
+    torch._check(tuple(weight.shape) in ((channels, 1, 3, 3), (channels, 1, 5, 5)),
+                 lambda: f"{op}: weight must have shape [{channels}, 1, 3, 3] or [{channels}, 1, 5, 5] (one 3x3 or "
+                 f"5x5 filter per channel of x), got {list(weight.shape)}")
     torch._check(weight.dtype == x.dtype,
                  lambda: f"{op}: weight dtype must equal x dtype {x.dtype}, got {weight.dtype}")
     if bias is not None:
@@ -43,13 +44,13 @@ def _check_depthwise_conv2d_inference(x, weight, bias, stride, padding, act) -> 
                  lambda: f"{op}: stride must be two positive ints, got {stride}")
     torch._check(len(padding) == 2 and padding[0] >= 0 and padding[1] >= 0,
                  lambda: f"{op}: padding must be two non-negative ints, got {padding}")
-    height, width = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
-    torch._check(height >= 3 and width >= 3,
-                 lambda: f"{op}: the padded input {height}x{width} is smaller than the 3x3 filter")
+    height, width, size = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1], weight.shape[2]
+    torch._check(height >= size and width >= size,
+                 lambda: f"{op}: the padded input {height}x{width} is smaller than the {size}x{size} filter")
 
 
-def _output_size(x, stride, padding) -> tuple:
-    return tuple((x.shape[2 + i] + 2 * padding[i] - 3) // stride[i] + 1 for i in (0, 1))
+def _output_size(x, weight, stride, padding) -> tuple:
+    return tuple((x.shape[2 + i] + 2 * padding[i] - weight.shape[2]) // stride[i] + 1 for i in (0, 1))
 
 
 def reference_depthwise_conv2d_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -64,8 +65,8 @@ def reference_depthwise_conv2d_inference(x: torch.Tensor, weight: torch.Tensor, 
 
 
 def taps_last(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``[C, 1, 3, 3]`` with the same values, stored as its nine taps of C channels
-    (``[3, 3, C]`` in memory), the form the kernel reads without a copy.
+    """``weight`` ``[C, 1, K, K]`` with the same values, stored as its K*K taps of C channels
+    (``[K, K, C]`` in memory), the form the kernel reads without a copy.
 
     Example:
         >>> w = torch.randn(8, 1, 3, 3)
@@ -79,11 +80,11 @@ def taps_last(weight: torch.Tensor) -> torch.Tensor:
 def depthwise_conv2d_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                                stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 1,
                                act: str = "none") -> torch.Tensor:
-    """``act(F.conv2d(x, weight, bias, stride, padding, groups=C))`` for 3x3 depthwise filters, in one
-    pass over channels_last maps (inference only: it has no backward).
+    """``act(F.conv2d(x, weight, bias, stride, padding, groups=C))`` for 3x3 and 5x5 depthwise filters,
+    in one pass over channels_last maps (inference only: it has no backward).
 
     Every filter tap of a depthwise convolution on a channels_last map is a contiguous run of C
-    channels, so the kernel is nine vector multiply-adds an output pixel, from float32 sums (bfloat16
+    channels, so the kernel is K*K vector multiply-adds an output pixel, from float32 sums (bfloat16
     is widened on load and rounded once). ``tg.optimize`` runs MobileNet's and EfficientNet's depthwise
     convolutions with it (NOTE: [Depthwise convolutions] in torchgraph/fused/conv.py). float32 and
     bfloat16 CPU tensors run the kernel, the rest the reference. The output is channels_last.
@@ -97,7 +98,7 @@ def depthwise_conv2d_inference(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
     Args:
         x: ``(N, C, H, W)``, float32 or bfloat16.
-        weight: ``(C, 1, 3, 3)``, x's dtype (any strides; :func:`taps_last` is the form read without a copy).
+        weight: ``(C, 1, 3, 3)`` or ``(C, 1, 5, 5)``, x's dtype (any strides; :func:`taps_last` is the form read without a copy).
         bias: ``(C,)``, x's dtype, or None.
         stride, padding: an int or a pair.
         act: ``"none"``, ``"relu"``, ``"relu6"``, ``"silu"`` or ``"hardswish"``.
@@ -122,7 +123,7 @@ if _extension.HAS_C_OPS:
     @torch.library.register_fake("torchgraph::depthwise_conv2d_inference")
     def _depthwise_conv2d_inference_fake(x, weight, bias, stride, padding, act="none"):
         _check_depthwise_conv2d_inference(x, weight, bias, stride, padding, act)
-        height, width = _output_size(x, stride, padding)
+        height, width = _output_size(x, weight, stride, padding)
         return torch.empty((x.shape[0], x.shape[1], height, width), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
 
