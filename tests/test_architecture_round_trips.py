@@ -6,8 +6,8 @@ with a message that names the fix.
 The community's blocks are registered the way a user would register their own (docs/config_and_saving.md):
 ``tg.register_layer`` on each block class (torchvision's ``norm_layer=nn.BatchNorm2d`` and timm's
 ``partial(nn.LayerNorm, eps=1e-6)`` are stored as layer classes), nanoGPT's ``GPTConfig`` dataclass as a
-value type, torchvision's ``InvertedResidualConfig`` too. ``DataDependent`` stays unregistered: tests/test_community_round_trips.py checks the error
-for an unregistered class.
+value type, torchvision's ``InvertedResidualConfig`` and ``MBConvConfig`` too. ``DataDependent`` stays unregistered:
+tests/test_community_round_trips.py checks the error for an unregistered class.
 """
 
 import dataclasses
@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 import torchgraph as tg
-from community_models import (ARCHITECTURES, HAS_TRANSFORMERS, convnext, encoder, llama_titan, mobilenet, nanogpt,
-                              resnet, small, unet, vit)
+from community_models import (ARCHITECTURES, HAS_TRANSFORMERS, convnext, densenet, efficientnet, encoder, llama_titan,
+                              mobilenet, nanogpt, resnet, shufflenet, small, unet, vit)
 from roundtrip import assert_round_trips
 import test_architectures as architectures
 
@@ -28,8 +28,10 @@ import test_architectures as architectures
 _NOT_LAYERS = {resnet.ResNet, mobilenet.MobileNetV2, mobilenet.MobileNetV3, vit.VisionTransformer, nanogpt.GPT,
                encoder.TransformerClassifier, unet.UNet, small.LSTMEncoder, small.SiameseNetwork,
                small.WithDataDependentBlock, small.DataDependent, convnext.ConvNeXt, llama_titan.Transformer,
-               llama_titan.TransformerModelArgs}
-for _module in (resnet, mobilenet, vit, nanogpt, encoder, unet, small, convnext, llama_titan):
+               llama_titan.TransformerModelArgs, efficientnet.EfficientNet, shufflenet.ShuffleNetV2,
+               densenet.DenseNet}
+for _module in (resnet, mobilenet, vit, nanogpt, encoder, unet, small, convnext, llama_titan, efficientnet, shufflenet,
+                densenet):
     for _, _cls in inspect.getmembers(_module, inspect.isclass):
         if issubclass(_cls, nn.Module) and _cls.__module__ == _module.__name__ and _cls not in _NOT_LAYERS:
             tg.register_layer(_cls, name=f"community.{_module.__name__.rsplit('.', 1)[-1]}.{_cls.__qualname__}")
@@ -41,6 +43,12 @@ tg.register_value_type(mobilenet.InvertedResidualConfig, name="community.mobilen
                                             "activation": "HS" if c.use_hs else "RE", "stride": c.stride,
                                             "width_mult": 1.0},
                        from_config=lambda data: mobilenet.InvertedResidualConfig(**data))
+# torchvision's EfficientNet stage settings likewise keep channels and layer counts already scaled: stored unscaled.
+tg.register_value_type(efficientnet.MBConvConfig, name="community.efficientnet.MBConvConfig",
+                       to_config=lambda c: {"expand_ratio": c.expand_ratio, "kernel": c.kernel, "stride": c.stride,
+                                            "input_channels": c.input_channels, "out_channels": c.out_channels,
+                                            "num_layers": c.num_layers, "width_mult": 1.0, "depth_mult": 1.0},
+                       from_config=lambda data: efficientnet.MBConvConfig(**data))
 tg.register_value_type(nanogpt.GPTConfig, to_config=dataclasses.asdict,
                        from_config=lambda data: nanogpt.GPTConfig(**data), name="community.nanogpt.GPTConfig")
 tg.register_value_type(llama_titan.TransformerModelArgs, to_config=dataclasses.asdict,

@@ -51,7 +51,7 @@ def test_registry_lists_every_family_at_both_sizes():
     assert ARCHITECTURES.keys() == BENCHMARK_ARCHITECTURES.keys()
     expected = {"resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vit", "nanogpt",
                 "nanogpt_manual_attention", "transformer_classifier", "unet", "lstm_encoder", "siamese",
-                "with_data_dependent_block"}
+                "with_data_dependent_block", "efficientnet_b0", "shufflenet_v2", "densenet"}
     assert expected <= ARCHITECTURES.keys()
     assert cm.HAS_TRANSFORMERS == ({"hf_bert", "hf_gpt2", "hf_llama"} <= ARCHITECTURES.keys())
 
@@ -138,6 +138,76 @@ def test_squeeze_excitation_scales_by_hardsigmoid():
     x = torch.randn(2, 16, 5, 5)
     scale = se.fc2(torch.relu(se.fc1(x.mean(dim=(2, 3), keepdim=True))))
     torch.testing.assert_close(se(x), torch.nn.functional.hardsigmoid(scale) * x)
+
+
+def test_efficientnet_stochastic_depth_is_identity_in_eval_and_drops_rows_in_train():
+    """MBConv adds its branch through StochasticDepth(p, "row"): identity in eval; in train, with a seed, whole
+    samples of the branch are zeroed and the kept ones divided by the survival rate."""
+    model = cm.efficientnet_b0(num_classes=10, width_mult=0.25)
+    blocks = [m for m in model.modules() if isinstance(m, cm.efficientnet.MBConv)]
+    assert len(blocks) == 16 and blocks[0].stochastic_depth.p == 0.0
+    assert blocks[-1].stochastic_depth.p == pytest.approx(0.2 * 15 / 16) and blocks[-1].stochastic_depth.mode == "row"
+    assert [type(m) for m in blocks[-1].block[2].children()] == [torch.nn.AdaptiveAvgPool2d, torch.nn.Conv2d,
+                                                                  torch.nn.Conv2d, torch.nn.SiLU, torch.nn.Sigmoid]
+    depth = blocks[-1].stochastic_depth
+    x = torch.randn(64, 3, 2, 2)
+    assert depth.eval()(x) is x
+    torch.manual_seed(0)
+    y = depth.train()(x)
+    kept = (y == 0).flatten(1).all(dim=1).logical_not()
+    assert 0 < kept.sum() < 64  # some rows dropped, some kept (p ~ 0.19)
+    torch.testing.assert_close(y[kept], x[kept] / (1 - depth.p))
+    assert y[~kept].abs().sum() == 0
+    cnf = cm.MBConvConfig(6, 5, 1, 40, 40, 1)
+    block = cm.efficientnet.MBConv(cnf, 0.5, torch.nn.BatchNorm2d).eval()
+    x = torch.randn(2, 40, 6, 6)
+    assert block.use_res_connect and block.block[1][0].kernel_size == (5, 5) and block.block[1][0].groups == 240
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), block.block(x) + x)
+
+
+def test_shufflenet_channel_shuffle_interleaves_the_groups():
+    """channel_shuffle(x, 2) on 6 channels gives channel order 0, 3, 1, 4, 2, 5; stride-1 units keep x1 as is."""
+    x = torch.arange(2 * 6 * 2 * 2, dtype=torch.float32).view(2, 6, 2, 2)
+    y = cm.channel_shuffle(x, 2)
+    assert y.shape == x.shape and y.is_contiguous()
+    torch.testing.assert_close(y, x[:, [0, 3, 1, 4, 2, 5]], rtol=0, atol=0)
+    torch.testing.assert_close(cm.channel_shuffle(x, 3), x[:, [0, 2, 4, 1, 3, 5]], rtol=0, atol=0)
+    torch.manual_seed(0)
+    unit = cm.shufflenet.InvertedResidual(16, 16, 1).eval()
+    assert len(unit.branch1) == 0 and unit.branch2[3].groups == 8
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        y = unit(x)
+    torch.testing.assert_close(y[:, 0::2], x[:, :8])  # the untouched half lands on the even channels
+    with pytest.raises(ValueError, match="Invalid combination of stride 1"):
+        cm.shufflenet.InvertedResidual(16, 24, 1)
+    model = ARCHITECTURES["shufflenet_v2"].make_model()
+    assert [len(model.stage2), len(model.stage3), len(model.stage4)] == [2, 2, 2]
+    assert [len(stage) for stage in (cm.shufflenet_v2_x0_5().stage2, cm.shufflenet_v2_x0_5().stage3)] == [4, 8]
+
+
+def test_densenet_block_concatenates_every_layer():
+    """A dense block's output has in + layers * growth channels, its first channels are its input, and each
+    layer sees the concatenation of everything before it (a Tensor or a list of Tensors)."""
+    torch.manual_seed(0)
+    block = cm.densenet._DenseBlock(num_layers=3, num_input_features=10, bn_size=4, growth_rate=6, drop_rate=0).eval()
+    assert list(block.keys()) == ["denselayer1", "denselayer2", "denselayer3"]
+    x = torch.randn(2, 10, 5, 5)
+    with torch.no_grad():
+        y = block(x)
+        assert y.shape == (2, 10 + 3 * 6, 5, 5)
+        torch.testing.assert_close(y[:, :10], x, rtol=0, atol=0)
+        layer = block.denselayer2
+        torch.testing.assert_close(layer([x, y[:, 10:16]]), y[:, 16:22])
+        torch.testing.assert_close(block.denselayer1(x), block.denselayer1([x]))
+    assert [name for name, _ in layer.named_children()] == ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
+    model = cm.densenet121(num_classes=10)
+    names = [name for name, _ in model.features.named_children()]
+    assert names[:5] == ["conv0", "norm0", "relu0", "pool0", "denseblock1"] and names[-1] == "norm5"
+    assert model.classifier.in_features == 1024 and len(model.features.denseblock3) == 24
+    assert [type(m) for m in model.features.transition1] == [torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.Conv2d,
+                                                               torch.nn.AvgPool2d]
 
 
 def test_vit_fused_and_manual_attention_agree():

@@ -3,6 +3,7 @@ every architecture, gradients in training mode, what stays opaque and why, bfloa
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -32,6 +33,9 @@ FUSED = {
     "vit_manual_attention": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "nanogpt": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "nanogpt_manual_attention": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
+    "efficientnet_b0": {fused.conv2d_act, fused.conv2d_add_act, fused.linear_act},
+    "shufflenet_v2": {fused.conv2d_act, ops.max_pool2d_inference, fused.linear_act},
+    "densenet": {fused.conv2d_act, ops.max_pool2d_inference, fused.linear_act},
     "unet": {fused.conv2d_act},
     "siamese": {fused.conv2d_act, fused.linear_act},
     # recorded by tg.from_module where torch.fx cannot trace them (NOTE: [Recorded inlining])
@@ -59,6 +63,10 @@ def _record(arch, module: nn.Module) -> tg.Model:
     return tg.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0])
 
 
+def _double(t: torch.Tensor) -> torch.Tensor:
+    return t.double() if t.is_floating_point() else t
+
+
 def _as_list(out) -> list:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -80,10 +88,21 @@ def test_optimized_matches_eager(name):
     inputs = arch.make_inputs()
     with torch.no_grad():
         expected = tensor_leaves(module(*inputs))
+        exact = tensor_leaves(copy.deepcopy(module).double()(*[_double(t) for t in inputs]))
         got = _as_list(fast(*inputs))
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, atol=1e-4 * max(1.0, e.abs().max().item()), rtol=1e-4)
+    assert len(got) == len(expected) == len(exact)
+    for g, e, e64 in zip(got, expected, exact):
+        # NOTE: against float64, no further off than 4x eager float32's own rounding (or 1e-5 of the
+        # output's size): the BatchNorm statistics of the community models make their outputs O(1)
+        # (registry.py), and ResNet-50's scale eager's rounding errors to 6e-5 of its output
+        assert g.shape == e.shape and g.dtype == e.dtype
+        if not g.is_floating_point():
+            assert torch.equal(g, e)
+            continue
+        scale = max(1.0, e64.abs().max().item())
+        eager_error = (e.double() - e64).abs().max().item()
+        error = (g.double() - e64).abs().max().item()
+        assert error <= max(4 * eager_error, 1e-5 * scale), (error, eager_error, scale)
     called = {type(fast.get_submodule(n.target)) for n in fast.graph.nodes if n.op == "call_module"}
     opaque = {cls.__name__ for cls in called if not cls.__module__.startswith("torch.nn.")
               or cls is nn.TransformerEncoder}
@@ -125,4 +144,10 @@ def test_bfloat16_accuracy(name):
         expected = tensor_leaves(module(*inputs))[0]
         got = _as_list(fast(*inputs))[0]
     assert got.dtype == torch.float32
-    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    # within 5% of the output's size, or (ResNet-50 at test size, whose narrow layers scale rounding
+    # errors up) no further off than twice eager's own bfloat16 model
+    eager_bf16 = copy.deepcopy(module).bfloat16()
+    with torch.no_grad():
+        eager_error = (tensor_leaves(eager_bf16(*[t.bfloat16() if t.is_floating_point() else t for t in inputs]))[0].float() - expected).abs().max()
+    error = (got - expected).abs().max()
+    assert error <= max(0.05 * expected.abs().max(), 2 * eager_error), (error, eager_error)

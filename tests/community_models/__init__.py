@@ -5,10 +5,15 @@ family; ``registry`` lists every model at test and benchmark sizes (``ARCHITECTU
 Import with ``tests/`` on ``sys.path`` (pytest does that for the tests): ``from community_models import ...``.
 
 Block-level names that two families share (``Block``: timm ViT and nanoGPT) are not re-exported here; take them from
-their module: ``community_models.vit.Block``, ``community_models.nanogpt.Block``.
+their module: ``community_models.vit.Block``, ``community_models.nanogpt.Block``. Likewise EfficientNet's
+``SqueezeExcitation`` and ``MBConv`` (``community_models.efficientnet``) and ShuffleNetV2's ``InvertedResidual``
+(``community_models.shufflenet``): the top-level names are MobileNet's.
 """
 
-from . import convnext, encoder, hf, llama_meta, llama_titan, mobilenet, nanogpt, registry, resnet, small, unet, vit
+from . import (convnext, densenet, efficientnet, encoder, hf, llama_meta, llama_titan, mobilenet, nanogpt, registry,
+               resnet, shufflenet, small, unet, vit)
+from .densenet import DenseNet, densenet121
+from .efficientnet import EfficientNet, MBConvConfig, efficientnet_b0
 from .encoder import TransformerClassifier
 from .hf import HAS_TRANSFORMERS, tiny_bert, tiny_gpt2
 from .mobilenet import (Conv2dNormActivation, InvertedResidual, InvertedResidualConfig, InvertedResidualV3,
@@ -17,13 +22,15 @@ from .mobilenet import (Conv2dNormActivation, InvertedResidual, InvertedResidual
 from .nanogpt import GPT, MLP, CausalSelfAttention, GPTConfig, LayerNorm
 from .registry import ARCHITECTURES, BENCHMARK_ARCHITECTURES, Architecture, InputSpec, tensor_leaves
 from .resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3, resnet18, resnet50
+from .shufflenet import ShuffleNetV2, channel_shuffle, shufflenet_v2_x0_5
 from .small import DataDependent, LSTMEncoder, SiameseNetwork, WithDataDependentBlock
 from .unet import DoubleConv, Down, OutConv, Up, UNet
 from .vit import Attention, Mlp, PatchEmbed, VisionTransformer, vit_tiny
 
 __all__ = [
     # modules, one per family
-    "convnext", "encoder", "hf", "llama_meta", "llama_titan", "mobilenet", "nanogpt", "registry", "resnet", "small", "unet", "vit",
+    "convnext", "densenet", "efficientnet", "encoder", "hf", "llama_meta", "llama_titan", "mobilenet", "nanogpt",
+    "registry", "resnet", "shufflenet", "small", "unet", "vit",
     # registry
     "ARCHITECTURES", "BENCHMARK_ARCHITECTURES", "Architecture", "InputSpec", "tensor_leaves",
     # torchvision ResNet
@@ -31,6 +38,10 @@ __all__ = [
     # torchvision MobileNetV2 / V3
     "_make_divisible", "Conv2dNormActivation", "InvertedResidual", "MobileNetV2", "mobilenet_v2",
     "SqueezeExcitation", "InvertedResidualConfig", "InvertedResidualV3", "MobileNetV3", "mobilenet_v3_small",
+    # torchvision EfficientNet, ShuffleNetV2, DenseNet (their SqueezeExcitation, MBConv and InvertedResidual share
+    # names with MobileNet's and drop_path's: take them from community_models.efficientnet / .shufflenet)
+    "MBConvConfig", "EfficientNet", "efficientnet_b0", "channel_shuffle", "ShuffleNetV2", "shufflenet_v2_x0_5",
+    "DenseNet", "densenet121",
     # timm ViT
     "PatchEmbed", "Attention", "Mlp", "VisionTransformer", "vit_tiny",
     # nanoGPT

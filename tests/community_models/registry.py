@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from .convnext import convnext_atto
+from .densenet import DenseNet
+from .efficientnet import efficientnet_b0
 from .encoder import TransformerClassifier
 from .llama_titan import Transformer as TitanTransformer
 from .llama_titan import TransformerModelArgs as TitanArgs
@@ -26,6 +28,7 @@ from .hf import HAS_TRANSFORMERS, tiny_bert, tiny_gpt2, tiny_llama
 from .mobilenet import mobilenet_v2, mobilenet_v3_small
 from .nanogpt import GPT, GPTConfig
 from .resnet import resnet18, resnet50
+from .shufflenet import ShuffleNetV2
 from .small import LSTMEncoder, SiameseNetwork, WithDataDependentBlock
 from .unet import UNet
 from .vit import vit_tiny
@@ -87,10 +90,13 @@ class Architecture:
         return self.seq_len is not None
 
     def make_model(self, seed: int = 0) -> nn.Module:
-        """The model, built with ``torch.manual_seed(seed)`` without touching the global RNG state."""
+        """The model (train mode), built with ``torch.manual_seed(seed)`` without touching the global RNG
+        state; its BatchNorm layers hold running statistics of its own activations (``_calibrate``)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.build()
+            model = self.build()
+            _calibrate(model, lambda: self.make_inputs(batch_size=_CALIBRATION_BATCH, seed=seed))
+            return model
 
     def make_inputs(self, batch_size: int | None = None, seq_len: int | None = None,
                     seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -111,6 +117,29 @@ class Architecture:
         """``outputs`` with the placeholders filled in."""
         sizes = {BATCH: batch_size or self.batch_size, SEQ: seq_len or self.seq_len}
         return tuple(tuple(sizes.get(d, d) for d in shape) for shape in self.outputs)
+
+
+# NOTE: with their initial running statistics (mean 0, variance 1) BatchNorm layers in eval mode do
+# not normalise, and torchvision's initialisation then shrinks EfficientNet's output to ~1e-11 (MobileNet's to
+# ~1e-8): every comparison against eager passes there, whatever the optimizer did. So the BatchNorm layers
+# get the statistics a trained network has, those of its own activations: one train-mode pass without
+# gradients on a seeded batch (momentum None: the batch's statistics themselves). The batch is large because
+# the last stages of the test-size models run on 1x1 maps, where two samples' statistics would divide by
+# a near-zero variance on any other input (outputs of ~1e7).
+_CALIBRATION_BATCH = 32
+
+
+def _calibrate(model: nn.Module, make_inputs: Callable[[], tuple]) -> None:
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = None
+    with torch.no_grad():
+        model(*make_inputs())
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
 
 
 def _make_input(spec: InputSpec, batch_size: int, seq_len: int | None, generator: torch.Generator) -> torch.Tensor:
@@ -179,6 +208,23 @@ def _registry(size: str) -> dict[str, Architecture]:
                      (image,), ((BATCH, num_classes),), batch),
         Architecture("mobilenet_v3_small", "torchvision mobilenetv3.py (SE with F.hardsigmoid, Hardswish)",
                      lambda: mobilenet_v3_small(num_classes=num_classes, width_mult=0.5 if test else 1.0),
+                     (image,), ((BATCH, num_classes),), batch),
+        Architecture("efficientnet_b0", "torchvision efficientnet.py (MBConv: SiLU, SE with nn.Sigmoid, "
+                     "StochasticDepth 'row', `result += input`)",
+                     lambda: efficientnet_b0(num_classes=num_classes, width_mult=0.25 if test else 1.0),
+                     (image,), ((BATCH, num_classes),), batch),
+        Architecture("shufflenet_v2", "torchvision shufflenetv2.py (x.chunk, torch.cat, channel_shuffle with "
+                     "view/transpose/contiguous, x.mean([2, 3]))",
+                     lambda: ShuffleNetV2([2, 2, 2] if test else [4, 8, 4],
+                                          [8, 16, 32, 64, 128] if test else [24, 48, 96, 192, 1024],
+                                          num_classes=num_classes),
+                     (image,), ((BATCH, num_classes),), batch),
+        Architecture("densenet", "torchvision densenet.py (nn.ModuleDict dense blocks, list of features, "
+                     "torch.cat, F.relu(inplace=True))",
+                     lambda: DenseNet(**(dict(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16)
+                                         if test else dict(growth_rate=32, block_config=(6, 12, 24, 16),
+                                                           num_init_features=64)),
+                                      bn_size=4, drop_rate=0, num_classes=num_classes),
                      (image,), ((BATCH, num_classes),), batch),
         Architecture("convnext", "timm convnext.py (LayerNorm2d, permutes to channels-last, layer scale, drop path)",
                      # layer scale 0.5 rather than timm's 1e-6 init, so that every block changes the output
