@@ -41,9 +41,13 @@ def use_inference_max_pool(root: nn.Module, graph: fx.Graph) -> int:
 # else (a view, a reshape, the model's output) gets `.contiguous()` first, so code
 # written for contiguous tensors still works and the model returns the layout the original
 # returned. `.contiguous()` is free on a contiguous tensor (e.g. on the non-oneDNN paths).
+# torch.cat takes its inputs in any layout and answers channels_last where they all are (DenseNet's
+# dense blocks, ShuffleNet's branches): a copy to the default layout before it cost one copy of every
+# layer's output there, and another back into channels_last at the next convolution.
 _PRESERVING_FUNCTIONS = {ops.add_relu, ops.max_pool2d_inference, operator.add, torch.add, torch.relu,
                          F.relu, ops.bias_act, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
-                         torch.sigmoid, torch.tanh, operator.mul, torch.mul}
+                         torch.sigmoid, torch.tanh, operator.mul, torch.mul, torch.cat, torch.concat,
+                         torch.concatenate}
 _PRESERVING_METHODS = {"add", "relu", "contiguous", "mul", "sigmoid"}
 _PRESERVING_MODULES = (nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.SiLU, nn.GELU, nn.Identity)
 
