@@ -40,6 +40,15 @@ def mkl_routes(monkeypatch):
 
 
 @pytest.fixture
+def any_size_attention(monkeypatch):
+    """The oneDNN attention kernel on problems of any size, the test-sized ones included (NOTE: [Small
+    attention on SDPA] sends those to SDPA): for tests of where the kernel runs, not of how large."""
+    from torchgraph import fused
+
+    monkeypatch.setattr(fused.attention, "ATTENTION_KERNEL_MIN_WORK", 0)
+
+
+@pytest.fixture
 def onednn_routes(monkeypatch):
     """tg.optimize's float32 routes as on a CPU of another vendor (AMD): every GEMM it places on oneDNN,
     from 2M multiply-adds, attention's products included (NOTE: [MKL on other vendors' CPUs])."""

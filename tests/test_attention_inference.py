@@ -153,7 +153,7 @@ def test_bad_inputs_raise_the_same_message_on_the_kernel_and_the_fake(args, matc
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch, onednn_routes):
+def kernel_calls(monkeypatch, onednn_routes, any_size_attention):
     """Counts the calls fused.scaled_dot_product_attention makes to the real ops.attention_inference."""
     calls = []
     real = ops.attention_inference
@@ -318,3 +318,28 @@ def test_optimize_hf_llama_runs_its_attention_on_the_kernel(kernel_calls, dtype)
     assert len(kernel_calls) == 2  # one per decoder layer
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype is None else dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(out, expected, **tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_attention_stays_on_sdpa(monkeypatch, onednn_routes, dtype):
+    """NOTE: [Small attention on SDPA]: ViT-tiny's 2 x 4 heads x 17 positions of 16 (where the kernel's ~60 us
+    fixed cost made tg.optimize slower than eager) run SDPA, ViT-S's 1 x 6 x 197 x 64 the kernel; both
+    through fused.scaled_dot_product_attention and fused.qkv_attention, with SDPA's values."""
+    calls = []
+    for name in ("attention_inference", "qkv_attention"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(fused.attention.ops, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    for (batch, heads, seq, dim), runs_kernel in (((2, 4, 17, 16), False), ((1, 6, 197, 64), True)):
+        assert fused.attention._kernel_pays(batch, heads, seq, seq, dim) is runs_kernel
+        q, k, v = (torch.randn(batch, heads, seq, dim).to(dtype) for _ in range(3))
+        qkv = torch.randn(batch, seq, 3 * heads * dim).to(dtype)
+        calls.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(fused.scaled_dot_product_attention(q, k, v),
+                                       F.scaled_dot_product_attention(q, k, v), **tol)
+            torch.testing.assert_close(fused.qkv_attention(qkv, heads),
+                                       fused.attention._sdpa_qkv_attention(qkv, heads, False, None), **tol)
+        assert calls == (["attention_inference", "qkv_attention"] if runs_kernel else [])

@@ -64,7 +64,7 @@ def test_opcheck_with_grouped_heads():
 
 
 @needs_kernel
-def test_fused_sdpa_runs_the_kernel_for_enable_gqa(monkeypatch, onednn_routes):
+def test_fused_sdpa_runs_the_kernel_for_enable_gqa(monkeypatch, onednn_routes, any_size_attention):
     """SDPA calls written with enable_gqa=True (transformers without a mask, newer torchtitan) take the kernel."""
     calls = []
     real = ops.attention_inference

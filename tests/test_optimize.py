@@ -433,7 +433,7 @@ def test_attention_with_dropout_not_fused():
         torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_dynamic_sequence_length_attention(monkeypatch):
+def test_dynamic_sequence_length_attention(monkeypatch, any_size_attention):
     """With a dynamic T the attention is fused; T=20 runs the kernel, T=600 (more than
     QKV_ATTENTION_MAX_SEQ) the SDPA fallback, and both match the original."""
     model = applications.gpt_stack(num_blocks=1, dim=16, heads=2, seq_len=None).eval()

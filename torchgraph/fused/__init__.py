@@ -32,8 +32,8 @@ Example:
 from __future__ import annotations
 
 from ._common import ONEDNN_ACTIVATIONS, use_onednn
-from .attention import (ATTENTION_INFERENCE_MAX_SCORES, ATTENTION_INFERENCE_MAX_SEQ, QKV_ATTENTION_MAX_SEQ,
-                        attention_with_additive_mask, qkv_attention, scaled_dot_product_attention)
+from .attention import (ATTENTION_INFERENCE_MAX_SCORES, ATTENTION_INFERENCE_MAX_SEQ, ATTENTION_KERNEL_MIN_WORK,
+                        QKV_ATTENTION_MAX_SEQ, attention_with_additive_mask, qkv_attention, scaled_dot_product_attention)
 from .conv import (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
                    ONEDNN_F32_IM2COL_MAX_WIDTH, RESIDUAL_ACTIVATIONS, conv2d_act, conv2d_add_act)
 from .linear import MKL_PACKED_MAX_ROWS, MKL_PACKED_MIN_WEIGHT, ONEDNN_LINEAR_MIN_MACS, linear_act
@@ -42,8 +42,8 @@ from .weights import MKL_PACKED_ROW_COUNTS
 # NOTE: each threshold lives in the submodule that reads it (fused.linear, fused.conv,
 # fused.weights, fused.attention): to move one (as tests do), set it there; the names here are
 # for reading.
-__all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH",
-           "MKL_PACKED_MAX_ROWS",
+__all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "ATTENTION_KERNEL_MIN_WORK",
+           "CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "MKL_PACKED_MAX_ROWS",
            "MKL_PACKED_MIN_WEIGHT", "MKL_PACKED_ROW_COUNTS", "ONEDNN_ACTIVATIONS", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
            "ONEDNN_F32_IM2COL_MAX_WIDTH", "ONEDNN_LINEAR_MIN_MACS",
            "QKV_ATTENTION_MAX_SEQ", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act", "linear_act",

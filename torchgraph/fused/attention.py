@@ -13,7 +13,8 @@ from .. import ops
 from ._common import _HAS_ONEDNN, _ONEDNN_DTYPES
 from .cpu_profile import MKL_GEMMS_FAST
 
-__all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "QKV_ATTENTION_MAX_SEQ",
+__all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "ATTENTION_KERNEL_MIN_WORK",
+           "QKV_ATTENTION_MAX_SEQ",
            "attention_with_additive_mask", "qkv_attention", "scaled_dot_product_attention"]
 
 #: Longest sequence for which :func:`qkv_attention` runs torchgraph's kernel (it keeps the
@@ -23,6 +24,23 @@ QKV_ATTENTION_MAX_SEQ = 512
 # Whether the kernel's float32 forward runs its products on oneDNN (NOTE: [Attention GEMMs on oneDNN]
 # in csrc/cpu/qkv_attention.cpp): where MKL's GEMMs are slow, as the linears (cpu_profile.py).
 _ONEDNN_ATTENTION = _HAS_ONEDNN and not MKL_GEMMS_FAST
+
+
+# NOTE: [Small attention on SDPA] With its products on oneDNN the kernel costs ~60 us a call whatever the
+# size (two oneDNN matmul calls and their setup), SDPA ~2.5 us a (batch, head) pair: on the small problems
+# of ViT-tiny, DeiT, CLIP's vision tower, Whisper and BART at test sizes the kernel made tg.optimize 10-24%
+# slower than eager (2 x 4 heads x 17 positions x 16: 66 vs 26 us; AMD EPYC, 2 threads, best of 7 x 30
+# calls). Timed over 15 shapes x causal or not x float32/bfloat16, the kernel costs about
+# 60 + 0.8 B H + 1.8e-5 B H T S D us and SDPA 2.5 B H + 3.2e-5 B H T S D, so the kernel runs where
+# B H (2**17 + T S D) >= ATTENTION_KERNEL_MIN_WORK (a margin above the break-even point: ViT-S's
+# 1 x 6 heads x 197 x 64 is 15.7M, 0.57-0.68x SDPA's time; 8 x 4 x 32 x 16 is 4.7M, 0.90-1.37x).
+#: Least ``batch x heads x (2**17 + T x S x head_dim)`` for which the oneDNN attention kernel runs.
+ATTENTION_KERNEL_MIN_WORK = 6_000_000
+
+
+def _kernel_pays(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int) -> bool:
+    """Whether the oneDNN attention kernel beats SDPA on this problem ([Small attention on SDPA])."""
+    return batch * heads * ((1 << 17) + seq_q * seq_k * head_dim) >= ATTENTION_KERNEL_MIN_WORK
 
 
 def _sdpa_qkv_attention(qkv, heads: int, causal: bool, scale) -> torch.Tensor:
@@ -60,9 +78,12 @@ def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,
     if (type(qkv) is torch.Tensor and qkv.device.type == "cpu" and qkv.dim() == 3  # noqa: E721
             and qkv.shape[1] <= QKV_ATTENTION_MAX_SEQ and not torch.compiler.is_compiling()
             and ops._use_kernel(qkv)):
-        onednn = _ONEDNN_ATTENTION and qkv.dtype in _ONEDNN_DTYPES
-        if onednn or (qkv.dtype != torch.bfloat16 and _kernel_beats_sdpa(qkv.shape, heads, causal)):
-            return ops.qkv_attention(qkv, heads, causal, scale, onednn=onednn)
+        if _ONEDNN_ATTENTION and qkv.dtype in _ONEDNN_DTYPES:
+            batch, seq, width = qkv.shape
+            if heads > 0 and _kernel_pays(batch, heads, seq, seq, width // (3 * heads)):
+                return ops.qkv_attention(qkv, heads, causal, scale, onednn=True)
+        elif qkv.dtype != torch.bfloat16 and _kernel_beats_sdpa(qkv.shape, heads, causal):
+            return ops.qkv_attention(qkv, heads, causal, scale, onednn=False)
     return _sdpa_qkv_attention(qkv, heads, causal, scale)
 
 
@@ -146,7 +167,7 @@ def _takes(query, key, value, attn_mask, is_causal, enable_gqa: bool = False) ->
             or s == 0:
         return False
     if t > ATTENTION_INFERENCE_MAX_SEQ or s > ATTENTION_INFERENCE_MAX_SEQ or b * h * t * s > \
-            ATTENTION_INFERENCE_MAX_SCORES or not ops._use_kernel(query):
+            ATTENTION_INFERENCE_MAX_SCORES or not _kernel_pays(b, h, t, s, d) or not ops._use_kernel(query):
         return False
     if attn_mask is not None and (is_causal or attn_mask.dim() > 4 or attn_mask.device.type != "cpu"
                                   or attn_mask.dtype not in (torch.bool, *_ONEDNN_DTYPES)):
