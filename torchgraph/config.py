@@ -39,6 +39,7 @@ from .config_functions import check_method_name, function_name, resolve_function
 from .config_values import decode_value, dtype_name, encode_value
 from .hierarchy import check_path, is_persistent, restore_hierarchy, unreferenced_state
 from .input_checks import model_float_dtype
+from .layer_modes import apply_layer_modes, layer_modes
 from .layer_config import MODEL_CLASS, layer_from_config, layer_to_config, registered_model_class, \
     model_class_key
 from .replay import Ref, get_attr, input_shape, replay
@@ -57,7 +58,7 @@ MAX_INPUTS = 1_000
 # The keys of a model config; a registered tg.Model subclass may add its own (passed to its __init__).
 MODEL_KEYS = frozenset({"format", "format_version", "name", "training", "inputs", "input_kind", "layers",
                         "constants", "nodes", "outputs", "torchgraph_version", "class", "scope_types",
-                        "state_order", "containers"})
+                        "state_order", "containers", "layer_modes"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +161,9 @@ def get_config(model) -> dict:
         extra["state_order"] = list(model.state_dict())
     if info.get("containers"):
         extra["containers"] = dict(info["containers"])
+    modes = layer_modes(model)  # NOTE: [Layer modes]
+    if modes:
+        extra["layer_modes"] = modes
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -453,4 +457,5 @@ def build_model(cls: type, config: Any, construct=None, extra_keys: frozenset = 
                    fixed_names={id(t): n for n, t in constants.items()})
     restore_hierarchy(model, config, unused_layers, unused_constants, non_persistent)
     model.train(training)
+    apply_layer_modes(model, config.get("layer_modes", []), "from_config")
     return model
