@@ -124,6 +124,38 @@ def _nhwc_permute(node: fx.Node) -> bool:
     return permute_dims(node) == (0, 2, 3, 1) and all(user.op != "output" for user in node.users)
 
 
+# NOTE: [Channels-last into tokens] Patch embeddings (timm's PatchEmbed, HF ViT's, Swin's, Segformer's
+# overlapping ones) and Segformer's Mix-FFN turn a convolution's map into tokens with
+# `x.flatten(2).transpose(1, 2)`. On a channels_last value that is already the contiguous (N, H*W, C)
+# tensor (the flatten merges H and W: a view in that layout). `.contiguous()` before the flatten made an
+# NCHW copy, whose tokens were then strided, and the next linear or norm copied them again: two copies a
+# call, 54 copies and ~18% of HF Segformer's optimized forward. As for the permute above: the flatten
+# reads the channels_last value directly where all its users are such transposes and none of them is a
+# model output; the tokens differ from eager's only in being contiguous.
+def _flatten_to_tokens(node: fx.Node) -> bool:
+    """``x.flatten(2)`` (or ``torch.flatten(x, 2)``) read only by transposes of its last two dims, none
+    of them a model output."""
+    method = node.op == "call_method" and node.target == "flatten"
+    if not (method or (node.op == "call_function" and node.target is torch.flatten)):
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    if start != 2 or end not in (-1, 3) or not node.users:
+        return False
+    return all(_swaps_last_two(user) and all(u.op != "output" for u in user.users) for user in node.users)
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    """``y.transpose(1, 2)`` (either order, or -2 and -1), ``torch.transpose`` or ``y.permute(0, 2, 1)``
+    of a 3-D ``y``."""
+    if permute_dims(node) == (0, 2, 1):
+        return True
+    if not ((node.op == "call_method" and node.target == "transpose")
+            or (node.op == "call_function" and node.target is torch.transpose)) or node.kwargs or len(node.args) != 3:
+        return False
+    return {node.args[1], node.args[2]} in ({1, 2}, {-2, -1}, {1, -1}, {-2, 2})
+
+
 def keep_layout_local(root: nn.Module, graph: fx.Graph) -> int:
     """Insert ``.contiguous()`` between channels_last producers and consumers that may need the
     default layout. Returns how many were inserted."""
@@ -132,8 +164,8 @@ def keep_layout_local(root: nn.Module, graph: fx.Graph) -> int:
         channels_last = _channels_last_values(root, graph)
     count = 0
     for node in list(channels_last):
-        outside = [u for u in node.users
-                   if not (_preserves_layout(root, u) or _global_pool(root, u) or _nhwc_permute(u))]
+        outside = [u for u in node.users if not (_preserves_layout(root, u) or _global_pool(root, u)
+                                                 or _nhwc_permute(u) or _flatten_to_tokens(u))]
         if not outside:
             continue
         with graph.inserting_after(node):
