@@ -147,7 +147,8 @@ def test_bfloat16_accuracy(name):
     # within 5% of the output's size, or (ResNet-50 at test size, whose narrow layers scale rounding
     # errors up) no further off than twice eager's own bfloat16 model
     eager_bf16 = copy.deepcopy(module).bfloat16()
+    bf16_inputs = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
     with torch.no_grad():
-        eager_error = (tensor_leaves(eager_bf16(*[t.bfloat16() if t.is_floating_point() else t for t in inputs]))[0].float() - expected).abs().max()
+        eager_error = (tensor_leaves(eager_bf16(*bf16_inputs))[0].float() - expected).abs().max()
     error = (got - expected).abs().max()
     assert error <= max(0.05 * expected.abs().max(), 2 * eager_error), (error, eager_error)

@@ -4,8 +4,9 @@
 // Why: in NHWC every filter tap of a depthwise convolution is one contiguous
 // run of C channels, multiplied elementwise by that tap's C weights: the
 // convolution is K*K vector FMAs an output pixel and channel block (nine for
-// 3x3), with a few output pixels' accumulators kept in registers. oneDNN's depthwise kernel (torch's mkldnn::_convolution_pointwise)
-// costs ~25-30 us a call even on 2x2 maps (the deep layers of MobileNetV2 at
+// 3x3), with a few output pixels' accumulators kept in registers. oneDNN's
+// depthwise kernel (torch's mkldnn::_convolution_pointwise) costs ~25-30 us a
+// call even on 2x2 maps (the deep layers of MobileNetV2 at
 // 64x64, or at batch 1), most of it outside the arithmetic; this kernel takes
 // 6-15 us there and also wins on the large maps in float32 (NOTE: [Depthwise
 // convolutions] in torchgraph/fused/conv.py has the measurements).

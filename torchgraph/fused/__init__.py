@@ -33,7 +33,8 @@ from __future__ import annotations
 
 from ._common import ONEDNN_ACTIVATIONS, use_onednn
 from .attention import (ATTENTION_INFERENCE_MAX_SCORES, ATTENTION_INFERENCE_MAX_SEQ, ATTENTION_KERNEL_MIN_WORK,
-                        QKV_ATTENTION_MAX_SEQ, attention_with_additive_mask, qkv_attention, scaled_dot_product_attention)
+                        QKV_ATTENTION_MAX_SEQ, attention_with_additive_mask, qkv_attention,
+                        scaled_dot_product_attention)
 from .conv import (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
                    ONEDNN_F32_IM2COL_MAX_WIDTH, RESIDUAL_ACTIVATIONS, conv2d_act, conv2d_add_act)
 from .linear import MKL_PACKED_MAX_ROWS, MKL_PACKED_MIN_WEIGHT, ONEDNN_LINEAR_MIN_MACS, linear_act

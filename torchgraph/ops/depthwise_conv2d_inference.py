@@ -98,7 +98,8 @@ def depthwise_conv2d_inference(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
     Args:
         x: ``(N, C, H, W)``, float32 or bfloat16.
-        weight: ``(C, 1, 3, 3)`` or ``(C, 1, 5, 5)``, x's dtype (any strides; :func:`taps_last` is the form read without a copy).
+        weight: ``(C, 1, 3, 3)`` or ``(C, 1, 5, 5)``, x's dtype (any strides; :func:`taps_last` is the
+            form read without a copy).
         bias: ``(C,)``, x's dtype, or None.
         stride, padding: an int or a pair.
         act: ``"none"``, ``"relu"``, ``"relu6"``, ``"silu"`` or ``"hardswish"``.
