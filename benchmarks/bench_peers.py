@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchgraph as tg  # noqa: E402
 from torchgraph import passes  # noqa: E402
 from torchgraph.fused import cpu_profile  # noqa: E402
+from torchgraph.fused import attention as fused_attention  # noqa: E402
 from torchgraph.fused import conv as fused_conv  # noqa: E402
 from torchgraph.fused import linear as fused_linear  # noqa: E402
 from torchgraph.fused import weights as fused_weights  # noqa: E402
@@ -197,6 +198,13 @@ ABLATIONS = {
                     [(passes, "fold_layer_scale", _no_pass)]),
     "nhwc-permute": ("x.permute(0, 2, 3, 1) reading a channels_last conv's value without a copy (NOTE: [Channels-last "
                      "into NHWC])", [(passes_layout, "_nhwc_permute", _never)]),
+    "tokens-layout": ("x.flatten(2).transpose(1, 2) reading a channels_last conv's value without a copy (NOTE: "
+                      "[Channels-last into tokens])", [(passes_layout, "_flatten_to_tokens", _never)]),
+    "concat-layout": ("torch.cat reading channels_last values as they are (NOTE: [Channels-last islands])",
+                      [(passes_layout, "_PRESERVING_FUNCTIONS", passes_layout._PRESERVING_FUNCTIONS
+                        - {torch.cat, torch.concat, torch.concatenate})]),
+    "attention-size": ("SDPA for attention too small for the oneDNN kernel (NOTE: [Small attention on SDPA]); "
+                       "the kernel on every size, as before", [(fused_attention, "ATTENTION_KERNEL_MIN_WORK", 0)]),
 }
 
 

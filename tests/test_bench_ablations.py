@@ -209,3 +209,27 @@ def test_nhwc_permute_ablation_copies_before_the_permute_again():
     data = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(ablated(data), net(data), atol=1e-4, rtol=1e-4)
+
+
+def test_tokens_and_concat_ablations_copy_before_the_flatten_and_the_concatenation_again():
+    """``--ablate tokens-layout`` and ``--ablate concat-layout``: a patch embedding's ``flatten(2).transpose(1, 2)``
+    and DenseNet's ``torch.cat`` read a contiguous copy of the channels_last conv value again, as before."""
+    from community_models import ARCHITECTURES
+
+    for name, ablation, reader in (("vit", "tokens-layout", "flatten"), ("densenet", "concat-layout", torch.cat)):
+        arch = ARCHITECTURES[name]
+        net = arch.make_model().eval()
+        x = tg.Input(shape=arch.inputs[0].shape)
+        graph_model = tg.Model(x, net(x))
+        fns, _ = bench_peers._ablated_variants(graph_model, [ablation])
+        ablated = fns[f"tg.optimize -{ablation}"]
+
+        def copies_before(model):
+            return sum(n.op == "call_method" and n.target == "contiguous"
+                       and any(u.target == reader for u in n.users) for n in model.graph.nodes)
+
+        assert copies_before(ablated.fn) > 0 and copies_before(tg.optimize(graph_model)) == 0, name
+        (data,) = arch.make_inputs()
+        with torch.inference_mode():
+            expected = net(data)
+            torch.testing.assert_close(ablated(data), expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
