@@ -948,9 +948,10 @@ def _sdpa_attention(qkv, heads, causal, scale=None):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("t", [9, 512, 600])
-def test_fused_qkv_attention_matches_sdpa(causal, t):
-    """fused.qkv_attention equals split + SDPA + merge, through the kernel (T <= 512) and through
-    the SDPA fallback (T > QKV_ATTENTION_MAX_SEQ), for values and gradients."""
+def test_fused_qkv_attention_matches_sdpa(causal, t, any_size_attention):
+    """fused.qkv_attention equals split + SDPA + merge, through the kernel (T <= 512; small problems
+    too: any_size_attention) and through the SDPA fallback (T > QKV_ATTENTION_MAX_SEQ), for values
+    and gradients."""
     from torchgraph import fused
 
     heads, d = 2, 4
