@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import textwrap
 from typing import Any
 
 import torch
@@ -252,7 +253,7 @@ def _check_rebuilds_on_meta(model, config: dict, real: list[fx.Node]) -> None:
             f"{type(model).__name__}: get_config cannot describe this model: {names} needed real data to "
             "build (data-dependent control flow, .item(), or an op without a meta kernel), and configs and "
             f"files are rebuilt on the meta device only, so its file would not load (rebuilding said: "
-            f"{str(exc):.160}). Save the weights alone (model.state_dict() with safetensors) and rebuild the "
+            f"{textwrap.shorten(str(exc), 400, placeholder=' ...')}). Save the weights alone (model.state_dict() with safetensors) and rebuild the "
             "model from code, or make the layer's forward independent of the data's values.") from None
 
 
