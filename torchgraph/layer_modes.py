@@ -34,13 +34,13 @@ MAX_LAYER_MODES = 10_000
 
 def layer_modes(model: nn.Module) -> list[list]:
     """``[[path, training], ...]`` for every submodule of ``model`` whose mode differs from its parent's,
-    parents before children."""
+    parents before children (``named_modules`` walks the tree top-down)."""
     modes = []
     for path, module in model.named_modules():
         for name, child in module.named_children():
             if child.training != module.training:
                 modes.append([f"{path}.{name}" if path else name, bool(child.training)])
-    return sorted(modes, key=lambda entry: entry[0].count("."))
+    return modes
 
 
 def apply_layer_modes(model: nn.Module, modes: Any, where: str) -> None:
