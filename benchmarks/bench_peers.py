@@ -203,6 +203,12 @@ ABLATIONS = {
     "concat-layout": ("torch.cat reading channels_last values as they are (NOTE: [Channels-last islands])",
                       [(passes_layout, "_PRESERVING_FUNCTIONS", passes_layout._PRESERVING_FUNCTIONS
                         - {torch.cat, torch.concat, torch.concatenate})]),
+    "layout-blind": ("transposed convolutions, upsampling, padding, pooling, GroupNorm... reading channels_last "
+                     "values as they are (NOTE: [Layout-blind ops])",
+                     [(passes_layout, "_LAYOUT_BLIND_FUNCTIONS", set()), (passes_layout, "_LAYOUT_BLIND_METHODS", set()),
+                      (passes_layout, "_LAYOUT_BLIND_MODULES", ())]),
+    "shape-readers": ("x.size() / x.shape reading channels_last values without a copy (NOTE: [Shape readers])",
+                      [(passes_layout, "_reads_shape_only", _never)]),
     "attention-size": ("SDPA for attention too small for the oneDNN kernel (NOTE: [Small attention on SDPA]); "
                        "the kernel on every size, as before", [(fused_attention, "ATTENTION_KERNEL_MIN_WORK", 0)]),
 }
