@@ -168,7 +168,7 @@ ABLATIONS = {
                   "(NOTE: [Convolutions on few pixels])",
                   [(fused_conv, "CONV_GEMM_MAX_ROWS", 0), (fused_conv, "CONV_IM2COL_MAX_ROWS", 0),
                    (fused_conv, "ONEDNN_F32_CONV_GEMM_MAX_ROWS", 0)]),
-    "depthwise": ("3x3 and 5x5 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise convolutions]); "
+    "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise convolutions]); "
                   "oneDNN's, as before", [(fused_conv, "DEPTHWISE_KERNEL", False)]),
     "conv-plans": ("per-layer plans of the fused convolutions (NOTE: [Per-layer plans]): decide per call",
                    [(fused_conv, "_new_plan", _no_plan)]),

@@ -57,8 +57,8 @@ TORCH_LIBRARY(torchgraph, m) {
   // nn.RMSNorm). No weight: the normalisation alone. Inference only: no backward.
   m.def("rms_norm_inference(Tensor x, Tensor? weight, float eps, bool weight_in_float32=False) -> Tensor");
 
-  // act(conv2d(x, weight, bias, stride, padding, groups=C)) for 3x3 depthwise
-  // filters: x [N, C, H, W] (read channels_last), weight [C, 1, 3, 3], bias [C];
+  // act(conv2d(x, weight, bias, stride, padding, groups=C)) for 3x3, 5x5 and 7x7
+  // depthwise filters: x [N, C, H, W] (read channels_last), weight [C, 1, K, K], bias [C];
   // float32 or bfloat16; act: "none", "relu", "relu6", "silu", "hardswish".
   // Answers in channels_last. Inference only: no backward.
   m.def(

@@ -30,11 +30,11 @@ def _exact(x, weight, bias, stride, padding, act):
 
 
 @needs_c_ops
-@pytest.mark.parametrize("size", [3, 5])
+@pytest.mark.parametrize("size", [3, 5, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels", [1, 7, 16, 17, 32, 33, 48, 144])
 def test_kernel_matches_the_convolution(channels, dtype, size):
-    """Every channel-block shape (full and partial vectors), 3x3 and 5x5 filters, border and interior
+    """Every channel-block shape (full and partial vectors), 3x3, 5x5 and 7x7 filters, border and interior
     pixels, rows of 1 to 17 output pixels (groups of 8, 4 and 2, a last group shifted back), strides,
     paddings, activations, with and without bias, in either layout and weight form: float32 to its
     rounding, bfloat16 to one rounding of the float32 sum."""
@@ -94,10 +94,10 @@ def test_backward_raises_with_the_fix():
     ((torch.randn(1, 8, 4, 4).double(), torch.randn(8, 1, 3, 3).double(), None, [1, 1], [1, 1], "none"),
      "x must be float32 or bfloat16"),
     ((torch.randn(8, 4, 4), torch.randn(8, 1, 3, 3), None, [1, 1], [1, 1], "none"), "x must be 4-D"),
-    ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 7, 7), None, [1, 1], [3, 3], "none"),
-     r"weight must have shape \[8, 1, 3, 3\] or \[8, 1, 5, 5\] \(one 3x3 or 5x5 filter per channel of x\)"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 9, 9), None, [1, 1], [4, 4], "none"),
+     r"weight must have shape \[8, 1, K, K\] with K 3, 5 or 7 \(one 3x3, 5x5 or 7x7 filter per channel of x\)"),
     ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 3, 5), None, [1, 1], [1, 1], "none"),
-     r"weight must have shape \[8, 1, 3, 3\] or \[8, 1, 5, 5\]"),
+     r"weight must have shape \[8, 1, K, K\] with K 3, 5 or 7"),
     ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 3, 3).bfloat16(), None, [1, 1], [1, 1], "none"),
      "weight dtype must equal x dtype"),
     ((torch.randn(1, 8, 4, 4), torch.randn(8, 1, 3, 3), torch.randn(4), [1, 1], [1, 1], "none"),
@@ -132,6 +132,8 @@ def _planned(weight):
     (torch.float32, 40, 5, True),
     (torch.bfloat16, 8, 3, True), (torch.bfloat16, 40, 3, False),  # 2 x 40 x 40 pixels: above the bfloat16 limit
     (torch.bfloat16, 8, 5, False),  # bfloat16 5x5: oneDNN's
+    (torch.float32, 40, 7, True),  # 7x7: 32 channels fill whole vectors
+    (torch.bfloat16, 4, 7, True), (torch.bfloat16, 16, 7, False),  # 2 x 16 x 16 pixels: above the 7x7 bfloat16 limit
 ])
 def test_conv2d_act_plans_depthwise_layers_on_the_kernel(dtype, size, kernel, uses_kernel):
     conv = nn.Conv2d(32, 32, kernel, padding=kernel // 2, groups=32).to(dtype)
@@ -152,7 +154,7 @@ def test_conv2d_act_plans_depthwise_layers_on_the_kernel(dtype, size, kernel, us
 @needs_c_ops
 def test_the_switch_and_other_filters_keep_onednn(monkeypatch):
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-    layers = {"7x7": nn.Conv2d(16, 16, 7, padding=3, groups=16), "dilated": nn.Conv2d(16, 16, 3, padding=2,
+    layers = {"9x9": nn.Conv2d(16, 16, 9, padding=4, groups=16), "dilated": nn.Conv2d(16, 16, 3, padding=2,
                                                                                      dilation=2, groups=16),
               "grouped": nn.Conv2d(16, 16, 3, padding=1, groups=4), "switched off": nn.Conv2d(16, 16, 3, padding=1,
                                                                                              groups=16)}
@@ -164,6 +166,20 @@ def test_the_switch_and_other_filters_keep_onednn(monkeypatch):
                                       list(conv.dilation), conv.groups, "relu", channels_last=True)
             torch.testing.assert_close(y, F.relu(conv(x)), atol=1e-5, rtol=1e-5)
         assert not _planned(conv.weight), name
+
+
+@needs_c_ops
+@pytest.mark.parametrize("channels, side, uses_kernel", [(40, 16, True), (40, 23, False), (48, 23, True)])
+def test_float32_7x7_layers_take_the_kernel_where_it_is_faster(channels, side, uses_kernel):
+    """ConvNeXt's 7x7 layers in float32: on the kernel where the channels fill whole vectors or the map has at
+    most 1,024 output pixels (NOTE: [Depthwise convolutions]); 2 x 23 x 23 pixels of 40 channels keep oneDNN."""
+    conv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+    x = torch.randn(2, channels, side, side).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], [3, 3], [1, 1], channels, "none",
+                                  channels_last=True)
+        torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)
+    assert _planned(conv.weight) is uses_kernel
 
 
 @needs_c_ops
@@ -228,10 +244,12 @@ def test_optimize_runs_mobilenet_blocks_on_the_kernel_as_eager(activation, dtype
 
 
 @needs_c_ops
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
-def test_torchvision_mobilenets_run_their_depthwise_layers_on_the_kernel(name):
-    """torchvision's MobileNetV2 and V3-small as torchvision writes them (tests/community_models): their 3x3
-    and 5x5 (V3) depthwise layers run on the kernel in float32, outputs as eager's."""
+@pytest.mark.parametrize("name, sizes", [("mobilenet_v2", {(3, 3)}), ("mobilenet_v3_small", {(3, 3), (5, 5)}),
+                                         ("convnext", {(7, 7)})])
+def test_community_models_run_their_depthwise_layers_on_the_kernel(name, sizes):
+    """torchvision's MobileNetV2 and V3-small and timm's ConvNeXt as their authors write them
+    (tests/community_models): their 3x3, 5x5 (V3) and 7x7 (ConvNeXt) depthwise layers run on the kernel in
+    float32, outputs as eager's."""
     from community_models import ARCHITECTURES
 
     arch = ARCHITECTURES[name]
@@ -247,6 +265,5 @@ def test_torchvision_mobilenets_run_their_depthwise_layers_on_the_kernel(name):
     tensors = {id(t) for t in itertools.chain(fast.parameters(), fast.buffers())}
     plans = [plan for ident, plan in fused_conv._PLANS.items() if ident in tensors]
     depthwise = [p for p in plans if p.onednn_args[3] > 1]
-    sizes = {p.kernel_size for p in depthwise}
-    assert sizes == ({(3, 3)} if name == "mobilenet_v2" else {(3, 3), (5, 5)})
+    assert {p.kernel_size for p in depthwise} == sizes
     assert all(p.depthwise is not None for p in depthwise)

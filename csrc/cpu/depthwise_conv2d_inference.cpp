@@ -1,5 +1,5 @@
-// depthwise_conv2d_inference: act(conv2d(x, weight, bias, groups=C)) for 3x3
-// and 5x5 depthwise filters, on channels_last (NHWC) activations. Inference only.
+// depthwise_conv2d_inference: act(conv2d(x, weight, bias, groups=C)) for 3x3,
+// 5x5 and 7x7 depthwise filters, on channels_last (NHWC) activations. Inference only.
 //
 // Why: in NHWC every filter tap of a depthwise convolution is one contiguous
 // run of C channels, multiplied elementwise by that tap's C weights: the
@@ -12,11 +12,11 @@
 // convolutions] in torchgraph/fused/conv.py has the measurements).
 //
 // Layout: x is read channels_last (made so if it is not), the output is
-// channels_last. weight [C, 1, K, K] (K = 3 or 5) is read as its K*K taps of C
+// channels_last. weight [C, 1, K, K] (K = 3, 5 or 7) is read as its K*K taps of C
 // channels ([K, K, C] in memory: strides (1, *, KC, C)); other strides are
 // copied into that form first (tg.optimize's convolution plans keep the weight
 // in it). A 3x3 block's nine weight vectors stay in registers; a 5x5 block's 25
-// are read from L1, each once per tap for several output pixels.
+// (a 7x7 block's 49) are read from L1, each once per tap for several output pixels.
 // Sums run in float32 from the bias, one tap at a time (kh, then kw); bfloat16
 // is widened on load and rounded once at the store, as oneDNN's bfloat16
 // convolution (float32 accumulation) does.
@@ -125,12 +125,12 @@ C10_ALWAYS_INLINE void pixels(const T* x, T* y, const Geometry& g, int64_t n, in
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[j][v] = block.bias[v];
   }
-#pragma GCC unroll 5
+#pragma GCC unroll 7
   for (int kh = 0; kh < K; ++kh) {
     const int64_t ih = oh * g.stride_h - g.pad_h + kh;
     if (ih < 0 || ih >= g.H) continue;
     const T* row = x + (n * g.H + ih) * g.W * g.C + c;
-#pragma GCC unroll 5
+#pragma GCC unroll 7
     for (int kw = 0; kw < K; ++kw) {
       const int tap = kh * K + kw;
 #pragma GCC unroll 8
@@ -253,9 +253,10 @@ void check_depthwise_conv2d_inference(const at::Tensor& x, const at::Tensor& wei
               ": x must be 4-D (N, C, H, W) with non-zero C, H, W, got shape ", x.sizes());
   const int64_t C = x.size(1);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
-                  (weight.size(2) == 3 || weight.size(2) == 5) && weight.size(3) == weight.size(2),
-              op, ": weight must have shape [", C, ", 1, 3, 3] or [", C,
-              ", 1, 5, 5] (one 3x3 or 5x5 filter per channel of x), got ", weight.sizes());
+                  (weight.size(2) == 3 || weight.size(2) == 5 || weight.size(2) == 7) &&
+                  weight.size(3) == weight.size(2),
+              op, ": weight must have shape [", C,
+              ", 1, K, K] with K 3, 5 or 7 (one 3x3, 5x5 or 7x7 filter per channel of x), got ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype must equal x dtype ", x.scalar_type(),
               ", got ", weight.scalar_type());
   if (bias.has_value()) {
@@ -278,7 +279,7 @@ template <typename T>
 void run_depthwise(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bias, at::Tensor& y,
                    const Geometry& g, Act act, int64_t K) {
   const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-  auto kernel = K == 3 ? &depthwise_kernel<T, 3> : &depthwise_kernel<T, 5>;
+  auto kernel = K == 3 ? &depthwise_kernel<T, 3> : K == 5 ? &depthwise_kernel<T, 5> : &depthwise_kernel<T, 7>;
   kernel(x.const_data_ptr<T>(), taps.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(), x.size(0), g, act);
 }
 

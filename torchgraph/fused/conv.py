@@ -78,16 +78,28 @@ ONEDNN_F32_IM2COL_MAX_WIDTH = 2
 # 512 pixels, 0.93-1.17x on the larger ones), bfloat16 0.69-1.38x, slower on most maps of 196 or
 # more pixels. Hence float32 always, bfloat16 only 3x3 filters up to DEPTHWISE_BF16_MAX_PIXELS
 # output pixels (N x H_out x W_out); no dilation, channels_last plans only.
-#: Run 3x3 and 5x5 depthwise convolutions on torchgraph's kernel (benchmarks switch it off to compare).
+# 7x7 filters (ConvNeXt's blocks; 2 threads, the best of 7 x 50 calls, against the planned oneDNN call, on
+# ConvNeXt-atto's shapes at b8 64x64 and b1 224x224 and ConvNeXt-T's at b1): float32 1.3-8.4x oneDNN's speed
+# on every shape but 40 channels on maps of 2,048 and 3,136 output pixels (0.84x: a 40-channel pixel is two
+# and a half vectors, and oneDNN's blocked kernel does better there); bfloat16 3.3-9x on maps up to 128
+# pixels, 0.75-0.92x on most maps of 196 pixels or more (1.56-2.1x on a few). Hence float32 where the
+# channels fill whole vectors or the map has at most DEPTHWISE_7X7_MAX_PIXELS output pixels, bfloat16 up to
+# DEPTHWISE_7X7_BF16_MAX_PIXELS.
+#: Run 3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's kernel (benchmarks switch it off to compare).
 DEPTHWISE_KERNEL = True
 #: ... in bfloat16 up to this many output pixels (3x3 filters only).
 DEPTHWISE_BF16_MAX_PIXELS = 1024
+#: 7x7 filters in float32: channels a multiple of 16, or at most this many output pixels.
+DEPTHWISE_7X7_MAX_PIXELS = 1024
+#: 7x7 filters in bfloat16: at most this many output pixels.
+DEPTHWISE_7X7_BF16_MAX_PIXELS = 128
 
 
 def _limits() -> tuple:
     """What the GEMM and depthwise decisions read, part of each plan's key (tests and benchmarks move them)."""
     return (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
-            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, DEPTHWISE_KERNEL, DEPTHWISE_BF16_MAX_PIXELS)
+            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, DEPTHWISE_KERNEL, DEPTHWISE_BF16_MAX_PIXELS,
+            DEPTHWISE_7X7_MAX_PIXELS, DEPTHWISE_7X7_BF16_MAX_PIXELS)
 
 
 def _runs_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, act: str,
@@ -95,13 +107,19 @@ def _runs_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor, stride, paddin
     """Whether a planned convolution runs on ops.depthwise_conv2d_inference ([Depthwise convolutions])."""
     if not (DEPTHWISE_KERNEL and channels_last and _extension.HAS_C_OPS and act in DEPTHWISE_ACTIVATIONS):
         return False
-    if groups != x.shape[1] or tuple(weight.shape) not in ((groups, 1, 3, 3), (groups, 1, 5, 5)) \
+    size = weight.shape[-1]
+    if groups != x.shape[1] or tuple(weight.shape) != (groups, 1, size, size) or size not in (3, 5, 7) \
             or tuple(dilation) != (1, 1):
         return False
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and size < 7:
         return True
     n, _, height, width = _output_shape(x, weight, stride, padding, dilation)
-    return x.dtype == torch.bfloat16 and weight.shape[-1] == 3 and n * height * width <= DEPTHWISE_BF16_MAX_PIXELS
+    pixels = n * height * width
+    if x.dtype == torch.float32:
+        return groups % 16 == 0 or pixels <= DEPTHWISE_7X7_MAX_PIXELS
+    if x.dtype != torch.bfloat16:
+        return False
+    return pixels <= (DEPTHWISE_BF16_MAX_PIXELS if size == 3 else DEPTHWISE_7X7_BF16_MAX_PIXELS if size == 7 else 0)
 
 
 def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple:

@@ -1,5 +1,5 @@
-"""``depthwise_conv2d_inference``: a 3x3 or 5x5 depthwise convolution with its bias and activation, on channels_last
-maps."""
+"""``depthwise_conv2d_inference``: a 3x3, 5x5 or 7x7 depthwise convolution with its bias and activation, on
+channels_last maps."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def _check_depthwise_conv2d_inference(x, weight, bias, stride, padding, act) -> 
     torch._check(x.dim() == 4 and x.shape[1] > 0 and x.shape[2] > 0 and x.shape[3] > 0,
                  lambda: f"{op}: x must be 4-D (N, C, H, W) with non-zero C, H, W, got shape {list(x.shape)}")
     channels = x.shape[1]
-    torch._check(tuple(weight.shape) in ((channels, 1, 3, 3), (channels, 1, 5, 5)),
-                 lambda: f"{op}: weight must have shape [{channels}, 1, 3, 3] or [{channels}, 1, 5, 5] (one 3x3 or "
-                 f"5x5 filter per channel of x), got {list(weight.shape)}")
+    torch._check(tuple(weight.shape) in ((channels, 1, 3, 3), (channels, 1, 5, 5), (channels, 1, 7, 7)),
+                 lambda: f"{op}: weight must have shape [{channels}, 1, K, K] with K 3, 5 or 7 (one 3x3, 5x5 or 7x7 "
+                 f"filter per channel of x), got {list(weight.shape)}")
     torch._check(weight.dtype == x.dtype,
                  lambda: f"{op}: weight dtype must equal x dtype {x.dtype}, got {weight.dtype}")
     if bias is not None:
@@ -80,12 +80,12 @@ def taps_last(weight: torch.Tensor) -> torch.Tensor:
 def depthwise_conv2d_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                                stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 1,
                                act: str = "none") -> torch.Tensor:
-    """``act(F.conv2d(x, weight, bias, stride, padding, groups=C))`` for 3x3 and 5x5 depthwise filters,
+    """``act(F.conv2d(x, weight, bias, stride, padding, groups=C))`` for 3x3, 5x5 and 7x7 depthwise filters,
     in one pass over channels_last maps (inference only: it has no backward).
 
     Every filter tap of a depthwise convolution on a channels_last map is a contiguous run of C
     channels, so the kernel is K*K vector multiply-adds an output pixel, from float32 sums (bfloat16
-    is widened on load and rounded once). ``tg.optimize`` runs MobileNet's and EfficientNet's depthwise
+    is widened on load and rounded once). ``tg.optimize`` runs MobileNet's, EfficientNet's and ConvNeXt's depthwise
     convolutions with it (NOTE: [Depthwise convolutions] in torchgraph/fused/conv.py). float32 and
     bfloat16 CPU tensors run the kernel, the rest the reference. The output is channels_last.
 
@@ -98,7 +98,7 @@ def depthwise_conv2d_inference(x: torch.Tensor, weight: torch.Tensor, bias: torc
 
     Args:
         x: ``(N, C, H, W)``, float32 or bfloat16.
-        weight: ``(C, 1, 3, 3)`` or ``(C, 1, 5, 5)``, x's dtype (any strides; :func:`taps_last` is the
+        weight: ``(C, 1, K, K)`` with K 3, 5 or 7, x's dtype (any strides; :func:`taps_last` is the
             form read without a copy).
         bias: ``(C,)``, x's dtype, or None.
         stride, padding: an int or a pair.
