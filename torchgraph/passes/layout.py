@@ -47,14 +47,17 @@ def use_inference_max_pool(root: nn.Module, graph: fx.Graph) -> int:
 #
 # NOTE: [Layout-blind ops] Beyond the elementwise ops, the ops of encoder-decoder and generator networks
 # take channels_last and answer in it with the same values: transposed convolutions, upsampling (F.interpolate,
-# nn.Upsample), padding (constant, reflect, replicate), pooling, pixel shuffle, GroupNorm, leaky and clamped
-# activations, dropout. Checked one by one here (torch 2.13, float32, an 8 x 64 x 32 x 32 map: channels_last
-# answer, values equal to NCHW's, GroupNorm's and GELU's within 1.2e-6); several also run far faster on it
-# (2 threads: a 2x2 stride-2 ConvTranspose2d 0.47 against 6.2 ms, bilinear upsampling 0.23 against 4.5 ms,
-# max pooling 0.06 against 1.2 ms), and a copy to NCHW before each cost ~0.2 ms. milesial's UNet spent ~16% of
-# its optimized forward in such copies (ad hoc profile, b8 64x64). Not here: circular padding (answers NCHW,
-# 3x slower) and InstanceNorm (answers NCHW, slower). Ops that can return argmax indices (a tuple) keep
-# the layout only without them (SegNet's `nn.MaxPool2d(2, return_indices=True)`).
+# nn.Upsample), padding (constant, reflect, replicate), pooling, pixel shuffle, leaky and clamped activations,
+# dropout. Checked one by one here (torch 2.13, float32, an 8 x 64 x 32 x 32 map: channels_last answer, values
+# equal to NCHW's); several also run far faster on it (2 threads: a 2x2 stride-2 ConvTranspose2d 0.47 against
+# 6.2 ms, bilinear upsampling 0.23 against 4.5 ms, max pooling 0.06 against 1.2 ms), and a copy to NCHW before
+# each cost ~0.2 ms. milesial's UNet spent ~16% of its optimized forward in such copies (ad hoc profile, b8
+# 64x64). Not here: circular padding (answers NCHW, 3x slower), InstanceNorm (answers NCHW, slower) and
+# GroupNorm, whose channels_last kernel is erratic: 1-9x slower than on NCHW in float32 and up to 60x in
+# bfloat16 (8 x 128 x 16 x 16, 128 groups: 4.1 ms against 0.07), so that CycleGAN's generator (instance norms
+# run as group norms: NOTE [InstanceNorm as GroupNorm]) read 0.61x eager in bfloat16 with it here, 1.80x
+# without (float32 1.01x and 1.05x). Ops that can return argmax indices (a tuple) keep the layout only
+# without them (SegNet's `nn.MaxPool2d(2, return_indices=True)`).
 _PRESERVING_FUNCTIONS = {ops.add_relu, ops.max_pool2d_inference, operator.add, torch.add, torch.relu,
                          F.relu, ops.bias_act, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
                          torch.sigmoid, torch.tanh, operator.mul, torch.mul, torch.cat, torch.concat,
@@ -64,12 +67,12 @@ _PRESERVING_MODULES = (nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.S
 # [Layout-blind ops]
 _LAYOUT_BLIND_FUNCTIONS = {operator.sub, operator.truediv, operator.neg, torch.sub, torch.div, torch.neg, torch.abs,
                            torch.clamp, F.leaky_relu, F.hardtanh, F.elu, F.mish, F.softplus, F.dropout, F.dropout2d,
-                           F.group_norm, F.interpolate, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d,
+                           F.interpolate, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d,
                            F.adaptive_max_pool2d, torch.pixel_shuffle, F.pixel_shuffle, F.conv_transpose2d, F.pad}
 _LAYOUT_BLIND_METHODS = {"sub", "div", "neg", "abs", "clamp", "clamp_min", "clamp_max", "tanh"}
 _LAYOUT_BLIND_MODULES = (nn.ConvTranspose2d, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
                          nn.ReplicationPad2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.PixelShuffle,
-                         nn.GroupNorm, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.PReLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+                         nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.PReLU, nn.Mish, nn.Sigmoid, nn.Tanh,
                          nn.Hardswish, nn.Hardsigmoid, nn.Dropout, nn.Dropout2d)
 _LAYOUT_BLIND_PADS = ("constant", "reflect", "replicate")
 # The argument positions of `return_indices` in the functional forms.
