@@ -74,6 +74,7 @@ from handwritten import (EncoderClassifier, HandGPT, TimmViT, TorchvisionMobileN
                          TorchvisionResNet, randomize_batchnorm)
 from torchgraph.applications import GPTBlock  # noqa: E402
 from torchgraph.passes import bfloat16_supported  # noqa: E402
+from torchgraph.passes import canonical as passes_canonical  # noqa: E402
 from torchgraph.passes import inline as passes_inline  # noqa: E402
 from torchgraph.passes import layout as passes_layout  # noqa: E402
 
@@ -209,6 +210,8 @@ ABLATIONS = {
                       (passes_layout, "_LAYOUT_BLIND_MODULES", ())]),
     "shape-readers": ("x.size() / x.shape reading channels_last values without a copy (NOTE: [Shape readers])",
                       [(passes_layout, "_reads_shape_only", _never)]),
+    "instance-norm": ("nn.InstanceNorm2d (input statistics) run as F.group_norm, one channel a group (NOTE: "
+                      "[InstanceNorm as GroupNorm])", [(passes_canonical, "_instance_norm_as_group_norm", _never)]),
     "attention-size": ("SDPA for attention too small for the oneDNN kernel (NOTE: [Small attention on SDPA]); "
                        "the kernel on every size, as before", [(fused_attention, "ATTENTION_KERNEL_MIN_WORK", 0)]),
 }
@@ -321,12 +324,12 @@ def _leaves(out) -> list:
 def bench_community(name: str, args) -> list[tuple]:
     """One community architecture (tests/community_models, benchmark size): eager, tg.Model and
     tg.optimize (float32 and bf16, and the ``--ablate`` variants) only, for the "never slower" rows."""
-    from community_models import BENCHMARK_ARCHITECTURES
+    from community_models import BENCHMARK_ARCHITECTURES, input_symbol
 
     arch = BENCHMARK_ARCHITECTURES[name]
     eager = arch.make_model().eval()
     inputs = [tg.Input(shape=tuple(arch.seq_len if d is None else d for d in spec.shape), dtype=spec.dtype,
-                       name=spec.name) for spec in arch.inputs]
+                       name=input_symbol(spec.name)) for spec in arch.inputs]
     outs = _leaves(eager(*inputs))
     model = tg.Model(inputs if len(inputs) > 1 else inputs[0], outs if len(outs) > 1 else outs[0]).eval()
     first = {}

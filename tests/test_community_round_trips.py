@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import torchgraph as tg
-from community_models import ARCHITECTURES
+from community_models import ARCHITECTURES, input_symbol
 from roundtrip import assert_round_trips
 
 # A sequence length the recording keeps dynamic (a named dim, "seq"); the others take a fixed length:
@@ -39,12 +39,13 @@ def _bring_in(name: str):
         mask[1, arch.seq_len // 2:] = 0
         kwargs["attention_mask"] = mask
     seq = "seq" if name in DYNAMIC_SEQUENCE else arch.seq_len
-    inputs = {n: tg.Input(shape=tuple(seq if d is None else d for d in shape), dtype=dtype, name=n)
+    inputs = {n: tg.Input(shape=tuple(seq if d is None else d for d in shape), dtype=dtype, name=input_symbol(n))
               for n, (shape, dtype) in specs.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opaque layers are warned about (tests/test_from_module_models.py)
         model = tg.from_module(arch.make_model().eval(), inputs)
-    return model.eval(), kwargs
+    # the model's own input names: a forward argument named after a builtin (`input`) is its input `input_`
+    return model.eval(), {input_symbol(key): value for key, value in kwargs.items()}
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

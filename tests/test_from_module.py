@@ -343,6 +343,30 @@ def test_inputs_as_shapes_inputs_dicts_and_settings():
     torch.testing.assert_close(keyword(tokens=t, features=f)["out"], net(t, f, scale=2.0)["out"], rtol=0, atol=0)
 
 
+class Generator(nn.Module):
+    """``forward(self, input)``, as torch.nn, the DCGAN tutorial and CycleGAN write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh())
+
+    def forward(self, input):
+        return self.main(input)
+
+
+def test_a_forward_argument_named_after_a_builtin():
+    """``input`` cannot be an argument of generated code: the model takes it as ``input_`` whether given as a
+    shape, a dict key or positionally (where it was refused as a dict key: "choose another name", of someone
+    else's forward)."""
+    net, x = Generator(), torch.randn(2, 3, 5, 5)
+    for inputs in ({"input": (3, 5, 5)}, {"input": tg.Input(shape=(3, 5, 5), name="image")}):
+        model = record(net, inputs)
+        assert model.input_names == ["input_"]
+        torch.testing.assert_close(model(input_=x), net(x), rtol=0, atol=0)
+    positional = record(net, (3, 5, 5))
+    torch.testing.assert_close(positional(x), net(x), rtol=0, atol=0)
+
+
 def test_bad_inputs_are_clear_errors():
     """No inputs, a real tensor, a computed symbolic tensor, a non-module."""
     net = TwoInputs()

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import torchgraph as tg
-from community_models import ARCHITECTURES, tensor_leaves
+from community_models import ARCHITECTURES, input_symbol, tensor_leaves
 from torchgraph import fused, ops
 from torchgraph.passes import bfloat16_supported
 from torchgraph.symbolic import SymbolicTensor
@@ -58,7 +58,7 @@ def _leaves(out) -> list:
 def _record(arch, module: nn.Module) -> tg.Model:
     """``module`` recorded as one call of a tg.Model (sequence length fixed at the arch's)."""
     inputs = [tg.Input(shape=tuple(arch.seq_len if d is None else d for d in spec.shape), dtype=spec.dtype,
-                       name=spec.name) for spec in arch.inputs]
+                       name=input_symbol(spec.name)) for spec in arch.inputs]
     outputs = _leaves(module(*inputs))
     return tg.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0])
 

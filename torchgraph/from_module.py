@@ -445,7 +445,8 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
             without the batch dim (``(3, 224, 224)``, float32, named after the forward argument); or
             a single dict ``{argument name: tg.Input or shape}`` for keyword arguments
             (HuggingFace's ``input_ids``/``attention_mask``); plain values in that dict (``None``,
-            bools, numbers, strings: ``"use_cache": False``) are passed as settings, not inputs.
+            bools, numbers, strings: ``"use_cache": False``) are passed as settings, not inputs. An
+            argument named after a Python builtin (``input``) is the model's input ``input_``.
         leaf_modules: submodules to keep as one layer each: module instances, classes, or module
             paths (``"encoder.layers.0"``).
         name (str): the model's name; default: the module's class name.
@@ -496,7 +497,10 @@ def from_module(module: nn.Module, *inputs, leaf_modules=None, name: str | None 
         raise
     if hasattr(outputs, "to_tuple") and isinstance(outputs, dict):  # transformers' ModelOutput
         outputs = dict(outputs)
-    model_inputs: Any = dict(kwargs) if kwargs else (args[0] if len(args) == 1 else list(args))
+    # A keyword argument named after a Python builtin (torch.nn's and CycleGAN's `forward(self, input)`) cannot be
+    # an argument of the generated forward: the model takes it as `input_` (positional inputs: `input_1`).
+    model_inputs: Any = ({key + "_" if key in ILLEGAL_NAMES else key: value for key, value in kwargs.items()}
+                         if kwargs else (args[0] if len(args) == 1 else list(args)))
     with fixed_paths(plan_paths(plan)), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tg.Model: input .* is not used")
         try:

@@ -10,8 +10,9 @@ their module: ``community_models.vit.Block``, ``community_models.nanogpt.Block``
 (``community_models.shufflenet``): the top-level names are MobileNet's.
 """
 
-from . import (convnext, densenet, efficientnet, encoder, hf, llama_meta, llama_titan, mobilenet, nanogpt, registry,
-               resnet, shufflenet, small, unet, vit)
+from . import (convnext, cyclegan, densenet, efficientnet, encoder, hf, llama_meta, llama_titan, mobilenet, nanogpt,
+               registry, resnet, shufflenet, small, unet, vit)
+from .cyclegan import ResnetBlock, ResnetGenerator, get_norm_layer
 from .densenet import DenseNet, densenet121
 from .efficientnet import EfficientNet, MBConvConfig, efficientnet_b0
 from .encoder import TransformerClassifier
@@ -20,7 +21,7 @@ from .mobilenet import (Conv2dNormActivation, InvertedResidual, InvertedResidual
                         MobileNetV2, MobileNetV3, SqueezeExcitation, _make_divisible, mobilenet_v2,
                         mobilenet_v3_small)
 from .nanogpt import GPT, MLP, CausalSelfAttention, GPTConfig, LayerNorm
-from .registry import ARCHITECTURES, BENCHMARK_ARCHITECTURES, Architecture, InputSpec, tensor_leaves
+from .registry import ARCHITECTURES, BENCHMARK_ARCHITECTURES, Architecture, InputSpec, input_symbol, tensor_leaves
 from .resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3, resnet18, resnet50
 from .shufflenet import ShuffleNetV2, channel_shuffle, shufflenet_v2_x0_5
 from .small import DataDependent, LSTMEncoder, SiameseNetwork, WithDataDependentBlock
@@ -29,10 +30,10 @@ from .vit import Attention, Mlp, PatchEmbed, VisionTransformer, vit_tiny
 
 __all__ = [
     # modules, one per family
-    "convnext", "densenet", "efficientnet", "encoder", "hf", "llama_meta", "llama_titan", "mobilenet", "nanogpt",
+    "convnext", "cyclegan", "densenet", "efficientnet", "encoder", "hf", "llama_meta", "llama_titan", "mobilenet", "nanogpt",
     "registry", "resnet", "shufflenet", "small", "unet", "vit",
     # registry
-    "ARCHITECTURES", "BENCHMARK_ARCHITECTURES", "Architecture", "InputSpec", "tensor_leaves",
+    "ARCHITECTURES", "BENCHMARK_ARCHITECTURES", "Architecture", "InputSpec", "input_symbol", "tensor_leaves",
     # torchvision ResNet
     "conv3x3", "conv1x1", "BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50",
     # torchvision MobileNetV2 / V3
@@ -48,6 +49,8 @@ __all__ = [
     "GPTConfig", "GPT", "LayerNorm", "CausalSelfAttention", "MLP",
     # nn.TransformerEncoder classifier, U-Net, small models
     "TransformerClassifier", "DoubleConv", "Down", "Up", "OutConv", "UNet",
+    # CycleGAN's ResNet generator
+    "ResnetBlock", "ResnetGenerator", "get_norm_layer",
     "LSTMEncoder", "SiameseNetwork", "DataDependent", "WithDataDependentBlock",
     # HuggingFace transformers (imported lazily)
     "HAS_TRANSFORMERS", "tiny_bert", "tiny_gpt2",

@@ -12,13 +12,16 @@ Example:
     True
 """
 
+import builtins
 import dataclasses
+import keyword
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from .convnext import convnext_atto
+from .cyclegan import ResnetGenerator, get_norm_layer
 from .densenet import DenseNet
 from .efficientnet import efficientnet_b0
 from .encoder import TransformerClassifier
@@ -33,10 +36,17 @@ from .small import LSTMEncoder, SiameseNetwork, WithDataDependentBlock
 from .unet import UNet
 from .vit import vit_tiny
 
-__all__ = ["InputSpec", "Architecture", "ARCHITECTURES", "BENCHMARK_ARCHITECTURES", "tensor_leaves"]
+__all__ = ["InputSpec", "Architecture", "ARCHITECTURES", "BENCHMARK_ARCHITECTURES", "input_symbol", "tensor_leaves"]
 
 BATCH = "batch"  # placeholder in Architecture.outputs for the batch size
 SEQ = "seq"  # placeholder in Architecture.outputs for the sequence length
+
+
+def input_symbol(name: str) -> str:
+    """The name to give ``tg.Input`` for the ``forward()`` argument ``name``: ``name`` itself, or ``name + "_"``
+    for a Python builtin (``def forward(self, input)``, as torch.nn and CycleGAN write it): generated code cannot
+    use a builtin as a variable, so tg.Input refuses one."""
+    return name + "_" if keyword.iskeyword(name) or name in dir(builtins) else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +271,11 @@ def _registry(size: str) -> dict[str, Architecture]:
         Architecture("unet", "milesial/Pytorch-UNet unet_parts.py (ConvTranspose2d up)",
                      lambda: UNet(n_channels=3, n_classes=2, base=8 if test else 32),
                      (image,), ((BATCH, 2, side, side),), batch),
+        Architecture("cyclegan_generator", "junyanz pytorch-CycleGAN-and-pix2pix networks.py (ResnetGenerator: "
+                     "ReflectionPad2d, InstanceNorm2d as a functools.partial, ConvTranspose2d, Tanh)",
+                     lambda: ResnetGenerator(3, 3, ngf=8 if test else 32, norm_layer=get_norm_layer("instance"),
+                                             n_blocks=2 if test else 6),
+                     (_image(side, name="input"),), ((BATCH, 3, side, side),), batch),
         Architecture("lstm_encoder", "PyTorch seq2seq tutorial encoder (nn.LSTM batch_first)",
                      lambda: LSTMEncoder(vocab, embed_dim=32 if test else 128, hidden_size=64 if test else 256,
                                          num_outputs=num_classes),
