@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from ..drop_paths import is_drop_path
 from ..layers import ScaledDotProductAttention
-from .aliasing import is_fresh
 from ..value_spec import ValueSpec
+from .aliasing import is_fresh
 from .common import module_of, same_shape, set_spec
 
 __all__ = ["canonicalize"]
