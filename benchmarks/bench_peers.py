@@ -212,6 +212,8 @@ ABLATIONS = {
                       [(passes_layout, "_reads_shape_only", _never)]),
     "instance-norm": ("nn.InstanceNorm2d (input statistics) run as F.group_norm, one channel a group (NOTE: "
                       "[InstanceNorm as GroupNorm])", [(passes_canonical, "_instance_norm_as_group_norm", _never)]),
+    "preactivation-bn": ("conv(relu(bn(x))) as one bias_act pass and the scale folded into the convolutions "
+                         "(NOTE: [Pre-activation BatchNorm])", [(passes, "fold_preactivation_batchnorm", _no_pass)]),
     "attention-size": ("SDPA for attention too small for the oneDNN kernel (NOTE: [Small attention on SDPA]); "
                        "the kernel on every size, as before", [(fused_attention, "ATTENTION_KERNEL_MIN_WORK", 0)]),
 }

@@ -148,6 +148,7 @@ def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: 
     if inference:
         passes.expand_transformer_layers(root, graph)
         passes.fold_batchnorm(root, graph)
+        passes.fold_preactivation_batchnorm(root, graph)
         passes.fold_layer_scale(root, graph)
     passes.write_gelu_as_function(root, graph)  # HuggingFace's spellings (passes/written_layers.py)
     if inference:

@@ -11,7 +11,7 @@ their module: ``community_models.vit.Block``, ``community_models.nanogpt.Block``
 """
 
 from . import (convnext, cyclegan, densenet, efficientnet, encoder, hf, llama_meta, llama_titan, mobilenet, nanogpt,
-               registry, resnet, shufflenet, small, unet, vit)
+               preact_resnet, registry, resnet, shufflenet, small, unet, vit)
 from .cyclegan import ResnetBlock, ResnetGenerator, get_norm_layer
 from .densenet import DenseNet, densenet121
 from .efficientnet import EfficientNet, MBConvConfig, efficientnet_b0
@@ -21,6 +21,7 @@ from .mobilenet import (Conv2dNormActivation, InvertedResidual, InvertedResidual
                         MobileNetV2, MobileNetV3, SqueezeExcitation, _make_divisible, mobilenet_v2,
                         mobilenet_v3_small)
 from .nanogpt import GPT, MLP, CausalSelfAttention, GPTConfig, LayerNorm
+from .preact_resnet import PreActBlock, PreActBottleneck, PreActResNet, preact_resnet18
 from .registry import ARCHITECTURES, BENCHMARK_ARCHITECTURES, Architecture, InputSpec, input_symbol, tensor_leaves
 from .resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3, resnet18, resnet50
 from .shufflenet import ShuffleNetV2, channel_shuffle, shufflenet_v2_x0_5
@@ -31,7 +32,7 @@ from .vit import Attention, Mlp, PatchEmbed, VisionTransformer, vit_tiny
 __all__ = [
     # modules, one per family
     "convnext", "cyclegan", "densenet", "efficientnet", "encoder", "hf", "llama_meta", "llama_titan", "mobilenet", "nanogpt",
-    "registry", "resnet", "shufflenet", "small", "unet", "vit",
+    "preact_resnet", "registry", "resnet", "shufflenet", "small", "unet", "vit",
     # registry
     "ARCHITECTURES", "BENCHMARK_ARCHITECTURES", "Architecture", "InputSpec", "input_symbol", "tensor_leaves",
     # torchvision ResNet
@@ -49,6 +50,8 @@ __all__ = [
     "GPTConfig", "GPT", "LayerNorm", "CausalSelfAttention", "MLP",
     # nn.TransformerEncoder classifier, U-Net, small models
     "TransformerClassifier", "DoubleConv", "Down", "Up", "OutConv", "UNet",
+    # kuangliu's pre-activation ResNet
+    "PreActBlock", "PreActBottleneck", "PreActResNet", "preact_resnet18",
     # CycleGAN's ResNet generator
     "ResnetBlock", "ResnetGenerator", "get_norm_layer",
     "LSTMEncoder", "SiameseNetwork", "DataDependent", "WithDataDependentBlock",

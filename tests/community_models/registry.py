@@ -30,6 +30,7 @@ from .llama_titan import TransformerModelArgs as TitanArgs
 from .hf import HAS_TRANSFORMERS, tiny_bert, tiny_gpt2, tiny_llama
 from .mobilenet import mobilenet_v2, mobilenet_v3_small
 from .nanogpt import GPT, GPTConfig
+from .preact_resnet import preact_resnet18
 from .resnet import resnet18, resnet50
 from .shufflenet import ShuffleNetV2
 from .small import LSTMEncoder, SiameseNetwork, WithDataDependentBlock
@@ -213,6 +214,10 @@ def _registry(size: str) -> dict[str, Architecture]:
         Architecture("resnet50", "torchvision resnet.py (Bottleneck)",
                      lambda: resnet50(num_classes=num_classes, **(dict(width=8) if test else {})),
                      (image,), ((BATCH, num_classes),), batch),
+        Architecture("preact_resnet18", "kuangliu/pytorch-cifar preact_resnet.py (F.relu(self.bn1(x)) before each "
+                     "convolution, shortcut from the pre-activated value, out += shortcut; CIFAR 32x32)",
+                     lambda: preact_resnet18(num_classes=10, width=16 if test else 64),
+                     (_image(32),), ((BATCH, 10),), batch),
         Architecture("mobilenet_v2", "torchvision mobilenetv2.py",
                      lambda: mobilenet_v2(num_classes=num_classes, width_mult=0.25 if test else 1.0),
                      (image,), ((BATCH, num_classes),), batch),

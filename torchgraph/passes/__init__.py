@@ -8,7 +8,7 @@ and returns how many patterns it rewrote. Every node a pass creates carries a ``
 from .aliasing import has_effect, in_place_hazards
 from .attention import fuse_qkv_attention, use_inference_attention
 from .attribute_reads import share_attribute_walks
-from .batchnorm import fold_batchnorm
+from .batchnorm import fold_batchnorm, fold_preactivation_batchnorm
 from .canonical import canonicalize
 from .epilogue import fuse_conv_act, fuse_linear_act
 from .grouped_heads import drop_repeated_kv
@@ -23,7 +23,7 @@ from .transformer import expand_transformer_layers
 from .written_layers import linear_from_addmm, sink_activation_through_view, write_gelu_as_function
 
 __all__ = ["bfloat16_supported", "has_effect", "in_place_hazards", "canonicalize", "compute_in", "drop_repeated_kv",
-           "expand_transformer_layers", "fold_batchnorm", "fold_layer_scale",
+           "expand_transformer_layers", "fold_batchnorm", "fold_layer_scale", "fold_preactivation_batchnorm",
            "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_linear_act", "fuse_qkv_attention",
            "fuse_rms_norm",
            "inline_modules", "keep_layout_local", "linear_from_addmm", "share_attribute_walks",
