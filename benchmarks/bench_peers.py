@@ -169,7 +169,8 @@ ABLATIONS = {
                   "(NOTE: [Convolutions on few pixels])",
                   [(fused_conv, "CONV_GEMM_MAX_ROWS", 0), (fused_conv, "CONV_IM2COL_MAX_ROWS", 0),
                    (fused_conv, "ONEDNN_F32_CONV_GEMM_MAX_ROWS", 0)]),
-    "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise convolutions]); "
+    "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise "
+                  "convolutions]); "
                   "oneDNN's, as before", [(fused_conv, "DEPTHWISE_KERNEL", False)]),
     "conv-plans": ("per-layer plans of the fused convolutions (NOTE: [Per-layer plans]): decide per call",
                    [(fused_conv, "_new_plan", _no_plan)]),
@@ -204,10 +205,11 @@ ABLATIONS = {
     "concat-layout": ("torch.cat reading channels_last values as they are (NOTE: [Channels-last islands])",
                       [(passes_layout, "_PRESERVING_FUNCTIONS", passes_layout._PRESERVING_FUNCTIONS
                         - {torch.cat, torch.concat, torch.concatenate})]),
-    "layout-blind": ("transposed convolutions, upsampling, padding, pooling, GroupNorm... reading channels_last "
-                     "values as they are (NOTE: [Layout-blind ops])",
-                     [(passes_layout, "_LAYOUT_BLIND_FUNCTIONS", set()), (passes_layout, "_LAYOUT_BLIND_METHODS", set()),
-                      (passes_layout, "_LAYOUT_BLIND_MODULES", ())]),
+    "layout-blind": ("transposed convolutions, upsampling, padding, pooling, float32 GroupNorm... reading "
+                     "channels_last values as they are (NOTE: [Layout-blind ops])",
+                     [(passes_layout, "_LAYOUT_BLIND_FUNCTIONS", set()),
+                      (passes_layout, "_LAYOUT_BLIND_METHODS", set()), (passes_layout, "_LAYOUT_BLIND_MODULES", ()),
+                      (passes_layout, "_group_norm_of_groups", _never)]),
     "shape-readers": ("x.size() / x.shape reading channels_last values without a copy (NOTE: [Shape readers])",
                       [(passes_layout, "_reads_shape_only", _never)]),
     "instance-norm": ("nn.InstanceNorm2d (input statistics) run as F.group_norm, one channel a group (NOTE: "

@@ -169,7 +169,7 @@ def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: 
         passes.use_inference_max_pool(root, graph)
         if channels_last:
             passes.fuse_conv_add(root, graph)
-            passes.keep_layout_local(root, graph)
+            passes.keep_layout_local(root, graph, float32=compute_dtype is None)
     if compute_dtype is not None:
         passes.compute_in(root, graph, compute_dtype)
     return _rebuild(root, graph)

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import fused, ops
+from ..value_spec import ValueSpec
 from .aliasing import in_place_hazards
 from .common import module_of, permute_dims, set_spec
 
@@ -52,12 +53,18 @@ def use_inference_max_pool(root: nn.Module, graph: fx.Graph) -> int:
 # equal to NCHW's); several also run far faster on it (2 threads: a 2x2 stride-2 ConvTranspose2d 0.47 against
 # 6.2 ms, bilinear upsampling 0.23 against 4.5 ms, max pooling 0.06 against 1.2 ms), and a copy to NCHW before
 # each cost ~0.2 ms. milesial's UNet spent ~16% of its optimized forward in such copies (ad hoc profile, b8
-# 64x64). Not here: circular padding (answers NCHW, 3x slower), InstanceNorm (answers NCHW, slower) and
-# GroupNorm, whose channels_last kernel is erratic: 1-9x slower than on NCHW in float32 and up to 60x in
-# bfloat16 (8 x 128 x 16 x 16, 128 groups: 4.1 ms against 0.07), so that CycleGAN's generator (instance norms
-# run as group norms: NOTE [InstanceNorm as GroupNorm]) read 0.61x eager in bfloat16 with it here, 1.80x
-# without (float32 1.01x and 1.05x). Ops that can return argmax indices (a tuple) keep the layout only
-# without them (SegNet's `nn.MaxPool2d(2, return_indices=True)`).
+# 64x64). Not here: circular padding (answers NCHW, 3x slower) and InstanceNorm (answers NCHW, slower).
+# GroupNorm's channels_last kernel is erratic: in bfloat16 up to 17x slower than on NCHW with several channels
+# a group (8 x 128 x 16 x 16, 32 groups: 0.95 ms against 0.06) and 60x with one (128 groups: 4.1 ms against
+# 0.07); in float32 with one channel a group 9x (4 x 128 x 16 x 16: 205 against 23 us), so that CycleGAN's
+# generator (instance norms run as group norms: NOTE [InstanceNorm as GroupNorm]) read 0.61x eager in bfloat16
+# with it here, 1.80x without (float32 1.01x and 1.05x). But in float32 with several channels a group it runs
+# at 1-2x its NCHW time, less than the two copies it saves (to NCHW before it, back at the next convolution):
+# a DDPM-style UNet (GroupNorm(8, C) before every convolution; tests/test_layout_blind_ops.py) read 0.98x eager
+# with the copies and 1.34x without (ad hoc, one process). So GroupNorm reads channels_last in float32 where
+# its groups hold several channels (keep_layout_local's `float32`), and the default layout elsewhere. Ops that
+# can return argmax indices (a tuple) keep the layout only without them (SegNet's
+# `nn.MaxPool2d(2, return_indices=True)`).
 _PRESERVING_FUNCTIONS = {ops.add_relu, ops.max_pool2d_inference, operator.add, torch.add, torch.relu,
                          F.relu, ops.bias_act, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
                          torch.sigmoid, torch.tanh, operator.mul, torch.mul, torch.cat, torch.concat,
@@ -84,7 +91,24 @@ def _channels_last_conv(node: fx.Node) -> bool:
         node.kwargs.get("channels_last", False)
 
 
-def _preserves_layout(root: nn.Module, node: fx.Node) -> bool:
+def _group_norm_of_groups(root: nn.Module, node: fx.Node) -> bool:
+    """``nn.GroupNorm`` / ``F.group_norm`` on float32 with several channels a group ([Layout-blind ops])."""
+    if node.op not in ("call_module", "call_function") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    spec = node.args[0].meta.get("tg_spec")
+    if not isinstance(spec, ValueSpec) or spec.dtype != torch.float32 or len(spec.shape) != 4:
+        return False
+    if node.op == "call_module":
+        norm = module_of(root, node)
+        return isinstance(norm, nn.GroupNorm) and norm.num_groups < norm.num_channels
+    groups = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
+    return node.target is F.group_norm and isinstance(groups, int) and isinstance(spec.shape[1], int) \
+        and groups < spec.shape[1]
+
+
+def _preserves_layout(root: nn.Module, node: fx.Node, float32: bool = False) -> bool:
+    if float32 and _group_norm_of_groups(root, node):
+        return True
     if node.op == "call_function":
         if node.target in _PRESERVING_FUNCTIONS or _channels_last_conv(node):
             return True
@@ -133,12 +157,12 @@ def _global_pool(root: nn.Module, node: fx.Node) -> bool:
     return isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1), [1, 1])
 
 
-def _channels_last_values(root: nn.Module, graph: fx.Graph) -> set[fx.Node]:
+def _channels_last_values(root: nn.Module, graph: fx.Graph, float32: bool) -> set[fx.Node]:
     channels_last: set[fx.Node] = set()
     for node in graph.nodes:
         if _channels_last_conv(node):
             channels_last.add(node)
-        elif _preserves_layout(root, node) and not _global_pool(root, node) \
+        elif _preserves_layout(root, node, float32) and not _global_pool(root, node) \
                 and any(a in channels_last for a in node.all_input_nodes):
             channels_last.add(node)  # a global pool's (N, C, 1, 1) answer is contiguous in either layout
     return channels_last
@@ -213,15 +237,16 @@ def _swaps_last_two(node: fx.Node) -> bool:
     return {node.args[1], node.args[2]} in ({1, 2}, {-2, -1}, {1, -1}, {-2, 2})
 
 
-def keep_layout_local(root: nn.Module, graph: fx.Graph) -> int:
+def keep_layout_local(root: nn.Module, graph: fx.Graph, float32: bool = True) -> int:
     """Insert ``.contiguous()`` between channels_last producers and consumers that may need the
-    default layout. Returns how many were inserted."""
-    channels_last = _channels_last_values(root, graph)
+    default layout. ``float32``: the model computes in float32 (GroupNorm reads channels_last there:
+    NOTE [Layout-blind ops]). Returns how many were inserted."""
+    channels_last = _channels_last_values(root, graph, float32)
     if _answer_contiguous_where_changed(root, graph, channels_last):
-        channels_last = _channels_last_values(root, graph)
+        channels_last = _channels_last_values(root, graph, float32)
     count = 0
     for node in list(channels_last):
-        outside = [u for u in node.users if not (_preserves_layout(root, u) or _global_pool(root, u)
+        outside = [u for u in node.users if not (_preserves_layout(root, u, float32) or _global_pool(root, u)
                                                  or _nhwc_permute(u) or _flatten_to_tokens(u)
                                                  or _reads_shape_only(u, node))]
         if not outside:
