@@ -146,7 +146,8 @@ def test_untraceable_submodule_stays_opaque():
     randomize_batchnorm(net)
     fast = _parity(_wrap(net, (3, 8, 8)), net, torch.randn(2, 3, 8, 8))
     assert any(isinstance(m, DataDependent) for m in _called_modules(fast))
-    assert fused.conv2d_act in _targets(fast)
+    # a lone convolution (NCHW in, read by a layer that needs NCHW) runs as F.conv2d (NOTE: [Lone convolutions])
+    assert F.conv2d in _targets(fast) and fused.conv2d_act not in _targets(fast)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in _called_modules(fast))
 
 
@@ -159,7 +160,7 @@ def test_nested_tg_model_is_inlined():
     outer = tg.Model(y, nn.Flatten()(inner(y)))
     fast = _parity(outer, outer, torch.randn(2, 3, 8, 8))
     assert not any(isinstance(m, (tg.Model, nn.BatchNorm2d)) for m in _called_modules(fast))
-    assert fused.conv2d_act in _targets(fast)
+    assert F.conv2d in _targets(fast)  # its BatchNorm folded; a lone convolution (NOTE: [Lone convolutions])
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

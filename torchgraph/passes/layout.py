@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import fused, ops
+from ..fused._common import _ACTIVATION_FNS
 from ..value_spec import ValueSpec
 from .aliasing import in_place_hazards
 from .common import module_of, permute_dims, set_spec
@@ -237,12 +239,101 @@ def _swaps_last_two(node: fx.Node) -> bool:
     return {node.args[1], node.args[2]} in ({1, 2}, {-2, -1}, {1, -1}, {-2, 2})
 
 
+# NOTE: [Lone convolutions] A channels_last convolution pays off inside a stack. One whose input is in the default
+# layout (the model's input, a norm that read NCHW) and whose value is read only in the default layout (by an
+# InstanceNorm, a view, the output), directly or through elementwise ops, pays a copy into channels_last and one
+# out, for nothing: 4 x C x H x W, 2 threads, C 32-128 on 16-32 px maps, conv2d_act with both copies took
+# 1.2-1.6x eager F.conv2d's time (413 against 262 us for 32 -> 32 channels at 32x32; conv2d_act without
+# channels_last, packed weights on NCHW, 353). Fast neural style and CycleGAN's generator are made of such
+# convolutions, between instance norms. So in float32 such an island of lone convolutions (ungrouped: the
+# depthwise kernel needs channels_last) and elementwise ops runs as written: F.conv2d and its activation, on NCHW.
+# Not 1x1 convolutions or small maps, which run as one GEMM (NOTE [Convolutions on few pixels] in fused/conv.py):
+# ShuffleNetV2's last 1x1 convolution, lone after its channel shuffle's view, took its model from 2.07x eager to
+# 1.85-1.90x on F.conv2d (ad hoc A/B, two processes).
+_ELEMENTWISE_FUNCTIONS = {ops.add_relu, ops.bias_act, operator.add, torch.add, torch.relu, F.relu, F.relu6,
+                          F.hardswish, F.hardsigmoid, F.silu, F.gelu, torch.sigmoid, torch.tanh, operator.mul,
+                          torch.mul}
+_ELEMENTWISE_METHODS = {"add", "relu", "mul", "sigmoid"}
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.SiLU, nn.GELU, nn.Identity)
+
+
+def _islands(channels_last: set[fx.Node]) -> list[set[fx.Node]]:
+    """The channels_last values grouped by the channels_last values they read (connected components)."""
+    parent = {node: node for node in channels_last}
+
+    def find(node):
+        while parent[node] is not node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for node in channels_last:
+        for arg in node.all_input_nodes:
+            if arg in channels_last:
+                parent[find(arg)] = find(node)
+    groups: dict[fx.Node, set[fx.Node]] = {}
+    for node in channels_last:
+        groups.setdefault(find(node), set()).add(node)
+    return list(groups.values())
+
+
+def _lone(root: nn.Module, island: set[fx.Node]) -> bool:
+    """Convolutions that read no channels_last value, elementwise ops, and readers that need the default layout
+    ([Lone convolutions])."""
+    for node in island:
+        if _channels_last_conv(node):
+            if node.target is not fused.conv2d_act or len(node.args) != 8 or node.args[6] != 1 \
+                    or node.args[0] in island or not _spatial(root, node):
+                return False
+        elif not ((node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS)
+                  or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
+                  or (node.op == "call_module" and isinstance(module_of(root, node), _ELEMENTWISE_MODULES))):
+            return False
+        if any(_nhwc_permute(u) or _flatten_to_tokens(u) for u in node.users if u not in island):
+            return False  # readers that take channels_last as it is
+    return True
+
+
+def _spatial(root: nn.Module, conv: fx.Node) -> bool:
+    """A convolution with a filter wider than 1 whose output is wider than the GEMM path takes ([Lone
+    convolutions]: 1x1 convolutions and small maps run as one GEMM, faster than F.conv2d)."""
+    weight, spec = conv.args[1], conv.meta.get("tg_spec")
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not isinstance(spec, ValueSpec) \
+            or len(spec.shape) != 4 or not isinstance(spec.shape[-1], int):
+        return False
+    tensor = functools.reduce(getattr, weight.target.split("."), root)
+    return tensor.dim() == 4 and tensor.shape[-1] > 1 and spec.shape[-1] > fused.conv.CONV_IM2COL_MAX_WIDTH
+
+
+def _run_lone_convolutions_as_written(root: nn.Module, graph: fx.Graph, channels_last: set[fx.Node]) -> set:
+    """``conv2d_act(..., channels_last=True)`` -> ``F.conv2d`` and its activation in islands of lone convolutions
+    ([Lone convolutions]); returns the values no longer channels_last."""
+    written = set()
+    for island in _islands(channels_last):
+        if not _lone(root, island):
+            continue
+        for node in [n for n in island if _channels_last_conv(n)]:
+            x, weight, bias, stride, padding, dilation, groups, act = node.args
+            with graph.inserting_before(node):
+                y = graph.call_function(F.conv2d, (x, weight, bias, stride, padding, dilation, groups))
+                set_spec(y, node.meta.get("tg_spec"))
+                if act != "none":
+                    y = set_spec(graph.call_function(_ACTIVATION_FNS[act], (y,)), node.meta.get("tg_spec"))
+            node.replace_all_uses_with(y)
+            graph.erase_node(node)
+        written |= island
+    return written
+
+
 def keep_layout_local(root: nn.Module, graph: fx.Graph, float32: bool = True) -> int:
     """Insert ``.contiguous()`` between channels_last producers and consumers that may need the
     default layout. ``float32``: the model computes in float32 (GroupNorm reads channels_last there:
-    NOTE [Layout-blind ops]). Returns how many were inserted."""
+    NOTE [Layout-blind ops]; lone convolutions run on NCHW: NOTE [Lone convolutions]). Returns how many
+    were inserted."""
     channels_last = _channels_last_values(root, graph, float32)
     if _answer_contiguous_where_changed(root, graph, channels_last):
+        channels_last = _channels_last_values(root, graph, float32)
+    if float32 and _run_lone_convolutions_as_written(root, graph, channels_last):
         channels_last = _channels_last_values(root, graph, float32)
     count = 0
     for node in list(channels_last):

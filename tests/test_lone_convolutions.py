@@ -1,0 +1,88 @@
+"""A convolution that reads and is read in the default layout only (between instance norms: fast neural style,
+CycleGAN) runs as written, ``F.conv2d`` on NCHW, in float32 (passes/layout.py, NOTE: [Lone convolutions]);
+convolutions in a stack, 1x1 ones and those read by channels_last readers keep channels_last."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchgraph as tg
+from torchgraph import fused
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class StyleBlock(nn.Module):
+    """fast neural style's ConvLayer + InstanceNorm2d(affine=True) + ReLU, twice, with reflection padding."""
+
+    def __init__(self, kernel_size=3):
+        super().__init__()
+        self.pad = nn.ReflectionPad2d(kernel_size // 2)
+        self.conv1, self.in1 = nn.Conv2d(3, 8, kernel_size), nn.InstanceNorm2d(8, affine=True)
+        self.conv2, self.in2 = nn.Conv2d(8, 8, kernel_size), nn.InstanceNorm2d(8, affine=True)
+
+    def forward(self, x):
+        y = F.relu(self.in1(self.conv1(self.pad(x))))
+        return F.relu(self.in2(self.conv2(self.pad(y))))
+
+
+def _optimized(net, shape, **kwargs):
+    x = tg.Input(shape=shape)
+    return tg.optimize(tg.Model(x, net.eval()(x)), **kwargs)
+
+
+def _kinds(model) -> tuple[int, int, int]:
+    """(F.conv2d calls, channels_last conv2d_act calls, copies)."""
+    nodes = list(model.graph.nodes)
+    return (sum(n.target is F.conv2d for n in nodes),
+            sum(n.target is fused.conv2d_act and n.kwargs.get("channels_last", False) for n in nodes),
+            sum(n.target == "contiguous" for n in nodes))
+
+
+def test_convolutions_between_instance_norms_run_on_nchw():
+    net = StyleBlock()
+    fast = _optimized(net, (3, 12, 12))
+    assert _kinds(fast) == (2, 0, 0)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_1x1_and_small_maps_keep_channels_last():
+    """In bfloat16, for 1x1 filters and for maps no wider than the GEMM path's (4), the convolutions stay
+    channels_last conv2d_act calls, copied out before the norm."""
+    assert _kinds(_optimized(StyleBlock(), (3, 12, 12), dtype=torch.bfloat16))[:2] == (0, 2)
+    assert _kinds(_optimized(StyleBlock(kernel_size=1), (3, 12, 12)))[:2] == (0, 2)
+    assert _kinds(_optimized(StyleBlock(), (3, 4, 4)))[:2] == (0, 2)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8)
+
+    def forward(self, x):
+        return self.norm(self.b(F.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("net, expected", [(PatchEmbed(), (0, 1, 0)), (Stack(), (0, 2, 1))],
+                         ids=["read as tokens", "a stack of two"])
+def test_convolutions_that_gain_from_channels_last_keep_it(net, expected):
+    fast = _optimized(net, (3, 8, 8))
+    assert _kinds(fast) == expected
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-5)
