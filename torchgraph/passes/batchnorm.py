@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..value_spec import ValueSpec
-from .common import call_count, module_of, single_user
+from .common import call_count, module_of, set_spec, single_user
 
 __all__ = ["fold_batchnorm", "fold_preactivation_batchnorm"]
 
@@ -92,7 +92,8 @@ _PREACTIVATION_RELUS = (F.relu, torch.relu)
 
 
 def _preactivation(root: nn.Module, graph: fx.Graph, node: fx.Node):
-    """``(relu node, [conv nodes])`` where ``node`` is a BatchNorm2d whose scales fold past its ReLU, else None."""
+    """``(relu node, [conv nodes], scale, shift)`` where ``node`` is a BatchNorm2d whose scales fold past its ReLU,
+    else None."""
     bn = module_of(root, node)
     spec = node.meta.get("tg_spec")
     if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or bn.running_var is None or len(node.args) != 1 \
@@ -109,9 +110,10 @@ def _preactivation(root: nn.Module, graph: fx.Graph, node: fx.Node):
         if type(layer) is not nn.Conv2d or conv.args != (relu,) or conv.kwargs or layer.groups != 1 \
                 or layer.in_channels != bn.num_features or call_count(graph, conv.target) != 1:
             return None
-    if not convs or not bool((_scale_shift(bn)[0] > 0).all()):
+    scale, shift = _scale_shift(bn)
+    if not convs or not bool((scale > 0).all()):
         return None
-    return relu, convs
+    return relu, convs, scale, shift
 
 
 @torch.no_grad()
@@ -123,9 +125,8 @@ def fold_preactivation_batchnorm(root: nn.Module, graph: fx.Graph) -> int:
         found = _preactivation(root, graph, node) if node.op == "call_module" else None
         if found is None:
             continue
-        relu, convs = found
+        relu, convs, scale, shift = found
         bn = module_of(root, node)
-        scale, shift = _scale_shift(bn)
         for conv in convs:
             layer = module_of(root, conv)
             # a new Parameter: tg.optimize's copy shares the original's convolution weights until replaced
@@ -135,7 +136,7 @@ def fold_preactivation_batchnorm(root: nn.Module, graph: fx.Graph) -> int:
         with graph.inserting_before(relu):
             offset = graph.get_attr(f"{node.target}.relu_shift")
             fused = graph.call_function(ops.bias_act, (node.args[0], offset, "relu", 1))
-        fused.meta["tg_spec"] = relu.meta.get("tg_spec", node.meta.get("tg_spec"))
+        set_spec(fused, relu.meta.get("tg_spec", node.meta.get("tg_spec")))
         relu.replace_all_uses_with(fused)
         graph.erase_node(relu)
         graph.erase_node(node)

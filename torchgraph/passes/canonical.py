@@ -28,7 +28,7 @@ from ..drop_paths import is_drop_path
 from ..layers import ScaledDotProductAttention
 from ..value_spec import ValueSpec
 from .aliasing import is_fresh
-from .common import module_of, same_shape, set_spec
+from .common import attr_node, module_of, same_shape, set_spec
 
 __all__ = ["canonicalize"]
 
@@ -162,8 +162,7 @@ def _instance_norm_as_group_norm(graph: fx.Graph, node: fx.Node, module: nn.Modu
             or len(spec.shape) != 4 or not isinstance(spec.shape[1], int):
         return False
     with graph.inserting_before(node):
-        weight, bias = (graph.get_attr(f"{node.target}.{name}") if module.affine else None
-                        for name in ("weight", "bias"))
+        weight, bias = (attr_node(graph, node.target, name, getattr(module, name)) for name in ("weight", "bias"))
     _replace(graph, node, F.group_norm, (node.args[0], spec.shape[1], weight, bias, module.eps), {})
     return True
 

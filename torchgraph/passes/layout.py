@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import operator
 
 import torch
@@ -14,7 +13,7 @@ from .. import fused, ops
 from ..fused._common import _ACTIVATION_FNS
 from ..value_spec import ValueSpec
 from .aliasing import in_place_hazards
-from .common import module_of, permute_dims, set_spec
+from .common import module_of, parameter_of, permute_dims, set_spec
 
 __all__ = ["keep_layout_local", "use_inference_max_pool"]
 
@@ -67,12 +66,16 @@ def use_inference_max_pool(root: nn.Module, graph: fx.Graph) -> int:
 # its groups hold several channels (keep_layout_local's `float32`), and the default layout elsewhere. Ops that
 # can return argmax indices (a tuple) keep the layout only without them (SegNet's
 # `nn.MaxPool2d(2, return_indices=True)`).
-_PRESERVING_FUNCTIONS = {ops.add_relu, ops.max_pool2d_inference, operator.add, torch.add, torch.relu,
-                         F.relu, ops.bias_act, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
-                         torch.sigmoid, torch.tanh, operator.mul, torch.mul, torch.cat, torch.concat,
-                         torch.concatenate}
-_PRESERVING_METHODS = {"add", "relu", "contiguous", "mul", "sigmoid"}
-_PRESERVING_MODULES = (nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.SiLU, nn.GELU, nn.Identity)
+# The elementwise ones (also what an island of lone convolutions may hold: NOTE [Lone convolutions]), then
+# pooling, BatchNorm and concatenation.
+_ELEMENTWISE_FUNCTIONS = {ops.add_relu, ops.bias_act, operator.add, torch.add, torch.relu, F.relu, F.relu6,
+                          F.hardswish, F.hardsigmoid, F.silu, F.gelu, torch.sigmoid, torch.tanh, operator.mul,
+                          torch.mul}
+_ELEMENTWISE_METHODS = {"add", "relu", "mul", "sigmoid"}
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.SiLU, nn.GELU, nn.Identity)
+_PRESERVING_FUNCTIONS = _ELEMENTWISE_FUNCTIONS | {ops.max_pool2d_inference, torch.cat, torch.concat, torch.concatenate}
+_PRESERVING_METHODS = _ELEMENTWISE_METHODS | {"contiguous"}
+_PRESERVING_MODULES = _ELEMENTWISE_MODULES + (nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d)
 # [Layout-blind ops]
 _LAYOUT_BLIND_FUNCTIONS = {operator.sub, operator.truediv, operator.neg, torch.sub, torch.div, torch.neg, torch.abs,
                            torch.clamp, F.leaky_relu, F.hardtanh, F.elu, F.mish, F.softplus, F.dropout, F.dropout2d,
@@ -250,11 +253,6 @@ def _swaps_last_two(node: fx.Node) -> bool:
 # Not 1x1 convolutions or small maps, which run as one GEMM (NOTE [Convolutions on few pixels] in fused/conv.py):
 # ShuffleNetV2's last 1x1 convolution, lone after its channel shuffle's view, took its model from 2.07x eager to
 # 1.85-1.90x on F.conv2d (ad hoc A/B, two processes).
-_ELEMENTWISE_FUNCTIONS = {ops.add_relu, ops.bias_act, operator.add, torch.add, torch.relu, F.relu, F.relu6,
-                          F.hardswish, F.hardsigmoid, F.silu, F.gelu, torch.sigmoid, torch.tanh, operator.mul,
-                          torch.mul}
-_ELEMENTWISE_METHODS = {"add", "relu", "mul", "sigmoid"}
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.SiLU, nn.GELU, nn.Identity)
 
 
 def _islands(channels_last: set[fx.Node]) -> list[set[fx.Node]]:
@@ -297,12 +295,10 @@ def _lone(root: nn.Module, island: set[fx.Node]) -> bool:
 def _spatial(root: nn.Module, conv: fx.Node) -> bool:
     """A convolution with a filter wider than 1 whose output is wider than the GEMM path takes ([Lone
     convolutions]: 1x1 convolutions and small maps run as one GEMM, faster than F.conv2d)."""
-    weight, spec = conv.args[1], conv.meta.get("tg_spec")
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not isinstance(spec, ValueSpec) \
-            or len(spec.shape) != 4 or not isinstance(spec.shape[-1], int):
+    weight, spec = parameter_of(root, conv.args[1]), conv.meta.get("tg_spec")
+    if weight is None or not isinstance(spec, ValueSpec) or len(spec.shape) != 4 or not isinstance(spec.shape[-1], int):
         return False
-    tensor = functools.reduce(getattr, weight.target.split("."), root)
-    return tensor.dim() == 4 and tensor.shape[-1] > 1 and spec.shape[-1] > fused.conv.CONV_IM2COL_MAX_WIDTH
+    return weight.dim() == 4 and weight.shape[-1] > 1 and spec.shape[-1] > fused.conv.CONV_IM2COL_MAX_WIDTH
 
 
 def _run_lone_convolutions_as_written(root: nn.Module, graph: fx.Graph, channels_last: set[fx.Node]) -> set:
