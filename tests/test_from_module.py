@@ -598,7 +598,7 @@ def test_from_module_doc_blocks_run_on_their_own(tmp_path, monkeypatch, capsys):
     text = page.read_text()
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 9
+    assert len(blocks) == 10
     for i, block in enumerate(blocks):
         if "transformers" in block:
             pytest.importorskip("transformers")
