@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchgraph as tg
+from torchgraph import passes
 from community_models import ARCHITECTURES, UNet
 
 
@@ -232,4 +233,5 @@ def test_group_norms_of_several_channels_read_channels_last_in_float32(dtype):
     tol = 1e-5 if dtype is None else 5e-2
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
     assert out.stride() == expected.stride()
-    assert (_copies(fast) == []) is (dtype is None)
+    computes_float32 = dtype is None or not passes.bfloat16_supported()[0]  # else tg.optimize falls back
+    assert (_copies(fast) == []) is computes_float32

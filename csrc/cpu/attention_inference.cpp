@@ -14,7 +14,8 @@
 // one batched matmul in float32, plus the mask (boolean: False drops the key;
 // float: added), then an exact softmax per row (every key masked: zeros, as
 // SDPA gives), then O = P V as a second batched matmul, rounded once to the
-// output's dtype.
+// output's dtype. Where oneDNN's matmul does not run (AVX2-only CPUs: NOTE: [oneDNN matmul
+// needs AVX-512] in onednn_matmul.h) the two products run on BLAS (at::bmm), with the same values.
 //
 // bfloat16 inputs compute in float32 too (converted while they are copied into
 // [B * H, ...] buffers): rounding P to bfloat16 for a bfloat16 P V, as SDPA's
@@ -123,7 +124,6 @@ at::Tensor additive_mask(const at::Tensor& mask, at::IntArrayRef scores_shape) {
   return m;
 }
 
-#if AT_MKLDNN_ENABLED()
 // NOTE: [Grouped heads] With grouped-query attention (LLaMA 2 70B, LLaMA 3, Mistral, Qwen2: H query heads on Hk
 // key/value heads, query head h reading key/value head h / (H / Hk)), eager code repeats k and v to H heads
 // (`repeat_kv`, or SDPA's enable_gqa does). Here the query buffer [B * H, T, D] is contiguous with the
@@ -142,7 +142,7 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                                      {direct ? 0 : bh * T_ * Dv, at::kFloat}}));
   const at::Tensor qf = batched(q, ws).view({bhk, G * T_, D}), kf = batched(k, ws), vf = batched(v, ws);
   const at::Tensor scores = ws.take({bhk, G * T_, S}, at::kFloat);
-  at::native::mkldnn_matmul(qf, kf.transpose(1, 2), scores, 0.f, scale);
+  batched_matmul(qf, kf.transpose(1, 2), scores, scale);
 
   const std::optional<at::Tensor> added =
       mask.has_value() ? std::optional<at::Tensor>(additive_mask(*mask, {B, H, T_, S})) : std::nullopt;
@@ -162,11 +162,10 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     }
   });
   const at::Tensor merged = direct ? out.view({bhk, G * T_, Dv}) : ws.take({bhk, G * T_, Dv}, at::kFloat);
-  at::native::mkldnn_matmul(scores, vf, merged, 0.f, 1.f);
+  batched_matmul(scores, vf, merged, 1.f);
   if (!direct) out.copy_(merged.view({B, H, T_, Dv}));
   return out;
 }
-#endif
 
 }  // namespace
 
@@ -174,14 +173,8 @@ at::Tensor attention_inference_cpu(const at::Tensor& query, const at::Tensor& ke
                                    const std::optional<at::Tensor>& attn_mask, bool is_causal,
                                    std::optional<double> scale, bool enable_gqa) {
   check_attention_inference(query, key, value, attn_mask, is_causal, enable_gqa);
-  TORCH_CHECK(onednn_available(), "attention_inference: this torch has no oneDNN matmul (built without "
-              "oneDNN); call F.scaled_dot_product_attention instead");
-#if AT_MKLDNN_ENABLED()
   const float s = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(double(query.size(3))));
   return forward(query, key, value, attn_mask, is_causal, s);
-#else
-  TORCH_CHECK(false, "attention_inference: torch was built without oneDNN");
-#endif
 }
 
 TORCH_LIBRARY_IMPL(torchgraph, CPU, m) {

@@ -4,7 +4,9 @@
 #pragma once
 
 #include <ATen/Config.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 
@@ -29,13 +31,44 @@ TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tenso
 
 namespace torchgraph::cpu {
 
-// Whether this torch exports ATen's oneDNN matmul.
+// NOTE: [oneDNN matmul needs AVX-512] ATen's mkldnn_matmul refuses to run, float32 included, on a CPU
+// without AVX-512 (BW, VL, DQ), AVX-NE-CONVERT or Arm's bf16 (torch 2.13: "mkldnn_matmul bf16 path needs the
+// cpu support ..."): an AVX2-only AMD EPYC (Zen 3) raised that from every attention kernel call, where the
+// Zen 5 and Intel machines these kernels were written on ran them. Whether it runs is a property of the CPU
+// and of the torch build, so it is probed once, with a 1 x 1 product, rather than re-derived from flags.
+
+// Whether this torch exports ATen's oneDNN matmul and it runs on this CPU.
 inline bool onednn_available() {
 #if AT_MKLDNN_ENABLED()
-  return &at::native::mkldnn_matmul != nullptr;
+  static const bool runs = [] {
+    if (&at::native::mkldnn_matmul == nullptr) return false;
+    try {
+      const at::Tensor one = at::ones({1, 1, 1});
+      at::native::mkldnn_matmul(one, one, at::empty({1, 1, 1}), 0.f, 1.f);
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return runs;
 #else
   return false;
 #endif
+}
+
+// result = alpha * mat1 @ mat2 for 3-D float tensors (result of the product's shape, not aliasing the
+// inputs): oneDNN's matmul where it runs, BLAS (at::bmm) elsewhere (NOTE: [oneDNN matmul needs AVX-512]).
+inline void batched_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result,
+                           float alpha) {
+#if AT_MKLDNN_ENABLED()
+  if (onednn_available()) {
+    at::native::mkldnn_matmul(mat1, mat2, result, 0.f, alpha);
+    return;
+  }
+#endif
+  at::Tensor out = result;  // bmm_out writes through the handle; result's storage is the caller's buffer
+  at::bmm_out(out, mat1, mat2);
+  if (alpha != 1.f) out.mul_(alpha);
 }
 
 // NOTE: [Attention workspace] The attention kernels' intermediates (heads

@@ -36,10 +36,13 @@ ONEDNN_ACTIVATIONS = {
 _ACTIVATION_FNS = {**ACTIVATION_FNS, "hardsigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# ATen's oneDNN matmul (the attention kernels' products) refuses to run, float32 included, on CPUs
+# without AVX-512 BW/VL/DQ, AVX-NE-CONVERT or Arm's bf16: the condition torch's bf16 check reads
+# (NOTE: [oneDNN matmul needs AVX-512] in csrc/cpu/onednn_matmul.h). Convolutions and linears run there.
+_ONEDNN_MATMUL_RUNS = _HAS_ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 # bfloat16 runs on oneDNN only where the CPU has bf16 instructions (AVX512-BF16 / AMX); elsewhere
 # oneDNN emulates it slowly (tg.optimize(dtype=torch.bfloat16) then falls back to float32).
-_ONEDNN_DTYPES = frozenset({torch.float32} | ({torch.bfloat16} if _HAS_ONEDNN and
-                                                 torch.ops.mkldnn._is_mkldnn_bf16_supported() else set()))
+_ONEDNN_DTYPES = frozenset({torch.float32} | ({torch.bfloat16} if _ONEDNN_MATMUL_RUNS else set()))
 
 
 def use_onednn(x, *params, training: bool = False) -> bool:

@@ -10,7 +10,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from .. import ops
-from ._common import _HAS_ONEDNN, _ONEDNN_DTYPES
+from ._common import _ONEDNN_DTYPES, _ONEDNN_MATMUL_RUNS
 from .cpu_profile import MKL_GEMMS_FAST
 
 __all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "ATTENTION_KERNEL_MIN_WORK",
@@ -22,8 +22,9 @@ __all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "ATT
 QKV_ATTENTION_MAX_SEQ = 512
 
 # Whether the kernel's float32 forward runs its products on oneDNN (NOTE: [Attention GEMMs on oneDNN]
-# in csrc/cpu/qkv_attention.cpp): where MKL's GEMMs are slow, as the linears (cpu_profile.py).
-_ONEDNN_ATTENTION = _HAS_ONEDNN and not MKL_GEMMS_FAST
+# in csrc/cpu/qkv_attention.cpp): where MKL's GEMMs are slow, as the linears (cpu_profile.py), and oneDNN's
+# matmul runs (not on AVX2-only CPUs: NOTE: [oneDNN matmul needs AVX-512] in csrc/cpu/onednn_matmul.h).
+_ONEDNN_ATTENTION = _ONEDNN_MATMUL_RUNS and not MKL_GEMMS_FAST
 
 
 # NOTE: [Small attention on SDPA] With its products on oneDNN the kernel costs ~60 us a call whatever the

@@ -93,7 +93,8 @@ def attention_inference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     output layout] in csrc/cpu/attention_inference.cpp). bfloat16 computes the scores and softmax in
     float32 and ``P @ V`` in bfloat16 with float32 accumulation. No backward: use
     ``F.scaled_dot_product_attention`` where gradients are needed
-    (:func:`torchgraph.fused.scaled_dot_product_attention` picks for you). Other devices run SDPA.
+    (:func:`torchgraph.fused.scaled_dot_product_attention` picks for you). Other devices run SDPA. On CPUs
+    where oneDNN's matmul does not run (AVX2 only), the products run on BLAS, with the same values.
 
     Example:
         >>> import torch.nn.functional as F
