@@ -216,6 +216,9 @@ ABLATIONS = {
                       "[InstanceNorm as GroupNorm])", [(passes_canonical, "_instance_norm_as_group_norm", _never)]),
     "preactivation-bn": ("conv(relu(bn(x))) as one bias_act pass and the scale folded into the convolutions "
                          "(NOTE: [Pre-activation BatchNorm])", [(passes, "fold_preactivation_batchnorm", _no_pass)]),
+    "lone-convs": ("in float32, convolutions that read and are read only in NCHW run as F.conv2d (NOTE: [Lone "
+                   "convolutions]); channels_last conv2d_act with copies in and out, as before",
+                   [(passes_layout, "_run_lone_convolutions_as_written", _no_pass)]),
     "attention-size": ("SDPA for attention too small for the oneDNN kernel (NOTE: [Small attention on SDPA]); "
                        "the kernel on every size, as before", [(fused_attention, "ATTENTION_KERNEL_MIN_WORK", 0)]),
 }

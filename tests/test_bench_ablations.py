@@ -233,3 +233,23 @@ def test_tokens_and_concat_ablations_copy_before_the_flatten_and_the_concatenati
         with torch.inference_mode():
             expected = net(data)
             torch.testing.assert_close(ablated(data), expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+
+
+def test_lone_convs_ablation_keeps_them_channels_last():
+    """``-lone-convs``: the convolutions between instance norms (fast neural style's blocks) stay channels_last
+    ``conv2d_act`` calls with copies around them, as before NOTE: [Lone convolutions]; the full model runs them
+    as ``F.conv2d``. Values are eager's either way."""
+    from test_lone_convolutions import StyleBlock, _kinds
+
+    torch.manual_seed(0)
+    net = StyleBlock().eval()
+    x_sym = tg.Input(shape=(3, 12, 12))
+    graph_model = tg.Model(x_sym, net(x_sym)).eval()
+    fns, _ = bench_peers._ablated_variants(graph_model, ["lone-convs"])
+    ablated = fns["tg.optimize -lone-convs"]
+    assert _kinds(tg.optimize(graph_model))[:2] == (2, 0)
+    assert _kinds(ablated.fn)[:2] == (0, 2)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.inference_mode():
+        torch.testing.assert_close(ablated(x), net(x), rtol=1e-5, atol=1e-5)
+    assert passes.layout._run_lone_convolutions_as_written is not bench_peers._no_pass  # restored
