@@ -27,7 +27,11 @@ With ``--small`` it times the small linears of NOTE: [Small linears] in ``torchg
 fused ``_linear_pointwise`` with the ReLU in its epilogue, and prints oneDNN time / F.linear time
 beside the multiply-adds per call (rows x in x out; ``ONEDNN_LINEAR_MIN_MACS`` is the cut).
 
-Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference [--bf16] [--vit] | --small]
+With ``--epilogues`` it times each activation in oneDNN's epilogue against oneDNN with no post-op and ATen's
+activation in place after it, for a linear and a convolution (NOTE: [Activations after oneDNN on AVX2] in
+``torchgraph/fused/_common.py``), and prints after / fused (below 1: running it after is faster).
+
+Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference [--bf16] [--vit] | --small | --epilogues]
        [--cpu-time]
 """
 
@@ -105,6 +109,52 @@ def inference_main(reps: int, dtype, shapes: dict = INFERENCE_SHAPES, rows: int 
         print(f"{layer:<6} " + " ".join(f"{statistics.median(samples[n]) * 1e3:16.3f}" for n in names))
 
 
+def epilogue_main(reps: int) -> None:
+    """Each activation in oneDNN's epilogue against oneDNN with none and ATen's activation in place after it,
+    on the GPT block's fc1 (1024 x 256 -> 1024) and a 3x3 64 -> 64 channels_last convolution at 8 x 32 x 32
+    (NOTE: [Activations after oneDNN on AVX2] in torchgraph/fused/_common.py)."""
+    from torchgraph.fused._common import _IN_PLACE_FNS, ONEDNN_ACTIVATIONS
+    from torchgraph.fused.weights import _packed_weight
+
+    x, w, b = torch.randn(ROWS, 256), torch.randn(1024, 256) * 256 ** -0.5, torch.randn(1024)
+    reordered = torch.ops.mkldnn._reorder_linear_weight(w)
+    image = torch.randn(8, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    filters, conv_bias = torch.randn(64, 64, 3, 3) * 0.05, torch.randn(64)
+    packed = _packed_weight(filters, [1, 1], [1, 1], [1, 1], 1, image.shape)
+    linear, conv = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._convolution_pointwise
+    cases = {}
+    for act, post_op in ONEDNN_ACTIVATIONS.items():
+        if act == "none":
+            continue
+        after = _IN_PLACE_FNS[act]
+        cases[act] = {
+            "linear fused": lambda post_op=post_op: linear(x, reordered, b, *post_op),
+            "linear after": lambda after=after: after(linear(x, reordered, b, "none", [], "")),
+            "conv fused": lambda post_op=post_op: conv(image, packed, conv_bias, [1, 1], [1, 1], [1, 1], 1, *post_op),
+            "conv after": lambda after=after: after(conv(image, packed, conv_bias, [1, 1], [1, 1], [1, 1], 1,
+                                                         "none", [], "")),
+        }
+    # NOTE: the variant timed first in a case ran ~15% slower here, whichever it was, so the order of each
+    # fused / after pair alternates from one repetition to the next.
+    times = {act: {name: [] for name in fns} for act, fns in cases.items()}
+    with torch.no_grad():
+        for rep in range(reps + 1):
+            for act, fns in cases.items():
+                for pair in (("linear fused", "linear after"), ("conv fused", "conv after")):
+                    for name in (pair if rep % 2 else pair[::-1]):
+                        start = _clock()
+                        for _ in range(5):
+                            fns[name]()
+                        if rep:  # the first round warms up
+                            times[act][name].append((_clock() - start) / 5)
+    print(f"{'activation':<12} {'linear fused':>12} {'after':>8} {'after/fused':>11} {'conv fused':>11} {'after':>8} "
+          f"{'after/fused':>11}   (ms, medians)")
+    for act, samples in times.items():
+        m = {name: statistics.median(t) * 1e3 for name, t in samples.items()}
+        print(f"{act:<12} {m['linear fused']:12.3f} {m['linear after']:8.3f} {m['linear after'] / m['linear fused']:11.2f} "
+              f"{m['conv fused']:11.3f} {m['conv after']:8.3f} {m['conv after'] / m['conv fused']:11.2f}")
+
+
 SMALL_ROWS = (8, 64)
 SMALL_FEATURES = (16, 64, 256, 1024)
 
@@ -134,11 +184,18 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="small linears: F.linear + ReLU vs oneDNN fused")
     parser.add_argument("--vit", action="store_true", help="with --inference: ViT-S's shapes, 197 rows")
     parser.add_argument("--cpu-time", action="store_true", help="process CPU time instead of wall-clock time")
+    parser.add_argument("--epilogues", action="store_true",
+                        help="each activation in oneDNN's epilogue vs after it (linear and convolution)")
     args = parser.parse_args()
     global _clock
     _clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.epilogues:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+              f"{torch.backends.cpu.get_cpu_capability()}")
+        epilogue_main(args.reps)
+        return
     if args.small:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         small_main(args.reps)

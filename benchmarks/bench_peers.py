@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchgraph as tg  # noqa: E402
 from torchgraph import passes  # noqa: E402
 from torchgraph.fused import cpu_profile  # noqa: E402
+from torchgraph.fused import _common as fused_common  # noqa: E402
 from torchgraph.fused import attention as fused_attention  # noqa: E402
 from torchgraph.fused import conv as fused_conv  # noqa: E402
 from torchgraph.fused import linear as fused_linear  # noqa: E402
@@ -216,6 +217,9 @@ ABLATIONS = {
                       "[InstanceNorm as GroupNorm])", [(passes_canonical, "_instance_norm_as_group_norm", _never)]),
     "preactivation-bn": ("conv(relu(bn(x))) as one bias_act pass and the scale folded into the convolutions "
                          "(NOTE: [Pre-activation BatchNorm])", [(passes, "fold_preactivation_batchnorm", _no_pass)]),
+    "activations-after": ("GELU, SiLU and tanh run after oneDNN's GEMM or convolution on CPUs without AVX-512 "
+                          "(NOTE: [Activations after oneDNN on AVX2]); in oneDNN's epilogue, as before",
+                          [(fused_common, "ACTIVATIONS_AFTER_ONEDNN", frozenset())]),
     "lone-convs": ("in float32, convolutions that read and are read only in NCHW run as F.conv2d (NOTE: [Lone "
                    "convolutions]); channels_last conv2d_act with copies in and out, as before",
                    [(passes_layout, "_run_lone_convolutions_as_written", _no_pass)]),

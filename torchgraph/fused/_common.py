@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops._common import ACTIVATION_FNS
 
-__all__ = ["ONEDNN_ACTIVATIONS", "use_onednn"]
+__all__ = ["ACTIVATIONS_AFTER_ONEDNN", "ONEDNN_ACTIVATIONS", "onednn_epilogue", "use_onednn"]
 
 #: Our activation names -> oneDNN's (attr, scalars, algorithm). The first five are also
 #: ``torchgraph.ops.ACTIVATIONS`` (the ``bias_act`` kernel's); the others (MobileNets') fuse on the
@@ -34,6 +34,29 @@ ONEDNN_ACTIVATIONS = {
 }
 
 _ACTIVATION_FNS = {**ACTIVATION_FNS, "hardsigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+# NOTE: [Activations after oneDNN on AVX2] On a CPU without AVX-512 (an AMD EPYC Zen 3, 2 threads,
+# `python benchmarks/bench_gemm.py --epilogues --reps 12`, medians, the order of each pair alternating),
+# oneDNN's AVX2 epilogues for the transcendental activations were slower than its GEMM or convolution
+# with no post-op followed by ATen's vectorised activation in place. The GPT block's fc1 (1024 x 256 ->
+# 1024) took, after / fused: GELU 0.86x (5.26 vs 6.14 ms), GELU-tanh 0.79x, SiLU 0.83x, tanh 0.83x; a 3x3
+# 64 -> 64 channels_last convolution at 8 x 32 x 32: 0.95x, 0.86x, 0.95x, 0.90x. ReLU, ReLU6, the hard
+# activations and sigmoid were 1.00-1.11x (the epilogue as fast or faster). In whole models (bench_peers
+# `--ablate activations-after`, two processes) ViT 1.08x -> 1.12-1.14x eager, HF BERT 1.01x -> 1.07x, the
+# GPT stack 0.97-1.04x -> 1.03-1.06x, EfficientNet-B0 unchanged within noise. So where oneDNN runs its
+# AVX2 kernels these four run after it; on AVX-512 CPUs, where the fused epilogues were measured, oneDNN
+# applies every activation.
+#: Activations that run in place after oneDNN's GEMM or convolution rather than in its epilogue.
+ACTIVATIONS_AFTER_ONEDNN = (frozenset() if torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+                            else frozenset({"gelu", "gelu_tanh", "silu", "tanh"}))
+
+
+def onednn_epilogue(act: str) -> tuple[tuple, str]:
+    """oneDNN's (attr, scalars, algorithm) for ``act`` and what runs after it in place (NOTE: [Activations
+    after oneDNN on AVX2]): ``(ONEDNN_ACTIVATIONS[act], "none")``, or no post-op and ``act`` after."""
+    if act in ACTIVATIONS_AFTER_ONEDNN:
+        return ONEDNN_ACTIVATIONS["none"], act
+    return ONEDNN_ACTIVATIONS[act], "none"
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # ATen's oneDNN matmul (the attention kernels' products) refuses to run, float32 included, on CPUs

@@ -9,8 +9,10 @@ import torch.fx
 import torch.nn.functional as F
 
 from .. import _extension, ops
+from . import _common
 from ..ops.depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS, taps_last
-from ._common import ONEDNN_ACTIVATIONS, _ONEDNN_DTYPES, _activation, _activation_, _epilogue, _needs_grad, use_onednn
+from ._common import (_ONEDNN_DTYPES, _activation, _activation_, _epilogue, _needs_grad, onednn_epilogue,
+                      use_onednn)
 from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _HAS_MKL_PACKED, _filters_as_rows, _mkl_packed_weight, _onednn_linear_weight, _packed_weight
 
@@ -99,7 +101,7 @@ def _limits() -> tuple:
     """What the GEMM and depthwise decisions read, part of each plan's key (tests and benchmarks move them)."""
     return (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
             ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, DEPTHWISE_KERNEL, DEPTHWISE_BF16_MAX_PIXELS,
-            DEPTHWISE_7X7_MAX_PIXELS, DEPTHWISE_7X7_BF16_MAX_PIXELS)
+            DEPTHWISE_7X7_MAX_PIXELS, DEPTHWISE_7X7_BF16_MAX_PIXELS, _common.ACTIVATIONS_AFTER_ONEDNN)
 
 
 def _runs_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, act: str,
@@ -196,7 +198,8 @@ def _run_gemm(x: torch.Tensor, packed, kernel_size, bias: torch.Tensor | None, s
     if isinstance(packed, tuple):  # MKL's (packed, matrix), from _gemm_filters
         y = _activation_(torch.ops.mkl._mkl_linear(cols, *packed, bias, rows), act)
     else:  # the activation in oneDNN's epilogue
-        y = torch.ops.mkldnn._linear_pointwise(cols, packed, bias, *ONEDNN_ACTIVATIONS[act])
+        post_op, after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
+        y = _activation_(torch.ops.mkldnn._linear_pointwise(cols, packed, bias, *post_op), after)
     out = y.shape[1]  # y: a new dense (rows, C_out) matrix, i.e. NHWC
     return y.as_strided((n, out, ho, wo), (ho * wo * out, 1, wo * out, out))
 
@@ -216,7 +219,8 @@ class _ConvPlan:
     """One layer's decision: the GEMM (``rows`` > 0) or oneDNN's convolution, and the weight it reads."""
 
     __slots__ = ("weight", "version", "bias", "shape", "dtype", "key", "rows", "packed", "kernel_size",
-                 "out_shape", "stride", "padding", "onednn_args", "act", "channels_last", "depthwise", "__weakref__")
+                 "out_shape", "stride", "padding", "onednn_args", "act", "act_after", "channels_last", "depthwise",
+                 "__weakref__")
 
     def holds(self, x: torch.Tensor, weight: torch.Tensor, bias, key: tuple) -> bool:
         # NOTE: ordered and written for speed (~1 us in all). `.to()`/`.double()` change a
@@ -244,7 +248,8 @@ class _ConvPlan:
         else:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)  # a no-op inside a conv stack
-            y = torch.ops.mkldnn._convolution_pointwise(x, self.packed, bias, *self.onednn_args)
+            y = _activation_(torch.ops.mkldnn._convolution_pointwise(x, self.packed, bias, *self.onednn_args),
+                             self.act_after)
         # oneDNN answers in channels_last; F.conv2d (the next layer, outside a channels_last stack)
         # is slow on that layout.
         return y if self.channels_last else y.contiguous()
@@ -291,7 +296,8 @@ def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tup
     plan.rows, plan.packed, plan.kernel_size = rows, packed, tuple(weight.shape[-2:])
     plan.depthwise = taps_last(weight.detach()) if depthwise else None
     plan.stride, plan.padding, plan.act, plan.channels_last = stride, padding, act, channels_last
-    plan.onednn_args = (padding, stride, dilation, groups, *ONEDNN_ACTIVATIONS[act])
+    post_op, plan.act_after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
+    plan.onednn_args = (padding, stride, dilation, groups, *post_op)
     plan.out_shape = torch.Size(_output_shape(x, weight, stride, padding, dilation))
     ident = id(weight)
     if ident not in plans:
@@ -352,9 +358,9 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # a no-op inside a conv stack
         packed = _packed_weight(weight, padding, stride, dilation, groups, x.shape)
-        attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
-        y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
-                                                    attr, scalars, algorithm)
+        (attr, scalars, algorithm), after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
+        y = _activation_(torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
+                                                                 attr, scalars, algorithm), after)
         # It answers in channels_last; F.conv2d (the next layer, outside a channels_last stack) is
         # slow on that layout.
         return y if channels_last else y.contiguous()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import _extension, ops
-from ._common import ONEDNN_ACTIVATIONS, _activation, _activation_, _epilogue, _needs_grad, use_onednn
+from ._common import _activation, _activation_, _epilogue, _needs_grad, onednn_epilogue, use_onednn
 from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _mkl_packed_weight, _onednn_linear_weight
 
@@ -101,9 +101,9 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
             if small:
                 return _activation_(F.linear(x, weight, bias), act)
-            attr, scalars, algorithm = ONEDNN_ACTIVATIONS[act]
-            return torch.ops.mkldnn._linear_pointwise(x, _onednn_linear_weight(weight), bias, attr, scalars,
-                                                      algorithm)
+            (attr, scalars, algorithm), after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
+            return _activation_(torch.ops.mkldnn._linear_pointwise(x, _onednn_linear_weight(weight), bias, attr,
+                                                                   scalars, algorithm), after)
         if not small and bias is not None and x.dtype == torch.float32 and (
                 act == "none" or (_extension.HAS_C_OPS and act in ops.ACTIVATIONS)):
             return _TrainableLinearAct.apply(x, weight, bias, act)
