@@ -6,8 +6,8 @@
 #include <ATen/Config.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/ones.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>

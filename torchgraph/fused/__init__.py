@@ -41,10 +41,10 @@ from .linear import MKL_PACKED_MAX_ROWS, MKL_PACKED_MIN_WEIGHT, ONEDNN_LINEAR_MI
 from .weights import MKL_PACKED_ROW_COUNTS
 
 # NOTE: each threshold lives in the submodule that reads it (fused.linear, fused.conv,
-# fused.weights, fused.attention, fused._common): to move one (as tests do), set it there; the names here are
-# for reading.
-__all__ = ["ACTIVATIONS_AFTER_ONEDNN", "ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "ATTENTION_KERNEL_MIN_WORK",
-           "CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "MKL_PACKED_MAX_ROWS",
+# fused.weights, fused.attention, fused._common): to move one (as tests do), set it there; the names
+# here are for reading.
+__all__ = ["ACTIVATIONS_AFTER_ONEDNN", "ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ",
+           "ATTENTION_KERNEL_MIN_WORK", "CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "MKL_PACKED_MAX_ROWS",
            "MKL_PACKED_MIN_WEIGHT", "MKL_PACKED_ROW_COUNTS", "ONEDNN_ACTIVATIONS", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
            "ONEDNN_F32_IM2COL_MAX_WIDTH", "ONEDNN_LINEAR_MIN_MACS",
            "QKV_ATTENTION_MAX_SEQ", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act", "linear_act",

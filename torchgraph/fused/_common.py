@@ -43,12 +43,12 @@ _ACTIVATION_FNS = {**ACTIVATION_FNS, "hardsigmoid": F.hardsigmoid, "sigmoid": to
 # 64 -> 64 channels_last convolution at 8 x 32 x 32: 0.95x, 0.86x, 0.95x, 0.90x. ReLU, ReLU6, the hard
 # activations and sigmoid were 1.00-1.11x (the epilogue as fast or faster). In whole models (bench_peers
 # `--ablate activations-after`, two processes) ViT 1.08x -> 1.12-1.14x eager, HF BERT 1.01x -> 1.07x, the
-# GPT stack 0.97-1.04x -> 1.03-1.06x, EfficientNet-B0 unchanged within noise. So where oneDNN runs its
-# AVX2 kernels these four run after it; on AVX-512 CPUs, where the fused epilogues were measured, oneDNN
-# applies every activation.
+# GPT stack 0.97-1.04x -> 1.03-1.06x, EfficientNet-B0 unchanged within noise. So where torch runs at the
+# AVX2 level (x86 without AVX-512) these four run after oneDNN; elsewhere (AVX-512, where the fused epilogues
+# were measured, and CPUs not measured) oneDNN applies every activation.
 #: Activations that run in place after oneDNN's GEMM or convolution rather than in its epilogue.
-ACTIVATIONS_AFTER_ONEDNN = (frozenset() if torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
-                            else frozenset({"gelu", "gelu_tanh", "silu", "tanh"}))
+ACTIVATIONS_AFTER_ONEDNN = (frozenset({"gelu", "gelu_tanh", "silu", "tanh"})
+                            if torch.backends.cpu.get_cpu_capability().upper() == "AVX2" else frozenset())
 
 
 def onednn_epilogue(act: str) -> tuple[tuple, str]:
@@ -57,6 +57,7 @@ def onednn_epilogue(act: str) -> tuple[tuple, str]:
     if act in ACTIVATIONS_AFTER_ONEDNN:
         return ONEDNN_ACTIVATIONS["none"], act
     return ONEDNN_ACTIVATIONS[act], "none"
+
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # ATen's oneDNN matmul (the attention kernels' products) refuses to run, float32 included, on CPUs

@@ -9,8 +9,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from .. import _extension, ops
-from . import _common
 from ..ops.depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS, taps_last
+from . import _common
 from ._common import (_ONEDNN_DTYPES, _activation, _activation_, _epilogue, _needs_grad, onednn_epilogue,
                       use_onednn)
 from .cpu_profile import MKL_GEMMS_FAST
