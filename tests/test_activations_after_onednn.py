@@ -70,5 +70,6 @@ def test_convolution_values_either_way(monkeypatch, placement, act, size, kernel
     for y in (first, planned):
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     plan = fused_conv._PLANS.get(id(conv.weight))
-    if plan is not None and plan.depthwise is None and not plan.rows:
+    if (size, kernel) == (16, 3):  # 512 output pixels, 16 wide: oneDNN's convolution on every CPU
+        assert plan is not None and plan.rows == 0 and plan.depthwise is None
         assert plan.act_after == (act if placement == "after" else "none")
