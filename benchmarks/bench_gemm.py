@@ -80,18 +80,19 @@ def inference_variants(n_in: int, n_out: int, act: str, dtype=torch.float32, row
     return variants
 
 
-def _interleaved(cases: dict, reps: int, calls: int) -> dict:
+def _interleaved(cases: dict, reps: int, calls: int, alternate: bool = False) -> dict:
     """``{case: {variant: [seconds per call, one per repetition]}}``: each variant of ``cases``
     (``{case: {variant: fn}}``) run once, then ``reps`` interleaved repetitions of ``calls`` calls each,
-    without autograd."""
+    without autograd. ``alternate``: every other repetition runs each case's variants in reverse order."""
     times = {case: {name: [] for name in fns} for case, fns in cases.items()}
     with torch.no_grad():
         for fns in cases.values():
             for fn in fns.values():
                 fn()
-        for _ in range(reps):  # interleaved
+        for rep in range(reps):  # interleaved
             for case, fns in cases.items():
-                for name, fn in fns.items():
+                order = list(fns.items())
+                for name, fn in (order[::-1] if alternate and rep % 2 else order):
                     start = _clock()
                     for _ in range(calls):
                         fn()
@@ -134,19 +135,9 @@ def epilogue_main(reps: int) -> None:
             "conv after": lambda after=after: after(conv(image, packed, conv_bias, [1, 1], [1, 1], [1, 1], 1,
                                                          "none", [], "")),
         }
-    # NOTE: the variant timed first in a case ran ~15% slower here, whichever it was, so the order of each
-    # fused / after pair alternates from one repetition to the next.
-    times = {act: {name: [] for name in fns} for act, fns in cases.items()}
-    with torch.no_grad():
-        for rep in range(reps + 1):
-            for act, fns in cases.items():
-                for pair in (("linear fused", "linear after"), ("conv fused", "conv after")):
-                    for name in (pair if rep % 2 else pair[::-1]):
-                        start = _clock()
-                        for _ in range(5):
-                            fns[name]()
-                        if rep:  # the first round warms up
-                            times[act][name].append((_clock() - start) / 5)
+    # NOTE: the variant timed first in a case ran ~15% slower here, whichever it was, so each case's order
+    # alternates from one repetition to the next (each fused / after pair swaps which runs first).
+    times = _interleaved(cases, reps, calls=5, alternate=True)
     print(f"{'activation':<12} {'linear fused':>12} {'after':>8} {'after/fused':>11} {'conv fused':>11} {'after':>8} "
           f"{'after/fused':>11}   (ms, medians)")
     for act, samples in times.items():
