@@ -37,6 +37,7 @@ def mkl_routes(monkeypatch):
     monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 1 << 23)
     monkeypatch.setattr(fused.conv, "_MKL_CONV_GEMMS", True)
     monkeypatch.setattr(fused.attention, "_ONEDNN_ATTENTION", False)
+    monkeypatch.setattr(fused.attention, "_TILED_ATTENTION", False)
 
 
 @pytest.fixture
@@ -46,6 +47,17 @@ def any_size_attention(monkeypatch):
     from torchgraph import fused
 
     monkeypatch.setattr(fused.attention, "ATTENTION_KERNEL_MIN_WORK", 0)
+
+
+@pytest.fixture
+def tiled_routes(monkeypatch):
+    """Attention routed as on a CPU with AVX2 only, whatever CPU runs the test: float32 qkv_attention and SDPA
+    calls on the kernels where their SIMD tiles pay (NOTE: [Tiled attention on AVX2] in
+    torchgraph/fused/attention.py; elsewhere the kernels compute the same values with BLAS or oneDNN)."""
+    from torchgraph import fused
+
+    monkeypatch.setattr(fused.attention, "_ONEDNN_ATTENTION", False)
+    monkeypatch.setattr(fused.attention, "_TILED_ATTENTION", True)
 
 
 @pytest.fixture
@@ -60,3 +72,4 @@ def onednn_routes(monkeypatch):
     monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 1 << 21)
     monkeypatch.setattr(fused.conv, "_MKL_CONV_GEMMS", False)
     monkeypatch.setattr(fused.attention, "_ONEDNN_ATTENTION", True)
+    monkeypatch.setattr(fused.attention, "_TILED_ATTENTION", False)

@@ -57,7 +57,10 @@ def _nonunit_strides(t: torch.Tensor) -> list:
     return [stride for stride, size in zip(t.stride(), t.shape) if size > 1]  # a size-1 dim's stride is moot
 
 
-SHAPES = [(2, 4, 8, 8, 16, 16), (1, 3, 5, 7, 8, 8), (2, 2, 9, 9, 8, 4), (1, 1, 1, 3, 4, 4), (2, 4, 64, 64, 32, 32)]
+SHAPES = [(2, 4, 8, 8, 16, 16), (1, 3, 5, 7, 8, 8), (2, 2, 9, 9, 8, 4), (1, 1, 1, 3, 4, 4), (2, 4, 64, 64, 32, 32),
+          # the AVX2 tiles' edges (NOTE: [Tiled attention on AVX2]): 3 tiles of 6 rows + 1 row, a panel of 16 keys
+          # + 5 and one of 16 features + 1 (values: 2 panels + 1), then more queries than keys (causal rows past S)
+          (1, 2, 19, 21, 17, 33), (1, 2, 13, 7, 8, 8)]
 
 
 @needs_kernel

@@ -741,6 +741,31 @@ def test_qkv_attention_matches_reference(dtype, causal, scale, b, t, heads, d, o
 
 
 @needs_c_ops
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b, t, heads, d", [
+    (2, 19, 2, 17),  # 3 six-row tiles + 1 row; a key panel of 16 + 3 keys; features 16 + 1
+    (1, 33, 3, 40),  # 5 six-row tiles + 3 rows; 2 panels + 1 key; features 16 + 16 + 8
+    (2, 6, 1, 16),  # exactly one tile of rows and one of features
+])
+def test_qkv_attention_float32_tile_edges(causal, b, t, heads, d):
+    """Shapes at the edges of the tiled float32 forward of AVX2 builds (NOTE: [Tiled attention on AVX2] in
+    csrc/cpu/attention_tiles.h; elsewhere the BLAS forward runs them): out, probs and the gradient match the
+    float64 reference."""
+    qkv = qkv_input(b, t, heads, d, requires_grad=True)
+    out, probs = torch.ops.torchgraph.qkv_attention.default(qkv, heads, causal, None, False)
+    exact = qkv.detach().double().requires_grad_(True)
+    expected, expected_probs = ops.reference_qkv_attention(exact, heads, causal, None)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs.double(), expected_probs, atol=1e-6, rtol=1e-5)
+    if causal:
+        assert not probs.triu(1).any()
+    grad_out = randn(*out.shape)
+    (got,) = torch.autograd.grad(ops.qkv_attention(qkv, heads, causal), qkv, grad_out)
+    (want,) = torch.autograd.grad(expected, exact, grad_out.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_c_ops
 def test_qkv_attention_onednn_workspace_reused_across_shapes_and_threads():
     """The oneDNN forward's per-thread workspace (NOTE: [Attention workspace]) holds the intermediates
     of one call at a time: calls of growing, shrinking and over-the-cap sizes, float32 and bfloat16,
@@ -950,8 +975,8 @@ def _sdpa_attention(qkv, heads, causal, scale=None):
 @pytest.mark.parametrize("t", [9, 512, 600])
 def test_fused_qkv_attention_matches_sdpa(causal, t, any_size_attention):
     """fused.qkv_attention equals split + SDPA + merge, through the kernel (T <= 512; small problems
-    too: any_size_attention) and through the SDPA fallback (T > QKV_ATTENTION_MAX_SEQ), for values
-    and gradients."""
+    too: any_size_attention; on AVX2 CPUs non-causal only up to TILED_ATTENTION_MAX_SEQ) and through the
+    SDPA fallback (T > QKV_ATTENTION_MAX_SEQ), for values and gradients."""
     from torchgraph import fused
 
     heads, d = 2, 4
@@ -959,7 +984,8 @@ def test_fused_qkv_attention_matches_sdpa(causal, t, any_size_attention):
     out = fused.qkv_attention(qkv, heads, causal, scale=0.4)
     (qkv_ref,) = leaf_copies(qkv)
     expected = _sdpa_attention(qkv_ref, heads, causal, scale=0.4)
-    uses_kernel = extension.HAS_C_OPS and t <= fused.QKV_ATTENTION_MAX_SEQ
+    tiles_decline = fused.attention._TILED_ATTENTION and not causal and t > fused.TILED_ATTENTION_MAX_SEQ
+    uses_kernel = extension.HAS_C_OPS and t <= fused.QKV_ATTENTION_MAX_SEQ and not tiles_decline
     assert ("torchgraph_qkv_attention" in type(out.grad_fn).__name__) == uses_kernel
     assert_close(out, expected, torch.float32)
     (got,), (want,) = grads(out, (qkv,)), grads(expected, (qkv_ref,))

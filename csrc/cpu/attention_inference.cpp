@@ -15,7 +15,9 @@
 // float: added), then an exact softmax per row (every key masked: zeros, as
 // SDPA gives), then O = P V as a second batched matmul, rounded once to the
 // output's dtype. Where oneDNN's matmul does not run (AVX2-only CPUs: NOTE: [oneDNN matmul
-// needs AVX-512] in onednn_matmul.h) the two products run on BLAS (at::bmm), with the same values.
+// needs AVX-512] in onednn_matmul.h) the two products run on BLAS (at::bmm), with the same values; a build
+// for AVX2 runs float32 attention head by head on SIMD tiles instead (NOTE: [Tiled attention on AVX2] in
+// attention_tiles.h).
 //
 // bfloat16 inputs compute in float32 too (converted while they are copied into
 // [B * H, ...] buffers): rounding P to bfloat16 for a bfloat16 P V, as SDPA's
@@ -40,6 +42,7 @@
 #include <optional>
 #include <vector>
 
+#include "attention_tiles.h"
 #include "onednn_matmul.h"
 #include "vec_utils.h"
 
@@ -130,12 +133,59 @@ at::Tensor additive_mask(const at::Tensor& mask, at::IntArrayRef scores_shape) {
 // G = H / Hk heads of a group adjacent, so it is also [B * Hk, G * T, D]: each group's G query heads are one
 // matrix of G * T rows against its key/value head, and neither k nor v is repeated. The scores and P V come
 // out as [B * Hk, G * T, *], the same memory as [B * H, T, *].
+// The float32 forward of an AVX2 build (NOTE: [Tiled attention on AVX2] in attention_tiles.h), head by head,
+// reading q, k and v in place: rows with a unit last-dim stride, any other strides; grouped heads read
+// their key/value head (h / G); the probabilities stay in a per-thread buffer of T x S floats.
+void forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* mask,
+                   at::IntArrayRef mask_strides, bool causal, float scale, const at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), S = k.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t G = H / k.size(1);
+  const float *qp = q.const_data_ptr<float>(), *kp = k.const_data_ptr<float>(), *vp = v.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> panels(tiles::panel_floats(S, D, Dv), 0.f), probs(T_ * S);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, hk = h / G;
+      tiles::Head head;
+      head.q = qp + b * q.stride(0) + h * q.stride(1);
+      head.ldq = q.stride(2);
+      head.k = kp + b * k.stride(0) + hk * k.stride(1);
+      head.ldk = k.stride(2);
+      head.v = vp + b * v.stride(0) + hk * v.stride(1);
+      head.ldv = v.stride(2);
+      head.out = op + b * out.stride(0) + h * out.stride(1);
+      head.ldo = out.stride(2);
+      head.probs = probs.data();
+      if (mask != nullptr) {
+        head.mask = mask + b * mask_strides[0] + h * mask_strides[1];
+        head.mask_ld = mask_strides[2];
+      }
+      head.seq_q = T_;
+      head.seq_k = S;
+      head.head_dim = D;
+      head.value_dim = Dv;
+      head.causal = causal;
+      head.scale = scale;
+      tiles::head_attention(head, panels.data());
+    }
+  });
+}
+
 at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::optional<at::Tensor>& mask, bool causal, float scale) {
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), S = k.size(2), D = q.size(3), Dv = v.size(3);
   const int64_t Hk = k.size(1), G = H / Hk;  // G > 1: grouped heads (NOTE: [Grouped heads])
   const int64_t bh = B * H, bhk = B * Hk;
   at::Tensor out = output_like_sdpa(q, k, v);
+  if (tiles::kTiledAttention && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+      v.scalar_type() == at::kFloat && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 &&
+      out.stride(3) == 1) {
+    const std::optional<at::Tensor> added =
+        mask.has_value() ? std::optional<at::Tensor>(additive_mask(*mask, {B, H, T_, S})) : std::nullopt;
+    forward_tiled(q, k, v, added.has_value() ? added->const_data_ptr<float>() : nullptr,
+                  added.has_value() ? added->strides() : at::IntArrayRef(), causal, scale, out);
+    return out;
+  }
   const bool direct = out.is_contiguous() && out.scalar_type() == at::kFloat;  // P V written straight into out
   Workspace ws(Workspace::bytes_for({{bh * T_ * D, at::kFloat}, {bhk * S * D, at::kFloat},
                                      {bhk * S * Dv, at::kFloat}, {bh * T_ * S, at::kFloat},

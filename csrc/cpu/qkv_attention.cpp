@@ -27,6 +27,9 @@
 // With onednn=true the float32 forward runs its two products as two batched
 // oneDNN matmuls over all (batch, head) pairs instead (NOTE: [Attention GEMMs
 // on oneDNN]).
+// Built for AVX2, the float32 forward runs each head on register-tiled SIMD
+// loops instead of BLAS calls (NOTE: [Tiled attention on AVX2] in
+// attention_tiles.h).
 
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>
@@ -39,6 +42,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "attention_tiles.h"
 #include "onednn_matmul.h"
 #include "vec_utils.h"
 
@@ -106,8 +110,38 @@ struct Geometry {
 // NOTE: [Column-major] For row-major X (r x c, leading dim ld), BLAS sees X^T
 // (c x r, ld). So S = Q K^T (T x T) is computed as S^T = K Q^T: op(A) = K
 // from the stored K^T with 'T', B = the stored Q^T with 'N'.
+// NOTE: [Tiled attention on AVX2] (attention_tiles.h): the float32 forward of a build for AVX2 (the level
+// measured) runs each head on SIMD tiles instead of BLAS calls.
+
+void forward_tiled(const float* qkv, float* out, float* probs, const Geometry& g, float scale) {
+  const int64_t ld = 3 * g.embed, T_ = g.seq, D = g.head_dim;
+  at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> panels(tiles::panel_floats(T_, D, D), 0.f);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.heads, h = task % g.heads;
+      const float* q = qkv + b * T_ * ld + h * D;
+      tiles::Head head;
+      head.q = q;
+      head.k = q + g.embed;
+      head.v = q + 2 * g.embed;
+      head.ldq = head.ldk = head.ldv = ld;
+      head.out = out + b * T_ * g.embed + h * D;
+      head.ldo = g.embed;
+      head.probs = probs + task * T_ * T_;
+      head.seq_q = head.seq_k = T_;
+      head.head_dim = head.value_dim = D;
+      head.causal = g.causal;
+      head.scale = scale;
+      tiles::head_attention(head, panels.data());
+    }
+  });
+}
+
 template <typename T>
 void forward_kernel(const T* qkv, T* out, T* probs, const Geometry& g, T scale) {
+  if constexpr (std::is_same_v<T, float> && tiles::kTiledAttention) {
+    return forward_tiled(qkv, out, probs, g, scale);
+  }
   const int64_t ld = 3 * g.embed, T_ = g.seq;
   at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from ._common import ACTIVATIONS_AFTER_ONEDNN, ONEDNN_ACTIVATIONS, use_onednn
 from .attention import (ATTENTION_INFERENCE_MAX_SCORES, ATTENTION_INFERENCE_MAX_SEQ, ATTENTION_KERNEL_MIN_WORK,
-                        QKV_ATTENTION_MAX_SEQ, attention_with_additive_mask, qkv_attention,
+                        QKV_ATTENTION_MAX_SEQ, TILED_ATTENTION_MAX_SEQ, attention_with_additive_mask, qkv_attention,
                         scaled_dot_product_attention)
 from .conv import (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
                    ONEDNN_F32_IM2COL_MAX_WIDTH, RESIDUAL_ACTIVATIONS, conv2d_act, conv2d_add_act)
@@ -47,5 +47,5 @@ __all__ = ["ACTIVATIONS_AFTER_ONEDNN", "ATTENTION_INFERENCE_MAX_SCORES", "ATTENT
            "ATTENTION_KERNEL_MIN_WORK", "CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "MKL_PACKED_MAX_ROWS",
            "MKL_PACKED_MIN_WEIGHT", "MKL_PACKED_ROW_COUNTS", "ONEDNN_ACTIVATIONS", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
            "ONEDNN_F32_IM2COL_MAX_WIDTH", "ONEDNN_LINEAR_MIN_MACS",
-           "QKV_ATTENTION_MAX_SEQ", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act", "linear_act",
+           "QKV_ATTENTION_MAX_SEQ", "RESIDUAL_ACTIVATIONS", "TILED_ATTENTION_MAX_SEQ", "conv2d_act", "conv2d_add_act", "linear_act",
            "attention_with_additive_mask", "qkv_attention", "scaled_dot_product_attention", "use_onednn"]

@@ -14,7 +14,7 @@ from ._common import _ONEDNN_DTYPES, _ONEDNN_MATMUL_RUNS
 from .cpu_profile import MKL_GEMMS_FAST
 
 __all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "ATTENTION_KERNEL_MIN_WORK",
-           "QKV_ATTENTION_MAX_SEQ",
+           "QKV_ATTENTION_MAX_SEQ", "TILED_ATTENTION_MAX_SEQ",
            "attention_with_additive_mask", "qkv_attention", "scaled_dot_product_attention"]
 
 #: Longest sequence for which :func:`qkv_attention` runs torchgraph's kernel (it keeps the
@@ -25,6 +25,31 @@ QKV_ATTENTION_MAX_SEQ = 512
 # in csrc/cpu/qkv_attention.cpp): where MKL's GEMMs are slow, as the linears (cpu_profile.py), and oneDNN's
 # matmul runs (not on AVX2-only CPUs: NOTE: [oneDNN matmul needs AVX-512] in csrc/cpu/onednn_matmul.h).
 _ONEDNN_ATTENTION = _ONEDNN_MATMUL_RUNS and not MKL_GEMMS_FAST
+
+# NOTE: [Tiled attention on AVX2] The kernels built for AVX2 (torch's CPU capability here, which picks the
+# build: torchgraph/_extension.py) run float32 attention head by head on register-tiled SIMD loops
+# (csrc/cpu/attention_tiles.h), both qkv_attention's forward and attention_inference. Measured against
+# SDPA on an AMD EPYC Zen 3 (2 threads, interleaved medians, `python benchmarks/bench_attention.py`):
+# - qkv_attention against split + SDPA + merge: 0.29-0.95x SDPA's time on every shape up to 256 positions
+#   (GPT's 8 x 128 x 4 heads of 64: causal 0.57x, not causal 0.74x; ViT-S 0.79x; 16 heads of 32 0.66x)
+#   and causal at 512 (0.58x), but a tie non-causal at 512 (1.03x);
+# - attention_inference against SDPA on HF's [B, T, H, D] views, with or without a padding mask: 0.48-0.84x
+#   on those shapes, 0.92-0.96x at 512 positions, ties with 3 heads on 2 threads (1.01-1.03x) and on one
+#   query and one key (1.04x); but 2.2-3.7x slower for one query against 128-512 cached keys (a decode step):
+#   packing the keys and values costs as much as the products there.
+# So on AVX2 float32 qkv_attention takes the kernel when causal or up to TILED_ATTENTION_MAX_SEQ positions,
+# and SDPA calls take attention_inference when the queries are at least an eighth of the keys.
+_TILED_ATTENTION = torch.backends.cpu.get_cpu_capability().upper() == "AVX2" and not _ONEDNN_ATTENTION
+#: Longest non-causal self-attention that the tiled kernel takes from split + SDPA + merge (AVX2 only).
+TILED_ATTENTION_MAX_SEQ = 256
+
+
+def _tiles_pay(seq_q: int, seq_k: int, causal: bool, packed: bool) -> bool:
+    """Whether the tiled kernel beats SDPA (NOTE: [Tiled attention on AVX2]): ``packed`` for qkv_attention's
+    self-attention, else attention_inference."""
+    if packed:
+        return causal or seq_q <= TILED_ATTENTION_MAX_SEQ
+    return 8 * seq_q >= seq_k
 
 
 # NOTE: [Small attention on SDPA] With its products on oneDNN the kernel costs ~60 us a call whatever the
@@ -83,6 +108,9 @@ def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,
             batch, seq, width = qkv.shape
             if heads > 0 and _kernel_pays(batch, heads, seq, seq, width // (3 * heads)):
                 return ops.qkv_attention(qkv, heads, causal, scale, onednn=True)
+        elif _TILED_ATTENTION and qkv.dtype == torch.float32:
+            if _tiles_pay(qkv.shape[1], qkv.shape[1], causal, packed=True):
+                return ops.qkv_attention(qkv, heads, causal, scale, onednn=False)
         elif qkv.dtype != torch.bfloat16 and _kernel_beats_sdpa(qkv.shape, heads, causal):
             return ops.qkv_attention(qkv, heads, causal, scale, onednn=False)
     return _sdpa_qkv_attention(qkv, heads, causal, scale)
@@ -125,7 +153,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``ATTENTION_INFERENCE_MAX_SCORES`` scores, and a CPU whose MKL
     GEMMs are slower than oneDNN's (:data:`torchgraph.fused.cpu_profile.MKL_GEMMS_FAST`). Measured
     against SDPA (2 threads, AMD EPYC, medians): 8 x 4 heads x 128 x 64 causal 0.47 vs 1.06 ms, with a
-    boolean mask 0.54 vs 1.10; ViT-S's 197 x 6 heads 0.27 vs 0.45. Everywhere else it calls
+    boolean mask 0.54 vs 1.10; ViT-S's 197 x 6 heads 0.27 vs 0.45. On CPUs with AVX2 only it runs float32
+    attention whose queries are at least an eighth of the keys on the kernel's SIMD tiles (NOTE: [Tiled
+    attention on AVX2]: 0.48-0.96x SDPA's time). Everywhere else it calls
     ``F.scaled_dot_product_attention``. ``tg.optimize`` calls it for the SDPA calls that
     :func:`qkv_attention` does not take (HF LLaMA's, BERT's masked attention, cross-attention).
 
@@ -141,7 +171,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return query.tracer.create_proxy(
             "call_function", scaled_dot_product_attention, (query, key, value),
             dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa))
-    if _ONEDNN_ATTENTION and dropout_p == 0.0 and _takes(query, key, value, attn_mask, is_causal, enable_gqa):
+    if (_ONEDNN_ATTENTION or _TILED_ATTENTION) and dropout_p == 0.0 \
+            and _takes(query, key, value, attn_mask, is_causal, enable_gqa):
         return ops.attention_inference(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -168,7 +199,9 @@ def _takes(query, key, value, attn_mask, is_causal, enable_gqa: bool = False) ->
             or s == 0:
         return False
     if t > ATTENTION_INFERENCE_MAX_SEQ or s > ATTENTION_INFERENCE_MAX_SEQ or b * h * t * s > \
-            ATTENTION_INFERENCE_MAX_SCORES or not _kernel_pays(b, h, t, s, d) or not ops._use_kernel(query):
+            ATTENTION_INFERENCE_MAX_SCORES or not ops._use_kernel(query):
+        return False
+    if not (_tiles_pay(t, s, is_causal, packed=False) if _TILED_ATTENTION else _kernel_pays(b, h, t, s, d)):
         return False
     if attn_mask is not None and (is_causal or attn_mask.dim() > 4 or attn_mask.device.type != "cpu"
                                   or attn_mask.dtype not in (torch.bool, *_ONEDNN_DTYPES)):
