@@ -12,12 +12,14 @@
 // per tile: read in place, K's rows lie 3E floats apart, which maps a tile's
 // loads onto a few L1 sets, and the tiles ran at half the speed. Causal
 // attention computes a row block's scores only up to its last row's keys.
-// The softmax is exact, with ATen's exp_u20 (the exponential of SDPA's CPU
-// flash kernel). Measured against the BLAS forward (qkv_attention,
-// onednn=false; 2 threads, medians): 8 x 128 x 4 heads of 64, causal 0.78 vs
-// 1.40 ms, not causal 1.15 vs 1.70; ViT-S's 197 x 6 heads 0.52 vs 0.70; 8 x
-// 32 x 4 heads of 16 0.04 vs 0.13; 512 x 8 heads causal 3.7 vs 5.7 and not
-// causal 6.1 vs 6.5; every value within 1e-6 of it.
+// The softmax is exact, with ATen's faster float exponential (exp_u20).
+// Measured as a standalone extension against the BLAS forward it replaced
+// (qkv_attention, onednn=false; 2 threads, medians): 8 x 128 x 4 heads of 64,
+// causal 0.78 vs 1.40 ms, not causal 1.15 vs 1.70; ViT-S's 197 x 6 heads
+// 0.52 vs 0.70; 8 x 32 x 4 heads of 16 0.04 vs 0.13; 512 x 8 heads causal
+// 3.7 vs 5.7 and not causal 6.1 vs 6.5; every value within 1e-6 of it. The
+// keys are transposed in 8 x 8 blocks (at::vec::transpose_mxn).
+// Against SDPA: benchmarks/bench_attention.py.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -64,8 +66,9 @@ __attribute__((always_inline)) inline void store_tile_row(Vec lo, Vec hi, float*
 // scores[r, 0:count] = scale * q_r . keys 0:count of one key panel, for R query rows (q rows ldq apart,
 // scores rows lds apart). The panel holds kTileWidth keys per feature: panel[d * kTileWidth + j].
 template <int R>
-__attribute__((always_inline)) inline void score_tile(const float* q, int64_t ldq, const float* panel, int64_t head_dim, float scale,
-                       float* scores, int64_t lds, int64_t count) {
+__attribute__((always_inline)) inline void score_tile(const float* q, int64_t ldq, const float* panel,
+                                                      int64_t head_dim, float scale, float* scores, int64_t lds,
+                                                      int64_t count) {
   Vec acc[R][2];
   for (int r = 0; r < R; ++r) {
     acc[r][0] = Vec(0.f);
@@ -86,8 +89,8 @@ __attribute__((always_inline)) inline void score_tile(const float* q, int64_t ld
 // out[r, 0:count] = sum over keys j < keys of probs[r, j] * panel[j], for R query rows. The panel holds
 // kTileWidth features per key (zeros past the head's last feature).
 template <int R>
-__attribute__((always_inline)) inline void value_tile(const float* probs, int64_t ldp, const float* panel, int64_t keys, float* out, int64_t ldo,
-                       int64_t count) {
+__attribute__((always_inline)) inline void value_tile(const float* probs, int64_t ldp, const float* panel,
+                                                      int64_t keys, float* out, int64_t ldo, int64_t count) {
   Vec acc[R][2];
   for (int r = 0; r < R; ++r) {
     acc[r][0] = Vec(0.f);
@@ -173,17 +176,32 @@ inline void value_rows(const Head& h, const float* values, int64_t i0, int64_t d
                 std::min(kTileWidth, h.value_dim - d0));
 }
 
+// K transposed into panels of kTileWidth keys: panel p holds keys[p * kTileWidth + j][d] at
+// [p * head_dim * kTileWidth + d * kTileWidth + j]; whole 8 x 8 blocks as one vector transpose each.
+inline void pack_keys(const Head& h, float* keys) {
+  constexpr int64_t kBlock = 8;
+  for (int64_t j0 = 0; j0 < h.seq_k; j0 += kBlock) {
+    float* panel = keys + j0 / kTileWidth * h.head_dim * kTileWidth + j0 % kTileWidth;
+    const float* key = h.k + j0 * h.ldk;
+    int64_t d0 = 0;
+    if (j0 + kBlock <= h.seq_k) {
+      for (; d0 + kBlock <= h.head_dim; d0 += kBlock) {
+        at::vec::transpose_mxn<float, kBlock, kBlock>(key + d0, h.ldk, panel + d0 * kTileWidth, kTileWidth);
+      }
+    }
+    for (int64_t j = 0; j < std::min(kBlock, h.seq_k - j0); ++j) {
+      for (int64_t d = d0; d < h.head_dim; ++d) panel[d * kTileWidth + j] = key[j * h.ldk + d];
+    }
+  }
+}
+
 // softmax(scale * Q K^T + mask) V for one head. `panels` holds panel_floats(seq_k, head_dim, value_dim)
 // floats, zero past what a head writes (the caller zeroes it once: every head of one shape writes the same
 // entries).
 inline void head_attention(const Head& h, float* panels) {
   float* keys = panels;  // per kTileWidth keys: head_dim x kTileWidth, K transposed
   float* values = panels + round_up(h.seq_k, kTileWidth) * h.head_dim;  // per kTileWidth features: seq_k x kTileWidth
-  for (int64_t j = 0; j < h.seq_k; ++j) {
-    float* column = keys + j / kTileWidth * h.head_dim * kTileWidth + j % kTileWidth;
-    const float* key = h.k + j * h.ldk;
-    for (int64_t d = 0; d < h.head_dim; ++d) column[d * kTileWidth] = key[d];
-  }
+  pack_keys(h, keys);
   for (int64_t d0 = 0; d0 < h.value_dim; d0 += kTileWidth) {
     const int64_t count = std::min(kTileWidth, h.value_dim - d0);
     float* panel = values + d0 * h.seq_k;
