@@ -127,12 +127,6 @@ at::Tensor additive_mask(const at::Tensor& mask, at::IntArrayRef scores_shape) {
   return m;
 }
 
-// NOTE: [Grouped heads] With grouped-query attention (LLaMA 2 70B, LLaMA 3, Mistral, Qwen2: H query heads on Hk
-// key/value heads, query head h reading key/value head h / (H / Hk)), eager code repeats k and v to H heads
-// (`repeat_kv`, or SDPA's enable_gqa does). Here the query buffer [B * H, T, D] is contiguous with the
-// G = H / Hk heads of a group adjacent, so it is also [B * Hk, G * T, D]: each group's G query heads are one
-// matrix of G * T rows against its key/value head, and neither k nor v is repeated. The scores and P V come
-// out as [B * Hk, G * T, *], the same memory as [B * H, T, *].
 // The float32 forward of an AVX2 build (NOTE: [Tiled attention on AVX2] in attention_tiles.h), head by head,
 // reading q, k and v in place: rows with a unit last-dim stride, any other strides; grouped heads read
 // their key/value head (h / G); the probabilities stay in a per-thread buffer of T x S floats.
@@ -171,6 +165,12 @@ void forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   });
 }
 
+// NOTE: [Grouped heads] With grouped-query attention (LLaMA 2 70B, LLaMA 3, Mistral, Qwen2: H query heads on Hk
+// key/value heads, query head h reading key/value head h / (H / Hk)), eager code repeats k and v to H heads
+// (`repeat_kv`, or SDPA's enable_gqa does). Here the query buffer [B * H, T, D] is contiguous with the
+// G = H / Hk heads of a group adjacent, so it is also [B * Hk, G * T, D]: each group's G query heads are one
+// matrix of G * T rows against its key/value head, and neither k nor v is repeated. The scores and P V come
+// out as [B * Hk, G * T, *], the same memory as [B * H, T, *].
 at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::optional<at::Tensor>& mask, bool causal, float scale) {
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), S = k.size(2), D = q.size(3), Dv = v.size(3);

@@ -110,9 +110,9 @@ struct Geometry {
 // NOTE: [Column-major] For row-major X (r x c, leading dim ld), BLAS sees X^T
 // (c x r, ld). So S = Q K^T (T x T) is computed as S^T = K Q^T: op(A) = K
 // from the stored K^T with 'T', B = the stored Q^T with 'N'.
-// NOTE: [Tiled attention on AVX2] (attention_tiles.h): the float32 forward of a build for AVX2 (the level
-// measured) runs each head on SIMD tiles instead of BLAS calls.
 
+// The float32 forward of a build for AVX2 (the level measured): each head on SIMD tiles instead of BLAS
+// calls (NOTE: [Tiled attention on AVX2] in attention_tiles.h).
 void forward_tiled(const float* qkv, float* out, float* probs, const Geometry& g, float scale) {
   const int64_t ld = 3 * g.embed, T_ = g.seq, D = g.head_dim;
   at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {

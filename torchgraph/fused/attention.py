@@ -30,13 +30,13 @@ _ONEDNN_ATTENTION = _ONEDNN_MATMUL_RUNS and not MKL_GEMMS_FAST
 # build: torchgraph/_extension.py) run float32 attention head by head on register-tiled SIMD loops
 # (csrc/cpu/attention_tiles.h), both qkv_attention's forward and attention_inference. Measured against
 # SDPA on an AMD EPYC Zen 3 (2 threads, interleaved medians, `python benchmarks/bench_attention.py`):
-# - qkv_attention against split + SDPA + merge: 0.29-0.95x SDPA's time on every shape up to 256 positions
-#   (GPT's 8 x 128 x 4 heads of 64: causal 0.57x, not causal 0.74x; ViT-S 0.79x; 16 heads of 32 0.66x)
-#   and causal at 512 (0.58x), but a tie non-causal at 512 (1.03x);
-# - attention_inference against SDPA on HF's [B, T, H, D] views, with or without a padding mask: 0.48-0.84x
-#   on those shapes, 0.92-0.96x at 512 positions, ties with 3 heads on 2 threads (1.01-1.03x) and on one
-#   query and one key (1.04x); but 2.2-3.7x slower for one query against 128-512 cached keys (a decode step):
-#   packing the keys and values costs as much as the products there.
+# - qkv_attention against split + SDPA + merge: 0.28-0.94x SDPA's time on every shape up to 256 positions
+#   (GPT's 8 x 128 x 4 heads of 64: causal 0.47x, not causal 0.67x; ViT-S 0.94x; 16 heads of 32 0.57x)
+#   and causal at 512 (0.53x); non-causal at 512, 0.89x in one run and 1.05x in another;
+# - attention_inference against SDPA on HF's [B, T, H, D] views, with or without a padding mask: 0.42-0.94x
+#   on those shapes (3 heads on 2 threads: 0.93-0.94x; one query and one key: 1.04x in an earlier run); but
+#   1.4-2.2x slower for one query against 128-512 cached keys (a decode step): packing the keys and values
+#   costs as much as the products there.
 # So on AVX2 float32 qkv_attention takes the kernel when causal or up to TILED_ATTENTION_MAX_SEQ positions,
 # and SDPA calls take attention_inference when the queries are at least an eighth of the keys.
 _TILED_ATTENTION = torch.backends.cpu.get_cpu_capability().upper() == "AVX2" and not _ONEDNN_ATTENTION
@@ -155,7 +155,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     against SDPA (2 threads, AMD EPYC, medians): 8 x 4 heads x 128 x 64 causal 0.47 vs 1.06 ms, with a
     boolean mask 0.54 vs 1.10; ViT-S's 197 x 6 heads 0.27 vs 0.45. On CPUs with AVX2 only it runs float32
     attention whose queries are at least an eighth of the keys on the kernel's SIMD tiles (NOTE: [Tiled
-    attention on AVX2]: 0.48-0.96x SDPA's time). Everywhere else it calls
+    attention on AVX2]: 0.42-0.95x SDPA's time). Everywhere else it calls
     ``F.scaled_dot_product_attention``. ``tg.optimize`` calls it for the SDPA calls that
     :func:`qkv_attention` does not take (HF LLaMA's, BERT's masked attention, cross-attention).
 
