@@ -145,6 +145,21 @@ def test_overhead_ablations_switch_off_plans_and_walks(model):
     assert fused.conv._new_plan is not bench_peers._no_plan  # restored
 
 
+def test_attention_kernels_ablation_leaves_sdpa_as_written(model):
+    """``--ablate attention-kernels``: neither fused attention call is left, only F.scaled_dot_product_attention
+    (what write_attention_as_sdpa made of timm's written-out attention), with the same outputs."""
+    net, graph_model = model
+    fns, _ = bench_peers._ablated_variants(graph_model, ["attention-kernels"])
+    ablated = fns["tg.optimize -attention-kernels"]
+    targets = _targets(ablated.fn)
+    assert fused.qkv_attention in _targets(tg.optimize(graph_model))
+    assert fused.qkv_attention not in targets and fused.scaled_dot_product_attention not in targets
+    assert torch.nn.functional.scaled_dot_product_attention in targets
+    x = torch.randn(2, 64, 2, 2)
+    with torch.inference_mode():
+        torch.testing.assert_close(ablated(x), net(x), rtol=1e-4, atol=1e-4)
+
+
 def test_sdpa_kernel_ablation_keeps_sdpa_itself():
     """``--ablate sdpa-kernel``: a masked SDPA call stays F.scaled_dot_product_attention instead of
     fused.scaled_dot_product_attention (ops.attention_inference), with the same outputs."""
