@@ -193,7 +193,8 @@ ABLATIONS = {
                     "(passes.use_inference_attention)", [(passes, "use_inference_attention", _no_pass)]),
     "attention-kernels": ("attention on torchgraph's kernels: both qkv-attention and sdpa-kernel, so that attention "
                           "runs split + SDPA + merge as written (on AVX2-only CPUs qkv-attention alone sends it to "
-                          "the tiled attention_inference: NOTE: [Tiled attention on AVX2])",
+                          "the tiled attention_inference: NOTE: [Tiled attention on AVX2]); nn.TransformerEncoderLayer "
+                          "keeps qkv_attention (passes.expand_transformer_layers writes it)",
                           [(passes, "fuse_qkv_attention", _no_pass), (passes, "use_inference_attention", _no_pass)]),
     "rms-norm": ("RMSNorm written the HF LLaMA way, and torch's nn.RMSNorm, as one op (passes.fuse_rms_norm)",
                  [(passes, "fuse_rms_norm", _no_pass)]),
