@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "vec_utils.h"
+
 namespace torchgraph::cpu::tiles {
 
 // Whether the kernels run their float32 attention on these tiles: builds for AVX2, the level measured.
@@ -105,33 +107,6 @@ __attribute__((always_inline)) inline void value_tile(const float* probs, int64_
     }
   }
   for (int r = 0; r < R; ++r) store_tile_row(acc[r][0], acc[r][1], out + r * ldo, count);
-}
-
-// Row of scores: softmax over its first n entries in place, zeros after, up to `width`. A row whose n
-// entries are all -inf becomes zeros (SDPA's answer).
-inline void softmax_scores(float* row, int64_t n, int64_t width) {
-  const float max = at::vec::reduce_all<float>(
-      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, row, n);
-  if (max == -std::numeric_limits<float>::infinity()) {
-    std::fill(row, row + width, 0.f);
-    return;
-  }
-  const Vec vmax(max);
-  Vec vsum(0.f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec e = (Vec::loadu(row + j) - vmax).exp_u20();
-    e.store(row + j);
-    vsum = vsum + e;
-  }
-  float sum = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
-  for (; j < n; ++j) {
-    row[j] = std::exp(row[j] - max);
-    sum += row[j];
-  }
-  const float inv = 1.f / sum;
-  at::vec::map([inv](const Vec& x) { return x * Vec(inv); }, row, row, n);
-  std::fill(row + n, row + width, 0.f);
 }
 
 // Workspace floats for one head's two panels: `keys` keys of `head_dim` features, values of `value_dim`.
@@ -218,14 +193,13 @@ inline void head_attention(const Head& h, float* panels) {
     }
     for (int64_t i0 = full; i0 < h.seq_q; ++i0) score_rows<1>(h, panel, i0, j0);
   }
-  using Vec = at::vec::Vectorized<float>;
   for (int64_t i = 0; i < h.seq_q; ++i) {
     float* row = h.probs + i * h.seq_k;
     const int64_t visible = visible_keys(h, i + 1);
     if (h.mask != nullptr) {
       at::vec::map2([](const Vec& x, const Vec& y) { return x + y; }, row, row, h.mask + i * h.mask_ld, visible);
     }
-    softmax_scores(row, visible, h.seq_k);
+    softmax_row(row, visible, h.seq_k);
   }
   for (int64_t d0 = 0; d0 < h.value_dim; d0 += kTileWidth) {
     const float* panel = values + d0 * h.seq_k;

@@ -122,23 +122,4 @@ class Workspace {
   int64_t used_ = 0;
 };
 
-// Row of a score block: softmax over its first n entries, zeros after (masked
-// keys), up to `width`. A row whose n entries are all -inf (every key masked)
-// becomes zeros, as in SDPA.
-template <typename T>
-void softmax_row(T* row, int64_t n, int64_t width) {
-  using Vec = Vectorized<T>;
-  const T max = at::vec::reduce_all<T>(
-      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, row, n);
-  if (max == -std::numeric_limits<T>::infinity()) {
-    std::fill(row, row + width, T(0));
-    return;
-  }
-  at::vec::map([max](const Vec& x) { return (x - Vec(max)).exp(); }, row, row, n);
-  const T sum = at::vec::reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, row, n);
-  const T inv = T(1) / sum;
-  at::vec::map([inv](const Vec& x) { return x * Vec(inv); }, row, row, n);
-  std::fill(row + n, row + width, T(0));
-}
-
 }  // namespace torchgraph::cpu

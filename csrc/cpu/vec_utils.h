@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -204,6 +205,36 @@ inline int64_t num_row_blocks(int64_t rows, int64_t row_size) {
 // [begin, end) of block `block` when `rows` are split into `blocks` blocks.
 inline std::pair<int64_t, int64_t> block_range(int64_t rows, int64_t blocks, int64_t block) {
   return {rows * block / blocks, rows * (block + 1) / blocks};
+}
+
+// Row of a score block: softmax over its first n entries in place, zeros after (masked keys), up to
+// `width`. A row whose n entries are all -inf (every key masked) becomes zeros, as in SDPA. The
+// exponentials use ATen's faster exp_u20 and are summed in the same pass. Every attention path (BLAS,
+// oneDNN, the SIMD tiles) calls this one.
+template <typename T>
+void softmax_row(T* row, int64_t n, int64_t width) {
+  using Vec = Vectorized<T>;
+  const T max = at::vec::reduce_all<T>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, row, n);
+  if (max == -std::numeric_limits<T>::infinity()) {
+    std::fill(row, row + width, T(0));
+    return;
+  }
+  const Vec vmax(max);
+  Vec vsum(T(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec e = (Vec::loadu(row + j) - vmax).exp_u20();
+    e.store(row + j);
+    vsum = vsum + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
+  for (; j < n; ++j) {
+    row[j] = std::exp(row[j] - max);
+    sum += row[j];
+  }
+  const T inv = T(1) / sum;
+  at::vec::map([inv](const Vec& x) { return x * Vec(inv); }, row, row, n);
+  std::fill(row + n, row + width, T(0));
 }
 
 }  // namespace torchgraph::cpu

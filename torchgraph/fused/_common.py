@@ -35,6 +35,10 @@ ONEDNN_ACTIVATIONS = {
 
 _ACTIVATION_FNS = {**ACTIVATION_FNS, "hardsigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
+# Whether torch runs at the AVX2 level (x86 without AVX-512): the level the kernels' AVX2 choices were
+# measured at (NOTE: [Activations after oneDNN on AVX2] below; NOTE: [Tiled attention on AVX2] in attention.py).
+_AVX2_ONLY = torch.backends.cpu.get_cpu_capability().upper() == "AVX2"
+
 # NOTE: [Activations after oneDNN on AVX2] On a CPU without AVX-512 (an AMD EPYC Zen 3, 2 threads,
 # `python benchmarks/bench_gemm.py --epilogues --reps 12`, medians, the order of each pair alternating),
 # oneDNN's AVX2 epilogues for the transcendental activations were slower than its GEMM or convolution
@@ -47,8 +51,7 @@ _ACTIVATION_FNS = {**ACTIVATION_FNS, "hardsigmoid": F.hardsigmoid, "sigmoid": to
 # AVX2 level (x86 without AVX-512) these four run after oneDNN; elsewhere (AVX-512, where the fused epilogues
 # were measured, and CPUs not measured) oneDNN applies every activation.
 #: Activations that run in place after oneDNN's GEMM or convolution rather than in its epilogue.
-ACTIVATIONS_AFTER_ONEDNN = (frozenset({"gelu", "gelu_tanh", "silu", "tanh"})
-                            if torch.backends.cpu.get_cpu_capability().upper() == "AVX2" else frozenset())
+ACTIVATIONS_AFTER_ONEDNN = frozenset({"gelu", "gelu_tanh", "silu", "tanh"}) if _AVX2_ONLY else frozenset()
 
 
 def onednn_epilogue(act: str) -> tuple[tuple, str]:

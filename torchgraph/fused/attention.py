@@ -10,7 +10,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from .. import ops
-from ._common import _ONEDNN_DTYPES, _ONEDNN_MATMUL_RUNS
+from ._common import _AVX2_ONLY, _ONEDNN_DTYPES, _ONEDNN_MATMUL_RUNS
 from .cpu_profile import MKL_GEMMS_FAST
 
 __all__ = ["ATTENTION_INFERENCE_MAX_SCORES", "ATTENTION_INFERENCE_MAX_SEQ", "ATTENTION_KERNEL_MIN_WORK",
@@ -39,7 +39,7 @@ _ONEDNN_ATTENTION = _ONEDNN_MATMUL_RUNS and not MKL_GEMMS_FAST
 #   costs as much as the products there.
 # So on AVX2 float32 qkv_attention takes the kernel when causal or up to TILED_ATTENTION_MAX_SEQ positions,
 # and SDPA calls take attention_inference when the queries are at least an eighth of the keys.
-_TILED_ATTENTION = torch.backends.cpu.get_cpu_capability().upper() == "AVX2" and not _ONEDNN_ATTENTION
+_TILED_ATTENTION = _AVX2_ONLY and not _ONEDNN_ATTENTION
 #: Longest non-causal self-attention that the tiled kernel takes from split + SDPA + merge (AVX2 only).
 TILED_ATTENTION_MAX_SEQ = 256
 
