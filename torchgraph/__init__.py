@@ -22,6 +22,7 @@ from .model import Model
 from .naming import name
 from .optimize import optimize
 from .plot import model_to_dot, plot_model
+from .profile import profile
 from .sequential import Sequential
 from .symbolic import Dim, Input, SymbolicInt, SymbolicTensor
 from .saving import load, save
@@ -58,6 +59,7 @@ __all__ = [
     "ops",
     "optimize",
     "plot_model",
+    "profile",
     "Sequential",
     "__version__",
 ]

@@ -271,6 +271,18 @@ _PLANS: dict[int, _ConvPlan] = {}
 _ADD_PLANS: dict[int, _ConvPlan] = {}
 
 
+def _planned_route(weight: torch.Tensor) -> str:
+    """The kernel a convolution with this weight was last planned on (NOTE: [Per-layer plans]), for
+    ``tg.profile``: ``"GEMM, <rows> rows"``, ``"depthwise kernel"`` or ``"oneDNN convolution"``; ``""``
+    where no plan holds it (the plain path, a traced program, a changed weight)."""
+    plan = _PLANS.get(id(weight)) or _ADD_PLANS.get(id(weight))
+    if plan is None or plan.weight() is not weight or plan.version != weight._version:
+        return ""
+    if plan.depthwise is not None:
+        return "depthwise kernel"
+    return f"GEMM, {plan.rows} rows" if plan.rows else "oneDNN convolution"
+
+
 def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tuple,
               residual: bool) -> _ConvPlan | None:
     """Plan a layer that the caller found on the oneDNN path (``use_onednn``, a 4-D input);
