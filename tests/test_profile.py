@@ -86,3 +86,31 @@ def test_profile_rejects_what_it_cannot_time():
     x = tg.Input(shape=(2,))
     with pytest.raises(ValueError, match=r"reps must be >= 1 .* reps=0"):
         tg.profile(tg.Model(x, nn.Linear(2, 2)(x)), torch.randn(1, 2), reps=0)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "nanogpt", "hf_bert"])
+def test_profile_runs_community_models_before_and_after_optimize(name, one_thread):
+    """Models written as torchvision, nanoGPT and transformers write them, brought in with tg.from_module and
+    called by keyword: every computing node is timed, the multiply-adds agree before and after tg.optimize
+    for the convnets (the fused ops count theirs from the weights), every fused convolution names its
+    kernel, and the optimized model's output is unchanged by profiling."""
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    from test_community_round_trips import _bring_in
+
+    model, kwargs = _bring_in(name)
+    fast = tg.optimize(model)
+    with torch.no_grad():
+        expected = fast(**kwargs)
+    before = tg.profile(model, reps=1, warmup=0, **kwargs)
+    after = tg.profile(fast, reps=1, warmup=0, **kwargs)
+    for report, graph in ((before, model), (after, fast)):
+        assert [n.name for n in report.nodes] == [n.name for n in graph.graph.nodes if n.op.startswith("call_")]
+    macs = sum(n.macs for n in after.nodes)
+    assert macs > 0
+    if name in ("resnet50", "mobilenet_v2"):
+        assert macs == sum(n.macs for n in before.nodes)
+        convs = [n for n in after.nodes if n.target in ("conv2d_act", "conv2d_add_act")]
+        assert convs and (not torch.backends.mkldnn.is_available() or all(ROUTE.match(n.route) for n in convs))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**kwargs), expected, rtol=0, atol=0)
