@@ -170,6 +170,9 @@ ABLATIONS = {
                   "(NOTE: [Convolutions on few pixels])",
                   [(fused_conv, "CONV_GEMM_MAX_ROWS", 0), (fused_conv, "CONV_IM2COL_MAX_ROWS", 0),
                    (fused_conv, "ONEDNN_F32_CONV_GEMM_MAX_ROWS", 0)]),
+    "gemm-kernel": ("convolution GEMMs on torchgraph's register-tiled kernel where they would run on oneDNN's "
+                    "matmul (NOTE: [GEMM kernel]; AVX2 CPUs); oneDNN's, as before",
+                    [(fused_conv, "GEMM_KERNEL", False)]),
     "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise "
                   "convolutions]); "
                   "oneDNN's, as before", [(fused_conv, "DEPTHWISE_KERNEL", False)]),

@@ -65,6 +65,13 @@ TORCH_LIBRARY(torchgraph, m) {
       "depthwise_conv2d_inference(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "str act=\"none\") -> Tensor");
 
+  // act(x @ W^T + bias + residual) for float32 x [M, K] (unit column stride), the filters W [N, K]
+  // as panels [ceil(N / 16), K, 16] (ops.gemm_panels), residual [M, N]; act as for the depthwise
+  // kernel. -> [M, N]. The GEMM of a 1x1 convolution on channels_last rows. Inference only.
+  m.def(
+      "gemm_act_inference(Tensor x, Tensor panels, Tensor? bias, Tensor? residual, int out_features, "
+      "str act=\"none\") -> Tensor");
+
   // max_pool2d without the indices output (inference only, no backward).
   m.def(
       "max_pool2d_inference(Tensor x, int[2] kernel_size, int[2] stride=[], "

@@ -71,5 +71,17 @@ def onednn_routes(monkeypatch):
     monkeypatch.setattr(fused.linear, "MKL_PACKED_MAX_ROWS", 0)
     monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 1 << 21)
     monkeypatch.setattr(fused.conv, "_MKL_CONV_GEMMS", False)
+    monkeypatch.setattr(fused.conv, "GEMM_KERNEL", False)  # as on AVX-512; AVX2: kernel_routes
     monkeypatch.setattr(fused.attention, "_ONEDNN_ATTENTION", True)
     monkeypatch.setattr(fused.attention, "_TILED_ATTENTION", False)
+
+
+@pytest.fixture
+def kernel_routes(onednn_routes, monkeypatch):
+    """``onednn_routes`` as on a CPU of another vendor with AVX2 only: the convolutions' float32 GEMMs on
+    torchgraph's kernel, ops.gemm_act_inference (NOTE: [GEMM kernel] in torchgraph/fused/conv.py)."""
+    from torchgraph import _extension, fused
+
+    if not _extension.HAS_C_OPS:
+        pytest.skip("torchgraph._C is not built")
+    monkeypatch.setattr(fused.conv, "GEMM_KERNEL", True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -20,11 +21,12 @@ from handwritten import Bottleneck, InvertedResidual, randomize_batchnorm  # noq
 needs_gemm = pytest.mark.skipif(not fused._common._HAS_ONEDNN, reason="needs oneDNN")
 
 
-@pytest.fixture(params=["mkl", "onednn"])
+@pytest.fixture(params=["mkl", "onednn", "kernel"])
 def gemm_library(request) -> str:
-    """Runs the test with float32 GEMMs on MKL's packed GEMM (Intel CPUs) and on oneDNN's matmul
-    (other CPUs: NOTE: [MKL on other vendors' CPUs])."""
-    request.getfixturevalue("mkl_routes" if request.param == "mkl" else "onednn_routes")
+    """Runs the test with float32 GEMMs on MKL's packed GEMM (Intel CPUs), on oneDNN's matmul (other
+    CPUs: NOTE: [MKL on other vendors' CPUs]) and on torchgraph's kernel (other CPUs with AVX2 only:
+    NOTE: [GEMM kernel])."""
+    request.getfixturevalue({"mkl": "mkl_routes", "onednn": "onednn_routes", "kernel": "kernel_routes"}[request.param])
     return request.param
 
 
@@ -39,8 +41,17 @@ def _reference(x, w, b, stride, padding, act, residual=None):
 
 
 def _gemm_calls(monkeypatch, library: str) -> list:
-    """Records the row counts of every GEMM call of ``library`` ("mkl" or "onednn")."""
+    """Records the row counts of every GEMM call of ``library`` ("mkl", "onednn" or "kernel")."""
     calls = []
+    if library == "kernel":  # called as torch.ops.torchgraph.gemm_act_inference.default
+        real = torch.ops.torchgraph.gemm_act_inference.default
+
+        def counting_kernel(a, *args):
+            calls.append(a.shape[0])
+            return real(a, *args)
+
+        monkeypatch.setattr(torch.ops.torchgraph, "gemm_act_inference", types.SimpleNamespace(default=counting_kernel))
+        return calls
     ops_, name = (torch.ops.mkl, "_mkl_linear") if library == "mkl" else (torch.ops.mkldnn, "_linear_pointwise")
     real = getattr(ops_, name)
 
@@ -112,6 +123,7 @@ def test_gemm_weights_are_cached_and_follow_changes(monkeypatch, gemm_library):
     rebuilt when the weight changes (load_state_dict, an optimizer step)."""
     monkeypatch.setattr(fused.weights, "_MKL_PACKED", {})
     monkeypatch.setattr(fused.weights, "_ONEDNN_LINEAR", {})
+    monkeypatch.setattr(fused.weights, "_GEMM_PANELS", {})
     x = torch.randn(2, 16, 2, 2).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(8, 16, 3, 3), torch.randn(8)
     args = ([1, 1], [1, 1], [1, 1], 1, "relu")
@@ -119,6 +131,8 @@ def test_gemm_weights_are_cached_and_follow_changes(monkeypatch, gemm_library):
         fused.conv2d_act(x, w, b, *args, channels_last=True)
         if gemm_library == "mkl":
             assert list(fused.weights._MKL_PACKED) == [id(w)] and list(fused.weights._MKL_PACKED[id(w)][2]) == [8]
+        elif gemm_library == "kernel":
+            assert list(fused.weights._GEMM_PANELS) == [id(w)] and not fused.weights._ONEDNN_LINEAR
         else:
             assert list(fused.weights._ONEDNN_LINEAR) == [id(w)] and not fused.weights._MKL_PACKED
         w.mul_(-1)

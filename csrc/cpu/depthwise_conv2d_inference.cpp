@@ -26,6 +26,7 @@
 
 #include <string>
 
+#include "epilogue_acts.h"
 #include "vec_utils.h"
 
 namespace torchgraph::cpu {
@@ -33,36 +34,6 @@ namespace {
 
 using FVec = Vectorized<float>;
 constexpr int kLanes = FVec::size();
-
-enum class Act { kNone, kRelu, kRelu6, kSilu, kHardswish };
-
-Act parse_act(const std::string& act) {
-  if (act == "none") return Act::kNone;
-  if (act == "relu") return Act::kRelu;
-  if (act == "relu6") return Act::kRelu6;
-  if (act == "silu") return Act::kSilu;
-  if (act == "hardswish") return Act::kHardswish;
-  TORCH_CHECK(false, "depthwise_conv2d_inference: act must be one of none, relu, relu6, silu, hardswish, got '",
-              act, "'");
-}
-
-// The same formulas as ATen's CPU kernels for these activations.
-C10_ALWAYS_INLINE FVec activate(const FVec& x, Act act) {
-  const FVec zero(0.f), three(3.f), six(6.f), one(1.f);
-  switch (act) {
-    case Act::kNone:
-      return x;
-    case Act::kRelu:
-      return at::vec::maximum(x, zero);
-    case Act::kRelu6:
-      return at::vec::minimum(at::vec::maximum(x, zero), six);
-    case Act::kSilu:
-      return x / (one + x.neg().exp());
-    case Act::kHardswish:
-      return x * at::vec::minimum(at::vec::maximum(x + three, zero), six) / six;
-  }
-  return x;
-}
 
 // One vector of channels at p, widened to float; kFull: kLanes of them, else n.
 template <typename T, bool kFull>
@@ -289,7 +260,7 @@ at::Tensor depthwise_conv2d_inference_cpu(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                           at::IntArrayRef padding, c10::string_view act_name) {
   check_depthwise_conv2d_inference(x, weight, bias, stride, padding);
-  const Act act = parse_act(std::string(act_name));
+  const Act act = parse_act(std::string(act_name), "depthwise_conv2d_inference");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
   const Geometry g{C, H, W, (H + 2 * padding[0] - K) / stride[0] + 1, (W + 2 * padding[1] - K) / stride[1] + 1,
                    stride[0], stride[1], padding[0], padding[1]};

@@ -10,15 +10,17 @@ import torch.nn.functional as F
 
 from .. import _extension, ops
 from ..ops.depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS, taps_last
+from ..ops.gemm_act_inference import GEMM_ACTIVATIONS
 from . import _common
 from ._common import (_ONEDNN_DTYPES, _activation, _activation_, _epilogue, _needs_grad, onednn_epilogue,
                       use_onednn)
 from .cpu_profile import MKL_GEMMS_FAST
-from .weights import _HAS_MKL_PACKED, _filters_as_rows, _mkl_packed_weight, _onednn_linear_weight, _packed_weight
+from .weights import (_HAS_MKL_PACKED, GemmPanels, _filters_as_rows, _gemm_panels_weight, _mkl_packed_weight,
+                      _onednn_linear_weight, _packed_weight)
 
 __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "DEPTHWISE_BF16_MAX_PIXELS",
-           "DEPTHWISE_KERNEL", "ONEDNN_F32_CONV_GEMM_MAX_ROWS", "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS",
-           "conv2d_act", "conv2d_add_act"]
+           "DEPTHWISE_KERNEL", "GEMM_KERNEL", "ONEDNN_F32_CONV_GEMM_MAX_ROWS", "ONEDNN_F32_IM2COL_MAX_WIDTH",
+           "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act"]
 
 # NOTE: [Convolutions on few pixels] A convolution whose output has few pixels (ResNet-50's last
 # stage: 2x2 maps at batch 8 and 64x64 input, 7x7 at batch 1 and 224x224) reads its whole weight for
@@ -63,6 +65,21 @@ ONEDNN_F32_CONV_GEMM_MAX_ROWS = 1 << 62
 #: Float32 im2col GEMMs where MKL is slow: output at most this wide (and CONV_IM2COL_MAX_ROWS pixels).
 ONEDNN_F32_IM2COL_MAX_WIDTH = 2
 
+# NOTE: [GEMM kernel] On the AMD EPYC (Zen 3, AVX2 only, 2 threads, float32, interleaved medians of
+# 11 x several calls, the bias and ReLU6 included), oneDNN's matmul ran the GEMMs of MobileNetV2's and
+# ResNet-50's 1x1 convolutions at 45-150 GFLOP/s, about one core's worth below ~1,000 rows (the second
+# thread hardly helps: 128 x 96 -> 576 took 193 us on one thread and 179 on two), with ~25 us a call
+# before any arithmetic; ONNX Runtime's MLAS ran the same MobileNetV2 layers 1.5-2x faster (its
+# profiler, b8 64x64). ops.gemm_act_inference, a register-tiled GEMM parallel over rows (or output
+# channels when rows are few) with the bias, residual and activation applied before its one store, took
+# 0.51-0.85x oneDNN's time on MobileNetV2's shapes (128 x 576 -> 96: 213 -> 115 us; 32 x 160 -> 960: 116
+# -> 73 us) and 0.8-0.95x on ResNet-50's 512-2,048-row ones, but 1.0-1.2x on 8,192 x 16 -> 96 (K = 16:
+# the stores dominate). The whole-model figures are in docs/optimize.md. Hence float32 convolution
+# GEMMs run on it where torch runs at the AVX2 level and float32 GEMMs would otherwise run on oneDNN
+# (AVX-512 CPUs keep oneDNN or MKL: not measured there).
+#: Run float32 convolution GEMMs on ops.gemm_act_inference where they would run on oneDNN's matmul (AVX2).
+GEMM_KERNEL = _common._AVX2_ONLY
+
 
 # NOTE: [Depthwise convolutions] oneDNN's depthwise convolution (torch's
 # mkldnn::_convolution_pointwise) took 25-30 us a call inside MobileNetV2 even on 2x2 and 4x4 maps,
@@ -100,7 +117,7 @@ DEPTHWISE_7X7_BF16_MAX_PIXELS = 128
 def _limits() -> tuple:
     """What the GEMM and depthwise decisions read, part of each plan's key (tests and benchmarks move them)."""
     return (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
-            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, DEPTHWISE_KERNEL, DEPTHWISE_BF16_MAX_PIXELS,
+            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, GEMM_KERNEL, DEPTHWISE_KERNEL, DEPTHWISE_BF16_MAX_PIXELS,
             DEPTHWISE_7X7_MAX_PIXELS, DEPTHWISE_7X7_BF16_MAX_PIXELS, _common.ACTIVATIONS_AFTER_ONEDNN)
 
 
@@ -167,11 +184,14 @@ def _gemm_filters(x: torch.Tensor, weight: torch.Tensor, rows: int):
     """The filters in the form :func:`_run_gemm` reads, or None where they cannot be cached."""
     if _MKL_CONV_GEMMS and x.dtype == torch.float32:
         return _mkl_packed_weight(weight, rows, _filters_as_rows)
+    if GEMM_KERNEL and x.dtype == torch.float32 and _extension.HAS_C_OPS:  # NOTE: [GEMM kernel]
+        return _gemm_panels_weight(weight)
     return None if weight.is_inference() else _onednn_linear_weight(weight, _filters_as_rows)
 
 
 def _run_gemm(x: torch.Tensor, packed, kernel_size, bias: torch.Tensor | None, stride, padding,
-              rows: int, act: str = "none") -> torch.Tensor:
+              rows: int, act: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(conv(x) + residual)`` as one GEMM on ``packed`` (:func:`_gemm_filters`'), in channels_last."""
     n, c, h, w = x.shape
     kh, kw = kernel_size
     # NOTE: a stride-1 1x1 convolution on a channels_last input (most of them inside a stack)
@@ -195,13 +215,31 @@ def _run_gemm(x: torch.Tensor, packed, kernel_size, bias: torch.Tensor | None, s
             cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
         ho, wo = cols.shape[1], cols.shape[2]
         cols = cols.reshape(rows, -1)
-    if isinstance(packed, tuple):  # MKL's (packed, matrix), from _gemm_filters
-        y = _activation_(torch.ops.mkl._mkl_linear(cols, *packed, bias, rows), act)
-    else:  # the activation in oneDNN's epilogue
-        post_op, after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
-        y = _activation_(torch.ops.mkldnn._linear_pointwise(cols, packed, bias, *post_op), after)
+    if isinstance(packed, GemmPanels):  # the bias, residual and activation in the kernel's epilogue
+        inside = act if act in GEMM_ACTIVATIONS else "none"
+        y = _activation_(torch.ops.torchgraph.gemm_act_inference.default(
+            cols, packed.panels, bias, None if residual is None else _pixels_as_rows(residual), packed.out_features,
+            inside), "none" if inside == act else act)
+    else:
+        after_add = act if residual is not None else "none"  # the activation follows the residual
+        act = "none" if residual is not None else act
+        if isinstance(packed, tuple):  # MKL's (packed, matrix), from _gemm_filters
+            y = _activation_(torch.ops.mkl._mkl_linear(cols, *packed, bias, rows), act)
+        else:  # the activation in oneDNN's epilogue
+            post_op, after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
+            y = _activation_(torch.ops.mkldnn._linear_pointwise(cols, packed, bias, *post_op), after)
+        if residual is not None:  # y is new: nobody else holds it
+            y = _activation_(y.add_(_pixels_as_rows(residual)), after_add)
     out = y.shape[1]  # y: a new dense (rows, C_out) matrix, i.e. NHWC
     return y.as_strided((n, out, ho, wo), (ho * wo * out, 1, wo * out, out))
+
+
+def _pixels_as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> its ``(N * H * W, C)`` pixels: a view of a channels_last tensor, else a copy."""
+    n, c, h, w = t.shape
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.as_strided((n * h * w, c), (c, 1))
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
 
 # NOTE: [Per-layer plans] Which kernel a fused convolution runs (the MKL GEMM, oneDNN's fused op)
@@ -257,8 +295,8 @@ class _ConvPlan:
     def run_add(self, x: torch.Tensor, residual: torch.Tensor, bias) -> torch.Tensor:
         """:func:`conv2d_add_act`'s oneDNN path (planned only channels_last or as a GEMM)."""
         if self.rows:
-            y = _run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding, self.rows)
-            y = _activation_(y.add_(residual), self.act)  # y is new: nobody else holds it
+            y = _run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding, self.rows, self.act,
+                          residual)
             return y if self.channels_last else y.contiguous()
         padding, stride, dilation, groups = self.onednn_args[:4]
         return torch.ops.mkldnn._convolution_pointwise.binary(
@@ -273,14 +311,17 @@ _ADD_PLANS: dict[int, _ConvPlan] = {}
 
 def _planned_route(weight: torch.Tensor) -> str:
     """The kernel a convolution with this weight was last planned on (NOTE: [Per-layer plans]), for
-    ``tg.profile``: ``"GEMM, <rows> rows"``, ``"depthwise kernel"`` or ``"oneDNN convolution"``; ``""``
+    ``tg.profile``: ``"GEMM kernel, <rows> rows"`` (ops.gemm_act_inference), ``"GEMM, <rows> rows"`` (oneDNN's
+    or MKL's), ``"depthwise kernel"`` or ``"oneDNN convolution"``; ``""``
     where no plan holds it (the plain path, a traced program, a changed weight)."""
     plan = _PLANS.get(id(weight)) or _ADD_PLANS.get(id(weight))
     if plan is None or plan.weight() is not weight or plan.version != weight._version:
         return ""
     if plan.depthwise is not None:
         return "depthwise kernel"
-    return f"GEMM, {plan.rows} rows" if plan.rows else "oneDNN convolution"
+    if plan.rows:  # NOTE: [GEMM kernel]
+        return f"GEMM kernel, {plan.rows} rows" if isinstance(plan.packed, GemmPanels) else f"GEMM, {plan.rows} rows"
+    return "oneDNN convolution"
 
 
 def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tuple,

@@ -19,6 +19,7 @@ import weakref
 
 import torch
 
+from ..ops.gemm_act_inference import gemm_panels
 from ._common import _HAS_ONEDNN
 
 __all__ = ["MKL_PACKED_ROW_COUNTS"]
@@ -127,3 +128,22 @@ def _onednn_linear_weight(weight: torch.Tensor, as_matrix=None) -> torch.Tensor:
     if packed is not None:
         return packed
     return weight if as_matrix is None else as_matrix(weight)
+
+
+class GemmPanels:
+    """A convolution's filters as :func:`torchgraph.ops.gemm_panels` (its GEMM's columns' order, as
+    :func:`_filters_as_rows`) and their count: what ``ops.gemm_act_inference`` reads."""
+
+    __slots__ = ("panels", "out_features")
+
+    def __init__(self, weight: torch.Tensor):
+        self.panels = gemm_panels(_filters_as_rows(weight).contiguous())
+        self.out_features = weight.shape[0]
+
+
+_GEMM_PANELS: dict[int, tuple] = {}
+
+
+def _gemm_panels_weight(weight: torch.Tensor) -> GemmPanels | None:
+    """``GemmPanels(weight)``, cached beside the parameter; None where it cannot be (inference-mode weights)."""
+    return _cached_beside(_GEMM_PANELS, weight, GemmPanels)

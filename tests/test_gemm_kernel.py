@@ -1,0 +1,201 @@
+"""``ops.gemm_act_inference`` and the fused convolutions that run their 1x1 (and few-pixel) GEMMs on it."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchgraph as tg
+import torchgraph._extension as extension
+import torchgraph.ops as ops
+from torchgraph.fused import conv as fused_conv
+from torchgraph.fused.weights import GemmPanels
+from torchgraph.ops._common import ACTIVATION_FNS
+from torchgraph.ops.gemm_act_inference import GEMM_ACTIVATIONS, gemm_panels
+
+needs_c_ops = pytest.mark.skipif(not extension.HAS_C_OPS, reason="torchgraph._C is not built")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _exact(x, weight, bias, residual, act):
+    """The same product in float64."""
+    y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return ACTIVATION_FNS[act](y if residual is None else y + residual.double())
+
+
+@needs_c_ops
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("in_features", [0, 1, 16, 37, 1030])  # 1030: sums in blocks of 512 (above 1024)
+def test_kernel_matches_the_product(in_features, threads):
+    """Row counts around the 6- and 12-row tiles and the split between threads, output channels around the
+    16-channel panels (one, a part of one, odd counts of them), every activation, with and without bias and
+    residual, rows read through a stride: float32 to its rounding."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        forms = itertools.cycle(itertools.product([True, False], [True, False], [True, False]))
+        for rows, out_features, act in itertools.product([1, 5, 6, 7, 13, 50, 97, 200], [1, 15, 16, 17, 40, 48],
+                                                         GEMM_ACTIVATIONS):
+            with_bias, with_residual, strided = next(forms)
+            source = torch.randn(rows, in_features + (3 if strided else 0))
+            x = source[:, :in_features] if strided else source
+            weight = torch.randn(out_features, in_features)
+            bias = torch.randn(out_features) if with_bias else None
+            residual = torch.randn(rows, out_features) if with_residual else None
+            y = ops.gemm_act_inference(x, gemm_panels(weight), bias, residual, out_features, act)
+            expected = _exact(x, weight, bias, residual, act)
+            assert y.shape == (rows, out_features) and y.is_contiguous() and y.dtype == torch.float32
+            error = ((y.double() - expected).abs() / (1 + expected.abs())).max().item()
+            assert error <= 2e-7 * max(in_features, 4), (rows, out_features, act, with_bias, with_residual, error)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_c_ops
+def test_the_reference_is_the_product():
+    x, weight, bias, residual = torch.randn(9, 24), torch.randn(40, 24), torch.randn(40), torch.randn(9, 40)
+    y = ops.reference_gemm_act_inference(x, gemm_panels(weight), bias, residual, 40, "hardswish")
+    torch.testing.assert_close(y, F.hardswish(F.linear(x, weight, bias) + residual))
+    torch.testing.assert_close(ops.gemm_act_inference(x, gemm_panels(weight), bias, residual, 40, "hardswish"), y,
+                               atol=1e-5, rtol=1e-5)
+    assert ops.reference_for(ops.gemm_act_inference) is ops.reference_gemm_act_inference
+
+
+def test_panels_hold_the_weight():
+    weight = torch.randn(20, 3)
+    panels = gemm_panels(weight)
+    assert panels.shape == (2, 3, 16) and panels.is_contiguous()
+    assert torch.equal(panels[0], weight[:16].T) and torch.equal(panels[1, :, :4], weight[16:].T)
+    assert not panels[1, :, 4:].any()
+    with pytest.raises(RuntimeError, match=r"gemm_panels: weight must be 2-D \(out_features, in_features\), got "
+                                           r"shape \[20, 3, 1, 1\]"):
+        gemm_panels(weight[:, :, None, None])
+
+
+@needs_c_ops
+def test_opcheck():
+    x, weight = torch.randn(13, 40), torch.randn(33, 40)
+    op = torch.ops.torchgraph.gemm_act_inference.default
+    torch.library.opcheck(op, (x, gemm_panels(weight), torch.randn(33), torch.randn(13, 33), 33, "relu6"))
+    torch.library.opcheck(op, (x[:, :20], gemm_panels(weight[:, :20]), None, None, 33))
+
+
+@needs_c_ops
+def test_backward_raises_with_the_fix():
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no backward.*inference=False"):
+        ops.gemm_act_inference(x, gemm_panels(torch.randn(8, 8)), None, None, 8).sum().backward()
+
+
+@needs_c_ops
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(4, 8).double(), gemm_panels(torch.randn(8, 8)), None, None, 8, "none"), "x must be float32"),
+    ((torch.randn(2, 4, 8), gemm_panels(torch.randn(8, 8)), None, None, 8, "none"), r"x must be 2-D \(rows, "),
+    ((torch.randn(4, 8), gemm_panels(torch.randn(8, 6)), None, None, 8, "none"),
+     r"panels must have shape \[1, 8, 16\] for 8 output features and 8 input features \(ops.gemm_panels\(weight\)\)"
+     r", got \[1, 6, 16\]"),
+    ((torch.randn(4, 8), gemm_panels(torch.randn(8, 8)), None, None, 20, "none"),
+     r"panels must have shape \[2, 8, 16\] for 20 output features"),
+    ((torch.randn(4, 8), gemm_panels(torch.randn(8, 8)), torch.randn(4), None, 8, "none"),
+     r"bias must have shape \[8\], got \[4\]"),
+    ((torch.randn(4, 8), gemm_panels(torch.randn(8, 8)), None, torch.randn(8, 4), 8, "none"),
+     r"residual must have shape \[4, 8\], got \[8, 4\]"),
+    ((torch.randn(4, 8), gemm_panels(torch.randn(8, 8)), None, None, 8, "gelu"),
+     "act must be one of none, relu, relu6, silu, hardswish, got 'gelu'"),
+])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_inputs_raise_the_same_message_on_the_kernel_and_the_fake(args, match, device):
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.torchgraph.gemm_act_inference.default(*args)
+
+
+# ------------------------------------------------------------------------------- the fused convolutions
+
+
+def _route(weight):
+    return fused_conv._planned_route(weight)
+
+
+@pytest.fixture
+def gemm_kernel(kernel_routes):
+    """The kernel switched on, as on an AVX2 CPU, whatever this CPU is (NOTE: [GEMM kernel])."""
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "hardswish", "gelu"])  # gelu: after the kernel
+@pytest.mark.parametrize("kernel, side, stride", [(1, 8, 1), (1, 9, 2), (3, 2, 1)])  # 3x3 on 2x2: im2col
+def test_conv2d_act_runs_its_gemm_on_the_kernel(gemm_kernel, act, kernel, side, stride):
+    conv = nn.Conv2d(24, 40, kernel, stride, padding=kernel // 2)
+    x = torch.randn(2, 24, side, side).contiguous(memory_format=torch.channels_last)
+    args = (conv.weight, conv.bias, [stride] * 2, [kernel // 2] * 2, [1, 1], 1, act)
+    with torch.no_grad():
+        y = fused_conv.conv2d_act(x, *args, channels_last=True)
+        again = fused_conv.conv2d_act(x, *args, channels_last=True)
+        expected = ACTIVATION_FNS[act](conv(x)) if act != "gelu" else F.gelu(conv(x))
+    assert _route(conv.weight).startswith("GEMM kernel, ")
+    assert torch.equal(y, again) and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+@pytest.mark.parametrize("residual_layout", [torch.channels_last, torch.contiguous_format])
+def test_conv2d_add_act_adds_the_residual_in_the_kernel(gemm_kernel, act, residual_layout):
+    conv = nn.Conv2d(64, 24, 1)
+    x = torch.randn(3, 64, 5, 7).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(3, 24, 5, 7).contiguous(memory_format=residual_layout)
+    with torch.no_grad():
+        y = fused_conv.conv2d_add_act(x, residual, conv.weight, conv.bias, [1, 1], [0, 0], [1, 1], 1, act,
+                                      channels_last=True)
+        y = fused_conv.conv2d_add_act(x, residual, conv.weight, conv.bias, [1, 1], [0, 0], [1, 1], 1, act,
+                                      channels_last=True)  # the planned call
+        expected = conv(x) + residual
+    assert _route(conv.weight).startswith("GEMM kernel, ")
+    torch.testing.assert_close(y, F.relu(expected) if act == "relu" else expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_switch_keeps_onednn(gemm_kernel, monkeypatch):
+    monkeypatch.setattr(fused_conv, "GEMM_KERNEL", False)
+    conv = nn.Conv2d(24, 40, 1)
+    x = torch.randn(2, 24, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], [0, 0], [1, 1], 1, "relu6", channels_last=True)
+    assert _route(conv.weight) == "GEMM, 128 rows"
+    torch.testing.assert_close(y, F.relu6(conv(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_weight_changed_in_place_is_read_again(gemm_kernel):
+    conv = nn.Conv2d(16, 32, 1)
+    x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], [0, 0], [1, 1], 1, "none", channels_last=True)
+        conv.weight.mul_(-2.0)
+        y = fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], [0, 0], [1, 1], 1, "none", channels_last=True)
+        torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(fused_conv._PLANS[id(conv.weight)].packed, GemmPanels)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"])
+def test_community_models_run_their_gemms_on_the_kernel(gemm_kernel, name):
+    """torchvision's ResNet-50, MobileNetV2 / V3-small and EfficientNet-B0 as their authors write them
+    (tests/community_models), through tg.optimize: every 1x1 convolution's GEMM on the kernel (ReLU, ReLU6,
+    hardswish and the residual adds inside it, SiLU after it), outputs as eager's."""
+    from community_models import ARCHITECTURES
+
+    arch = ARCHITECTURES[name]
+    module = arch.make_model().eval()
+    (spec,) = arch.inputs
+    inputs = tg.Input(shape=spec.shape, name=spec.name)
+    fast = tg.optimize(tg.Model(inputs, module(inputs)))
+    x = arch.make_kwargs()[spec.name]
+    with torch.no_grad():
+        expected = module(x)
+        y = fast(x)
+    torch.testing.assert_close(y, expected, atol=5e-4, rtol=1e-4)  # ResNet-50: 2.4e-4 on either GEMM (float32 sums)
+    routes = [_route(p) for p in fast.parameters() if p.dim() == 4 and p.shape[-1] == 1 and p.shape[1] > 1]
+    assert routes and all(route.startswith("GEMM kernel, ") for route in routes), routes
