@@ -1,6 +1,7 @@
 """``ops.gemm_act_inference`` and the fused convolutions that run their 1x1 (and few-pixel) GEMMs on it."""
 
 import itertools
+import types
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import torchgraph as tg
 import torchgraph._extension as extension
 import torchgraph.ops as ops
+from torchgraph import fused
 from torchgraph.fused import conv as fused_conv
 from torchgraph.fused.weights import GemmPanels
 from torchgraph.ops._common import ACTIVATION_FNS
@@ -199,3 +201,69 @@ def test_community_models_run_their_gemms_on_the_kernel(gemm_kernel, name):
     torch.testing.assert_close(y, expected, atol=5e-4, rtol=1e-4)  # ResNet-50: 2.4e-4 on either GEMM (float32 sums)
     routes = [_route(p) for p in fast.parameters() if p.dim() == 4 and p.shape[-1] == 1 and p.shape[1] > 1]
     assert routes and all(route.startswith("GEMM kernel, ") for route in routes), routes
+
+
+# ------------------------------------------------------------------------------- the fused linears
+
+
+def _kernel_calls(monkeypatch) -> list:
+    calls = []
+    real = torch.ops.torchgraph.gemm_act_inference.default
+
+    def counting(x, *args):
+        calls.append(tuple(x.shape))
+        return real(x, *args)
+
+    monkeypatch.setattr(torch.ops.torchgraph, "gemm_act_inference", types.SimpleNamespace(default=counting))
+    return calls
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])  # gelu: after the kernel
+def test_linears_of_few_rows_run_on_the_kernel(gemm_kernel, monkeypatch, act):
+    """A ViT's token rows (3-D input) and a classifier head (2-D) run on the kernel; 300 rows (above
+    KERNEL_MAX_ROWS) and a small layer (below ONEDNN_LINEAR_MIN_MACS) do not (NOTE: [Linears on the GEMM
+    kernel])."""
+    calls = _kernel_calls(monkeypatch)
+    cases = [((2, 97, 384), 1152, True), ((8, 1280), 1000, True), ((300, 256), 256, False), ((4, 32), 10, False)]
+    for shape, out_features, on_kernel in cases:
+        layer = nn.Linear(shape[-1], out_features)
+        x = torch.randn(shape)
+        del calls[:]
+        with torch.no_grad():
+            y = fused.linear_act(x, layer.weight, layer.bias, act)
+            expected = ACTIVATION_FNS[act](layer(x))
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+        assert y.shape == expected.shape
+        assert calls == ([(x.numel() // shape[-1], shape[-1])] if on_kernel else []), (shape, calls)
+
+
+def test_linear_kernel_needs_no_gradient(gemm_kernel, monkeypatch):
+    calls = _kernel_calls(monkeypatch)
+    layer = nn.Linear(384, 384)
+    x = torch.randn(197, 384, requires_grad=True)
+    y = fused.linear_act(x, layer.weight, layer.bias, "relu")
+    y.sum().backward()
+    assert calls == [] and x.grad is not None
+    torch.testing.assert_close(y, F.relu(layer(x)), atol=1e-5, rtol=1e-4)
+
+
+def test_vit_through_optimize_runs_its_linears_on_the_kernel(gemm_kernel, monkeypatch):
+    """timm's ViT as its authors write it (tests/community_models), at batch 1: its token-row linears and
+    head on the kernel, the output as eager's (the test-sized model's linears are below the small-layer
+    cut, which is moved out of the way)."""
+    from community_models import ARCHITECTURES
+
+    monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 0)
+    arch = ARCHITECTURES["vit"]
+    module = arch.make_model().eval()
+    (spec,) = arch.inputs
+    inputs = tg.Input(shape=spec.shape, name=spec.name)
+    fast = tg.optimize(tg.Model(inputs, module(inputs)))
+    x = arch.make_kwargs()[spec.name][:1]
+    calls = _kernel_calls(monkeypatch)
+    with torch.no_grad():
+        expected = module(x)
+        y = fast(x)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+    linears = sum(isinstance(m, nn.Linear) for m in module.modules())
+    assert len(calls) >= linears - 1, (len(calls), linears)  # the qkv, proj, fc1 and fc2 of each block, the head

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import _extension, ops
-from ._common import _activation, _activation_, _epilogue, _needs_grad, onednn_epilogue, use_onednn
+from ..ops.gemm_act_inference import GEMM_ACTIVATIONS
+from ._common import _AVX2_ONLY, _activation, _activation_, _epilogue, _needs_grad, onednn_epilogue, use_onednn
 from .cpu_profile import MKL_GEMMS_FAST
-from .weights import _mkl_packed_weight, _onednn_linear_weight
+from .weights import _gemm_panels_weight, _mkl_packed_weight, _onednn_linear_weight
 
-__all__ = ["MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
+__all__ = ["KERNEL_MAX_ROWS", "MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
 
 # NOTE: [Small linears] oneDNN's fused linear pays a fixed ~45 us a call here (1 thread,
 # `python benchmarks/bench_gemm.py --small --threads 1`): F.linear + an in-place ReLU took 0.26-0.45x
@@ -70,6 +71,16 @@ MKL_PACKED_MAX_ROWS = 256 if MKL_GEMMS_FAST else 0
 MKL_PACKED_MIN_WEIGHT = 1 << 16
 
 
+# NOTE: [Linears on the GEMM kernel] ops.gemm_act_inference (NOTE: [GEMM kernel] in conv.py) against
+# oneDNN's fused linear from a reordered weight on the AMD EPYC Zen 3 (AVX2, 2 threads, interleaved medians
+# of 11, ad hoc): ViT-S's four token-row shapes (197 x 384 -> 1152 / 384 / 1536, 1536 -> 384) 0.84-0.96x
+# its time, classifier heads (8 x 1280 / 2048 -> 1000) 0.71-0.79x, but the GPT block's 1,024-row GEMMs
+# 0.83-1.15x (slower on 256 -> 768 and 256 -> 256). So where torch runs at the AVX2 level, float32
+# inference linears of at most KERNEL_MAX_ROWS rows (and not small: NOTE: [Small linears]) run on it.
+#: Float32 inference linears with at most this many rows run on ops.gemm_act_inference (AVX2 CPUs; 0: never).
+KERNEL_MAX_ROWS = 256 if _AVX2_ONLY and not MKL_GEMMS_FAST else 0
+
+
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                act: str = "none") -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` in one fused call where possible.
@@ -101,6 +112,13 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
             if small:
                 return _activation_(F.linear(x, weight, bias), act)
+            panels = (_gemm_panels_weight(weight) if x.dtype == torch.float32 and rows <= KERNEL_MAX_ROWS
+                      and _extension.HAS_C_OPS else None)
+            if panels is not None:  # NOTE: [Linears on the GEMM kernel]
+                inside = act if act in GEMM_ACTIVATIONS else "none"
+                y = torch.ops.torchgraph.gemm_act_inference.default(x.reshape(rows, -1), panels.panels, bias, None,
+                                                                    panels.out_features, inside)
+                return _activation_(y.view(*x.shape[:-1], weight.shape[0]), "none" if inside == act else act)
             (attr, scalars, algorithm), after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
             return _activation_(torch.ops.mkldnn._linear_pointwise(x, _onednn_linear_weight(weight), bias, attr,
                                                                    scalars, algorithm), after)

@@ -131,13 +131,15 @@ def _onednn_linear_weight(weight: torch.Tensor, as_matrix=None) -> torch.Tensor:
 
 
 class GemmPanels:
-    """A convolution's filters as :func:`torchgraph.ops.gemm_panels` (its GEMM's columns' order, as
-    :func:`_filters_as_rows`) and their count: what ``ops.gemm_act_inference`` reads."""
+    """A linear's weight or a convolution's filters (in its GEMM's columns' order, as
+    :func:`_filters_as_rows`) as :func:`torchgraph.ops.gemm_panels`, and their count: what
+    ``ops.gemm_act_inference`` reads."""
 
     __slots__ = ("panels", "out_features")
 
     def __init__(self, weight: torch.Tensor):
-        self.panels = gemm_panels(_filters_as_rows(weight).contiguous())
+        matrix = weight if weight.dim() == 2 else _filters_as_rows(weight)
+        self.panels = gemm_panels(matrix.contiguous())
         self.out_features = weight.shape[0]
 
 

@@ -78,9 +78,8 @@ def reference_gemm_act_inference(x: torch.Tensor, panels: torch.Tensor, bias: to
     return ACTIVATION_FNS[act](y if residual is None else y + residual).contiguous()
 
 
-def gemm_act_inference(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None,
-                       residual: torch.Tensor | None = None, out_features: int | None = None,
-                       act: str = "none") -> torch.Tensor:
+def gemm_act_inference(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None,
+                       residual: torch.Tensor | None, out_features: int, act: str = "none") -> torch.Tensor:
     """``act(x @ weight.T + bias + residual)`` in float32, ``weight`` given as :func:`gemm_panels` (inference
     only: it has no backward).
 
@@ -92,7 +91,7 @@ def gemm_act_inference(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor
     Example:
         >>> import torch.nn.functional as F
         >>> x, w, b, r = torch.randn(10, 24), torch.randn(40, 24), torch.randn(40), torch.randn(10, 40)
-        >>> y = gemm_act_inference(x, gemm_panels(w), b, r, act="relu6")
+        >>> y = gemm_act_inference(x, gemm_panels(w), b, r, 40, act="relu6")
         >>> torch.allclose(y, F.relu6(F.linear(x, w, b) + r), atol=1e-5)
         True
 
@@ -101,7 +100,7 @@ def gemm_act_inference(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor
         panels: ``gemm_panels(weight)`` for ``weight`` ``(N, K)``.
         bias: ``(N,)`` or None.
         residual: ``(M, N)`` added before the activation, or None.
-        out_features: ``N`` (default: every channel of the panels, ``16 * panels.shape[0]``).
+        out_features: ``N`` (the panels hold ``16 * ceil(N / 16)`` channels, the last zero).
         act: ``"none"``, ``"relu"``, ``"relu6"``, ``"silu"`` or ``"hardswish"``.
 
     Returns:
@@ -110,8 +109,6 @@ def gemm_act_inference(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor
     Raises:
         RuntimeError: On other shapes, dtypes or activations, or if gradients are requested.
     """
-    if out_features is None:
-        out_features = GEMM_PANEL * panels.shape[0]
     if (_extension.HAS_C_OPS and isinstance(x, torch.Tensor) and x.device.type in ("cpu", "meta")
             and x.dtype == torch.float32):
         return torch.ops.torchgraph.gemm_act_inference.default(x, panels, bias, residual, out_features, act)
