@@ -31,8 +31,15 @@ With ``--epilogues`` it times each activation in oneDNN's epilogue against oneDN
 activation in place after it, for a linear and a convolution (NOTE: [Activations after oneDNN on AVX2] in
 ``torchgraph/fused/_common.py``), and prints after / fused (below 1: running it after is faster).
 
-Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference [--bf16] [--vit] | --small | --epilogues]
-       [--cpu-time]
+With ``--kernel`` it times ``tg.optimize``'s float32 inference linear (``fused.linear_act``) two ways, on
+torchgraph's GEMM kernel (``ops.gemm_act_inference``, the activation in its epilogue) and on oneDNN's fused
+linear from the reordered weight, for the GPT block, nn.TransformerEncoderLayer, BERT-base, ViT-S at batch 1
+and ViT-B at batch 8 and short sums, and prints kernel time / oneDNN time with the quartiles of the
+repetitions' paired ratios and whether ``tg.optimize`` routes the shape to the kernel on an AVX2 CPU
+(NOTE: [Linears on the GEMM kernel] in ``torchgraph/fused/linear.py``; needs torchgraph._C).
+
+Usage: python benchmarks/bench_gemm.py [--threads 2] [--reps 15] [--inference [--bf16] [--vit] | --small | --epilogues
+       | --kernel] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -166,6 +173,52 @@ def small_main(reps: int) -> None:
         print(f"{rows:>5} {n:>8} {rows * n * n:>10} {eager:>18.1f} {onednn:>16.1f} {onednn / eager:>16.2f}")
 
 
+# (name, rows, in_features, out_features, act): what the models run, and where the kernel lost
+KERNEL_SHAPES = [
+    ("GPT qkv", 1024, 256, 768, "none"), ("GPT proj", 1024, 256, 256, "none"), ("GPT fc1", 1024, 256, 1024, "gelu"),
+    ("GPT fc2", 1024, 1024, 256, "none"), ("encoder fc1", 1024, 256, 1024, "relu"),
+    ("BERT-base qkv", 1024, 768, 2304, "none"), ("BERT-base fc1", 1024, 768, 3072, "gelu"),
+    ("BERT-base fc2", 1024, 3072, 768, "none"), ("ViT-S b1 qkv", 197, 384, 1152, "none"),
+    ("ViT-S b1 fc1", 197, 384, 1536, "gelu"), ("head b8", 8, 2048, 1000, "none"),
+    ("ViT-B b8 qkv", 1576, 384, 1152, "none"), ("ViT-B b8 fc1", 1576, 384, 1536, "gelu"),
+    ("2048 rows", 2048, 256, 768, "none"), ("short 32", 1024, 32, 128, "relu"), ("short 128", 1024, 128, 512, "none"),
+]
+
+
+def kernel_main(reps: int) -> None:
+    from torchgraph import _extension, fused
+
+    if not _extension.HAS_C_OPS:
+        raise SystemExit("--kernel needs torchgraph._C (python -m torchgraph build-kernels)")
+    saved = fused.linear.KERNEL_MAX_ROWS, fused.linear.KERNEL_MAX_DEEP_ROWS
+    routed = {name: fused.linear._on_gemm_kernel(rows, n_in) if saved[1] else "not AVX2"
+              for name, rows, n_in, _, _ in KERNEL_SHAPES}
+
+    def on(kernel: bool, x, w, b, act):
+        def run():
+            fused.linear.KERNEL_MAX_ROWS = fused.linear.KERNEL_MAX_DEEP_ROWS = (1 << 40) if kernel else 0
+            try:
+                return fused.linear_act(x, w, b, act)
+            finally:
+                fused.linear.KERNEL_MAX_ROWS, fused.linear.KERNEL_MAX_DEEP_ROWS = saved
+        return run
+
+    cases = {}
+    for name, rows, n_in, n_out, act in KERNEL_SHAPES:
+        x, w, b = torch.randn(rows, n_in), torch.randn(n_out, n_in) * n_in ** -0.5, torch.randn(n_out)
+        cases[name] = {"kernel": on(True, x, w, b, act), "oneDNN": on(False, x, w, b, act)}
+    times = _interleaved(cases, reps, calls=5, alternate=True)
+    print(f"{'layer':<14} {'rows x in -> out':>18} {'kernel ms':>10} {'oneDNN ms':>10} {'kernel/oneDNN':>14} "
+          f"{'paired q1-q3':>13}  routed to the kernel")
+    for name, rows, n_in, n_out, act in KERNEL_SHAPES:
+        kernel, onednn = times[name]["kernel"], times[name]["oneDNN"]
+        ratios = sorted(k / o for k, o in zip(kernel, onednn))
+        ratio = statistics.median(kernel) / statistics.median(onednn)
+        print(f"{name:<14} {f'{rows} x {n_in} -> {n_out}':>18} {statistics.median(kernel) * 1e3:10.3f} "
+              f"{statistics.median(onednn) * 1e3:10.3f} {ratio:13.2f}x {ratios[len(ratios) // 4]:6.2f}-"
+              f"{ratios[3 * len(ratios) // 4]:.2f}  {routed[name]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -177,6 +230,8 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true", help="process CPU time instead of wall-clock time")
     parser.add_argument("--epilogues", action="store_true",
                         help="each activation in oneDNN's epilogue vs after it (linear and convolution)")
+    parser.add_argument("--kernel", action="store_true",
+                        help="float32 inference linears on torchgraph's GEMM kernel vs oneDNN's fused linear")
     args = parser.parse_args()
     global _clock
     _clock = time.process_time if args.cpu_time else time.perf_counter
@@ -186,6 +241,14 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
               f"{torch.backends.cpu.get_cpu_capability()}")
         epilogue_main(args.reps)
+        return
+    if args.kernel:
+        import torchgraph
+
+        torchgraph.retain_freed_memory()  # as bench_peers.py: no page faults from freed outputs
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+              f"{torch.backends.cpu.get_cpu_capability()}")
+        kernel_main(args.reps)
         return
     if args.small:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

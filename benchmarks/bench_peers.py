@@ -173,8 +173,9 @@ ABLATIONS = {
     "gemm-kernel": ("convolution GEMMs on torchgraph's register-tiled kernel where they would run on oneDNN's "
                     "matmul (NOTE: [GEMM kernel]; AVX2 CPUs); oneDNN's, as before",
                     [(fused_conv, "GEMM_KERNEL", False)]),
-    "linear-kernel": ("float32 linears of at most 256 rows on the same kernel (NOTE: [Linears on the GEMM kernel]; "
-                      "AVX2 CPUs); oneDNN's fused linear, as before", [(fused_linear, "KERNEL_MAX_ROWS", 0)]),
+    "linear-kernel": ("float32 linears of at most 256 rows (1,024 summing over 768+ inputs) on the same kernel "
+                      "(NOTE: [Linears on the GEMM kernel]; AVX2 CPUs); oneDNN's fused linear, as before",
+                      [(fused_linear, "KERNEL_MAX_ROWS", 0), (fused_linear, "KERNEL_MAX_DEEP_ROWS", 0)]),
     "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise "
                   "convolutions]); "
                   "oneDNN's, as before", [(fused_conv, "DEPTHWISE_KERNEL", False)]),

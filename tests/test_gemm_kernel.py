@@ -108,8 +108,8 @@ def test_backward_raises_with_the_fix():
      r"bias must have shape \[8\], got \[4\]"),
     ((torch.randn(4, 8), gemm_panels(torch.randn(8, 8)), None, torch.randn(8, 4), 8, "none"),
      r"residual must have shape \[4, 8\], got \[8, 4\]"),
-    ((torch.randn(4, 8), gemm_panels(torch.randn(8, 8)), None, None, 8, "gelu"),
-     "act must be one of none, relu, relu6, silu, hardswish, got 'gelu'"),
+    ((torch.randn(4, 8), gemm_panels(torch.randn(8, 8)), None, None, 8, "tanh"),
+     "act must be one of none, relu, relu6, silu, hardswish, gelu, gelu_tanh, got 'tanh'"),
 ])
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_bad_inputs_raise_the_same_message_on_the_kernel_and_the_fake(args, match, device):
@@ -130,7 +130,7 @@ def gemm_kernel(kernel_routes):
     """The kernel switched on, as on an AVX2 CPU, whatever this CPU is (NOTE: [GEMM kernel])."""
 
 
-@pytest.mark.parametrize("act", ["none", "relu", "relu6", "hardswish", "gelu"])  # gelu: after the kernel
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "hardswish", "gelu", "tanh"])  # tanh: after the kernel
 @pytest.mark.parametrize("kernel, side, stride", [(1, 8, 1), (1, 9, 2), (3, 2, 1)])  # 3x3 on 2x2: im2col
 def test_conv2d_act_runs_its_gemm_on_the_kernel(gemm_kernel, act, kernel, side, stride):
     conv = nn.Conv2d(24, 40, kernel, stride, padding=kernel // 2)
@@ -139,7 +139,7 @@ def test_conv2d_act_runs_its_gemm_on_the_kernel(gemm_kernel, act, kernel, side, 
     with torch.no_grad():
         y = fused_conv.conv2d_act(x, *args, channels_last=True)
         again = fused_conv.conv2d_act(x, *args, channels_last=True)
-        expected = ACTIVATION_FNS[act](conv(x)) if act != "gelu" else F.gelu(conv(x))
+        expected = fused._common._ACTIVATION_FNS[act](conv(x))
     assert _route(conv.weight).startswith("GEMM kernel, ")
     assert torch.equal(y, again) and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
@@ -218,20 +218,21 @@ def _kernel_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("act", ["none", "relu", "gelu"])  # gelu: after the kernel
-def test_linears_of_few_rows_run_on_the_kernel(gemm_kernel, monkeypatch, act):
-    """A ViT's token rows (3-D input) and a classifier head (2-D) run on the kernel; 300 rows (above
-    KERNEL_MAX_ROWS) and a small layer (below ONEDNN_LINEAR_MIN_MACS) do not (NOTE: [Linears on the GEMM
-    kernel])."""
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "tanh"])  # tanh: after the kernel
+def test_linears_run_on_the_kernel_by_rows_and_depth(gemm_kernel, monkeypatch, act):
+    """A ViT's token rows (3-D input) and a classifier head (2-D) run on the kernel, and so do up to 1,024
+    rows summing over 768+ inputs (BERT-base's at batch 8); 1,024 rows of 256 inputs, 1,025 rows and a small
+    layer (below ONEDNN_LINEAR_MIN_MACS) do not (NOTE: [Linears on the GEMM kernel])."""
     calls = _kernel_calls(monkeypatch)
-    cases = [((2, 97, 384), 1152, True), ((8, 1280), 1000, True), ((300, 256), 256, False), ((4, 32), 10, False)]
+    cases = [((2, 97, 384), 1152, True), ((8, 1280), 1000, True), ((8, 128, 768), 96, True), ((8, 128, 256), 96, False),
+             ((1025, 768), 64, False), ((4, 32), 10, False)]
     for shape, out_features, on_kernel in cases:
         layer = nn.Linear(shape[-1], out_features)
         x = torch.randn(shape)
         del calls[:]
         with torch.no_grad():
             y = fused.linear_act(x, layer.weight, layer.bias, act)
-            expected = ACTIVATION_FNS[act](layer(x))
+            expected = fused._common._ACTIVATION_FNS[act](layer(x))
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
         assert y.shape == expected.shape
         assert calls == ([(x.numel() // shape[-1], shape[-1])] if on_kernel else []), (shape, calls)
@@ -267,3 +268,23 @@ def test_vit_through_optimize_runs_its_linears_on_the_kernel(gemm_kernel, monkey
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
     linears = sum(isinstance(m, nn.Linear) for m in module.modules())
     assert len(calls) >= linears - 1, (len(calls), linears)  # the qkv, proj, fc1 and fc2 of each block, the head
+
+
+def test_nanogpt_block_through_optimize_runs_its_linears_on_the_kernel(gemm_kernel, monkeypatch):
+    """nanoGPT's Block as Karpathy writes it (tests/community_models) at GPT-2 small's width (768, 12 heads),
+    8 sequences of 64 tokens: 512 rows summing over 768 or 3,072 inputs, so c_attn, the attention's c_proj,
+    c_fc (its GELU in the kernel's epilogue) and the MLP's c_proj all run on the kernel, with eager's values."""
+    from community_models import GPTConfig
+    from community_models.nanogpt import Block
+
+    torch.manual_seed(0)
+    block = Block(GPTConfig(block_size=64, n_embd=768, n_head=12)).eval()
+    x = tg.Input(shape=(64, 768))
+    fast = tg.optimize(tg.Model(x, block(x)))
+    data = torch.randn(8, 64, 768)
+    calls = _kernel_calls(monkeypatch)
+    with torch.no_grad():
+        expected = block(data)
+        y = fast(data)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+    assert sorted(k for _, k in calls) == [768, 768, 768, 3072], calls

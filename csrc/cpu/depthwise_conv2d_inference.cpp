@@ -260,7 +260,7 @@ at::Tensor depthwise_conv2d_inference_cpu(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                           at::IntArrayRef padding, c10::string_view act_name) {
   check_depthwise_conv2d_inference(x, weight, bias, stride, padding);
-  const Act act = parse_act(std::string(act_name), "depthwise_conv2d_inference");
+  const Act act = parse_act(std::string(act_name), "depthwise_conv2d_inference", /*gelus=*/false);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
   const Geometry g{C, H, W, (H + 2 * padding[0] - K) / stride[0] + 1, (W + 2 * padding[1] - K) / stride[1] + 1,
                    stride[0], stride[1], padding[0], padding[1]};

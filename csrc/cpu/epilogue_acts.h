@@ -1,27 +1,34 @@
 // The activations the inference kernels apply in their epilogues (depthwise_conv2d_inference,
-// gemm_act_inference): the set MobileNets, EfficientNets and ResNets end their convolutions with.
+// gemm_act_inference): the set MobileNets, EfficientNets and ResNets end their convolutions with, and
+// the GELUs transformers' MLPs end their first linear with (gemm_act_inference only: each op's Python
+// side names the ones it takes).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
 
 namespace torchgraph::cpu {
 
-enum class Act { kNone, kRelu, kRelu6, kSilu, kHardswish };
+enum class Act { kNone, kRelu, kRelu6, kSilu, kHardswish, kGelu, kGeluTanh };
 
-// `op` names the kernel in the error message.
-inline Act parse_act(const std::string& act, const char* op) {
+// `op` names the kernel in the error message; `gelus`: whether it takes GELU and GELU-tanh.
+inline Act parse_act(const std::string& act, const char* op, bool gelus) {
   if (act == "none") return Act::kNone;
   if (act == "relu") return Act::kRelu;
   if (act == "relu6") return Act::kRelu6;
   if (act == "silu") return Act::kSilu;
   if (act == "hardswish") return Act::kHardswish;
-  TORCH_CHECK(false, op, ": act must be one of none, relu, relu6, silu, hardswish, got '", act, "'");
+  if (gelus && act == "gelu") return Act::kGelu;
+  if (gelus && act == "gelu_tanh") return Act::kGeluTanh;
+  TORCH_CHECK(false, op, ": act must be one of none, relu, relu6, silu, hardswish", gelus ? ", gelu, gelu_tanh" : "",
+              ", got '", act, "'");
 }
 
-// The same formulas as ATen's CPU kernels for these activations.
+// The same formulas as ATen's vectorized CPU kernels for these activations (GELU's in
+// ATen/native/cpu/Gelu.h), so the values match eager's.
 C10_ALWAYS_INLINE at::vec::Vectorized<float> activate(const at::vec::Vectorized<float>& x, Act act) {
   using FVec = at::vec::Vectorized<float>;
   const FVec zero(0.f), three(3.f), six(6.f), one(1.f);
@@ -36,6 +43,12 @@ C10_ALWAYS_INLINE at::vec::Vectorized<float> activate(const at::vec::Vectorized<
       return x / (one + x.neg().exp());
     case Act::kHardswish:
       return x * at::vec::minimum(at::vec::maximum(x + three, zero), six) / six;
+    case Act::kGelu:
+      return x * FVec(0.5f) * (one + (x * FVec(static_cast<float>(M_SQRT1_2))).erf());
+    case Act::kGeluTanh: {
+      const FVec inner = FVec(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5)) * (x + FVec(0.044715f) * (x * x * x));
+      return FVec(0.5f) * x * (one + inner.tanh());
+    }
   }
   return x;
 }

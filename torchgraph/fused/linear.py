@@ -13,7 +13,7 @@ from ._common import _AVX2_ONLY, _activation, _activation_, _epilogue, _needs_gr
 from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _gemm_panels_weight, _mkl_packed_weight, _onednn_linear_weight
 
-__all__ = ["KERNEL_MAX_ROWS", "MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
+__all__ = ["KERNEL_DEEP_MIN_FEATURES", "KERNEL_MAX_DEEP_ROWS", "KERNEL_MAX_ROWS", "MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
 
 # NOTE: [Small linears] oneDNN's fused linear pays a fixed ~45 us a call here (1 thread,
 # `python benchmarks/bench_gemm.py --small --threads 1`): F.linear + an in-place ReLU took 0.26-0.45x
@@ -72,13 +72,28 @@ MKL_PACKED_MIN_WEIGHT = 1 << 16
 
 
 # NOTE: [Linears on the GEMM kernel] ops.gemm_act_inference (NOTE: [GEMM kernel] in conv.py) against
-# oneDNN's fused linear from a reordered weight on the AMD EPYC Zen 3 (AVX2, 2 threads, interleaved medians
-# of 11, ad hoc): ViT-S's four token-row shapes (197 x 384 -> 1152 / 384 / 1536, 1536 -> 384) 0.84-0.96x
-# its time, classifier heads (8 x 1280 / 2048 -> 1000) 0.71-0.79x, but the GPT block's 1,024-row GEMMs
-# 0.83-1.15x (slower on 256 -> 768 and 256 -> 256). So where torch runs at the AVX2 level, float32
-# inference linears of at most KERNEL_MAX_ROWS rows (and not small: NOTE: [Small linears]) run on it.
-#: Float32 inference linears with at most this many rows run on ops.gemm_act_inference (AVX2 CPUs; 0: never).
+# oneDNN's fused linear from a reordered weight on the AMD EPYC Zen 3 (AVX2, 2 threads). Few rows (ad hoc,
+# interleaved medians of 11): ViT-S's four token-row shapes (197 x 384 -> 1152 / 384 / 1536, 1536 -> 384)
+# 0.84-0.96x its time, classifier heads (8 x 1280 / 2048 -> 1000) 0.71-0.79x. More rows, through linear_act
+# as a model calls it (`python benchmarks/bench_gemm.py --kernel --reps 21`, three runs, kernel / oneDNN):
+# long sums won at 1,024 rows, BERT-base's 768 -> 2304, 768 -> 3072 + GELU and 3072 -> 768 0.87-0.95x and
+# the GPT block's fc2 1024 -> 256 0.79-0.98x; the GPT block's sums over 256 did not (qkv 0.93-1.08x,
+# fc1 + GELU 0.98-1.12x, nn.TransformerEncoderLayer's fc1 + ReLU 0.94-1.07x), nor did shorter ones (1,024
+# rows of 128 -> 512 0.99-1.14x) or more rows (ViT-B at batch 8, 1,576 rows of 384 -> 1152 / 1536 + GELU
+# 0.93-1.06x; 2,048 x 256 -> 768 0.98-1.01x). So where torch runs at the AVX2 level, float32 inference
+# linears (not small: NOTE: [Small linears]) run on it with at most KERNEL_MAX_ROWS rows, or at most
+# KERNEL_MAX_DEEP_ROWS rows summing over at least KERNEL_DEEP_MIN_FEATURES inputs.
+#: Float32 inference linears with at most this many rows run on ops.gemm_act_inference (AVX2 CPUs; 0: never) ...
 KERNEL_MAX_ROWS = 256 if _AVX2_ONLY and not MKL_GEMMS_FAST else 0
+#: ... and so do those with at most this many rows (0: none) ...
+KERNEL_MAX_DEEP_ROWS = 1024 if _AVX2_ONLY and not MKL_GEMMS_FAST else 0
+#: ... where in_features is at least this.
+KERNEL_DEEP_MIN_FEATURES = 768
+
+
+def _on_gemm_kernel(rows: int, in_features: int) -> bool:
+    """Whether a float32 inference linear of ``rows`` rows runs on the GEMM kernel (NOTE: [Linears on the GEMM kernel])."""
+    return rows <= KERNEL_MAX_ROWS or (rows <= KERNEL_MAX_DEEP_ROWS and in_features >= KERNEL_DEEP_MIN_FEATURES)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -112,8 +127,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
             if small:
                 return _activation_(F.linear(x, weight, bias), act)
-            panels = (_gemm_panels_weight(weight) if x.dtype == torch.float32 and rows <= KERNEL_MAX_ROWS
-                      and _extension.HAS_C_OPS else None)
+            panels = (_gemm_panels_weight(weight) if x.dtype == torch.float32 and _extension.HAS_C_OPS
+                      and _on_gemm_kernel(rows, x.shape[-1]) else None)
             if panels is not None:  # NOTE: [Linears on the GEMM kernel]
                 inside = act if act in GEMM_ACTIVATIONS else "none"
                 y = torch.ops.torchgraph.gemm_act_inference.default(x.reshape(rows, -1), panels.panels, bias, None,

@@ -12,7 +12,7 @@ from ._common import ACTIVATION_FNS, is_tensor, no_backward
 __all__ = ["GEMM_ACTIVATIONS", "GEMM_PANEL", "gemm_act_inference", "gemm_panels", "reference_gemm_act_inference"]
 
 #: Activations the kernel applies after the bias and residual (their PyTorch functions: ``ACTIVATION_FNS``).
-GEMM_ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
+GEMM_ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish", "gelu", "gelu_tanh")
 #: Output channels per panel of :func:`gemm_panels`.
 GEMM_PANEL = 16
 
@@ -45,7 +45,7 @@ def _check_gemm_act_inference(x, panels, bias, residual, out_features, act) -> N
     """The twin of ``check_gemm_act_inference`` in csrc/cpu/gemm_act_inference.cpp (same messages)."""
     op = "gemm_act_inference"
     torch._check(act in GEMM_ACTIVATIONS,
-                 lambda: f"{op}: act must be one of none, relu, relu6, silu, hardswish, got '{act}'")
+                 lambda: f"{op}: act must be one of none, relu, relu6, silu, hardswish, gelu, gelu_tanh, got '{act}'")
     if not is_tensor(x, panels) or not all(t is None or is_tensor(t) for t in (bias, residual)):
         return
     torch._check(x.dtype == torch.float32, lambda: f"{op}: x must be float32, got {x.dtype}")
@@ -101,7 +101,7 @@ def gemm_act_inference(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor
         bias: ``(N,)`` or None.
         residual: ``(M, N)`` added before the activation, or None.
         out_features: ``N`` (the panels hold ``16 * ceil(N / 16)`` channels, the last zero).
-        act: ``"none"``, ``"relu"``, ``"relu6"``, ``"silu"`` or ``"hardswish"``.
+        act: ``"none"``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"``, ``"gelu"`` or ``"gelu_tanh"``.
 
     Returns:
         A new ``(M, N)`` row-major tensor.
