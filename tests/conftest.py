@@ -92,3 +92,4 @@ def kernel_routes(onednn_routes, monkeypatch):
     monkeypatch.setattr(fused.conv, "GEMM_KERNEL", True)
     monkeypatch.setattr(fused.linear, "KERNEL_MAX_ROWS", 256)
     monkeypatch.setattr(fused.linear, "KERNEL_MAX_DEEP_ROWS", 1024)
+    monkeypatch.setattr(fused.conv, "GEMM_KERNEL_MIN_DEPTH", 64)

@@ -133,8 +133,8 @@ def gemm_kernel(kernel_routes):
 @pytest.mark.parametrize("act", ["none", "relu", "relu6", "hardswish", "gelu", "tanh"])  # tanh: after the kernel
 @pytest.mark.parametrize("kernel, side, stride", [(1, 8, 1), (1, 9, 2), (3, 2, 1)])  # 3x3 on 2x2: im2col
 def test_conv2d_act_runs_its_gemm_on_the_kernel(gemm_kernel, act, kernel, side, stride):
-    conv = nn.Conv2d(24, 40, kernel, stride, padding=kernel // 2)
-    x = torch.randn(2, 24, side, side).contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(72, 40, kernel, stride, padding=kernel // 2)
+    x = torch.randn(2, 72, side, side).contiguous(memory_format=torch.channels_last)
     args = (conv.weight, conv.bias, [stride] * 2, [kernel // 2] * 2, [1, 1], 1, act)
     with torch.no_grad():
         y = fused_conv.conv2d_act(x, *args, channels_last=True)
@@ -172,8 +172,8 @@ def test_the_switch_keeps_onednn(gemm_kernel, monkeypatch):
 
 
 def test_a_weight_changed_in_place_is_read_again(gemm_kernel):
-    conv = nn.Conv2d(16, 32, 1)
-    x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(64, 32, 1)
+    x = torch.randn(1, 64, 6, 6).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], [0, 0], [1, 1], 1, "none", channels_last=True)
         conv.weight.mul_(-2.0)
@@ -185,8 +185,9 @@ def test_a_weight_changed_in_place_is_read_again(gemm_kernel):
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"])
 def test_community_models_run_their_gemms_on_the_kernel(gemm_kernel, name):
     """torchvision's ResNet-50, MobileNetV2 / V3-small and EfficientNet-B0 as their authors write them
-    (tests/community_models), through tg.optimize: every 1x1 convolution's GEMM on the kernel (ReLU, ReLU6,
-    hardswish and the residual adds inside it, SiLU after it), outputs as eager's."""
+    (tests/community_models), through tg.optimize: every 1x1 convolution summing over 64+ channels runs its
+    GEMM on the kernel (ReLU, ReLU6, hardswish and the residual adds inside it, SiLU after it), the shorter
+    ones on oneDNN, outputs as eager's."""
     from community_models import ARCHITECTURES
 
     arch = ARCHITECTURES[name]
@@ -199,8 +200,21 @@ def test_community_models_run_their_gemms_on_the_kernel(gemm_kernel, name):
         expected = module(x)
         y = fast(x)
     torch.testing.assert_close(y, expected, atol=5e-4, rtol=1e-4)  # ResNet-50: 2.4e-4 on either GEMM (float32 sums)
-    routes = [_route(p) for p in fast.parameters() if p.dim() == 4 and p.shape[-1] == 1 and p.shape[1] > 1]
-    assert routes and all(route.startswith("GEMM kernel, ") for route in routes), routes
+    routes = [(p.shape[1], _route(p)) for p in fast.parameters() if p.dim() == 4 and p.shape[-1] == 1 and p.shape[1] > 1]
+    assert routes and all(route.startswith("GEMM kernel, ") == (depth >= fused_conv.GEMM_KERNEL_MIN_DEPTH)
+                          for depth, route in routes), routes
+
+
+@pytest.mark.parametrize("in_channels, on_kernel", [(16, False), (32, False), (64, True), (96, True)])
+def test_short_sums_stay_on_onednn(gemm_kernel, in_channels, on_kernel):
+    """1x1 convolutions summing over fewer than GEMM_KERNEL_MIN_DEPTH (64) channels run their GEMM on oneDNN,
+    where the kernel was 1.3-1.7x slower (MobileNetV2's 16 -> 96, 24 -> 144, 32 -> 192: NOTE: [GEMM kernel])."""
+    conv = nn.Conv2d(in_channels, 96, 1)
+    x = torch.randn(1, in_channels, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = fused_conv.conv2d_act(x, conv.weight, conv.bias, [1, 1], [0, 0], [1, 1], 1, "relu6", channels_last=True)
+        torch.testing.assert_close(y, F.relu6(conv(x)), atol=1e-5, rtol=1e-5)
+    assert _route(conv.weight).startswith("GEMM kernel, ") is on_kernel, _route(conv.weight)
 
 
 # ------------------------------------------------------------------------------- the fused linears

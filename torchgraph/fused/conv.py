@@ -19,7 +19,7 @@ from .weights import (_HAS_MKL_PACKED, GemmPanels, _filters_as_rows, _gemm_panel
                       _onednn_linear_weight, _packed_weight)
 
 __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "DEPTHWISE_BF16_MAX_PIXELS",
-           "DEPTHWISE_KERNEL", "GEMM_KERNEL", "ONEDNN_F32_CONV_GEMM_MAX_ROWS", "ONEDNN_F32_IM2COL_MAX_WIDTH",
+           "DEPTHWISE_KERNEL", "GEMM_KERNEL", "GEMM_KERNEL_MIN_DEPTH", "ONEDNN_F32_CONV_GEMM_MAX_ROWS", "ONEDNN_F32_IM2COL_MAX_WIDTH",
            "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act"]
 
 # NOTE: [Convolutions on few pixels] A convolution whose output has few pixels (ResNet-50's last
@@ -76,9 +76,15 @@ ONEDNN_F32_IM2COL_MAX_WIDTH = 2
 # -> 73 us) and 0.8-0.95x on ResNet-50's 512-2,048-row ones, but 1.0-1.2x on 8,192 x 16 -> 96 (K = 16:
 # the stores dominate). The whole-model figures are in docs/optimize.md. Hence float32 convolution
 # GEMMs run on it where torch runs at the AVX2 level and float32 GEMMs would otherwise run on oneDNN
-# (AVX-512 CPUs keep oneDNN or MKL: not measured there).
-#: Run float32 convolution GEMMs on ops.gemm_act_inference where they would run on oneDNN's matmul (AVX2).
+# (AVX-512 CPUs keep oneDNN or MKL: not measured there). Short sums stay on oneDNN: with the ReLU6 of
+# MobileNetV2's expansions, ops.gemm_act_inference took 1.54-1.68x oneDNN's time on 12,544 x 16 -> 96,
+# 1.43-1.54x on 3,136 x 24 -> 144 and 1.31-1.44x on 3,136 x 32 -> 192 (MobileNetV2 b1 224x224's, four
+# runs in two processes each, 2026-12-04), against 1.01-1.24x on 784 x 64 -> 384 and 0.96-1.01x from
+# K = 96: the per-tile stores and epilogue outweigh 16-32 FMAs per output.
+#: Run float32 convolution GEMMs on ops.gemm_act_inference where they would run on oneDNN's matmul (AVX2) ...
 GEMM_KERNEL = _common._AVX2_ONLY
+#: ... when they sum over at least this many inputs (in_channels x kernel height x width).
+GEMM_KERNEL_MIN_DEPTH = 64
 
 
 # NOTE: [Depthwise convolutions] oneDNN's depthwise convolution (torch's
@@ -117,7 +123,7 @@ DEPTHWISE_7X7_BF16_MAX_PIXELS = 128
 def _limits() -> tuple:
     """What the GEMM and depthwise decisions read, part of each plan's key (tests and benchmarks move them)."""
     return (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
-            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, GEMM_KERNEL, DEPTHWISE_KERNEL, DEPTHWISE_BF16_MAX_PIXELS,
+            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, GEMM_KERNEL, GEMM_KERNEL_MIN_DEPTH, DEPTHWISE_KERNEL, DEPTHWISE_BF16_MAX_PIXELS,
             DEPTHWISE_7X7_MAX_PIXELS, DEPTHWISE_7X7_BF16_MAX_PIXELS, _common.ACTIVATIONS_AFTER_ONEDNN)
 
 
@@ -184,7 +190,8 @@ def _gemm_filters(x: torch.Tensor, weight: torch.Tensor, rows: int):
     """The filters in the form :func:`_run_gemm` reads, or None where they cannot be cached."""
     if _MKL_CONV_GEMMS and x.dtype == torch.float32:
         return _mkl_packed_weight(weight, rows, _filters_as_rows)
-    if GEMM_KERNEL and x.dtype == torch.float32 and _extension.HAS_C_OPS:  # NOTE: [GEMM kernel]
+    if (GEMM_KERNEL and x.dtype == torch.float32 and _extension.HAS_C_OPS  # NOTE: [GEMM kernel]
+            and weight[0].numel() >= GEMM_KERNEL_MIN_DEPTH):
         return _gemm_panels_weight(weight)
     return None if weight.is_inference() else _onednn_linear_weight(weight, _filters_as_rows)
 
