@@ -82,9 +82,10 @@ def onednn_routes(monkeypatch):
 
 @pytest.fixture
 def kernel_routes(onednn_routes, monkeypatch):
-    """``onednn_routes`` as on a CPU of another vendor with AVX2 only: the convolutions' float32 GEMMs and
-    linears of at most 256 rows (1,024 summing over 768+ inputs) on torchgraph's kernel, ops.gemm_act_inference (NOTE: [GEMM kernel] in
-    torchgraph/fused/conv.py, NOTE: [Linears on the GEMM kernel] in linear.py)."""
+    """``onednn_routes`` as on a CPU of another vendor with AVX2 only: the convolutions' float32 GEMMs
+    summing over 64+ inputs and linears of at most 256 rows (1,024 summing over 768+ inputs) on
+    torchgraph's kernel, ops.gemm_act_inference (NOTE: [GEMM kernel] in torchgraph/fused/conv.py,
+    NOTE: [Linears on the GEMM kernel] in linear.py)."""
     from torchgraph import _extension, fused
 
     if not _extension.HAS_C_OPS:

@@ -200,7 +200,8 @@ def test_community_models_run_their_gemms_on_the_kernel(gemm_kernel, name):
         expected = module(x)
         y = fast(x)
     torch.testing.assert_close(y, expected, atol=5e-4, rtol=1e-4)  # ResNet-50: 2.4e-4 on either GEMM (float32 sums)
-    routes = [(p.shape[1], _route(p)) for p in fast.parameters() if p.dim() == 4 and p.shape[-1] == 1 and p.shape[1] > 1]
+    routes = [(p.shape[1], _route(p)) for p in fast.parameters()
+              if p.dim() == 4 and p.shape[-1] == 1 and p.shape[1] > 1]
     assert routes and all(route.startswith("GEMM kernel, ") == (depth >= fused_conv.GEMM_KERNEL_MIN_DEPTH)
                           for depth, route in routes), routes
 

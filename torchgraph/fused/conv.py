@@ -19,8 +19,8 @@ from .weights import (_HAS_MKL_PACKED, GemmPanels, _filters_as_rows, _gemm_panel
                       _onednn_linear_weight, _packed_weight)
 
 __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "DEPTHWISE_BF16_MAX_PIXELS",
-           "DEPTHWISE_KERNEL", "GEMM_KERNEL", "GEMM_KERNEL_MIN_DEPTH", "ONEDNN_F32_CONV_GEMM_MAX_ROWS", "ONEDNN_F32_IM2COL_MAX_WIDTH",
-           "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act"]
+           "DEPTHWISE_KERNEL", "GEMM_KERNEL", "GEMM_KERNEL_MIN_DEPTH", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
+           "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act"]
 
 # NOTE: [Convolutions on few pixels] A convolution whose output has few pixels (ResNet-50's last
 # stage: 2x2 maps at batch 8 and 64x64 input, 7x7 at batch 1 and 224x224) reads its whole weight for
@@ -123,8 +123,9 @@ DEPTHWISE_7X7_BF16_MAX_PIXELS = 128
 def _limits() -> tuple:
     """What the GEMM and depthwise decisions read, part of each plan's key (tests and benchmarks move them)."""
     return (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
-            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, GEMM_KERNEL, GEMM_KERNEL_MIN_DEPTH, DEPTHWISE_KERNEL, DEPTHWISE_BF16_MAX_PIXELS,
-            DEPTHWISE_7X7_MAX_PIXELS, DEPTHWISE_7X7_BF16_MAX_PIXELS, _common.ACTIVATIONS_AFTER_ONEDNN)
+            ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, GEMM_KERNEL, GEMM_KERNEL_MIN_DEPTH, DEPTHWISE_KERNEL,
+            DEPTHWISE_BF16_MAX_PIXELS, DEPTHWISE_7X7_MAX_PIXELS, DEPTHWISE_7X7_BF16_MAX_PIXELS,
+            _common.ACTIVATIONS_AFTER_ONEDNN)
 
 
 def _runs_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, act: str,

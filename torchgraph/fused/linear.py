@@ -13,7 +13,8 @@ from ._common import _AVX2_ONLY, _activation, _activation_, _epilogue, _needs_gr
 from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _gemm_panels_weight, _mkl_packed_weight, _onednn_linear_weight
 
-__all__ = ["KERNEL_DEEP_MIN_FEATURES", "KERNEL_MAX_DEEP_ROWS", "KERNEL_MAX_ROWS", "MKL_PACKED_MAX_ROWS", "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
+__all__ = ["KERNEL_DEEP_MIN_FEATURES", "KERNEL_MAX_DEEP_ROWS", "KERNEL_MAX_ROWS", "MKL_PACKED_MAX_ROWS",
+           "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
 
 # NOTE: [Small linears] oneDNN's fused linear pays a fixed ~45 us a call here (1 thread,
 # `python benchmarks/bench_gemm.py --small --threads 1`): F.linear + an in-place ReLU took 0.26-0.45x
@@ -92,7 +93,8 @@ KERNEL_DEEP_MIN_FEATURES = 768
 
 
 def _on_gemm_kernel(rows: int, in_features: int) -> bool:
-    """Whether a float32 inference linear of ``rows`` rows runs on the GEMM kernel (NOTE: [Linears on the GEMM kernel])."""
+    """Whether a float32 inference linear of ``rows`` rows summing over ``in_features`` runs on the GEMM
+    kernel (NOTE: [Linears on the GEMM kernel])."""
     return rows <= KERNEL_MAX_ROWS or (rows <= KERNEL_MAX_DEEP_ROWS and in_features >= KERNEL_DEEP_MIN_FEATURES)
 
 

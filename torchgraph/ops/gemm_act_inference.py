@@ -18,8 +18,9 @@ GEMM_PANEL = 16
 
 
 def gemm_panels(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``(N, K)`` as the panels the kernel reads: ``(ceil(N / 16), K, 16)``, panel ``p`` holding output channels ``16p .. 16p + 15`` for every
-    ``k``, zeros beyond ``N``. Built once per weight (``tg.optimize``'s convolution plans keep it).
+    """``weight`` ``(N, K)`` as the panels the kernel reads: ``(ceil(N / 16), K, 16)``, panel ``p``
+    holding output channels ``16p .. 16p + 15`` for every ``k``, zeros beyond ``N``. Built once per
+    weight (``tg.optimize``'s convolution plans and linears keep it).
 
     Example:
         >>> w = torch.randn(20, 3)
