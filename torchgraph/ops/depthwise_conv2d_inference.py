@@ -23,7 +23,7 @@ def _check_depthwise_conv2d_inference(x, weight, bias, stride, padding, act) -> 
     """The twin of ``check_depthwise_conv2d_inference`` in csrc/cpu/depthwise_conv2d_inference.cpp (same messages)."""
     op = "depthwise_conv2d_inference"
     torch._check(act in DEPTHWISE_ACTIVATIONS,
-                 lambda: f"{op}: act must be one of none, relu, relu6, silu, hardswish, got '{act}'")
+                 lambda: f"{op}: act must be one of {', '.join(DEPTHWISE_ACTIVATIONS)}, got '{act}'")
     if not is_tensor(x, weight) or not (bias is None or is_tensor(bias)):
         return
     torch._check(x.dtype in _DTYPES, lambda: f"{op}: x must be float32 or bfloat16, got {x.dtype}")

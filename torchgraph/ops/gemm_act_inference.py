@@ -46,7 +46,7 @@ def _check_gemm_act_inference(x, panels, bias, residual, out_features, act) -> N
     """The twin of ``check_gemm_act_inference`` in csrc/cpu/gemm_act_inference.cpp (same messages)."""
     op = "gemm_act_inference"
     torch._check(act in GEMM_ACTIVATIONS,
-                 lambda: f"{op}: act must be one of none, relu, relu6, silu, hardswish, gelu, gelu_tanh, got '{act}'")
+                 lambda: f"{op}: act must be one of {', '.join(GEMM_ACTIVATIONS)}, got '{act}'")
     if not is_tensor(x, panels) or not all(t is None or is_tensor(t) for t in (bias, residual)):
         return
     torch._check(x.dtype == torch.float32, lambda: f"{op}: x must be float32, got {x.dtype}")
