@@ -173,9 +173,8 @@ ABLATIONS = {
     "gemm-kernel": ("convolution GEMMs on torchgraph's register-tiled kernel where they would run on oneDNN's "
                     "matmul (NOTE: [GEMM kernel]; AVX2 CPUs); oneDNN's, as before",
                     [(fused_conv, "GEMM_KERNEL", False)]),
-    "short-sums-off-kernel": ("convolution GEMMs summing over fewer than 64 inputs left to oneDNN's matmul "
-                              "(NOTE: [GEMM kernel]); on the kernel too, as before",
-                              [(fused_conv, "GEMM_KERNEL_MIN_DEPTH", 0)]),
+    "short-sums-off-kernel": ("convolution GEMMs summing over 24-63 inputs on the kernel (NOTE: [GEMM kernel]); "
+                              "on oneDNN's matmul, as before", [(fused_conv, "GEMM_KERNEL_MIN_DEPTH", 64)]),
     "linear-kernel": ("float32 linears of at most 256 rows (1,024 summing over 768+ inputs) on the same kernel "
                       "(NOTE: [Linears on the GEMM kernel]; AVX2 CPUs); oneDNN's fused linear, as before",
                       [(fused_linear, "KERNEL_MAX_ROWS", 0), (fused_linear, "KERNEL_MAX_DEEP_ROWS", 0)]),

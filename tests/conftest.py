@@ -83,7 +83,7 @@ def onednn_routes(monkeypatch):
 @pytest.fixture
 def kernel_routes(onednn_routes, monkeypatch):
     """``onednn_routes`` as on a CPU of another vendor with AVX2 only: the convolutions' float32 GEMMs
-    summing over 64+ inputs and linears of at most 256 rows (1,024 summing over 768+ inputs) on
+    summing over 24+ inputs and linears of at most 256 rows (1,024 summing over 768+ inputs) on
     torchgraph's kernel, ops.gemm_act_inference (NOTE: [GEMM kernel] in torchgraph/fused/conv.py,
     NOTE: [Linears on the GEMM kernel] in linear.py)."""
     from torchgraph import _extension, fused
@@ -93,4 +93,4 @@ def kernel_routes(onednn_routes, monkeypatch):
     monkeypatch.setattr(fused.conv, "GEMM_KERNEL", True)
     monkeypatch.setattr(fused.linear, "KERNEL_MAX_ROWS", 256)
     monkeypatch.setattr(fused.linear, "KERNEL_MAX_DEEP_ROWS", 1024)
-    monkeypatch.setattr(fused.conv, "GEMM_KERNEL_MIN_DEPTH", 64)
+    monkeypatch.setattr(fused.conv, "GEMM_KERNEL_MIN_DEPTH", 24)

@@ -76,15 +76,19 @@ ONEDNN_F32_IM2COL_MAX_WIDTH = 2
 # -> 73 us) and 0.8-0.95x on ResNet-50's 512-2,048-row ones, but 1.0-1.2x on 8,192 x 16 -> 96 (K = 16:
 # the stores dominate). The whole-model figures are in docs/optimize.md. Hence float32 convolution
 # GEMMs run on it where torch runs at the AVX2 level and float32 GEMMs would otherwise run on oneDNN
-# (AVX-512 CPUs keep oneDNN or MKL: not measured there). Short sums stay on oneDNN: with the ReLU6 of
-# MobileNetV2's expansions, ops.gemm_act_inference took 1.54-1.68x oneDNN's time on 12,544 x 16 -> 96,
-# 1.43-1.54x on 3,136 x 24 -> 144 and 1.31-1.44x on 3,136 x 32 -> 192 (MobileNetV2 b1 224x224's, four
-# runs in two processes each, 2026-12-04), against 1.01-1.24x on 784 x 64 -> 384 and 0.96-1.01x from
-# K = 96: the per-tile stores and epilogue outweigh 16-32 FMAs per output.
+# (AVX-512 CPUs keep oneDNN or MKL: not measured there). The shortest sums stay on oneDNN: once the
+# kernel's epilogue was compiled per activation (NOTE: [Compile-time epilogues] in
+# csrc/cpu/gemm_act_inference.cpp), it took, through conv2d_act as tg.optimize calls it (channels_last,
+# ReLU6 where MobileNetV2 has one, interleaved medians of 100, two processes), 0.82-0.84x oneDNN's
+# time on 12,544 x 32 -> 16, 0.76-0.79x on 784 x 32 -> 192, 0.72-0.79x on 512 x 32 -> 192, 0.89-0.93x
+# on 3,136 x 24 -> 144 and 0.91-0.93x on 2,048 x 24 -> 144, but 0.84-1.0x on 12,544 x 16 -> 96 and
+# 1.04-1.08x on 8,192 x 16 -> 96 (MobileNetV2's first expansion at b1 224x224 and b8 64x64), where a
+# tile's 16 FMAs an output are too few to hide its stores. (Before that change, 1.31-1.68x on these
+# K = 16-32 shapes, and the limit was 64.)
 #: Run float32 convolution GEMMs on ops.gemm_act_inference where they would run on oneDNN's matmul (AVX2) ...
 GEMM_KERNEL = _common._AVX2_ONLY
 #: ... when they sum over at least this many inputs (in_channels x kernel height x width).
-GEMM_KERNEL_MIN_DEPTH = 64
+GEMM_KERNEL_MIN_DEPTH = 24
 
 
 # NOTE: [Depthwise convolutions] oneDNN's depthwise convolution (torch's
