@@ -35,14 +35,15 @@ def _exact(x, weight, bias, residual, act):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("in_features", [0, 1, 16, 37, 1030])  # 1030: sums in blocks of 512 (above 1024)
 def test_kernel_matches_the_product(in_features, threads):
-    """Row counts around the 6- and 12-row tiles and the split between threads, output channels around the
-    16-channel panels (one, a part of one, odd counts of them), every activation, with and without bias and
-    residual, rows read through a stride: float32 to its rounding."""
+    """Row counts around the 6- and 12-row tiles and the split between threads (by rows, or by panels where
+    rows are few or fewer than output channels), output channels around the 16-channel panels (one, a part of
+    one, odd counts of them), every activation, with and without bias and residual, rows read through a
+    stride: float32 to its rounding."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         forms = itertools.cycle(itertools.product([True, False], [True, False], [True, False]))
-        for rows, out_features, act in itertools.product([1, 5, 6, 7, 13, 50, 97, 200], [1, 15, 16, 17, 40, 48],
+        for rows, out_features, act in itertools.product([1, 5, 6, 7, 13, 50, 97, 200], [1, 15, 16, 17, 40, 48, 100],
                                                          GEMM_ACTIVATIONS):
             with_bias, with_residual, strided = next(forms)
             source = torch.randn(rows, in_features + (3 if strided else 0))
