@@ -65,8 +65,19 @@ C10_ALWAYS_INLINE int lanes(int ncols, int v) {
   return std::clamp(ncols - v * kLanes, 0, kLanes);
 }
 
+// Lanes of vector v that hold output channels, a constant (all of them) in a tile whose columns all exist.
+template <bool Full>
+C10_ALWAYS_INLINE int lanes(int ncols, int v) {
+  return Full ? kLanes : lanes(ncols, v);
+}
+
+// NOTE: with n the constant kLanes (a whole tile's lanes<true>) these are the plain vector load and store.
 C10_ALWAYS_INLINE FVec load(const float* p, int n) {
   return n == kLanes ? FVec::loadu(p) : FVec::loadu(p, n);
+}
+
+C10_ALWAYS_INLINE void store(const FVec& v, float* p, int n) {
+  n == kLanes ? v.store(p) : v.store(p, n);
 }
 
 // One tile: R rows x PP panels (ncols of whose channels exist; all of them where Full) over k in
@@ -90,14 +101,8 @@ void tile(const float* x, int64_t ldx, const float* panels, int64_t panel_size, 
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 4
     for (int v = 0; v < kAcc; ++v) {
-      if (first) {
-        acc[i][v] = FVec(0.f);
-      } else if constexpr (Full) {
-        acc[i][v] = FVec::loadu(y + i * ldy + v * kLanes);
-      } else {
-        const int n = lanes(ncols, v);
-        acc[i][v] = n == 0 ? FVec(0.f) : load(y + i * ldy + v * kLanes, n);
-      }
+      const int n = lanes<Full>(ncols, v);
+      acc[i][v] = first || n == 0 ? FVec(0.f) : load(y + i * ldy + v * kLanes, n);
     }
   }
   // NOTE: [Prefetching the tile's outputs] The tile's rows of y are fetched for writing while the
@@ -127,25 +132,18 @@ void tile(const float* x, int64_t ldx, const float* panels, int64_t panel_size, 
   const int64_t residual_stride = epilogue ? epilogue->residual_stride : 0;
 #pragma GCC unroll 4
   for (int v = 0; v < kAcc; ++v) {
-    const int n = Full ? kLanes : lanes(ncols, v);
-    if (!Full && n == 0) continue;
-    const FVec bias = !bias_at ? FVec(0.f) : Full ? FVec::loadu(bias_at + v * kLanes) : load(bias_at + v * kLanes, n);
+    const int n = lanes<Full>(ncols, v);
+    if (n == 0) continue;
+    const FVec bias = bias_at ? load(bias_at + v * kLanes, n) : FVec(0.f);
 #pragma GCC unroll 12
     for (int i = 0; i < R; ++i) {
       FVec out = acc[i][v];
       if (epilogue) {
         out = out + bias;
-        if (residual_at) {
-          const float* r = residual_at + i * residual_stride + v * kLanes;
-          out = out + (Full ? FVec::loadu(r) : load(r, n));
-        }
+        if (residual_at) out = out + load(residual_at + i * residual_stride + v * kLanes, n);
         out = activate(out, A);
       }
-      if (Full || n == kLanes) {
-        out.store(y + i * ldy + v * kLanes);
-      } else {
-        out.store(y + i * ldy + v * kLanes, n);
-      }
+      store(out, y + i * ldy + v * kLanes, n);
     }
   }
 }
