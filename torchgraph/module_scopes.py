@@ -17,7 +17,7 @@ import torch.nn as nn
 from . import generator_states, messages
 from .errors import GraphBuildError
 from .mode_stack import push_mode, remove_mode
-from .probing import ProbeContext, is_meta_limitation, to_meta
+from .probing import ProbeContext, data_device, is_meta_limitation, to_meta
 from .restoring import attribute_snapshot, buffer_snapshot, restore_attributes, undo_buffers
 from .returned_inputs import links_returned_inputs
 from .scope_replay import STATE, Scope, ScopeMode, start_replay
@@ -128,7 +128,7 @@ def open_scope(frame, opener: tuple | None = None) -> Scope:
     mode = None if _is_torch_leaf(module) else ScopeMode()
 
     def shadow_run(k: int, real: bool, log):
-        ctx = ProbeContext(k, real)
+        ctx = ProbeContext(k, real, device=data_device(module) if real else None)
         memo: dict[int, Any] = {}  # the same object passed twice stays one object (`query is key`)
         run = ShadowRun(ctx, log, {} if log is not None and k == 0 else None)
         s_args = tree_map(lambda o: _shadow_of(o, ctx, memo, run), call_args)

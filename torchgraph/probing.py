@@ -16,10 +16,11 @@ from .errors import GraphBuildError
 from .probe_layouts import match_cpu_layout
 from .targets import func_name, is_inplace
 from .symbolic import SymbolicInt, SymbolicTensor, Value, _StandIn
-from .trees import tree_map
+from .trees import tree_leaves, tree_map
 from .untrusted import real_probes_allowed
 
-__all__ = ["MetaLimitation", "ProbeContext", "is_meta_limitation", "real_probe", "run_on_probes", "to_meta"]
+__all__ = ["MetaLimitation", "ProbeContext", "data_device", "is_meta_limitation", "real_probe", "run_on_probes",
+           "to_meta"]
 
 
 
@@ -44,14 +45,32 @@ def to_meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def real_probe(value: Value, k: int) -> torch.Tensor:
-    """Random real data with the shape of probe ``k`` (valid indices for integer inputs)."""
+def real_probe(value: Value, k: int, device: torch.device | None = None) -> torch.Tensor:
+    """Random real data with the shape of probe ``k`` (valid indices for integer inputs), on ``device``
+    (default: the CPU)."""
     if value.record.op == "get_attr":  # a model's own tensor (constant_value): its real data
         return value.record.target
     p = value.probes[k]
     if p.dtype.is_floating_point or p.dtype.is_complex:
-        return torch.randn(p.shape, dtype=p.dtype, generator=_PROBE_DATA.generator)
-    return torch.zeros(p.shape, dtype=p.dtype)
+        t = torch.randn(p.shape, dtype=p.dtype, generator=_PROBE_DATA.generator)
+    else:
+        t = torch.zeros(p.shape, dtype=p.dtype)
+    return t if device is None else t.to(device)
+
+
+def data_device(obj) -> torch.device | None:
+    """Where real probes for ``obj`` must live: the device of a module's first parameter or buffer, or of
+    the first concrete tensor in an argument tree, when it is not the CPU (or meta); else None.
+
+    NOTE: [Real probes where the weights are] an op that cannot run on meta runs on small real tensors;
+    a layer whose weights are on a GPU (``nn.Embedding`` of a model moved there before it was recorded)
+    refuses CPU indices, so the probes, and the devices that symbolic code names (``x.device``), follow
+    its weights."""
+    if isinstance(obj, nn.Module):
+        tensors = (*obj.parameters(), *obj.buffers())
+    else:
+        tensors = (leaf for _, leaf in tree_leaves(obj) if type(leaf) in (torch.Tensor, nn.Parameter))
+    return next((t.device for t in tensors if t.device.type not in ("cpu", "meta")), None)
 
 
 class _ProbeData(threading.local):
@@ -171,7 +190,7 @@ class ProbeContext:
     level the probes belong to values that other operations still read).
     """
 
-    def __init__(self, k: int, real: bool, copy_inplace: bool = False):
+    def __init__(self, k: int, real: bool, copy_inplace: bool = False, device: torch.device | None = None):
         if real and not real_probes_allowed():
             raise GraphBuildError(
                 "an operation could not run on the meta device, and the real-data fallback is off while "
@@ -181,6 +200,7 @@ class ProbeContext:
         self.k = k
         self.real = real
         self.copy_inplace = copy_inplace
+        self.device = device  # of real probes (None: the CPU): NOTE: [Real probes where the weights are]
         self._real_values: dict[int, torch.Tensor] = {}
 
     def unwrap(self, o):
@@ -191,13 +211,15 @@ class ProbeContext:
                 v = o._tg_value
                 t = self._real_values.get(id(v))
                 if t is None:
-                    t = self._real_values[id(v)] = real_probe(v, self.k)
+                    t = self._real_values[id(v)] = real_probe(v, self.k, self.device)
                 return t
             return o._tg_value.probes[self.k]
         if isinstance(o, SymbolicInt):
             return o._tg_value.probes[self.k]
         if isinstance(o, _StandIn):
-            return torch.device("cpu" if self.real else "meta") if isinstance(o.value, torch.device) else o.value
+            if isinstance(o.value, torch.device):
+                return (self.device or torch.device("cpu")) if self.real else torch.device("meta")
+            return o.value
         if isinstance(o, torch.Tensor) and not self.real:
             return to_meta(o)
         return o

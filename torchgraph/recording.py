@@ -29,7 +29,7 @@ from .builds import note_failure
 from .errors import GraphBuildError
 from .module_scopes import open_scope
 from .naming import remember_variable_names
-from .probing import ProbeContext, is_meta_limitation, to_meta
+from .probing import ProbeContext, data_device, is_meta_limitation, to_meta
 from .scope_replay import STATE, call_kind, find_scope, remove_idle_modes, replay, skip_metadata
 from .scopes import recorded_leaf, transparent_path
 from .shadow_runs import ShadowRun
@@ -231,9 +231,10 @@ def _probe_outputs(func, args, kwargs):
     """Run ``func`` on probes 0 and 1 (meta, else real): ``(out0, out1, real)`` or a GraphBuildError."""
     name = func_name(func)
     for real in (False, True):
+        device = data_device((args, kwargs)) if real else None  # NOTE: [Real probes where the weights are]
         try:
-            out0 = ProbeContext(0, real, copy_inplace=True).run(func, args, kwargs)[0]
-            out1 = ProbeContext(1, real, copy_inplace=True).run(func, args, kwargs)[0]
+            out0 = ProbeContext(0, real, copy_inplace=True, device=device).run(func, args, kwargs)[0]
+            out1 = ProbeContext(1, real, copy_inplace=True, device=device).run(func, args, kwargs)[0]
             return out0, out1, real
         except GraphBuildError:
             raise
