@@ -71,6 +71,24 @@ def _as_list(out) -> list:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
+def assert_as_close_as_eager(got: list, expected: list, exact: list) -> None:
+    """``got`` (the optimized outputs) is, against ``exact`` (float64 eager), no further off than 4x eager
+    float32's own error (``expected``), or 1e-5 of the output's size; same devices, shapes and dtypes.
+
+    NOTE: the BatchNorm statistics of the community models make their outputs O(1) (registry.py), and
+    ResNet-50's scale eager's rounding errors to 6e-5 of its output."""
+    assert len(got) == len(expected) == len(exact)
+    for g, e, e64 in zip(got, expected, exact):
+        assert g.device == e.device and g.shape == e.shape and g.dtype == e.dtype
+        if not g.is_floating_point():
+            assert torch.equal(g, e)
+            continue
+        scale = max(1.0, e64.abs().max().item())
+        eager_error = (e.double() - e64).abs().max().item()
+        error = (g.double() - e64).abs().max().item()
+        assert error <= max(4 * eager_error, 1e-5 * scale), (error, eager_error, scale)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _quiet():
     with warnings.catch_warnings():
@@ -90,19 +108,7 @@ def test_optimized_matches_eager(name):
         expected = tensor_leaves(module(*inputs))
         exact = tensor_leaves(copy.deepcopy(module).double()(*[_double(t) for t in inputs]))
         got = _as_list(fast(*inputs))
-    assert len(got) == len(expected) == len(exact)
-    for g, e, e64 in zip(got, expected, exact):
-        # NOTE: against float64, no further off than 4x eager float32's own rounding (or 1e-5 of the
-        # output's size): the BatchNorm statistics of the community models make their outputs O(1)
-        # (registry.py), and ResNet-50's scale eager's rounding errors to 6e-5 of its output
-        assert g.shape == e.shape and g.dtype == e.dtype
-        if not g.is_floating_point():
-            assert torch.equal(g, e)
-            continue
-        scale = max(1.0, e64.abs().max().item())
-        eager_error = (e.double() - e64).abs().max().item()
-        error = (g.double() - e64).abs().max().item()
-        assert error <= max(4 * eager_error, 1e-5 * scale), (error, eager_error, scale)
+    assert_as_close_as_eager(got, expected, exact)
     called = {type(fast.get_submodule(n.target)) for n in fast.graph.nodes if n.op == "call_module"}
     opaque = {cls.__name__ for cls in called if not cls.__module__.startswith("torch.nn.")
               or cls is nn.TransformerEncoder}

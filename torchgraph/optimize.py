@@ -29,10 +29,10 @@ import torch.nn as nn
 from . import passes
 from .model import OPTIMIZE_META, Model
 
-__all__ = ["OPTIMIZE_META", "optimize"]
+__all__ = ["GPU_CHANNELS_LAST", "GPU_SKIPPED_PASSES", "OPTIMIZE_META", "optimize"]
 
 
-def optimize(model: Model, inference: bool = True, *, channels_last: bool = True,
+def optimize(model: Model, inference: bool = True, *, channels_last: bool | None = None,
              dtype: torch.dtype | None = None) -> Model:
     """A copy of ``model`` with its graph rewritten into fused ops.
 
@@ -68,6 +68,11 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     - a layer scale after a linear layer (timm's ``LayerScale``, ConvNeXt's ``gamma``) is folded into its
       weight (``passes.fold_layer_scale``).
 
+    A model whose weights are on a GPU is rewritten for the GPU: the passes listed in
+    ``GPU_SKIPPED_PASSES`` (CPU kernels and what needs channels_last) are skipped (NOTE: [Passes on
+    a GPU]). Optimize the model where it will run: one optimized on the CPU
+    and moved to a GPU gives the same results, with the CPU's choices.
+
     With ``inference=False`` the model stays trainable: no folding, no inference-only max-pool, the
     same layouts; only fusions with a backward (bias + activation, add + ReLU, add + LayerNorm,
     attention).
@@ -80,20 +85,22 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     Args:
         model (tg.Model): the model to optimize (not modified).
         inference (bool): rewrite for inference (``True``) or keep the model trainable (``False``).
-        channels_last (bool): with ``inference``, run convolution stacks in channels_last with
+        channels_last (bool | None): with ``inference``, run convolution stacks in channels_last with
             weights prepacked for oneDNN (float32 CPU tensors), making tensors contiguous again
-            where they leave the stack (views, reshapes, the outputs). On by
-            default: measured here, every convolution of ResNet-18 and ResNet-50 ran 0-30% faster
-            that way than ``F.conv2d`` on contiguous tensors (NOTE: [Packed channels_last convs]
-            in ``fused/weights.py``). ``False`` keeps contiguous activations (prepacked weights only for
-            3x3-and-larger convolutions with >= 16 input channels).
+            where they leave the stack (views, reshapes, the outputs). ``None`` (the default) means
+            on for a model on the CPU: measured here, every convolution of ResNet-18 and ResNet-50 ran
+            0-30% faster that way than ``F.conv2d`` on contiguous tensors (NOTE: [Packed channels_last
+            convs] in ``fused/weights.py``); for a model on a GPU, ``GPU_CHANNELS_LAST``. ``False`` keeps
+            contiguous activations (prepacked weights only for 3x3-and-larger convolutions with >= 16
+            input channels).
 
         dtype (torch.dtype): ``torch.bfloat16`` computes in bfloat16 behind a float32 interface
             (inference only): weights are stored in bfloat16, inputs are cast on entry and outputs
             back to their dtype on exit; convolutions and linear layers run oneDNN's bfloat16
             kernels (AMX / AVX512-BF16, float32 accumulation) and norms, softmax and attention
-            accumulate in float32 (``passes/precision.py``). On a CPU without bfloat16
-            instructions it warns and computes in float32. ``None`` or ``torch.float32``: float32.
+            accumulate in float32 (``passes/precision.py``). A model on a GPU computes in bfloat16
+            there (compute capability 8.0 or later). On a CPU without bfloat16 instructions, or
+            an older GPU, it warns and computes in float32. ``None`` or ``torch.float32``: float32.
 
     Returns:
         tg.Model: a new model with the same inputs, outputs, names and ``state_dict`` keys (minus
@@ -120,7 +127,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
         raise TypeError(f"tg.optimize: expected a tg.Model; received {type(model).__name__}. Build the "
                         "model with tg.Model(inputs, outputs) (or wrap it: x = tg.Input(...); "
                         "tg.Model(x, module(x))).")
-    compute_dtype = _compute_dtype(dtype, inference)
+    compute_dtype = _compute_dtype(dtype, inference, model)
     # NOTE: [Inference-mode builds] Tensors made under torch.inference_mode have no version counter,
     # so the packed-weight caches (fused/weights.py) cannot tell when they change and repack them on every call:
     # ResNet-50 (b8 64x64) optimized inside `with torch.inference_mode():` ran 1.8x slower (128 vs
@@ -134,49 +141,88 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool = True
     return result
 
 
-def _rewrite(model: Model, inference: bool, channels_last: bool, compute_dtype: torch.dtype | None) -> Model:
+# NOTE: [Passes on a GPU] A model whose weights are on a GPU at optimize time is rewritten for the GPU: the
+# passes whose ops are CPU kernels (oneDNN, torchgraph's AVX2/AVX-512 kernels) are skipped, so the graph keeps
+# eager's own calls there. Small models on a GPU are bound by the host's time per call (launches and Python),
+# not by arithmetic: what pays is fewer launches. Measured on an H200 (torch 2.11, cuDNN 9.19,
+# `bench_peers.py --device cuda --reps 11 --iters 20`, 2026-12-04, speed-up over eager float32):
+# - the conv and linear + bias + activation wrappers (fuse_conv_act, fuse_linear_act: the convolution or GEMM,
+#   then the bias and activation in one CUDA kernel) pay: skipping them too took ResNet-50 b8 from 1.52x to
+#   1.37x (1.34x vs 1.92x in a second run), b1 1.55x to 1.40x, MobileNetV2 1.58-1.63x to 1.55-1.56x; the GPT
+#   stack and ViT-S were level (1.06x, 1.33-1.43x);
+# - channels_last (GPU_CHANNELS_LAST) was level in one run (ResNet-50 b8 1.36x vs 1.37x, MobileNetV2
+#   1.50-1.58x vs 1.55-1.56x) and not in another: off, which needs no layout conversions;
+# - every pass as on the CPU (the CPU kernels run their references or SDPA there, behind wrappers) was level
+#   or behind: ViT-S 1.24-1.33x vs 1.40-1.43x, the GPT stack 0.97-1.02x vs 1.06-1.11x; expanding
+#   nn.TransformerEncoderLayer into primitive ops was level with its native fused fast path (1.08x vs 1.07x);
+#   measured alone (bench_kernels.py --device cuda), ops.max_pool2d_inference ran 0.72-0.82x eager's max-pool
+#   and ops.rms_norm_inference 0.17x F.rms_norm.
+#: Passes tg.optimize skips for a model whose weights are on a GPU, with why.
+GPU_SKIPPED_PASSES = {
+    "expand_transformer_layers": "level with nn.TransformerEncoderLayer's native fused fast path, which stays",
+    "fuse_conv_add": "needs channels_last (GPU_CHANNELS_LAST is off)",
+    "fuse_qkv_attention": "a CPU kernel: on the GPU it is split + SDPA + merge as written, behind a wrapper",
+    "use_inference_attention": "a CPU kernel: on the GPU it is SDPA behind a wrapper",
+    "fuse_rms_norm": "a CPU kernel: on the GPU its reference ran 0.17x F.rms_norm",
+    "use_inference_max_pool": "the CUDA max-pool kernel ran 0.72-0.82x eager's",
+}
+#: Whether convolution stacks run channels_last on a GPU when ``channels_last`` is left to tg.optimize.
+GPU_CHANNELS_LAST = False
+
+
+def _rewrite(model: Model, inference: bool, channels_last: bool | None,
+             compute_dtype: torch.dtype | None) -> Model:
     # NOTE: [Copy once] With inference=True, folding replaces the weight of every Conv2d followed by
     # a BatchNorm, so copying it first would copy ~90% of a ResNet's bytes twice: deepcopy shares
     # the Conv2d weights, and _unshare copies whatever a pass did not replace.
     shared = {id(m.weight): m.weight for m in model.modules() if type(m) is nn.Conv2d} if inference else {}
     root = copy.deepcopy(model, dict(shared))
     graph = root.graph
+    on_gpu = _weights_device(model).type == "cuda"
+    skipped = GPU_SKIPPED_PASSES if on_gpu else {}  # NOTE: [Passes on a GPU]
+    if channels_last is None:
+        channels_last = GPU_CHANNELS_LAST if on_gpu else True
+
+    def run(name: str, *args, **kwargs) -> None:
+        if name not in skipped:
+            getattr(passes, name)(root, graph, *args, **kwargs)
+
     if inference:
         root.eval()
-    passes.inline_modules(root, graph)
-    passes.canonicalize(root, graph, inference)
+    run("inline_modules")
+    run("canonicalize", inference)
     if inference:
-        passes.expand_transformer_layers(root, graph)
-        passes.fold_batchnorm(root, graph)
-        passes.fold_preactivation_batchnorm(root, graph)
-        passes.fold_layer_scale(root, graph)
-    passes.write_gelu_as_function(root, graph)  # HuggingFace's spellings (passes/written_layers.py)
+        run("expand_transformer_layers")
+        run("fold_batchnorm")
+        run("fold_preactivation_batchnorm")
+        run("fold_layer_scale")
+    run("write_gelu_as_function")  # HuggingFace's spellings (passes/written_layers.py)
     if inference:
-        passes.linear_from_addmm(root, graph)
-    passes.sink_activation_through_view(root, graph)
-    passes.fuse_linear_act(root, graph)
-    passes.fuse_conv_act(root, graph, channels_last=inference and channels_last)
+        run("linear_from_addmm")
+    run("sink_activation_through_view")
+    run("fuse_linear_act")
+    run("fuse_conv_act", channels_last=inference and channels_last)
     _unshare(root, set(shared))
-    passes.write_attention_as_sdpa(root, graph)
-    passes.fuse_qkv_attention(root, graph)
+    run("write_attention_as_sdpa")
+    run("fuse_qkv_attention")
     if inference:
-        passes.use_inference_attention(root, graph)
-        passes.drop_repeated_kv(root, graph)
-        passes.fuse_rms_norm(root, graph)
-    passes.fuse_add_layer_norm(root, graph)
-    passes.fuse_add_relu(root, graph)
+        run("use_inference_attention")
+        run("drop_repeated_kv")
+        run("fuse_rms_norm")
+    run("fuse_add_layer_norm")
+    run("fuse_add_relu")
     if inference:
-        passes.use_inference_max_pool(root, graph)
+        run("use_inference_max_pool")
         if channels_last:
-            passes.fuse_conv_add(root, graph)
-            passes.keep_layout_local(root, graph, float32=compute_dtype is None)
+            run("fuse_conv_add")
+            run("keep_layout_local", float32=compute_dtype is None)
     if compute_dtype is not None:
         passes.compute_in(root, graph, compute_dtype)
     return _rebuild(root, graph)
 
 
-def _compute_dtype(dtype, inference: bool) -> torch.dtype | None:
-    """``torch.bfloat16`` when asked for and supported here, else None (float32)."""
+def _compute_dtype(dtype, inference: bool, model: nn.Module) -> torch.dtype | None:
+    """``torch.bfloat16`` when asked for and supported where ``model``'s weights are, else None (float32)."""
     if dtype is None or dtype == torch.float32:
         return None
     if dtype != torch.bfloat16:
@@ -186,12 +232,27 @@ def _compute_dtype(dtype, inference: bool) -> torch.dtype | None:
         raise ValueError("tg.optimize: dtype=torch.bfloat16 is for inference; received inference=False. "
                          "For bfloat16 training use torch.autocast('cpu', torch.bfloat16) around the "
                          "optimized model, or drop dtype.")
-    supported, why = passes.bfloat16_supported()
+    # NOTE: [bfloat16 where the weights are] the model runs where its weights are: a model on a GPU is
+    # asked about that GPU (cuDNN / cuBLAS bf16 kernels), not about the host CPU, whose lack of bf16
+    # instructions would otherwise keep a GPU model in float32.
+    device = _weights_device(model)
+    if device.type == "cuda":
+        supported, why = passes.cuda_bfloat16_supported(device)
+    else:
+        supported, why = passes.bfloat16_supported()
     if not supported:
         warnings.warn(f"tg.optimize: dtype=torch.bfloat16 requested, but {why}: computing in float32 "
                       "instead (bfloat16 would be emulated, slower than float32).", UserWarning, stacklevel=3)
         return None
     return torch.bfloat16
+
+
+def _weights_device(model: nn.Module) -> torch.device:
+    """The device of the model's first floating parameter or buffer (CPU for a model without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device
+    return torch.device("cpu")
 
 
 def _unshare(root: nn.Module, shared: set) -> None:
@@ -211,6 +272,11 @@ def _rebuild(root: Model, graph: fx.Graph) -> Model:
     result.meta = copy.deepcopy(root.meta)
     result.training = root.training
     _delete_unused_submodules(result)
+    for module in result.modules():
+        if isinstance(module, nn.RNNBase):
+            # NOTE: [Copied RNN weights] the copy holds each weight apart; cuDNN wants them in one buffer, or
+            # every call warns and compacts them first (nn.LSTM on an H200: 0.75x eager). A no-op on the CPU.
+            module.flatten_parameters()
     result.recompile()
     return result
 

@@ -16,13 +16,14 @@ from .inline import inline_modules
 from .layer_scale import fold_layer_scale
 from .layout import keep_layout_local, use_inference_max_pool
 from .manual_attention import write_attention_as_sdpa
-from .precision import bfloat16_supported, compute_in
+from .precision import bfloat16_supported, compute_in, cuda_bfloat16_supported
 from .residual import fuse_add_layer_norm, fuse_add_relu, fuse_conv_add
 from .rms_norm import fuse_rms_norm
 from .transformer import expand_transformer_layers
 from .written_layers import linear_from_addmm, sink_activation_through_view, write_gelu_as_function
 
-__all__ = ["bfloat16_supported", "has_effect", "in_place_hazards", "canonicalize", "compute_in", "drop_repeated_kv",
+__all__ = ["bfloat16_supported", "cuda_bfloat16_supported", "has_effect", "in_place_hazards", "canonicalize",
+           "compute_in", "drop_repeated_kv",
            "expand_transformer_layers", "fold_batchnorm", "fold_layer_scale", "fold_preactivation_batchnorm",
            "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_linear_act", "fuse_qkv_attention",
            "fuse_rms_norm",

@@ -10,6 +10,10 @@ pass and get what they did before. What runs in between:
   bfloat16 but accumulate their statistics in float32 (``ops.qkv_attention`` keeps its attention
   weights in float32);
 * everything else (adds, activations, pooling): elementwise in bfloat16, rounded once per op.
+
+A model whose weights are on a GPU computes there the same way, on cuDNN's and cuBLAS's bfloat16 kernels
+(float32 accumulation); whether bfloat16 is native is asked of that GPU (``cuda_bfloat16_supported``),
+not of the host CPU (NOTE: [bfloat16 where the weights are] in ``optimize.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .. import fused
 from .aliasing import in_place_hazards
 from .common import module_of, set_spec
 
-__all__ = ["bfloat16_supported", "compute_in"]
+__all__ = ["bfloat16_supported", "compute_in", "cuda_bfloat16_supported"]
 
 
 def bfloat16_supported() -> tuple[bool, str]:
@@ -33,6 +37,15 @@ def bfloat16_supported() -> tuple[bool, str]:
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False, "this CPU has neither AVX512-BF16 nor AMX bf16 instructions"
     return True, "AMX" if torch.cpu._is_amx_tile_supported() else "AVX512-BF16"
+
+
+def cuda_bfloat16_supported(device: torch.device) -> tuple[bool, str]:
+    """Whether the GPU ``device`` runs bfloat16 natively (compute capability 8.0 or later), and what was found."""
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if major < 8:
+        return False, f"the GPU {name} (compute capability {major}.{minor}) has no native bfloat16 (8.0 or later)"
+    return True, f"{name} (compute capability {major}.{minor})"
 
 
 def _spec_with_dtype(spec, dtype):
