@@ -215,6 +215,53 @@ def test_failed_cuda_build_falls_back_to_the_cpu_kernels(monkeypatch, tmp_path):
     assert calls == [None, False]
 
 
+def test_cuda_toolkit_without_its_runtime_is_refused_before_compiling(monkeypatch, tmp_path):
+    """A CUDA_HOME without lib64/libcudart.so (torch's guess from a wrapper nvcc on PATH) fails at once, with
+    the fix, instead of after minutes of nvcc at the link (NOTE: [CUDA_HOME from a wrapper])."""
+    import dataclasses
+    import types
+
+    build = dataclasses.replace(_extension.kernel_build(with_cuda=False), with_cuda=True)
+    monkeypatch.setattr(_extension, "_cpp_extension", lambda: types.SimpleNamespace(CUDA_HOME=str(tmp_path)))
+    with pytest.raises(_extension.KernelsUnavailable, match=r"has no lib64/libcudart.so .*Set CUDA_HOME"):
+        _extension._check_toolchain(build)
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so").touch()
+    _extension._check_toolchain(build)  # the toolkit is complete: no complaint
+
+
+def test_build_kernels_command_retries_a_failed_cuda_build(monkeypatch, tmp_path, capsys):
+    """After the import fell back to the CPU kernels, `torchgraph build-kernels` forgets the failed CUDA build
+    and has a fresh process compile it (NOTE: [Retrying the CUDA build]), or says why it could not."""
+    import dataclasses
+
+    from torchgraph import cli
+
+    wanted = dataclasses.replace(_extension.kernel_build(with_cuda=False), with_cuda=True,
+                                 description="torch x, AVX2, CPU + CUDA", directory=tmp_path / "cuda-build")
+    wanted.directory.mkdir()
+    failed = wanted.directory / "FAILED"
+    children = []
+
+    def child(argv, check):  # the fresh process: its import builds the library when it sees no failure
+        children.append(argv)
+        if not failed.exists():
+            wanted.library.write_bytes(b"")
+
+    monkeypatch.setattr(_extension, "kernel_build", lambda with_cuda=None: wanted)
+    monkeypatch.setattr(_extension, "LIBRARY_PATH", tmp_path / "cpu" / "torchgraph_kernels.so")
+    monkeypatch.setattr(subprocess, "run", child)
+    failed.write_text("RuntimeError\n")
+    cli._build_kernels()
+    assert children == [[sys.executable, "-c", "import torchgraph"]] and not failed.exists()
+    assert capsys.readouterr().out.strip().endswith(str(wanted.library))
+
+    wanted.library.unlink()
+    monkeypatch.setattr(subprocess, "run", lambda argv, check: failed.write_text("RuntimeError\n"))
+    with pytest.raises(cli.CommandError, match="the CUDA kernels could not be built .*CPU kernels .* stay in use"):
+        cli._build_kernels()
+
+
 def test_build_kernels_command_reports_the_library():
     """`torchgraph build-kernels` (here `python -m torchgraph`) prints where the kernels are."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -104,6 +104,10 @@ class KernelBuild:
         """The compiler output of a failed build."""
         return self.directory / "build.log"
 
+    def forget_failure(self) -> None:
+        """Drops the record of a failed build, so that the next import compiles it again."""
+        (self.directory / _FAILED_MARKER).unlink(missing_ok=True)
+
 
 def _source_dir() -> pathlib.Path | None:
     """The kernel sources: the installed copy, else the checkout's ``csrc/`` (editable installs)."""
@@ -289,10 +293,21 @@ def _check_toolchain(build: KernelBuild) -> None:
         raise KernelsUnavailable(
             "the ninja build tool was not found. Install it (`pip install ninja`), then run "
             "`torchgraph build-kernels`")
-    if build.with_cuda and _cpp_extension().CUDA_HOME is None:
-        raise KernelsUnavailable(
-            f"{CUDA_ENV_VAR}=1 asks for the CUDA kernels, but no CUDA toolkit (nvcc) was found. "
-            "Install one and set CUDA_HOME, or unset the variable")
+    if build.with_cuda:
+        home = _cpp_extension().CUDA_HOME
+        if home is None:
+            raise KernelsUnavailable(
+                f"{CUDA_ENV_VAR}=1 asks for the CUDA kernels, but no CUDA toolkit (nvcc) was found. "
+                "Install one and set CUDA_HOME, or unset the variable")
+        # NOTE: [CUDA_HOME from a wrapper] without CUDA_HOME, torch takes the folder above the first nvcc on PATH;
+        # a wrapper script there (/usr/local/bin/nvcc) makes it /usr/local, and the link fails on -lcudart
+        # after minutes of nvcc. Checked first, with the fix.
+        if not any((pathlib.Path(home) / lib / "libcudart.so").exists() for lib in ("lib64", "lib", "lib/x64")):
+            raise KernelsUnavailable(
+                f"{CUDA_ENV_VAR}=1 asks for the CUDA kernels, but the CUDA toolkit torch found at {home} has no "
+                "lib64/libcudart.so (without CUDA_HOME, torch takes the folder above the first nvcc on PATH, "
+                "which a wrapper script misleads). Set CUDA_HOME to the toolkit's folder (e.g. /usr/local/cuda), "
+                "then run `torchgraph build-kernels`")
 
 
 def _first_error(output: str) -> str:

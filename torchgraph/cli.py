@@ -146,12 +146,35 @@ def _build_kernels() -> None:
         from . import _extension
 
     path = _extension.LIBRARY_PATH
+    wanted = _extension.kernel_build()
     if path is None:
         try:
             path = _extension.build_kernels(retry_failed=True)
         except _extension.KernelsUnavailable as exc:
             raise CommandError(f"the kernels are not available: {exc}.") from None
-    print(f"torchgraph kernels ({_extension.kernel_build().description}): {path}")
+    elif path != wanted.library:
+        path = _retry_cuda_build(wanted, path)
+    print(f"torchgraph kernels ({wanted.description}): {path}")
+
+
+def _retry_cuda_build(wanted, fallback):
+    """The CUDA build after the import fell back to the CPU-only library, built by a fresh process.
+
+    NOTE: [Retrying the CUDA build] a process that loaded the CPU-only library cannot load the CUDA one
+    (both register the same ops), so a child process imports torchgraph with the failed build forgotten:
+    its import compiles and publishes it, or records the failure again."""
+    import subprocess
+    import time
+
+    wanted.forget_failure()
+    start = time.time()
+    subprocess.run([sys.executable, "-c", "import torchgraph"], check=False)
+    if not wanted.library.exists():
+        compiled = wanted.log.exists() and wanted.log.stat().st_mtime >= start
+        why = f"the compiler's output is in {wanted.log}" if compiled else "the warning above says why"
+        raise CommandError(f"the CUDA kernels could not be built ({why}); the CPU kernels ({fallback}) "
+                           "stay in use.")
+    return wanted.library
 
 
 def _format_bytes(n: int) -> str:
