@@ -30,6 +30,16 @@ instead of 41-45 ms in eager, with glibc's defaults in some processes); ``--defa
 glibc's defaults, and ``--large-blocks`` keeps blocks above glibc's 32 MiB cap too (NOTE: [Blocks above
 glibc's cap]: LLM logits).
 
+With ``--device cuda`` every variant runs on the GPU: the modules are recorded on the CPU, moved there,
+and ``tg.optimize`` is called on the moved model (as a user who moved the model first would call it);
+timings wait for the GPU (``torch.cuda.synchronize``) after each repetition's calls, and ``--threads`` is
+moot. There the GPU's other choices are timed beside its defaults (NOTE: [Passes on a GPU]): the other
+layout (``channels_last``), the conv/linear + activation wrappers skipped too, and every pass run as on the
+CPU; and ``eager TF32 off``, eager with TF32 disabled, whose error column shows how far TF32 (cuDNN's default
+for convolutions) moves eager itself (NOTE: [TF32 control]).
+ONNX Runtime runs only if its CUDA provider is installed (inputs and outputs through host memory, as
+``session.run`` does); OpenVINO is CPU-only and skipped.
+
 Every variant's output is compared with eager float32 on the same input: max abs error, max error
 relative to the largest eager output, and (classifiers) top-1 agreement. Speed-up = eager time /
 variant time (> 1 is faster).
@@ -41,6 +51,7 @@ Usage::
     python benchmarks/bench_peers.py --only resnet50_b8 --only gpt --reps 15
     python benchmarks/bench_peers.py --no-compile --no-openvino --markdown
     python benchmarks/bench_peers.py --only resnet50_b8 --no-compile --no-onnx --no-openvino --ablate all
+    python benchmarks/bench_peers.py --device cuda --no-openvino       # on the GPU
 
 Models: ``resnet50_b8`` (torchvision ResNet-50, b8 64x64), ``resnet50_b1`` (b1 224x224),
 ``mobilenetv2_b8`` / ``mobilenetv2_b1`` (torchvision MobileNetV2, same sizes), ``gpt`` (4 pre-LN
@@ -105,7 +116,8 @@ def _onnx_variants(model: tg.Model, x: torch.Tensor, args, tmp: str) -> tuple[di
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        tg.export_onnx(model, path, verify=False)
+        tg.export_onnx(model.cpu() if x.device.type != "cpu" else model, path, verify=False)
+        model.to(x.device)
     export_s = time.perf_counter() - start
     feed_name = None
     if args.onnx:
@@ -116,12 +128,20 @@ def _onnx_variants(model: tg.Model, x: torch.Tensor, args, tmp: str) -> tuple[di
         options.intra_op_num_threads = args.threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feed_name = session.get_inputs()[0].name
-        data = x.numpy()
-        fns["onnxruntime"] = lambda _: torch.from_numpy(session.run(None, {feed_name: data})[0])
-        first["onnxruntime"] = export_s
-    if args.openvino:
+        on_gpu = x.device.type == "cuda"
+        if on_gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
+            print("  (onnxruntime has no CUDA provider here: pip install onnxruntime-gpu; skipped)")
+        else:
+            provider = "CUDAExecutionProvider" if on_gpu else "CPUExecutionProvider"
+            session = ort.InferenceSession(path, options, providers=[provider])
+            feed_name = session.get_inputs()[0].name
+            data = x.cpu().numpy()
+            label = "onnxruntime cuda" if on_gpu else "onnxruntime"
+            fns[label] = lambda _: torch.from_numpy(session.run(None, {feed_name: data})[0]).to(x.device)
+            first[label] = export_s
+    if args.openvino and x.device.type != "cpu":
+        print("  (openvino runs on the CPU: skipped on the GPU)")
+    elif args.openvino:
         try:
             import openvino as ov
         except ImportError:
@@ -160,6 +180,7 @@ def _trace_without_opaque_flag(module, concrete):
 
 
 _TRACE_ONCE = passes_inline._trace_once
+OPTIMIZE = sys.modules["torchgraph.optimize"]  # the module (tg.optimize is the function)
 
 
 #: ``--ablate`` name -> (what it switches off, the (module, attribute, value) patches that do it).
@@ -277,6 +298,26 @@ def _ablated_variants(model, names: list) -> tuple[dict, dict]:
     return fns, first
 
 
+def _gpu_variants() -> list:
+    """The GPU's other choices, timed beside its defaults (NOTE: [Passes on a GPU] in torchgraph/optimize.py):
+    (label, tg.optimize's keyword arguments, patches held while it runs)."""
+    without_wrappers = dict(OPTIMIZE.GPU_SKIPPED_PASSES, fuse_conv_act="", fuse_linear_act="")
+    return [(f"tg.optimize channels_last={not OPTIMIZE.GPU_CHANNELS_LAST}",
+             {"channels_last": not OPTIMIZE.GPU_CHANNELS_LAST}, []),
+            ("tg.optimize -conv/linear wrappers", {}, [(OPTIMIZE, "GPU_SKIPPED_PASSES", without_wrappers)]),
+            ("tg.optimize CPU passes", {"channels_last": True}, [(OPTIMIZE, "GPU_SKIPPED_PASSES", {})])]
+
+
+@contextlib.contextmanager
+def _tf32_off():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _accuracy(out: torch.Tensor, ref: torch.Tensor, classifier: bool) -> str:
     out, ref = out.float().reshape(ref.shape), ref.float()
     err = (out - ref).abs().max().item()
@@ -294,15 +335,23 @@ def bench(name: str, args) -> list[tuple]:
     eager = build().eval()
     x_sym = tg.Input(shape=shape)
     model = tg.Model(x_sym, eager(x_sym)).eval()
-    start = time.perf_counter()
-    fast = tg.optimize(model)
-    optimize_s = time.perf_counter() - start
-    start = time.perf_counter()
-    fast_bf16 = tg.optimize(model, dtype=torch.bfloat16)
-    optimize_bf16_s = time.perf_counter() - start
-    x = torch.randn(batch, *shape)
-    fns = {"eager": eager, "tg.Model": model, "tg.optimize": fast, "tg.optimize bf16": fast_bf16}
-    first = {"tg.optimize": optimize_s, "tg.optimize bf16": optimize_bf16_s}
+    eager.to(args.device)
+    model.to(args.device)
+    fns = {"eager": eager, "tg.Model": model}
+    first = {}
+    variants = [("tg.optimize", {}, []), ("tg.optimize bf16", {"dtype": torch.bfloat16}, [])]
+    if args.device != "cpu":
+        variants += _gpu_variants()
+    for label, options, patches in variants:
+        start = time.perf_counter()
+        with _patched(patches):
+            fns[label] = tg.optimize(model, **options)
+        first[label] = time.perf_counter() - start
+    x = torch.randn(batch, *shape).to(args.device)
+    if args.device == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
+        # NOTE: [TF32 control] cuDNN convolutions default to TF32 (10-bit mantissas): every variant's error
+        # against eager includes TF32's rounding, which this row shows for eager itself
+        fns["eager TF32 off"] = _CalledUnder(eager, _tf32_off)
     more, more_first = _ablated_variants(model, args.ablate)
     fns.update(more)
     first.update(more_first)
@@ -325,6 +374,7 @@ def bench(name: str, args) -> list[tuple]:
         for fn in fns.values():
             fn(x)
         times = _interleaved({k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}, args)
+        _check_device(outputs, args.device)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["eager"]
     rows = []
@@ -356,6 +406,8 @@ def bench_community(name: str, args) -> list[tuple]:
                        name=input_symbol(spec.name)) for spec in arch.inputs]
     outs = _leaves(eager(*inputs))
     model = tg.Model(inputs if len(inputs) > 1 else inputs[0], outs if len(outs) > 1 else outs[0]).eval()
+    eager.to(args.device)
+    model.to(args.device)
     first = {}
     start = time.perf_counter()
     fast = tg.optimize(model)
@@ -363,9 +415,11 @@ def bench_community(name: str, args) -> list[tuple]:
     start = time.perf_counter()
     fast_bf16 = tg.optimize(model, dtype=torch.bfloat16)
     first["tg.optimize bf16"] = time.perf_counter() - start
-    data = arch.make_inputs()
+    data = [t.to(args.device) for t in arch.make_inputs()]
     fns = {"eager": lambda: _leaves(eager(*data))[0], "tg.Model": lambda: _first(model(*data)),
            "tg.optimize": lambda: _first(fast(*data)), "tg.optimize bf16": lambda: _first(fast_bf16(*data))}
+    if args.device == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
+        fns["eager TF32 off"] = _CalledUnder(fns["eager"], _tf32_off)  # NOTE: [TF32 control]
     ablated, ablated_first = _ablated_variants(model, args.ablate)
     fns.update({k: (lambda fn=fn: _first(fn(*data))) for k, fn in ablated.items()})
     first.update(ablated_first)
@@ -373,6 +427,7 @@ def bench_community(name: str, args) -> list[tuple]:
         ref = fns["eager"]()
         outputs = {k: fn() for k, fn in fns.items()}
         times = _interleaved(fns, args)
+        _check_device(outputs, args.device)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["eager"]
     classifier = ref.dim() == 2
@@ -391,6 +446,7 @@ def _interleaved(fns: dict, args) -> dict:
     2-core VM (2026-12-02, ViT: full tg.optimize 1.86x, ablations that change nothing 1.92-1.98x, in a
     fixed order 1.76-1.89x against 1.87-2.01x), while four identical optimized copies timed alone read
     within 3%: ablation effects below ~8% need several processes, and the control rows beside them."""
+    sync = torch.cuda.synchronize if args.device == "cuda" else _no_pass
     times = {k: [] for k in fns}
     order = list(fns)
     for rep in range(args.reps):
@@ -399,11 +455,20 @@ def _interleaved(fns: dict, args) -> dict:
             fn = fns[k]
             for _ in range(args.warm):
                 fn()
+            sync()
             start = time.perf_counter()
             for _ in range(args.iters):
                 fn()
+            sync()
             times[k].append((time.perf_counter() - start) / args.iters)
     return times
+
+
+def _check_device(outputs: dict, device: str) -> None:
+    """Every variant answered on ``device``: one that ran on the CPU behind the caller's back is a bug."""
+    wrong = {k: str(out.device) for k, out in outputs.items() if out.device.type != device}
+    if wrong:
+        raise SystemExit(f"bench_peers: variants answered on another device than {device}: {wrong}")
 
 
 def _first(out):
@@ -430,6 +495,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(_models()), help="models to run (repeatable)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where every variant runs (cuda: the models are moved there, then optimized)")
     parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions (median)")
     parser.add_argument("--iters", type=int, default=3, help="calls per repetition")
     parser.add_argument("--warm", type=int, default=0,
@@ -452,6 +519,8 @@ def main() -> None:
                              "a language model's logits)")
     args = parser.parse_args()
     args.ablate = list(ABLATIONS) if "all" in args.ablate else list(dict.fromkeys(args.ablate))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     torch.set_num_threads(args.threads)
     retained = args.retain and tg.retain_freed_memory(large_blocks=args.large_blocks)
     load = os.getloadavg()
@@ -462,6 +531,11 @@ def main() -> None:
           f"{routes}), freed memory {'retained' if retained else 'given back (glibc defaults)'}"
           f"{' (blocks above 32 MiB too)' if retained and args.large_blocks else ''}, "
           f"load average at start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} ({os.cpu_count()} CPUs)")
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        print(f"GPU: {props.name}, {props.multi_processor_count} SMs, CUDA {torch.version.cuda}, cuDNN "
+              f"{torch.backends.cudnn.version()}, TF32 in convolutions {torch.backends.cudnn.allow_tf32}, in "
+              f"matmuls {torch.backends.cuda.matmul.allow_tf32}, bf16: {tg.passes.cuda_bfloat16_supported(0)[1]}")
     rows = []
     runs = [(name, bench) for name in (args.only or ([] if args.community else list(_models())))]
     if args.community:
