@@ -83,3 +83,22 @@ def test_gpu_choices_follow_the_table(as_if_on_a_gpu, monkeypatch):
     monkeypatch.setattr(OPTIMIZE, "GPU_CHANNELS_LAST", False)
     targets = _targets(tg.optimize(model))
     assert fused.conv2d_act in targets and fused.conv2d_add_act not in targets  # the residual fusion needs it
+
+
+def test_gpu_training_keeps_eager_ops_and_gradients(as_if_on_a_gpu):
+    """inference=False on a GPU: no fused call with a custom backward (NOTE: [Training on a GPU]); the
+    gradients are eager's."""
+    arch = ARCHITECTURES["nanogpt"]
+    module, reference = arch.make_model(), arch.make_model()
+    fast = tg.optimize(_record(arch, module).train(), inference=False)
+    assert not _targets(fast) & {fused.linear_act, fused.conv2d_act, ops.add_layer_norm, ops.add_relu,
+                                 fused.qkv_attention}
+    inputs = arch.make_inputs()
+    torch.manual_seed(0)
+    tensor_leaves(reference.train()(*inputs))[0].square().mean().backward()
+    torch.manual_seed(0)
+    _as_list(fast(*inputs))[0].square().mean().backward()
+    grads = dict(reference.named_parameters())
+    for key, p in fast.named_parameters():
+        want = grads[key.split(".", 1)[1]].grad
+        torch.testing.assert_close(p.grad, want, atol=1e-6 + 1e-4 * want.abs().max().item(), rtol=1e-4)

@@ -29,7 +29,7 @@ import torch.nn as nn
 from . import passes
 from .model import OPTIMIZE_META, Model
 
-__all__ = ["GPU_CHANNELS_LAST", "GPU_SKIPPED_PASSES", "OPTIMIZE_META", "optimize"]
+__all__ = ["GPU_CHANNELS_LAST", "GPU_SKIPPED_PASSES", "GPU_TRAINING_SKIPPED_PASSES", "OPTIMIZE_META", "optimize"]
 
 
 def optimize(model: Model, inference: bool = True, *, channels_last: bool | None = None,
@@ -70,8 +70,9 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool | None
 
     A model whose weights are on a GPU is rewritten for the GPU: the passes listed in
     ``GPU_SKIPPED_PASSES`` (CPU kernels and what needs channels_last) are skipped (NOTE: [Passes on
-    a GPU]). Optimize the model where it will run: one optimized on the CPU
-    and moved to a GPU gives the same results, with the CPU's choices.
+    a GPU]); with ``inference=False`` also ``GPU_TRAINING_SKIPPED_PASSES``, the fusions whose backward
+    costs a GPU more than eager's autograd (NOTE: [Training on a GPU]). Optimize the model where it
+    will run: one optimized on the CPU and moved to a GPU gives the same results, with the CPU's choices.
 
     With ``inference=False`` the model stays trainable: no folding, no inference-only max-pool, the
     same layouts; only fusions with a backward (bias + activation, add + ReLU, add + LayerNorm,
@@ -166,6 +167,18 @@ GPU_SKIPPED_PASSES = {
     "fuse_rms_norm": "a CPU kernel: on the GPU its reference ran 0.17x F.rms_norm",
     "use_inference_max_pool": "the CUDA max-pool kernel ran 0.72-0.82x eager's",
 }
+#: Passes tg.optimize also skips for a model on a GPU with ``inference=False`` (NOTE: [Training on a GPU]).
+GPU_TRAINING_SKIPPED_PASSES = {
+    "fuse_linear_act": "bias + activation forward and backward through a custom op: 0.52x eager's autograd",
+    "fuse_conv_act": "the same bias + activation op as linears'",
+    "fuse_add_layer_norm": "add + LayerNorm forward and backward: 0.54-0.57x eager's autograd",
+    "fuse_add_relu": "add + ReLU forward and backward: 0.67x eager's autograd",
+}
+# NOTE: [Training on a GPU] the fused ops' backward goes through custom ops, whose host time per call a
+# GPU at these sizes feels: forward + backward on an H200 (bench_kernels.py --device cuda --quick, 2026-12-04)
+# ran 0.52x eager's autograd for bias + GELU (1024 x 1024), 0.54-0.57x for add + LayerNorm (1024 x 1024 and
+# x 256), 0.67x for add + ReLU (8 x 64 x 32 x 32). So a trainable model on a GPU keeps eager's ops: it gets the
+# inlining and canonical forms (and attention written as SDPA), not the fused calls.
 #: Whether convolution stacks run channels_last on a GPU when ``channels_last`` is left to tg.optimize.
 GPU_CHANNELS_LAST = False
 
@@ -179,7 +192,9 @@ def _rewrite(model: Model, inference: bool, channels_last: bool | None,
     root = copy.deepcopy(model, dict(shared))
     graph = root.graph
     on_gpu = _weights_device(model).type == "cuda"
-    skipped = GPU_SKIPPED_PASSES if on_gpu else {}  # NOTE: [Passes on a GPU]
+    skipped = {}
+    if on_gpu:  # NOTE: [Passes on a GPU], NOTE: [Training on a GPU]
+        skipped = GPU_SKIPPED_PASSES if inference else {**GPU_SKIPPED_PASSES, **GPU_TRAINING_SKIPPED_PASSES}
     if channels_last is None:
         channels_last = GPU_CHANNELS_LAST if on_gpu else True
 
