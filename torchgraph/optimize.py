@@ -154,7 +154,7 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool | None
 # - channels_last (GPU_CHANNELS_LAST) was level in one run (ResNet-50 b8 1.36x vs 1.37x, MobileNetV2
 #   1.50-1.58x vs 1.55-1.56x) and not in another: off, which needs no layout conversions;
 # - every pass as on the CPU (the CPU kernels run their references or SDPA there, behind wrappers) was level
-#   or behind: ViT-S 1.24-1.33x vs 1.40-1.43x, the GPT stack 0.97-1.02x vs 1.06-1.11x; expanding
+#   or behind: ViT-S 1.24-1.33x vs 1.33-1.43x, the GPT stack 0.97-1.02x vs 1.06-1.11x; expanding
 #   nn.TransformerEncoderLayer into primitive ops was level with its native fused fast path (1.08x vs 1.07x);
 #   measured alone (bench_kernels.py --device cuda), ops.max_pool2d_inference ran 0.72-0.82x eager's max-pool
 #   and ops.rms_norm_inference 0.17x F.rms_norm.
