@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import torchgraph as tg
 from community_models import ARCHITECTURES, tensor_leaves
-from test_optimize_community import _as_list, _record
+from test_optimize_community import _as_list, _record, assert_gradients_match
 from torchgraph import fused, ops
 
 OPTIMIZE = sys.modules["torchgraph.optimize"]
@@ -93,12 +93,4 @@ def test_gpu_training_keeps_eager_ops_and_gradients(as_if_on_a_gpu):
     fast = tg.optimize(_record(arch, module).train(), inference=False)
     assert not _targets(fast) & {fused.linear_act, fused.conv2d_act, ops.add_layer_norm, ops.add_relu,
                                  fused.qkv_attention}
-    inputs = arch.make_inputs()
-    torch.manual_seed(0)
-    tensor_leaves(reference.train()(*inputs))[0].square().mean().backward()
-    torch.manual_seed(0)
-    _as_list(fast(*inputs))[0].square().mean().backward()
-    grads = dict(reference.named_parameters())
-    for key, p in fast.named_parameters():
-        want = grads[key.split(".", 1)[1]].grad
-        torch.testing.assert_close(p.grad, want, atol=1e-6 + 1e-4 * want.abs().max().item(), rtol=1e-4)
+    assert_gradients_match(arch, fast, reference)
