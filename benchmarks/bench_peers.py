@@ -174,6 +174,16 @@ def _tf32_off():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _tf32_control(eager, device: str) -> dict:
+    """``{"eager TF32 off": eager called with TF32 disabled}`` on a GPU where TF32 is on, else nothing.
+
+    NOTE: [TF32 control] cuDNN convolutions default to TF32 (10-bit mantissas): every variant's error
+    against eager includes TF32's rounding, which this row shows for eager itself."""
+    if device == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
+        return {"eager TF32 off": _CalledUnder(eager, _tf32_off)}
+    return {}
+
+
 def _accuracy(out: torch.Tensor, ref: torch.Tensor, classifier: bool) -> str:
     out, ref = out.float().reshape(ref.shape), ref.float()
     err = (out - ref).abs().max().item()
@@ -204,10 +214,7 @@ def bench(name: str, args) -> list[tuple]:
             fns[label] = tg.optimize(model, **options)
         first[label] = time.perf_counter() - start
     x = torch.randn(batch, *shape).to(args.device)
-    if args.device == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
-        # NOTE: [TF32 control] cuDNN convolutions default to TF32 (10-bit mantissas): every variant's error
-        # against eager includes TF32's rounding, which this row shows for eager itself
-        fns["eager TF32 off"] = _CalledUnder(eager, _tf32_off)
+    fns.update(_tf32_control(eager, args.device))
     more, more_first = _ablated_variants(model, args.ablate)
     fns.update(more)
     first.update(more_first)
@@ -274,8 +281,7 @@ def bench_community(name: str, args) -> list[tuple]:
     data = [t.to(args.device) for t in arch.make_inputs()]
     fns = {"eager": lambda: _leaves(eager(*data))[0], "tg.Model": lambda: _first(model(*data)),
            "tg.optimize": lambda: _first(fast(*data)), "tg.optimize bf16": lambda: _first(fast_bf16(*data))}
-    if args.device == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
-        fns["eager TF32 off"] = _CalledUnder(fns["eager"], _tf32_off)  # NOTE: [TF32 control]
+    fns.update(_tf32_control(fns["eager"], args.device))
     ablated, ablated_first = _ablated_variants(model, args.ablate)
     fns.update({k: (lambda fn=fn: _first(fn(*data))) for k, fn in ablated.items()})
     first.update(ablated_first)

@@ -151,13 +151,17 @@ def test_bfloat16_accuracy(name):
     arch = ARCHITECTURES[name]
     module = arch.make_model().eval()
     fast = tg.optimize(_record(arch, module), dtype=torch.bfloat16)
-    inputs = arch.make_inputs()
+    assert_bfloat16_as_close_as_eager(module, fast, arch.make_inputs())
+
+
+def assert_bfloat16_as_close_as_eager(module: nn.Module, fast: tg.Model, inputs: list) -> None:
+    """``fast`` (optimized with dtype=torch.bfloat16) answers float32 on ``module``'s device, within 5% of the
+    output's size of float32 eager, or (ResNet-50 at test size, whose narrow layers scale rounding errors up)
+    no further off than twice eager's own bfloat16 model."""
     with torch.no_grad():
         expected = tensor_leaves(module(*inputs))[0]
         got = _as_list(fast(*inputs))[0]
-    assert got.dtype == torch.float32
-    # within 5% of the output's size, or (ResNet-50 at test size, whose narrow layers scale rounding
-    # errors up) no further off than twice eager's own bfloat16 model
+    assert got.dtype == torch.float32 and got.device == expected.device
     eager_bf16 = copy.deepcopy(module).bfloat16()
     bf16_inputs = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
     with torch.no_grad():

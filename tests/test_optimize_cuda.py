@@ -15,7 +15,8 @@ import torch
 
 import torchgraph as tg
 from community_models import ARCHITECTURES, BENCHMARK_ARCHITECTURES, tensor_leaves
-from test_optimize_community import _as_list, _double, _record, assert_as_close_as_eager
+from test_optimize_community import (_as_list, _double, _record, assert_as_close_as_eager,
+                                     assert_bfloat16_as_close_as_eager)
 from torchgraph.model import OPTIMIZE_META
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -66,15 +67,7 @@ def test_bfloat16_on_the_gpu(name):
     fast = tg.optimize(_record(arch, module), dtype=torch.bfloat16)
     assert fast.meta[OPTIMIZE_META]["dtype"] == "bfloat16"
     assert {p.dtype for p in fast.parameters() if p.is_floating_point()} == {torch.bfloat16}
-    inputs = [t.cuda() for t in arch.make_inputs()]
-    bf16_inputs = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
-    with torch.no_grad():
-        expected = tensor_leaves(module(*inputs))[0]
-        got = _as_list(fast(*inputs))[0]
-        eager_error = (tensor_leaves(copy.deepcopy(module).bfloat16()(*bf16_inputs))[0].float() - expected).abs().max()
-    assert got.dtype == torch.float32 and got.device == expected.device
-    error = (got - expected).abs().max()
-    assert error <= max(0.05 * expected.abs().max(), 2 * eager_error), (error, eager_error)
+    assert_bfloat16_as_close_as_eager(module, fast, [t.cuda() for t in arch.make_inputs()])
 
 
 def test_recurrent_weights_stay_in_one_buffer():

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from . import passes
 from .model import OPTIMIZE_META, Model
+from .probing import data_device
 
 __all__ = ["GPU_CHANNELS_LAST", "GPU_SKIPPED_PASSES", "GPU_TRAINING_SKIPPED_PASSES", "OPTIMIZE_META", "optimize"]
 
@@ -128,14 +129,15 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool | None
         raise TypeError(f"tg.optimize: expected a tg.Model; received {type(model).__name__}. Build the "
                         "model with tg.Model(inputs, outputs) (or wrap it: x = tg.Input(...); "
                         "tg.Model(x, module(x))).")
-    compute_dtype = _compute_dtype(dtype, inference, model)
+    device = _weights_device(model)
+    compute_dtype = _compute_dtype(dtype, inference, device)
     # NOTE: [Inference-mode builds] Tensors made under torch.inference_mode have no version counter,
     # so the packed-weight caches (fused/weights.py) cannot tell when they change and repack them on every call:
     # ResNet-50 (b8 64x64) optimized inside `with torch.inference_mode():` ran 1.8x slower (128 vs
     # 71 ms). The copy is made with inference mode off, whatever the caller's mode (reading the
     # original's tensors, inference tensors or not, is allowed there).
     with torch.inference_mode(False):
-        result = _rewrite(model, inference, channels_last, compute_dtype)
+        result = _rewrite(model, inference, channels_last, compute_dtype, on_gpu=device.type == "cuda")
     result.meta[OPTIMIZE_META] = {"dtype": str(compute_dtype or torch.float32).replace("torch.", "")}
     if inference:
         result.meta[OPTIMIZE_META]["inference"] = True  # NOTE: [Inference-only models] in model.py
@@ -184,14 +186,13 @@ GPU_CHANNELS_LAST = False
 
 
 def _rewrite(model: Model, inference: bool, channels_last: bool | None,
-             compute_dtype: torch.dtype | None) -> Model:
+             compute_dtype: torch.dtype | None, on_gpu: bool) -> Model:
     # NOTE: [Copy once] With inference=True, folding replaces the weight of every Conv2d followed by
     # a BatchNorm, so copying it first would copy ~90% of a ResNet's bytes twice: deepcopy shares
     # the Conv2d weights, and _unshare copies whatever a pass did not replace.
     shared = {id(m.weight): m.weight for m in model.modules() if type(m) is nn.Conv2d} if inference else {}
     root = copy.deepcopy(model, dict(shared))
     graph = root.graph
-    on_gpu = _weights_device(model).type == "cuda"
     skipped = {}
     if on_gpu:  # NOTE: [Passes on a GPU], NOTE: [Training on a GPU]
         skipped = GPU_SKIPPED_PASSES if inference else {**GPU_SKIPPED_PASSES, **GPU_TRAINING_SKIPPED_PASSES}
@@ -236,8 +237,8 @@ def _rewrite(model: Model, inference: bool, channels_last: bool | None,
     return _rebuild(root, graph)
 
 
-def _compute_dtype(dtype, inference: bool, model: nn.Module) -> torch.dtype | None:
-    """``torch.bfloat16`` when asked for and supported where ``model``'s weights are, else None (float32)."""
+def _compute_dtype(dtype, inference: bool, device: torch.device) -> torch.dtype | None:
+    """``torch.bfloat16`` when asked for and supported on ``device`` (the model's weights'), else None (float32)."""
     if dtype is None or dtype == torch.float32:
         return None
     if dtype != torch.bfloat16:
@@ -250,7 +251,6 @@ def _compute_dtype(dtype, inference: bool, model: nn.Module) -> torch.dtype | No
     # NOTE: [bfloat16 where the weights are] the model runs where its weights are: a model on a GPU is
     # asked about that GPU (cuDNN / cuBLAS bf16 kernels), not about the host CPU, whose lack of bf16
     # instructions would otherwise keep a GPU model in float32.
-    device = _weights_device(model)
     if device.type == "cuda":
         supported, why = passes.cuda_bfloat16_supported(device)
     else:
@@ -263,11 +263,9 @@ def _compute_dtype(dtype, inference: bool, model: nn.Module) -> torch.dtype | No
 
 
 def _weights_device(model: nn.Module) -> torch.device:
-    """The device of the model's first floating parameter or buffer (CPU for a model without any)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device
-    return torch.device("cpu")
+    """Where the model's weights are: the first device other than the CPU among its parameters and buffers
+    (``probing.data_device``, the rule real probes follow), else the CPU."""
+    return data_device(model) or torch.device("cpu")
 
 
 def _unshare(root: nn.Module, shared: set) -> None:
