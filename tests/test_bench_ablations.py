@@ -268,3 +268,13 @@ def test_lone_convs_ablation_keeps_them_channels_last():
     with torch.inference_mode():
         torch.testing.assert_close(ablated(x), net(x), rtol=1e-5, atol=1e-5)
     assert passes.layout._run_lone_convolutions_as_written is not bench_peers._no_pass  # restored
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_device_cuda_without_a_gpu_is_a_clear_usage_error(monkeypatch, capsys):
+    """``bench_peers.py --device cuda`` where torch sees no GPU: exit status 2 and one line saying so."""
+    monkeypatch.setattr(sys, "argv", ["bench_peers.py", "--device", "cuda", "--only", "gpt"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_peers.main()
+    assert exit_info.value.code == 2
+    assert "--device cuda: torch sees no GPU here" in capsys.readouterr().err
