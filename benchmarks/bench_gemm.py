@@ -182,6 +182,8 @@ KERNEL_SHAPES = [
     ("ViT-S b1 fc1", 197, 384, 1536, "gelu"), ("head b8", 8, 2048, 1000, "none"),
     ("ViT-B b8 qkv", 1576, 384, 1152, "none"), ("ViT-B b8 fc1", 1576, 384, 1536, "gelu"),
     ("2048 rows", 2048, 256, 768, "none"), ("short 32", 1024, 32, 128, "relu"), ("short 128", 1024, 128, 512, "none"),
+    ("short 16", 1024, 16, 64, "relu"), ("short 64", 1024, 64, 256, "gelu"), ("8192 rows", 8192, 256, 256, "none"),
+    ("4096 x 512", 4096, 512, 2048, "gelu"),
 ]
 
 
@@ -190,17 +192,22 @@ def kernel_main(reps: int) -> None:
 
     if not _extension.HAS_C_OPS:
         raise SystemExit("--kernel needs torchgraph._C (python -m torchgraph build-kernels)")
-    saved = fused.linear.KERNEL_MAX_ROWS, fused.linear.KERNEL_MAX_DEEP_ROWS
-    routed = {name: fused.linear._on_gemm_kernel(rows, n_in) if saved[1] else "not AVX2"
-              for name, rows, n_in, _, _ in KERNEL_SHAPES}
+    knobs = ("KERNEL_MAX_ROWS", "KERNEL_MIN_FEATURES", "KERNEL_MAX_OUTPUT")
+    saved = {knob: getattr(fused.linear, knob) for knob in knobs}
+    routed = {name: fused.linear._on_gemm_kernel(rows, n_in, n_out) if saved["KERNEL_MAX_ROWS"] else "not AVX2"
+              for name, rows, n_in, n_out, _ in KERNEL_SHAPES}
+    forced = {True: dict(KERNEL_MAX_ROWS=1 << 62, KERNEL_MIN_FEATURES=0, KERNEL_MAX_OUTPUT=1 << 62),
+              False: dict(saved, KERNEL_MAX_ROWS=0)}
 
     def on(kernel: bool, x, w, b, act):
         def run():
-            fused.linear.KERNEL_MAX_ROWS = fused.linear.KERNEL_MAX_DEEP_ROWS = (1 << 40) if kernel else 0
+            for knob, value in forced[kernel].items():
+                setattr(fused.linear, knob, value)
             try:
                 return fused.linear_act(x, w, b, act)
             finally:
-                fused.linear.KERNEL_MAX_ROWS, fused.linear.KERNEL_MAX_DEEP_ROWS = saved
+                for knob, value in saved.items():
+                    setattr(fused.linear, knob, value)
         return run
 
     cases = {}

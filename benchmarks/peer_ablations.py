@@ -60,9 +60,9 @@ ABLATIONS = {
                     [(fused_conv, "GEMM_KERNEL", False)]),
     "short-sums-off-kernel": ("convolution GEMMs summing over 24-63 inputs on the kernel (NOTE: [GEMM kernel]); "
                               "on oneDNN's matmul, as before", [(fused_conv, "GEMM_KERNEL_MIN_DEPTH", 64)]),
-    "linear-kernel": ("float32 linears of at most 256 rows (1,024 summing over 768+ inputs) on the same kernel "
+    "linear-kernel": ("float32 linears summing over 24+ inputs into at most 4M outputs on the same kernel "
                       "(NOTE: [Linears on the GEMM kernel]; AVX2 CPUs); oneDNN's fused linear, as before",
-                      [(fused_linear, "KERNEL_MAX_ROWS", 0), (fused_linear, "KERNEL_MAX_DEEP_ROWS", 0)]),
+                      [(fused_linear, "KERNEL_MAX_ROWS", 0)]),
     "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise "
                   "convolutions]); "
                   "oneDNN's, as before", [(fused_conv, "DEPTHWISE_KERNEL", False)]),

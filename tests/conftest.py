@@ -36,7 +36,6 @@ def mkl_routes(monkeypatch):
     monkeypatch.setattr(fused.linear, "MKL_PACKED_MAX_ROWS", 256)
     monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 1 << 23)
     monkeypatch.setattr(fused.linear, "KERNEL_MAX_ROWS", 0)
-    monkeypatch.setattr(fused.linear, "KERNEL_MAX_DEEP_ROWS", 0)
     monkeypatch.setattr(fused.conv, "_MKL_CONV_GEMMS", True)
     monkeypatch.setattr(fused.attention, "_ONEDNN_ATTENTION", False)
     monkeypatch.setattr(fused.attention, "_TILED_ATTENTION", False)
@@ -75,7 +74,6 @@ def onednn_routes(monkeypatch):
     monkeypatch.setattr(fused.conv, "_MKL_CONV_GEMMS", False)
     monkeypatch.setattr(fused.conv, "GEMM_KERNEL", False)  # as on AVX-512; AVX2: kernel_routes
     monkeypatch.setattr(fused.linear, "KERNEL_MAX_ROWS", 0)
-    monkeypatch.setattr(fused.linear, "KERNEL_MAX_DEEP_ROWS", 0)
     monkeypatch.setattr(fused.attention, "_ONEDNN_ATTENTION", True)
     monkeypatch.setattr(fused.attention, "_TILED_ATTENTION", False)
 
@@ -83,7 +81,7 @@ def onednn_routes(monkeypatch):
 @pytest.fixture
 def kernel_routes(onednn_routes, monkeypatch):
     """``onednn_routes`` as on a CPU of another vendor with AVX2 only: the convolutions' float32 GEMMs
-    summing over 24+ inputs and linears of at most 256 rows (1,024 summing over 768+ inputs) on
+    summing over 24+ inputs and linears summing over 24+ inputs into at most 4M outputs on
     torchgraph's kernel, ops.gemm_act_inference (NOTE: [GEMM kernel] in torchgraph/fused/conv.py,
     NOTE: [Linears on the GEMM kernel] in linear.py)."""
     from torchgraph import _extension, fused
@@ -91,6 +89,7 @@ def kernel_routes(onednn_routes, monkeypatch):
     if not _extension.HAS_C_OPS:
         pytest.skip("torchgraph._C is not built")
     monkeypatch.setattr(fused.conv, "GEMM_KERNEL", True)
-    monkeypatch.setattr(fused.linear, "KERNEL_MAX_ROWS", 256)
-    monkeypatch.setattr(fused.linear, "KERNEL_MAX_DEEP_ROWS", 1024)
+    monkeypatch.setattr(fused.linear, "KERNEL_MAX_ROWS", 1 << 62)
+    monkeypatch.setattr(fused.linear, "KERNEL_MIN_FEATURES", 24)
+    monkeypatch.setattr(fused.linear, "KERNEL_MAX_OUTPUT", 1 << 22)
     monkeypatch.setattr(fused.conv, "GEMM_KERNEL_MIN_DEPTH", 24)

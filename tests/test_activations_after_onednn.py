@@ -45,7 +45,6 @@ def _ops_run(fn) -> list:
 def test_linear_values_either_way(monkeypatch, placement, act):
     monkeypatch.setattr(_common, "ACTIVATIONS_AFTER_ONEDNN", frozenset(ACTS if placement == "after" else ()))
     monkeypatch.setattr(fused.linear, "KERNEL_MAX_ROWS", 0)  # AVX2 would take 256 rows to torchgraph's GEMM kernel
-    monkeypatch.setattr(fused.linear, "KERNEL_MAX_DEEP_ROWS", 0)
     # 256 rows x 128 -> 512: above the small-linear cut and MKL's few-rows path, so oneDNN's GEMM on every CPU
     x, w, b = torch.randn(256, 128), torch.randn(512, 128) * 0.1, torch.randn(512)
     with torch.no_grad():

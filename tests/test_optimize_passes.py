@@ -316,7 +316,6 @@ def test_large_linears_run_from_weights_reordered_once(monkeypatch, act):
     the parameter and rebuilt when the weight changes; inference-mode weights run unpacked."""
     monkeypatch.setattr(fused.weights, "_ONEDNN_LINEAR", {})
     monkeypatch.setattr(fused.linear, "KERNEL_MAX_ROWS", 0)  # AVX2 would take 256 rows to the GEMM kernel
-    monkeypatch.setattr(fused.linear, "KERNEL_MAX_DEEP_ROWS", 0)
     x, w, b = torch.randn(2, 128, 256), torch.randn(512, 256) * 0.05, torch.randn(512)
     with torch.no_grad():
         torch.testing.assert_close(fused.linear_act(x, w, b, act), fused._common._activation(F.linear(x, w, b), act),

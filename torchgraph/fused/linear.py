@@ -13,7 +13,7 @@ from ._common import _AVX2_ONLY, _activation, _activation_, _epilogue, _needs_gr
 from .cpu_profile import MKL_GEMMS_FAST
 from .weights import _gemm_panels_weight, _mkl_packed_weight, _onednn_linear_weight
 
-__all__ = ["KERNEL_DEEP_MIN_FEATURES", "KERNEL_MAX_DEEP_ROWS", "KERNEL_MAX_ROWS", "MKL_PACKED_MAX_ROWS",
+__all__ = ["KERNEL_MAX_OUTPUT", "KERNEL_MAX_ROWS", "KERNEL_MIN_FEATURES", "MKL_PACKED_MAX_ROWS",
            "MKL_PACKED_MIN_WEIGHT", "ONEDNN_LINEAR_MIN_MACS", "linear_act"]
 
 # NOTE: [Small linears] oneDNN's fused linear pays a fixed ~45 us a call here (1 thread,
@@ -76,26 +76,33 @@ MKL_PACKED_MIN_WEIGHT = 1 << 16
 # oneDNN's fused linear from a reordered weight on the AMD EPYC Zen 3 (AVX2, 2 threads). Few rows (ad hoc,
 # interleaved medians of 11): ViT-S's four token-row shapes (197 x 384 -> 1152 / 384 / 1536, 1536 -> 384)
 # 0.84-0.96x its time, classifier heads (8 x 1280 / 2048 -> 1000) 0.71-0.79x. More rows, through linear_act
-# as a model calls it (`python benchmarks/bench_gemm.py --kernel --reps 21`, three runs, kernel / oneDNN):
-# long sums won at 1,024 rows, BERT-base's 768 -> 2304, 768 -> 3072 + GELU and 3072 -> 768 0.87-0.95x and
-# the GPT block's fc2 1024 -> 256 0.79-0.98x; the GPT block's sums over 256 did not (qkv 0.93-1.08x,
-# fc1 + GELU 0.98-1.12x, nn.TransformerEncoderLayer's fc1 + ReLU 0.94-1.07x), nor did shorter ones (1,024
-# rows of 128 -> 512 0.99-1.14x) or more rows (ViT-B at batch 8, 1,576 rows of 384 -> 1152 / 1536 + GELU
-# 0.93-1.06x; 2,048 x 256 -> 768 0.98-1.01x). So where torch runs at the AVX2 level, float32 inference
-# linears (not small: NOTE: [Small linears]) run on it with at most KERNEL_MAX_ROWS rows, or at most
-# KERNEL_MAX_DEEP_ROWS rows summing over at least KERNEL_DEEP_MIN_FEATURES inputs.
+# as a model calls it (`python benchmarks/bench_gemm.py --kernel`, kernel / oneDNN): before the kernel's
+# epilogue was compiled per activation (NOTE: [Compile-time epilogues] in csrc/cpu/gemm_act_inference.cpp),
+# three runs found long sums ahead at 1,024 rows (BERT-base's three shapes 0.87-0.95x, the GPT block's fc2
+# 0.79-0.98x) and the GPT block's sums over 256 tied (0.93-1.12x), so only 256 rows, or 1,024 summing over
+# 768+, ran on the kernel. Measured again after it (2026-12-04, two runs of `--reps 15`), every shape but the
+# extremes favours the kernel: the GPT block's qkv, proj, fc1 + GELU and the encoder's fc1 + ReLU (1,024 rows,
+# K = 256) 0.82-0.90x, 2,048 x 256 -> 768 0.82-0.83x, 8,192 x 256 -> 256 0.85-0.86x, ViT-B at batch 8 (1,576
+# rows) 0.87-0.92x, BERT-base 0.86-0.95x, 1,024 rows of 32 -> 128 and 128 -> 512 0.91-0.96x; not 1,024 rows
+# of 16 -> 64 (1.24-1.40x: too few FMAs a tile to hide its stores, as for the convolutions) nor 64 -> 256 +
+# GELU (1.00-1.05x), nor an output of 4,096 x 2,048 + GELU (1.05-1.07x: 32 MB, twice this CPU's L3). In whole
+# models (`python benchmarks/bench_peers.py --only gpt --only encoder`, one process, `--reps 11`, the wider
+# routing as an extra variant): GPT stack 1.19x -> 1.33x eager, encoder 1.21x -> 1.45x. So where torch runs at
+# the AVX2 level, float32 inference linears (not small: NOTE: [Small linears]) run on the kernel when they sum
+# over at least KERNEL_MIN_FEATURES inputs and their output has at most KERNEL_MAX_OUTPUT elements, whatever
+# their rows (up to KERNEL_MAX_ROWS, a switch: tests and ablations set it to 0).
 #: Float32 inference linears with at most this many rows run on ops.gemm_act_inference (AVX2 CPUs; 0: never) ...
-KERNEL_MAX_ROWS = 256 if _AVX2_ONLY and not MKL_GEMMS_FAST else 0
-#: ... and so do those with at most this many rows (0: none) ...
-KERNEL_MAX_DEEP_ROWS = 1024 if _AVX2_ONLY and not MKL_GEMMS_FAST else 0
-#: ... where in_features is at least this.
-KERNEL_DEEP_MIN_FEATURES = 768
+KERNEL_MAX_ROWS = 1 << 62 if _AVX2_ONLY and not MKL_GEMMS_FAST else 0
+#: ... when they sum over at least this many inputs ...
+KERNEL_MIN_FEATURES = 24
+#: ... and their output has at most this many elements (16 MB of float32).
+KERNEL_MAX_OUTPUT = 1 << 22
 
 
-def _on_gemm_kernel(rows: int, in_features: int) -> bool:
-    """Whether a float32 inference linear of ``rows`` rows summing over ``in_features`` runs on the GEMM
+def _on_gemm_kernel(rows: int, in_features: int, out_features: int) -> bool:
+    """Whether a float32 inference linear of ``rows`` rows, ``in_features`` -> ``out_features``, runs on the GEMM
     kernel (NOTE: [Linears on the GEMM kernel])."""
-    return rows <= KERNEL_MAX_ROWS or (rows <= KERNEL_MAX_DEEP_ROWS and in_features >= KERNEL_DEEP_MIN_FEATURES)
+    return rows <= KERNEL_MAX_ROWS and in_features >= KERNEL_MIN_FEATURES and rows * out_features <= KERNEL_MAX_OUTPUT
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -130,7 +137,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             if small:
                 return _activation_(F.linear(x, weight, bias), act)
             panels = (_gemm_panels_weight(weight) if x.dtype == torch.float32 and _extension.HAS_C_OPS
-                      and _on_gemm_kernel(rows, x.shape[-1]) else None)
+                      and _on_gemm_kernel(rows, x.shape[-1], weight.shape[0]) else None)
             if panels is not None:  # NOTE: [Linears on the GEMM kernel]
                 inside = act if act in GEMM_ACTIVATIONS else "none"
                 y = torch.ops.torchgraph.gemm_act_inference.default(x.reshape(rows, -1), panels.panels, bias, None,
