@@ -63,6 +63,8 @@ ABLATIONS = {
     "linear-kernel": ("float32 linears summing over 24+ inputs into at most 4M outputs on the same kernel "
                       "(NOTE: [Linears on the GEMM kernel]; AVX2 CPUs); oneDNN's fused linear, as before",
                       [(fused_linear, "KERNEL_MAX_ROWS", 0)]),
+    "winograd": ("stride-1 3x3 convolutions by Winograd's F(2x2, 3x3) (NOTE: [Winograd convolutions]; AVX2 CPUs); "
+                 "oneDNN's direct convolution, as before", [(fused_conv, "WINOGRAD_KERNEL", False)]),
     "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise "
                   "convolutions]); "
                   "oneDNN's, as before", [(fused_conv, "DEPTHWISE_KERNEL", False)]),

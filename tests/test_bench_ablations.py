@@ -278,3 +278,27 @@ def test_device_cuda_without_a_gpu_is_a_clear_usage_error(monkeypatch, capsys):
         bench_peers.main()
     assert exit_info.value.code == 2
     assert "--device cuda: torch sees no GPU here" in capsys.readouterr().err
+
+
+def test_winograd_ablation_runs_the_direct_convolution(monkeypatch):
+    """``-winograd`` sends the stride-1 3x3 convolutions that ran on ops.winograd_conv2d_inference back to
+    oneDNN's direct convolution (the route switched on as on an AVX2 CPU, whatever this CPU is)."""
+    from torchgraph import _extension
+
+    if not (_extension.HAS_C_OPS and fused._common._HAS_ONEDNN):
+        pytest.skip("needs torchgraph._C and oneDNN")
+    monkeypatch.setattr(fused.conv, "WINOGRAD_KERNEL", True)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    x_sym = tg.Input(shape=(64, 16, 16))
+    graph_model = tg.Model(x_sym, net(x_sym)).eval()
+    fns, _ = bench_peers._ablated_variants(graph_model, ["winograd"])
+    x = torch.randn(2, 64, 16, 16)
+    full = _ops_run(tg.optimize(graph_model), x)
+    ablated = _ops_run(fns["tg.optimize -winograd"], x)
+    assert full.count("torchgraph::winograd_conv2d_inference") == 2 and "mkldnn::_convolution_pointwise" not in full
+    assert "torchgraph::winograd_conv2d_inference" not in ablated
+    assert ablated.count("mkldnn::_convolution_pointwise") == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(fns["tg.optimize -winograd"](x), net(x), rtol=1e-4, atol=1e-4)
+    assert fused.conv.WINOGRAD_KERNEL  # restored

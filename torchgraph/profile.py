@@ -27,7 +27,7 @@ class NodeTime:
         target: What the node calls: a function's or method's name, or a module's class.
         route: For a fused convolution, the kernel its plan runs (``"GEMM, 2048 rows"`` on oneDNN or MKL,
             ``"GEMM kernel, 2048 rows"`` on ``ops.gemm_act_inference``, ``"depthwise kernel"``,
-            ``"oneDNN convolution"``); otherwise ``""``.
+            ``"Winograd kernel"``, ``"oneDNN convolution"``); otherwise ``""``.
         ms: Median milliseconds per call.
         macs: Multiply-adds per call (convolutions, linears, matrix products, attention); 0 where none
             are counted.

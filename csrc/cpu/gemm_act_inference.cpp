@@ -25,6 +25,7 @@
 #include <string>
 
 #include "epilogue_acts.h"
+#include "gemm_act.h"
 #include "vec_utils.h"
 
 namespace torchgraph::cpu {
@@ -221,16 +222,19 @@ at::Tensor gemm_act_inference_cpu(const at::Tensor& x_in, const at::Tensor& pane
     residual = residual_in->stride(1) == 1 && residual_in->stride(0) >= out_features ? *residual_in
                                                                                     : residual_in->contiguous();
   }
-  const int64_t M = x.size(0), K = x.size(1), N = out_features, P = panels.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  const float* xp = x.const_data_ptr<float>();
-  const float* wp = panels.const_data_ptr<float>();
-  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  const float* rp = residual.defined() ? residual.const_data_ptr<float>() : nullptr;
-  const int64_t ldx = x.stride(0), ldr = residual.defined() ? residual.stride(0) : 0;
-  float* yp = y.mutable_data_ptr<float>();
+  gemm_act(x.const_data_ptr<float>(), x.stride(0), M, K, panels.const_data_ptr<float>(), N,
+           bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+           residual.defined() ? residual.const_data_ptr<float>() : nullptr,
+           residual.defined() ? residual.stride(0) : 0, act, y.mutable_data_ptr<float>(), N);
+  return y;
+}
 
+void gemm_act(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* wp, int64_t N, const float* bp,
+              const float* rp, int64_t ldr, Act act, float* yp, int64_t ldy) {
+  const int64_t P = (N + kPanel - 1) / kPanel;
   // Tasks: one block of rows per thread where each gets >= 4 row tiles and the rows outnumber the
   // output channels; otherwise the panels are split between the threads and every task takes all rows.
   // NOTE: with fewer rows than output channels the weight is the larger operand: split by rows, every
@@ -276,7 +280,7 @@ at::Tensor gemm_act_inference_cpu(const at::Tensor& x_in, const at::Tensor& pane
                 const bool full = ncols == (last_group ? 1 : kPanels) * kPanel;
                 const auto& kernels = decltype(tile_set)::pick(last_group, full);
                 kernels[rows - 1](xp + m * ldx, ldx, wp + g * kPanels * panel_size, panel_size, k0, k1,
-                                 yp + m * N + col, N, ncols, first, last ? &epilogue : nullptr);
+                                 yp + m * ldy + col, ldy, ncols, first, last ? &epilogue : nullptr);
               }
             }
           }
@@ -284,7 +288,6 @@ at::Tensor gemm_act_inference_cpu(const at::Tensor& x_in, const at::Tensor& pane
       }
     });
   });
-  return y;
 }
 
 TORCH_LIBRARY_IMPL(torchgraph, CPU, m) {

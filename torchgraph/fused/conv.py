@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .. import _extension, ops
 from ..ops.depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS, taps_last
 from ..ops.gemm_act_inference import GEMM_ACTIVATIONS
+from ..ops.winograd_conv2d_inference import WINOGRAD_ACTIVATIONS, winograd_filters
 from . import _common
 from ._common import (_ONEDNN_DTYPES, _activation, _activation_, _epilogue, _needs_grad, onednn_epilogue,
                       use_onednn)
@@ -20,7 +21,8 @@ from .weights import (_HAS_MKL_PACKED, GemmPanels, _filters_as_rows, _gemm_panel
 
 __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "DEPTHWISE_BF16_MAX_PIXELS",
            "DEPTHWISE_KERNEL", "GEMM_KERNEL", "GEMM_KERNEL_MIN_DEPTH", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
-           "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "conv2d_act", "conv2d_add_act"]
+           "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "WINOGRAD_KERNEL", "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES", "conv2d_act",
+           "conv2d_add_act"]
 
 # NOTE: [Convolutions on few pixels] A convolution whose output has few pixels (ResNet-50's last
 # stage: 2x2 maps at batch 8 and 64x64 input, 7x7 at batch 1 and 224x224) reads its whole weight for
@@ -91,6 +93,25 @@ GEMM_KERNEL = _common._AVX2_ONLY
 GEMM_KERNEL_MIN_DEPTH = 24
 
 
+# NOTE: [Winograd convolutions] On the AMD EPYC (Zen 3, AVX2 only, 2 threads), oneDNN's direct 3x3
+# convolutions ran ResNet-50's layers at 115-165 GFLOP/s, the machine's peak multiply rate (an implicit GEMM
+# on ops.gemm_act_inference's register tiles, ad hoc, was level with it: 0.92-1.07x its time), so only fewer
+# multiplies could make them faster. Winograd's F(2x2, 3x3) (ops.winograd_conv2d_inference) needs 16 products
+# per 2x2 outputs and channel pair instead of 36. Measured alone against the planned oneDNN call (channels_last,
+# bias and ReLU, interleaved medians of 9 x 8 calls, ad hoc), on ResNet-50's stride-1 3x3 shapes: 0.65-0.88x
+# its time at batch 1 224x224 from 14x14 maps up (49-784 tiles of 2x2 outputs), 0.72-0.82x at batch 8 64x64
+# (32-512 tiles), but 1.45x on the 7x7 maps of batch 1 (16 tiles: the batched GEMMs of 16 rows are slow).
+# Its values are closer to float64's than the direct convolution's (3-6e-7 against 8e-7 to 2.4e-6 of the
+# largest output). Hence where the float32 GEMM kernel runs (AVX2 CPUs; not measured with AVX-512), stride-1
+# undilated ungrouped 3x3 convolutions with at least WINOGRAD_MIN_TILES tiles and WINOGRAD_MIN_CHANNELS
+# input and output channels run on it, in channels_last plans without a residual.
+#: Run stride-1 3x3 float32 convolutions by Winograd's F(2x2, 3x3) (AVX2 CPUs) ...
+WINOGRAD_KERNEL = _common._AVX2_ONLY
+#: ... when the output has at least this many 2x2 tiles (N x ceil(H_out / 2) x ceil(W_out / 2)) ...
+WINOGRAD_MIN_TILES = 32
+#: ... and at least this many input and output channels.
+WINOGRAD_MIN_CHANNELS = 64
+
 # NOTE: [Depthwise convolutions] oneDNN's depthwise convolution (torch's
 # mkldnn::_convolution_pointwise) took 25-30 us a call inside MobileNetV2 even on 2x2 and 4x4 maps,
 # where the arithmetic is a few microseconds: MobileNetV2 b8 64x64 spent ~0.6 ms of its ~2.5 ms in
@@ -129,7 +150,19 @@ def _limits() -> tuple:
     return (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
             ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, GEMM_KERNEL, GEMM_KERNEL_MIN_DEPTH, DEPTHWISE_KERNEL,
             DEPTHWISE_BF16_MAX_PIXELS, DEPTHWISE_7X7_MAX_PIXELS, DEPTHWISE_7X7_BF16_MAX_PIXELS,
-            _common.ACTIVATIONS_AFTER_ONEDNN)
+            _common.ACTIVATIONS_AFTER_ONEDNN, WINOGRAD_KERNEL, WINOGRAD_MIN_TILES, WINOGRAD_MIN_CHANNELS)
+
+
+def _runs_winograd_kernel(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, act: str,
+                          channels_last: bool) -> bool:
+    """Whether a planned convolution runs on ops.winograd_conv2d_inference ([Winograd convolutions])."""
+    if not (WINOGRAD_KERNEL and channels_last and _extension.HAS_C_OPS and x.dtype == torch.float32
+            and act in WINOGRAD_ACTIVATIONS and groups == 1 and tuple(weight.shape[2:]) == (3, 3)
+            and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)):
+        return False
+    n, out_channels, height, width = _output_shape(x, weight, stride, padding, dilation)
+    tiles = n * ((height + 1) // 2) * ((width + 1) // 2)
+    return tiles >= WINOGRAD_MIN_TILES and min(x.shape[1], out_channels) >= WINOGRAD_MIN_CHANNELS
 
 
 def _runs_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, act: str,
@@ -270,7 +303,7 @@ class _ConvPlan:
 
     __slots__ = ("weight", "version", "bias", "shape", "dtype", "key", "rows", "packed", "kernel_size",
                  "out_shape", "stride", "padding", "onednn_args", "act", "act_after", "channels_last", "depthwise",
-                 "__weakref__")
+                 "winograd", "__weakref__")
 
     def holds(self, x: torch.Tensor, weight: torch.Tensor, bias, key: tuple) -> bool:
         # NOTE: ordered and written for speed (~1 us in all). `.to()`/`.double()` change a
@@ -293,6 +326,9 @@ class _ConvPlan:
         if self.depthwise is not None:  # planned channels_last only
             return torch.ops.torchgraph.depthwise_conv2d_inference.default(x, self.depthwise, bias, self.stride,
                                                                            self.padding, self.act)
+        if self.winograd is not None:  # planned channels_last only
+            return torch.ops.torchgraph.winograd_conv2d_inference.default(x, self.winograd, bias, self.out_shape[1],
+                                                                          self.padding, self.act)
         if self.rows:
             y = _run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding, self.rows, self.act)
         else:
@@ -324,13 +360,15 @@ _ADD_PLANS: dict[int, _ConvPlan] = {}
 def _planned_route(weight: torch.Tensor) -> str:
     """The kernel a convolution with this weight was last planned on (NOTE: [Per-layer plans]), for
     ``tg.profile``: ``"GEMM kernel, <rows> rows"`` (ops.gemm_act_inference), ``"GEMM, <rows> rows"`` (oneDNN's
-    or MKL's), ``"depthwise kernel"`` or ``"oneDNN convolution"``; ``""``
+    or MKL's), ``"depthwise kernel"``, ``"Winograd kernel"`` or ``"oneDNN convolution"``; ``""``
     where no plan holds it (the plain path, a traced program, a changed weight)."""
     plan = _PLANS.get(id(weight)) or _ADD_PLANS.get(id(weight))
     if plan is None or plan.weight() is not weight or plan.version != weight._version:
         return ""
     if plan.depthwise is not None:
         return "depthwise kernel"
+    if plan.winograd is not None:
+        return "Winograd kernel"
     if plan.rows:  # NOTE: [GEMM kernel]
         return f"GEMM kernel, {plan.rows} rows" if isinstance(plan.packed, GemmPanels) else f"GEMM, {plan.rows} rows"
     return "oneDNN convolution"
@@ -345,9 +383,11 @@ def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tup
     stride, padding, dilation, groups, act, channels_last = key[:6]
     depthwise = not residual and _runs_depthwise_kernel(x, weight, stride, padding, dilation, groups, act,
                                                         channels_last)
-    rows = 0 if depthwise else _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
+    winograd = not (residual or depthwise) and _runs_winograd_kernel(x, weight, stride, padding, dilation, groups,
+                                                                     act, channels_last)
+    rows = 0 if depthwise or winograd else _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
     packed = _gemm_filters(x, weight, rows) if rows else None
-    if packed is None and not depthwise:
+    if packed is None and not (depthwise or winograd):
         rows = 0
         if residual and not channels_last:
             return None
@@ -360,6 +400,7 @@ def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tup
     plan.shape, plan.dtype, plan.key = x.shape, x.dtype, key
     plan.rows, plan.packed, plan.kernel_size = rows, packed, tuple(weight.shape[-2:])
     plan.depthwise = taps_last(weight.detach()) if depthwise else None
+    plan.winograd = winograd_filters(weight) if winograd else None
     plan.stride, plan.padding, plan.act, plan.channels_last = stride, padding, act, channels_last
     post_op, plan.act_after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
     plan.onednn_args = (padding, stride, dilation, groups, *post_op)

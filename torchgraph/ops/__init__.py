@@ -42,6 +42,8 @@ from .gemm_act_inference import gemm_act_inference, gemm_panels, reference_gemm_
 from .max_pool2d_inference import max_pool2d_inference, reference_max_pool2d_inference
 from .qkv_attention import qkv_attention, reference_qkv_attention
 from .rms_norm_inference import reference_rms_norm_inference, rms_norm_inference
+from .winograd_conv2d_inference import (reference_winograd_conv2d_inference, winograd_conv2d_inference,
+                                        winograd_filters)
 
 __all__ = [
     "ACTIVATIONS",
@@ -65,7 +67,10 @@ __all__ = [
     "reference_max_pool2d_inference",
     "reference_qkv_attention",
     "reference_rms_norm_inference",
+    "reference_winograd_conv2d_inference",
     "rms_norm_inference",
+    "winograd_conv2d_inference",
+    "winograd_filters",
 ]
 
 #: Qualified op name -> pure-PyTorch reference with the op's signature and outputs.
@@ -79,10 +84,11 @@ REFERENCES: dict[str, Callable] = {
     "torchgraph::max_pool2d_inference": reference_max_pool2d_inference,
     "torchgraph::qkv_attention": reference_qkv_attention,
     "torchgraph::rms_norm_inference": reference_rms_norm_inference,
+    "torchgraph::winograd_conv2d_inference": reference_winograd_conv2d_inference,
 }
 
 _WRAPPERS = {bias_act, add_relu, add_layer_norm, attention_inference, depthwise_conv2d_inference,
-             gemm_act_inference, max_pool2d_inference, qkv_attention, rms_norm_inference}
+             gemm_act_inference, max_pool2d_inference, qkv_attention, rms_norm_inference, winograd_conv2d_inference}
 
 
 def reference_for(target) -> Callable | None:
