@@ -72,12 +72,13 @@ TORCH_LIBRARY(torchgraph, m) {
       "gemm_act_inference(Tensor x, Tensor panels, Tensor? bias, Tensor? residual, int out_features, "
       "str act=\"none\") -> Tensor");
 
-  // act(conv2d(x, weight, bias, stride=1, padding)) for 3x3 filters by Winograd's F(2x2, 3x3): x
-  // [N, C, H, W] float32 (read channels_last), filters [16, ceil(K / 16), C, 16] (ops.winograd_filters(weight)),
-  // bias [K]; act as for gemm_act_inference. Answers in channels_last. Inference only: no backward.
+  // act(conv2d(x, weight, bias, stride=1, padding) + residual) for 3x3 filters by Winograd's F(2x2, 3x3):
+  // x [N, C, H, W] float32 (read channels_last), filters [16, ceil(K / 16), C, 16]
+  // (ops.winograd_filters(weight)), bias [K], residual of the output's shape; act as for
+  // gemm_act_inference. Answers in channels_last. Inference only: no backward.
   m.def(
       "winograd_conv2d_inference(Tensor x, Tensor filters, Tensor? bias, int out_channels, int[2] padding, "
-      "str act=\"none\") -> Tensor");
+      "str act=\"none\", Tensor? residual=None) -> Tensor");
 
   // max_pool2d without the indices output (inference only, no backward).
   m.def(

@@ -22,10 +22,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _exact(x, weight, bias, padding, act):
+def _exact(x, weight, bias, padding, act, residual=None):
     """The convolution in float64."""
-    return ACTIVATION_FNS[act](F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(),
-                                        padding=padding))
+    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=padding)
+    return ACTIVATION_FNS[act](y if residual is None else y + residual.double())
 
 
 def _error(y, expected):
@@ -37,23 +37,25 @@ def _error(y, expected):
     pytest.param(ops.winograd_conv2d_inference, marks=needs_c_ops), ops.reference_winograd_conv2d_inference])
 def test_kernel_and_reference_match_the_convolution(wrapper):
     """Odd and even map sizes (a last row or column of tiles half outside the output), padding 0-2, channel
-    counts around the SIMD width, one and several images, every activation, with and without bias, inputs in
-    either layout: as close to float64 as oneDNN's direct convolution is, or closer."""
-    forms = itertools.cycle(itertools.product([True, False], [True, False]))
+    counts around the SIMD width, one and several images, every activation, with and without bias and residual,
+    inputs in either layout: as close to float64 as oneDNN's direct convolution is, or closer."""
+    forms = itertools.cycle(itertools.product([True, False], [True, False], [False, True]))
     for (n, channels, out_channels, height, width, padding), act in itertools.product(
             [(1, 8, 16, 8, 8, 1), (2, 3, 5, 5, 7, 1), (3, 17, 9, 6, 3, 0), (1, 12, 24, 9, 10, 2), (2, 64, 32, 14, 14, 1)],
             WINOGRAD_ACTIVATIONS):
-        with_bias, channels_last = next(forms)
+        with_bias, channels_last, with_residual = next(forms)
         x = torch.randn(n, channels, height, width)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         weight = torch.randn(out_channels, channels, 3, 3) * (2 / (9 * channels)) ** 0.5
         bias = torch.randn(out_channels) if with_bias else None
-        y = wrapper(x, winograd_filters(weight), bias, out_channels, padding, act)
-        expected = _exact(x, weight, bias, padding, act)
+        out_shape = (n, out_channels, height + 2 * padding - 2, width + 2 * padding - 2)
+        residual = torch.randn(out_shape) if with_residual else None
+        y = wrapper(x, winograd_filters(weight), bias, out_channels, padding, act, residual)
+        expected = _exact(x, weight, bias, padding, act, residual)
         assert y.shape == expected.shape and y.dtype == torch.float32
         assert y.is_contiguous(memory_format=torch.channels_last)
-        direct = F.conv2d(x, weight, bias, padding=padding)
+        direct = F.conv2d(x, weight, bias, padding=padding) + (0 if residual is None else residual)
         bound = max(4 * _error(ACTIVATION_FNS[act](direct), expected), 1e-6)
         assert _error(y, expected) <= bound, (n, channels, out_channels, height, width, padding, act)
 
@@ -92,6 +94,7 @@ def test_opcheck():
     x, weight = torch.randn(2, 12, 7, 6), torch.randn(20, 12, 3, 3)
     op = torch.ops.torchgraph.winograd_conv2d_inference.default
     torch.library.opcheck(op, (x, winograd_filters(weight), torch.randn(20), 20, [1, 1], "relu6"))
+    torch.library.opcheck(op, (x, winograd_filters(weight), None, 20, [1, 1], "relu", torch.randn(2, 20, 7, 6)))
     torch.library.opcheck(op, (x.contiguous(memory_format=torch.channels_last), winograd_filters(weight), None, 20,
                                [0, 2]))
 
@@ -120,6 +123,8 @@ def test_backward_raises_with_the_fix():
      "the padded input 2x6 is smaller than the 3x3 filter"),
     ((torch.randn(1, 8, 6, 6), winograd_filters(torch.randn(4, 8, 3, 3)), None, 4, [1, 1], "tanh"),
      "act must be one of none, relu, relu6, silu, hardswish, gelu, gelu_tanh, got 'tanh'"),
+    ((torch.randn(1, 8, 6, 6), winograd_filters(torch.randn(4, 8, 3, 3)), None, 4, [1, 1], "none",
+      torch.randn(1, 4, 5, 6)), r"residual must have the output's shape \[1, 4, 6, 6\], got \[1, 4, 5, 6\]"),
 ])
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_bad_inputs_raise_the_same_message_on_the_kernel_and_the_fake(args, match, device):
@@ -163,6 +168,21 @@ def test_conv2d_act_routes_stride_one_3x3_convolutions_by_tiles(winograd_kernel,
         conv.weight)
 
 
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_conv2d_add_act_adds_the_residual_in_the_kernel(winograd_kernel, act):
+    """A ResNet basic block's second convolution, ``relu(bn(conv(h)) + identity)``: the residual and the ReLU
+    in the Winograd kernel's epilogue; a residual of another layout is read as it is."""
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    for residual in (torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last), torch.randn(2, 64, 8, 8)):
+        with torch.no_grad():
+            y = fused_conv.conv2d_add_act(x, residual, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1, act,
+                                          channels_last=True)
+            expected = ACTIVATION_FNS[act](conv(x) + residual)
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+        assert fused_conv._planned_route(conv.weight) == "Winograd kernel"
+
+
 def test_a_changed_weight_is_transformed_again(winograd_kernel):
     conv = nn.Conv2d(64, 64, 3, padding=1)
     x = torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -174,9 +194,11 @@ def test_a_changed_weight_is_transformed_again(winograd_kernel):
     assert fused_conv._planned_route(conv.weight) == "Winograd kernel"
 
 
-def test_resnet_through_optimize_runs_its_3x3_convolutions_by_winograd(winograd_kernel, monkeypatch):
-    """torchvision's ResNet as its authors write it (tests/community_models): the stride-1 3x3 convolutions of
-    its bottlenecks run on the kernel, no further from float64 eager than the community parity tests allow
+@pytest.mark.parametrize("name", ["resnet50", "resnet18"])
+def test_resnet_through_optimize_runs_its_3x3_convolutions_by_winograd(winograd_kernel, monkeypatch, name):
+    """torchvision's ResNets as their authors write them (tests/community_models): the stride-1 3x3 convolutions
+    of ResNet-50's bottlenecks and of ResNet-18's basic blocks (the second with the identity added in the
+    kernel) run on the kernel, no further from float64 eager than the community parity tests allow
     (test_optimize_community.assert_as_close_as_eager)."""
     import copy
 
@@ -185,7 +207,7 @@ def test_resnet_through_optimize_runs_its_3x3_convolutions_by_winograd(winograd_
 
     monkeypatch.setattr(fused_conv, "WINOGRAD_MIN_TILES", 1)  # the test-sized model's maps are small
     monkeypatch.setattr(fused_conv, "WINOGRAD_MIN_CHANNELS", 1)
-    arch = ARCHITECTURES["resnet50"]
+    arch = ARCHITECTURES[name]
     module = arch.make_model().eval()
     (spec,) = arch.inputs
     inputs = tg.Input(shape=spec.shape, name=spec.name)

@@ -1,4 +1,4 @@
-// winograd_conv2d_inference: act(conv2d(x, weight, bias, stride=1, padding)) for 3x3 filters, float32,
+// winograd_conv2d_inference: act(conv2d(x, weight, bias, stride=1, padding) + residual) for 3x3 filters, float32,
 // by Winograd's minimal filtering F(2x2, 3x3), on channels_last maps. Inference only.
 //
 // Why: on a CPU with AVX2 only, oneDNN's direct 3x3 convolution already runs at the machine's peak
@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "epilogue_acts.h"
 #include "gemm_act.h"
@@ -92,16 +93,19 @@ void input_transform(const float* x, const Geometry& g, float* V) {
   });
 }
 
-// y's 2x2 outputs of tile t = act(A^T m A + bias) for its 16 products m = M[:, t], with
+// y's 2x2 outputs of tile t = act(A^T m A + bias + residual) for its 16 products m = M[:, t], with
 // A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]; the outputs beyond H_out, W_out (odd sizes) are not stored.
+// residual (channels_last, y's shape) or null.
 template <Act A>
-void output_transform(const float* M, const float* bias, const Geometry& g, float* y) {
+void output_transform(const float* M, const float* bias, const float* residual, const Geometry& g, float* y) {
   const int64_t plane = g.T * g.K;
   at::parallel_for(0, g.T, kTileGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / (g.th * g.tw), oy = 2 * ((t / g.tw) % g.th), ox = 2 * (t % g.tw);
       const bool second_row = oy + 1 < g.Ho, second_col = ox + 1 < g.Wo;
-      float* out = y + ((n * g.Ho + oy) * g.Wo + ox) * g.K;
+      const int64_t pixel = ((n * g.Ho + oy) * g.Wo + ox) * g.K;
+      float* out = y + pixel;
+      const float* res = residual ? residual + pixel : nullptr;
       for (int64_t ch = 0; ch < g.K; ch += kLanes) {
         const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.K - ch));
         const float* m = M + t * g.K + ch;
@@ -116,8 +120,15 @@ void output_transform(const float* M, const float* bias, const Geometry& g, floa
         for (int r = 0; r < 2; ++r) {  // (A^T m) A
           if (r == 1 && !second_row) break;
           float* row = out + r * g.Wo * g.K + ch;
-          store(activate(cols[r][0] + cols[r][1] + cols[r][2] + b, A), row, lanes);
-          if (second_col) store(activate(cols[r][1] - cols[r][2] - cols[r][3] + b, A), row + g.K, lanes);
+          FVec left = cols[r][0] + cols[r][1] + cols[r][2] + b;
+          FVec right = cols[r][1] - cols[r][2] - cols[r][3] + b;
+          if (res) {
+            const float* res_row = res + r * g.Wo * g.K + ch;
+            left = left + load(res_row, lanes);
+            if (second_col) right = right + load(res_row + g.K, lanes);
+          }
+          store(activate(left, A), row, lanes);
+          if (second_col) store(activate(right, A), row + g.K, lanes);
         }
       }
     }
@@ -132,7 +143,8 @@ void output_transform(const float* M, const float* bias, const Geometry& g, floa
 // the larger operand (128 channels on 28x28: 0.82x against 0.61x). So the phases run over the whole map,
 // each parallel on its own, and tg.optimize leaves convolutions of fewer than 64 channels to oneDNN.
 template <Act A>
-void run(const float* x, const float* filters, const float* bias, const Geometry& g, float* y) {
+void run(const float* x, const float* filters, const float* bias, const float* residual, const Geometry& g,
+         float* y) {
   const int64_t filter_size = (g.K + 15) / 16 * g.C * 16;
   const std::unique_ptr<float[]> V(new float[16 * g.T * g.C]), M(new float[16 * g.T * g.K]);  // not zeroed
   input_transform(x, g, V.get());
@@ -140,12 +152,12 @@ void run(const float* x, const float* filters, const float* bias, const Geometry
     gemm_act(V.get() + i * g.T * g.C, g.C, g.T, g.C, filters + i * filter_size, g.K, nullptr, nullptr, 0, Act::kNone,
              M.get() + i * g.T * g.K, g.K);
   }
-  output_transform<A>(M.get(), bias, g, y);
+  output_transform<A>(M.get(), bias, residual, g, y);
 }
 
 void check_winograd_conv2d_inference(const at::Tensor& x, const at::Tensor& filters,
                                      const std::optional<at::Tensor>& bias, int64_t out_channels,
-                                     at::IntArrayRef padding) {
+                                     at::IntArrayRef padding, const std::optional<at::Tensor>& residual) {
   const char* op = "winograd_conv2d_inference";
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 4 && x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op,
@@ -167,18 +179,28 @@ void check_winograd_conv2d_inference(const at::Tensor& x, const at::Tensor& filt
   const int64_t height = x.size(2) + 2 * padding[0], width = x.size(3) + 2 * padding[1];
   TORCH_CHECK(height >= 3 && width >= 3, op, ": the padded input ", height, "x", width,
               " is smaller than the 3x3 filter");
+  if (residual.has_value()) {
+    const std::vector<int64_t> shape{x.size(0), out_channels, height - 2, width - 2};
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape), op, ": residual must have the output's shape ",
+                at::IntArrayRef(shape), ", got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == at::kFloat, op, ": residual must be float32, got ",
+                residual->scalar_type());
+  }
 }
 
 }  // namespace
 
 at::Tensor winograd_conv2d_inference_cpu(const at::Tensor& x_in, const at::Tensor& filters_in,
                                          const std::optional<at::Tensor>& bias_in, int64_t out_channels,
-                                         at::IntArrayRef padding, c10::string_view act_name) {
-  check_winograd_conv2d_inference(x_in, filters_in, bias_in, out_channels, padding);
+                                         at::IntArrayRef padding, c10::string_view act_name,
+                                         const std::optional<at::Tensor>& residual_in) {
+  check_winograd_conv2d_inference(x_in, filters_in, bias_in, out_channels, padding, residual_in);
   const Act act = parse_act(std::string(act_name), "winograd_conv2d_inference", /*gelus=*/true);
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor filters = filters_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor residual =
+      residual_in.has_value() ? residual_in->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
   Geometry g{};
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3), g.K = out_channels;
   g.ph = padding[0], g.pw = padding[1];
@@ -187,17 +209,18 @@ at::Tensor winograd_conv2d_inference_cpu(const at::Tensor& x_in, const at::Tenso
   at::Tensor y = at::empty({g.N, g.K, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (g.T == 0) return y;
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const float* rp = residual.defined() ? residual.const_data_ptr<float>() : nullptr;
   const float* xp = x.const_data_ptr<float>();
   const float* up = filters.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   switch (act) {
-    case Act::kNone: return run<Act::kNone>(xp, up, bp, g, yp), y;
-    case Act::kRelu: return run<Act::kRelu>(xp, up, bp, g, yp), y;
-    case Act::kRelu6: return run<Act::kRelu6>(xp, up, bp, g, yp), y;
-    case Act::kSilu: return run<Act::kSilu>(xp, up, bp, g, yp), y;
-    case Act::kHardswish: return run<Act::kHardswish>(xp, up, bp, g, yp), y;
-    case Act::kGelu: return run<Act::kGelu>(xp, up, bp, g, yp), y;
-    case Act::kGeluTanh: return run<Act::kGeluTanh>(xp, up, bp, g, yp), y;
+    case Act::kNone: return run<Act::kNone>(xp, up, bp, rp, g, yp), y;
+    case Act::kRelu: return run<Act::kRelu>(xp, up, bp, rp, g, yp), y;
+    case Act::kRelu6: return run<Act::kRelu6>(xp, up, bp, rp, g, yp), y;
+    case Act::kSilu: return run<Act::kSilu>(xp, up, bp, rp, g, yp), y;
+    case Act::kHardswish: return run<Act::kHardswish>(xp, up, bp, rp, g, yp), y;
+    case Act::kGelu: return run<Act::kGelu>(xp, up, bp, rp, g, yp), y;
+    case Act::kGeluTanh: return run<Act::kGeluTanh>(xp, up, bp, rp, g, yp), y;
   }
   return y;
 }

@@ -104,7 +104,8 @@ GEMM_KERNEL_MIN_DEPTH = 24
 # Its values are closer to float64's than the direct convolution's (3-6e-7 against 8e-7 to 2.4e-6 of the
 # largest output). Hence where the float32 GEMM kernel runs (AVX2 CPUs; not measured with AVX-512), stride-1
 # undilated ungrouped 3x3 convolutions with at least WINOGRAD_MIN_TILES tiles and WINOGRAD_MIN_CHANNELS
-# input and output channels run on it, in channels_last plans without a residual.
+# input and output channels run on it, in channels_last plans, with the residual add of a ResNet basic
+# block (conv2d_add_act) in its epilogue too.
 #: Run stride-1 3x3 float32 convolutions by Winograd's F(2x2, 3x3) (AVX2 CPUs) ...
 WINOGRAD_KERNEL = _common._AVX2_ONLY
 #: ... when the output has at least this many 2x2 tiles (N x ceil(H_out / 2) x ceil(W_out / 2)) ...
@@ -342,6 +343,9 @@ class _ConvPlan:
 
     def run_add(self, x: torch.Tensor, residual: torch.Tensor, bias) -> torch.Tensor:
         """:func:`conv2d_add_act`'s oneDNN path (planned only channels_last or as a GEMM)."""
+        if self.winograd is not None:  # planned channels_last only
+            return torch.ops.torchgraph.winograd_conv2d_inference.default(x, self.winograd, bias, self.out_shape[1],
+                                                                          self.padding, self.act, residual)
         if self.rows:
             y = _run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding, self.rows, self.act,
                           residual)
@@ -383,8 +387,8 @@ def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tup
     stride, padding, dilation, groups, act, channels_last = key[:6]
     depthwise = not residual and _runs_depthwise_kernel(x, weight, stride, padding, dilation, groups, act,
                                                         channels_last)
-    winograd = not (residual or depthwise) and _runs_winograd_kernel(x, weight, stride, padding, dilation, groups,
-                                                                     act, channels_last)
+    winograd = not depthwise and _runs_winograd_kernel(x, weight, stride, padding, dilation, groups, act,
+                                                       channels_last)
     rows = 0 if depthwise or winograd else _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
     packed = _gemm_filters(x, weight, rows) if rows else None
     if packed is None and not (depthwise or winograd):

@@ -1,4 +1,4 @@
-"""``winograd_conv2d_inference``: a stride-1 3x3 convolution with its bias and activation by Winograd's minimal
+"""``winograd_conv2d_inference``: a stride-1 3x3 convolution with its bias, residual and activation by Winograd's minimal
 filtering F(2x2, 3x3), on channels_last maps, from filters transformed once (:func:`winograd_filters`)."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _products(filters: torch.Tensor, out_channels: int) -> torch.Tensor:
     return filters.transpose(2, 3).reshape(count, panels * GEMM_PANEL, in_channels)[:, :out_channels].transpose(1, 2)
 
 
-def _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act) -> None:
+def _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act, residual=None) -> None:
     """The twin of ``check_winograd_conv2d_inference`` in csrc/cpu/winograd_conv2d_inference.cpp (same messages)."""
     op = "winograd_conv2d_inference"
     torch._check(act in WINOGRAD_ACTIVATIONS,
@@ -80,15 +80,22 @@ def _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, ac
     height, width = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
     torch._check(height >= 3 and width >= 3,
                  lambda: f"{op}: the padded input {height}x{width} is smaller than the 3x3 filter")
+    if residual is not None and is_tensor(residual):
+        shape = [x.shape[0], out_channels, height - 2, width - 2]
+        torch._check(list(residual.shape) == shape,
+                     lambda: f"{op}: residual must have the output's shape {shape}, got {list(residual.shape)}")
+        torch._check(residual.dtype == torch.float32, lambda: f"{op}: residual must be float32, got {residual.dtype}")
 
 
 def reference_winograd_conv2d_inference(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None,
-                                        out_channels: int, padding: Sequence[int], act: str = "none") -> torch.Tensor:
+                                        out_channels: int, padding: Sequence[int], act: str = "none",
+                                        residual: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch :func:`winograd_conv2d_inference`: the same F(2x2, 3x3) arithmetic (input tiles, the 16
-    products, output tiles) with standard ops, then the bias and the activation, answered in channels_last."""
+    products, output tiles) with standard ops, then the bias, the residual and the activation, answered in
+    channels_last."""
     padding = pair(padding) if isinstance(padding, int) else list(padding)
     if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
-        _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act)
+        _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act, residual)
     n, channels, height, width = x.shape
     ph, pw = padding
     out_h, out_w = height + 2 * ph - 2, width + 2 * pw - 2
@@ -103,12 +110,15 @@ def reference_winograd_conv2d_inference(x: torch.Tensor, filters: torch.Tensor, 
     y = y[:, :, :out_h, :out_w]
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
     return ACTIVATION_FNS[act](y).contiguous(memory_format=torch.channels_last)
 
 
 def winograd_conv2d_inference(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, out_channels: int,
-                              padding: int | Sequence[int] = 1, act: str = "none") -> torch.Tensor:
-    """``act(F.conv2d(x, weight, bias, stride=1, padding))`` for a 3x3 ``weight`` given as
+                              padding: int | Sequence[int] = 1, act: str = "none",
+                              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, stride=1, padding) + residual)`` for a 3x3 ``weight`` given as
     ``winograd_filters(weight)``, by Winograd's F(2x2, 3x3) on channels_last maps (inference only: it has no
     backward).
 
@@ -132,7 +142,10 @@ def winograd_conv2d_inference(x: torch.Tensor, filters: torch.Tensor, bias: torc
         bias: ``(K,)`` or None.
         out_channels: ``K``.
         padding: an int or a pair (zeros around the map; the stride is 1).
-        act: ``"none"``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"``, ``"gelu"`` or ``"gelu_tanh"``.
+        act: ``"none"``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"``, ``"gelu"`` or ``"gelu_tanh"``,
+            applied after the residual.
+        residual: a float32 tensor of the output's shape added before the activation (a ResNet basic block's
+            identity), or None.
 
     Returns:
         ``(N, K, H + 2 * padding - 2, W + 2 * padding - 2)`` in channels_last.
@@ -143,16 +156,17 @@ def winograd_conv2d_inference(x: torch.Tensor, filters: torch.Tensor, bias: torc
     padding = pair(padding) if isinstance(padding, int) else list(padding)
     if (_extension.HAS_C_OPS and isinstance(x, torch.Tensor) and x.device.type in ("cpu", "meta")
             and x.dtype == torch.float32):
-        return torch.ops.torchgraph.winograd_conv2d_inference.default(x, filters, bias, out_channels, padding, act)
-    return reference_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act)
+        return torch.ops.torchgraph.winograd_conv2d_inference.default(x, filters, bias, out_channels, padding, act,
+                                                                      residual)
+    return reference_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act, residual)
 
 
 # NOTE: [Registration needs _C] in torchgraph/ops/__init__.py.
 if _extension.HAS_C_OPS:
 
     @torch.library.register_fake("torchgraph::winograd_conv2d_inference")
-    def _winograd_conv2d_inference_fake(x, filters, bias, out_channels, padding, act="none"):
-        _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act)
+    def _winograd_conv2d_inference_fake(x, filters, bias, out_channels, padding, act="none", residual=None):
+        _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act, residual)
         height, width = x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2
         return torch.empty((x.shape[0], out_channels, height, width), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
