@@ -14,8 +14,8 @@
 // the 16 positions (i, j) of the transformed tile, the (i, j) elements of every G g G^T as gemm_act's panels
 // of 16 output channels (zeros beyond K); the output is channels_last. Phases: the input transform writes V
 // (16, T, C) for the T = N * ceil(H_out / 2) * ceil(W_out / 2) tiles (zeros outside the map: the padding),
-// the 16 GEMMs run on gemm_act's register tiles (csrc/cpu/gemm_act.h; a prototype on torch's at::bmm was a
-// little slower: 0.65-0.88x oneDNN's time against 0.61-0.87x), and the output transform adds the bias and the
+// the 16 GEMMs run on gemm_act's register tiles (csrc/cpu/gemm_act.h; a prototype on torch's at::bmm measured
+// about the same per layer, 0.65-0.88x oneDNN's time in one run), and the output transform adds the bias and the
 // residual, applies the activation and stores the pixels inside the output. Every element of V, U . V and
 // Y is a float32 sum; the transforms add and subtract only (their matrices hold 0, +-1; G's halves are
 // applied once, to the filters, in float64).

@@ -98,9 +98,10 @@ GEMM_KERNEL_MIN_DEPTH = 24
 # on ops.gemm_act_inference's register tiles, ad hoc, was level with it: 0.92-1.07x its time), so only fewer
 # multiplies could make them faster. Winograd's F(2x2, 3x3) (ops.winograd_conv2d_inference) needs 16 products
 # per 2x2 outputs and channel pair instead of 36. Measured alone against the planned oneDNN call (channels_last,
-# bias and ReLU, interleaved medians of 9 x 8 calls, ad hoc), on ResNet-50's stride-1 3x3 shapes: 0.65-0.88x
-# its time at batch 1 224x224 from 14x14 maps up (49-784 tiles of 2x2 outputs), 0.72-0.82x at batch 8 64x64
-# (32-512 tiles), but 1.45x on the 7x7 maps of batch 1 (16 tiles: the batched GEMMs of 16 rows are slow).
+# bias and ReLU, interleaved medians of 9 x 8 calls, three runs, ad hoc), on ResNet-50's stride-1 3x3 shapes:
+# 0.61-0.87x its time at batch 1 224x224 from 14x14 maps up (49-784 tiles of 2x2 outputs), 0.71-0.97x at
+# batch 8 64x64 (32-512 tiles), but 1.20-1.30x on the 7x7 maps of batch 1 (16 tiles: GEMMs of 16 rows) and
+# 1.06-1.57x with 16-32 channels (NOTE: [Winograd phases] in csrc/cpu/winograd_conv2d_inference.cpp).
 # Its values are closer to float64's than the direct convolution's (3-6e-7 against 8e-7 to 2.4e-6 of the
 # largest output). Hence where the float32 GEMM kernel runs (AVX2 CPUs; not measured with AVX-512), stride-1
 # undilated ungrouped 3x3 convolutions with at least WINOGRAD_MIN_TILES tiles and WINOGRAD_MIN_CHANNELS
