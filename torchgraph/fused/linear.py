@@ -85,7 +85,10 @@ MKL_PACKED_MIN_WEIGHT = 1 << 16
 # K = 256) 0.82-0.90x, 2,048 x 256 -> 768 0.82-0.83x, 8,192 x 256 -> 256 0.85-0.86x, ViT-B at batch 8 (1,576
 # rows) 0.87-0.92x, BERT-base 0.86-0.95x, 1,024 rows of 32 -> 128 and 128 -> 512 0.91-0.96x; not 1,024 rows
 # of 16 -> 64 (1.24-1.40x: too few FMAs a tile to hide its stores, as for the convolutions) nor 64 -> 256 +
-# GELU (1.00-1.05x), nor an output of 4,096 x 2,048 + GELU (1.05-1.07x: 32 MB, twice this CPU's L3). In whole
+# GELU (1.00-1.05x), nor an output of 4,096 x 2,048 + GELU (1.05-1.07x: 32 MB, twice this CPU's L3). A third
+# run, with the rule below in place, read the same or better (0.74-0.85x on the shapes above; ViT-Ti's 520
+# rows of 192 -> 576 / 768 + GELU and 768 -> 192 0.86-0.97x), 64 -> 256 + GELU 1.09x: it stays routed, one
+# small layer a few percent slower, not worth a threshold of its own. In whole
 # models (`python benchmarks/bench_peers.py --only gpt --only encoder`, one process, `--reps 11`, the wider
 # routing as an extra variant): GPT stack 1.19x -> 1.33x eager, encoder 1.21x -> 1.45x. So where torch runs at
 # the AVX2 level, float32 inference linears (not small: NOTE: [Small linears]) run on the kernel when they sum
