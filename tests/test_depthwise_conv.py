@@ -252,12 +252,11 @@ def test_community_models_run_their_depthwise_layers_on_the_kernel(name, sizes):
     (tests/community_models): their 3x3, 5x5 (V3) and 7x7 (ConvNeXt) depthwise layers run on the kernel in
     float32, outputs as eager's."""
     from community_models import ARCHITECTURES
+    from test_optimize_community import _record
 
     arch = ARCHITECTURES[name]
     module = arch.make_model().eval()
-    (spec,) = arch.inputs
-    inputs = tg.Input(shape=spec.shape, name=spec.name)
-    fast = tg.optimize(tg.Model(inputs, module(inputs)))
+    fast = tg.optimize(_record(arch, module))
     (x,) = arch.make_inputs()
     with torch.no_grad():
         expected = module(x)

@@ -190,13 +190,12 @@ def test_community_models_run_their_gemms_on_the_kernel(gemm_kernel, name):
     GEMM on the kernel (ReLU, ReLU6, hardswish and the residual adds inside it, SiLU after it), the shorter
     ones on oneDNN, outputs as eager's."""
     from community_models import ARCHITECTURES
+    from test_optimize_community import _record
 
     arch = ARCHITECTURES[name]
     module = arch.make_model().eval()
-    (spec,) = arch.inputs
-    inputs = tg.Input(shape=spec.shape, name=spec.name)
-    fast = tg.optimize(tg.Model(inputs, module(inputs)))
-    x = arch.make_kwargs()[spec.name]
+    fast = tg.optimize(_record(arch, module))
+    (x,) = arch.make_inputs()
     with torch.no_grad():
         expected = module(x)
         y = fast(x)
@@ -270,14 +269,13 @@ def test_vit_through_optimize_runs_its_linears_on_the_kernel(gemm_kernel, monkey
     head on the kernel, the output as eager's (the test-sized model's linears are below the small-layer
     cut, which is moved out of the way)."""
     from community_models import ARCHITECTURES
+    from test_optimize_community import _record
 
     monkeypatch.setattr(fused.linear, "ONEDNN_LINEAR_MIN_MACS", 0)
     arch = ARCHITECTURES["vit"]
     module = arch.make_model().eval()
-    (spec,) = arch.inputs
-    inputs = tg.Input(shape=spec.shape, name=spec.name)
-    fast = tg.optimize(tg.Model(inputs, module(inputs)))
-    x = arch.make_kwargs()[spec.name][:1]
+    fast = tg.optimize(_record(arch, module))
+    x = arch.make_inputs()[0][:1]
     calls = _kernel_calls(monkeypatch)
     with torch.no_grad():
         expected = module(x)

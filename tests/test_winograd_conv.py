@@ -203,16 +203,14 @@ def test_resnet_through_optimize_runs_its_3x3_convolutions_by_winograd(winograd_
     import copy
 
     from community_models import ARCHITECTURES
-    from test_optimize_community import assert_as_close_as_eager
+    from test_optimize_community import _record, assert_as_close_as_eager
 
     monkeypatch.setattr(fused_conv, "WINOGRAD_MIN_TILES", 1)  # the test-sized model's maps are small
     monkeypatch.setattr(fused_conv, "WINOGRAD_MIN_CHANNELS", 1)
     arch = ARCHITECTURES[name]
     module = arch.make_model().eval()
-    (spec,) = arch.inputs
-    inputs = tg.Input(shape=spec.shape, name=spec.name)
-    fast = tg.optimize(tg.Model(inputs, module(inputs)))
-    x = arch.make_kwargs()[spec.name]
+    fast = tg.optimize(_record(arch, module))
+    (x,) = arch.make_inputs()
     with torch.no_grad():
         expected = module(x)
         exact = copy.deepcopy(module).double()(x.double())

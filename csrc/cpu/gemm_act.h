@@ -8,8 +8,11 @@
 
 namespace torchgraph::cpu {
 
+// Output channels per panel of the filters gemm_act reads (ops.gemm_panels), the same for every SIMD width.
+constexpr int kGemmPanel = 16;
+
 // y (M, N) with row stride ldy = act(x @ W^T + bias + residual): x (M, K) with row stride ldx, and every
-// matrix with unit column stride; W given as panels (ceil(N / 16), K, 16) (ops.gemm_panels); bias (N) or
+// matrix with unit column stride; W given as panels (ceil(N / kGemmPanel), K, kGemmPanel) (ops.gemm_panels); bias (N) or
 // null; residual (M, N) with row stride ldr, or null. Parallel over rows or output panels (at::parallel_for).
 void gemm_act(const float* x, int64_t ldx, int64_t M, int64_t K, const float* panels, int64_t N, const float* bias,
               const float* residual, int64_t ldr, Act act, float* y, int64_t ldy);

@@ -34,7 +34,7 @@ namespace {
 using FVec = Vectorized<float>;
 constexpr int kLanes = FVec::size();
 // Output channels per panel: the panels' layout, the same for every SIMD width.
-constexpr int kPanel = 16;
+constexpr int kPanel = kGemmPanel;
 constexpr int kVecsPerPanel = kPanel / kLanes;
 static_assert(kPanel % kLanes == 0, "a panel must be whole vectors");
 

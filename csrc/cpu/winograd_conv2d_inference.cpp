@@ -145,7 +145,7 @@ void output_transform(const float* M, const float* bias, const float* residual, 
 template <Act A>
 void run(const float* x, const float* filters, const float* bias, const float* residual, const Geometry& g,
          float* y) {
-  const int64_t filter_size = (g.K + 15) / 16 * g.C * 16;
+  const int64_t filter_size = (g.K + kGemmPanel - 1) / kGemmPanel * g.C * kGemmPanel;
   const std::unique_ptr<float[]> V(new float[16 * g.T * g.C]), M(new float[16 * g.T * g.K]);  // not zeroed
   input_transform(x, g, V.get());
   for (int64_t i = 0; i < 16; ++i) {  // M[i] = V[i] @ U[i]
@@ -163,9 +163,9 @@ void check_winograd_conv2d_inference(const at::Tensor& x, const at::Tensor& filt
   TORCH_CHECK(x.dim() == 4 && x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op,
               ": x must be 4-D (N, C, H, W) with non-zero C, H, W, got shape ", x.sizes());
   TORCH_CHECK(filters.scalar_type() == at::kFloat, op, ": filters must be float32, got ", filters.scalar_type());
-  const int64_t panels = (out_channels + 15) / 16;
+  const int64_t panels = (out_channels + kGemmPanel - 1) / kGemmPanel;
   TORCH_CHECK(out_channels > 0 && filters.dim() == 4 && filters.size(0) == 16 && filters.size(1) == panels &&
-                  filters.size(2) == x.size(1) && filters.size(3) == 16,
+                  filters.size(2) == x.size(1) && filters.size(3) == kGemmPanel,
               op, ": filters must have shape [16, ", panels, ", ", x.size(1), ", 16] for ", out_channels,
               " output channels and ", x.size(1), " input channels (ops.winograd_filters(weight)), got ",
               filters.sizes());

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ._common import ACTIVATION_FNS, is_tensor, no_backward, pair
-from .gemm_act_inference import GEMM_ACTIVATIONS, GEMM_PANEL
+from .gemm_act_inference import GEMM_ACTIVATIONS, GEMM_PANEL, _weight_from_panels, gemm_panels
 
 __all__ = ["WINOGRAD_ACTIVATIONS", "reference_winograd_conv2d_inference", "winograd_conv2d_inference",
            "winograd_filters"]
@@ -43,16 +43,13 @@ def winograd_filters(weight: torch.Tensor) -> torch.Tensor:
     g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
     out_channels, in_channels = weight.shape[:2]
     transformed = torch.einsum("ij,kcjl,ml->imkc", g, weight.detach().double(), g)  # (4, 4, K, C)
-    panels = -(-out_channels // GEMM_PANEL)
-    padded = transformed.new_zeros(16, panels * GEMM_PANEL, in_channels)
-    padded[:, :out_channels] = transformed.reshape(16, out_channels, in_channels)
-    return padded.view(16, panels, GEMM_PANEL, in_channels).transpose(2, 3).to(weight.dtype).contiguous()
+    matrices = transformed.reshape(16, out_channels, in_channels)
+    return torch.stack([gemm_panels(matrix) for matrix in matrices]).to(weight.dtype)
 
 
 def _products(filters: torch.Tensor, out_channels: int) -> torch.Tensor:
     """:func:`winograd_filters`' panels as the 16 ``(C, K)`` matrices they hold."""
-    count, panels, in_channels, _ = filters.shape
-    return filters.transpose(2, 3).reshape(count, panels * GEMM_PANEL, in_channels)[:, :out_channels].transpose(1, 2)
+    return torch.stack([_weight_from_panels(panels, out_channels).T for panels in filters])
 
 
 def _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act, residual=None) -> None:
