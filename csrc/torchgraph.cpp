@@ -1,7 +1,8 @@
 // The torchgraph operator library: every schema lives here, in the one
 // TORCH_LIBRARY block the namespace may have. Kernels register themselves per
 // device in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake (meta) kernels and
-// autograd formulas are registered from Python in torchgraph/ops.py.
+// autograd formulas are registered from Python in torchgraph/ops/<op>.py, except
+// the inference-only ops' raising backward (csrc/no_backward.cpp).
 
 #include <torch/library.h>
 

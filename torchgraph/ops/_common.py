@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .. import _extension
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_FNS", "KERNEL_DEVICES", "KERNEL_DTYPES", "check_float_dtype", "check_like",
-           "dense_format", "is_tensor", "kernel_devices", "no_backward", "no_double_backward", "pair", "use_kernel"]
+           "dense_format", "is_tensor", "kernel_devices", "no_double_backward", "pair", "use_kernel"]
 
 #: Activations accepted by :func:`bias_act`.
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -103,16 +103,10 @@ ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-# NOTE: [No backward] The inference ops (max_pool2d_inference, attention_inference, rms_norm_inference)
-# keep nothing a gradient needs. Registering a backward that raises (rather than none) turns PyTorch's
-# generic "no autograd formula" warning into an error that says what to do.
-def no_backward(op: str, why_and_fix: str) -> None:
-    """Registers, for ``torchgraph::<op>``, an autograd formula that raises ``<op> has no backward<why_and_fix>``."""
-
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{op} has no backward{why_and_fix}")
-
-    torch.library.register_autograd(f"torchgraph::{op}", backward, setup_context=lambda ctx, inputs, output: None)
+# NOTE: [No backward] The inference ops (gemm_act_inference, depthwise/winograd convolutions,
+# attention_inference, max_pool2d_inference, rms_norm_inference) keep nothing a gradient needs; their
+# autograd kernel, in C++ so that it costs nothing on inference calls, raises on backward with what to
+# use instead (NOTE: [No backward in C++] in csrc/no_backward.cpp).
 
 
 # NOTE: [No double backward] The *_backward ops have no autograd formula of their own, so a

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import is_tensor, no_backward
+from ._common import is_tensor
 
 __all__ = ["attention_inference", "reference_attention_inference", "sdpa_with_repeated_heads"]
 
@@ -144,8 +144,4 @@ if _extension.HAS_C_OPS:
         _check_attention_inference(query, key, value, attn_mask, is_causal, enable_gqa)
         return sdpa_output_layout(query, key, value)
 
-    no_backward(  # NOTE: [No backward] in _common.py
-        "attention_inference",
-        ": it does not keep the attention weights that a gradient needs. Use "
-        "torch.nn.functional.scaled_dot_product_attention where gradients are required "
-        "(torchgraph.fused.scaled_dot_product_attention does), or run inference under torch.no_grad().")
+    # Its backward raises: registered in C++ (NOTE: [No backward in C++], csrc/no_backward.cpp).

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, no_backward, pair
+from ._common import ACTIVATION_FNS, is_tensor, pair
 
 __all__ = ["DEPTHWISE_ACTIVATIONS", "depthwise_conv2d_inference", "reference_depthwise_conv2d_inference",
            "taps_last"]
@@ -128,7 +128,4 @@ if _extension.HAS_C_OPS:
         return torch.empty((x.shape[0], x.shape[1], height, width), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
 
-    no_backward(  # NOTE: [No backward] in _common.py
-        "depthwise_conv2d_inference",
-        ". Where gradients are required, use F.conv2d (tg.optimize(model, inference=False) keeps it), or run "
-        "inference under torch.no_grad().")
+    # Its backward raises: registered in C++ (NOTE: [No backward in C++], csrc/no_backward.cpp).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, no_backward
+from ._common import ACTIVATION_FNS, is_tensor
 
 __all__ = ["GEMM_ACTIVATIONS", "GEMM_PANEL", "gemm_act_inference", "gemm_panels", "reference_gemm_act_inference"]
 
@@ -124,7 +124,4 @@ if _extension.HAS_C_OPS:
         _check_gemm_act_inference(x, panels, bias, residual, out_features, act)
         return x.new_empty((x.shape[0], out_features))
 
-    no_backward(  # NOTE: [No backward] in _common.py
-        "gemm_act_inference",
-        ". Where gradients are required, use F.linear or F.conv2d (tg.optimize(model, inference=False) keeps "
-        "them), or run inference under torch.no_grad().")
+    # Its backward raises: registered in C++ (NOTE: [No backward in C++], csrc/no_backward.cpp).

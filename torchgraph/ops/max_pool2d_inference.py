@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import check_float_dtype, dense_format, is_tensor, no_backward, pair, use_kernel
+from ._common import check_float_dtype, dense_format, is_tensor, pair, use_kernel
 
 __all__ = ["max_pool2d_inference", "reference_max_pool2d_inference"]
 
@@ -147,8 +147,4 @@ if _extension.HAS_C_OPS:
             memory_format=dense_format(x),
         )
 
-    no_backward(  # NOTE: [No backward] in _common.py
-        "max_pool2d_inference",
-        ": it does not record the argmax indices that a gradient needs. Use "
-        "torch.nn.functional.max_pool2d where gradients are required (e.g. training), or run "
-        "inference under torch.no_grad().")
+    # Its backward raises: registered in C++ (NOTE: [No backward in C++], csrc/no_backward.cpp).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._common import is_tensor, no_backward
+from ._common import is_tensor
 
 __all__ = ["reference_rms_norm_inference", "rms_norm_in_primitives", "rms_norm_inference"]
 
@@ -108,7 +108,4 @@ if _extension.HAS_C_OPS:
         _check_rms_norm_inference(x, weight)
         return x.new_empty(x.shape)
 
-    no_backward(  # NOTE: [No backward] in _common.py
-        "rms_norm_inference",
-        ". Where gradients are required, use the RMSNorm as written (tg.optimize(model, inference=False) "
-        "keeps it), or run inference under torch.no_grad().")
+    # Its backward raises: registered in C++ (NOTE: [No backward in C++], csrc/no_backward.cpp).

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, no_backward, pair
+from ._common import ACTIVATION_FNS, is_tensor, pair
 from .gemm_act_inference import GEMM_ACTIVATIONS, GEMM_PANEL, _weight_from_panels, gemm_panels
 
 __all__ = ["WINOGRAD_ACTIVATIONS", "reference_winograd_conv2d_inference", "winograd_conv2d_inference",
@@ -168,7 +168,4 @@ if _extension.HAS_C_OPS:
         return torch.empty((x.shape[0], out_channels, height, width), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
 
-    no_backward(  # NOTE: [No backward] in _common.py
-        "winograd_conv2d_inference",
-        ". Where gradients are required, use F.conv2d (tg.optimize(model, inference=False) keeps it), or run "
-        "inference under torch.no_grad().")
+    # Its backward raises: registered in C++ (NOTE: [No backward in C++], csrc/no_backward.cpp).
