@@ -58,3 +58,31 @@ def test_only_a_weight_needing_grad_still_raises():
     with pytest.raises(RuntimeError, match="has no backward"):
         y.sum().backward()
     assert weight.grad is None
+
+
+def _autograd_excluded():
+    return "AutogradOther" in str(torch._C._dispatch_tls_local_exclude_set())
+
+
+def test_call_op_goes_below_autograd_under_no_grad_only():
+    """NOTE: [Inference calls below autograd]: the ops with a Python backward skip its kernel under no_grad."""
+    from torchgraph.ops._common import call_op
+
+    with torch.no_grad():
+        assert call_op(_autograd_excluded)
+    assert not call_op(_autograd_excluded)
+
+
+@needs_c_ops
+def test_add_layer_norm_under_no_grad_matches_and_trains_outside():
+    """The same values below autograd; with grad mode on, the backward is still there."""
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    with torch.no_grad():
+        out, summed = ops.add_layer_norm(x, r, w, b, 1e-5)
+    assert out.grad_fn is None
+    out2, summed2 = ops.add_layer_norm(x, r, w, b, 1e-5)
+    assert torch.equal(out, out2.detach()) and torch.equal(summed, summed2.detach())
+    (grad,) = torch.autograd.grad(out2.sum(), x)
+    assert grad.shape == x.shape and torch.isfinite(grad).all()

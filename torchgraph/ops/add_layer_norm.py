@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import check_float_dtype, check_like, is_tensor, no_double_backward, use_kernel
+from ._common import call_op, check_float_dtype, check_like, is_tensor, no_double_backward, use_kernel
 
 __all__ = ["add_layer_norm", "reference_add_layer_norm"]
 
@@ -91,7 +91,7 @@ def add_layer_norm(
         RuntimeError: If shapes, dtypes or devices do not match, or ``eps < 0``.
     """
     if use_kernel(x):
-        return torch.ops.torchgraph.add_layer_norm.default(x, residual, weight, bias, eps)
+        return call_op(torch.ops.torchgraph.add_layer_norm.default, x, residual, weight, bias, eps)
     return reference_add_layer_norm(x, residual, weight, bias, eps)
 
 # NOTE: [Registration needs _C] in torchgraph/ops/__init__.py.

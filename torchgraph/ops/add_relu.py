@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._common import check_float_dtype, dense_format, is_tensor, no_double_backward, use_kernel
+from ._common import call_op, check_float_dtype, dense_format, is_tensor, no_double_backward, use_kernel
 
 __all__ = ["add_relu", "reference_add_relu"]
 
@@ -58,7 +58,7 @@ def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         RuntimeError: If the shapes, dtypes or devices differ.
     """
     if use_kernel(a):
-        return torch.ops.torchgraph.add_relu.default(a, b)
+        return call_op(torch.ops.torchgraph.add_relu.default, a, b)
     return reference_add_relu(a, b)
 
 

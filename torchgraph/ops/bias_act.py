@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._common import ACTIVATIONS, ACTIVATION_FNS, check_float_dtype, check_like, dense_format, is_tensor, no_double_backward, use_kernel
+from ._common import (ACTIVATIONS, ACTIVATION_FNS, call_op, check_float_dtype, check_like, dense_format, is_tensor,
+                      no_double_backward, use_kernel)
 
 __all__ = ["bias_act", "reference_bias_act"]
 
@@ -84,7 +85,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, act: str, dim: int = -1) -> to
             whose shape, dtype or device does not match.
     """
     if use_kernel(x):
-        return torch.ops.torchgraph.bias_act.default(x, bias, act, dim)
+        return call_op(torch.ops.torchgraph.bias_act.default, x, bias, act, dim)
     return reference_bias_act(x, bias, act, dim)
 
 # NOTE: [Registration needs _C] in torchgraph/ops/__init__.py.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._common import check_float_dtype, check_like, is_tensor, no_double_backward, use_kernel
+from ._common import call_op, check_float_dtype, check_like, is_tensor, no_double_backward, use_kernel
 
 __all__ = ["qkv_attention", "reference_qkv_attention"]
 
@@ -109,7 +109,7 @@ def qkv_attention(
         RuntimeError: If ``qkv`` is not 3-D or its last dim is not ``3 * heads * head_dim``.
     """
     if use_kernel(qkv) and (not isinstance(qkv, torch.Tensor) or qkv.device.type in ("cpu", "meta")):
-        return torch.ops.torchgraph.qkv_attention.default(qkv, heads, causal, scale, onednn)[0]
+        return call_op(torch.ops.torchgraph.qkv_attention.default, qkv, heads, causal, scale, onednn)[0]
     return reference_qkv_attention(qkv, heads, causal, scale)[0]
 
 # NOTE: [Registration needs _C] in torchgraph/ops/__init__.py.
