@@ -21,7 +21,9 @@ optimisation is worth inside the whole model, measured beside everything else (s
 Variants are interleaved: each repetition times ``--iters`` calls of one variant right after the
 other variants ran, so the first call finds the caches full of their weights. ``--warm N`` makes
 ``N`` untimed calls first, which times each variant back to back, as a serving loop calls one model
-(both are reported in docs/optimize.md).
+(both are reported in docs/optimize.md). Every variant runs under ``torch.inference_mode()``; ``--no-grad``
+times them under ``torch.no_grad()`` instead, as most inference code calls a model (autograd's dispatch
+then runs on every op: NOTE: [No backward in C++] in csrc/no_backward.cpp).
 
 The process keeps freed memory for reuse (``tg.retain_freed_memory()``, as preloading jemalloc or
 tcmalloc would), so that no variant pays for page faults that depend on what ran before it (NOTE:
@@ -84,6 +86,12 @@ from torchgraph.applications import GPTBlock  # noqa: E402
 from torchgraph.passes import bfloat16_supported  # noqa: E402
 
 OPTIMIZE = sys.modules["torchgraph.optimize"]  # the module (tg.optimize is the function)
+
+
+def _no_autograd(args):
+    """What every variant is timed under: ``torch.inference_mode()``, or ``torch.no_grad()`` with ``--no-grad``
+    (autograd's dispatch still runs there: NOTE: [No backward in C++] in csrc/no_backward.cpp)."""
+    return torch.no_grad() if getattr(args, "no_grad", False) else torch.inference_mode()
 
 
 def _models() -> dict:
@@ -218,7 +226,7 @@ def bench(name: str, args) -> list[tuple]:
     more, more_first = _ablated_variants(model, args.ablate)
     fns.update(more)
     first.update(more_first)
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+    with tempfile.TemporaryDirectory() as tmp, _no_autograd(args):
         if args.compile:
             import torch._inductor.config as inductor_config
 
@@ -285,7 +293,7 @@ def bench_community(name: str, args) -> list[tuple]:
     ablated, ablated_first = _ablated_variants(model, args.ablate)
     fns.update({k: (lambda fn=fn: _first(fn(*data))) for k, fn in ablated.items()})
     first.update(ablated_first)
-    with torch.inference_mode():
+    with _no_autograd(args):
         ref = fns["eager"]()
         outputs = {k: fn() for k, fn in fns.items()}
         times = _interleaved(fns, args)
@@ -374,6 +382,9 @@ def main() -> None:
     parser.add_argument("--ablate", action="append", default=[], choices=sorted(ABLATIONS) + ["all"],
                         help="also time tg.optimize with this optimisation switched off (repeatable; "
                              "'all' for every one): " + "; ".join(f"{k}: {v[0]}" for k, v in ABLATIONS.items()))
+    parser.add_argument("--no-grad", action="store_true",
+                        help="time every variant under torch.no_grad() (how most inference code calls a model) "
+                             "instead of torch.inference_mode(), which skips autograd's dispatch altogether")
     parser.add_argument("--default-malloc", dest="retain", action="store_false",
                         help="keep glibc's malloc defaults (freed memory given back to the OS, page faults on reuse)")
     parser.add_argument("--large-blocks", action="store_true",

@@ -221,3 +221,28 @@ def test_resnet_through_optimize_runs_its_3x3_convolutions_by_winograd(winograd_
     tensors = [*fast.parameters(), *fast.buffers()]
     routes = [fused_conv._planned_route(t) for t in tensors if t.dim() == 4 and t.shape[-1] == 3]
     assert stride_one and routes.count("Winograd kernel") >= len(stride_one), routes
+
+
+@needs_c_ops
+def test_conv_layouts_benchmark_times_the_same_convolution_on_winograd(monkeypatch):
+    """benchmarks/bench_conv_layouts.py's Winograd column computes the layer the other columns do, and its
+    `picked` column names the route tg.optimize's plan takes."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_conv_layouts as bench
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        fns = bench.variants((64, 64, 3, 3), (8, 64, 16, 16), (1, 1), (1, 1))
+        expected = fns["packed channels_last"]()
+        assert set(fns) >= {"Winograd channels_last", "packed channels_last"}
+        got = fns["Winograd channels_last"]()
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert "Winograd channels_last" not in bench.variants((64, 64, 3, 3), (8, 64, 16, 16), (2, 2), (1, 1))
+    monkeypatch.setattr(fused_conv, "WINOGRAD_KERNEL", True)
+    assert bench._picked((64, 64, 3, 3), (8, 64, 16, 16), (1, 1), (1, 1)) == "Winograd"
+    assert bench._picked((64, 64, 3, 3), (8, 64, 16, 16), (2, 2), (1, 1)) != "Winograd"
+    assert bench._tiles((64, 64, 3, 3), (8, 64, 16, 16), (1, 1), (1, 1)) == 8 * 8 * 8
