@@ -60,3 +60,25 @@ def test_optimized_for_inference_refuses_train_mode():
     fast.train(False)
     trainable = tg.optimize(tg.Model(x, net(x)), inference=False)
     assert trainable.train().training
+
+
+def test_optimized_for_inference_has_frozen_weights_and_runs_its_plans_outside_no_grad():
+    """NOTE: [Frozen inference weights]: a plain call (grad mode on, as `model.eval(); model(x)` makes it)
+    takes the planned kernels and answers without a graph; the original keeps its trainable weights;
+    inference=False keeps them trainable."""
+    from torchgraph.fused import conv as fused_conv
+
+    torch.manual_seed(0)
+    x = tg.Input(shape=(16, 12, 12))
+    h = nn.ReLU()(nn.BatchNorm2d(32)(nn.Conv2d(16, 32, 3, padding=1)(x)))
+    model = tg.Model(x, nn.Conv2d(32, 8, 1)(h).mean(dim=(2, 3))).eval()
+    fast = tg.optimize(model)
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    data = torch.randn(2, 16, 12, 12)
+    out = fast(data)
+    assert not out.requires_grad and out.grad_fn is None
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(data), rtol=1e-4, atol=1e-4)
+    assert any(id(p) in fused_conv._PLANS for p in fast.parameters()), "no convolution planned outside no_grad"
+    assert all(p.requires_grad for p in tg.optimize(model.train(), inference=False).parameters())

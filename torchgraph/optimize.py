@@ -107,7 +107,8 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool | None
     Returns:
         tg.Model: a new model with the same inputs, outputs, names and ``state_dict`` keys (minus
         folded BatchNorm layers), in eval mode for ``inference=True`` (it refuses ``.train()``:
-        BatchNorm is folded, dropout removed), else in ``model``'s mode, following
+        BatchNorm is folded, dropout removed) with its parameters frozen (``requires_grad=False``, so
+        calls outside ``torch.no_grad()`` run as fast), else in ``model``'s mode, following
         ``.train()``/``.eval()`` like the original.
 
     Raises:
@@ -141,6 +142,12 @@ def optimize(model: Model, inference: bool = True, *, channels_last: bool | None
     result.meta[OPTIMIZE_META] = {"dtype": str(compute_dtype or torch.float32).replace("torch.", "")}
     if inference:
         result.meta[OPTIMIZE_META]["inference"] = True  # NOTE: [Inference-only models] in model.py
+        # NOTE: [Frozen inference weights] The inference ops have no backward and BatchNorm is folded:
+        # gradients for these weights were never available. Left requiring grad, they made every call made
+        # without torch.no_grad() (`model.eval(); model(x)`) take the per-call paths that keep autograd
+        # working (F.conv2d, no plans): MobileNetV2 b8 16.7 ms against 6.8 ms under no_grad (eager: 18 ms).
+        # The copy's own parameters only (the original's are never shared: NOTE: [Copy once]).
+        result.requires_grad_(False)
     return result
 
 
