@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from .. import _extension
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_FNS", "KERNEL_DEVICES", "KERNEL_DTYPES", "call_op", "check_float_dtype",
-           "check_like", "dense_format", "is_tensor", "kernel_devices", "no_double_backward", "pair", "use_kernel"]
+           "check_like", "dense_format", "is_tensor", "kernel_devices", "no_double_backward", "pair",
+           "references_check", "use_kernel"]
 
 #: Activations accepted by :func:`bias_act`.
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -58,7 +59,14 @@ def is_tensor(*values) -> bool:
 # NOTE: [Checks under compile] The references check their arguments with torch._check(cond, lambda:
 # msg). torch 2.11's dynamo cannot trace a message lambda that closes over local variables, so the
 # references skip the checks while being compiled (the compiled graph's shapes come from eager-checked
-# calls, and the fake kernels still check).
+# calls, and the fake kernels still check). They skip them under torch.jit.trace too (the legacy ONNX
+# exporter runs the references in its place, NOTE: [Frozen inference weights]): there shapes are traced
+# tensors, and torch._check refuses a tensor condition.
+def references_check() -> bool:
+    """Whether a reference checks its arguments (not while compiled or traced: NOTE: [Checks under compile])."""
+    return not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+
 def check_float_dtype(op: str, name: str, t: torch.Tensor) -> None:
     torch._check(
         t.dtype in KERNEL_DTYPES,

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import call_op, check_float_dtype, check_like, is_tensor, no_double_backward, use_kernel
+from ._common import (call_op, check_float_dtype, check_like, is_tensor, no_double_backward, references_check,
+                      use_kernel)
 
 __all__ = ["add_layer_norm", "reference_add_layer_norm"]
 
@@ -47,7 +48,7 @@ def reference_add_layer_norm(
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch :func:`add_layer_norm`: ``(layer_norm(x + residual), x + residual)``."""
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_add_layer_norm(x, residual, weight, bias, eps, kernel=False)
     residual_out = x + residual
     out = F.layer_norm(residual_out, residual_out.shape[-1:], weight, bias, eps)

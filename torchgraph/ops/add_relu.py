@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._common import call_op, check_float_dtype, dense_format, is_tensor, no_double_backward, use_kernel
+from ._common import (call_op, check_float_dtype, dense_format, is_tensor, no_double_backward, references_check,
+                      use_kernel)
 
 __all__ = ["add_relu", "reference_add_relu"]
 
@@ -32,7 +33,7 @@ def _check_add_relu(a, b, *, kernel: bool) -> None:
 
 def reference_add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pure-PyTorch :func:`add_relu`: ``relu(a + b)``."""
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_add_relu(a, b, kernel=False)
     return torch.relu(a + b)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import is_tensor
+from ._common import is_tensor, references_check
 
 __all__ = ["attention_inference", "reference_attention_inference", "sdpa_with_repeated_heads"]
 
@@ -75,7 +75,7 @@ def reference_attention_inference(query, key, value, attn_mask=None, is_causal: 
                                   scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """Pure-PyTorch :func:`attention_inference`: ``F.scaled_dot_product_attention`` (grouped heads repeated, as
     :func:`sdpa_with_repeated_heads`)."""
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_attention_inference(query, key, value, attn_mask, is_causal, enable_gqa)
     return sdpa_with_repeated_heads(query, key, value, attn_mask, is_causal=is_causal, scale=scale,
                                     enable_gqa=enable_gqa)

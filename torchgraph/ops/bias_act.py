@@ -6,7 +6,7 @@ import torch
 
 from .. import _extension
 from ._common import (ACTIVATIONS, ACTIVATION_FNS, call_op, check_float_dtype, check_like, dense_format, is_tensor,
-                      no_double_backward, use_kernel)
+                      no_double_backward, references_check, use_kernel)
 
 __all__ = ["bias_act", "reference_bias_act"]
 
@@ -44,7 +44,7 @@ def reference_bias_act(
     x: torch.Tensor, bias: torch.Tensor, act: str, dim: int = -1
 ) -> torch.Tensor:
     """Pure-PyTorch :func:`bias_act`: ``act(x + bias)`` with bias along ``dim``."""
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_bias_act(x, bias, act, dim, kernel=False)
     # Trailing singleton dims put bias on `dim`; a negative dim needs no x.dim(),
     # which keeps this traceable with a torch.fx.Proxy.

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, pair
+from ._common import ACTIVATION_FNS, is_tensor, pair, references_check
 
 __all__ = ["DEPTHWISE_ACTIVATIONS", "depthwise_conv2d_inference", "reference_depthwise_conv2d_inference",
            "taps_last"]
@@ -58,7 +58,7 @@ def reference_depthwise_conv2d_inference(x: torch.Tensor, weight: torch.Tensor, 
                                          act: str = "none") -> torch.Tensor:
     """Pure-PyTorch :func:`depthwise_conv2d_inference`: ``F.conv2d`` with ``groups=C``, then the activation,
     answered in channels_last."""
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_depthwise_conv2d_inference(x, weight, bias, stride, padding, act)
     y = F.conv2d(x, weight, bias, list(stride), list(padding), 1, x.shape[1])
     return ACTIVATION_FNS[act](y).contiguous(memory_format=torch.channels_last)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor
+from ._common import ACTIVATION_FNS, is_tensor, references_check
 
 __all__ = ["GEMM_ACTIVATIONS", "GEMM_PANEL", "gemm_act_inference", "gemm_panels", "reference_gemm_act_inference"]
 
@@ -73,7 +73,7 @@ def reference_gemm_act_inference(x: torch.Tensor, panels: torch.Tensor, bias: to
                                  act: str = "none") -> torch.Tensor:
     """Pure-PyTorch :func:`gemm_act_inference`: ``F.linear`` on the weight the panels hold, then the
     residual and the activation."""
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_gemm_act_inference(x, panels, bias, residual, out_features, act)
     y = F.linear(x, _weight_from_panels(panels, out_features), bias)
     return ACTIVATION_FNS[act](y if residual is None else y + residual).contiguous()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import check_float_dtype, dense_format, is_tensor, pair, use_kernel
+from ._common import check_float_dtype, dense_format, is_tensor, pair, references_check, use_kernel
 
 __all__ = ["max_pool2d_inference", "reference_max_pool2d_inference"]
 
@@ -78,7 +78,7 @@ def reference_max_pool2d_inference(
     ceil_mode: bool = False,
 ) -> torch.Tensor:
     """Pure-PyTorch :func:`max_pool2d_inference`: ``F.max_pool2d`` (which is differentiable)."""
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, kernel=False)
     if stride is not None and not isinstance(stride, int) and len(stride) == 0:
         stride = None  # the schema's `stride=[]` means "same as kernel_size"

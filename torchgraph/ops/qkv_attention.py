@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._common import call_op, check_float_dtype, check_like, is_tensor, no_double_backward, use_kernel
+from ._common import (call_op, check_float_dtype, check_like, is_tensor, no_double_backward, references_check,
+                      use_kernel)
 
 __all__ = ["qkv_attention", "reference_qkv_attention"]
 
@@ -55,7 +56,7 @@ def reference_qkv_attention(
     ``E // heads`` features. ``out`` is ``(B, T, E)`` (heads side by side again), ``probs`` the
     attention weights ``(B, heads, T, T)`` (float32 for a bfloat16 ``qkv``).
     """
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_qkv_attention(qkv, heads, kernel=False)
     b, t, _ = qkv.shape
     q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))

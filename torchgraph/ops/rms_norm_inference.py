@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._common import is_tensor
+from ._common import is_tensor, references_check
 
 __all__ = ["reference_rms_norm_inference", "rms_norm_in_primitives", "rms_norm_inference"]
 
@@ -53,7 +53,7 @@ def reference_rms_norm_inference(x: torch.Tensor, weight: torch.Tensor | None, e
                                  weight_in_float32: bool = False) -> torch.Tensor:
     """Pure-PyTorch :func:`rms_norm_inference`: HF ``LlamaRMSNorm.forward`` op for op, or with
     ``weight_in_float32`` (or no weight) torch's ``F.rms_norm`` on CPU (:func:`rms_norm_in_primitives`)."""
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_rms_norm_inference(x, weight)
     if weight is None or weight_in_float32:
         return rms_norm_in_primitives(x, (x.shape[-1],), weight, eps)

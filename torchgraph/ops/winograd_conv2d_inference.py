@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, pair
+from ._common import ACTIVATION_FNS, is_tensor, pair, references_check
 from .gemm_act_inference import GEMM_ACTIVATIONS, GEMM_PANEL, _weight_from_panels, gemm_panels
 
 __all__ = ["WINOGRAD_ACTIVATIONS", "reference_winograd_conv2d_inference", "winograd_conv2d_inference",
@@ -91,7 +91,7 @@ def reference_winograd_conv2d_inference(x: torch.Tensor, filters: torch.Tensor, 
     products, output tiles) with standard ops, then the bias, the residual and the activation, answered in
     channels_last."""
     padding = pair(padding) if isinstance(padding, int) else list(padding)
-    if not torch.compiler.is_compiling():  # see NOTE: [Checks under compile]
+    if references_check():  # NOTE: [Checks under compile]
         _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, act, residual)
     n, channels, height, width = x.shape
     ph, pw = padding
