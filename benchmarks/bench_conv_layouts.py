@@ -87,13 +87,17 @@ def _winograd_shape(weight_shape, stride) -> bool:
 
 def _tiles(weight_shape, input_shape, stride, padding) -> int:
     """2x2 output tiles of a stride-1 3x3 layer (what ``fused.conv.WINOGRAD_MIN_TILES`` counts)."""
-    size = [(input_shape[i] + 2 * padding[i - 2] - weight_shape[i]) // stride[i - 2] + 1 for i in (2, 3)]
-    return input_shape[0] * ((size[0] + 1) // 2) * ((size[1] + 1) // 2)
+    height, width = _output_size(weight_shape, input_shape, stride, padding)
+    return input_shape[0] * ((height + 1) // 2) * ((width + 1) // 2)
+
+
+def _output_size(weight_shape, input_shape, stride, padding) -> tuple[int, int]:
+    return tuple((input_shape[i] + 2 * padding[i - 2] - weight_shape[i]) // stride[i - 2] + 1 for i in (2, 3))
 
 
 def _output_pixels(weight_shape, input_shape, stride, padding) -> int:
-    size = [(input_shape[i] + 2 * padding[i - 2] - weight_shape[i]) // stride[i - 2] + 1 for i in (2, 3)]
-    return input_shape[0] * size[0] * size[1]
+    height, width = _output_size(weight_shape, input_shape, stride, padding)
+    return input_shape[0] * height * width
 
 
 def main() -> None:

@@ -28,28 +28,35 @@ constexpr const char* kConvFix =
     ". Where gradients are required, use F.conv2d (tg.optimize(model, inference=False) keeps it), or run "
     "inference under torch.no_grad().";
 
-// Why each op has no backward, and what to use instead; the text follows "<op> has no backward".
-std::string why_no_backward(const std::string& op) {
-  if (op == "gemm_act_inference") {
-    return ". Where gradients are required, use F.linear or F.conv2d (tg.optimize(model, inference=False) keeps "
-           "them), or run inference under torch.no_grad().";
+// The inference-only ops, each with why it has no backward and what to use instead (the text after
+// "<op> has no backward"): the ops this kernel is registered for.
+struct InferenceOnlyOp {
+  const char* name;
+  const char* why;
+};
+constexpr InferenceOnlyOp kInferenceOnlyOps[] = {
+    {"gemm_act_inference",
+     ". Where gradients are required, use F.linear or F.conv2d (tg.optimize(model, inference=False) keeps them), "
+     "or run inference under torch.no_grad()."},
+    {"depthwise_conv2d_inference", kConvFix},
+    {"winograd_conv2d_inference", kConvFix},
+    {"attention_inference",
+     ": it does not keep the attention weights that a gradient needs. Use "
+     "torch.nn.functional.scaled_dot_product_attention where gradients are required "
+     "(torchgraph.fused.scaled_dot_product_attention does), or run inference under torch.no_grad()."},
+    {"max_pool2d_inference",
+     ": it does not record the argmax indices that a gradient needs. Use torch.nn.functional.max_pool2d where "
+     "gradients are required (e.g. training), or run inference under torch.no_grad()."},
+    {"rms_norm_inference",
+     ". Where gradients are required, use the RMSNorm as written (tg.optimize(model, inference=False) keeps it), "
+     "or run inference under torch.no_grad()."},
+};
+
+std::string no_backward_message(const std::string& name) {
+  for (const InferenceOnlyOp& op : kInferenceOnlyOps) {
+    if (name == op.name) return name + " has no backward" + op.why;
   }
-  if (op == "depthwise_conv2d_inference" || op == "winograd_conv2d_inference") return kConvFix;
-  if (op == "attention_inference") {
-    return ": it does not keep the attention weights that a gradient needs. Use "
-           "torch.nn.functional.scaled_dot_product_attention where gradients are required "
-           "(torchgraph.fused.scaled_dot_product_attention does), or run inference under torch.no_grad().";
-  }
-  if (op == "max_pool2d_inference") {
-    return ": it does not record the argmax indices that a gradient needs. Use "
-           "torch.nn.functional.max_pool2d where gradients are required (e.g. training), or run "
-           "inference under torch.no_grad().";
-  }
-  if (op == "rms_norm_inference") {
-    return ". Where gradients are required, use the RMSNorm as written (tg.optimize(model, inference=False) "
-           "keeps it), or run inference under torch.no_grad().";
-  }
-  return ".";
+  return name + " has no backward.";  // unreachable: registered for kInferenceOnlyOps only
 }
 
 // Gives the op's outputs a backward that raises. NOTE: a torch::autograd::Function (the stable C++
@@ -85,7 +92,7 @@ void inference_only_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet 
   const size_t returns = schema.returns().size();
   std::vector<at::Tensor> outputs;
   for (const c10::IValue& value : torch::jit::last(*stack, returns)) outputs.push_back(value.toTensor());
-  outputs = RaisingBackward::apply(at::TensorList(requiring_grad), outputs, name + " has no backward" + why_no_backward(name));
+  outputs = RaisingBackward::apply(at::TensorList(requiring_grad), outputs, no_backward_message(name));
   torch::jit::drop(*stack, returns);
   for (at::Tensor& out : outputs) stack->emplace_back(std::move(out));
 }
@@ -93,9 +100,8 @@ void inference_only_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchgraph, Autograd, m) {
-  for (const char* op : {"gemm_act_inference", "depthwise_conv2d_inference", "winograd_conv2d_inference",
-                         "attention_inference", "max_pool2d_inference", "rms_norm_inference"}) {
-    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&inference_only_autograd>());
+  for (const InferenceOnlyOp& op : kInferenceOnlyOps) {
+    m.impl(op.name, torch::CppFunction::makeFromBoxedFunction<&inference_only_autograd>());
   }
 }
 
