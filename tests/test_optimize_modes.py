@@ -82,3 +82,31 @@ def test_optimized_for_inference_has_frozen_weights_and_runs_its_plans_outside_n
         torch.testing.assert_close(out, model(data), rtol=1e-4, atol=1e-4)
     assert any(id(p) in fused_conv._PLANS for p in fast.parameters()), "no convolution planned outside no_grad"
     assert all(p.requires_grad for p in tg.optimize(model.train(), inference=False).parameters())
+
+
+def test_frozen_torchvision_mobilenet_v2_plain_call_matches_eager_and_runs_its_kernels():
+    """torchvision's MobileNetV2 as its authors write it (benchmarks/handwritten.py): a plain call of the
+    optimized model equals eager under no_grad, builds no graph, and runs its depthwise layers on planned
+    kernels (NOTE: [Frozen inference weights])."""
+    import os
+    import sys
+
+    import torchgraph._extension as extension
+    from torchgraph.fused import conv as fused_conv
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from handwritten import TorchvisionMobileNetV2, randomize_batchnorm
+
+    torch.manual_seed(0)
+    net = randomize_batchnorm(TorchvisionMobileNetV2()).eval()
+    fast = tg.optimize(tg.from_module(net, (3, 32, 32)))
+    data = torch.randn(2, 3, 32, 32)
+    out = fast(data)
+    assert not out.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(data), rtol=1e-4, atol=1e-4)
+    planned = [fused_conv._PLANS[id(p)] for p in fast.parameters() if id(p) in fused_conv._PLANS]
+    with_residual = [p for p in fast.parameters() if id(p) in fused_conv._ADD_PLANS]
+    assert (len(planned), len(with_residual)) == (42, 10)  # all 52 convolutions
+    depthwise = 17 if fused_conv.DEPTHWISE_KERNEL and extension.HAS_C_OPS else 0
+    assert sum(plan.depthwise is not None for plan in planned) == depthwise
