@@ -20,8 +20,6 @@ from torchgraph.symbolic import SymbolicTensor
 # trace (HuggingFace's BertModel, nanoGPT's manual CausalSelfAttention) are recorded instead.
 OPAQUE = {
     "with_data_dependent_block": {"DataDependent"},  # `if x.sum() > 0:`
-    "transformer_classifier": {"TransformerEncoder"},  # called with src_key_padding_mask
-    "transformer_classifier_prenorm": {"TransformerEncoder"},
 }
 # What each architecture must fuse into (at least).
 FUSED = {
@@ -29,6 +27,10 @@ FUSED = {
     "resnet50": {fused.conv2d_act, fused.conv2d_add_act, ops.max_pool2d_inference},
     "mobilenet_v2": {fused.conv2d_act, fused.conv2d_add_act},
     "mobilenet_v3_small": {fused.conv2d_act, fused.linear_act},
+    # nn.TransformerEncoder called with src_key_padding_mask (tests/test_key_padding.py)
+    "transformer_classifier": {fused.qkv_attention_with_padding, fused.padded_output_as_nested, ops.add_layer_norm,
+                               fused.linear_act},
+    "transformer_classifier_prenorm": {fused.qkv_attention_with_padding, ops.add_layer_norm, fused.linear_act},
     "vit": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "vit_manual_attention": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},
     "nanogpt": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},

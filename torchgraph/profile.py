@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from .fused import attention as _attention
+from .fused import key_padding as _key_padding
 from .fused import conv as _conv
 from .fused import linear as _linear
 
@@ -222,7 +223,7 @@ def _fused_macs(n: fx.Node, target, args, result) -> int:
         weight = args[1]
     elif target in (_conv.conv2d_act, _conv.conv2d_add_act):
         weight = _conv_weight(target, args)
-    elif target is _attention.qkv_attention:
+    elif target in (_attention.qkv_attention, _key_padding.qkv_attention_with_padding):
         batch, seq, width = args[0].shape
         return 2 * batch * seq * seq * (width // 3)  # Q K^T and P V over every head
     elif target is _attention.scaled_dot_product_attention:

@@ -8,15 +8,23 @@ one :func:`torchgraph.ops.add_layer_norm`. Measured (``benchmarks/bench_peers.py
 fast path on the BERT-style stack; the rewrite applies only where it computes exactly what the
 module computes:
 
-* self-attention on one tensor, ``batch_first=True``, no masks (``src_mask``, key padding, causal),
+* self-attention on one tensor, ``batch_first=True``, no attention mask (``src_mask``, causal),
   dropout inactive (inference), packed ``in_proj_weight`` (same embedding size for q, k, v);
+* a boolean ``src_key_padding_mask`` (True at padding, as BERT-style classifiers pass it) when the layers
+  are ones torch runs on its native fast path (even head count, input projection bias, one LayerNorm eps):
+  the attention skips padded keys (:func:`torchgraph.fused.qkv_attention_with_padding`) and a post-norm
+  encoder's output gets the nested-tensor path's zeros at padded positions
+  (:func:`torchgraph.fused.padded_output_as_nested`; NOTE: [Eager's padded positions] in
+  ``fused/key_padding.py``);
 * ``nn.MultiheadAttention(x, x, x)`` only when its attention weights are not used (``[0]`` alone).
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,12 +48,17 @@ def _attention_ok(mha: nn.MultiheadAttention, spec) -> bool:
 
 
 def _self_attention(graph: fx.Graph, prefix: str, mha: nn.MultiheadAttention, x: fx.Node,
-                    spec: ValueSpec) -> fx.Node:
-    """``out_proj(attention(in_proj(x)))`` as nodes; returns the out_proj call (an ``nn.Linear``)."""
+                    spec: ValueSpec, padding: fx.Node | None = None) -> fx.Node:
+    """``out_proj(attention(in_proj(x)))`` as nodes (keys where ``padding`` is True skipped); returns the
+    out_proj call (an ``nn.Linear``)."""
     w = graph.get_attr(f"{prefix}.in_proj_weight")
     b = graph.get_attr(f"{prefix}.in_proj_bias") if mha.in_proj_bias is not None else None
     qkv = set_spec(graph.call_function(fused.linear_act, (x, w, b, "none")), _spec_like(spec, 3 * mha.embed_dim))
-    attn = set_spec(graph.call_function(fused.qkv_attention, (qkv, mha.num_heads, False)), spec)
+    if padding is None:
+        attn = graph.call_function(fused.qkv_attention, (qkv, mha.num_heads, False))
+    else:
+        attn = graph.call_function(fused.qkv_attention_with_padding, (qkv, mha.num_heads, padding))
+    set_spec(attn, spec)
     return set_spec(graph.call_module(f"{prefix}.out_proj", (attn,)), spec)
 
 
@@ -63,8 +76,9 @@ def _activation(graph: fx.Graph, layer: nn.TransformerEncoderLayer, x: fx.Node, 
 
 
 def _encoder_layer(graph: fx.Graph, prefix: str, layer: nn.TransformerEncoderLayer, x: fx.Node,
-                   spec: ValueSpec) -> fx.Node:
-    """The encoder layer's forward (eval, no masks) as nodes; returns its output."""
+                   spec: ValueSpec, padding: fx.Node | None) -> fx.Node:
+    """The encoder layer's forward (eval, no attention mask, key padding ``padding`` or None) as nodes;
+    returns its output."""
     hidden = _spec_like(spec, layer.linear1.out_features)
 
     def feed_forward(h):
@@ -74,11 +88,13 @@ def _encoder_layer(graph: fx.Graph, prefix: str, layer: nn.TransformerEncoderLay
     def norm(name, h):
         return set_spec(graph.call_module(f"{prefix}.{name}", (h,)), spec)
 
+    def attention(h):
+        return _self_attention(graph, f"{prefix}.self_attn", layer.self_attn, h, spec, padding)
+
     if layer.norm_first:
-        x = _add(graph, x, _self_attention(graph, f"{prefix}.self_attn", layer.self_attn, norm("norm1", x), spec),
-                 spec)
+        x = _add(graph, x, attention(norm("norm1", x)), spec)
         return _add(graph, x, feed_forward(norm("norm2", x)), spec)
-    x = norm("norm1", _add(graph, x, _self_attention(graph, f"{prefix}.self_attn", layer.self_attn, x, spec), spec))
+    x = norm("norm1", _add(graph, x, attention(x), spec))
     return norm("norm2", _add(graph, x, feed_forward(x), spec))
 
 
@@ -96,27 +112,63 @@ def _activation_name(layer) -> str | None:
     return None
 
 
+def _native_fast_path(layer: nn.TransformerEncoderLayer) -> bool:
+    """Whether eager runs ``layer`` on torch's native fast path in inference (its static conditions in
+    ``nn.TransformerEncoderLayer.forward``), whose attention a padding mask must match."""
+    attn = layer.self_attn
+    return (attn.in_proj_bias is not None and attn.num_heads % 2 == 0 and layer.norm1.eps == layer.norm2.eps
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()))
+
+
+def _padding_mask(node: fx.Node, module: nn.Module, x, spec):
+    """``(True, mask node or None)`` when ``node`` calls ``module`` (an encoder or encoder layer) on one tensor
+    with at most a boolean ``(B, T)`` key padding mask; ``(False, None)`` for any other call."""
+    try:
+        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return False, None
+    args = dict(bound.arguments)
+    if args.pop("src", None) is not x or args.pop("is_causal", None) not in (None, False) or \
+            args.pop("mask", None) is not None or args.pop("src_mask", None) is not None:
+        return False, None
+    padding = args.pop("src_key_padding_mask", None)
+    if args or padding is None:
+        return not args, None
+    padding_spec = padding.meta.get("tg_spec") if isinstance(padding, fx.Node) else None
+    ok = (isinstance(padding_spec, ValueSpec) and padding_spec.dtype == torch.bool
+          and all(len(p) == 2 and p == q[:2] for p, q in zip(padding_spec.probes, spec.probes)))
+    return ok, padding if ok else None
+
+
 def expand_transformer_layers(root: nn.Module, graph: fx.Graph) -> int:
-    """Encoder stacks, encoder layers and self-attention modules (inference, no masks) -> their
-    primitive ops. Returns how many module calls were expanded."""
+    """Encoder stacks, encoder layers and self-attention modules (inference, no attention masks; key padding
+    masks where the layers take the native fast path) -> their primitive ops. Returns how many module calls
+    were expanded."""
     count = 0
     for node in list(graph.nodes):
         module = module_of(root, node)
-        if module is None or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        if module is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         x, spec = node.args[0], node.args[0].meta.get("tg_spec")
-        if type(module) is nn.TransformerEncoder and not module.training and \
-                all(_expandable_layer(m) and _attention_ok(m.self_attn, spec) for m in module.layers):
-            with graph.inserting_before(node):
-                for i, layer in enumerate(module.layers):
-                    x = _encoder_layer(graph, f"{node.target}.layers.{i}", layer, x, spec)
-                if module.norm is not None:
-                    x = set_spec(graph.call_module(f"{node.target}.norm", (x,)), spec)
-        elif _expandable_layer(module) and _attention_ok(module.self_attn, spec):
-            with graph.inserting_before(node):
-                x = _encoder_layer(graph, node.target, module, x, spec)
-        else:
+        if not (type(module) in (nn.TransformerEncoder, nn.TransformerEncoderLayer) and not module.training
+                and isinstance(spec, ValueSpec)):
             continue
+        plain, padding = _padding_mask(node, module, x, spec)
+        layers = list(module.layers) if type(module) is nn.TransformerEncoder else [module]
+        if not plain or not all(_expandable_layer(m) and _attention_ok(m.self_attn, spec) for m in layers):
+            continue
+        nested = type(module) is nn.TransformerEncoder and module.use_nested_tensor
+        if padding is not None and not (all(_native_fast_path(m) for m in layers)
+                                        and (not nested or getattr(module, "mask_check", True))):
+            continue
+        prefix = node.target if type(module) is nn.TransformerEncoderLayer else None
+        with graph.inserting_before(node):
+            for i, layer in enumerate(layers):
+                x = _encoder_layer(graph, prefix or f"{node.target}.layers.{i}", layer, x, spec, padding)
+            if padding is not None and nested:
+                x = set_spec(graph.call_function(fused.padded_output_as_nested, (x, padding)), spec)
+            if prefix is None and module.norm is not None:
+                x = set_spec(graph.call_module(f"{node.target}.norm", (x,)), spec)
         node.replace_all_uses_with(x)
         graph.erase_node(node)
         count += 1

@@ -1,0 +1,152 @@
+"""nn.TransformerEncoder called with a key padding mask (BERT-style classifiers): tg.optimize writes it out
+as primitive ops and keeps eager's inference values, including the fast path's zeros at padded positions
+and NaN for an all-padding sample (NOTE: [Eager's padded positions] in torchgraph/fused/key_padding.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchgraph as tg
+from torchgraph import fused
+
+DIM, HEADS, SEQ = 16, 4, 7
+
+
+def _padding(kind: str) -> torch.Tensor:
+    """(4, SEQ) bool masks, True at padding."""
+    lengths = {"left_aligned": [7, 4, 1, 6], "all_padded_sample": [7, 3, 0, 5], "none": [7, 7, 7, 7]}
+    if kind in lengths:
+        return torch.arange(SEQ).expand(4, SEQ) >= torch.tensor(lengths[kind])[:, None]
+    assert kind == "not_left_aligned"  # left padding in one sample, as in some generation code
+    return (torch.arange(SEQ).expand(4, SEQ) >= torch.tensor([7, 4, 5, 6])[:, None]).index_put(
+        (torch.tensor([1]),), torch.tensor([[True, True, False, False, False, False, False]]))
+
+
+def _encoder(norm_first: bool, heads: int = HEADS, final_norm: bool = False) -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(DIM, heads, 32, dropout=0.1, batch_first=True, norm_first=norm_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # enable_nested_tensor with norm_first: torch's warning
+        return nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(DIM) if final_norm else None).eval()
+
+
+def _model(module: nn.Module) -> tg.Model:
+    x = tg.Input(shape=("seq", DIM))
+    padding = tg.Input(shape=("seq",), dtype=torch.bool)
+    return tg.Model([x, padding], module(x, src_key_padding_mask=padding)).eval()
+
+
+def _targets(model) -> set:
+    return {n.target for n in model.graph.nodes if n.op == "call_function"}
+
+
+def _called_modules(model) -> set:
+    return {type(model.get_submodule(n.target)) for n in model.graph.nodes if n.op == "call_module"}
+
+
+def _assert_as_eager(fast, module, x, padding) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch's nested-tensor prototype warning
+        expected = module(x, src_key_padding_mask=padding)
+        got = fast(x, padding)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", ["left_aligned", "not_left_aligned", "all_padded_sample", "none"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_with_padding_is_written_out_and_equals_eager(norm_first, kind):
+    """Post-norm (nested-tensor path) and pre-norm encoders with each kind of mask: no encoder module left,
+    the attention skips padded keys, and every value equals eager's in inference, zeros and NaN included."""
+    module = _encoder(norm_first, final_norm=True)
+    fast = tg.optimize(_model(module))
+    assert not _called_modules(fast) & {nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention}
+    assert fused.qkv_attention_with_padding in _targets(fast)
+    assert (fused.padded_output_as_nested in _targets(fast)) == (not norm_first)
+    torch.manual_seed(1)
+    x, padding = torch.randn(4, SEQ, DIM), _padding(kind)
+    _assert_as_eager(fast, module, x, padding)
+    with torch.no_grad():
+        out = fast(x, padding)
+    if kind == "all_padded_sample":  # eager's NaN (pre-norm) or the nested path's zeros through the norm
+        assert out[2].isnan().all() == norm_first
+    if kind == "left_aligned" and not norm_first:  # the nested path's zeros, through the final LayerNorm
+        torch.testing.assert_close(out[1, 4:], module.norm.bias.expand(3, DIM), atol=1e-6, rtol=0)
+
+
+def test_fast_path_switched_off_at_run_time():
+    """With torch.backends.mha's fast path off, eager keeps the padded queries' values and SDPA's zeros for an
+    all-padding sample; the optimized model reads the same switch when it runs."""
+    module = _encoder(norm_first=False)
+    fast = tg.optimize(_model(module))
+    x, padding = torch.randn(4, SEQ, DIM), _padding("all_padded_sample")
+    before = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        _assert_as_eager(fast, module, x, padding)
+        with torch.no_grad():
+            assert not fast(x, padding).isnan().any()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def test_encoder_layer_alone_with_padding():
+    """One nn.TransformerEncoderLayer called with a padding mask: written out, no nested-tensor zeros."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(DIM, HEADS, 32, batch_first=True, activation="gelu").eval()
+    fast = tg.optimize(_model(layer))
+    assert nn.TransformerEncoderLayer not in _called_modules(fast)
+    assert fused.padded_output_as_nested not in _targets(fast)
+    _assert_as_eager(fast, layer, torch.randn(4, SEQ, DIM), _padding("left_aligned"))
+
+
+def test_layers_off_the_native_fast_path_keep_the_module():
+    """Odd head counts run torch's Python path (SDPA's zeros, not NaN, for an all-padding sample): with a
+    padding mask such an encoder stays one module call, and still equals eager."""
+    module = _encoder(norm_first=True, heads=1)
+    fast = tg.optimize(_model(module))
+    assert nn.TransformerEncoder in _called_modules(fast)
+    _assert_as_eager(fast, module, torch.randn(4, SEQ, DIM), _padding("all_padded_sample"))
+
+
+def test_float_padding_mask_keeps_the_module():
+    """An additive float mask (0 / -inf) is not rewritten: the encoder stays one call."""
+    module = _encoder(norm_first=False)
+    x = tg.Input(shape=("seq", DIM))
+    padding = tg.Input(shape=("seq",))
+    fast = tg.optimize(tg.Model([x, padding], module(x, src_key_padding_mask=padding)).eval())
+    assert nn.TransformerEncoder in _called_modules(fast)
+
+
+def test_padded_output_as_nested_follows_torchs_alignment_test():
+    """Zeros exactly when torch's own left-alignment test passes, over random masks (rows of all padding
+    and of no padding included)."""
+    generator = torch.Generator().manual_seed(0)
+    output = torch.ones(3, 5, 2)
+    for _ in range(200):
+        padding = torch.rand(3, 5, generator=generator) < 0.3
+        if torch.rand(1, generator=generator) < 0.5:  # mostly left-aligned masks, some with all-padding rows
+            padding = padding.cummax(dim=1).values
+        aligned = torch._nested_tensor_from_mask_left_aligned(output, padding.logical_not())
+        expected = output.masked_fill(padding.unsqueeze(-1), 0.0) if aligned else output
+        assert torch.equal(fused.padded_output_as_nested(output, padding), expected), (padding, aligned)
+
+
+def test_optimized_encoder_with_padding_exports_to_onnx(tmp_path):
+    """The written-out encoder exports (dynamo exporter) and onnxruntime computes eager's values."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    module = _encoder(norm_first=False, final_norm=True)
+    fast = tg.optimize(_model(module))
+    path = str(tmp_path / "encoder.onnx")
+    tg.export_onnx(fast, path, exporter="dynamo")
+    x, padding = torch.randn(4, SEQ, DIM), _padding("left_aligned")
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, dict(zip(names, (x.numpy(), padding.numpy()))))[0]
+    with torch.no_grad():
+        expected = module(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-4)
