@@ -64,8 +64,11 @@ def test_encoder_with_padding_is_written_out_and_equals_eager(norm_first, kind):
     module = _encoder(norm_first, final_norm=True)
     fast = tg.optimize(_model(module))
     assert not _called_modules(fast) & {nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention}
-    assert fused.qkv_attention_with_padding in _targets(fast)
-    assert (fused.padded_output_as_nested in _targets(fast)) == (not norm_first)
+    # post-norm: the nested-tensor path's zeros, its layers on the real tokens alone (NOTE: [Tokens on rows])
+    expected = {fused.qkv_attention_with_padding} if norm_first else \
+        {fused.qkv_attention_on_rows, fused.token_rows, fused.gather_rows, fused.scatter_rows,
+         fused.padded_output_as_nested}
+    assert expected <= _targets(fast)
     torch.manual_seed(1)
     x, padding = torch.randn(4, SEQ, DIM), _padding(kind)
     _assert_as_eager(fast, module, x, padding)
@@ -119,6 +122,25 @@ def test_float_padding_mask_keeps_the_module():
     padding = tg.Input(shape=("seq",))
     fast = tg.optimize(tg.Model([x, padding], module(x, src_key_padding_mask=padding)).eval())
     assert nn.TransformerEncoder in _called_modules(fast)
+
+
+def test_token_rows_are_the_tokens_eager_computes():
+    """The real tokens when eager would nest (a left-aligned mask, the fast path on), else every position;
+    gather_rows and scatter_rows invert each other there."""
+    padding = _padding("all_padded_sample")
+    rows = fused.token_rows(padding)
+    assert torch.equal(rows, padding.logical_not().flatten().nonzero().squeeze(1))
+    assert rows.numel() == 7 + 3 + 0 + 5
+    assert torch.equal(fused.token_rows(_padding("not_left_aligned")), torch.arange(4 * SEQ))
+    before = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        assert torch.equal(fused.token_rows(padding), torch.arange(4 * SEQ))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+    x = torch.randn(4, SEQ, 3)
+    round_trip = fused.scatter_rows(fused.gather_rows(x, rows), rows, padding)
+    assert torch.equal(round_trip, x.masked_fill(padding.unsqueeze(-1), 0.0))
 
 
 def test_padded_output_as_nested_follows_torchs_alignment_test():

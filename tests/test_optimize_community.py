@@ -28,7 +28,7 @@ FUSED = {
     "mobilenet_v2": {fused.conv2d_act, fused.conv2d_add_act},
     "mobilenet_v3_small": {fused.conv2d_act, fused.linear_act},
     # nn.TransformerEncoder called with src_key_padding_mask (tests/test_key_padding.py)
-    "transformer_classifier": {fused.qkv_attention_with_padding, fused.padded_output_as_nested, ops.add_layer_norm,
+    "transformer_classifier": {fused.qkv_attention_on_rows, fused.padded_output_as_nested, ops.add_layer_norm,
                                fused.linear_act},
     "transformer_classifier_prenorm": {fused.qkv_attention_with_padding, ops.add_layer_norm, fused.linear_act},
     "vit": {fused.qkv_attention, ops.add_layer_norm, fused.linear_act},

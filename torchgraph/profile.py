@@ -226,6 +226,9 @@ def _fused_macs(n: fx.Node, target, args, result) -> int:
     elif target in (_attention.qkv_attention, _key_padding.qkv_attention_with_padding):
         batch, seq, width = args[0].shape
         return 2 * batch * seq * seq * (width // 3)  # Q K^T and P V over every head
+    elif target is _key_padding.qkv_attention_on_rows:  # (N, 3E) rows of a (B, T) padding mask's tokens
+        batch, seq = args[2].shape
+        return 2 * batch * seq * seq * (args[0].shape[-1] // 3)
     elif target is _attention.scaled_dot_product_attention:
         query, key, value = args[:3]
         return query.shape[:-1].numel() * key.shape[-2] * (query.shape[-1] + value.shape[-1])

@@ -20,8 +20,9 @@ an optimized model keeps working after ``.to(device)``, ``.double()``, under aut
   else the head split + ``F.scaled_dot_product_attention`` + merge it replaced;
   :func:`scaled_dot_product_attention`: ``ops.attention_inference`` for CPU inference where oneDNN's
   GEMMs beat MKL's, else ``F.scaled_dot_product_attention``;
-  :func:`qkv_attention_with_padding` and :func:`padded_output_as_nested`: ``nn.TransformerEncoder``'s
-  key padding mask as its inference fast path applies it (``key_padding``).
+  :func:`qkv_attention_with_padding`, :func:`padded_output_as_nested` and the token rows
+  (:func:`token_rows`, :func:`gather_rows`, :func:`qkv_attention_on_rows`, :func:`scatter_rows`):
+  ``nn.TransformerEncoder``'s key padding mask as its inference fast path applies it (``key_padding``).
 
 Example:
     >>> import torch
@@ -39,7 +40,8 @@ from .attention import (ATTENTION_INFERENCE_MAX_SCORES, ATTENTION_INFERENCE_MAX_
                         scaled_dot_product_attention)
 from .conv import (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
                    ONEDNN_F32_IM2COL_MAX_WIDTH, RESIDUAL_ACTIVATIONS, conv2d_act, conv2d_add_act)
-from .key_padding import native_fast_path_enabled, padded_output_as_nested, qkv_attention_with_padding
+from .key_padding import (gather_rows, native_fast_path_enabled, padded_output_as_nested, qkv_attention_on_rows,
+                          qkv_attention_with_padding, scatter_rows, token_rows)
 from .linear import MKL_PACKED_MAX_ROWS, MKL_PACKED_MIN_WEIGHT, ONEDNN_LINEAR_MIN_MACS, linear_act
 from .weights import MKL_PACKED_ROW_COUNTS
 
@@ -51,5 +53,6 @@ __all__ = ["ACTIVATIONS_AFTER_ONEDNN", "ATTENTION_INFERENCE_MAX_SCORES", "ATTENT
            "MKL_PACKED_MIN_WEIGHT", "MKL_PACKED_ROW_COUNTS", "ONEDNN_ACTIVATIONS", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
            "ONEDNN_F32_IM2COL_MAX_WIDTH", "ONEDNN_LINEAR_MIN_MACS",
            "QKV_ATTENTION_MAX_SEQ", "RESIDUAL_ACTIVATIONS", "TILED_ATTENTION_MAX_SEQ", "conv2d_act", "conv2d_add_act", "linear_act",
-           "attention_with_additive_mask", "native_fast_path_enabled", "padded_output_as_nested", "qkv_attention",
-           "qkv_attention_with_padding", "scaled_dot_product_attention", "use_onednn"]
+           "attention_with_additive_mask", "gather_rows", "native_fast_path_enabled", "padded_output_as_nested",
+           "qkv_attention", "qkv_attention_on_rows", "qkv_attention_with_padding", "scaled_dot_product_attention",
+           "scatter_rows", "token_rows", "use_onednn"]

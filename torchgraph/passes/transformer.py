@@ -15,7 +15,7 @@ module computes:
   the attention skips padded keys (:func:`torchgraph.fused.qkv_attention_with_padding`) and a post-norm
   encoder's output gets the nested-tensor path's zeros at padded positions
   (:func:`torchgraph.fused.padded_output_as_nested`; NOTE: [Eager's padded positions] in
-  ``fused/key_padding.py``);
+  ``fused/key_padding.py``), its layers running on the real tokens alone (NOTE: [Tokens on rows]);
 * ``nn.MultiheadAttention(x, x, x)`` only when its attention weights are not used (``[0]`` alone).
 """
 
@@ -48,16 +48,18 @@ def _attention_ok(mha: nn.MultiheadAttention, spec) -> bool:
 
 
 def _self_attention(graph: fx.Graph, prefix: str, mha: nn.MultiheadAttention, x: fx.Node,
-                    spec: ValueSpec, padding: fx.Node | None = None) -> fx.Node:
-    """``out_proj(attention(in_proj(x)))`` as nodes (keys where ``padding`` is True skipped); returns the
-    out_proj call (an ``nn.Linear``)."""
+                    spec: ValueSpec, padding: fx.Node | None = None, rows: fx.Node | None = None) -> fx.Node:
+    """``out_proj(attention(in_proj(x)))`` as nodes (keys where ``padding`` is True skipped; ``x`` the
+    tokens at ``rows`` when given: NOTE: [Tokens on rows]); returns the out_proj call (an ``nn.Linear``)."""
     w = graph.get_attr(f"{prefix}.in_proj_weight")
     b = graph.get_attr(f"{prefix}.in_proj_bias") if mha.in_proj_bias is not None else None
     qkv = set_spec(graph.call_function(fused.linear_act, (x, w, b, "none")), _spec_like(spec, 3 * mha.embed_dim))
     if padding is None:
         attn = graph.call_function(fused.qkv_attention, (qkv, mha.num_heads, False))
-    else:
+    elif rows is None:
         attn = graph.call_function(fused.qkv_attention_with_padding, (qkv, mha.num_heads, padding))
+    else:
+        attn = graph.call_function(fused.qkv_attention_on_rows, (qkv, mha.num_heads, padding, rows))
     set_spec(attn, spec)
     return set_spec(graph.call_module(f"{prefix}.out_proj", (attn,)), spec)
 
@@ -76,9 +78,9 @@ def _activation(graph: fx.Graph, layer: nn.TransformerEncoderLayer, x: fx.Node, 
 
 
 def _encoder_layer(graph: fx.Graph, prefix: str, layer: nn.TransformerEncoderLayer, x: fx.Node,
-                   spec: ValueSpec, padding: fx.Node | None) -> fx.Node:
-    """The encoder layer's forward (eval, no attention mask, key padding ``padding`` or None) as nodes;
-    returns its output."""
+                   spec: ValueSpec, padding: fx.Node | None, rows: fx.Node | None = None) -> fx.Node:
+    """The encoder layer's forward (eval, no attention mask, key padding ``padding`` or None; ``x`` the
+    tokens at ``rows`` when given) as nodes; returns its output."""
     hidden = _spec_like(spec, layer.linear1.out_features)
 
     def feed_forward(h):
@@ -89,7 +91,7 @@ def _encoder_layer(graph: fx.Graph, prefix: str, layer: nn.TransformerEncoderLay
         return set_spec(graph.call_module(f"{prefix}.{name}", (h,)), spec)
 
     def attention(h):
-        return _self_attention(graph, f"{prefix}.self_attn", layer.self_attn, h, spec, padding)
+        return _self_attention(graph, f"{prefix}.self_attn", layer.self_attn, h, spec, padding, rows)
 
     if layer.norm_first:
         x = _add(graph, x, attention(norm("norm1", x)), spec)
@@ -140,6 +142,12 @@ def _padding_mask(node: fx.Node, module: nn.Module, x, spec):
     return ok, padding if ok else None
 
 
+def _rows_spec(spec: ValueSpec, features: tuple, dtype=torch.int64) -> ValueSpec:
+    """The spec of an encoder's tokens as rows ``(N, *features)`` (NOTE: [Tokens on rows]): every position
+    at the probes."""
+    return ValueSpec((None, *features), dtype, tuple((p[0] * p[1], *features) for p in spec.probes))
+
+
 def expand_transformer_layers(root: nn.Module, graph: fx.Graph) -> int:
     """Encoder stacks, encoder layers and self-attention modules (inference, no attention masks; key padding
     masks where the layers take the native fast path) -> their primitive ops. Returns how many module calls
@@ -163,9 +171,16 @@ def expand_transformer_layers(root: nn.Module, graph: fx.Graph) -> int:
             continue
         prefix = node.target if type(module) is nn.TransformerEncoderLayer else None
         with graph.inserting_before(node):
+            rows = layer_spec = None
+            if padding is not None and nested:  # NOTE: [Tokens on rows] in fused/key_padding.py
+                rows = set_spec(graph.call_function(fused.token_rows, (padding,)), _rows_spec(spec, ()))
+                layer_spec = _rows_spec(spec, (spec.probes[0][-1],), spec.dtype)
+                x = set_spec(graph.call_function(fused.gather_rows, (x, rows)), layer_spec)
             for i, layer in enumerate(layers):
-                x = _encoder_layer(graph, prefix or f"{node.target}.layers.{i}", layer, x, spec, padding)
-            if padding is not None and nested:
+                x = _encoder_layer(graph, prefix or f"{node.target}.layers.{i}", layer, x, layer_spec or spec,
+                                   padding, rows)
+            if rows is not None:
+                x = set_spec(graph.call_function(fused.scatter_rows, (x, rows, padding)), spec)
                 x = set_spec(graph.call_function(fused.padded_output_as_nested, (x, padding)), spec)
             if prefix is None and module.norm is not None:
                 x = set_spec(graph.call_module(f"{node.target}.norm", (x,)), spec)
