@@ -61,6 +61,23 @@ def test_kernel_matches_the_product(in_features, threads):
 
 
 @needs_c_ops
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gelu_epilogue_is_accurate_over_its_range(threads):
+    """GELU in the kernel's epilogue (the rational erf: NOTE: [GELU's erf in registers]) against float64
+    over [-10, 10], where erf saturates, and at the tails: within 3e-7 x max(1, |x|), NaN kept."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.cat([torch.linspace(-10, 10, 20_001), torch.tensor([-1e4, 1e4, float("nan")])]).unsqueeze(1)
+        y = ops.gemm_act_inference(x, gemm_panels(torch.ones(1, 1)), None, None, 1, "gelu")
+    finally:
+        torch.set_num_threads(previous)
+    expected = F.gelu(x.double())
+    error = (y.double() - expected).abs() / x.double().abs().clamp(min=1)
+    assert error[:-1].max().item() <= 3e-7 and y[-1].isnan().all()
+
+
+@needs_c_ops
 def test_the_reference_is_the_product():
     x, weight, bias, residual = torch.randn(9, 24), torch.randn(40, 24), torch.randn(40), torch.randn(9, 40)
     y = ops.reference_gemm_act_inference(x, gemm_panels(weight), bias, residual, 40, "hardswish")
