@@ -62,17 +62,20 @@ def test_kernel_matches_the_product(in_features, threads):
 
 @needs_c_ops
 @pytest.mark.parametrize("threads", [1, 2])
-def test_gelu_epilogue_is_accurate_over_its_range(threads):
-    """GELU in the kernel's epilogue (the rational erf: NOTE: [GELU's erf in registers]) against float64
-    over [-10, 10], where erf saturates, and at the tails: within 3e-7 x max(1, |x|), NaN kept."""
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_transcendental_epilogues_are_accurate_over_their_range(act, threads):
+    """GELU, GELU-tanh and SiLU in the kernel's epilogue (computed in registers: NOTE: [GELU's erf in
+    registers], NOTE: [Exp in registers]) against float64 over [-10, 10], where erf and exp saturate, and at
+    the tails (exp clamped): within 3e-7 x max(1, |x|), NaN kept."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x = torch.cat([torch.linspace(-10, 10, 20_001), torch.tensor([-1e4, 1e4, float("nan")])]).unsqueeze(1)
-        y = ops.gemm_act_inference(x, gemm_panels(torch.ones(1, 1)), None, None, 1, "gelu")
+        tails = torch.tensor([-1e4, -100.0, -90.0, -87.5, 87.5, 90.0, 100.0, 1e4, float("nan")])
+        x = torch.cat([torch.linspace(-10, 10, 20_001), tails]).unsqueeze(1)
+        y = ops.gemm_act_inference(x, gemm_panels(torch.ones(1, 1)), None, None, 1, act)
     finally:
         torch.set_num_threads(previous)
-    expected = F.gelu(x.double())
+    expected = ACTIVATION_FNS[act](x.double())
     error = (y.double() - expected).abs() / x.double().abs().clamp(min=1)
     assert error[:-1].max().item() <= 3e-7 and y[-1].isnan().all()
 

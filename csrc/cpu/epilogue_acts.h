@@ -38,7 +38,8 @@ inline Act parse_act(const std::string& act, const char* op, bool gelus) {
 // 2 threads, medians of 15 x 20 calls, two processes each) took 1.58-1.61 ms with GELU against 0.89 ms
 // without it; ATen's F.gelu alone on its output takes 0.22 ms. GELU uses bias_act's rational erf
 // (NOTE: [Rational erf] in vec_utils.h: ten FMAs and a division, no call; absolute error 2.6e-7 against
-// torch's 1.5e-7), as the trainable path's bias_act kernel does.
+// torch's 1.5e-7), as the trainable path's bias_act kernel does. SiLU and GELU-tanh (written as a sigmoid,
+// as bias_act writes it) take their exp in registers too (NOTE: [Exp in registers] in vec_utils.h).
 C10_ALWAYS_INLINE at::vec::Vectorized<float> activate(const at::vec::Vectorized<float>& x, Act act) {
   using FVec = at::vec::Vectorized<float>;
   const FVec zero(0.f), three(3.f), six(6.f), one(1.f);
@@ -50,14 +51,14 @@ C10_ALWAYS_INLINE at::vec::Vectorized<float> activate(const at::vec::Vectorized<
     case Act::kRelu6:
       return at::vec::minimum(at::vec::maximum(x, zero), six);
     case Act::kSilu:
-      return x / (one + x.neg().exp());
+      return x / (one + exp_in_registers(x.neg()));
     case Act::kHardswish:
       return x * at::vec::minimum(at::vec::maximum(x + three, zero), six) / six;
     case Act::kGelu:
       return x * FVec(0.5f) * (one + verf(x * FVec(static_cast<float>(M_SQRT1_2))));
-    case Act::kGeluTanh: {
-      const FVec inner = FVec(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5)) * (x + FVec(0.044715f) * (x * x * x));
-      return FVec(0.5f) * x * (one + inner.tanh());
+    case Act::kGeluTanh: {  // 0.5 x (1 + tanh(u)) = x sigmoid(2u), as bias_act computes it
+      const FVec two_u = FVec(static_cast<float>(M_SQRT2 * M_2_SQRTPI)) * (x + FVec(0.044715f) * (x * x * x));
+      return x / (one + exp_in_registers(two_u.neg()));
     }
   }
   return x;
