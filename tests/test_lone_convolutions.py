@@ -87,3 +87,54 @@ def test_convolutions_that_gain_from_channels_last_keep_it(net, expected):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+class OutputLayer(nn.Module):
+    """CycleGAN's ResnetGenerator ends with ReflectionPad2d(3), a 7x7 convolution to 3 channels and Tanh."""
+
+    def __init__(self, channels=32):
+        super().__init__()
+        self.pad, self.conv = nn.ReflectionPad2d(3), nn.Conv2d(channels, 3, 7)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(self.pad(x)))
+
+
+class ResidualBlock(nn.Module):
+    """CycleGAN's ResnetBlock: (pad, 3x3, InstanceNorm, ReLU) twice, then the skip."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.pad = nn.ReflectionPad2d(1)
+        self.conv1, self.in1 = nn.Conv2d(channels, channels, 3), nn.InstanceNorm2d(channels)
+        self.conv2, self.in2 = nn.Conv2d(channels, channels, 3), nn.InstanceNorm2d(channels)
+
+    def forward(self, x):
+        return x + self.in2(self.conv2(self.pad(F.relu(self.in1(self.conv1(self.pad(x)))))))
+
+
+def test_few_output_channels_keep_channels_last():
+    """A lone convolution to fewer than LONE_CONV_FEW_OUTPUTS channels from at least as many inputs stays a
+    channels_last conv2d_act (NOTE: [Lone convolutions that pay in channels_last]); from 3 inputs it does not."""
+    net = OutputLayer()
+    fast = _optimized(net, (32, 16, 16))
+    assert _kinds(fast)[:2] == (0, 1)
+    x = torch.randn(2, 32, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-5)
+    assert _kinds(_optimized(OutputLayer(channels=3), (3, 16, 16)))[:2] == (1, 0)
+
+
+@pytest.mark.parametrize("winograd", [True, False])
+def test_many_channels_on_small_maps_keep_channels_last_where_winograd_runs(monkeypatch, winograd):
+    """3x3 convolutions of 128 channels on a 16x16 map stay channels_last where the Winograd kernel runs; on a
+    64x64 map, with 64 channels, or without the kernel they run as written."""
+    monkeypatch.setattr(fused.conv, "WINOGRAD_KERNEL", winograd)
+    net = ResidualBlock(128)
+    fast = _optimized(net, (128, 16, 16))
+    assert _kinds(fast)[:2] == ((0, 2) if winograd else (2, 0))
+    x = torch.randn(2, 128, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-4, rtol=1e-4)
+    assert _kinds(_optimized(ResidualBlock(128), (128, 64, 64)))[:2] == (2, 0)
+    assert _kinds(_optimized(ResidualBlock(64), (64, 16, 16)))[:2] == (2, 0)

@@ -253,6 +253,39 @@ def _swaps_last_two(node: fx.Node) -> bool:
 # Not 1x1 convolutions or small maps, which run as one GEMM (NOTE [Convolutions on few pixels] in fused/conv.py):
 # ShuffleNetV2's last 1x1 convolution, lone after its channel shuffle's view, took its model from 2.07x eager to
 # 1.85-1.90x on F.conv2d (ad hoc A/B, two processes).
+# NOTE: [Lone convolutions that pay in channels_last] Two kinds won in channels_last even with both copies
+# (conv2d_act's plan and its copies against F.conv2d on NCHW, AMD EPYC Zen 3, 2 threads, medians of 7, ad hoc,
+# 2026-12-04): few output channels, where oneDNN's NCHW kernel fills its output-channel blocks with a few
+# (32 -> 3 7x7 at 64x64, CycleGAN's last layer: 0.46x at b8, 0.60x at b1; 64 -> 3 0.51x; 32 -> 8 3x3 0.65x;
+# 16 -> 3 0.81x; but 3 -> 32 7x7 1.70x, so only from 16 input channels); and 3x3 stride-1 convolutions of many
+# channels on maps of at most 32x32, which run on the Winograd kernel in channels_last (NOTE: [Winograd
+# convolutions] in fused/conv.py): 128 -> 128 at 16x16 0.66x (CycleGAN's residual blocks), at 32x32 0.89x,
+# 128 -> 64 at 16x16 0.68x, 256 -> 256 at 8x8 0.68x and 4x4 0.45x (b8); 128 at 28x28 0.69x, 256 at 14x14
+# 0.74x (b1). Not with 64 input channels (64 -> 64 and 64 -> 128 at 32x32: 1.11-1.15x) nor larger maps
+# (128 at 64x64: 1.00x; 64 at 64x64: 2.7x). Such a convolution keeps its island in channels_last.
+#: Lone convolutions with fewer output channels than this (and at least as many inputs) stay channels_last.
+LONE_CONV_FEW_OUTPUTS = 16
+#: Lone 3x3 stride-1 convolutions with at least this many input channels (and half as many outputs) on maps of
+#: at most LONE_CONV_WINOGRAD_MAX_PIXELS output pixels stay channels_last (where the Winograd kernel runs).
+LONE_CONV_WINOGRAD_MIN_CHANNELS = 128
+LONE_CONV_WINOGRAD_MAX_PIXELS = 1024
+
+
+def _pays_in_channels_last(root: nn.Module, conv: fx.Node) -> bool:
+    """Whether a lone convolution is faster channels_last, copies included ([Lone convolutions that pay in
+    channels_last])."""
+    weight, spec = parameter_of(root, conv.args[1]), conv.meta.get("tg_spec")
+    if weight is None or weight.dim() != 4 or not isinstance(spec, ValueSpec) or len(spec.shape) != 4:
+        return False
+    out_channels, in_channels = weight.shape[:2]
+    if out_channels < LONE_CONV_FEW_OUTPUTS <= in_channels:
+        return True
+    stride, dilation = conv.args[3], conv.args[5]
+    height, width = spec.shape[-2:]
+    return (fused.conv.WINOGRAD_KERNEL and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
+            and tuple(dilation) == (1, 1) and in_channels >= LONE_CONV_WINOGRAD_MIN_CHANNELS
+            and 2 * out_channels >= in_channels and isinstance(height, int) and isinstance(width, int)
+            and height * width <= LONE_CONV_WINOGRAD_MAX_PIXELS)
 
 
 def _islands(channels_last: set[fx.Node]) -> list[set[fx.Node]]:
@@ -281,7 +314,7 @@ def _lone(root: nn.Module, island: set[fx.Node]) -> bool:
     for node in island:
         if _channels_last_conv(node):
             if node.target is not fused.conv2d_act or len(node.args) != 8 or node.args[6] != 1 \
-                    or node.args[0] in island or not _spatial(root, node):
+                    or node.args[0] in island or not _spatial(root, node) or _pays_in_channels_last(root, node):
                 return False
         elif not ((node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS)
                   or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
