@@ -172,3 +172,38 @@ def test_optimized_encoder_with_padding_exports_to_onnx(tmp_path):
     with torch.no_grad():
         expected = module(x, src_key_padding_mask=padding)
     torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-4)
+
+
+class SelfAttentionBlock(nn.Module):
+    """A pre-norm block around nn.MultiheadAttention with a key padding mask, as custom encoders write it."""
+
+    def __init__(self, heads: int, need_weights: bool | None):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(DIM), nn.MultiheadAttention(DIM, heads, batch_first=True)
+        self.need_weights = need_weights
+
+    def forward(self, x, src_key_padding_mask):
+        h = self.norm(x)
+        kwargs = {} if self.need_weights is None else {"need_weights": self.need_weights}
+        out, _ = self.attn(h, h, h, key_padding_mask=src_key_padding_mask, **kwargs)
+        return x + out
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("heads, need_weights", [(4, None), (4, False), (1, False), (1, True)])
+def test_self_attention_module_with_padding_equals_eager(heads, need_weights, fast_path):
+    """`mha(x, x, x, key_padding_mask=m)[0]` becomes in_proj + qkv_attention_with_padding + out_proj, with
+    eager's value for an all-padding sample on each of torch's paths: NaN from the weights' softmax
+    (need_weights, the default) or the native fast path (even heads, when on), else SDPA's zeros."""
+    torch.manual_seed(0)
+    block = SelfAttentionBlock(heads, need_weights).eval()
+    fast = tg.optimize(_model(block))
+    assert nn.MultiheadAttention not in _called_modules(fast)
+    assert fused.qkv_attention_with_padding in _targets(fast)
+    x, padding = torch.randn(4, SEQ, DIM), _padding("all_padded_sample")
+    before = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+        _assert_as_eager(fast, block, x, padding)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)

@@ -39,10 +39,15 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def qkv_attention_with_padding(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor) -> torch.Tensor:
+def qkv_attention_with_padding(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor,
+                               all_padded_nan: bool | None = None) -> torch.Tensor:
     """Multi-head self-attention from a packed ``q | k | v`` projection ``(B, T, 3E)`` -> ``(B, T, E)`` that
-    ignores the keys where ``key_padding_mask`` ``(B, T)`` is True, as ``nn.TransformerEncoderLayer`` in
-    inference computes it (NOTE: [Eager's padded positions]: a sample whose keys are all padding gives NaN).
+    ignores the keys where ``key_padding_mask`` ``(B, T)`` is True, as ``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` compute it in inference (NOTE: [Eager's padded positions]).
+
+    ``all_padded_nan`` says what a sample whose keys are all padding gets: None, NaN when torch's native fast
+    path is on (:func:`native_fast_path_enabled`) and zeros when not; True, NaN (the attention weights'
+    explicit softmax, ``nn.MultiheadAttention(need_weights=True)``); False, zeros (SDPA's, the Python path).
 
     The heads are views of ``qkv`` (no split copies) and the products run on
     :func:`torchgraph.fused.scaled_dot_product_attention` (``ops.attention_inference`` where it applies).
@@ -58,13 +63,13 @@ def qkv_attention_with_padding(qkv: torch.Tensor, heads: int, key_padding_mask: 
         True
     """
     if isinstance(qkv, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
-        return qkv.tracer.create_proxy("call_function", qkv_attention_with_padding, (qkv, heads, key_padding_mask),
-                                       {})
+        return qkv.tracer.create_proxy("call_function", qkv_attention_with_padding,
+                                       (qkv, heads, key_padding_mask, all_padded_nan), {})
     batch, seq, width = qkv.shape
     q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
     attend = key_padding_mask.logical_not().view(batch, 1, 1, seq)
     out = scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(batch, seq, width // 3)
-    if not native_fast_path_enabled():
+    if not (native_fast_path_enabled() if all_padded_nan is None else all_padded_nan):
         return out
     all_padded = key_padding_mask.all(dim=-1).view(batch, 1, 1)
     if _tracing() or bool(all_padded.any()):

@@ -48,16 +48,19 @@ def _attention_ok(mha: nn.MultiheadAttention, spec) -> bool:
 
 
 def _self_attention(graph: fx.Graph, prefix: str, mha: nn.MultiheadAttention, x: fx.Node,
-                    spec: ValueSpec, padding: fx.Node | None = None, rows: fx.Node | None = None) -> fx.Node:
-    """``out_proj(attention(in_proj(x)))`` as nodes (keys where ``padding`` is True skipped; ``x`` the
-    tokens at ``rows`` when given: NOTE: [Tokens on rows]); returns the out_proj call (an ``nn.Linear``)."""
+                    spec: ValueSpec, padding: fx.Node | None = None, rows: fx.Node | None = None,
+                    all_padded_nan: bool | None = None) -> fx.Node:
+    """``out_proj(attention(in_proj(x)))`` as nodes (keys where ``padding`` is True skipped, with
+    ``all_padded_nan`` as ``fused.qkv_attention_with_padding`` takes it; ``x`` the tokens at ``rows`` when
+    given: NOTE: [Tokens on rows]); returns the out_proj call (an ``nn.Linear``)."""
     w = graph.get_attr(f"{prefix}.in_proj_weight")
     b = graph.get_attr(f"{prefix}.in_proj_bias") if mha.in_proj_bias is not None else None
     qkv = set_spec(graph.call_function(fused.linear_act, (x, w, b, "none")), _spec_like(spec, 3 * mha.embed_dim))
     if padding is None:
         attn = graph.call_function(fused.qkv_attention, (qkv, mha.num_heads, False))
     elif rows is None:
-        attn = graph.call_function(fused.qkv_attention_with_padding, (qkv, mha.num_heads, padding))
+        nan = () if all_padded_nan is None else (all_padded_nan,)
+        attn = graph.call_function(fused.qkv_attention_with_padding, (qkv, mha.num_heads, padding, *nan))
     else:
         attn = graph.call_function(fused.qkv_attention_on_rows, (qkv, mha.num_heads, padding, rows))
     set_spec(attn, spec)
@@ -122,24 +125,32 @@ def _native_fast_path(layer: nn.TransformerEncoderLayer) -> bool:
             and not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()))
 
 
+def _bound_arguments(node: fx.Node, module: nn.Module) -> dict | None:
+    """The arguments ``node`` passes to ``module``'s forward, by name (only those given), or None."""
+    try:
+        return dict(inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments)
+    except TypeError:
+        return None
+
+
+def _boolean_padding(padding, spec: ValueSpec) -> bool:
+    """Whether ``padding`` is a value holding a boolean ``(B, T)`` mask for a ``(B, T, E)`` value of ``spec``."""
+    padding_spec = padding.meta.get("tg_spec") if isinstance(padding, fx.Node) else None
+    return (isinstance(padding_spec, ValueSpec) and padding_spec.dtype == torch.bool
+            and all(len(p) == 2 and p == q[:2] for p, q in zip(padding_spec.probes, spec.probes)))
+
+
 def _padding_mask(node: fx.Node, module: nn.Module, x, spec):
     """``(True, mask node or None)`` when ``node`` calls ``module`` (an encoder or encoder layer) on one tensor
     with at most a boolean ``(B, T)`` key padding mask; ``(False, None)`` for any other call."""
-    try:
-        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
-    except TypeError:
-        return False, None
-    args = dict(bound.arguments)
-    if args.pop("src", None) is not x or args.pop("is_causal", None) not in (None, False) or \
+    args = _bound_arguments(node, module)
+    if args is None or args.pop("src", None) is not x or args.pop("is_causal", None) not in (None, False) or \
             args.pop("mask", None) is not None or args.pop("src_mask", None) is not None:
         return False, None
     padding = args.pop("src_key_padding_mask", None)
     if args or padding is None:
         return not args, None
-    padding_spec = padding.meta.get("tg_spec") if isinstance(padding, fx.Node) else None
-    ok = (isinstance(padding_spec, ValueSpec) and padding_spec.dtype == torch.bool
-          and all(len(p) == 2 and p == q[:2] for p, q in zip(padding_spec.probes, spec.probes)))
-    return ok, padding if ok else None
+    return (True, padding) if _boolean_padding(padding, spec) else (False, None)
 
 
 def _rows_spec(spec: ValueSpec, features: tuple, dtype=torch.int64) -> ValueSpec:
@@ -192,26 +203,35 @@ def expand_transformer_layers(root: nn.Module, graph: fx.Graph) -> int:
 
 
 def _expand_self_attention(root: nn.Module, graph: fx.Graph) -> int:
-    """``mha(x, x, x)[0]`` (weights unused, no masks, inference) -> in_proj + attention + out_proj."""
+    """``mha(x, x, x)[0]`` (weights unused, no attention mask, at most a boolean key padding mask, inference)
+    -> in_proj + attention + out_proj."""
     count = 0
     for node in list(graph.nodes):
         mha = module_of(root, node)
-        if not isinstance(mha, nn.MultiheadAttention) or mha.training or len(node.args) != 3:
+        if not isinstance(mha, nn.MultiheadAttention) or mha.training or not node.args:
             continue
-        x = node.args[0]
-        if not isinstance(x, fx.Node) or node.args[1] is not x or node.args[2] is not x:
+        args, x = _bound_arguments(node, mha), node.args[0]
+        if args is None or not isinstance(x, fx.Node) or args.pop("query") is not x or \
+                args.pop("key", None) is not x or args.pop("value", None) is not x:
             continue
-        if set(node.kwargs) - {"need_weights"}:
+        need_weights = args.pop("need_weights", True)
+        args.pop("average_attn_weights", None)  # the weights are not used
+        if args.pop("attn_mask", None) is not None or args.pop("is_causal", False) is not False or \
+                not isinstance(need_weights, bool):
             continue
+        padding = args.pop("key_padding_mask", None)
         users = list(node.users)
-        if not users or any(u.op != "call_function" or u.target is not operator.getitem or u.args[1] != 0
-                            for u in users):
+        if args or not users or any(u.op != "call_function" or u.target is not operator.getitem or u.args[1] != 0
+                                    for u in users):
             continue
         spec = x.meta.get("tg_spec")
-        if not _attention_ok(mha, spec):
+        if not _attention_ok(mha, spec) or (padding is not None and not _boolean_padding(padding, spec)):
             continue
+        # NOTE: [Eager's padded positions]: the weights' softmax gives an all-padding sample NaN, and so does the
+        # native fast path (even head counts) when it is on; SDPA, on the Python path, zeros
+        all_padded_nan = True if need_weights else (None if mha.num_heads % 2 == 0 else False)
         with graph.inserting_before(node):
-            out = _self_attention(graph, node.target, mha, x, spec)
+            out = _self_attention(graph, node.target, mha, x, spec, padding, all_padded_nan=all_padded_nan)
         for user in users:
             user.replace_all_uses_with(out)
             graph.erase_node(user)
