@@ -157,15 +157,19 @@ def test_padded_output_as_nested_follows_torchs_alignment_test():
         assert torch.equal(fused.padded_output_as_nested(output, padding), expected), (padding, aligned)
 
 
-def test_optimized_encoder_with_padding_exports_to_onnx(tmp_path):
-    """The written-out encoder exports (dynamo exporter) and onnxruntime computes eager's values."""
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_optimized_encoder_with_padding_exports_to_onnx(tmp_path, exporter):
+    """The written-out encoder exports (both exporters: the legacy one traces add_layer_norm's reference) and
+    onnxruntime computes eager's values, zeros at padded positions included, at another batch and length."""
     ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
     module = _encoder(norm_first=False, final_norm=True)
     fast = tg.optimize(_model(module))
     path = str(tmp_path / "encoder.onnx")
-    tg.export_onnx(fast, path, exporter="dynamo")
-    x, padding = torch.randn(4, SEQ, DIM), _padding("left_aligned")
+    tg.export_onnx(fast, path, exporter=exporter)
+    x = torch.randn(3, 11, DIM)
+    padding = torch.arange(11).expand(3, 11) >= torch.tensor([11, 4, 1])[:, None]
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     got = session.run(None, dict(zip(names, (x.numpy(), padding.numpy()))))[0]

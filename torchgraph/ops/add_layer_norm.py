@@ -51,7 +51,9 @@ def reference_add_layer_norm(
     if references_check():  # NOTE: [Checks under compile]
         _check_add_layer_norm(x, residual, weight, bias, eps, kernel=False)
     residual_out = x + residual
-    out = F.layer_norm(residual_out, residual_out.shape[-1:], weight, bias, eps)
+    # the feature size as a plain int: under torch.jit.trace (the legacy ONNX exporter) a size read from the
+    # tensor is a traced value, which F.layer_norm's normalized_shape cannot take
+    out = F.layer_norm(residual_out, (int(residual_out.shape[-1]),), weight, bias, eps)
     return out, residual_out
 
 
