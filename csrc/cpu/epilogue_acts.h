@@ -30,7 +30,8 @@ inline Act parse_act(const std::string& act, const char* op, bool gelus) {
 }
 
 // The same formulas as ATen's vectorized CPU kernels for these activations (GELU's in
-// ATen/native/cpu/Gelu.h), so the values match eager's; GELU's erf excepted.
+// ATen/native/cpu/Gelu.h), so the values match eager's to float32 rounding; GELU's erf and the exps of
+// SiLU and GELU-tanh are computed in registers instead (below).
 //
 // NOTE: [GELU's erf in registers] ATen's Vectorized<float>::erf() divides and calls Sleef's exp out of
 // line, and every vector register is caller-saved: inside a kernel's epilogue each call spilled and

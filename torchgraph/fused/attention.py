@@ -10,6 +10,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.qkv_attention import merge_heads, split_qkv_heads
 from ._common import _AVX2_ONLY, _ONEDNN_DTYPES, _ONEDNN_MATMUL_RUNS
 from .cpu_profile import MKL_GEMMS_FAST
 
@@ -70,10 +71,8 @@ def _kernel_pays(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int) 
 
 
 def _sdpa_qkv_attention(qkv, heads: int, causal: bool, scale) -> torch.Tensor:
-    b, t, width = qkv.shape
-    q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    return out.transpose(1, 2).reshape(b, t, width // 3)
+    q, k, v = split_qkv_heads(qkv, heads)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale))
 
 
 def qkv_attention(qkv: torch.Tensor, heads: int, causal: bool = False,

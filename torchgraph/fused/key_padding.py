@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from ..ops._common import traced
+from ..ops.qkv_attention import merge_heads, split_qkv_heads
 from .attention import scaled_dot_product_attention
 
 __all__ = ["gather_rows", "native_fast_path_enabled", "padded_output_as_nested", "qkv_attention_on_rows",
@@ -33,10 +35,6 @@ def native_fast_path_enabled() -> bool:
     """Whether eager ``nn.TransformerEncoder`` layers would run torch's native fast path now (the
     switches read at each call: ``torch.backends.mha.get_fastpath_enabled()``, autocast off)."""
     return torch.backends.mha.get_fastpath_enabled() and not torch.is_autocast_enabled()
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def qkv_attention_with_padding(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor,
@@ -65,14 +63,14 @@ def qkv_attention_with_padding(qkv: torch.Tensor, heads: int, key_padding_mask: 
     if isinstance(qkv, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         return qkv.tracer.create_proxy("call_function", qkv_attention_with_padding,
                                        (qkv, heads, key_padding_mask, all_padded_nan), {})
-    batch, seq, width = qkv.shape
-    q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+    batch, seq = key_padding_mask.shape
+    q, k, v = split_qkv_heads(qkv, heads)
     attend = key_padding_mask.logical_not().view(batch, 1, 1, seq)
-    out = scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(batch, seq, width // 3)
+    out = merge_heads(scaled_dot_product_attention(q, k, v, attn_mask=attend))
     if not (native_fast_path_enabled() if all_padded_nan is None else all_padded_nan):
         return out
     all_padded = key_padding_mask.all(dim=-1).view(batch, 1, 1)
-    if _tracing() or bool(all_padded.any()):
+    if traced() or bool(all_padded.any()):
         out = out.masked_fill(all_padded, float("nan"))
     return out
 
@@ -129,7 +127,7 @@ def token_rows(key_padding_mask: torch.Tensor) -> torch.Tensor:
     if isinstance(key_padding_mask, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
         return key_padding_mask.tracer.create_proxy("call_function", token_rows, (key_padding_mask,), {})
     batch, seq = key_padding_mask.shape
-    if _tracing() or not native_fast_path_enabled() or not bool(_left_aligned(key_padding_mask)):
+    if traced() or not native_fast_path_enabled() or not bool(_left_aligned(key_padding_mask)):
         return torch.arange(batch * seq, device=key_padding_mask.device)
     return key_padding_mask.logical_not().flatten().nonzero().squeeze(1)
 

@@ -11,7 +11,7 @@ from .. import _extension
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_FNS", "KERNEL_DEVICES", "KERNEL_DTYPES", "call_op", "check_float_dtype",
            "check_like", "dense_format", "is_tensor", "kernel_devices", "no_double_backward", "pair",
-           "references_check", "use_kernel"]
+           "references_check", "traced", "use_kernel"]
 
 #: Activations accepted by :func:`bias_act`.
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -62,9 +62,15 @@ def is_tensor(*values) -> bool:
 # calls, and the fake kernels still check). They skip them under torch.jit.trace too (the legacy ONNX
 # exporter runs the references in its place, NOTE: [Frozen inference weights]): there shapes are traced
 # tensors, and torch._check refuses a tensor condition.
+def traced() -> bool:
+    """Whether this call is being traced into a program (torch.compile / torch.export, or torch.jit.trace as the
+    legacy ONNX exporter runs it): shapes are symbols or traced values, and data-dependent branches are frozen."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def references_check() -> bool:
     """Whether a reference checks its arguments (not while compiled or traced: NOTE: [Checks under compile])."""
-    return not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    return not traced()
 
 
 def check_float_dtype(op: str, name: str, t: torch.Tensor) -> None:

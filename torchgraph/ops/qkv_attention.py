@@ -8,7 +8,31 @@ from .. import _extension
 from ._common import (call_op, check_float_dtype, check_like, is_tensor, no_double_backward, references_check,
                       use_kernel)
 
-__all__ = ["qkv_attention", "reference_qkv_attention"]
+__all__ = ["merge_heads", "qkv_attention", "reference_qkv_attention", "split_qkv_heads"]
+
+
+def split_qkv_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v``, each ``(B, heads, T, E // heads)``, as views of a packed ``(B, T, 3E)`` projection (no copies).
+
+    Example:
+        >>> import torch
+        >>> q, k, v = split_qkv_heads(torch.randn(2, 5, 3 * 8), heads=4)
+        >>> q.shape, q.is_contiguous()
+        (torch.Size([2, 4, 5, 2]), False)
+    """
+    return tuple(z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+
+
+def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """Attention's ``(B, heads, T, D)`` output with its heads side by side again: ``(B, T, heads * D)``.
+
+    Example:
+        >>> import torch
+        >>> merge_heads(torch.randn(2, 4, 5, 2)).shape
+        torch.Size([2, 5, 8])
+    """
+    batch, heads, seq, dim = out.shape
+    return out.transpose(1, 2).reshape(batch, seq, heads * dim)
 
 
 def _check_qkv_attention(qkv, heads: int, *, kernel: bool) -> None:
@@ -58,8 +82,8 @@ def reference_qkv_attention(
     """
     if references_check():  # NOTE: [Checks under compile]
         _check_qkv_attention(qkv, heads, kernel=False)
-    b, t, _ = qkv.shape
-    q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+    t = qkv.shape[1]
+    q, k, v = split_qkv_heads(qkv, heads)
     compute = torch.float32 if qkv.dtype == torch.bfloat16 else qkv.dtype
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -68,7 +92,7 @@ def reference_qkv_attention(
         mask = torch.ones(t, t, dtype=torch.bool, device=qkv.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(b, t, qkv.shape[-1] // 3).to(qkv.dtype)
+    out = merge_heads(probs @ v).to(qkv.dtype)
     return out, probs
 
 
