@@ -65,6 +65,9 @@ ABLATIONS = {
                       [(fused_linear, "KERNEL_MAX_ROWS", 0)]),
     "winograd": ("stride-1 3x3 convolutions by Winograd's F(2x2, 3x3) (NOTE: [Winograd convolutions]; AVX2 CPUs); "
                  "oneDNN's direct convolution, as before", [(fused_conv, "WINOGRAD_KERNEL", False)]),
+    "implicit-gemm": ("convolutions with 1-4 input channels (stems) as an implicit GEMM on torchgraph's kernel "
+                      "(NOTE: [Stem convolutions]; AVX2 CPUs); oneDNN's channels_last convolution, as before",
+                      [(fused_conv, "IMPLICIT_GEMM_KERNEL", False)]),
     "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise "
                   "convolutions]); "
                   "oneDNN's, as before", [(fused_conv, "DEPTHWISE_KERNEL", False)]),

@@ -81,6 +81,14 @@ TORCH_LIBRARY(torchgraph, m) {
       "winograd_conv2d_inference(Tensor x, Tensor filters, Tensor? bias, int out_channels, int[2] padding, "
       "str act=\"none\", Tensor? residual=None) -> Tensor");
 
+  // act(conv2d(x, weight, bias, stride, padding)) as an implicit GEMM, for convolutions with few input channels
+  // (a network's stem): x [N, C, H, W] float32 (any layout), panels [ceil(K / 16), kh * kw * C, 16]
+  // (ops.gemm_panels(weight.permute(0, 2, 3, 1).flatten(1))), bias [K]; act as for gemm_act_inference.
+  // Answers in channels_last. Inference only: no backward.
+  m.def(
+      "implicit_gemm_conv2d_inference(Tensor x, Tensor panels, Tensor? bias, int out_channels, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, str act=\"none\") -> Tensor");
+
   // max_pool2d without the indices output (inference only, no backward).
   m.def(
       "max_pool2d_inference(Tensor x, int[2] kernel_size, int[2] stride=[], "

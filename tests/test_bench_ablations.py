@@ -302,3 +302,29 @@ def test_winograd_ablation_runs_the_direct_convolution(monkeypatch):
     with torch.inference_mode():
         torch.testing.assert_close(fns["tg.optimize -winograd"](x), net(x), rtol=1e-4, atol=1e-4)
     assert fused.conv.WINOGRAD_KERNEL  # restored
+
+
+@needs_fast_paths
+def test_implicit_gemm_ablation_runs_the_stem_on_onednn(monkeypatch):
+    """``-implicit-gemm`` sends a stem that ran on ops.implicit_gemm_conv2d_inference back to oneDNN's channels_last
+    convolution (the route switched on as on an AVX2 CPU, whatever this CPU is)."""
+    from torchgraph import _extension
+
+    if not (_extension.HAS_C_OPS and fused._common._HAS_ONEDNN):
+        pytest.skip("needs torchgraph._C and oneDNN")
+    monkeypatch.setattr(fused.conv, "IMPLICIT_GEMM_KERNEL", True)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU6(),
+                        nn.Conv2d(32, 32, 3, padding=1, groups=32)).eval()
+    x_sym = tg.Input(shape=(3, 32, 32))
+    graph_model = tg.Model(x_sym, net(x_sym)).eval()
+    fns, _ = bench_peers._ablated_variants(graph_model, ["implicit-gemm"])
+    x = torch.randn(2, 3, 32, 32)
+    full = _ops_run(tg.optimize(graph_model), x)
+    ablated = _ops_run(fns["tg.optimize -implicit-gemm"], x)
+    assert full.count("torchgraph::implicit_gemm_conv2d_inference") == 1
+    assert "torchgraph::implicit_gemm_conv2d_inference" not in ablated
+    assert "mkldnn::_convolution_pointwise" in ablated
+    with torch.inference_mode():
+        torch.testing.assert_close(fns["tg.optimize -implicit-gemm"](x), net(x), rtol=1e-4, atol=1e-4)
+    assert fused.conv.IMPLICIT_GEMM_KERNEL  # restored

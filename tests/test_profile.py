@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchgraph as tg
 from torchgraph.applications import GPTBlock
 
-ROUTE = re.compile(r"^(GEMM( kernel)?, \d+ rows|depthwise kernel|oneDNN convolution)$")
+ROUTE = re.compile(r"^(GEMM( kernel)?, \d+ rows|depthwise kernel|implicit GEMM kernel|oneDNN convolution)$")
 
 
 def _conv_stack():

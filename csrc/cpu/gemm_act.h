@@ -1,5 +1,6 @@
 // gemm_act: the register-tiled float32 GEMM of gemm_act_inference (csrc/cpu/gemm_act_inference.cpp), for
-// the kernels that run GEMMs of their own on it (winograd_conv2d_inference's 16 products).
+// the kernels that run GEMMs of their own on it (winograd_conv2d_inference's 16 products, and
+// implicit_gemm_conv2d_inference's rows read in place).
 #pragma once
 
 #include <cstdint>
@@ -16,5 +17,10 @@ constexpr int kGemmPanel = 16;
 // null; residual (M, N) with row stride ldr, or null. Parallel over rows or output panels (at::parallel_for).
 void gemm_act(const float* x, int64_t ldx, int64_t M, int64_t K, const float* panels, int64_t N, const float* bias,
               const float* residual, int64_t ldr, Act act, float* y, int64_t ldy);
+
+// gemm_act on the calling thread, over rows whose k-th input is x[i * ldx + offsets[k]] (an implicit im2col:
+// NOTE: [Implicit GEMM] in csrc/cpu/implicit_gemm_conv2d_inference.cpp), without a residual.
+void gemm_act_gathered(const float* x, int64_t ldx, const int64_t* offsets, int64_t M, int64_t K, const float* panels,
+                       int64_t N, const float* bias, Act act, float* y, int64_t ldy);
 
 }  // namespace torchgraph::cpu

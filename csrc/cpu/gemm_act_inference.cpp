@@ -93,9 +93,11 @@ C10_ALWAYS_INLINE void store(const FVec& v, float* p, int n) {
 // 12,544 x 32 -> 16 0.80x, 3,136 x 24 -> 144 + ReLU6 0.74x and 784 x 32 -> 192 + ReLU6 0.80x; with
 // K = 144 0.95x, and from K = 256 0.96-1.0x. Reading the epilogue's pointers once before its stores
 // (which the compiler could not prove leave them alone) took another 1-6% off the short ones.
-template <int R, int PP, Act A, bool Full>
-void tile(const float* x, int64_t ldx, const float* panels, int64_t panel_size, int64_t k0, int64_t k1,
-          float* y, int64_t ldy, int ncols, bool first, const Epilogue* epilogue) {
+//
+// Gathered: row i's k-th input is x[i * ldx + offsets[k]] instead of x[i * ldx + k] (NOTE: [Implicit GEMM]).
+template <int R, int PP, Act A, bool Full, bool Gathered>
+void tile(const float* x, int64_t ldx, const int64_t* offsets, const float* panels, int64_t panel_size, int64_t k0,
+          int64_t k1, float* y, int64_t ldy, int ncols, bool first, const Epilogue* epilogue) {
   constexpr int kAcc = PP * kVecsPerPanel;
   FVec acc[R][kAcc];
 #pragma GCC unroll 12
@@ -121,9 +123,10 @@ void tile(const float* x, int64_t ldx, const float* panels, int64_t panel_size, 
     for (int v = 0; v < kAcc; ++v) {
       w[v] = FVec::loadu(panels + (v / kVecsPerPanel) * panel_size + k * kPanel + (v % kVecsPerPanel) * kLanes);
     }
+    const int64_t column = Gathered ? offsets[k] : k;
 #pragma GCC unroll 12
     for (int i = 0; i < R; ++i) {
-      const FVec xi(x[i * ldx + k]);
+      const FVec xi(x[i * ldx + column]);
 #pragma GCC unroll 4
       for (int v = 0; v < kAcc; ++v) acc[i][v] = at::vec::fmadd(xi, w[v], acc[i][v]);
     }
@@ -149,35 +152,68 @@ void tile(const float* x, int64_t ldx, const float* panels, int64_t panel_size, 
   }
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, int, bool,
-                        const Epilogue*);
+using TileFn = void (*)(const float*, int64_t, const int64_t*, const float*, int64_t, int64_t, int64_t, float*,
+                        int64_t, int, bool, const Epilogue*);
 
-template <int PP, Act A, bool Full, int... Rs>
+template <int PP, Act A, bool Full, bool Gathered, int... Rs>
 constexpr std::array<TileFn, sizeof...(Rs)> tiles(std::integer_sequence<int, Rs...>) {
-  return {&tile<Rs + 1, PP, A, Full>...};
+  return {&tile<Rs + 1, PP, A, Full, Gathered>...};
 }
-// Tiles<A>::pick(last, full)[r - 1]: the tile of r rows (the last rows of a block may be fewer than kRows);
+// Tiles<A, G>::pick(last, full)[r - 1]: the tile of r rows (the last rows of a block may be fewer than kRows);
 // last: of one panel, for the last of an odd number of panels where kPanels is 2.
-template <Act A>
+template <Act A, bool Gathered>
 struct Tiles {
   static constexpr auto kSeq = std::make_integer_sequence<int, kRows>{};
   static constexpr std::array<std::array<TileFn, kRows>, 4> kAll = {
-      tiles<kPanels, A, false>(kSeq), tiles<kPanels, A, true>(kSeq), tiles<1, A, false>(kSeq),
-      tiles<1, A, true>(kSeq)};
+      tiles<kPanels, A, false, Gathered>(kSeq), tiles<kPanels, A, true, Gathered>(kSeq),
+      tiles<1, A, false, Gathered>(kSeq), tiles<1, A, true, Gathered>(kSeq)};
   static const std::array<TileFn, kRows>& pick(bool last, bool full) { return kAll[2 * last + full]; }
 };
 
-// Calls body(Tiles<A>{}) for the activation act, A a compile-time constant there.
-template <typename Body>
+// Calls body(Tiles<A, Gathered>{}) for the activation act, A a compile-time constant there.
+template <bool Gathered, typename Body>
 void run_tiles(Act act, Body&& body) {
   switch (act) {
-    case Act::kNone: return body(Tiles<Act::kNone>{});
-    case Act::kRelu: return body(Tiles<Act::kRelu>{});
-    case Act::kRelu6: return body(Tiles<Act::kRelu6>{});
-    case Act::kSilu: return body(Tiles<Act::kSilu>{});
-    case Act::kHardswish: return body(Tiles<Act::kHardswish>{});
-    case Act::kGelu: return body(Tiles<Act::kGelu>{});
-    case Act::kGeluTanh: return body(Tiles<Act::kGeluTanh>{});
+    case Act::kNone: return body(Tiles<Act::kNone, Gathered>{});
+    case Act::kRelu: return body(Tiles<Act::kRelu, Gathered>{});
+    case Act::kRelu6: return body(Tiles<Act::kRelu6, Gathered>{});
+    case Act::kSilu: return body(Tiles<Act::kSilu, Gathered>{});
+    case Act::kHardswish: return body(Tiles<Act::kHardswish, Gathered>{});
+    case Act::kGelu: return body(Tiles<Act::kGelu, Gathered>{});
+    case Act::kGeluTanh: return body(Tiles<Act::kGeluTanh, Gathered>{});
+  }
+}
+
+// The tiles of rows [m0, m1) x panel groups [g0, g1) (NOTE: [Register tiles]): sums in blocks of depth_block k,
+// the panels of groups_in_l2 groups at a time.
+template <typename TileSet>
+void run_block(TileSet, const float* xp, int64_t ldx, const int64_t* offsets, int64_t m0, int64_t m1, int64_t K,
+               const float* wp, int64_t N, int64_t g0, int64_t g1, const float* bp, const float* rp, int64_t ldr,
+               float* yp, int64_t ldy) {
+  const int64_t P = (N + kPanel - 1) / kPanel;
+  const int64_t depth_block = K > kMaxDepth ? kDepthBlock : std::max<int64_t>(K, 1);
+  const int64_t groups_in_l2 =
+      std::max<int64_t>(1, kPanelBytes / (std::min(K, depth_block) * kPanel * kPanels * int64_t(sizeof(float)) + 1));
+  const int64_t panel_size = K * kPanel;
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += depth_block) {
+    const int64_t k1 = std::min(K, k0 + depth_block);
+    const bool first = k0 == 0, last = k1 == K;
+    for (int64_t ga = g0; ga < g1; ga += groups_in_l2) {
+      const int64_t gz = std::min(g1, ga + groups_in_l2);
+      for (int64_t m = m0; m < m1; m += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
+        for (int64_t g = ga; g < gz; ++g) {
+          const int64_t col = g * kPanels * kPanel;
+          const int ncols = static_cast<int>(std::min<int64_t>(kPanels * kPanel, N - col));
+          const Epilogue epilogue{bp ? bp + col : nullptr, rp ? rp + m * ldr + col : nullptr, ldr};
+          const bool last_group = (g + 1) * kPanels > P;
+          const bool full = ncols == (last_group ? 1 : kPanels) * kPanel;
+          const auto& kernels = TileSet::pick(last_group, full);
+          kernels[rows - 1](xp + m * ldx, ldx, offsets, wp + g * kPanels * panel_size, panel_size, k0, k1,
+                            yp + m * ldy + col, ldy, ncols, first, last ? &epilogue : nullptr);
+        }
+      }
+    }
   }
 }
 
@@ -254,39 +290,23 @@ void gemm_act(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* w
   }
   const int64_t rows_per_task = ((M + row_tasks - 1) / row_tasks + kRows - 1) / kRows * kRows;
   const int64_t groups_per_task = (tile_groups + panel_tasks - 1) / panel_tasks;
-  const int64_t depth_block = K > kMaxDepth ? kDepthBlock : std::max<int64_t>(K, 1);
-  const int64_t groups_in_l2 =
-      std::max<int64_t>(1, kPanelBytes / (std::min(K, depth_block) * kPanel * kPanels * int64_t(sizeof(float)) + 1));
-  const int64_t panel_size = K * kPanel;
-
-  run_tiles(act, [&](auto tile_set) {
+  run_tiles<false>(act, [&](auto tile_set) {
     at::parallel_for(0, row_tasks * panel_tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t m0 = (task / panel_tasks) * rows_per_task, m1 = std::min(M, m0 + rows_per_task);
         const int64_t g0 = (task % panel_tasks) * groups_per_task;
         const int64_t g1 = std::min(tile_groups, g0 + groups_per_task);
-        for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += depth_block) {
-          const int64_t k1 = std::min(K, k0 + depth_block);
-          const bool first = k0 == 0, last = k1 == K;
-          for (int64_t ga = g0; ga < g1; ga += groups_in_l2) {
-            const int64_t gz = std::min(g1, ga + groups_in_l2);
-            for (int64_t m = m0; m < m1; m += kRows) {
-              const int rows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
-              for (int64_t g = ga; g < gz; ++g) {
-                const int64_t col = g * kPanels * kPanel;
-                const int ncols = static_cast<int>(std::min<int64_t>(kPanels * kPanel, N - col));
-                const Epilogue epilogue{bp ? bp + col : nullptr, rp ? rp + m * ldr + col : nullptr, ldr};
-                const bool last_group = (g + 1) * kPanels > P;
-                const bool full = ncols == (last_group ? 1 : kPanels) * kPanel;
-                const auto& kernels = decltype(tile_set)::pick(last_group, full);
-                kernels[rows - 1](xp + m * ldx, ldx, wp + g * kPanels * panel_size, panel_size, k0, k1,
-                                 yp + m * ldy + col, ldy, ncols, first, last ? &epilogue : nullptr);
-              }
-            }
-          }
-        }
+        run_block(tile_set, xp, ldx, nullptr, m0, m1, K, wp, N, g0, g1, bp, rp, ldr, yp, ldy);
       }
     });
+  });
+}
+
+void gemm_act_gathered(const float* xp, int64_t ldx, const int64_t* offsets, int64_t M, int64_t K, const float* wp,
+                       int64_t N, const float* bp, Act act, float* yp, int64_t ldy) {
+  const int64_t tile_groups = ((N + kPanel - 1) / kPanel + kPanels - 1) / kPanels;
+  run_tiles<true>(act, [&](auto tile_set) {
+    run_block(tile_set, xp, ldx, offsets, 0, M, K, wp, N, 0, tile_groups, bp, nullptr, 0, yp, ldy);
   });
 }
 

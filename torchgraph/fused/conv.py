@@ -11,16 +11,19 @@ import torch.nn.functional as F
 from .. import _extension, ops
 from ..ops.depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS, taps_last
 from ..ops.gemm_act_inference import GEMM_ACTIVATIONS
+from ..ops.implicit_gemm_conv2d_inference import implicit_gemm_filters
 from ..ops.winograd_conv2d_inference import WINOGRAD_ACTIVATIONS, winograd_filters
 from . import _common
 from ._common import (_ONEDNN_DTYPES, _activation, _activation_, _epilogue, onednn_epilogue,
                       use_onednn)
+from .conv_gemm import _run_gemm
 from .cpu_profile import MKL_GEMMS_FAST
 from .weights import (_HAS_MKL_PACKED, GemmPanels, _filters_as_rows, _gemm_panels_weight, _mkl_packed_weight,
                       _onednn_linear_weight, _packed_weight)
 
 __all__ = ["CONV_GEMM_MAX_ROWS", "CONV_IM2COL_MAX_ROWS", "CONV_IM2COL_MAX_WIDTH", "DEPTHWISE_BF16_MAX_PIXELS",
-           "DEPTHWISE_KERNEL", "GEMM_KERNEL", "GEMM_KERNEL_MIN_DEPTH", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
+           "DEPTHWISE_KERNEL", "GEMM_KERNEL", "GEMM_KERNEL_MIN_DEPTH", "IMPLICIT_GEMM_KERNEL", "IMPLICIT_GEMM_MAX_CHANNELS",
+           "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
            "ONEDNN_F32_IM2COL_MAX_WIDTH", "RESIDUAL_ACTIVATIONS", "WINOGRAD_KERNEL", "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES", "conv2d_act",
            "conv2d_add_act"]
 
@@ -137,6 +140,23 @@ WINOGRAD_MIN_CHANNELS = 64
 # pixels, 0.75-0.92x on most maps of 196 pixels or more (1.56-2.1x on a few). Hence float32 where the
 # channels fill whole vectors or the map has at most DEPTHWISE_7X7_MAX_PIXELS output pixels, bfloat16 up to
 # DEPTHWISE_7X7_BF16_MAX_PIXELS.
+# NOTE: [Stem convolutions] A network's first convolution reads 1-4 input channels (RGB), and oneDNN's
+# channels_last convolution, vectorised over input channels, runs it far below this CPU's multiply rate. On the AMD
+# EPYC (AVX2, 2 threads, interleaved medians of 11 x 5 calls, the activation included, `conv2d_act` channels_last
+# as planned before against ops.implicit_gemm_conv2d_inference, ad hoc), the implicit GEMM took: MobileNetV2's
+# 3 -> 32 3x3 stride 2 0.80x the time at b1 224x224 (0.48 -> 0.38 ms) and 0.73x at b8 64x64; ResNet's 3 -> 64 7x7
+# stride 2 0.76x and 0.78x (2.44 -> 1.86 ms at b1; F.conv2d on NCHW took 1.93); MobileNetV3's 3 -> 16 + Hardswish
+# 0.64x, EfficientNet's 3 -> 32 + SiLU 0.76x, ConvNeXt's 4x4 stride-4 patchify 0.66x (T, b1) and 0.48x (atto, b8
+# 64x64), a 1 -> 32 3x3 on 28x28 maps at b8 0.60x, a 3 -> 64 3x3 stride 1 on 128x128 0.90x and a ViT's 16x16
+# patches 0.82x. Its values are the oneDNN convolution's to float32 rounding (the same sums, k in another order).
+# Hence float32 convolutions with at most IMPLICIT_GEMM_MAX_CHANNELS input channels and filters larger than 1x1 (no
+# groups, no dilation, no residual; 1x1 ones, e.g. a squeeze-excitation's, were not measured) run on it in
+# channels_last plans where the GEMM kernel runs (AVX2 CPUs; not measured with AVX-512).
+#: Run float32 convolutions with few input channels as an implicit GEMM (AVX2 CPUs) ...
+IMPLICIT_GEMM_KERNEL = _common._AVX2_ONLY
+#: ... when they have at most this many input channels.
+IMPLICIT_GEMM_MAX_CHANNELS = 4
+
 #: Run 3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's kernel (benchmarks switch it off to compare).
 DEPTHWISE_KERNEL = True
 #: ... in bfloat16 up to this many output pixels (3x3 filters only).
@@ -152,7 +172,8 @@ def _limits() -> tuple:
     return (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WIDTH, ONEDNN_F32_CONV_GEMM_MAX_ROWS,
             ONEDNN_F32_IM2COL_MAX_WIDTH, _MKL_CONV_GEMMS, GEMM_KERNEL, GEMM_KERNEL_MIN_DEPTH, DEPTHWISE_KERNEL,
             DEPTHWISE_BF16_MAX_PIXELS, DEPTHWISE_7X7_MAX_PIXELS, DEPTHWISE_7X7_BF16_MAX_PIXELS,
-            _common.ACTIVATIONS_AFTER_ONEDNN, WINOGRAD_KERNEL, WINOGRAD_MIN_TILES, WINOGRAD_MIN_CHANNELS)
+            _common.ACTIVATIONS_AFTER_ONEDNN, WINOGRAD_KERNEL, WINOGRAD_MIN_TILES, WINOGRAD_MIN_CHANNELS,
+            IMPLICIT_GEMM_KERNEL, IMPLICIT_GEMM_MAX_CHANNELS)
 
 
 def _runs_winograd_kernel(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, act: str,
@@ -165,6 +186,14 @@ def _runs_winograd_kernel(x: torch.Tensor, weight: torch.Tensor, stride, padding
     n, out_channels, height, width = _output_shape(x, weight, stride, padding, dilation)
     tiles = n * ((height + 1) // 2) * ((width + 1) // 2)
     return tiles >= WINOGRAD_MIN_TILES and min(x.shape[1], out_channels) >= WINOGRAD_MIN_CHANNELS
+
+
+def _runs_implicit_gemm_kernel(x: torch.Tensor, weight: torch.Tensor, dilation, groups, act: str,
+                               channels_last: bool) -> bool:
+    """Whether a planned convolution runs on ops.implicit_gemm_conv2d_inference ([Stem convolutions])."""
+    return (IMPLICIT_GEMM_KERNEL and channels_last and _extension.HAS_C_OPS and x.dtype == torch.float32
+            and groups == 1 and tuple(dilation) == (1, 1) and x.shape[1] <= IMPLICIT_GEMM_MAX_CHANNELS
+            and weight.shape[-2] * weight.shape[-1] > 1 and act in GEMM_ACTIVATIONS)
 
 
 def _runs_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, act: str,
@@ -236,59 +265,6 @@ def _gemm_filters(x: torch.Tensor, weight: torch.Tensor, rows: int):
     return None if weight.is_inference() else _onednn_linear_weight(weight, _filters_as_rows)
 
 
-def _run_gemm(x: torch.Tensor, packed, kernel_size, bias: torch.Tensor | None, stride, padding,
-              rows: int, act: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``act(conv(x) + residual)`` as one GEMM on ``packed`` (:func:`_gemm_filters`'), in channels_last."""
-    n, c, h, w = x.shape
-    kh, kw = kernel_size
-    # NOTE: a stride-1 1x1 convolution on a channels_last input (most of them inside a stack)
-    # reads the input's memory as the (rows, C) matrix as it is, and the GEMM's (rows, C_out)
-    # answer is the channels_last output: one as_strided view each way instead of permute +
-    # reshape + view + permute (~2 us each).
-    if kh == kw == 1 and stride[0] == stride[1] == 1 and not any(padding) \
-            and x.is_contiguous(memory_format=torch.channels_last):
-        cols = x.as_strided((rows, c), (c, 1))
-        ho, wo = h, w
-    else:
-        nhwc = x.permute(0, 2, 3, 1)  # a view for a channels_last input
-        if any(padding):
-            ph, pw = padding
-            padded = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)
-            padded[:, ph:ph + h, pw:pw + w] = nhwc
-            nhwc = padded
-        if kh == kw == 1:
-            cols = nhwc[:, ::stride[0], ::stride[1]]
-        else:  # im2col: (n, ho, wo, kh, kw, c)
-            cols = nhwc.unfold(1, kh, stride[0]).unfold(2, kw, stride[1]).permute(0, 1, 2, 4, 5, 3)
-        ho, wo = cols.shape[1], cols.shape[2]
-        cols = cols.reshape(rows, -1)
-    if isinstance(packed, GemmPanels):  # the bias, residual and activation in the kernel's epilogue
-        inside = act if act in GEMM_ACTIVATIONS else "none"
-        y = _activation_(torch.ops.torchgraph.gemm_act_inference.default(
-            cols, packed.panels, bias, None if residual is None else _pixels_as_rows(residual), packed.out_features,
-            inside), "none" if inside == act else act)
-    else:
-        after_add = act if residual is not None else "none"  # the activation follows the residual
-        act = "none" if residual is not None else act
-        if isinstance(packed, tuple):  # MKL's (packed, matrix), from _gemm_filters
-            y = _activation_(torch.ops.mkl._mkl_linear(cols, *packed, bias, rows), act)
-        else:  # the activation in oneDNN's epilogue
-            post_op, after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
-            y = _activation_(torch.ops.mkldnn._linear_pointwise(cols, packed, bias, *post_op), after)
-        if residual is not None:  # y is new: nobody else holds it
-            y = _activation_(y.add_(_pixels_as_rows(residual)), after_add)
-    out = y.shape[1]  # y: a new dense (rows, C_out) matrix, i.e. NHWC
-    return y.as_strided((n, out, ho, wo), (ho * wo * out, 1, wo * out, out))
-
-
-def _pixels_as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` -> its ``(N * H * W, C)`` pixels: a view of a channels_last tensor, else a copy."""
-    n, c, h, w = t.shape
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return t.as_strided((n * h * w, c), (c, 1))
-    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
-
-
 # NOTE: [Per-layer plans] Which kernel a fused convolution runs (the MKL GEMM, oneDNN's fused op)
 # and the weights it reads depend on the input's shape, dtype and device, the layer's arguments,
 # the limits above and the weight (object and version); in a model's steady state they are the
@@ -305,7 +281,7 @@ class _ConvPlan:
 
     __slots__ = ("weight", "version", "bias", "shape", "dtype", "key", "rows", "packed", "kernel_size",
                  "out_shape", "stride", "padding", "onednn_args", "act", "act_after", "channels_last", "depthwise",
-                 "winograd", "__weakref__")
+                 "winograd", "implicit", "__weakref__")
 
     def holds(self, x: torch.Tensor, weight: torch.Tensor, bias, key: tuple) -> bool:
         # NOTE: ordered and written for speed (~1 us in all). `.to()`/`.double()` change a
@@ -331,6 +307,9 @@ class _ConvPlan:
         if self.winograd is not None:  # planned channels_last only
             return torch.ops.torchgraph.winograd_conv2d_inference.default(x, self.winograd, bias, self.out_shape[1],
                                                                           self.padding, self.act)
+        if self.implicit is not None:  # planned channels_last only
+            return torch.ops.torchgraph.implicit_gemm_conv2d_inference.default(
+                x, self.implicit, bias, self.out_shape[1], self.kernel_size, self.stride, self.padding, self.act)
         if self.rows:
             y = _run_gemm(x, self.packed, self.kernel_size, bias, self.stride, self.padding, self.rows, self.act)
         else:
@@ -365,7 +344,7 @@ _ADD_PLANS: dict[int, _ConvPlan] = {}
 def _planned_route(weight: torch.Tensor) -> str:
     """The kernel a convolution with this weight was last planned on (NOTE: [Per-layer plans]), for
     ``tg.profile``: ``"GEMM kernel, <rows> rows"`` (ops.gemm_act_inference), ``"GEMM, <rows> rows"`` (oneDNN's
-    or MKL's), ``"depthwise kernel"``, ``"Winograd kernel"`` or ``"oneDNN convolution"``; ``""``
+    or MKL's), ``"depthwise kernel"``, ``"Winograd kernel"``, ``"implicit GEMM kernel"`` or ``"oneDNN convolution"``; ``""``
     where no plan holds it (the plain path, a traced program, a changed weight)."""
     plan = _PLANS.get(id(weight)) or _ADD_PLANS.get(id(weight))
     if plan is None or plan.weight() is not weight or plan.version != weight._version:
@@ -374,6 +353,8 @@ def _planned_route(weight: torch.Tensor) -> str:
         return "depthwise kernel"
     if plan.winograd is not None:
         return "Winograd kernel"
+    if plan.implicit is not None:
+        return "implicit GEMM kernel"
     if plan.rows:  # NOTE: [GEMM kernel]
         return f"GEMM kernel, {plan.rows} rows" if isinstance(plan.packed, GemmPanels) else f"GEMM, {plan.rows} rows"
     return "oneDNN convolution"
@@ -390,9 +371,12 @@ def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tup
                                                         channels_last)
     winograd = not depthwise and _runs_winograd_kernel(x, weight, stride, padding, dilation, groups, act,
                                                        channels_last)
-    rows = 0 if depthwise or winograd else _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
+    implicit = not (depthwise or winograd or residual) and _runs_implicit_gemm_kernel(x, weight, dilation, groups,
+                                                                                      act, channels_last)
+    special = depthwise or winograd or implicit
+    rows = 0 if special else _conv_gemm_rows(x, weight, stride, padding, dilation, groups)
     packed = _gemm_filters(x, weight, rows) if rows else None
-    if packed is None and not (depthwise or winograd):
+    if packed is None and not special:
         rows = 0
         if residual and not channels_last:
             return None
@@ -406,6 +390,7 @@ def _new_plan(plans: dict, x: torch.Tensor, weight: torch.Tensor, bias, key: tup
     plan.rows, plan.packed, plan.kernel_size = rows, packed, tuple(weight.shape[-2:])
     plan.depthwise = taps_last(weight.detach()) if depthwise else None
     plan.winograd = winograd_filters(weight) if winograd else None
+    plan.implicit = implicit_gemm_filters(weight) if implicit else None
     plan.stride, plan.padding, plan.act, plan.channels_last = stride, padding, act, channels_last
     post_op, plan.act_after = onednn_epilogue(act)  # NOTE: [Activations after oneDNN on AVX2]
     plan.onednn_args = (padding, stride, dilation, groups, *post_op)

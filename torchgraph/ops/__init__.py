@@ -39,6 +39,8 @@ from .add_relu import add_relu, reference_add_relu
 from .bias_act import bias_act, reference_bias_act
 from .depthwise_conv2d_inference import depthwise_conv2d_inference, reference_depthwise_conv2d_inference
 from .gemm_act_inference import gemm_act_inference, gemm_panels, reference_gemm_act_inference
+from .implicit_gemm_conv2d_inference import (implicit_gemm_conv2d_inference, implicit_gemm_filters,
+                                             reference_implicit_gemm_conv2d_inference)
 from .max_pool2d_inference import max_pool2d_inference, reference_max_pool2d_inference
 from .qkv_attention import qkv_attention, reference_qkv_attention
 from .rms_norm_inference import reference_rms_norm_inference, rms_norm_inference
@@ -55,6 +57,8 @@ __all__ = [
     "depthwise_conv2d_inference",
     "gemm_act_inference",
     "gemm_panels",
+    "implicit_gemm_conv2d_inference",
+    "implicit_gemm_filters",
     "max_pool2d_inference",
     "qkv_attention",
     "reference_add_layer_norm",
@@ -63,6 +67,7 @@ __all__ = [
     "reference_bias_act",
     "reference_depthwise_conv2d_inference",
     "reference_gemm_act_inference",
+    "reference_implicit_gemm_conv2d_inference",
     "reference_for",
     "reference_max_pool2d_inference",
     "reference_qkv_attention",
@@ -81,6 +86,7 @@ REFERENCES: dict[str, Callable] = {
     "torchgraph::attention_inference": reference_attention_inference,
     "torchgraph::depthwise_conv2d_inference": reference_depthwise_conv2d_inference,
     "torchgraph::gemm_act_inference": reference_gemm_act_inference,
+    "torchgraph::implicit_gemm_conv2d_inference": reference_implicit_gemm_conv2d_inference,
     "torchgraph::max_pool2d_inference": reference_max_pool2d_inference,
     "torchgraph::qkv_attention": reference_qkv_attention,
     "torchgraph::rms_norm_inference": reference_rms_norm_inference,
@@ -88,7 +94,8 @@ REFERENCES: dict[str, Callable] = {
 }
 
 _WRAPPERS = {bias_act, add_relu, add_layer_norm, attention_inference, depthwise_conv2d_inference,
-             gemm_act_inference, max_pool2d_inference, qkv_attention, rms_norm_inference, winograd_conv2d_inference}
+             gemm_act_inference, implicit_gemm_conv2d_inference, max_pool2d_inference, qkv_attention,
+             rms_norm_inference, winograd_conv2d_inference}
 
 
 def reference_for(target) -> Callable | None:
