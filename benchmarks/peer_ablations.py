@@ -68,6 +68,9 @@ ABLATIONS = {
     "implicit-gemm": ("convolutions with 1-4 input channels (stems) as an implicit GEMM on torchgraph's kernel "
                       "(NOTE: [Stem convolutions]; AVX2 CPUs); oneDNN's channels_last convolution, as before",
                       [(fused_conv, "IMPLICIT_GEMM_KERNEL", False)]),
+    "expand-depthwise": ("an inverted residual block's 1x1 expansion and depthwise convolution in one kernel, the "
+                         "expanded rows kept in the cache (passes.fuse_expand_depthwise, NOTE: [Inverted residuals in "
+                         "one pass]); two kernels, as before", [(passes, "fuse_expand_depthwise", _no_pass)]),
     "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise "
                   "convolutions]); "
                   "oneDNN's, as before", [(fused_conv, "DEPTHWISE_KERNEL", False)]),

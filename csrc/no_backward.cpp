@@ -41,6 +41,7 @@ constexpr InferenceOnlyOp kInferenceOnlyOps[] = {
     {"depthwise_conv2d_inference", kConvFix},
     {"winograd_conv2d_inference", kConvFix},
     {"implicit_gemm_conv2d_inference", kConvFix},
+    {"expand_depthwise_conv2d_inference", kConvFix},
     {"attention_inference",
      ": it does not keep the attention weights that a gradient needs. Use "
      "torch.nn.functional.scaled_dot_product_attention where gradients are required "

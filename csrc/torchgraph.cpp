@@ -89,6 +89,15 @@ TORCH_LIBRARY(torchgraph, m) {
       "implicit_gemm_conv2d_inference(Tensor x, Tensor panels, Tensor? bias, int out_channels, int[2] kernel_size, "
       "int[2] stride, int[2] padding, str act=\"none\") -> Tensor");
 
+  // act(depthwise_conv2d(expand_act(x @ W^T + expand_bias), weight, bias, stride, padding)): an inverted residual
+  // block's 1x1 expansion and depthwise convolution in one pass. x [N, C, H, W] float32 (read channels_last), the
+  // expansion's filters W [M, C] as panels (ops.gemm_panels), expand_bias [M], expand_act as for
+  // gemm_act_inference; weight [M, 1, K, K] (K 3, 5 or 7), bias [M], act as for the depthwise kernel. Answers in
+  // channels_last. Inference only: no backward.
+  m.def(
+      "expand_depthwise_conv2d_inference(Tensor x, Tensor panels, Tensor? expand_bias, int mid_channels, "
+      "str expand_act, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, str act=\"none\") -> Tensor");
+
   // max_pool2d without the indices output (inference only, no backward).
   m.def(
       "max_pool2d_inference(Tensor x, int[2] kernel_size, int[2] stride=[], "

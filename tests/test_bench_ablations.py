@@ -328,3 +328,22 @@ def test_implicit_gemm_ablation_runs_the_stem_on_onednn(monkeypatch):
     with torch.inference_mode():
         torch.testing.assert_close(fns["tg.optimize -implicit-gemm"](x), net(x), rtol=1e-4, atol=1e-4)
     assert fused.conv.IMPLICIT_GEMM_KERNEL  # restored
+
+
+@needs_fast_paths
+def test_expand_depthwise_ablation_keeps_the_two_convolutions():
+    """``-expand-depthwise`` leaves an inverted residual block's expansion and depthwise convolution as two fused
+    convolutions; the optimized model as built runs them as one call."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 48, 1), nn.ReLU6(), nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.ReLU6(),
+                        nn.Conv2d(48, 8, 1)).eval()
+    x_sym = tg.Input(shape=(8, 16, 16))
+    graph_model = tg.Model(x_sym, net(x_sym)).eval()
+    fns, _ = bench_peers._ablated_variants(graph_model, ["expand-depthwise"])
+    assert fused.conv2d_expand_depthwise in _targets(tg.optimize(graph_model))
+    ablated = fns["tg.optimize -expand-depthwise"]
+    assert fused.conv2d_expand_depthwise not in _targets(ablated.fn)
+    x = torch.randn(2, 8, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(ablated(x), net(x), rtol=1e-4, atol=1e-4)
+    assert passes.fuse_expand_depthwise is not bench_peers._no_pass  # restored

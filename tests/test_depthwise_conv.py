@@ -194,6 +194,15 @@ def test_a_weight_changed_in_place_is_read_again():
         torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def two_kernels(monkeypatch):
+    """An inverted residual block's expansion and depthwise convolution as the two planned convolutions, the
+    one-pass kernel switched off (tests/test_expand_depthwise_conv.py has it)."""
+    from torchgraph.fused import conv_expand
+
+    monkeypatch.setattr(conv_expand, "EXPAND_DEPTHWISE_KERNEL", False)
+
+
 class InvertedResidual(nn.Module):
     """torchvision's MobileNetV2 block (mobilenetv2.py): expand, depthwise, project, residual."""
 
@@ -225,7 +234,7 @@ def _randomized(net):
 @needs_c_ops
 @pytest.mark.parametrize("activation", [nn.ReLU6, nn.Hardswish, nn.SiLU])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_optimize_runs_mobilenet_blocks_on_the_kernel_as_eager(activation, dtype):
+def test_optimize_runs_mobilenet_blocks_on_the_kernel_as_eager(activation, dtype, two_kernels):
     net = _randomized(nn.Sequential(
         nn.Conv2d(3, 16, 3, 2, 1), InvertedResidual(16, 24, 2, 6, activation),
         InvertedResidual(24, 24, 1, 6, activation), InvertedResidual(24, 40, 2, 4, activation)))
@@ -247,7 +256,7 @@ def test_optimize_runs_mobilenet_blocks_on_the_kernel_as_eager(activation, dtype
 @needs_c_ops
 @pytest.mark.parametrize("name, sizes", [("mobilenet_v2", {(3, 3)}), ("mobilenet_v3_small", {(3, 3), (5, 5)}),
                                          ("convnext", {(7, 7)})])
-def test_community_models_run_their_depthwise_layers_on_the_kernel(name, sizes):
+def test_community_models_run_their_depthwise_layers_on_the_kernel(name, sizes, two_kernels):
     """torchvision's MobileNetV2 and V3-small and timm's ConvNeXt as their authors write them
     (tests/community_models): their 3x3, 5x5 (V3) and 7x7 (ConvNeXt) depthwise layers run on the kernel in
     float32, outputs as eager's."""

@@ -204,13 +204,17 @@ def test_a_weight_changed_in_place_is_read_again(gemm_kernel):
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"])
-def test_community_models_run_their_gemms_on_the_kernel(gemm_kernel, name):
+def test_community_models_run_their_gemms_on_the_kernel(gemm_kernel, name, monkeypatch):
     """torchvision's ResNet-50, MobileNetV2 / V3-small and EfficientNet-B0 as their authors write them
     (tests/community_models), through tg.optimize: every 1x1 convolution summing over 24+ channels runs its
     GEMM on the kernel (ReLU, ReLU6, hardswish and the residual adds inside it, SiLU after it), the shorter
-    ones on oneDNN, outputs as eager's."""
+    ones on oneDNN, outputs as eager's. (The blocks' expansion + depthwise calls run as their two convolutions
+    here, the one-pass kernel switched off: tests/test_expand_depthwise_conv.py has it.)"""
     from community_models import ARCHITECTURES
     from test_optimize_community import _record
+    from torchgraph.fused import conv_expand
+
+    monkeypatch.setattr(conv_expand, "EXPAND_DEPTHWISE_KERNEL", False)
 
     arch = ARCHITECTURES[name]
     module = arch.make_model().eval()

@@ -11,6 +11,7 @@ from torchgraph.ops.depthwise_conv2d_inference import taps_last
 needs_c_ops = pytest.mark.skipif(not extension.HAS_C_OPS, reason="torchgraph._C is not built")
 
 INFERENCE_OPS = ("gemm_act_inference", "depthwise_conv2d_inference", "winograd_conv2d_inference",
+                 "expand_depthwise_conv2d_inference",
                  "implicit_gemm_conv2d_inference", "attention_inference", "max_pool2d_inference", "rms_norm_inference")
 
 

@@ -84,15 +84,19 @@ def test_optimized_for_inference_has_frozen_weights_and_runs_its_plans_outside_n
     assert all(p.requires_grad for p in tg.optimize(model.train(), inference=False).parameters())
 
 
-def test_frozen_torchvision_mobilenet_v2_plain_call_matches_eager_and_runs_its_kernels():
+def test_frozen_torchvision_mobilenet_v2_plain_call_matches_eager_and_runs_its_kernels(monkeypatch):
     """torchvision's MobileNetV2 as its authors write it (benchmarks/handwritten.py): a plain call of the
     optimized model equals eager under no_grad, builds no graph, and runs its depthwise layers on planned
-    kernels (NOTE: [Frozen inference weights])."""
+    kernels (NOTE: [Frozen inference weights]). Its blocks' expansion + depthwise calls run as the two planned
+    convolutions here (the one-pass kernel switched off: tests/test_expand_depthwise_conv.py has it)."""
     import os
     import sys
 
     import torchgraph._extension as extension
     from torchgraph.fused import conv as fused_conv
+    from torchgraph.fused import conv_expand
+
+    monkeypatch.setattr(conv_expand, "EXPAND_DEPTHWISE_KERNEL", False)
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from handwritten import TorchvisionMobileNetV2, randomize_batchnorm

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .fused import attention as _attention
 from .fused import key_padding as _key_padding
 from .fused import conv as _conv
+from .fused import conv_expand as _conv_expand
 from .fused import linear as _linear
 
 __all__ = ["ModelProfile", "NodeTime", "profile"]
@@ -223,6 +224,10 @@ def _fused_macs(n: fx.Node, target, args, result) -> int:
         weight = args[1]
     elif target in (_conv.conv2d_act, _conv.conv2d_add_act):
         weight = _conv_weight(target, args)
+    elif target is _conv_expand.conv2d_expand_depthwise:  # the expansion's GEMM and the depthwise filters
+        x, expand_weight, weight = args[0], args[1], args[4]
+        return x.shape[0] * x.shape[2] * x.shape[3] * expand_weight[:, :, 0, 0].numel() + \
+            result.numel() * weight[0].numel()
     elif target in (_attention.qkv_attention, _key_padding.qkv_attention_with_padding):
         batch, seq, width = args[0].shape
         return 2 * batch * seq * seq * (width // 3)  # Q K^T and P V over every head
@@ -248,5 +253,7 @@ def _conv_weight(target, args):
 
 
 def _conv_route(target, args) -> str:
+    if target is _conv_expand.conv2d_expand_depthwise:
+        return _conv_expand._route(*args)
     weight = _conv_weight(target, args)
     return _conv._planned_route(weight) if isinstance(weight, torch.Tensor) else ""

@@ -38,6 +38,8 @@ from .attention_inference import attention_inference, reference_attention_infere
 from .add_relu import add_relu, reference_add_relu
 from .bias_act import bias_act, reference_bias_act
 from .depthwise_conv2d_inference import depthwise_conv2d_inference, reference_depthwise_conv2d_inference
+from .expand_depthwise_conv2d_inference import (expand_depthwise_conv2d_inference,
+                                                reference_expand_depthwise_conv2d_inference)
 from .gemm_act_inference import gemm_act_inference, gemm_panels, reference_gemm_act_inference
 from .implicit_gemm_conv2d_inference import (implicit_gemm_conv2d_inference, implicit_gemm_filters,
                                              reference_implicit_gemm_conv2d_inference)
@@ -55,6 +57,7 @@ __all__ = [
     "attention_inference",
     "bias_act",
     "depthwise_conv2d_inference",
+    "expand_depthwise_conv2d_inference",
     "gemm_act_inference",
     "gemm_panels",
     "implicit_gemm_conv2d_inference",
@@ -66,6 +69,7 @@ __all__ = [
     "reference_attention_inference",
     "reference_bias_act",
     "reference_depthwise_conv2d_inference",
+    "reference_expand_depthwise_conv2d_inference",
     "reference_gemm_act_inference",
     "reference_implicit_gemm_conv2d_inference",
     "reference_for",
@@ -85,6 +89,7 @@ REFERENCES: dict[str, Callable] = {
     "torchgraph::add_layer_norm": reference_add_layer_norm,
     "torchgraph::attention_inference": reference_attention_inference,
     "torchgraph::depthwise_conv2d_inference": reference_depthwise_conv2d_inference,
+    "torchgraph::expand_depthwise_conv2d_inference": reference_expand_depthwise_conv2d_inference,
     "torchgraph::gemm_act_inference": reference_gemm_act_inference,
     "torchgraph::implicit_gemm_conv2d_inference": reference_implicit_gemm_conv2d_inference,
     "torchgraph::max_pool2d_inference": reference_max_pool2d_inference,
@@ -94,8 +99,8 @@ REFERENCES: dict[str, Callable] = {
 }
 
 _WRAPPERS = {bias_act, add_relu, add_layer_norm, attention_inference, depthwise_conv2d_inference,
-             gemm_act_inference, implicit_gemm_conv2d_inference, max_pool2d_inference, qkv_attention,
-             rms_norm_inference, winograd_conv2d_inference}
+             expand_depthwise_conv2d_inference, gemm_act_inference, implicit_gemm_conv2d_inference,
+             max_pool2d_inference, qkv_attention, rms_norm_inference, winograd_conv2d_inference}
 
 
 def reference_for(target) -> Callable | None:

@@ -14,6 +14,7 @@ from .epilogue import fuse_conv_act, fuse_linear_act
 from .grouped_heads import drop_repeated_kv
 from .inline import inline_modules
 from .layer_scale import fold_layer_scale
+from .inverted_residual import fuse_expand_depthwise
 from .layout import keep_layout_local, use_inference_max_pool
 from .manual_attention import write_attention_as_sdpa
 from .precision import bfloat16_supported, compute_in, cuda_bfloat16_supported
@@ -25,7 +26,8 @@ from .written_layers import linear_from_addmm, sink_activation_through_view, wri
 __all__ = ["bfloat16_supported", "cuda_bfloat16_supported", "has_effect", "in_place_hazards", "canonicalize",
            "compute_in", "drop_repeated_kv",
            "expand_transformer_layers", "fold_batchnorm", "fold_layer_scale", "fold_preactivation_batchnorm",
-           "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_linear_act", "fuse_qkv_attention",
+           "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_expand_depthwise", "fuse_linear_act",
+           "fuse_qkv_attention",
            "fuse_rms_norm",
            "inline_modules", "keep_layout_local", "linear_from_addmm", "share_attribute_walks",
            "sink_activation_through_view", "use_inference_attention", "use_inference_max_pool",

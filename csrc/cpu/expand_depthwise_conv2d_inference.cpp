@@ -1,0 +1,169 @@
+// expand_depthwise_conv2d_inference: act(depthwise(expand_act(conv1x1(x) + expand_bias)) + bias), float32, the first
+// two convolutions of a MobileNetV2 / EfficientNet inverted residual block in one pass, on channels_last maps.
+// Inference only.
+//
+// Why: the block's 1x1 expansion widens the map 4-6 times (MobileNetV2 b1 224x224: 16 -> 96 channels on 112x112, a
+// 4.8 MB map), and the depthwise convolution reads it straight back. Run apart, the expanded map goes out to memory
+// and back: on the AMD EPYC (AVX2, 2 threads) ONNX Runtime ran those two layers 1.3-1.8x faster than the GEMM and
+// depthwise kernels did, its profile showed, with no fewer multiplies. Here the expanded rows never leave the cache
+// (NOTE: [Expanded rows in a ring]; NOTE: [Inverted residuals in one pass] in torchgraph/fused/conv_expand.py has the
+// measurements).
+//
+// NOTE: [Expanded rows in a ring] Each task takes a band of output rows of one image. It keeps the expanded input
+// rows the depthwise filter reads in a ring of R rows (row ih in slot ih % R; R = K + (step - 1) * stride, the
+// inputs of `step` output rows, as many as fit in kRingBytes), computes each expanded row once, when the first
+// output row needs it, with gemm_act (csrc/cpu/gemm_act.h: the expansion's bias and activation in its epilogue), and
+// runs the depthwise kernel's row loops (csrc/cpu/depthwise_rows.h) on the ring, `step` output rows at a time.
+// Rows in the padding are zeros of the expanded map (not expansions of zeros): the row loops skip them. A band
+// recomputes the K - stride rows it shares with the band before it; bands are as few as the threads allow.
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+
+#include "depthwise_rows.h"
+#include "epilogue_acts.h"
+#include "gemm_act.h"
+
+namespace torchgraph::cpu {
+namespace {
+
+using depthwise::Geometry;
+
+// The expanded rows of one image that a band has computed, R of them at a time (NOTE: [Expanded rows in a ring]).
+struct RingRows {
+  const float* ring;
+  int64_t H, R, row_size;  // row_size: W * mid channels
+  C10_ALWAYS_INLINE const float* operator()(int64_t /*n*/, int64_t ih) const {
+    return ih < 0 || ih >= H ? nullptr : ring + (ih % R) * row_size;
+  }
+};
+
+// Bytes of expanded rows a task keeps (half of this CPU's L2): the ring holds as many rows as fit, so that each step
+// computes several output rows (each channel block's weights loaded once for them).
+constexpr int64_t kRingBytes = 256 * 1024;
+
+struct Expansion {
+  const float* x;  // (N, H, W, C_in)
+  int64_t in_channels;
+  const float* panels;
+  const float* bias;
+  Act act;
+};
+
+template <int K>
+void run(const Expansion& e, const float* taps, const float* bias, float* y, int64_t N, const Geometry& g, Act act) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t bands = std::min(g.OH, std::max<int64_t>(1, (threads + N - 1) / N));
+  const int64_t band_rows = (g.OH + bands - 1) / bands;
+  const int64_t row_size = g.W * g.C;
+  // Output rows a step computes: as many as a ring of kRingBytes holds the inputs of (at least one).
+  const int64_t fit = kRingBytes / (row_size * int64_t(sizeof(float)));
+  const int64_t step = std::clamp<int64_t>((fit - K) / g.stride_h + 1, 1, band_rows);
+  const int64_t R = K + (step - 1) * g.stride_h;
+  at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> ring(new float[R * row_size]);
+    const RingRows rows{ring.get(), g.H, R, row_size};
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / bands, oh0 = (task % bands) * band_rows, oh1 = std::min(g.OH, oh0 + band_rows);
+      int64_t next = std::max<int64_t>(0, oh0 * g.stride_h - g.pad_h);  // the next input row to expand
+      for (int64_t oh = oh0; oh < oh1; oh += step) {
+        const int64_t last = std::min(oh1, oh + step);
+        const int64_t needed = std::min(g.H, (last - 1) * g.stride_h - g.pad_h + K);
+        while (next < needed) {  // rows next .. needed - 1, as few GEMMs as the ring's wrap allows
+          const int64_t count = std::min(needed - next, R - next % R);
+          // in place inside this task's thread (a nested parallel_for runs inline)
+          gemm_act(e.x + (n * g.H + next) * g.W * e.in_channels, e.in_channels, count * g.W, e.in_channels, e.panels,
+                   g.C, e.bias, nullptr, 0, e.act, ring.get() + (next % R) * row_size, g.C);
+          next += count;
+        }
+        for (int64_t c = 0; c < g.C; c += 2 * depthwise::kLanes) {
+          depthwise::rows_channel_block<float, K>(rows, taps, bias, y, g, n * g.OH + oh, n * g.OH + last, c, act);
+        }
+      }
+    }
+  });
+}
+
+void check_expand_depthwise_conv2d_inference(const at::Tensor& x, const at::Tensor& panels,
+                                             const std::optional<at::Tensor>& expand_bias, int64_t mid_channels,
+                                             const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                             at::IntArrayRef stride, at::IntArrayRef padding) {
+  constexpr const char* op = "expand_depthwise_conv2d_inference";
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4 && x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op,
+              ": x must be 4-D (N, C, H, W) with non-zero C, H, W, got shape ", x.sizes());
+  const int64_t count = (mid_channels + kGemmPanel - 1) / kGemmPanel;
+  TORCH_CHECK(panels.scalar_type() == at::kFloat, op, ": panels must be float32, got ", panels.scalar_type());
+  TORCH_CHECK(mid_channels > 0 && panels.dim() == 3 && panels.size(0) == count && panels.size(1) == x.size(1) &&
+                  panels.size(2) == kGemmPanel,
+              op, ": panels must have shape [", count, ", ", x.size(1), ", 16] for ", mid_channels,
+              " expanded channels and ", x.size(1), " input channels (ops.gemm_panels(expand_weight)), got ",
+              panels.sizes());
+  if (expand_bias.has_value()) {
+    TORCH_CHECK(expand_bias->dim() == 1 && expand_bias->size(0) == mid_channels, op,
+                ": expand_bias must have shape [", mid_channels, "], got ", expand_bias->sizes());
+    TORCH_CHECK(expand_bias->scalar_type() == at::kFloat, op, ": expand_bias must be float32, got ",
+                expand_bias->scalar_type());
+  }
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == mid_channels && weight.size(1) == 1 &&
+                  (weight.size(2) == 3 || weight.size(2) == 5 || weight.size(2) == 7) &&
+                  weight.size(3) == weight.size(2),
+              op, ": weight must have shape [", mid_channels,
+              ", 1, K, K] with K 3, 5 or 7 (one depthwise filter per expanded channel), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, op, ": weight must be float32, got ", weight.scalar_type());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == mid_channels, op, ": bias must have shape [", mid_channels,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, op, ": bias must be float32, got ", bias->scalar_type());
+  }
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op,
+              ": stride must be two positive ints, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+              ": padding must be two non-negative ints, got ", padding);
+  const int64_t K = weight.size(2);
+  TORCH_CHECK(x.size(2) + 2 * padding[0] >= K && x.size(3) + 2 * padding[1] >= K, op, ": the padded input ",
+              x.size(2) + 2 * padding[0], "x", x.size(3) + 2 * padding[1], " is smaller than the ", K, "x", K,
+              " filter");
+}
+
+}  // namespace
+
+at::Tensor expand_depthwise_conv2d_inference_cpu(const at::Tensor& x_in, const at::Tensor& panels_in,
+                                                 const std::optional<at::Tensor>& expand_bias_in,
+                                                 int64_t mid_channels, c10::string_view expand_act_name,
+                                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias_in,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 c10::string_view act_name) {
+  check_expand_depthwise_conv2d_inference(x_in, panels_in, expand_bias_in, mid_channels, weight, bias_in, stride,
+                                          padding);
+  const char* op = "expand_depthwise_conv2d_inference";
+  const Act expand_act = parse_act(std::string(expand_act_name), op, /*gelus=*/true);
+  const Act act = parse_act(std::string(act_name), op, /*gelus=*/false);
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor panels = panels_in.contiguous();
+  const at::Tensor expand_bias = expand_bias_in.has_value() ? expand_bias_in->contiguous() : at::Tensor();
+  const at::Tensor taps = weight.permute({2, 3, 1, 0}).contiguous();  // [K, K, C]: a no-op for taps_last's view
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), K = weight.size(2);
+  const Geometry g{mid_channels, H, W, (H + 2 * padding[0] - K) / stride[0] + 1,
+                   (W + 2 * padding[1] - K) / stride[1] + 1, stride[0], stride[1], padding[0], padding[1]};
+  at::Tensor y = at::empty({N, mid_channels, g.OH, g.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (N == 0) return y;
+  const Expansion e{x.const_data_ptr<float>(), x.size(1), panels.const_data_ptr<float>(),
+                    expand_bias.defined() ? expand_bias.const_data_ptr<float>() : nullptr, expand_act};
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  auto kernel = K == 3 ? &run<3> : K == 5 ? &run<5> : &run<7>;
+  kernel(e, taps.const_data_ptr<float>(), bp, y.mutable_data_ptr<float>(), N, g, act);
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(torchgraph, CPU, m) {
+  m.impl("expand_depthwise_conv2d_inference", &expand_depthwise_conv2d_inference_cpu);
+}
+
+}  // namespace torchgraph::cpu

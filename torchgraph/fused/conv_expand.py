@@ -1,0 +1,96 @@
+"""An inverted residual block's 1x1 expansion and depthwise convolution in one call: :func:`conv2d_expand_depthwise`."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from .. import _extension
+from ..ops.depthwise_conv2d_inference import taps_last
+from . import _common
+from ._common import use_onednn
+from .conv import conv2d_act
+from .weights import _cached_beside, _gemm_panels_weight
+
+__all__ = ["EXPAND_DEPTHWISE_KERNEL", "EXPAND_DEPTHWISE_MIN_BAND_ROWS", "conv2d_expand_depthwise"]
+
+# NOTE: [Inverted residuals in one pass] MobileNetV2's and EfficientNet's blocks widen the map 4-6 times with a 1x1
+# convolution and read it straight back with a depthwise one. Run as two kernels (ops.gemm_act_inference, then
+# ops.depthwise_conv2d_inference), the wide map goes out to memory and back; ops.expand_depthwise_conv2d_inference
+# keeps its rows in the cache (NOTE: [Expanded rows in a ring] in csrc/cpu/expand_depthwise_conv2d_inference.cpp).
+# On the AMD EPYC (AVX2, 2 threads, ad hoc, interleaved medians of 11 x 10 calls, the fused kernel against the two,
+# same values), on MobileNetV2's, MobileNetV3's and EfficientNet-B0's blocks: 16 -> 96 on 112x112 at b1 (stride 2)
+# 0.61x the time (0.92-0.94 -> 0.56-0.57 ms), at b8 32x32 0.70x; 56x56 and 28x28 maps 0.85-1.00x, 14x14 0.88-0.94x,
+# 5x5 filters 0.89-0.93x, b8's 4x4 and 8x8 maps 0.87-0.89x, 2x2 1.03x. Where a batch has fewer images than threads,
+# each image is split into bands of output rows, one a thread, and a band recomputes the expanded rows it shares
+# with the one before: on maps whose bands are short that lost (b1 7x7: 1.15-1.16x with 3x3 filters, 1.28x with
+# 5x5; 14x14 to 7x7 by stride 2 with 5x5 filters: 1.23x; bands of 4 output rows), so the kernel runs where a batch
+# needs no bands or its bands have at least EXPAND_DEPTHWISE_MIN_BAND_ROWS output rows.
+#: Run a channels_last 1x1 convolution and the depthwise convolution reading it as one kernel (AVX2 CPUs) ...
+EXPAND_DEPTHWISE_KERNEL = _common._AVX2_ONLY
+#: ... where each image is one task, or is split into bands of at least this many output rows (one per thread).
+EXPAND_DEPTHWISE_MIN_BAND_ROWS = 7
+
+_TAPS: dict[int, tuple] = {}
+
+
+def _runs_kernel(x: torch.Tensor, expand_weight: torch.Tensor, expand_bias, weight: torch.Tensor, bias, stride,
+                padding) -> bool:
+    if not (EXPAND_DEPTHWISE_KERNEL and _extension.HAS_C_OPS and x.dtype == torch.float32 and x.dim() == 4
+            and use_onednn(x, expand_weight, expand_bias, weight, bias)):
+        return False
+    # the kernel's bands (csrc/cpu/expand_depthwise_conv2d_inference.cpp): ceil(threads / N) an image
+    images, out_rows = x.shape[0], (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    bands = min(out_rows, -(-torch.get_num_threads() // images)) if images else 1
+    return bands <= 1 or -(-out_rows // bands) >= EXPAND_DEPTHWISE_MIN_BAND_ROWS
+
+
+def _route(x, expand_weight, expand_bias, expand_act, weight, bias, stride, padding, act="none") -> str:
+    """What :func:`conv2d_expand_depthwise` runs for these arguments, for ``tg.profile``."""
+    if isinstance(x, torch.Tensor) and _runs_kernel(x, expand_weight, expand_bias, weight, bias, stride, padding):
+        return "expansion + depthwise kernel"
+    return "two convolutions"
+
+
+def conv2d_expand_depthwise(x: torch.Tensor, expand_weight: torch.Tensor, expand_bias: torch.Tensor | None,
+                            expand_act: str, weight: torch.Tensor, bias: torch.Tensor | None, stride: list,
+                            padding: list, act: str = "none") -> torch.Tensor:
+    """``conv2d_act(conv2d_act(x, expand_weight, expand_bias, act=expand_act), weight, bias, stride, padding,
+    groups=M, act=act)``, both channels_last: an inverted residual block's 1x1 expansion to ``M`` channels and its
+    depthwise convolution in one call.
+
+    Where the kernel applies (float32 CPU tensors, no gradient, eager; AVX2 CPUs) it runs
+    ops.expand_depthwise_conv2d_inference, which keeps the expanded map in the cache (NOTE: [Inverted residuals in
+    one pass]); elsewhere (bfloat16, gradients, traced programs, exporters) the two fused convolutions it replaced.
+
+    Args:
+        x: input ``(N, C, H, W)``.
+        expand_weight, expand_bias: the 1x1 convolution's ``(M, C, 1, 1)`` weight and ``(M,)`` bias (or None).
+        expand_act: its activation (a key of ``GEMM_ACTIVATIONS``).
+        weight, bias: the depthwise convolution's ``(M, 1, K, K)`` filters (K 3, 5 or 7) and bias (or None).
+        stride, padding: pairs of ints, the depthwise convolution's.
+        act: its activation (a key of ``DEPTHWISE_ACTIVATIONS``).
+
+    Returns:
+        ``(N, M, H_out, W_out)`` in channels_last.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x, w1, w2 = torch.randn(1, 8, 10, 10), torch.randn(48, 8, 1, 1), torch.randn(48, 1, 3, 3)
+        >>> with torch.no_grad():
+        ...     y = conv2d_expand_depthwise(x, w1, None, "relu6", w2, None, [2, 2], [1, 1], "relu6")
+        >>> torch.allclose(y, F.relu6(F.conv2d(F.relu6(F.conv2d(x, w1)), w2, None, 2, 1, groups=48)), atol=1e-4)
+        True
+    """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing (e.g. unpickling): record this call
+        args = (x, expand_weight, expand_bias, expand_act, weight, bias, stride, padding, act)
+        return x.tracer.create_proxy("call_function", conv2d_expand_depthwise, args, {})
+    mid = weight.shape[0]
+    if _runs_kernel(x, expand_weight, expand_bias, weight, bias, stride, padding):
+        panels = _gemm_panels_weight(expand_weight)
+        taps = _cached_beside(_TAPS, weight, taps_last)
+        if panels is not None and taps is not None:
+            return torch.ops.torchgraph.expand_depthwise_conv2d_inference.default(
+                x, panels.panels, expand_bias, mid, expand_act, taps, bias, stride, padding, act)
+    h = conv2d_act(x, expand_weight, expand_bias, [1, 1], [0, 0], [1, 1], 1, expand_act, channels_last=True)
+    return conv2d_act(h, weight, bias, stride, padding, [1, 1], mid, act, channels_last=True)
