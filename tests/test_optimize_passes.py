@@ -103,13 +103,14 @@ def test_training_mode_inlined_gradients_match():
 
 def test_mobilenet_block_depthwise_and_relu6_stay_channels_last():
     """An inverted residual (1x1 + ReLU6, depthwise 3x3 + ReLU6, 1x1, residual add): ReLU6 fuses
-    into the convs, the residual into the last conv, and the depthwise conv runs in the channels_last
-    stack; outputs match."""
+    into the convs, the expansion and the depthwise conv become one call (passes.fuse_expand_depthwise), the
+    residual goes into the last conv, and all run in the channels_last stack; outputs match."""
     block = randomize_batchnorm(nn.Sequential(InvertedResidual(16, 16, 1, 6), InvertedResidual(16, 24, 2, 6)))
     fast = _parity(_wrap(block, (16, 8, 8)), block, torch.randn(2, 16, 8, 8))
     convs = [n for n in fast.graph.nodes if n.target in (fused.conv2d_act, fused.conv2d_add_act)]
-    assert len(convs) == 6 and all(n.kwargs == {"channels_last": True} for n in convs)
-    assert [n.args[7] for n in convs].count("relu6") == 4
+    blocks = [n for n in fast.graph.nodes if n.target is fused.conv2d_expand_depthwise]
+    assert len(convs) == 2 and all(n.kwargs == {"channels_last": True} for n in convs)
+    assert len(blocks) == 2 and all(n.args[3] == n.args[8] == "relu6" for n in blocks)
     # the first block's `x + conv(x)` adds the residual in the conv's epilogue
     assert [n.args[-1] for n in convs if n.target is fused.conv2d_add_act] == ["none"]
     assert not any(n.target == "contiguous" for n in fast.graph.nodes if n is not convs[-1].next)
