@@ -277,11 +277,15 @@ def test_the_pass_fuses_only_an_expansion_read_by_the_depthwise_convolution_alon
 
         def forward(self, x):
             h = F.relu(self.expand(x))
-            return (self.depthwise(h) + h + self.depthwise2(F.relu(self.full(x)))
-                    + self.grouped(F.relu(self.grouped_in(x))))
+            return torch.cat([self.depthwise(h), h], 1) + torch.cat(
+                [self.depthwise2(F.relu(self.full(x))), self.grouped(F.relu(self.grouped_in(x)))], 1)
 
     net = Shared().eval()
-    assert _fused_calls(_optimized(net, (8, 12, 12))) == []
+    fast = _optimized(net, (8, 12, 12))
+    assert _fused_calls(fast) == []
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-5)
     block = _net()
     assert len(_fused_calls(_optimized(block))) == 3
     assert _fused_calls(_optimized(block, channels_last=False)) == []
