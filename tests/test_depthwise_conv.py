@@ -206,14 +206,14 @@ def two_kernels(monkeypatch):
 class InvertedResidual(nn.Module):
     """torchvision's MobileNetV2 block (mobilenetv2.py): expand, depthwise, project, residual."""
 
-    def __init__(self, inp, oup, stride, expand_ratio, activation=nn.ReLU6):
+    def __init__(self, inp, oup, stride, expand_ratio, activation=nn.ReLU6, kernel_size=3):
         super().__init__()
         hidden = inp * expand_ratio
         self.use_res_connect = stride == 1 and inp == oup
         self.conv = nn.Sequential(
             nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), activation(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
-            activation(inplace=True),
+            nn.Conv2d(hidden, hidden, kernel_size, stride, kernel_size // 2, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), activation(inplace=True),
             nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup))
 
     def forward(self, x):

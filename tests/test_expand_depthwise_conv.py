@@ -19,6 +19,7 @@ from torchgraph.fused import conv_expand
 from torchgraph.ops._common import ACTIVATION_FNS
 from torchgraph.ops.depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS, taps_last
 from torchgraph.ops.gemm_act_inference import GEMM_ACTIVATIONS
+from test_depthwise_conv import InvertedResidual, _randomized
 
 needs_c_ops = pytest.mark.skipif(not extension.HAS_C_OPS, reason="torchgraph._C is not built")
 
@@ -171,35 +172,12 @@ def test_bad_inputs_raise_the_same_message_on_the_kernel_and_the_fake(args, matc
 # ------------------------------------------------------------------------------- the fused call and the pass
 
 
-class InvertedResidual(nn.Module):
-    """torchvision's MobileNetV2 block (mobilenetv2.py), as its authors write it."""
-
-    def __init__(self, inp, oup, stride, expand_ratio, activation=nn.ReLU6, kernel_size=3):
-        super().__init__()
-        hidden = inp * expand_ratio
-        self.use_res_connect = stride == 1 and inp == oup
-        self.conv = nn.Sequential(
-            nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), activation(inplace=True),
-            nn.Conv2d(hidden, hidden, kernel_size, stride, kernel_size // 2, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden), activation(inplace=True),
-            nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup))
-
-    def forward(self, x):
-        if self.use_res_connect:
-            return x + self.conv(x)
-        return self.conv(x)
-
-
 def _net(activation=nn.ReLU6):
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU6(),
-                        InvertedResidual(16, 24, 2, 6, activation), InvertedResidual(24, 24, 1, 6, activation),
-                        InvertedResidual(24, 40, 2, 4, activation, kernel_size=5))
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-    return net.eval()
+    """A stem and three torchvision MobileNetV2 blocks, the last with a 5x5 filter (test_depthwise_conv's)."""
+    return _randomized(nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU6(),
+                                     InvertedResidual(16, 24, 2, 6, activation),
+                                     InvertedResidual(24, 24, 1, 6, activation),
+                                     InvertedResidual(24, 40, 2, 4, activation, kernel_size=5)))
 
 
 def _fused_calls(model):

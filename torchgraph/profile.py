@@ -226,8 +226,7 @@ def _fused_macs(n: fx.Node, target, args, result) -> int:
         weight = _conv_weight(target, args)
     elif target is _conv_expand.conv2d_expand_depthwise:  # the expansion's GEMM and the depthwise filters
         x, expand_weight, weight = args[0], args[1], args[4]
-        return x.shape[0] * x.shape[2] * x.shape[3] * expand_weight[:, :, 0, 0].numel() + \
-            result.numel() * weight[0].numel()
+        return x.shape[0] * x.shape[2] * x.shape[3] * expand_weight.numel() + result.numel() * weight[0].numel()
     elif target in (_attention.qkv_attention, _key_padding.qkv_attention_with_padding):
         batch, seq, width = args[0].shape
         return 2 * batch * seq * seq * (width // 3)  # Q K^T and P V over every head
