@@ -63,6 +63,9 @@ ABLATIONS = {
     "linear-kernel": ("float32 linears summing over 24+ inputs into at most 4M outputs on the same kernel "
                       "(NOTE: [Linears on the GEMM kernel]; AVX2 CPUs); oneDNN's fused linear, as before",
                       [(fused_linear, "KERNEL_MAX_ROWS", 0)]),
+    "large-small-linears": ("small float32 linears with large weights (a classifier at batch 1) on the same kernel "
+                            "(NOTE: [Few rows, large weights]; AVX2 CPUs); F.linear, as before",
+                            [(fused_linear, "KERNEL_SMALL_MIN_WEIGHT", 1 << 62)]),
     "winograd": ("stride-1 3x3 convolutions by Winograd's F(2x2, 3x3) (NOTE: [Winograd convolutions]; AVX2 CPUs); "
                  "oneDNN's direct convolution, as before", [(fused_conv, "WINOGRAD_KERNEL", False)]),
     "implicit-gemm": ("convolutions with 1-4 input channels (stems) as an implicit GEMM on torchgraph's kernel "

@@ -262,10 +262,12 @@ def _kernel_calls(monkeypatch) -> list:
 def test_linears_run_on_the_kernel_by_depth_and_output_size(gemm_kernel, monkeypatch, act):
     """A ViT's token rows (3-D input), a classifier head (2-D), the GPT block's 1,024 rows summing over 256 and
     BERT-base's over 768 run on the kernel; sums over fewer than 24 inputs, outputs of more than 4M elements and
-    a small layer (below ONEDNN_LINEAR_MIN_MACS) do not (NOTE: [Linears on the GEMM kernel])."""
+    a small layer (below ONEDNN_LINEAR_MIN_MACS) do not (NOTE: [Linears on the GEMM kernel]), unless its weight is
+    large: MobileNetV2's classifier at batch 1, a 512 -> 512 decoder step (NOTE: [Few rows, large weights])."""
     calls = _kernel_calls(monkeypatch)
     cases = [((2, 97, 384), 1152, True), ((8, 1280), 1000, True), ((8, 128, 768), 96, True), ((8, 128, 256), 96, True),
-             ((1025, 768), 64, True), ((4096, 16), 64, False), ((2049, 32), 2048, False), ((4, 32), 10, False)]
+             ((1025, 768), 64, True), ((4096, 16), 64, False), ((2049, 32), 2048, False), ((4, 32), 10, False),
+             ((1, 1280), 1000, True), ((2, 512), 512, True), ((8, 64), 256, False), ((1, 511), 512, False)]
     for shape, out_features, on_kernel in cases:
         layer = nn.Linear(shape[-1], out_features)
         x = torch.randn(shape)

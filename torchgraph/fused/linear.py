@@ -102,6 +102,17 @@ KERNEL_MIN_FEATURES = 24
 KERNEL_MAX_OUTPUT = 1 << 22
 
 
+# NOTE: [Few rows, large weights] A classifier at batch 1 (1 x 1280 -> 1000, MobileNetV2's) is small by the
+# rule above (1.3M multiply-adds) but reads a 5 MB weight, which the rest of the model has pushed out of the
+# caches by the next call. Cold (a 64 MB buffer written between calls, medians of 30, ad hoc), F.linear took
+# 0.60 ms and the GEMM kernel, its panels split between the two threads, 0.43 ms. So small linears run on the
+# kernel (where it takes them) when their weight has at least KERNEL_SMALL_MIN_WEIGHT elements; the small
+# linears of the MLPs and siamese heads in the community models (weights of 4-16K elements), on F.linear.
+#: Small inference linears (NOTE: [Small linears]) with a weight of at least this many elements run on the
+#: GEMM kernel where it takes them (NOTE: [Few rows, large weights]).
+KERNEL_SMALL_MIN_WEIGHT = 1 << 18
+
+
 def _on_gemm_kernel(rows: int, in_features: int, out_features: int) -> bool:
     """Whether a float32 inference linear of ``rows`` rows, ``in_features`` -> ``out_features``, runs on the GEMM
     kernel (NOTE: [Linears on the GEMM kernel])."""
@@ -137,10 +148,12 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 if bias is not None:
                     y.add_(bias)
                 return _activation_(y.view(*x.shape[:-1], weight.shape[0]), act)
-            if small:
+            if small and weight.numel() < KERNEL_SMALL_MIN_WEIGHT:  # NOTE: [Few rows, large weights]
                 return _activation_(F.linear(x, weight, bias), act)
             panels = (_gemm_panels_weight(weight) if x.dtype == torch.float32 and _extension.HAS_C_OPS
                       and _on_gemm_kernel(rows, x.shape[-1], weight.shape[0]) else None)
+            if panels is None and small:
+                return _activation_(F.linear(x, weight, bias), act)
             if panels is not None:  # NOTE: [Linears on the GEMM kernel]
                 inside = act if act in GEMM_ACTIVATIONS else "none"
                 y = torch.ops.torchgraph.gemm_act_inference.default(x.reshape(rows, -1), panels.panels, bias, None,
