@@ -83,14 +83,28 @@ def test_kernel_and_reference_match_the_two_convolutions(wrapper):
             assert _error(y, expected) <= max(4 * _error(apart, expected), 1e-6), (shape, expand_act, act)
 
 
+# (n, in channels, expanded channels, height, width, filter, stride, padding, threads) and how the kernel splits the
+# image (NOTE: [Expanded rows in a ring]): by channel blocks (the last one partial), by bands of output rows (a tall
+# map; a wide one whose ring wraps), by both (more threads than blocks).
+SPLITS = [
+    pytest.param((1, 16, 40, 23, 17, 5, 2, 2, 2), id="channels-2"),
+    pytest.param((1, 16, 40, 23, 17, 5, 2, 2, 3), id="channels-3"),
+    pytest.param((1, 8, 40, 61, 9, 3, 1, 1, 2), id="bands-2"),
+    pytest.param((1, 8, 40, 61, 9, 5, 2, 2, 3), id="bands-3"),
+    pytest.param((1, 8, 48, 40, 300, 3, 1, 1, 2), id="bands-wrapping"),
+    pytest.param((1, 8, 24, 20, 9, 3, 1, 1, 5), id="channels-and-bands"),
+]
+
+
 @needs_c_ops
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_bands_give_the_same_values_at_any_thread_count(threads):
-    """One image is split into bands of output rows, one a thread, each recomputing the expanded rows it shares
-    with the band before: the values do not depend on the split."""
-    x = torch.randn(1, 16, 23, 17)
-    args = (ops.gemm_panels(torch.randn(40, 16)), torch.randn(40), 40, "relu6", torch.randn(40, 1, 5, 5),
-            torch.randn(40), [2, 2], [2, 2], "relu6")
+@pytest.mark.parametrize("split", SPLITS)
+def test_splits_give_the_same_values_at_any_thread_count(split):
+    """An image is split between the threads by channel blocks or bands of output rows (each band recomputing the
+    expanded rows it shares with the band before), or both: the values do not depend on the split."""
+    n, channels, mid, height, width, size, stride, padding, threads = split
+    x = torch.randn(n, channels, height, width)
+    args = (ops.gemm_panels(torch.randn(mid, channels)), torch.randn(mid), mid, "relu6",
+            torch.randn(mid, 1, size, size), torch.randn(mid), [stride] * 2, [padding] * 2, "relu6")
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -232,14 +246,23 @@ def test_the_fused_call_falls_back_to_the_two_convolutions(monkeypatch):
 
 @needs_c_ops
 def test_short_bands_keep_two_kernels(monkeypatch):
-    """A batch of one on a small map splits into bands of few output rows, whose recomputed rows cost more than the
-    fusion saves (NOTE: [Inverted residuals in one pass]): there the call runs the two kernels."""
+    """A batch of one on a small map is split by channel blocks, and runs the kernel; where the threads outnumber the
+    blocks it is split into bands of output rows too, and bands of few rows, whose recomputed rows cost more than
+    the fusion saves (NOTE: [Inverted residuals in one pass]), keep the two kernels."""
     monkeypatch.setattr(conv_expand, "EXPAND_DEPTHWISE_KERNEL", True)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    threads = 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     x, w1, w2 = torch.randn(1, 16, 7, 7), torch.randn(96, 16, 1, 1), torch.randn(96, 1, 3, 3)
-    assert not conv_expand._runs_kernel(x, w1, None, w2, None, [1, 1], [1, 1])  # bands of 4 rows
-    assert conv_expand._runs_kernel(x.expand(2, 16, 7, 7), w1, None, w2, None, [1, 1], [1, 1])  # no bands
-    assert conv_expand._runs_kernel(torch.randn(1, 16, 14, 14), w1, None, w2, None, [1, 1], [1, 1])  # bands of 7
+    assert conv_expand._runs_kernel(x, w1, None, w2, None, [1, 1], [1, 1])  # two parts of the channels
+    assert conv_expand._runs_kernel(x.expand(2, 16, 7, 7), w1, None, w2, None, [1, 1], [1, 1])  # an image a thread
+    threads = 4
+    narrow_1, narrow_2 = torch.randn(16, 16, 1, 1), torch.randn(16, 1, 3, 3)  # one channel block
+    assert not conv_expand._runs_kernel(torch.randn(1, 16, 14, 14), narrow_1, None, narrow_2, None, [1, 1], [1, 1])
+    assert conv_expand._runs_kernel(torch.randn(1, 16, 28, 28), narrow_1, None, narrow_2, None, [1, 1], [1, 1])
+    threads = 16
+    # 6 channel blocks x 3 bands: of 5 rows on 14x14, of 10 on 28x28
+    assert not conv_expand._runs_kernel(torch.randn(1, 16, 14, 14), w1, None, w2, None, [1, 1], [1, 1])
+    assert conv_expand._runs_kernel(torch.randn(1, 16, 28, 28), w1, None, w2, None, [1, 1], [1, 1])
 
 
 def test_the_pass_fuses_only_an_expansion_read_by_the_depthwise_convolution_alone():

@@ -35,11 +35,10 @@ namespace {
 
 using depthwise::Geometry;
 using depthwise::ImageRows;
-using depthwise::kLanes;
 
 template <typename T, int K>
 void depthwise_kernel(const T* x, const T* taps, const T* bias, T* y, int64_t N, const Geometry& g, Act act) {
-  constexpr int64_t kBlock = 2 * kLanes;
+  using depthwise::kBlock;
   const int64_t blocks = (g.C + kBlock - 1) / kBlock;
   const int64_t rows = N * g.OH;
   // Work items: (a run of output rows, channel block). NOTE: loading a block's K*K weight vectors
@@ -48,7 +47,7 @@ void depthwise_kernel(const T* x, const T* taps, const T* bias, T* y, int64_t N,
   const int64_t per_thread = std::max<int64_t>(1, rows * blocks / (4 * at::get_num_threads()));
   const int64_t run = std::min(std::max<int64_t>(1, (128 + g.OW - 1) / g.OW), per_thread);
   const int64_t runs = (rows + run - 1) / run;
-  const ImageRows<T> source{x, g.H, g.W * g.C};
+  const ImageRows<T> source{x, g.H, g.W, g.C};
   at::parallel_for(0, runs * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row0 = item / blocks * run, row1 = std::min(rows, row0 + run), c = (item % blocks) * kBlock;

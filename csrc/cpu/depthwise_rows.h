@@ -16,6 +16,8 @@ namespace torchgraph::cpu::depthwise {
 
 using FVec = Vectorized<float>;
 constexpr int kLanes = FVec::size();
+// Channels a pass of the row loops works on: two vectors of them (fewer at the end of the channels).
+constexpr int64_t kBlock = 2 * kLanes;
 
 // One vector of channels at p, widened to float; kFull: kLanes of them, else n.
 template <typename T, bool kFull>
@@ -65,18 +67,20 @@ struct Block {
   FVec bias[NV];
 };
 
-// The input rows of a whole NHWC map: row (n, ih), or null in the padding.
+// The input rows of a whole NHWC map. A source of rows answers rows(n, ih, c): row (n, ih) from channel c on (null
+// in the padding), its pixels rows.stride() elements apart.
 template <typename T>
 struct ImageRows {
   const T* x;
-  int64_t H, row_size;  // row_size: W * C
-  C10_ALWAYS_INLINE const T* operator()(int64_t n, int64_t ih) const {
-    return ih < 0 || ih >= H ? nullptr : x + (n * H + ih) * row_size;
+  int64_t H, W, C;
+  C10_ALWAYS_INLINE const T* operator()(int64_t n, int64_t ih, int64_t c) const {
+    return ih < 0 || ih >= H ? nullptr : x + (n * H + ih) * W * C + c;
   }
+  C10_ALWAYS_INLINE int64_t stride() const { return C; }
 };
 
-// Output pixels ow0 .. ow0 + NW - 1 of row (n, oh) for one channel block, input rows from rows(n, ih)
-// (ImageRows, or another source of NHWC rows: null in the padding).
+// Output pixels ow0 .. ow0 + NW - 1 of row (n, oh) for one channel block, input rows from rows(n, ih, c)
+// (ImageRows, or another source of rows).
 // kChecked: some taps may fall outside the input row (the borders).
 // NOTE: every loop below is unrolled (K, NW and NV are constants) so that the accumulators live in
 // registers; a loop left rolled kept them on the stack, each FMA waiting on a store and a reload.
@@ -91,9 +95,8 @@ C10_ALWAYS_INLINE void pixels(const Rows& rows, T* y, const Geometry& g, int64_t
   }
 #pragma GCC unroll 7
   for (int kh = 0; kh < K; ++kh) {
-    const T* row = rows(n, oh * g.stride_h - g.pad_h + kh);
+    const T* row = rows(n, oh * g.stride_h - g.pad_h + kh, c);
     if (row == nullptr) continue;
-    row += c;
 #pragma GCC unroll 7
     for (int kw = 0; kw < K; ++kw) {
       const int tap = kh * K + kw;
@@ -101,7 +104,7 @@ C10_ALWAYS_INLINE void pixels(const Rows& rows, T* y, const Geometry& g, int64_t
       for (int j = 0; j < NW; ++j) {
         const int64_t iw = (ow0 + j) * g.stride_w - g.pad_w + kw;
         if (kChecked && (iw < 0 || iw >= g.W)) continue;
-        const T* in = row + iw * g.C;
+        const T* in = row + iw * rows.stride();
         if constexpr (NV == 2 && kFull && is_reduced_v<T>) {
           // 2 * kLanes bfloat16 channels are one vector: one load, widened in two halves.
           auto [lo, hi] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(in));
@@ -183,7 +186,6 @@ void rows_block(const Rows& rows, const T* taps, const T* bias, T* y, const Geom
 template <typename T, int K, typename Rows>
 void rows_channel_block(const Rows& rows, const T* taps, const T* bias, T* y, const Geometry& g, int64_t row0,
                         int64_t row1, int64_t c, Act act) {
-  constexpr int64_t kBlock = 2 * kLanes;
   const int64_t width = std::min(kBlock, g.C - c);
   if (width == kBlock) {
     rows_block<T, K, 2, true>(rows, taps, bias, y, g, row0, row1, c, kLanes, act);

@@ -184,12 +184,15 @@ void run_tiles(Act act, Body&& body) {
   }
 }
 
+static_assert(kPanels * kPanel == kGemmBlock, "a tile's columns must be one block of gemm_act_blocked's output");
+
 // The tiles of rows [m0, m1) x panel groups [g0, g1) (NOTE: [Register tiles]): sums in blocks of depth_block k,
-// the panels of groups_in_l2 groups at a time.
+// the panels of groups_in_l2 groups at a time. Group g's columns start at yp + g * y_group_stride where that is
+// given (gemm_act_blocked), else at column g * kGemmBlock of y.
 template <typename TileSet>
 void run_block(TileSet, const float* xp, int64_t ldx, const int64_t* offsets, int64_t m0, int64_t m1, int64_t K,
                const float* wp, int64_t N, int64_t g0, int64_t g1, const float* bp, const float* rp, int64_t ldr,
-               float* yp, int64_t ldy) {
+               float* yp, int64_t ldy, int64_t y_group_stride = 0) {
   const int64_t P = (N + kPanel - 1) / kPanel;
   const int64_t depth_block = K > kMaxDepth ? kDepthBlock : std::max<int64_t>(K, 1);
   const int64_t groups_in_l2 =
@@ -209,8 +212,9 @@ void run_block(TileSet, const float* xp, int64_t ldx, const int64_t* offsets, in
           const bool last_group = (g + 1) * kPanels > P;
           const bool full = ncols == (last_group ? 1 : kPanels) * kPanel;
           const auto& kernels = TileSet::pick(last_group, full);
-          kernels[rows - 1](xp + m * ldx, ldx, offsets, wp + g * kPanels * panel_size, panel_size, k0, k1,
-                            yp + m * ldy + col, ldy, ncols, first, last ? &epilogue : nullptr);
+          float* const y_at = yp + m * ldy + (y_group_stride ? g * y_group_stride : col);
+          kernels[rows - 1](xp + m * ldx, ldx, offsets, wp + g * kPanels * panel_size, panel_size, k0, k1, y_at, ldy,
+                            ncols, first, last ? &epilogue : nullptr);
         }
       }
     }
@@ -307,6 +311,15 @@ void gemm_act_gathered(const float* xp, int64_t ldx, const int64_t* offsets, int
   const int64_t tile_groups = ((N + kPanel - 1) / kPanel + kPanels - 1) / kPanels;
   run_tiles<true>(act, [&](auto tile_set) {
     run_block(tile_set, xp, ldx, offsets, 0, M, K, wp, N, 0, tile_groups, bp, nullptr, 0, yp, ldy);
+  });
+}
+
+void gemm_act_blocked(const float* xp, int64_t ldx, int64_t M, int64_t K, const float* wp, int64_t N,
+                      const float* bp, Act act, float* yp, int64_t block_stride) {
+  const int64_t tile_groups = ((N + kPanel - 1) / kPanel + kPanels - 1) / kPanels;
+  run_tiles<false>(act, [&](auto tile_set) {
+    run_block(tile_set, xp, ldx, nullptr, 0, M, K, wp, N, 0, tile_groups, bp, nullptr, 0, yp, kGemmBlock,
+              block_stride);
   });
 }
 

@@ -22,15 +22,25 @@ __all__ = ["EXPAND_DEPTHWISE_KERNEL", "EXPAND_DEPTHWISE_MIN_BAND_ROWS", "conv2d_
 # same values), on MobileNetV2's, MobileNetV3's and EfficientNet-B0's blocks: 16 -> 96 on 112x112 at b1 (stride 2)
 # 0.61x the time (0.92-0.94 -> 0.56-0.57 ms), at b8 32x32 0.70x; 56x56 and 28x28 maps 0.85-1.00x, 14x14 0.88-0.94x,
 # 5x5 filters 0.89-0.93x, b8's 4x4 and 8x8 maps 0.87-0.89x, 2x2 1.03x. Where a batch has fewer images than threads,
-# each image is split into bands of output rows, one a thread, and a band recomputes the expanded rows it shares
-# with the one before: on maps whose bands are short that lost (b1 7x7: 1.15-1.16x with 3x3 filters, 1.28x with
-# 5x5; 14x14 to 7x7 by stride 2 with 5x5 filters: 1.23x; bands of 4 output rows), so the kernel runs where a batch
-# needs no bands or its bands have at least EXPAND_DEPTHWISE_MIN_BAND_ROWS output rows.
+# each image is split between them: first version, into bands of output rows only, each band recomputing the
+# expanded rows it shares with the one before. On short bands that lost (b1 7x7: 1.15-1.16x with 3x3 filters,
+# 1.28x with 5x5; 14x14 to 7x7 by stride 2 with 5x5 filters: 1.23x; bands of 4 output rows), and on 14x14 it
+# was level (0.97-1.03x). Now maps of fewer than 14 output rows a thread are split by channel blocks instead
+# (bands still split maps of 28 rows and more, where they were 0.88-0.92x the time of channel parts, and the
+# channels where there are more threads than blocks), and the kernel's ring is stored by channel block (NOTE:
+# [Expanded rows in a ring]). Against the two kernels, in one process (ad hoc, interleaved medians): b1 14x14
+# 0.58-0.75x, 7x7 0.79x (0.86x with 5x5 filters), 28x28 by stride 2 0.69x, b8 2x2 0.86x; 112x112 and 56x56 as
+# before. A split that still leaves bands shorter than EXPAND_DEPTHWISE_MIN_BAND_ROWS output rows (more threads
+# than channel blocks, on a small map) keeps the two kernels.
 #: Run a channels_last 1x1 convolution and the depthwise convolution reading it as one kernel (AVX2 CPUs) ...
 EXPAND_DEPTHWISE_KERNEL = _common._AVX2_ONLY
-#: ... where each image is one task, or is split into bands of at least this many output rows (one per thread).
+#: ... where no image is split into bands of fewer output rows than this (NOTE: [Inverted residuals in one pass]).
 EXPAND_DEPTHWISE_MIN_BAND_ROWS = 7
 
+# Channels of the kernel's blocks (kGemmBlock) on AVX2, where it is routed.
+_CHANNEL_BLOCK = 16
+# Output rows of a band from which the kernel splits an image by bands first (kLongBand).
+_LONG_BAND = 14
 _TAPS: dict[int, tuple] = {}
 
 
@@ -39,9 +49,12 @@ def _runs_kernel(x: torch.Tensor, expand_weight: torch.Tensor, expand_bias, weig
     if not (EXPAND_DEPTHWISE_KERNEL and _extension.HAS_C_OPS and x.dtype == torch.float32 and x.dim() == 4
             and use_onednn(x, expand_weight, expand_bias, weight, bias)):
         return False
-    # the kernel's bands (csrc/cpu/expand_depthwise_conv2d_inference.cpp): ceil(threads / N) an image
+    # the kernel's tasks (NOTE: [Expanded rows in a ring] in csrc/cpu/expand_depthwise_conv2d_inference.cpp):
+    # ceil(threads / N) an image, split by channel blocks first, then into bands of output rows
     images, out_rows = x.shape[0], (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-    bands = min(out_rows, -(-torch.get_num_threads() // images)) if images else 1
+    per_image = -(-torch.get_num_threads() // images) if images else 1
+    parts = 1 if out_rows >= _LONG_BAND * per_image else min(-(-weight.shape[0] // _CHANNEL_BLOCK), per_image)
+    bands = min(out_rows, -(-per_image // parts))
     return bands <= 1 or -(-out_rows // bands) >= EXPAND_DEPTHWISE_MIN_BAND_ROWS
 
 
