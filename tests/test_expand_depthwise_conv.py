@@ -334,3 +334,35 @@ def test_community_models_run_their_blocks_in_one_call(name, blocks, monkeypatch
         exact = copy.deepcopy(module).double()(*[t.double() for t in inputs])
         y = fast(*inputs)
     assert_as_close_as_eager([y], [expected], [exact])
+
+
+@needs_c_ops
+def test_the_plan_follows_changed_weights_shapes_and_gradients(monkeypatch):
+    """The first kernel call stores its panels and taps (NOTE: [Plans of fused blocks]); weights changed in place, a
+    new input shape, another thread count and an input that needs a gradient do not reuse them."""
+    monkeypatch.setattr(conv_expand, "EXPAND_DEPTHWISE_KERNEL", True)
+    expand, depthwise = nn.Conv2d(16, 48, 1), nn.Conv2d(48, 48, 3, padding=1, groups=48)
+
+    def call(x):
+        return fused.conv2d_expand_depthwise(x, expand.weight, expand.bias, "relu6", depthwise.weight, depthwise.bias,
+                                             [1, 1], [1, 1], "relu")
+
+    def eager(x):
+        return F.relu(depthwise(F.relu6(expand(x))))
+
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(call(x), eager(x), atol=1e-5, rtol=1e-5)
+        plan = conv_expand._PLANS[id(depthwise.weight)]
+        torch.testing.assert_close(call(x), eager(x), atol=1e-5, rtol=1e-5)
+        assert conv_expand._PLANS[id(depthwise.weight)] is plan  # held
+        expand.weight.mul_(-1.0)
+        depthwise.weight.mul_(0.5)
+        torch.testing.assert_close(call(x), eager(x), atol=1e-5, rtol=1e-5)
+        assert conv_expand._PLANS[id(depthwise.weight)] is not plan
+        wider = torch.randn(2, 16, 5, 12).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(call(wider), eager(wider), atol=1e-5, rtol=1e-5)
+        assert conv_expand._PLANS[id(depthwise.weight)].shape == wider.shape
+    y = call(x.clone().requires_grad_())
+    assert y.requires_grad  # the two convolutions, with autograd
+    torch.testing.assert_close(y.detach(), eager(x).detach(), atol=1e-5, rtol=1e-5)

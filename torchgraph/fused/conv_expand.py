@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.fx
 
@@ -58,6 +60,49 @@ def _runs_kernel(x: torch.Tensor, expand_weight: torch.Tensor, expand_bias, weig
     return bands <= 1 or -(-out_rows // bands) >= EXPAND_DEPTHWISE_MIN_BAND_ROWS
 
 
+# NOTE: [Plans of fused blocks] As for the convolutions (NOTE: [Per-layer plans] in conv.py), deciding per call
+# (use_onednn on five tensors, the split rule, two weight-cache lookups) cost ~9 us of Python around the kernel
+# (21 vs 12 us a call on a 4x4 map, ad hoc), on each of MobileNetV2's 16 blocks. The first call that runs the
+# kernel stores what it read in an _ExpandPlan keyed by the depthwise weight; later calls check that it holds.
+class _ExpandPlan:
+    """One block's kernel call: the expansion's panels and the depthwise taps, for this input shape and these
+    threads."""
+
+    __slots__ = ("weight", "version", "expand_weight", "expand_version", "expand_bias", "bias", "shape", "key",
+                 "panels", "taps")
+
+    def holds(self, x: torch.Tensor, expand_weight: torch.Tensor, expand_bias, weight: torch.Tensor, bias,
+              key: tuple) -> bool:
+        # NOTE: ordered and written for speed; the dtype and device checks as in _ConvPlan.holds
+        return (self.weight() is weight and weight._version == self.version
+                and self.expand_weight() is expand_weight and expand_weight._version == self.expand_version
+                and expand_bias is self.expand_bias and bias is self.bias and x.shape == self.shape
+                and key == self.key and x.dtype is torch.float32 and x.is_cpu
+                and weight.dtype is torch.float32 and weight.is_cpu
+                and expand_weight.dtype is torch.float32 and expand_weight.is_cpu
+                and (bias is None or bias.dtype is torch.float32)
+                and (expand_bias is None or expand_bias.dtype is torch.float32)
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                      or expand_weight.requires_grad
+                                                      or (bias is not None and bias.requires_grad)
+                                                      or (expand_bias is not None and expand_bias.requires_grad)))
+                and not torch.compiler.is_compiling() and not torch._C._is_tracing())
+
+
+_PLANS: dict[int, _ExpandPlan] = {}
+
+
+def _plan(x, expand_weight, expand_bias, weight, bias, key, panels, taps) -> None:
+    plan = _ExpandPlan()
+    plan.weight, plan.version, plan.bias = weakref.ref(weight), weight._version, bias
+    plan.expand_weight, plan.expand_version = weakref.ref(expand_weight), expand_weight._version
+    plan.expand_bias, plan.shape, plan.key, plan.panels, plan.taps = expand_bias, x.shape, key, panels, taps
+    ident = id(weight)
+    if ident not in _PLANS:
+        weakref.finalize(weight, _PLANS.pop, ident, None)
+    _PLANS[ident] = plan
+
+
 def _route(x, expand_weight, expand_bias, expand_act, weight, bias, stride, padding, act="none") -> str:
     """What :func:`conv2d_expand_depthwise` runs for these arguments, for ``tg.profile``."""
     if isinstance(x, torch.Tensor) and _runs_kernel(x, expand_weight, expand_bias, weight, bias, stride, padding):
@@ -99,10 +144,18 @@ def conv2d_expand_depthwise(x: torch.Tensor, expand_weight: torch.Tensor, expand
         args = (x, expand_weight, expand_bias, expand_act, weight, bias, stride, padding, act)
         return x.tracer.create_proxy("call_function", conv2d_expand_depthwise, args, {})
     mid = weight.shape[0]
+    key = (stride, padding, expand_act, act, torch.get_num_threads(), EXPAND_DEPTHWISE_KERNEL,
+           EXPAND_DEPTHWISE_MIN_BAND_ROWS)
+    plan = _PLANS.get(id(weight))
+    if plan is not None and type(x) is torch.Tensor and plan.holds(  # noqa: E721
+            x, expand_weight, expand_bias, weight, bias, key):
+        return torch.ops.torchgraph.expand_depthwise_conv2d_inference.default(
+            x, plan.panels, expand_bias, mid, expand_act, plan.taps, bias, stride, padding, act)
     if _runs_kernel(x, expand_weight, expand_bias, weight, bias, stride, padding):
         panels = _gemm_panels_weight(expand_weight)
         taps = _cached_beside(_TAPS, weight, taps_last)
         if panels is not None and taps is not None:
+            _plan(x, expand_weight, expand_bias, weight, bias, key, panels.panels, taps)
             return torch.ops.torchgraph.expand_depthwise_conv2d_inference.default(
                 x, panels.panels, expand_bias, mid, expand_act, taps, bias, stride, padding, act)
     h = conv2d_act(x, expand_weight, expand_bias, [1, 1], [0, 0], [1, 1], 1, expand_act, channels_last=True)
