@@ -74,6 +74,9 @@ ABLATIONS = {
     "expand-depthwise": ("an inverted residual block's 1x1 expansion and depthwise convolution in one kernel, the "
                          "expanded rows kept in the cache (passes.fuse_expand_depthwise, NOTE: [Inverted residuals in "
                          "one pass]); two kernels, as before", [(passes, "fuse_expand_depthwise", _no_pass)]),
+    "global-pool": ("global average pools of channels_last maps reduced as rows, the channels split between the "
+                    "threads (passes.use_global_avg_pool, NOTE: [Global pools of channels_last maps]); as written",
+                    [(passes, "use_global_avg_pool", _no_pass)]),
     "depthwise": ("3x3, 5x5 and 7x7 depthwise convolutions on torchgraph's NHWC kernel (NOTE: [Depthwise "
                   "convolutions]); "
                   "oneDNN's, as before", [(fused_conv, "DEPTHWISE_KERNEL", False)]),

@@ -239,8 +239,9 @@ def _rewrite(model: Model, inference: bool, channels_last: bool | None,
         if channels_last:
             run("fuse_conv_add")
             run("keep_layout_local", float32=compute_dtype is None)
-            if compute_dtype is None:  # the kernel is float32's
+            if compute_dtype is None:  # the kernel is float32's; the pool measured in float32 only
                 run("fuse_expand_depthwise")
+                run("use_global_avg_pool")
     if compute_dtype is not None:
         passes.compute_in(root, graph, compute_dtype)
     return _rebuild(root, graph)

@@ -2,7 +2,8 @@
 
 ``tg.optimize`` replaces ``nn.Linear``/``nn.Conv2d`` calls (and the activation after them) by calls
 to :func:`linear_act` and :func:`conv2d_act` (:func:`conv2d_add_act` when a residual add follows,
-:func:`conv2d_expand_depthwise` for an inverted residual block's expansion and depthwise convolution),
+:func:`conv2d_expand_depthwise` for an inverted residual block's expansion and depthwise convolution,
+:func:`global_avg_pool2d` for a global average pool of a channels_last map),
 and self-attention on a packed projection by :func:`qkv_attention`. One module per concept:
 ``linear``, ``conv``, ``attention``, ``weights`` (the reordered and packed weight caches) and
 ``_common`` (the activation table and when oneDNN applies). Each picks its implementation when it runs, from the tensors it receives, so
@@ -44,6 +45,7 @@ from .conv import (CONV_GEMM_MAX_ROWS, CONV_IM2COL_MAX_ROWS, CONV_IM2COL_MAX_WID
 from .conv_expand import conv2d_expand_depthwise
 from .key_padding import (gather_rows, native_fast_path_enabled, padded_output_as_nested, qkv_attention_on_rows,
                           qkv_attention_with_padding, scatter_rows, token_rows)
+from .pool import global_avg_pool2d
 from .linear import MKL_PACKED_MAX_ROWS, MKL_PACKED_MIN_WEIGHT, ONEDNN_LINEAR_MIN_MACS, linear_act
 from .weights import MKL_PACKED_ROW_COUNTS
 
@@ -55,7 +57,7 @@ __all__ = ["ACTIVATIONS_AFTER_ONEDNN", "ATTENTION_INFERENCE_MAX_SCORES", "ATTENT
            "MKL_PACKED_MIN_WEIGHT", "MKL_PACKED_ROW_COUNTS", "ONEDNN_ACTIVATIONS", "ONEDNN_F32_CONV_GEMM_MAX_ROWS",
            "ONEDNN_F32_IM2COL_MAX_WIDTH", "ONEDNN_LINEAR_MIN_MACS",
            "QKV_ATTENTION_MAX_SEQ", "RESIDUAL_ACTIVATIONS", "TILED_ATTENTION_MAX_SEQ", "conv2d_act", "conv2d_add_act",
-           "conv2d_expand_depthwise", "linear_act",
+           "conv2d_expand_depthwise", "global_avg_pool2d", "linear_act",
            "attention_with_additive_mask", "gather_rows", "native_fast_path_enabled", "padded_output_as_nested",
            "qkv_attention", "qkv_attention_on_rows", "qkv_attention_with_padding", "scaled_dot_product_attention",
            "scatter_rows", "token_rows", "use_onednn"]

@@ -11,6 +11,7 @@ from .attribute_reads import share_attribute_walks
 from .batchnorm import fold_batchnorm, fold_preactivation_batchnorm
 from .canonical import canonicalize
 from .epilogue import fuse_conv_act, fuse_linear_act
+from .global_pool import use_global_avg_pool
 from .grouped_heads import drop_repeated_kv
 from .inline import inline_modules
 from .layer_scale import fold_layer_scale
@@ -30,6 +31,6 @@ __all__ = ["bfloat16_supported", "cuda_bfloat16_supported", "has_effect", "in_pl
            "fuse_qkv_attention",
            "fuse_rms_norm",
            "inline_modules", "keep_layout_local", "linear_from_addmm", "share_attribute_walks",
-           "sink_activation_through_view", "use_inference_attention", "use_inference_max_pool",
+           "sink_activation_through_view", "use_global_avg_pool", "use_inference_attention", "use_inference_max_pool",
            "write_attention_as_sdpa",
            "write_gelu_as_function"]
