@@ -36,6 +36,38 @@ inline void check_like(
       x.device(), ", got ", other.device());
 }
 
+// ---------------------------------------------------------------- convolution kernels' arguments
+// (the float32 inference convolutions: depthwise, Winograd, implicit GEMM, expansion + depthwise)
+
+inline void check_stride(const char* op, at::IntArrayRef stride) {
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op,
+              ": stride must be two positive ints, got ", stride);
+}
+
+inline void check_padding(const char* op, at::IntArrayRef padding) {
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+              ": padding must be two non-negative ints, got ", padding);
+}
+
+// x (N, C, H, W) padded by `padding` (checked) holds a kh x kw filter; returns the padded height and width.
+inline std::pair<int64_t, int64_t> check_padded_map(
+    const char* op, const at::Tensor& x, at::IntArrayRef padding, int64_t kh, int64_t kw) {
+  const int64_t height = x.size(2) + 2 * padding[0], width = x.size(3) + 2 * padding[1];
+  TORCH_CHECK(height >= kh && width >= kw, op, ": the padded input ", height, "x", width,
+              " is smaller than the ", kh, "x", kw, " filter");
+  return {height, width};
+}
+
+// A float32 bias of `channels` elements, where one is given.
+inline void check_float32_bias(
+    const char* op, const char* name, const std::optional<at::Tensor>& bias, int64_t channels) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == channels, op, ": ", name, " must have shape [",
+              channels, "], got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+              bias->scalar_type());
+}
+
 // ---------------------------------------------------------------- layout
 
 // NOTE: [Memory format rule]

@@ -25,6 +25,23 @@ def one_thread():
 
 
 @pytest.fixture
+def same_at_any_thread_count():
+    """``check(fn, threads)``: ``fn()`` run at ``threads`` threads equals, bitwise, ``fn()`` run at one (the kernels'
+    splits between threads do not change their sums); the thread count is restored after."""
+    def check(fn, threads: int) -> None:
+        previous = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = fn()
+            torch.set_num_threads(threads)
+            torch.testing.assert_close(fn(), single, atol=0, rtol=0)
+        finally:
+            torch.set_num_threads(previous)
+
+    return check
+
+
+@pytest.fixture
 def mkl_routes(monkeypatch):
     """tg.optimize's float32 routes through MKL as on an Intel CPU, whatever CPU runs the test: few-row
     linears and few-pixel convolutions on MKL's packed GEMM, oneDNN from 8M multiply-adds (NOTE: [MKL on

@@ -98,21 +98,14 @@ SPLITS = [
 
 @needs_c_ops
 @pytest.mark.parametrize("split", SPLITS)
-def test_splits_give_the_same_values_at_any_thread_count(split):
+def test_splits_give_the_same_values_at_any_thread_count(split, same_at_any_thread_count):
     """An image is split between the threads by channel blocks or bands of output rows (each band recomputing the
     expanded rows it shares with the band before), or both: the values do not depend on the split."""
     n, channels, mid, height, width, size, stride, padding, threads = split
     x = torch.randn(n, channels, height, width)
     args = (ops.gemm_panels(torch.randn(mid, channels)), torch.randn(mid), mid, "relu6",
             torch.randn(mid, 1, size, size), torch.randn(mid), [stride] * 2, [padding] * 2, "relu6")
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = ops.expand_depthwise_conv2d_inference(x, *args)
-        torch.set_num_threads(threads)
-        torch.testing.assert_close(ops.expand_depthwise_conv2d_inference(x, *args), single, atol=0, rtol=0)
-    finally:
-        torch.set_num_threads(previous)
+    same_at_any_thread_count(lambda: ops.expand_depthwise_conv2d_inference(x, *args), threads)
 
 
 @needs_c_ops

@@ -84,17 +84,10 @@ def test_filters_are_the_weight_in_the_gemm_column_order():
 
 @needs_c_ops
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_is_deterministic_across_threads(threads):
+def test_kernel_is_deterministic_across_threads(threads, same_at_any_thread_count):
     x, weight, bias = torch.randn(2, 3, 23, 21), torch.randn(40, 3, 7, 7), torch.randn(40)
     args = (implicit_gemm_filters(weight), bias, 40, [7, 7], [2, 2], [3, 3], "relu")
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = ops.implicit_gemm_conv2d_inference(x, *args)
-        torch.set_num_threads(threads)
-        torch.testing.assert_close(ops.implicit_gemm_conv2d_inference(x, *args), single, atol=0, rtol=0)
-    finally:
-        torch.set_num_threads(previous)
+    same_at_any_thread_count(lambda: ops.implicit_gemm_conv2d_inference(x, *args), threads)
 
 
 @needs_c_ops

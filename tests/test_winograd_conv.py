@@ -76,17 +76,10 @@ def test_filters_are_the_transformed_weight():
 
 @needs_c_ops
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_is_deterministic_across_threads(threads):
+def test_kernel_is_deterministic_across_threads(threads, same_at_any_thread_count):
     x, weight, bias = torch.randn(2, 24, 11, 9), torch.randn(40, 24, 3, 3), torch.randn(40)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = ops.winograd_conv2d_inference(x, winograd_filters(weight), bias, 40, 1, "relu")
-        torch.set_num_threads(threads)
-        torch.testing.assert_close(ops.winograd_conv2d_inference(x, winograd_filters(weight), bias, 40, 1, "relu"),
-                                   single, atol=0, rtol=0)
-    finally:
-        torch.set_num_threads(previous)
+    same_at_any_thread_count(lambda: ops.winograd_conv2d_inference(x, winograd_filters(weight), bias, 40, 1, "relu"),
+                             threads)
 
 
 @needs_c_ops

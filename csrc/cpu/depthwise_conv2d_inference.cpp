@@ -26,6 +26,7 @@
 
 #include <string>
 
+#include "../common.h"
 #include "depthwise_rows.h"
 #include "epilogue_acts.h"
 #include "vec_utils.h"
@@ -78,14 +79,9 @@ void check_depthwise_conv2d_inference(const at::Tensor& x, const at::Tensor& wei
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype must equal x dtype ", x.scalar_type(),
                 ", got ", bias->scalar_type());
   }
-  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op,
-              ": stride must be two positive ints, got ", stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be two non-negative ints, got ", padding);
-  const int64_t K = weight.size(2);
-  TORCH_CHECK(x.size(2) + 2 * padding[0] >= K && x.size(3) + 2 * padding[1] >= K, op, ": the padded input ",
-              x.size(2) + 2 * padding[0], "x", x.size(3) + 2 * padding[1], " is smaller than the ", K, "x", K,
-              " filter");
+  check_stride(op, stride);
+  check_padding(op, padding);
+  check_padded_map(op, x, padding, weight.size(2), weight.size(2));
 }
 
 template <typename T>

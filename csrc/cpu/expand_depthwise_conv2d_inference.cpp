@@ -35,6 +35,7 @@
 #include <memory>
 #include <string>
 
+#include "../common.h"
 #include "depthwise_rows.h"
 #include "epilogue_acts.h"
 #include "gemm_act.h"
@@ -129,31 +130,17 @@ void check_expand_depthwise_conv2d_inference(const at::Tensor& x, const at::Tens
               op, ": panels must have shape [", count, ", ", x.size(1), ", 16] for ", mid_channels,
               " expanded channels and ", x.size(1), " input channels (ops.gemm_panels(expand_weight)), got ",
               panels.sizes());
-  if (expand_bias.has_value()) {
-    TORCH_CHECK(expand_bias->dim() == 1 && expand_bias->size(0) == mid_channels, op,
-                ": expand_bias must have shape [", mid_channels, "], got ", expand_bias->sizes());
-    TORCH_CHECK(expand_bias->scalar_type() == at::kFloat, op, ": expand_bias must be float32, got ",
-                expand_bias->scalar_type());
-  }
+  check_float32_bias(op, "expand_bias", expand_bias, mid_channels);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == mid_channels && weight.size(1) == 1 &&
                   (weight.size(2) == 3 || weight.size(2) == 5 || weight.size(2) == 7) &&
                   weight.size(3) == weight.size(2),
               op, ": weight must have shape [", mid_channels,
               ", 1, K, K] with K 3, 5 or 7 (one depthwise filter per expanded channel), got ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == at::kFloat, op, ": weight must be float32, got ", weight.scalar_type());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == mid_channels, op, ": bias must have shape [", mid_channels,
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, op, ": bias must be float32, got ", bias->scalar_type());
-  }
-  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op,
-              ": stride must be two positive ints, got ", stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be two non-negative ints, got ", padding);
-  const int64_t K = weight.size(2);
-  TORCH_CHECK(x.size(2) + 2 * padding[0] >= K && x.size(3) + 2 * padding[1] >= K, op, ": the padded input ",
-              x.size(2) + 2 * padding[0], "x", x.size(3) + 2 * padding[1], " is smaller than the ", K, "x", K,
-              " filter");
+  check_float32_bias(op, "bias", bias, mid_channels);
+  check_stride(op, stride);
+  check_padding(op, padding);
+  check_padded_map(op, x, padding, weight.size(2), weight.size(2));
 }
 
 }  // namespace

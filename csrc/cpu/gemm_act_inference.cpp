@@ -24,6 +24,7 @@
 #include <utility>
 #include <string>
 
+#include "../common.h"
 #include "epilogue_acts.h"
 #include "gemm_act.h"
 #include "vec_utils.h"
@@ -233,11 +234,7 @@ void check_gemm_act_inference(const at::Tensor& x, const at::Tensor& panels, con
               op, ": panels must have shape [", P, ", ", x.size(1), ", 16] for ", out_features,
               " output features and ", x.size(1), " input features (ops.gemm_panels(weight)), got ",
               panels.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape [", out_features,
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, op, ": bias must be float32, got ", bias->scalar_type());
-  }
+  check_float32_bias(op, "bias", bias, out_features);
   if (residual.has_value()) {
     TORCH_CHECK(residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == out_features, op,
                 ": residual must have shape [", x.size(0), ", ", out_features, "], got ", residual->sizes());

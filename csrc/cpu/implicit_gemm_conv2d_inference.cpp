@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "../common.h"
 #include "epilogue_acts.h"
 #include "gemm_act.h"
 
@@ -41,10 +42,8 @@ void check_implicit_gemm_conv2d_inference(const at::Tensor& x, const at::Tensor&
               ": x must be 4-D (N, C, H, W) with non-zero C, H, W, got shape ", x.sizes());
   TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0, op,
               ": kernel_size must be two positive ints, got ", kernel_size);
-  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op, ": stride must be two positive ints, got ",
-              stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be two non-negative ints, got ", padding);
+  check_stride(op, stride);
+  check_padding(op, padding);
   TORCH_CHECK(panels.scalar_type() == at::kFloat, op, ": panels must be float32, got ", panels.scalar_type());
   const int64_t count = (out_channels + kGemmPanel - 1) / kGemmPanel;
   const int64_t depth = x.size(1) * kernel_size[0] * kernel_size[1];
@@ -53,14 +52,8 @@ void check_implicit_gemm_conv2d_inference(const at::Tensor& x, const at::Tensor&
               op, ": panels must have shape [", count, ", ", depth, ", 16] for ", out_channels,
               " output channels and ", x.size(1), " input channels of ", kernel_size[0], "x", kernel_size[1],
               " (ops.gemm_panels(weight.permute(0, 2, 3, 1).flatten(1))), got ", panels.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, op, ": bias must have shape [",
-                out_channels, "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, op, ": bias must be float32, got ", bias->scalar_type());
-  }
-  const int64_t height = x.size(2) + 2 * padding[0], width = x.size(3) + 2 * padding[1];
-  TORCH_CHECK(height >= kernel_size[0] && width >= kernel_size[1], op, ": the padded input ", height, "x", width,
-              " is smaller than the ", kernel_size[0], "x", kernel_size[1], " filter");
+  check_float32_bias(op, "bias", bias, out_channels);
+  check_padded_map(op, x, padding, kernel_size[0], kernel_size[1]);
 }
 
 // NOTE: [Implicit GEMM]: one dense NCHW copy of x (N, C, H, W), any strides, with ph rows and pw columns of zeros

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "../common.h"
 #include "epilogue_acts.h"
 #include "gemm_act.h"
 #include "vec_utils.h"
@@ -169,16 +170,9 @@ void check_winograd_conv2d_inference(const at::Tensor& x, const at::Tensor& filt
               op, ": filters must have shape [16, ", panels, ", ", x.size(1), ", 16] for ", out_channels,
               " output channels and ", x.size(1), " input channels (ops.winograd_filters(weight)), got ",
               filters.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, op, ": bias must have shape [",
-                out_channels, "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, op, ": bias must be float32, got ", bias->scalar_type());
-  }
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be two non-negative ints, got ", padding);
-  const int64_t height = x.size(2) + 2 * padding[0], width = x.size(3) + 2 * padding[1];
-  TORCH_CHECK(height >= 3 && width >= 3, op, ": the padded input ", height, "x", width,
-              " is smaller than the 3x3 filter");
+  check_float32_bias(op, "bias", bias, out_channels);
+  check_padding(op, padding);
+  const auto [height, width] = check_padded_map(op, x, padding, 3, 3);
   if (residual.has_value()) {
     const std::vector<int64_t> shape{x.size(0), out_channels, height - 2, width - 2};
     TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape), op, ": residual must have the output's shape ",

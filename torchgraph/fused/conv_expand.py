@@ -28,8 +28,8 @@ __all__ = ["EXPAND_DEPTHWISE_KERNEL", "EXPAND_DEPTHWISE_MIN_BAND_ROWS", "conv2d_
 # expanded rows it shares with the one before. On short bands that lost (b1 7x7: 1.15-1.16x with 3x3 filters,
 # 1.28x with 5x5; 14x14 to 7x7 by stride 2 with 5x5 filters: 1.23x; bands of 4 output rows), and on 14x14 it
 # was level (0.97-1.03x). Now maps of fewer than 14 output rows a thread are split by channel blocks instead
-# (bands still split maps of 28 rows and more, where they were 0.88-0.92x the time of channel parts, and the
-# channels where there are more threads than blocks), and the kernel's ring is stored by channel block (NOTE:
+# (bands still split maps of 28 output rows and more: 112x112 and 56x56 maps took 0.89-0.93x the time of channel
+# parts there, 28x28 ones 0.98-1.04x; and the channels where there are more threads than blocks), and the kernel's ring is stored by channel block (NOTE:
 # [Expanded rows in a ring]). Against the two kernels, in one process (ad hoc, interleaved medians): b1 14x14
 # 0.58-0.75x, 7x7 0.79x (0.86x with 5x5 filters), 28x28 by stride 2 0.69x, b8 2x2 0.86x; 112x112 and 56x56 as
 # before. A split that still leaves bands shorter than EXPAND_DEPTHWISE_MIN_BAND_ROWS output rows (more threads
