@@ -1,7 +1,6 @@
 """``ops.implicit_gemm_conv2d_inference`` (a stem convolution as a GEMM read in place) and the fused convolutions
 that run on it (NOTE: [Stem convolutions] in torchgraph/fused/conv.py)."""
 
-import copy
 import itertools
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import torchgraph as tg
 import torchgraph._extension as extension
 import torchgraph.ops as ops
 from torchgraph.fused import conv as fused_conv
@@ -207,17 +205,9 @@ def test_community_stems_through_optimize_run_on_the_kernel(implicit_gemm_kernel
     write them (tests/community_models): the stems run on the kernel, no further from float64 eager than the
     community parity tests allow (test_optimize_community.assert_as_close_as_eager)."""
     from community_models import ARCHITECTURES
-    from test_optimize_community import _record, assert_as_close_as_eager
+    from test_optimize_community import optimized_as_eager
 
-    arch = ARCHITECTURES[name]
-    module = arch.make_model().eval()
-    fast = tg.optimize(_record(arch, module))
-    inputs = arch.make_inputs()
-    with torch.no_grad():
-        expected = module(*inputs)
-        exact = copy.deepcopy(module).double()(*[t.double() for t in inputs])
-        y = fast(*inputs)
-    assert_as_close_as_eager([y], [expected], [exact])
+    module, fast = optimized_as_eager(ARCHITECTURES[name])
     stems = [m for m in module.modules() if isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels <= 4
              and m.kernel_size != (1, 1)]
     routes = [fused_conv._planned_route(t) for t in fast.parameters() if t.dim() == 4]

@@ -91,6 +91,20 @@ def assert_as_close_as_eager(got: list, expected: list, exact: list) -> None:
         assert error <= max(4 * eager_error, 1e-5 * scale), (error, eager_error, scale)
 
 
+def optimized_as_eager(arch) -> tuple[nn.Module, tg.Model]:
+    """``arch``'s model (eval) and ``tg.optimize`` of its recording, the optimized outputs checked against eager's
+    on ``arch``'s inputs (:func:`assert_as_close_as_eager`)."""
+    module = arch.make_model().eval()
+    fast = tg.optimize(_record(arch, module))
+    inputs = arch.make_inputs()
+    with torch.no_grad():
+        expected = tensor_leaves(module(*inputs))
+        exact = tensor_leaves(copy.deepcopy(module).double()(*[_double(t) for t in inputs]))
+        got = _as_list(fast(*inputs))
+    assert_as_close_as_eager(got, expected, exact)
+    return module, fast
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _quiet():
     with warnings.catch_warnings():
@@ -102,15 +116,7 @@ def _quiet():
 def test_optimized_matches_eager(name):
     """Every community architecture, recorded as one module call, optimizes to a model whose outputs
     equal eager's; its layers are inlined down to torch.nn layers except the documented opaque ones."""
-    arch = ARCHITECTURES[name]
-    module = arch.make_model().eval()
-    fast = tg.optimize(_record(arch, module))
-    inputs = arch.make_inputs()
-    with torch.no_grad():
-        expected = tensor_leaves(module(*inputs))
-        exact = tensor_leaves(copy.deepcopy(module).double()(*[_double(t) for t in inputs]))
-        got = _as_list(fast(*inputs))
-    assert_as_close_as_eager(got, expected, exact)
+    _, fast = optimized_as_eager(ARCHITECTURES[name])
     called = {type(fast.get_submodule(n.target)) for n in fast.graph.nodes if n.op == "call_module"}
     opaque = {cls.__name__ for cls in called if not cls.__module__.startswith("torch.nn.")
               or cls is nn.TransformerEncoder}

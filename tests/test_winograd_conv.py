@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import torchgraph as tg
 import torchgraph._extension as extension
 import torchgraph.ops as ops
 from torchgraph.fused import conv as fused_conv
@@ -193,22 +192,12 @@ def test_resnet_through_optimize_runs_its_3x3_convolutions_by_winograd(winograd_
     of ResNet-50's bottlenecks and of ResNet-18's basic blocks (the second with the identity added in the
     kernel) run on the kernel, no further from float64 eager than the community parity tests allow
     (test_optimize_community.assert_as_close_as_eager)."""
-    import copy
-
     from community_models import ARCHITECTURES
-    from test_optimize_community import _record, assert_as_close_as_eager
+    from test_optimize_community import optimized_as_eager
 
     monkeypatch.setattr(fused_conv, "WINOGRAD_MIN_TILES", 1)  # the test-sized model's maps are small
     monkeypatch.setattr(fused_conv, "WINOGRAD_MIN_CHANNELS", 1)
-    arch = ARCHITECTURES[name]
-    module = arch.make_model().eval()
-    fast = tg.optimize(_record(arch, module))
-    (x,) = arch.make_inputs()
-    with torch.no_grad():
-        expected = module(x)
-        exact = copy.deepcopy(module).double()(x.double())
-        y = fast(x)
-    assert_as_close_as_eager([y], [expected], [exact])
+    module, fast = optimized_as_eager(ARCHITECTURES[name])
     stride_one = [m for m in module.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
                   and m.stride == (1, 1)]
     tensors = [*fast.parameters(), *fast.buffers()]

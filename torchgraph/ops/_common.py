@@ -91,6 +91,34 @@ def check_like(op: str, name: str, other: torch.Tensor, x: torch.Tensor) -> None
     )
 
 
+# The convolution kernels' shared argument checks: twins of csrc/common.h's, with the same messages.
+def check_stride(op: str, stride: list) -> None:
+    torch._check(len(stride) == 2 and min(stride) > 0, lambda: f"{op}: stride must be two positive ints, got {stride}")
+
+
+def check_padding(op: str, padding: list) -> None:
+    torch._check(len(padding) == 2 and min(padding) >= 0,
+                 lambda: f"{op}: padding must be two non-negative ints, got {padding}")
+
+
+def check_padded_map(op: str, x: torch.Tensor, padding: list, kh: int, kw: int) -> tuple:
+    """``x`` (N, C, H, W) padded by ``padding`` (checked) holds a ``kh`` x ``kw`` filter; returns the padded height
+    and width."""
+    height, width = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
+    torch._check(height >= kh and width >= kw,
+                 lambda: f"{op}: the padded input {height}x{width} is smaller than the {kh}x{kw} filter")
+    return height, width
+
+
+def check_float32_bias(op: str, name: str, bias: torch.Tensor | None, channels: int) -> None:
+    """A float32 bias of ``channels`` elements, where one is given."""
+    if bias is None:
+        return
+    torch._check(tuple(bias.shape) == (channels,),
+                 lambda: f"{op}: {name} must have shape [{channels}], got {list(bias.shape)}")
+    torch._check(bias.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {bias.dtype}")
+
+
 def pair(value: int | Sequence[int]) -> list[int]:
     return [value, value] if isinstance(value, int) else list(value)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, pair, references_check
+from ._common import ACTIVATION_FNS, check_padded_map, check_padding, check_stride, is_tensor, pair, references_check
 
 __all__ = ["DEPTHWISE_ACTIVATIONS", "depthwise_conv2d_inference", "reference_depthwise_conv2d_inference",
            "taps_last"]
@@ -40,13 +40,9 @@ def _check_depthwise_conv2d_inference(x, weight, bias, stride, padding, act) -> 
                      lambda: f"{op}: bias must have shape [{channels}], got {list(bias.shape)}")
         torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias dtype must equal x dtype {x.dtype}, got {bias.dtype}")
     stride, padding = list(stride), list(padding)
-    torch._check(len(stride) == 2 and stride[0] > 0 and stride[1] > 0,
-                 lambda: f"{op}: stride must be two positive ints, got {stride}")
-    torch._check(len(padding) == 2 and padding[0] >= 0 and padding[1] >= 0,
-                 lambda: f"{op}: padding must be two non-negative ints, got {padding}")
-    height, width, size = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1], weight.shape[2]
-    torch._check(height >= size and width >= size,
-                 lambda: f"{op}: the padded input {height}x{width} is smaller than the {size}x{size} filter")
+    check_stride(op, stride)
+    check_padding(op, padding)
+    check_padded_map(op, x, padding, weight.shape[2], weight.shape[2])
 
 
 def _output_size(x, weight, stride, padding) -> tuple:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, pair, references_check
+from ._common import (ACTIVATION_FNS, check_float32_bias, check_padded_map, check_padding, check_stride, is_tensor,
+                      pair, references_check)
 from .depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS
 from .gemm_act_inference import GEMM_ACTIVATIONS, GEMM_PANEL, _weight_from_panels
 
@@ -35,27 +36,17 @@ def _check_expand_depthwise_conv2d_inference(x, panels, expand_bias, mid_channel
     torch._check(mid_channels > 0 and tuple(panels.shape) == (count, channels, GEMM_PANEL),
                  lambda: f"{op}: panels must have shape [{count}, {channels}, 16] for {mid_channels} expanded channels "
                  f"and {channels} input channels (ops.gemm_panels(expand_weight)), got {list(panels.shape)}")
-    if expand_bias is not None:
-        torch._check(tuple(expand_bias.shape) == (mid_channels,),
-                     lambda: f"{op}: expand_bias must have shape [{mid_channels}], got {list(expand_bias.shape)}")
-        torch._check(expand_bias.dtype == torch.float32,
-                     lambda: f"{op}: expand_bias must be float32, got {expand_bias.dtype}")
+    check_float32_bias(op, "expand_bias", expand_bias, mid_channels)
     size = weight.shape[2] if weight.dim() == 4 else 0
     torch._check(weight.dim() == 4 and tuple(weight.shape) == (mid_channels, 1, size, size) and size in (3, 5, 7),
                  lambda: f"{op}: weight must have shape [{mid_channels}, 1, K, K] with K 3, 5 or 7 (one depthwise "
                  f"filter per expanded channel), got {list(weight.shape)}")
     torch._check(weight.dtype == torch.float32, lambda: f"{op}: weight must be float32, got {weight.dtype}")
-    if bias is not None:
-        torch._check(tuple(bias.shape) == (mid_channels,),
-                     lambda: f"{op}: bias must have shape [{mid_channels}], got {list(bias.shape)}")
-        torch._check(bias.dtype == torch.float32, lambda: f"{op}: bias must be float32, got {bias.dtype}")
+    check_float32_bias(op, "bias", bias, mid_channels)
     stride, padding = list(stride), list(padding)
-    torch._check(len(stride) == 2 and min(stride) > 0, lambda: f"{op}: stride must be two positive ints, got {stride}")
-    torch._check(len(padding) == 2 and min(padding) >= 0,
-                 lambda: f"{op}: padding must be two non-negative ints, got {padding}")
-    height, width = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
-    torch._check(height >= size and width >= size,
-                 lambda: f"{op}: the padded input {height}x{width} is smaller than the {size}x{size} filter")
+    check_stride(op, stride)
+    check_padding(op, padding)
+    check_padded_map(op, x, padding, size, size)
 
 
 def reference_expand_depthwise_conv2d_inference(x: torch.Tensor, panels: torch.Tensor, expand_bias: torch.Tensor | None,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, references_check
+from ._common import ACTIVATION_FNS, check_float32_bias, is_tensor, references_check
 
 __all__ = ["GEMM_ACTIVATIONS", "GEMM_PANEL", "gemm_act_inference", "gemm_panels", "reference_gemm_act_inference"]
 
@@ -56,10 +56,7 @@ def _check_gemm_act_inference(x, panels, bias, residual, out_features, act) -> N
     torch._check(out_features > 0 and tuple(panels.shape) == (count, in_features, GEMM_PANEL),
                  lambda: f"{op}: panels must have shape [{count}, {in_features}, 16] for {out_features} output "
                  f"features and {in_features} input features (ops.gemm_panels(weight)), got {list(panels.shape)}")
-    if bias is not None:
-        torch._check(tuple(bias.shape) == (out_features,),
-                     lambda: f"{op}: bias must have shape [{out_features}], got {list(bias.shape)}")
-        torch._check(bias.dtype == torch.float32, lambda: f"{op}: bias must be float32, got {bias.dtype}")
+    check_float32_bias(op, "bias", bias, out_features)
     if residual is not None:
         torch._check(tuple(residual.shape) == (x.shape[0], out_features),
                      lambda: f"{op}: residual must have shape [{x.shape[0]}, {out_features}], got "

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, pair, references_check
+from ._common import (ACTIVATION_FNS, check_float32_bias, check_padded_map, check_padding, check_stride, is_tensor,
+                      pair, references_check)
 from .gemm_act_inference import GEMM_ACTIVATIONS, GEMM_PANEL, _weight_from_panels, gemm_panels
 
 __all__ = ["implicit_gemm_conv2d_inference", "implicit_gemm_filters", "reference_implicit_gemm_conv2d_inference"]
@@ -43,23 +44,16 @@ def _check_implicit_gemm_conv2d_inference(x, panels, bias, out_channels, kernel_
     kernel_size, stride, padding = list(kernel_size), list(stride), list(padding)
     torch._check(len(kernel_size) == 2 and min(kernel_size) > 0,
                  lambda: f"{op}: kernel_size must be two positive ints, got {kernel_size}")
-    torch._check(len(stride) == 2 and min(stride) > 0, lambda: f"{op}: stride must be two positive ints, got {stride}")
-    torch._check(len(padding) == 2 and min(padding) >= 0,
-                 lambda: f"{op}: padding must be two non-negative ints, got {padding}")
+    check_stride(op, stride)
+    check_padding(op, padding)
     torch._check(panels.dtype == torch.float32, lambda: f"{op}: panels must be float32, got {panels.dtype}")
     count, depth = -(-out_channels // GEMM_PANEL), x.shape[1] * kernel_size[0] * kernel_size[1]
     torch._check(out_channels > 0 and tuple(panels.shape) == (count, depth, GEMM_PANEL),
                  lambda: f"{op}: panels must have shape [{count}, {depth}, 16] for {out_channels} output channels and "
                  f"{x.shape[1]} input channels of {kernel_size[0]}x{kernel_size[1]} "
                  f"(ops.gemm_panels(weight.permute(0, 2, 3, 1).flatten(1))), got {list(panels.shape)}")
-    if bias is not None:
-        torch._check(tuple(bias.shape) == (out_channels,),
-                     lambda: f"{op}: bias must have shape [{out_channels}], got {list(bias.shape)}")
-        torch._check(bias.dtype == torch.float32, lambda: f"{op}: bias must be float32, got {bias.dtype}")
-    height, width = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
-    torch._check(height >= kernel_size[0] and width >= kernel_size[1],
-                 lambda: f"{op}: the padded input {height}x{width} is smaller than the "
-                 f"{kernel_size[0]}x{kernel_size[1]} filter")
+    check_float32_bias(op, "bias", bias, out_channels)
+    check_padded_map(op, x, padding, kernel_size[0], kernel_size[1])
 
 
 def _filters(panels: torch.Tensor, out_channels: int, in_channels: int, kernel_size) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._common import ACTIVATION_FNS, is_tensor, pair, references_check
+from ._common import (ACTIVATION_FNS, check_float32_bias, check_padded_map, check_padding, is_tensor, pair,
+                      references_check)
 from .gemm_act_inference import GEMM_ACTIVATIONS, GEMM_PANEL, _weight_from_panels, gemm_panels
 
 __all__ = ["WINOGRAD_ACTIVATIONS", "reference_winograd_conv2d_inference", "winograd_conv2d_inference",
@@ -67,16 +68,10 @@ def _check_winograd_conv2d_inference(x, filters, bias, out_channels, padding, ac
     torch._check(out_channels > 0 and tuple(filters.shape) == (16, panels, channels, GEMM_PANEL),
                  lambda: f"{op}: filters must have shape [16, {panels}, {channels}, 16] for {out_channels} output "
                  f"channels and {channels} input channels (ops.winograd_filters(weight)), got {list(filters.shape)}")
-    if bias is not None:
-        torch._check(tuple(bias.shape) == (out_channels,),
-                     lambda: f"{op}: bias must have shape [{out_channels}], got {list(bias.shape)}")
-        torch._check(bias.dtype == torch.float32, lambda: f"{op}: bias must be float32, got {bias.dtype}")
+    check_float32_bias(op, "bias", bias, out_channels)
     padding = list(padding)
-    torch._check(len(padding) == 2 and padding[0] >= 0 and padding[1] >= 0,
-                 lambda: f"{op}: padding must be two non-negative ints, got {padding}")
-    height, width = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
-    torch._check(height >= 3 and width >= 3,
-                 lambda: f"{op}: the padded input {height}x{width} is smaller than the 3x3 filter")
+    check_padding(op, padding)
+    height, width = check_padded_map(op, x, padding, 3, 3)
     if residual is not None and is_tensor(residual):
         shape = [x.shape[0], out_channels, height - 2, width - 2]
         torch._check(list(residual.shape) == shape,

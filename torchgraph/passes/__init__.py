@@ -25,12 +25,9 @@ from .transformer import expand_transformer_layers
 from .written_layers import linear_from_addmm, sink_activation_through_view, write_gelu_as_function
 
 __all__ = ["bfloat16_supported", "cuda_bfloat16_supported", "has_effect", "in_place_hazards", "canonicalize",
-           "compute_in", "drop_repeated_kv",
-           "expand_transformer_layers", "fold_batchnorm", "fold_layer_scale", "fold_preactivation_batchnorm",
-           "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add", "fuse_expand_depthwise", "fuse_linear_act",
-           "fuse_qkv_attention",
-           "fuse_rms_norm",
-           "inline_modules", "keep_layout_local", "linear_from_addmm", "share_attribute_walks",
-           "sink_activation_through_view", "use_global_avg_pool", "use_inference_attention", "use_inference_max_pool",
-           "write_attention_as_sdpa",
+           "compute_in", "drop_repeated_kv", "expand_transformer_layers", "fold_batchnorm", "fold_layer_scale",
+           "fold_preactivation_batchnorm", "fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_act", "fuse_conv_add",
+           "fuse_expand_depthwise", "fuse_linear_act", "fuse_qkv_attention", "fuse_rms_norm", "inline_modules",
+           "keep_layout_local", "linear_from_addmm", "share_attribute_walks", "sink_activation_through_view",
+           "use_global_avg_pool", "use_inference_attention", "use_inference_max_pool", "write_attention_as_sdpa",
            "write_gelu_as_function"]

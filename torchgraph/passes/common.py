@@ -118,6 +118,20 @@ def set_spec(node: fx.Node, spec) -> fx.Node:
     return node
 
 
+def replace_with_call(graph: fx.Graph, at: fx.Node, last: fx.Node, erase: tuple, target, args: tuple,
+                      kwargs: dict, name: str) -> fx.Node:
+    """A call of ``target`` inserted before ``at``, named ``name``, takes over ``last``'s users and spec; the nodes
+    of ``erase`` (users first) go. Returns the call."""
+    with graph.inserting_before(at):
+        new = graph.call_function(target, args, kwargs)
+    new._rename(name)
+    set_spec(new, last.meta.get("tg_spec"))
+    last.replace_all_uses_with(new)
+    for old in erase:
+        graph.erase_node(old)
+    return new
+
+
 def attr_node(graph: fx.Graph, owner: str, attr: str, value) -> fx.Node | None:
     """A ``get_attr`` node for ``owner.attr`` (None when the attribute is None)."""
     if value is None:

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .. import fused
 from ..fused.pool import global_avg_pool2d
-from .common import parameter_of, set_spec
+from .common import parameter_of, replace_with_call
 from .layout import _channels_last_values, _global_pool
 
 __all__ = ["use_global_avg_pool"]
@@ -51,11 +51,7 @@ def use_global_avg_pool(root: nn.Module, graph: fx.Graph) -> int:
             keepdim = _keepdim(node) if _global_pool(root, node) and node.args[0] is value else None
             if keepdim is None:
                 continue
-            with graph.inserting_before(node):
-                new = graph.call_function(global_avg_pool2d, (value, keepdim))
-            new._rename(f"{node.name}_global")
-            set_spec(new, node.meta.get("tg_spec"))
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            replace_with_call(graph, node, node, (node,), global_avg_pool2d, (value, keepdim), {},
+                              f"{node.name}_global")
             count += 1
     return count

@@ -10,7 +10,7 @@ from .. import fused
 from ..ops.depthwise_conv2d_inference import DEPTHWISE_ACTIVATIONS
 from ..ops.gemm_act_inference import GEMM_ACTIVATIONS
 from .aliasing import in_place_hazards
-from .common import parameter_of, set_spec
+from .common import parameter_of, replace_with_call
 
 __all__ = ["fuse_expand_depthwise"]
 
@@ -54,13 +54,8 @@ def fuse_expand_depthwise(root: nn.Module, graph: fx.Graph) -> int:
         size = param.shape[-1]
         if groups != mid or tuple(param.shape) != (mid, 1, size, size) or size not in (3, 5, 7) or x in hazards:
             continue
-        with graph.inserting_before(node):
-            new = graph.call_function(fused.conv2d_expand_depthwise, (x, expand_weight, expand_bias, expand_act,
-                                                                       weight, bias, stride, padding, act))
-        new._rename(f"{node.name}_expanded")
-        set_spec(new, node.meta.get("tg_spec"))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        graph.erase_node(h)
+        replace_with_call(graph, node, node, (node, h), fused.conv2d_expand_depthwise,
+                          (x, expand_weight, expand_bias, expand_act, weight, bias, stride, padding, act), {},
+                          f"{node.name}_expanded")
         count += 1
     return count

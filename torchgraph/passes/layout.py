@@ -13,7 +13,7 @@ from .. import fused, ops
 from ..fused._common import _ACTIVATION_FNS
 from ..value_spec import ValueSpec
 from .aliasing import in_place_hazards
-from .common import module_of, parameter_of, permute_dims, set_spec
+from .common import module_of, parameter_of, permute_dims, replace_with_call, set_spec
 
 __all__ = ["keep_layout_local", "use_inference_max_pool"]
 
@@ -27,12 +27,7 @@ def use_inference_max_pool(root: nn.Module, graph: fx.Graph) -> int:
         if type(pool) is not nn.MaxPool2d or pool.return_indices or len(node.args) != 1 or node.kwargs:
             continue
         args = (node.args[0], pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
-        with graph.inserting_before(node):
-            new = graph.call_function(ops.max_pool2d_inference, args)
-        new._rename(f"{node.name}_inference")
-        set_spec(new, node.meta.get("tg_spec"))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        replace_with_call(graph, node, node, (node,), ops.max_pool2d_inference, args, {}, f"{node.name}_inference")
         count += 1
     return count
 

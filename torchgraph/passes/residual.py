@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .. import fused, ops
 from .aliasing import in_place_hazards
-from .common import activation_of, attr_node, is_plain_add, module_of, parameter_of, same_shape, set_spec, single_user
+from .common import (activation_of, attr_node, is_plain_add, module_of, parameter_of, replace_with_call, same_shape,
+                     set_spec, single_user)
 
 __all__ = ["fuse_add_layer_norm", "fuse_add_relu", "fuse_conv_add"]
 
@@ -27,21 +28,9 @@ def fuse_add_relu(root: nn.Module, graph: fx.Graph) -> int:
         user = single_user(node)
         if user is None or activation_of(root, user, node) != "relu":
             continue
-        _replace(graph, node, user, (user, node), ops.add_relu, tuple(node.args), {}, f"{node.name}_relu")
+        replace_with_call(graph, node, user, (user, node), ops.add_relu, tuple(node.args), {}, f"{node.name}_relu")
         count += 1
     return count
-
-
-def _replace(graph: fx.Graph, at: fx.Node, last: fx.Node, erase: tuple, target, args: tuple, kwargs: dict,
-             name: str) -> None:
-    """A call of ``target`` before ``at`` takes over ``last``'s users and spec; ``erase`` goes."""
-    with graph.inserting_before(at):
-        new = graph.call_function(target, args, kwargs)
-    new._rename(name)
-    set_spec(new, last.meta.get("tg_spec"))
-    last.replace_all_uses_with(new)
-    for old in erase:
-        graph.erase_node(old)
 
 
 def _fusable_conv(node: fx.Node, other: fx.Node) -> bool:
@@ -72,7 +61,7 @@ def fuse_conv_add(root: nn.Module, graph: fx.Graph) -> int:
             continue
         x, weight, bias, stride, padding, dilation, groups, _ = conv.args
         args = (x, residual, weight, bias, stride, padding, dilation, groups, act)
-        _replace(graph, node, node, (node, conv), fused.conv2d_add_act, args, {"channels_last": True},
+        replace_with_call(graph, node, node, (node, conv), fused.conv2d_add_act, args, {"channels_last": True},
                  f"{conv.name}_add")
         count += 1
     return count
